@@ -1,0 +1,336 @@
+"""Official checkpoints <-> `GptOss`, as a table of conversion rules.
+
+Two on-disk layouts are read, detected from the files themselves:
+- `hf`: the HF hub layout (`model-*.safetensors` + `model.safetensors.index.json`, or one
+  `model.safetensors`), with MXFP4 experts (`*_blocks` / `*_scales`) or the bf16 dequantized
+  variant (`gate_up_proj` [E, D, 2F], `down_proj` [E, F, D]);
+- `original`: OpenAI's `original/` folder (fused `qkv`, `mlp1_weight.blocks`, ...).
+
+Each rule names one model variable, the checkpoint tensor(s) it comes from and the transform
+(a reshape/transpose into the layout the matmul consumes). Loading walks the abstract model, so
+every variable must be produced by exactly one rule (nothing stays at random init), every
+checkpoint tensor must be consumed (unknown keys are errors), and shapes and dtypes are checked
+against the declaration. Tensors are memory-mapped and converted one at a time: host memory holds
+one tensor beyond the model itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from gptoss_jax import mxfp4
+from gptoss_jax.config import ModelConfig
+from gptoss_jax.model import EXPERT_FORMATS, GptOss, PackedWeight, abstract
+from gptoss_jax.safetensors_io import SafetensorsError, open_all, save_file
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not hold exactly the tensors of the model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    path: tuple  # model variable path, e.g. ("layers", 3, "attn", "q")
+    keys: tuple[str, ...]  # checkpoint tensors read
+    load: Callable[..., np.ndarray]  # tensors -> variable value (numpy)
+    save: Callable[[np.ndarray], np.ndarray] | None = None  # variable value -> the single tensor
+
+
+def _heads_in(n, h):  # [n*h, D] -> [D, n, h]
+    return lambda w: w.reshape(n, h, -1).transpose(2, 0, 1)
+
+
+def _heads_out(w):  # [D, n, h] -> [n*h, D]
+    return w.transpose(1, 2, 0).reshape(-1, w.shape[0])
+
+
+def _same(x):
+    return x
+
+
+def _rows(a, b, fn=_same):
+    return lambda w: fn(w[a:b])
+
+
+def hf_rules(cfg: ModelConfig, experts: str, packed_on_disk: bool) -> list[Rule]:
+    N, K, H, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_model
+    rules = [
+        Rule(("embed",), ("model.embed_tokens.weight",), _same, _same),
+        Rule(("norm",), ("model.norm.weight",), _same, _same),
+        Rule(("unembed",), ("lm_head.weight",), _same, _same),
+    ]
+    for n in range(cfg.num_layers):
+        p, a, m = f"model.layers.{n}.", ("layers", n, "attn"), ("layers", n, "mlp")
+        sa = p + "self_attn."
+        rules += [
+            Rule(a + ("norm",), (p + "input_layernorm.weight",), _same, _same),
+            Rule(a + ("q",), (sa + "q_proj.weight",), _heads_in(N, H), _heads_out),
+            Rule(a + ("q_bias",), (sa + "q_proj.bias",), lambda b: b.reshape(N, H), lambda b: b.reshape(-1)),
+            Rule(a + ("k",), (sa + "k_proj.weight",), _heads_in(K, H), _heads_out),
+            Rule(a + ("k_bias",), (sa + "k_proj.bias",), lambda b: b.reshape(K, H), lambda b: b.reshape(-1)),
+            Rule(a + ("v",), (sa + "v_proj.weight",), _heads_in(K, H), _heads_out),
+            Rule(a + ("v_bias",), (sa + "v_proj.bias",), lambda b: b.reshape(K, H), lambda b: b.reshape(-1)),
+            # o_proj [D, N*H] -> [N, H, D]
+            Rule(a + ("o",), (sa + "o_proj.weight",), lambda w: w.T.reshape(N, H, D),
+                 lambda w: w.reshape(N * H, D).T),
+            Rule(a + ("o_bias",), (sa + "o_proj.bias",), _same, _same),
+            Rule(a + ("sinks",), (sa + "sinks",), _same, _same),
+            Rule(m + ("norm",), (p + "post_attention_layernorm.weight",), _same, _same),
+            Rule(m + ("router",), (p + "mlp.router.weight",), lambda w: w.T, lambda w: w.T),
+            Rule(m + ("router_bias",), (p + "mlp.router.bias",), _same, _same),
+            Rule(m + ("b1",), (p + "mlp.experts.gate_up_proj_bias",), _same, _same),
+            Rule(m + ("b2",), (p + "mlp.experts.down_proj_bias",), _same, _same),
+        ]
+        ex = p + "mlp.experts."
+        rules += _expert_rules(m, experts, packed_on_disk,
+                               packed=((ex + "gate_up_proj_blocks", ex + "gate_up_proj_scales"),
+                                       (ex + "down_proj_blocks", ex + "down_proj_scales")),
+                               dense=(ex + "gate_up_proj", ex + "down_proj"))
+    return rules
+
+
+def original_rules(cfg: ModelConfig, experts: str) -> list[Rule]:
+    N, K, H, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_model
+    q_end, k_end = N * H, (N + K) * H
+    rules = [
+        Rule(("embed",), ("embedding.weight",), _same),
+        Rule(("norm",), ("norm.scale",), _same),
+        Rule(("unembed",), ("unembedding.weight",), _same),
+    ]
+    for n in range(cfg.num_layers):
+        b, a, m = f"block.{n}.", ("layers", n, "attn"), ("layers", n, "mlp")
+        qkv_w, qkv_b = b + "attn.qkv.weight", b + "attn.qkv.bias"
+        rules += [
+            Rule(a + ("norm",), (b + "attn.norm.scale",), _same),
+            Rule(a + ("q",), (qkv_w,), _rows(0, q_end, _heads_in(N, H))),
+            Rule(a + ("q_bias",), (qkv_b,), _rows(0, q_end, lambda x: x.reshape(N, H))),
+            Rule(a + ("k",), (qkv_w,), _rows(q_end, k_end, _heads_in(K, H))),
+            Rule(a + ("k_bias",), (qkv_b,), _rows(q_end, k_end, lambda x: x.reshape(K, H))),
+            Rule(a + ("v",), (qkv_w,), _rows(k_end, k_end + K * H, _heads_in(K, H))),
+            Rule(a + ("v_bias",), (qkv_b,), _rows(k_end, k_end + K * H, lambda x: x.reshape(K, H))),
+            Rule(a + ("o",), (b + "attn.out.weight",), lambda w: w.T.reshape(N, H, D)),
+            Rule(a + ("o_bias",), (b + "attn.out.bias",), _same),
+            Rule(a + ("sinks",), (b + "attn.sinks",), _same),
+            Rule(m + ("norm",), (b + "mlp.norm.scale",), _same),
+            Rule(m + ("router",), (b + "mlp.gate.weight",), lambda w: w.T),
+            Rule(m + ("router_bias",), (b + "mlp.gate.bias",), _same),
+            Rule(m + ("b1",), (b + "mlp.mlp1_bias",), _same),
+            Rule(m + ("b2",), (b + "mlp.mlp2_bias",), _same),
+        ]
+        rules += _expert_rules(m, experts, True,
+                               packed=((b + "mlp.mlp1_weight.blocks", b + "mlp.mlp1_weight.scales"),
+                                       (b + "mlp.mlp2_weight.blocks", b + "mlp.mlp2_weight.scales")),
+                               dense=None)
+    return rules
+
+
+def _expert_rules(m, experts, packed_on_disk, *, packed, dense) -> list[Rule]:
+    (w1b, w1s), (w2b, w2s) = packed
+    if packed_on_disk and experts == "mxfp4":  # bytes copied as they are
+        return [Rule(m + ("w1_blocks",), (w1b,), _same, _same), Rule(m + ("w1_scales",), (w1s,), _same, _same),
+                Rule(m + ("w2_blocks",), (w2b,), _same, _same), Rule(m + ("w2_scales",), (w2s,), _same, _same)]
+    if packed_on_disk:  # explicit dequantize-on-load: [E, out, in] -> [E, in, out]
+        deq = lambda blocks, scales: mxfp4.dequantize_np(blocks, scales).transpose(0, 2, 1)
+        return [Rule(m + ("w1",), (w1b, w1s), deq), Rule(m + ("w2",), (w2b, w2s), deq)]
+    if experts == "mxfp4":
+        raise CheckpointError("this checkpoint stores dense (dequantized) experts; load it with "
+                              "experts='dense' (quantizing on load would silently change the weights)")
+    return [Rule(m + ("w1",), (dense[0],), _same, _same), Rule(m + ("w2",), (dense[1],), _same, _same)]
+
+
+# ------------------------------------------------------------------------------------ discovery
+@dataclasses.dataclass(frozen=True)
+class CheckpointFiles:
+    layout: str  # "hf" or "original"
+    root: str  # folder holding config.json and the tensors
+    files: tuple[str, ...]
+
+
+def find_checkpoint(path: str | os.PathLike) -> CheckpointFiles:
+    """Resolve a directory to its layout and tensor files. The HF layout wins when a folder holds
+    both (the hub repo root has `original/` beside its own files)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint directory not found: {path}")
+    for root in (path, os.path.join(path, "original")):
+        cfg_file = os.path.join(root, "config.json")
+        if not os.path.isfile(cfg_file):
+            continue
+        with open(cfg_file) as f:
+            try:
+                is_hf = "model_type" in json.load(f)
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from None
+        index = os.path.join(root, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            with open(index) as f:
+                try:
+                    weight_map = json.load(f)["weight_map"]
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise CheckpointError(f"{index} is not a safetensors index ({e})") from None
+            files = sorted({os.path.join(root, v) for v in weight_map.values()})
+            for fp in files:
+                if not os.path.isfile(fp):
+                    raise CheckpointError(f"{index} lists {os.path.basename(fp)}, which is missing from {root}")
+        else:
+            files = sorted(glob.glob(os.path.join(root, "*.safetensors")))
+        if not files:
+            raise CheckpointError(f"{root} has config.json but no *.safetensors files")
+        return CheckpointFiles("hf" if is_hf else "original", root, tuple(files))
+    raise CheckpointError(f"{path} holds neither config.json nor original/config.json")
+
+
+# ---------------------------------------------------------------------------------------- load
+def _target_dtype(var, dtype):
+    if isinstance(var, PackedWeight):
+        return np.dtype(np.uint8)
+    if var.get_value().dtype == jnp.float32:  # norms and sinks are kept in fp32 whatever `dtype`
+        return np.dtype(np.float32)
+    return np.dtype(dtype)
+
+
+def load(path: str | os.PathLike, *, dtype="bfloat16", experts: str | None = None, mesh=None,
+         moe_impl: str | None = None, progress: bool = False) -> GptOss:
+    """Build a `GptOss` from a checkpoint directory (HF hub layout or `original/`).
+
+    experts: "mxfp4" keeps packed experts packed (default when the checkpoint is packed), "dense"
+    dequantizes them on load (explicit; 4x the memory); dense checkpoints load as "dense".
+    mesh: place each weight with the sharding its logical axes give on this mesh."""
+    ck = find_checkpoint(path)
+    cfg = ModelConfig.from_pretrained(ck.root)
+    try:
+        _, where = open_all(ck.files)
+    except SafetensorsError as e:
+        raise CheckpointError(str(e)) from None
+    if ck.layout == "hf":
+        packed_on_disk = any(k.endswith("gate_up_proj_blocks") for k in where)
+    else:
+        packed_on_disk = True
+    experts = experts or ("mxfp4" if packed_on_disk else "dense")
+    if experts not in EXPERT_FORMATS:
+        raise ValueError(f"experts must be one of {EXPERT_FORMATS}, got {experts!r}")
+    rules = hf_rules(cfg, experts, packed_on_disk) if ck.layout == "hf" else original_rules(cfg, experts)
+    dtype = jnp.dtype(dtype)
+    model = abstract(cfg, dtype=dtype, experts=experts)
+    graphdef, state = nnx.split(model)
+    flat = dict(nnx.to_flat_state(state))
+    by_path = {r.path: r for r in rules}
+
+    missing_vars = [p for p in flat if p not in by_path]
+    if missing_vars:  # a bug in the table, not in the checkpoint
+        raise CheckpointError(f"no conversion rule for model variables {missing_vars[:5]}")
+    needed = {k for r in rules for k in r.keys}
+    missing = sorted(needed - set(where))
+    if missing:
+        raise CheckpointError(f"{ck.root}: missing tensor(s) {missing[:8]}"
+                              + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+    unknown = sorted(set(where) - needed)
+    if unknown:
+        raise CheckpointError(f"{ck.root}: unknown tensor(s) {unknown[:8]}"
+                              + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
+                              + f" for a {ck.layout} gpt-oss checkpoint of this config")
+
+    shardings = None
+    if mesh is not None:
+        from gptoss_jax import sharding as sharding_lib
+        shardings = sharding_lib.variable_shardings(state, mesh)
+    items = sorted(flat.items(), key=lambda kv: str(kv[0]))
+    it = _progress(items, "loading", progress)
+    for p, var in it:
+        rule = by_path[p]
+        tensors = []
+        for key in rule.keys:
+            arr = where[key].get(key)
+            _check_disk_dtype(key, arr.dtype, isinstance(var, PackedWeight))
+            tensors.append(arr)
+        value = rule.load(*tensors)
+        want = tuple(var.get_value().shape)
+        if tuple(value.shape) != want:
+            shapes = ", ".join(f"{k} {list(where[k].shape(k))}" for k in rule.keys)
+            raise CheckpointError(f"tensor {shapes} does not fit model variable "
+                                  f"{'.'.join(map(str, p))} of shape {list(want)}")
+        value = np.asarray(value).astype(_target_dtype(var, dtype), copy=False)
+        target = shardings[p] if shardings is not None else None
+        var.set_value(jax.device_put(value, target))
+    return nnx.merge(graphdef, state) if moe_impl is None else _with_moe_impl(nnx.merge(graphdef, state), moe_impl)
+
+
+def _with_moe_impl(model: GptOss, impl: str) -> GptOss:
+    model.moe_impl = impl
+    return model
+
+
+def _check_disk_dtype(key: str, dtype: np.dtype, packed: bool) -> None:
+    floats = (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16), np.dtype(np.float32))
+    if packed and dtype != np.uint8:
+        raise CheckpointError(f"tensor {key} must be stored as U8 (packed MXFP4), found {dtype}")
+    if not packed and dtype not in floats and dtype != np.uint8:
+        raise CheckpointError(f"tensor {key} has dtype {dtype}; expected a float dtype")
+
+
+def _progress(items: Sequence, desc: str, enabled: bool):
+    if not enabled:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, unit="tensor")
+
+
+# ---------------------------------------------------------------------------------------- save
+def save_hf(model: GptOss, path: str | os.PathLike, *, dtype="bfloat16",
+            max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write the HF hub layout (config.json, sharded safetensors + index). Packed experts are
+    written as MXFP4 blocks/scales with the hub's quantization_config; dense ones as the
+    dequantized variant. Floats are written in `dtype` (bf16, as the hub files)."""
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    cfg = model.cfg
+    experts = model.experts
+    rules = {r.path: r for r in hf_rules(cfg, experts, packed_on_disk=experts == "mxfp4")}
+    tensors: dict[str, np.ndarray] = {}
+    for p, var in nnx.to_flat_state(nnx.state(model)):
+        rule = rules[p]
+        value = np.asarray(jax.device_get(var.get_value()))
+        if not isinstance(var, PackedWeight):
+            value = value.astype(np.dtype(jnp.dtype(dtype)))
+        tensors[rule.keys[0]] = np.ascontiguousarray(rule.save(value))
+    hf_cfg = cfg.to_hf_dict()
+    hf_cfg["torch_dtype"] = str(jnp.dtype(dtype))
+    if experts == "mxfp4":
+        hf_cfg["quantization_config"] = {
+            "quant_method": "mxfp4",
+            "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                       "model.embed_tokens", "lm_head"]}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_cfg, f, indent=2)
+    shards, current, size = [], {}, 0
+    for key in sorted(tensors):
+        nbytes = tensors[key].nbytes
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = tensors[key]
+        size += nbytes
+    shards.append(current)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = (f"model-{i:05d}-of-{len(shards) - 1:05d}.safetensors" if len(shards) > 1
+                else "model.safetensors")
+        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    if len(shards) > 1:
+        total = sum(t.nbytes for t in tensors.values())
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)

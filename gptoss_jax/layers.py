@@ -1,0 +1,112 @@
+"""Pure building blocks of the gpt-oss forward pass: RMSNorm, YaRN RoPE, the clamped SwiGLU.
+
+Dimension letters (used in every einsum of the package): B batch, T query length, S key length,
+D model width, N query heads, K kv heads, G query heads per kv head, H head dim, E experts,
+k top-k, F expert width, V vocab.
+
+Notable details, each of which moves logits by >10% when wrong (see the spec):
+- RMSNorm multiplies by the gain in fp32 *before* casting back (unlike Llama).
+- YaRN's correction range is not rounded when `truncate=False` (gpt-oss), and the concentration
+  0.1*ln(s)+1 is folded into cos and sin, so q and k both carry it.
+- RoPE rotates the two halves of each head (NeoX style), not adjacent pairs.
+- SwiGLU: gate/up interleaved (even = gate, odd = up), gate clamped above only, up clamped both
+  ways, and a fixed +1 on the up branch.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptoss_jax.config import ModelConfig
+
+
+def rms_norm(x: jax.Array, gain: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * gain.astype(jnp.float32)).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------- RoPE
+def yarn_correction_range(cfg: ModelConfig) -> tuple[float, float]:
+    """(low, high) rotary dims of YaRN's NTK-by-parts ramp."""
+    d_half = cfg.head_dim / 2
+
+    def dim_for(beta: float) -> float:
+        return d_half * math.log(cfg.rope_original_context / (beta * 2 * math.pi)) / math.log(cfg.rope_theta)
+
+    low, high = dim_for(cfg.rope_beta_fast), dim_for(cfg.rope_beta_slow)
+    if cfg.rope_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, cfg.head_dim - 1)
+    if high == low:
+        high += 1e-3  # a degenerate ramp would divide by zero
+    return low, high
+
+
+# fp32 bit patterns of the released models' inv_freq, as gpt_oss.torch and transformers produce
+# them. torch's float32 `pow` is not correctly rounded (entries 6 and 10 differ by one ulp from a
+# correctly rounded pow), so recomputing cannot be bit-faithful; a 1-ulp phase error grows
+# visible at positions near 1e5.
+_RELEASED_ROPE = (64, 150000.0, 32.0, 4096, 32.0, 1.0, False)
+_RELEASED_INV_FREQ_BITS = (
+    0x3f800000, 0x3f306535, 0x3ef316a2, 0x3ea77faa, 0x3e66d3fa, 0x3e1f0cfd, 0x3ddb2f9f, 0x3d970764,
+    0x3d502194, 0x3d01ddd5, 0x3c9e646f, 0x3c3dec94, 0x3bdea840, 0x3b7cfe14, 0x3b093803, 0x3a89f778,
+    0x39ef543c, 0x390799b9, 0x3820adc6, 0x37dd6dfc, 0x37989328, 0x375242fa, 0x3710e12c, 0x36c7a82b,
+    0x3689928c, 0x363d9647, 0x3602a245, 0x35b40668, 0x35781728, 0x352af200, 0x34eb93eb, 0x34a252d3)
+
+
+@functools.lru_cache(maxsize=32)
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """fp32 inverse frequencies [H/2] in the references' float32 operation order. Bitwise equal to
+    the references for the released RoPE settings; otherwise within an ulp (pow rounding)."""
+    key = (cfg.head_dim, cfg.rope_theta, cfg.rope_factor, cfg.rope_original_context,
+           cfg.rope_beta_fast, cfg.rope_beta_slow, cfg.rope_truncate)
+    if key == _RELEASED_ROPE:
+        inv = np.array(_RELEASED_INV_FREQ_BITS, dtype=np.uint32).view(np.float32)
+        inv.flags.writeable = False  # cached and shared
+        return inv
+    f32 = np.float32
+    exponents = np.arange(0, cfg.head_dim, 2, dtype=f32) / f32(cfg.head_dim)
+    freq = np.power(f32(cfg.rope_theta), exponents, dtype=f32)
+    if cfg.rope_factor <= 1.0:
+        inv = (f32(1.0) / freq).astype(f32)
+        inv.flags.writeable = False
+        return inv
+    low, high = yarn_correction_range(cfg)
+    interpolation = f32(1.0) / (f32(cfg.rope_factor) * freq)
+    extrapolation = f32(1.0) / freq
+    ramp = (np.arange(cfg.head_dim // 2, dtype=f32) - f32(low)) / f32(high - low)
+    mask = f32(1.0) - np.clip(ramp, f32(0.0), f32(1.0))
+    inv = (interpolation * (f32(1.0) - mask) + extrapolation * mask).astype(f32)
+    inv.flags.writeable = False  # cached and shared
+    return inv
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq, concentration: float) -> tuple[jax.Array, jax.Array]:
+    """cos/sin [..., H/2] in fp32 for integer positions [...], concentration folded in."""
+    phase = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    return jnp.cos(phase) * concentration, jnp.sin(phase) * concentration
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Half-split rotation of x [B, T, heads, H] with cos/sin [B, T, H/2].
+
+    cos/sin are cast to x's dtype first, as both references do."""
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+# -------------------------------------------------------------------------------------- SwiGLU
+def swiglu(h: jax.Array, *, alpha: float, limit: float) -> jax.Array:
+    """[..., 2F] interleaved gate/up -> [..., F]."""
+    glu, lin = h[..., 0::2], h[..., 1::2]
+    glu = jnp.minimum(glu, limit)
+    lin = jnp.clip(lin, -limit, limit)
+    return glu * jax.nn.sigmoid(alpha * glu) * (lin + 1)

@@ -1,0 +1,272 @@
+"""gpt-oss as Flax NNX modules: the modules declare weights, `layers`/`attention`/`moe` do the math.
+
+Each weight is declared once (`_declare`: shape, dtype, logical axes, initializer); abstract shapes
+(`nnx.eval_shape`), shardings and the checkpoint key map all derive from those declarations.
+Weights are stored in the layout their matmul consumes ([in, out], heads split out), so XLA never
+copies them per call; the checkpoint loader does the one-time transposes.
+
+MXFP4 experts are two `PackedWeight` variables (blocks, scales) per matrix, not `nnx.Param`s: an
+optimizer filtering on `nnx.Param` never sees the frozen packed base. `__call__` reassembles them
+into an `MXFP4` pytree for `moe.moe`.
+
+    model(tokens, *, positions=None, segment_ids=None, cache=None, capture=False) -> ModelOutput
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gptoss_jax import attention as attn_lib
+from gptoss_jax import layers
+from gptoss_jax import moe as moe_lib
+from gptoss_jax.config import ModelConfig
+from gptoss_jax.mxfp4 import BLOCK, MXFP4, quantize
+
+EXPERT_FORMATS = ("mxfp4", "dense")
+
+
+class PackedWeight(nnx.Variable):
+    """uint8 storage of a frozen MXFP4 weight (blocks or scales); never a trainable Param."""
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ModelOutput:
+    logits: jax.Array  # [B, T, V] float32 unless asked otherwise
+    cache: Any = None
+    intermediates: Any = None  # with capture=True: one dict per layer, see Block.__call__
+
+
+def _normal(std=0.02):
+    return lambda key, shape, dtype: (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def _zeros(key, shape, dtype):
+    return jnp.zeros(shape, dtype)
+
+
+def _ones(key, shape, dtype):
+    return jnp.ones(shape, dtype)
+
+
+class _Keys:
+    """Per-weight PRNG keys folded from one base key. Drawing every key from `nnx.Rngs` instead
+    updates an RNG counter variable per weight, which makes tracing the full model quadratic."""
+
+    def __init__(self, key):
+        self.key, self.count = key, 0
+
+    def __call__(self):
+        self.count += 1
+        return jax.random.fold_in(self.key, self.count)
+
+
+def _declare(keys: _Keys, shape, axes, dtype, init, kind=nnx.Param):
+    assert len(shape) == len(axes), (shape, axes)
+    return kind(init(keys(), tuple(shape), dtype), axes=tuple(axes), eager_sharding=False)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, keys: _Keys):
+        D, N, K, H = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.window = cfg.sliding_window if cfg.is_sliding(layer) else None
+        self.norm = _declare(keys, (D,), ("embed",), jnp.float32, _ones)
+        self.q = _declare(keys, (D, N, H), ("embed", "q_heads", "head_dim"), dtype, _normal())
+        self.q_bias = _declare(keys, (N, H), ("q_heads", "head_dim"), dtype, _zeros)
+        self.k = _declare(keys, (D, K, H), ("embed", "kv_heads", "head_dim"), dtype, _normal())
+        self.k_bias = _declare(keys, (K, H), ("kv_heads", "head_dim"), dtype, _zeros)
+        self.v = _declare(keys, (D, K, H), ("embed", "kv_heads", "head_dim"), dtype, _normal())
+        self.v_bias = _declare(keys, (K, H), ("kv_heads", "head_dim"), dtype, _zeros)
+        self.o = _declare(keys, (N, H, D), ("q_heads", "head_dim", "embed"), dtype, _normal())
+        self.o_bias = _declare(keys, (D,), ("embed",), dtype, _zeros)
+        # Stored fp32 (an exact upcast of the bf16 checkpoint values), as every reference does.
+        self.sinks = _declare(keys, (N,), ("q_heads",), jnp.float32, _zeros)
+
+    def __call__(self, x, rope, *, positions, segment_ids, eps):
+        cos, sin = rope
+        h = layers.rms_norm(x, self.norm[...], eps)
+
+        def proj(w, b, spec):
+            y = jnp.einsum(spec, h, w[...], preferred_element_type=jnp.float32)
+            return (y + b[...].astype(jnp.float32)).astype(x.dtype)
+
+        q = layers.apply_rope(proj(self.q, self.q_bias, "BTD,DNH->BTNH"), cos, sin)
+        k = layers.apply_rope(proj(self.k, self.k_bias, "BTD,DKH->BTKH"), cos, sin)
+        v = proj(self.v, self.v_bias, "BTD,DKH->BTKH")
+        out, sink_mass = attn_lib.self_attention(q, k, v, self.sinks[...], positions=positions,
+                                                 segment_ids=segment_ids, window=self.window)
+        o = jnp.einsum("BTNH,NHD->BTD", out, self.o[...], preferred_element_type=jnp.float32)
+        return (o + self.o_bias[...].astype(jnp.float32)).astype(x.dtype), sink_mass
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, experts: str, keys: _Keys):
+        D, E, F = cfg.d_model, cfg.num_experts, cfg.expert_dim
+        self.k, self.alpha, self.limit = cfg.experts_per_token, cfg.swiglu_alpha, cfg.swiglu_limit
+        self.experts = experts
+        self.norm = _declare(keys, (D,), ("embed",), jnp.float32, _ones)
+        self.router = _declare(keys, (D, E), ("embed", "experts"), dtype, _normal())
+        self.router_bias = _declare(keys, (E,), ("experts",), dtype, _zeros)
+        self.b1 = _declare(keys, (E, 2 * F), ("experts", "expert_mlp"), dtype, _zeros)
+        self.b2 = _declare(keys, (E, D), ("experts", "embed"), dtype, _zeros)
+        if experts == "dense":
+            self.w1 = _declare(keys, (E, D, 2 * F), ("experts", "embed", "expert_mlp"), dtype, _normal())
+            self.w2 = _declare(keys, (E, F, D), ("experts", "expert_mlp", "embed"), dtype, _normal())
+        elif experts == "mxfp4":
+            cfg.validate_mxfp4()
+            # Checkpoint layout: [E, out, in/32, 16] blocks and [E, out, in/32] scales.
+            w1 = quantize(_normal()(keys(), (E, 2 * F, D), jnp.float32))
+            w2 = quantize(_normal()(keys(), (E, D, F), jnp.float32))
+            ax1 = ("experts", "expert_mlp", "embed_blocks")
+            ax2 = ("experts", "embed", "expert_mlp_blocks")
+            self.w1_blocks = PackedWeight(w1.blocks, axes=ax1 + (None,), eager_sharding=False)
+            self.w1_scales = PackedWeight(w1.scales, axes=ax1, eager_sharding=False)
+            self.w2_blocks = PackedWeight(w2.blocks, axes=ax2 + (None,), eager_sharding=False)
+            self.w2_scales = PackedWeight(w2.scales, axes=ax2, eager_sharding=False)
+        else:
+            raise ValueError(f"experts must be one of {EXPERT_FORMATS}, got {experts!r}")
+
+    def expert_weights(self) -> moe_lib.ExpertWeights:
+        if self.experts == "mxfp4":
+            w1 = MXFP4(self.w1_blocks[...], self.w1_scales[...])
+            w2 = MXFP4(self.w2_blocks[...], self.w2_scales[...])
+        else:
+            w1, w2 = self.w1[...], self.w2[...]
+        return moe_lib.ExpertWeights(w1, self.b1[...], w2, self.b2[...])
+
+    def __call__(self, x, *, eps, impl=None):
+        B, T, D = x.shape
+        h = layers.rms_norm(x, self.norm[...], eps).reshape(B * T, D)
+        y, routing = moe_lib.moe(h, self.router[...], self.router_bias[...], self.expert_weights(),
+                                 k=self.k, alpha=self.alpha, limit=self.limit, impl=impl)
+        return y.reshape(B, T, D), routing
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, experts: str, keys: _Keys):
+        self.attn = Attention(cfg, layer, dtype=dtype, keys=keys)
+        self.mlp = MoE(cfg, dtype=dtype, experts=experts, keys=keys)
+
+    def __call__(self, x, rope, *, positions, segment_ids, eps, moe_impl=None, capture=False):
+        with jax.named_scope("attention"):
+            a, sink_mass = self.attn(x, rope, positions=positions, segment_ids=segment_ids, eps=eps)
+        x_mid = x + a
+        with jax.named_scope("moe"):
+            m, routing = self.mlp(x_mid, eps=eps, impl=moe_impl)
+        out = x_mid + m
+        if not capture:
+            return out, None
+        B, T = x.shape[:2]
+        return out, {
+            "residual": x,  # the stream entering this layer
+            "attn_out": a,
+            "sink_mass": sink_mass,  # [B, T, N]
+            "router_logits": routing.logits.reshape(B, T, -1),
+            "expert_ids": routing.ids.reshape(B, T, -1),
+            "expert_weights": routing.weights.reshape(B, T, -1),
+        }
+
+
+class GptOss(nnx.Module):
+    """The gpt-oss decoder. `dtype` is the parameter and activation dtype (bf16 by default; fp32 is
+    the parity mode); norm gains and sinks are always fp32. `experts` picks packed MXFP4 or dense
+    expert weights."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.bfloat16, experts: str = "mxfp4",
+                 moe_impl: str | None = None):
+        self.cfg = cfg
+        self.dtype = jnp.dtype(dtype)
+        self.moe_impl = moe_impl
+        keys = _Keys(rngs.params())
+        self.embed = _declare(keys, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), dtype, _normal())
+        self.layers = nnx.List([Block(cfg, i, dtype=dtype, experts=experts, keys=keys)
+                                for i in range(cfg.num_layers)])
+        self.norm = _declare(keys, (cfg.d_model,), ("embed",), jnp.float32, _ones)
+        self.unembed = _declare(keys, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), dtype, _normal())
+
+    @property
+    def experts(self) -> str:
+        return self.layers[0].mlp.experts
+
+    def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None, capture=False,
+                 logits_dtype=jnp.float32) -> ModelOutput:
+        cfg = self.cfg
+        tokens = _check_tokens(tokens, cfg.vocab_size)
+        B, T = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        if segment_ids is None:
+            segment_ids = jnp.ones((B, T), jnp.int32)
+        for name, arr in (("positions", positions), ("segment_ids", segment_ids)):
+            if tuple(arr.shape) != (B, T):
+                raise ValueError(f"{name} must have the tokens' shape {(B, T)}, got {tuple(arr.shape)}")
+        if cache is not None:
+            raise NotImplementedError("KV-cached decoding arrives with gptoss_jax.cache")
+
+        with jax.named_scope("embed"):
+            x = self.embed[...][tokens].astype(self.dtype)
+        rope = layers.rope_cos_sin(positions, layers.rope_inv_freq(cfg), cfg.rope_concentration)
+        captured = []
+        for i, block in enumerate(self.layers):
+            with jax.named_scope(f"layer_{i}"):
+                x, inter = block(x, rope, positions=positions, segment_ids=segment_ids,
+                                 eps=cfg.rms_eps, moe_impl=self.moe_impl, capture=capture)
+            captured.append(inter)
+        with jax.named_scope("unembed"):
+            h = layers.rms_norm(x, self.norm[...], cfg.rms_eps)
+            logits = jnp.einsum("BTD,VD->BTV", h, self.unembed[...],
+                                preferred_element_type=jnp.float32).astype(logits_dtype)
+        return ModelOutput(logits, None, captured if capture else None)
+
+
+def _check_tokens(tokens, vocab_size: int):
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim == 1:
+        raise ValueError(f"tokens must be [batch, time]; got shape {tokens.shape} (add a batch axis)")
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens must be an integer array [batch, time], got {tokens.dtype}{list(tokens.shape)}")
+    if not isinstance(tokens, jax.core.Tracer) and tokens.size:
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"token ids must lie in [0, {vocab_size}); got values in [{lo}, {hi}]")
+    return tokens
+
+
+# ------------------------------------------------------------------------------- construction
+def init(cfg: ModelConfig, *, seed: int = 0, dtype=jnp.bfloat16, experts: str = "mxfp4",
+         moe_impl: str | None = None) -> GptOss:
+    """A model with random weights (normal(0.02) matrices, zero biases and sinks, unit norms)."""
+    return GptOss(cfg, rngs=nnx.Rngs(seed), dtype=dtype, experts=experts, moe_impl=moe_impl)
+
+
+def abstract(cfg: ModelConfig, *, dtype=jnp.bfloat16, experts: str = "mxfp4") -> GptOss:
+    """The model with `jax.ShapeDtypeStruct` leaves: no memory, for shapes, counts and loading."""
+    return nnx.eval_shape(lambda: GptOss(cfg, rngs=nnx.Rngs(0), dtype=dtype, experts=experts))
+
+
+def parameter_count(model: GptOss) -> int:
+    """Logical parameter count: a packed MXFP4 byte holds two weights; scales are not counted."""
+    total = 0
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        shape = var.get_value().shape
+        if isinstance(var, PackedWeight):
+            total += int(np.prod(shape)) * 2 if str(path[-1]).endswith("_blocks") else 0
+        else:
+            total += int(np.prod(shape))
+    return total
+
+
+def parameter_bytes(model: GptOss) -> int:
+    """Bytes the parameters occupy as stored (packed experts at about 4.25 bits per weight)."""
+    return sum(int(np.prod(v.get_value().shape)) * jnp.dtype(v.get_value().dtype).itemsize
+               for _, v in nnx.to_flat_state(nnx.state(model)))
+
+
+__all__ = ["GptOss", "ModelOutput", "PackedWeight", "init", "abstract", "parameter_count",
+           "parameter_bytes", "EXPERT_FORMATS", "BLOCK"]

@@ -1,0 +1,160 @@
+"""The mixture-of-experts block: router, dispatch by expert, expert SwiGLU MLPs, weighted combine.
+
+Routing is top-k of the router logits *then* a softmax over the k chosen logits (in fp32). Each
+expert computes h = x W1 + b1 (gate/up interleaved), a = swiglu(h), y = a W2 + b2, and the token's
+output is sum_k w_k y_k: the down-projection bias is scaled by the routing weight.
+
+Expert weights come in two layouts, both pytrees that flow through the same functions:
+- dense:  w1 [E, D, 2F], w2 [E, F, D]  (the HF-dequantized layout, [in, out] per expert)
+- MXFP4:  `MXFP4` with logical shapes [E, 2F, D] and [E, D, F]  (the checkpoint's [out, in]); it
+  is decoded inside the jitted function, where the transpose fuses into the decode.
+
+Three implementations compute the same function:
+- `moe_dense_reference`: every expert on every token, then a gather. Obvious; for tests.
+- `moe_ragged`: tokens sorted by expert, `jax.lax.ragged_dot` over the groups (GPU/TPU path).
+- `moe_buckets`: tokens sorted by expert into per-expert buckets of one static capacity and one
+  batched einsum. XLA:CPU runs ragged_dot very slowly; this is the CPU path. It is dropless: the
+  capacity is the smallest of a few static sizes that holds the largest group (`lax.switch`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from gptoss_jax.layers import swiglu
+from gptoss_jax.mxfp4 import MXFP4
+
+
+class ExpertWeights(NamedTuple):
+    w1: jax.Array | MXFP4  # dense [E, D, 2F] or MXFP4 logical [E, 2F, D]
+    b1: jax.Array  # [E, 2F]
+    w2: jax.Array | MXFP4  # dense [E, F, D] or MXFP4 logical [E, D, F]
+    b2: jax.Array  # [E, D]
+
+
+class Routing(NamedTuple):
+    logits: jax.Array  # [T, E] fp32
+    ids: jax.Array  # [T, k] int32, best first
+    weights: jax.Array  # [T, k] fp32, sum to 1
+
+
+def route(x, w, b, k: int) -> Routing:
+    """x [T, D], router w [D, E], b [E]."""
+    logits = (jnp.einsum("TD,DE->TE", x, w, preferred_element_type=jnp.float32)
+              + b.astype(jnp.float32))
+    top, ids = jax.lax.top_k(logits, k)
+    return Routing(logits, ids.astype(jnp.int32), jax.nn.softmax(top, axis=-1))
+
+
+def in_out(w, dtype) -> jax.Array:
+    """An expert weight as a dense [E, in, out] array in `dtype`."""
+    if isinstance(w, MXFP4):
+        return jnp.swapaxes(w.dequantize(dtype), -1, -2)
+    return w.astype(dtype)
+
+
+def _expert_mlp(x, w1, b1, w2, b2, *, alpha, limit, matmul):
+    """The per-expert MLP given a matmul for the chosen dispatch; fp32 accumulation, fp32 SwiGLU."""
+    h = matmul(x, w1) + b1.astype(jnp.float32)
+    a = swiglu(h, alpha=alpha, limit=limit).astype(x.dtype)
+    return matmul(a, w2) + b2.astype(jnp.float32)
+
+
+def moe_dense_reference(x, ew: ExpertWeights, routing: Routing, *, alpha, limit):
+    """Every expert on every token, then gather the chosen k. x [T, D] -> [T, D]."""
+    dt = x.dtype
+    w1, w2 = in_out(ew.w1, dt), in_out(ew.w2, dt)
+    mm = lambda a, w: jnp.einsum("ETI,EIO->ETO", a, w, preferred_element_type=jnp.float32)
+    xe = jnp.broadcast_to(x[None], (w1.shape[0],) + x.shape)
+    y = _expert_mlp(xe, w1, ew.b1[:, None], w2, ew.b2[:, None], alpha=alpha, limit=limit, matmul=mm)
+    y = jnp.take_along_axis(y.transpose(1, 0, 2), routing.ids[..., None], axis=1)  # [T, k, D]
+    return jnp.einsum("TkD,Tk->TD", y, routing.weights).astype(dt)
+
+
+class _Sorted(NamedTuple):
+    order: jax.Array  # [T*k] indices into the flattened (token, slot) list, grouped by expert
+    experts: jax.Array  # [T*k] expert of each sorted row
+    tokens: jax.Array  # [T*k] token of each sorted row
+    group_sizes: jax.Array  # [E] int32
+
+
+def _sort_by_expert(ids, num_experts: int) -> _Sorted:
+    flat = ids.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    k = ids.shape[1]
+    sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    return _Sorted(order, flat[order], order // k, sizes)
+
+
+def _combine(y_sorted, srt: _Sorted, routing: Routing, dtype):
+    """Undo the sort and take the routing-weighted sum over each token's k experts (in fp32)."""
+    T, k = routing.ids.shape
+    y = jnp.zeros_like(y_sorted).at[srt.order].set(y_sorted).reshape(T, k, -1)
+    return jnp.einsum("TkD,Tk->TD", y, routing.weights).astype(dtype)
+
+
+def moe_ragged(x, ew: ExpertWeights, routing: Routing, *, alpha, limit):
+    """Sort by expert and run `ragged_dot` over the contiguous groups."""
+    dt = x.dtype
+    srt = _sort_by_expert(routing.ids, ew.b1.shape[0])
+    xs = x[srt.tokens]
+    mm = lambda a, w: jax.lax.ragged_dot(a, w, srt.group_sizes, preferred_element_type=jnp.float32)
+    y = _expert_mlp(xs, in_out(ew.w1, dt), ew.b1[srt.experts], in_out(ew.w2, dt),
+                    ew.b2[srt.experts], alpha=alpha, limit=limit, matmul=mm)
+    return _combine(y, srt, routing, dt)
+
+
+def bucket_capacities(num_tokens: int, k: int, num_experts: int) -> tuple[int, ...]:
+    """Static per-expert capacities tried in order; the last one (all tokens) always suffices,
+    since a token picks an expert at most once."""
+    mean = num_tokens * k / num_experts
+    caps = {min(num_tokens, max(8, 8 * math.ceil(f * mean / 8))) for f in (1.25, 2.0, 4.0)}
+    return tuple(sorted(caps | {num_tokens}))
+
+
+def moe_buckets(x, ew: ExpertWeights, routing: Routing, *, alpha, limit):
+    """Per-expert buckets [E, C, D] and one batched einsum; C is the smallest static capacity that
+    holds the largest group, so no token is ever dropped."""
+    dt = x.dtype
+    T, k = routing.ids.shape
+    E = ew.b1.shape[0]
+    srt = _sort_by_expert(routing.ids, E)
+    starts = jnp.cumsum(srt.group_sizes) - srt.group_sizes
+    rank = jnp.arange(T * k, dtype=jnp.int32) - starts[srt.experts]  # slot within its bucket
+    w1, w2 = in_out(ew.w1, dt), in_out(ew.w2, dt)
+    mm = lambda a, w: jnp.einsum("ECI,EIO->ECO", a, w, preferred_element_type=jnp.float32)
+
+    def run(cap: int):
+        def branch(_):
+            slot = srt.experts * cap + rank
+            buf = jnp.zeros((E * cap, x.shape[1]), dt).at[slot].set(x[srt.tokens])
+            y = _expert_mlp(buf.reshape(E, cap, -1), w1, ew.b1[:, None], w2, ew.b2[:, None],
+                            alpha=alpha, limit=limit, matmul=mm)
+            return y.reshape(E * cap, -1)[slot]
+        return branch
+
+    caps = bucket_capacities(T, k, E)
+    choice = jnp.searchsorted(jnp.asarray(caps), jnp.max(srt.group_sizes))
+    y = jax.lax.switch(choice, [run(c) for c in caps], None)
+    return _combine(y, srt, routing, dt)
+
+
+MOE_IMPLS = {"dense": moe_dense_reference, "ragged": moe_ragged, "buckets": moe_buckets}
+
+
+def default_moe_impl() -> str:
+    return "buckets" if jax.default_backend() == "cpu" else "ragged"
+
+
+def moe(x, router_w, router_b, ew: ExpertWeights, *, k: int, alpha: float, limit: float,
+        impl: str | None = None):
+    """x [T, D] -> (out [T, D], routing)."""
+    impl = impl or default_moe_impl()
+    if impl not in MOE_IMPLS:
+        raise ValueError(f"unknown MoE implementation {impl!r}; choose one of {sorted(MOE_IMPLS)}")
+    routing = route(x, router_w, router_b, k)
+    return MOE_IMPLS[impl](x, ew, routing, alpha=alpha, limit=limit), routing

@@ -1,0 +1,121 @@
+"""MXFP4 (OCP microscaling, E2M1 elements with a shared E8M0 scale) tensors as JAX pytrees.
+
+The checkpoints store each expert matrix [..., out, in] as
+  blocks [..., out, in/32, 16] uint8   two E2M1 codes per byte, element 2b in the LOW nibble
+  scales [..., out, in/32]     uint8   E8M0, multiplier 2**(scale - 127)
+so a block is 32 consecutive values along the contraction (input) axis. `MXFP4` keeps exactly
+that layout, so loading is a byte copy and nothing is unpacked until a matmul needs it.
+
+Every decoded value is a small integer multiple of a power of two, hence exact in bf16 and fp32.
+`quantize` is the OCP MX v1.0 rule: shared exponent floor(log2(amax)) - 2 (E2M1's largest
+exponent), elements rounded to nearest, ties to even, saturating at +-6.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BLOCK = 32  # values per shared scale
+SCALE_BIAS = 127
+# E2M1 code -> value. Bit 3 is the sign; codes 0..7 are the magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6.
+E2M1_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+                        -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], dtype=np.float32)
+_E2M1_MAX_EXP = 2  # 6 = 1.5 * 2**2
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MXFP4:
+    """A packed MXFP4 matrix (or stack of matrices) whose logical shape is [..., rows, cols]."""
+
+    blocks: jax.Array  # [..., rows, cols/32, 16] uint8
+    scales: jax.Array  # [..., rows, cols/32] uint8
+
+    def __post_init__(self):
+        b, s = self.blocks, self.scales
+        # Pytree transformations rebuild the node with placeholder leaves; only check real arrays.
+        if hasattr(b, "shape") and hasattr(s, "shape"):
+            if b.shape[:-1] != s.shape or b.shape[-1] != BLOCK // 2:
+                raise ValueError(f"MXFP4 blocks {tuple(b.shape)} and scales {tuple(s.shape)} do not fit: "
+                                 f"need blocks [..., G, {BLOCK // 2}] and scales [..., G]")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Logical (decoded) shape."""
+        return tuple(self.scales.shape[:-1]) + (self.scales.shape[-1] * BLOCK,)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.blocks.shape)) + int(np.prod(self.scales.shape))
+
+    def dequantize(self, dtype=jnp.bfloat16) -> jax.Array:
+        return dequantize(self, dtype)
+
+
+def dequantize(t: MXFP4, dtype=jnp.bfloat16) -> jax.Array:
+    """Exact decode to [..., rows, cols] in `dtype` (jnp; works inside jit)."""
+    blocks = jnp.asarray(t.blocks)
+    lut = jnp.asarray(E2M1_VALUES)
+    lo = lut[blocks & 0x0F]
+    hi = lut[blocks >> 4]
+    vals = jnp.stack([lo, hi], axis=-1).reshape(*blocks.shape[:-1], BLOCK)  # [..., G, 32]
+    exp = jnp.asarray(t.scales).astype(jnp.int32) - SCALE_BIAS
+    vals = jnp.ldexp(vals, exp[..., None])
+    return vals.reshape(*blocks.shape[:-2], -1).astype(dtype)
+
+
+def dequantize_np(blocks: np.ndarray, scales: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """NumPy twin of `dequantize` for host-side conversion (no device memory)."""
+    blocks = np.asarray(blocks)
+    vals = np.empty(blocks.shape[:-1] + (BLOCK,), np.float32)
+    vals[..., 0::2] = E2M1_VALUES[blocks & 0x0F]
+    vals[..., 1::2] = E2M1_VALUES[blocks >> 4]
+    vals = np.ldexp(vals, np.asarray(scales).astype(np.int32)[..., None] - SCALE_BIAS)
+    return vals.reshape(*blocks.shape[:-2], -1).astype(dtype)
+
+
+def _round_e2m1(mag):
+    """Round non-negative magnitudes (already divided by the block scale) to E2M1 codes 0..7,
+    nearest with ties to the even code, saturating at 6."""
+    grid = jnp.asarray(E2M1_VALUES[:8])
+    dist = jnp.abs(mag[..., None] - grid)  # [..., 8]
+    lower = jnp.argmin(dist, axis=-1)  # first (lowest) code at minimal distance
+    nxt = jnp.minimum(lower + 1, 7)
+    d_lower = jnp.take_along_axis(dist, lower[..., None], -1)[..., 0]
+    d_next = jnp.take_along_axis(dist, nxt[..., None], -1)[..., 0]
+    tie = (d_next == d_lower) & (nxt != lower)
+    return jnp.where(tie & (lower % 2 == 1), nxt, lower).astype(jnp.uint8)
+
+
+def quantize(w) -> MXFP4:
+    """Encode [..., rows, cols] (cols a multiple of 32) as MXFP4 with OCP MX rounding."""
+    w = jnp.asarray(w, jnp.float32)
+    if w.shape[-1] % BLOCK:
+        raise ValueError(f"MXFP4 needs the last axis to be a multiple of {BLOCK}, got shape {w.shape}")
+    x = w.reshape(*w.shape[:-1], w.shape[-1] // BLOCK, BLOCK)
+    amax = jnp.max(jnp.abs(x), axis=-1)
+    # floor(log2(amax)) read exactly from the float's exponent field.
+    _, e = jnp.frexp(jnp.where(amax > 0, amax, 1.0))
+    shared = jnp.where(amax > 0, e - 1 - _E2M1_MAX_EXP, 0)
+    biased = jnp.clip(shared + SCALE_BIAS, 0, 254)
+    mag = jnp.abs(x) / jnp.ldexp(jnp.ones_like(amax), biased - SCALE_BIAS)[..., None]
+    code = _round_e2m1(mag) | jnp.where(jnp.signbit(x), 8, 0).astype(jnp.uint8)
+    code = code.reshape(*code.shape[:-1], BLOCK // 2, 2)
+    packed = (code[..., 0] | (code[..., 1] << 4)).astype(jnp.uint8)
+    return MXFP4(blocks=packed, scales=biased.astype(jnp.uint8))
+
+
+def is_mxfp4(x) -> bool:
+    return isinstance(x, MXFP4)

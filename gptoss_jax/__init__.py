@@ -1,0 +1,18 @@
+"""gpt-oss (20b / 120b) in JAX/Flax NNX.
+
+    import gptoss_jax as gj
+    model = gj.load("path/to/gpt-oss-20b")          # HF hub layout or original/, MXFP4 kept packed
+    out = model(tokens)                              # ModelOutput(logits, cache, intermediates)
+    model = gj.init(gj.tiny(), seed=0)               # random weights, any config
+"""
+
+from gptoss_jax.checkpoint import CheckpointError, load, save_hf
+from gptoss_jax.config import ConfigError, ModelConfig, gpt_oss_20b, gpt_oss_120b, tiny
+from gptoss_jax.model import GptOss, ModelOutput, abstract, init, parameter_bytes, parameter_count
+from gptoss_jax.mxfp4 import MXFP4
+
+__all__ = [
+    "CheckpointError", "ConfigError", "GptOss", "MXFP4", "ModelConfig", "ModelOutput", "abstract",
+    "gpt_oss_20b", "gpt_oss_120b", "init", "load", "parameter_bytes", "parameter_count", "save_hf",
+    "tiny",
+]

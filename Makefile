@@ -1,0 +1,30 @@
+# Two entry points (see README): `make run` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: setup setup-test run test clean
+
+$(VENV)/.base: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base pyproject.toml
+	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q --no-deps --ignore-requires-python gpt-oss==0.0.9
+	touch $@
+
+setup: $(VENV)/.base
+setup-test: $(VENV)/.test
+
+run: setup
+	$(PY) -m gptoss_jax.cli demo
+
+test: setup-test
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -6,6 +6,7 @@
     model = gj.init(gj.tiny(), seed=0)               # random weights, any config
 """
 
+from gptoss_jax import sharding
 from gptoss_jax.checkpoint import CheckpointError, load, save_hf
 from gptoss_jax.config import ConfigError, ModelConfig, gpt_oss_20b, gpt_oss_120b, tiny
 from gptoss_jax.model import GptOss, ModelOutput, abstract, init, parameter_bytes, parameter_count

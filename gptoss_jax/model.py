@@ -23,8 +23,10 @@ import numpy as np
 from flax import nnx
 
 from gptoss_jax import attention as attn_lib
+from gptoss_jax import cache as cache_lib
 from gptoss_jax import layers
 from gptoss_jax import moe as moe_lib
+from gptoss_jax.cache import KVCache
 from gptoss_jax.config import ModelConfig
 from gptoss_jax.mxfp4 import BLOCK, MXFP4, quantize
 
@@ -88,7 +90,7 @@ class Attention(nnx.Module):
         # Stored fp32 (an exact upcast of the bf16 checkpoint values), as every reference does.
         self.sinks = _declare(keys, (N,), ("q_heads",), jnp.float32, _zeros)
 
-    def __call__(self, x, rope, *, positions, segment_ids, eps):
+    def __call__(self, x, rope, *, positions, segment_ids, eps, cache=None, valid=None):
         cos, sin = rope
         h = layers.rms_norm(x, self.norm[...], eps)
 
@@ -99,10 +101,14 @@ class Attention(nnx.Module):
         q = layers.apply_rope(proj(self.q, self.q_bias, "BTD,DNH->BTNH"), cos, sin)
         k = layers.apply_rope(proj(self.k, self.k_bias, "BTD,DKH->BTKH"), cos, sin)
         v = proj(self.v, self.v_bias, "BTD,DKH->BTKH")
-        out, sink_mass = attn_lib.self_attention(q, k, v, self.sinks[...], positions=positions,
-                                                 segment_ids=segment_ids, window=self.window)
+        if cache is None:
+            out, sink_mass = attn_lib.self_attention(q, k, v, self.sinks[...], positions=positions,
+                                                     segment_ids=segment_ids, window=self.window)
+        else:
+            out, sink_mass, cache = cache_lib.update_and_attend(cache, q, k, v, self.sinks[...],
+                                                                positions=positions, valid=valid)
         o = jnp.einsum("BTNH,NHD->BTD", out, self.o[...], preferred_element_type=jnp.float32)
-        return (o + self.o_bias[...].astype(jnp.float32)).astype(x.dtype), sink_mass
+        return (o + self.o_bias[...].astype(jnp.float32)).astype(x.dtype), sink_mass, cache
 
 
 class MoE(nnx.Module):
@@ -153,17 +159,19 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, layer, dtype=dtype, keys=keys)
         self.mlp = MoE(cfg, dtype=dtype, experts=experts, keys=keys)
 
-    def __call__(self, x, rope, *, positions, segment_ids, eps, moe_impl=None, capture=False):
+    def __call__(self, x, rope, *, positions, segment_ids, eps, moe_impl=None, capture=False,
+                 cache=None, valid=None):
         with jax.named_scope("attention"):
-            a, sink_mass = self.attn(x, rope, positions=positions, segment_ids=segment_ids, eps=eps)
+            a, sink_mass, cache = self.attn(x, rope, positions=positions, segment_ids=segment_ids,
+                                            eps=eps, cache=cache, valid=valid)
         x_mid = x + a
         with jax.named_scope("moe"):
             m, routing = self.mlp(x_mid, eps=eps, impl=moe_impl)
         out = x_mid + m
         if not capture:
-            return out, None
+            return out, cache, None
         B, T = x.shape[:2]
-        return out, {
+        return out, cache, {
             "residual": x,  # the stream entering this layer
             "attn_out": a,
             "sink_mass": sink_mass,  # [B, T, N]
@@ -194,35 +202,52 @@ class GptOss(nnx.Module):
     def experts(self) -> str:
         return self.layers[0].mlp.experts
 
-    def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None, capture=False,
-                 logits_dtype=jnp.float32) -> ModelOutput:
+    def __call__(self, tokens, *, positions=None, segment_ids=None, cache: KVCache | None = None,
+                 capture=False, logits_at=None, logits_dtype=jnp.float32) -> ModelOutput:
+        """tokens [B, T] int.
+
+        positions: absolute positions [B, T]; default 0..T-1, or continuing from the cache.
+        segment_ids: [B, T] documents packed in a row attend only within themselves. With a cache,
+            a row holds one sequence and segment_ids == 0 marks right padding (not written).
+        cache: a `KVCache` (see `gptoss_jax.cache.init_cache`); the updated one is returned.
+        logits_at: [B] index per row; return logits [B, 1, V] of that token only (prefill).
+        """
         cfg = self.cfg
         tokens = _check_tokens(tokens, cfg.vocab_size)
         B, T = tokens.shape
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+            start = cache.lengths[:, None] if cache is not None else 0
+            positions = start + jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         if segment_ids is None:
             segment_ids = jnp.ones((B, T), jnp.int32)
         for name, arr in (("positions", positions), ("segment_ids", segment_ids)):
             if tuple(arr.shape) != (B, T):
                 raise ValueError(f"{name} must have the tokens' shape {(B, T)}, got {tuple(arr.shape)}")
-        if cache is not None:
-            raise NotImplementedError("KV-cached decoding arrives with gptoss_jax.cache")
+        valid = segment_ids != 0
+        if cache is not None and len(cache.layers) != cfg.num_layers:
+            raise ValueError(f"cache has {len(cache.layers)} layers, the model {cfg.num_layers}")
 
         with jax.named_scope("embed"):
             x = self.embed[...][tokens].astype(self.dtype)
         rope = layers.rope_cos_sin(positions, layers.rope_inv_freq(cfg), cfg.rope_concentration)
-        captured = []
+        captured, new_layers = [], []
         for i, block in enumerate(self.layers):
             with jax.named_scope(f"layer_{i}"):
-                x, inter = block(x, rope, positions=positions, segment_ids=segment_ids,
-                                 eps=cfg.rms_eps, moe_impl=self.moe_impl, capture=capture)
+                x, layer_cache, inter = block(
+                    x, rope, positions=positions, segment_ids=segment_ids, eps=cfg.rms_eps,
+                    moe_impl=self.moe_impl, capture=capture,
+                    cache=None if cache is None else cache.layers[i], valid=valid)
             captured.append(inter)
+            new_layers.append(layer_cache)
+        if cache is not None:
+            cache = KVCache(new_layers, cache.lengths + jnp.sum(valid, axis=1).astype(jnp.int32))
         with jax.named_scope("unembed"):
+            if logits_at is not None:
+                x = jnp.take_along_axis(x, jnp.asarray(logits_at)[:, None, None], axis=1)
             h = layers.rms_norm(x, self.norm[...], cfg.rms_eps)
             logits = jnp.einsum("BTD,VD->BTV", h, self.unembed[...],
                                 preferred_element_type=jnp.float32).astype(logits_dtype)
-        return ModelOutput(logits, None, captured if capture else None)
+        return ModelOutput(logits, cache, captured if capture else None)
 
 
 def _check_tokens(tokens, vocab_size: int):

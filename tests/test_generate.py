@@ -1,0 +1,129 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gptoss_jax as gj
+from gptoss_jax.cache import cache_bytes, init_cache
+from gptoss_jax.sampling import ASSISTANT_STOP_TOKENS, SamplingParams, generate, sample
+
+
+@pytest.fixture(scope="module")
+def model(original_dir):
+    return gj.load(original_dir, dtype="float32")
+
+
+def _rel(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def test_cached_decode_equals_full_forward(model, tiny_cfg):
+    # 3 rows with prompts of 11, 3 and 17 tokens, decoded one token at a time to 30 tokens:
+    # well past 2 windows (W = 8), so every ring buffer wraps several times.
+    T, prompts = 30, (11, 3, 17)
+    W = tiny_cfg.sliding_window
+    assert T > 2 * W
+    toks = np.random.default_rng(0).integers(0, tiny_cfg.vocab_size, (3, T))
+    full = np.asarray(model(toks).logits)
+    cache = init_cache(tiny_cfg, 3, T, jnp.float32)
+    P = max(prompts)
+    seg = (np.arange(P)[None] < np.array(prompts)[:, None]).astype(np.int32)
+    out = model(np.where(seg, toks[:, :P], 0), segment_ids=seg, cache=cache)
+    got = {(b, t): np.asarray(out.logits[b, t]) for b in range(3) for t in range(prompts[b])}
+    cache, pos = out.cache, list(prompts)
+    step = jax.jit(lambda m, t, s, c: m(t, segment_ids=s, cache=c))
+    while min(pos) < T:
+        live = np.array([p < T for p in pos])
+        t = np.array([[toks[b, min(pos[b], T - 1)]] for b in range(3)])
+        o = step(model, jnp.asarray(t), jnp.asarray(live[:, None].astype(np.int32)), cache)
+        cache = o.cache
+        for b in range(3):
+            if live[b]:
+                got[(b, pos[b])] = np.asarray(o.logits[b, 0])
+                pos[b] += 1
+    assert np.asarray(cache.lengths).tolist() == [T] * 3
+    ours = np.stack([np.stack([got[(b, t)] for t in range(T)]) for b in range(3)])
+    rel = _rel(ours, full)
+    print(f"cached decode vs full forward: {rel:.2e}")
+    assert rel <= 1e-5
+
+
+def test_chunked_prefill_equals_single_chunk(model, tiny_cfg):
+    toks = np.random.default_rng(1).integers(0, tiny_cfg.vocab_size, (1, 23))
+    full = np.asarray(model(toks).logits)
+    cache = init_cache(tiny_cfg, 1, 23, jnp.float32)
+    outs = []
+    for c in range(0, 23, 5):  # chunks of 5 < W = 8, last one partial
+        o = model(toks[:, c:c + 5], cache=cache)
+        cache = o.cache
+        outs.append(np.asarray(o.logits))
+    assert _rel(np.concatenate(outs, axis=1), full) <= 1e-5
+
+
+def test_greedy_generate_equals_repeated_full_forwards(model, tiny_cfg):
+    rng = np.random.default_rng(2)
+    prompts = [list(rng.integers(0, tiny_cfg.vocab_size, n)) for n in (13, 4, 9)]
+    n_new = 20
+    g = generate(model, None, prompts, max_new_tokens=n_new, temperature=0, stop_tokens=(),
+                 prefill_chunk=8)
+    assert g.stop_reason == ["length"] * 3
+    for b, p in enumerate(prompts):
+        seq = list(p)
+        for _ in range(n_new):
+            seq.append(int(np.argmax(np.asarray(model(np.array([seq])).logits[0, -1]))))
+        assert g.tokens[b] == seq[len(p):]
+
+
+def test_stop_tokens_and_streaming(model, tiny_cfg):
+    prompts = [[1, 2, 3], [7, 8, 9, 10, 11]]
+    free = generate(model, None, prompts, max_new_tokens=6, temperature=0, stop_tokens=())
+    stop_at = free.tokens[0][2]  # the third greedy token of row 0 becomes a stop token
+    streamed = {0: [], 1: []}
+    g = generate(model, None, prompts, max_new_tokens=6, temperature=0, stop_tokens=(stop_at,),
+                 stream=lambda row, toks: streamed[row].extend(toks))
+    first = free.tokens[0].index(stop_at)
+    assert g.tokens[0] == free.tokens[0][:first + 1] and g.stop_reason[0] == "stop"
+    assert streamed == {0: g.tokens[0], 1: g.tokens[1]}
+    # <|end|> (200007) ends analysis messages mid-turn: it must not stop an assistant turn
+    assert ASSISTANT_STOP_TOKENS == (200002, 200012)
+
+
+def test_sampling_rules():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    key = jax.random.key(0)
+    assert int(sample(logits, key, SamplingParams(temperature=0))[0]) == 0
+    assert int(sample(logits, key, SamplingParams(temperature=1.0, top_k=1))[0]) == 0
+    assert int(sample(logits, key, SamplingParams(temperature=1.0, top_p=0.4))[0]) == 0
+    draws = jax.vmap(lambda k: sample(logits, k, SamplingParams(temperature=1.0, top_p=0.8))[0])(
+        jax.random.split(key, 4000))
+    freq = np.bincount(np.asarray(draws), minlength=4) / 4000
+    # top_p=0.8 keeps {0.5, 0.3} (the mass before 0.15 is already 0.8): renormalised 0.625/0.375
+    np.testing.assert_allclose(freq, [0.625, 0.375, 0, 0], atol=0.03)
+    draws = jax.vmap(lambda k: sample(logits, k, SamplingParams(temperature=1.0))[0])(jax.random.split(key, 4000))
+    np.testing.assert_allclose(np.bincount(np.asarray(draws), minlength=4) / 4000, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+
+
+def test_seeded_sampling_is_reproducible(model):
+    a = generate(model, None, [[5, 6, 7]], max_new_tokens=8, temperature=1.0, seed=3, stop_tokens=())
+    b = generate(model, None, [[5, 6, 7]], max_new_tokens=8, temperature=1.0, seed=3, stop_tokens=())
+    assert a.tokens == b.tokens
+
+
+def test_generate_errors(model, tiny_cfg):
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        generate(model, None, [[1, 2, 10_000]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="exceeds the context"):
+        generate(model, None, [[1] * 10], max_new_tokens=tiny_cfg.max_position)
+    with pytest.raises(ValueError, match="empty"):
+        generate(model, None, [[]], max_new_tokens=2)
+
+
+def test_cache_memory_20b():
+    cfg = gj.gpt_oss_20b()
+    ours = cache_bytes(cfg, 1, 131072)
+    naive = cfg.num_layers * 2 * 131072 * cfg.num_kv_heads * cfg.head_dim * 2  # bf16 K and V
+    print(f"gpt-oss-20b KV cache at 131,072 tokens: {ours / 2**30:.3f} GiB (full-length on every layer: "
+          f"{naive / 2**30:.3f} GiB, ratio {ours / naive:.4f})")
+    assert 0.5 <= ours / naive < 0.51

@@ -24,11 +24,11 @@ def test_cached_decode_equals_full_forward(model, tiny_cfg):
     W = tiny_cfg.sliding_window
     assert T > 2 * W
     toks = np.random.default_rng(0).integers(0, tiny_cfg.vocab_size, (3, T))
-    full = np.asarray(model(toks).logits)
+    full = np.asarray(jax.jit(lambda m, t: m(t).logits)(model, toks))
     cache = init_cache(tiny_cfg, 3, T, jnp.float32)
     P = max(prompts)
     seg = (np.arange(P)[None] < np.array(prompts)[:, None]).astype(np.int32)
-    out = model(np.where(seg, toks[:, :P], 0), segment_ids=seg, cache=cache)
+    out = jax.jit(lambda m, t, s, c: m(t, segment_ids=s, cache=c))(model, np.where(seg, toks[:, :P], 0), seg, cache)
     got = {(b, t): np.asarray(out.logits[b, t]) for b in range(3) for t in range(prompts[b])}
     cache, pos = out.cache, list(prompts)
     step = jax.jit(lambda m, t, s, c: m(t, segment_ids=s, cache=c))
@@ -50,11 +50,12 @@ def test_cached_decode_equals_full_forward(model, tiny_cfg):
 
 def test_chunked_prefill_equals_single_chunk(model, tiny_cfg):
     toks = np.random.default_rng(1).integers(0, tiny_cfg.vocab_size, (1, 23))
-    full = np.asarray(model(toks).logits)
+    full = np.asarray(jax.jit(lambda m, t: m(t).logits)(model, toks))
     cache = init_cache(tiny_cfg, 1, 23, jnp.float32)
     outs = []
+    step = jax.jit(lambda m, t, c: m(t, cache=c))
     for c in range(0, 23, 5):  # chunks of 5 < W = 8, last one partial
-        o = model(toks[:, c:c + 5], cache=cache)
+        o = step(model, toks[:, c:c + 5], cache)
         cache = o.cache
         outs.append(np.asarray(o.logits))
     assert _rel(np.concatenate(outs, axis=1), full) <= 1e-5
@@ -67,10 +68,16 @@ def test_greedy_generate_equals_repeated_full_forwards(model, tiny_cfg):
     g = generate(model, None, prompts, max_new_tokens=n_new, temperature=0, stop_tokens=(),
                  prefill_chunk=8)
     assert g.stop_reason == ["length"] * 3
+    # Oracle: the full forward without a cache, re-run on the whole sequence for every new token.
+    # Padded to one length (causal: padding after the last token cannot change its logits) so
+    # that one compilation serves every step.
+    L = max(map(len, prompts)) + n_new
+    full = jax.jit(lambda m, t, i: m(t, logits_at=i).logits[:, 0])
     for b, p in enumerate(prompts):
         seq = list(p)
         for _ in range(n_new):
-            seq.append(int(np.argmax(np.asarray(model(np.array([seq])).logits[0, -1]))))
+            padded = np.array([seq + [0] * (L - len(seq))])
+            seq.append(int(np.argmax(np.asarray(full(model, padded, np.array([len(seq) - 1]))[0]))))
         assert g.tokens[b] == seq[len(p):]
 
 

@@ -134,6 +134,15 @@ def original_rules(cfg: ModelConfig, experts: str) -> list[Rule]:
     return rules
 
 
+NATIVE_FORMAT_KEY = "gptoss_jax_format"
+
+
+def native_rules(state) -> list[Rule]:
+    """This package's own layout: one tensor per variable, named by its path, stored in the layout
+    and dtype the model uses, so loading is a memory map and a device transfer."""
+    return [Rule(p, (".".join(map(str, p)),), _same, _same) for p, _ in nnx.to_flat_state(state)]
+
+
 def _expert_rules(m, experts, packed_on_disk, *, packed, dense) -> list[Rule]:
     (w1b, w1s), (w2b, w2s) = packed
     if packed_on_disk and experts == "mxfp4":  # bytes copied as they are
@@ -151,7 +160,7 @@ def _expert_rules(m, experts, packed_on_disk, *, packed, dense) -> list[Rule]:
 # ------------------------------------------------------------------------------------ discovery
 @dataclasses.dataclass(frozen=True)
 class CheckpointFiles:
-    layout: str  # "hf" or "original"
+    layout: str  # "hf", "original" or "native"
     root: str  # folder holding config.json and the tensors
     files: tuple[str, ...]
 
@@ -168,9 +177,11 @@ def find_checkpoint(path: str | os.PathLike) -> CheckpointFiles:
             continue
         with open(cfg_file) as f:
             try:
-                is_hf = "model_type" in json.load(f)
+                cfg_json = json.load(f)
             except json.JSONDecodeError as e:
                 raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from None
+        layout = ("native" if NATIVE_FORMAT_KEY in cfg_json else
+                  "hf" if "model_type" in cfg_json else "original")
         index = os.path.join(root, "model.safetensors.index.json")
         if os.path.isfile(index):
             with open(index) as f:
@@ -186,7 +197,7 @@ def find_checkpoint(path: str | os.PathLike) -> CheckpointFiles:
             files = sorted(glob.glob(os.path.join(root, "*.safetensors")))
         if not files:
             raise CheckpointError(f"{root} has config.json but no *.safetensors files")
-        return CheckpointFiles("hf" if is_hf else "original", root, tuple(files))
+        return CheckpointFiles(layout, root, tuple(files))
     raise CheckpointError(f"{path} holds neither config.json nor original/config.json")
 
 
@@ -214,15 +225,26 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", experts: str | None = Non
         raise CheckpointError(str(e)) from None
     if ck.layout == "hf":
         packed_on_disk = any(k.endswith("gate_up_proj_blocks") for k in where)
+    elif ck.layout == "native":
+        packed_on_disk = any(k.endswith("w1_blocks") for k in where)
     else:
         packed_on_disk = True
-    experts = experts or ("mxfp4" if packed_on_disk else "dense")
+    stored = "mxfp4" if packed_on_disk else "dense"
+    experts = experts or stored
     if experts not in EXPERT_FORMATS:
         raise ValueError(f"experts must be one of {EXPERT_FORMATS}, got {experts!r}")
-    rules = hf_rules(cfg, experts, packed_on_disk) if ck.layout == "hf" else original_rules(cfg, experts)
+    if ck.layout == "native" and experts != stored:
+        raise CheckpointError(f"{ck.root} stores {stored} experts; the native layout loads them as stored "
+                              "(convert through the HF layout to change the expert format)")
     dtype = jnp.dtype(dtype)
     model = abstract(cfg, dtype=dtype, experts=experts)
     graphdef, state = nnx.split(model)
+    if ck.layout == "hf":
+        rules = hf_rules(cfg, experts, packed_on_disk)
+    elif ck.layout == "native":
+        rules = native_rules(state)
+    else:
+        rules = original_rules(cfg, experts)
     flat = dict(nnx.to_flat_state(state))
     by_path = {r.path: r for r in rules}
 
@@ -315,6 +337,23 @@ def save_hf(model: GptOss, path: str | os.PathLike, *, dtype="bfloat16",
                                        "model.embed_tokens", "lm_head"]}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf_cfg, f, indent=2)
+    _write_shards(tensors, path, max_shard_bytes)
+
+
+def save_native(model: GptOss, path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write this package's own layout: variables as they are (same dtypes, same layouts), so
+    `load` only memory-maps and transfers. config.json is the HF config plus a format marker."""
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    tensors = {".".join(map(str, p)): np.asarray(jax.device_get(v.get_value()))
+               for p, v in nnx.to_flat_state(nnx.state(model))}
+    cfg_json = dict(model.cfg.to_hf_dict(), **{NATIVE_FORMAT_KEY: 1, "experts": model.experts})
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg_json, f, indent=2)
+    _write_shards(tensors, path, max_shard_bytes)
+
+
+def _write_shards(tensors: dict[str, np.ndarray], path: str, max_shard_bytes: int) -> None:
     shards, current, size = [], {}, 0
     for key in sorted(tensors):
         nbytes = tensors[key].nbytes

@@ -3,7 +3,9 @@
   gptoss demo     build a small random gpt-oss, write it as an HF checkpoint, load it back and
                   show what the model does (routing, sinks, windows) -- the README's first command
   gptoss info     parameter counts and stored bytes of the presets (no memory needed)
-  gptoss convert  any supported checkpoint (HF or original/) -> HF hub layout
+  gptoss convert  any supported checkpoint (HF, original/, native) -> native (fast) or HF layout
+  gptoss generate one harmony turn from --prompt or --conversation, streamed
+  gptoss chat     interactive harmony chat; analysis of finished turns is dropped from history
 """
 
 from __future__ import annotations
@@ -45,8 +47,137 @@ def cmd_convert(args) -> int:
     import gptoss_jax as gj
 
     model = gj.load(args.src, dtype=args.dtype, experts=args.experts, progress=True)
-    gj.save_hf(model, args.dst, dtype=args.dtype)
-    print(f"wrote {args.dst} ({model.experts} experts)")
+    if args.to == "native":
+        gj.save_native(model, args.dst)
+    else:
+        gj.save_hf(model, args.dst, dtype=args.dtype)
+    _copy_tokenizer(args.src, args.dst)
+    print(f"wrote {args.dst} ({args.to} layout, {model.experts} experts)")
+    return 0
+
+
+def _copy_tokenizer(src: str, dst: str) -> None:
+    import shutil
+
+    for folder in (src, os.path.dirname(os.path.abspath(src))):
+        path = os.path.join(folder, "tokenizer.json")
+        if os.path.isfile(path):
+            shutil.copy(path, os.path.join(dst, "tokenizer.json"))
+            return
+
+
+# ------------------------------------------------------------------------------ talking to it
+def _load_for_chat(args):
+    import gptoss_jax as gj
+
+    model = gj.load(args.checkpoint, dtype=args.dtype)
+    tokenizer = gj.load_tokenizer(args.tokenizer or args.checkpoint)
+    return model, tokenizer
+
+
+def _sampling_kwargs(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, seed=args.seed)
+
+
+def _reply(model, tokenizer, conversation, args, out=None):
+    """Generate one assistant turn, streaming the final channel (and analysis if asked) to `out`;
+    returns the parsed messages."""
+    from gptoss_jax import harmony
+    from gptoss_jax.sampling import generate
+
+    out = out or sys.stdout
+    prompt = harmony.render_for_completion(conversation, tokenizer)
+    parser = harmony.StreamParser(tokenizer, role="assistant")
+    shown = {"printed": 0, "channel": None}
+
+    def visible(channel):
+        return channel in ("final", None) or (args.show_analysis and channel in ("analysis", "commentary"))
+
+    def completed(msg):
+        text = msg["content"][0]["text"] if msg.get("content") else ""
+        if msg.get("malformed"):  # never hide what the model wrote, even when it broke the format
+            out.write(f"{text[shown['printed']:]}\n[not valid harmony: {msg['malformed']}]\n")
+        elif visible(msg.get("channel")):
+            out.write(text[shown["printed"]:] + "\n")
+        shown["printed"] = 0
+
+    def on_tokens(_row, toks):
+        for t in toks:
+            for msg in parser.feed(t):
+                completed(msg)
+            cur = parser.current
+            if cur and cur["state"] == "content" and visible(cur["channel"]):
+                if shown["printed"] == 0 and cur["channel"] != "final":
+                    out.write(f"[{cur['channel']}] ")
+                out.write(cur["content"][shown["printed"]:])
+                shown["printed"] = len(cur["content"])
+        out.flush()
+
+    gen = generate(model, tokenizer, [prompt], stream=on_tokens, **_sampling_kwargs(args))
+    for msg in parser.finish():
+        completed(msg)
+    messages = parser.messages
+    if gen.stop_reason[0] == "length":
+        out.write("\n[stopped at --max-new-tokens]\n")
+    return messages
+
+
+def _conversation_start(args) -> list[dict]:
+    from gptoss_jax import harmony
+
+    msgs = [harmony.system_message(reasoning_effort=args.reasoning_effort)]
+    if args.developer:
+        msgs.append(harmony.developer_message(args.developer))
+    return msgs
+
+
+def cmd_generate(args) -> int:
+    import json
+
+    from gptoss_jax import harmony
+    from gptoss_jax.sampling import generate
+
+    if (args.prompt is None) == (args.conversation is None):
+        raise ValueError("give exactly one of --prompt or --conversation")
+    model, tokenizer = _load_for_chat(args)
+    if args.raw:
+        if args.prompt is None:
+            raise ValueError("--raw needs --prompt (plain text, no chat format)")
+        gen = generate(model, tokenizer, [args.prompt], stop_tokens=(tokenizer.token_id("<|endoftext|>"),),
+                       stream=lambda _r, t: print(tokenizer.decode(t), end="", flush=True),
+                       **_sampling_kwargs(args))
+        print()
+        return 0
+    if args.conversation:
+        with open(args.conversation) as f:
+            data = json.load(f)
+        conversation = harmony.normalize_conversation(data)
+    else:
+        conversation = _conversation_start(args) + [harmony.user(args.prompt)]
+    _reply(model, tokenizer, conversation, args)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from gptoss_jax import harmony
+
+    model, tokenizer = _load_for_chat(args)
+    history = _conversation_start(args)
+    print("chat: an empty line or /exit quits, /reset clears the history", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if line.strip() in ("", "/exit"):
+            break
+        if line.strip() == "/reset":
+            history = _conversation_start(args)
+            continue
+        history.append(harmony.user(line))
+        # earlier analysis is dropped on the next render, as the format says (auto_drop_analysis)
+        history.extend(m for m in _reply(model, tokenizer, history, args) if not m.get("malformed"))
     return 0
 
 
@@ -121,15 +252,52 @@ def main(argv=None) -> int:
     p = sub.add_parser("info", help="parameter counts and bytes of the released models")
     p.add_argument("--preset", choices=["20b", "120b"])
     p.set_defaults(fn=cmd_info)
-    p = sub.add_parser("convert", help="convert a checkpoint to the HF hub layout")
+    p = sub.add_parser("convert", help="convert a checkpoint (HF, original/ or native) to the native or HF layout")
     p.add_argument("src")
     p.add_argument("dst")
+    p.add_argument("--to", choices=["native", "hf"], default="native",
+                   help="native: this package's fast-loading layout (default); hf: the HF hub layout")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--experts", choices=["mxfp4", "dense"], default=None,
                    help="default: as stored; 'dense' dequantizes packed experts")
     p.set_defaults(fn=cmd_convert)
+    for name, fn, helptext in (("generate", cmd_generate, "answer one prompt or conversation file in harmony format"),
+                               ("chat", cmd_chat, "interactive chat in harmony format")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("checkpoint", help="checkpoint folder (HF, original/ or native)")
+        if name == "generate":
+            p.add_argument("--prompt", help="the user message (or raw text with --raw)")
+            p.add_argument("--conversation", help="JSON file: openai-harmony messages, rendered for the next assistant turn")
+            p.add_argument("--raw", action="store_true", help="plain text completion, no chat format")
+        p.add_argument("--developer", help="developer instructions")
+        p.add_argument("--reasoning-effort", choices=["low", "medium", "high"], default="medium")
+        p.add_argument("--show-analysis", action="store_true", help="also print the analysis channel")
+        p.add_argument("--max-new-tokens", type=int, default=512)
+        p.add_argument("--temperature", type=float, default=1.0)
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--top-k", type=int, default=0)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--dtype", default="bfloat16")
+        p.add_argument("--tokenizer", help="tokenizer.json or 'o200k_harmony' (default: the checkpoint's, else o200k_harmony)")
+        p.set_defaults(fn=fn)
     args = parser.parse_args(argv)
-    return args.fn(args)
+    return _run(args)
+
+
+def _run(args) -> int:
+    """User errors (bad path, bad checkpoint, prompt too long, bad ids) are one line on stderr."""
+    from gptoss_jax.checkpoint import CheckpointError
+    from gptoss_jax.config import ConfigError
+    from gptoss_jax.safetensors_io import SafetensorsError
+    from gptoss_jax.tokenizer import TokenizerError
+
+    try:
+        return args.fn(args)
+    except (CheckpointError, ConfigError, SafetensorsError, TokenizerError, ValueError, OSError) as e:
+        print(f"gptoss {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -21,8 +21,7 @@ import numpy as np
 from flax import nnx
 
 from gptoss_jax.cache import KVCache, init_cache
-
-ASSISTANT_STOP_TOKENS = (200002, 200012)  # <|return|>, <|call|>
+from gptoss_jax.harmony import STOP_TOKENS_ASSISTANT as ASSISTANT_STOP_TOKENS  # <|return|>, <|call|>
 
 
 @dataclasses.dataclass(frozen=True)

@@ -230,12 +230,15 @@ def cmd_demo(args) -> int:
         kind = "sliding" if cfg.is_sliding(i) else "full"
         print(f"   {i:5d}  {kind:8s} {float(layer['sink_mass'].mean()):14.3f}  {entropy:14.3f}  {load.tolist()}")
 
-    print("\n== 5. greedy continuation of document 2 (full recompute; cached decoding comes with the cache)")
-    seq = [int(t) for t in np.asarray(tokens[0, lens[0]:])]
-    step = jax.jit(lambda m, t: m(t).logits[0, -1])
-    for _ in range(args.new_tokens):
-        seq.append(int(jnp.argmax(step(loaded, jnp.asarray(seq)[None]))))
-    print(f"   prompt {seq[:lens[1]][:8]}... -> new tokens {seq[lens[1]:]}")
+    print("\n== 5. generate: both documents as a batch of prompts of different lengths, KV-cached")
+    from gptoss_jax.cache import cache_bytes
+    prompts = [[int(t) for t in np.asarray(tokens[0, :lens[0]])], [int(t) for t in np.asarray(tokens[0, lens[0]:])]]
+    gen = gj.generate(loaded, None, prompts, max_new_tokens=args.new_tokens, temperature=0, stop_tokens=())
+    for i, (p, new) in enumerate(zip(prompts, gen.tokens)):
+        print(f"   prompt {i}: {len(p)} tokens -> greedy {new}")
+    print(f"   the cache keeps {cfg.sliding_window} slots on sliding layers and the full length on full "
+          f"layers: {cache_bytes(cfg, 2, max(lens) + args.new_tokens):,} bytes here; for gpt-oss-20b at "
+          f"131,072 tokens {cache_bytes(gj.gpt_oss_20b(), 1, 131072) / 2**30:.2f} GiB per sequence (bf16)")
     print(f"\ndone in {time.time() - t0:.1f}s; the checkpoint is in {ck}")
     return 0
 

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Sequence
 
 import jax
@@ -66,6 +67,9 @@ class Generation:
     prompt_lengths: list[int]
 
 
+# Cached on (graphdef, ...) so that every generate() call with the same model structure and
+# sampling settings reuses one compilation.
+@functools.lru_cache(maxsize=16)
 def _prefill_fn(graphdef):
     @jax.jit
     def prefill(state, cache: KVCache, tokens, n_valid, last_logits):
@@ -80,6 +84,7 @@ def _prefill_fn(graphdef):
     return prefill
 
 
+@functools.lru_cache(maxsize=16)
 def _decode_fn(graphdef, params: SamplingParams, stop_ids: tuple[int, ...], block: int):
     stop = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
 

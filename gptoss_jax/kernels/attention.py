@@ -1,0 +1,148 @@
+"""Attention kernels: one entry point, the block-sparsity map, and the reference they must match.
+
+    attention(q, k, v, sinks, *, sliding_window=None, segment_ids=None, sm_scale=None,
+              implementation="xla", interpret=False, block_sizes=None)
+
+q [B, T, N, H], k/v [B, T, K, H] (self-attention, token i at position i within its row), sinks [N]
+fp32, segment_ids [B, T] int32. Key j is visible from query i iff j <= i, i - j < W (sliding) and
+both tokens share a segment. Within a segment, index differences equal position differences, so
+this is the model's position-based mask for packed and padded batches.
+
+`implementation`: "xla" (the chunked O(T*W) XLA path of `gptoss_jax.attention`, also the CPU
+default), "pallas_gpu" (Pallas on Triton), "pallas_tpu" (Pallas on Mosaic TPU).
+
+Block sparsity is data computed at trace time (`attention_block_map`): for each query block, the
+KV blocks it must visit, each marked FULL (every pair visible by position: no mask needed) or
+PARTIAL (needs the mask). A sliding layer with block_q == block_k visits at most
+ceil((W-1)/block_k) + 1 KV blocks per query block instead of all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptoss_jax import attention as xla_attention
+
+IMPLEMENTATIONS = ("xla", "pallas_gpu", "pallas_tpu")
+SKIP, PARTIAL, FULL = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    block_q: int = 128  # query tokens per tile
+    block_k: int = 128  # key tokens per tile
+
+    def __post_init__(self):
+        for name in ("block_q", "block_k"):
+            v = getattr(self, name)
+            if v <= 0:
+                raise ValueError(f"{name} must be positive, got {v}")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockMap:
+    """kv_index[i, n] is the n-th KV block query block i visits (n < num_visits[i]; padding
+    entries repeat the last visited block so that pipelined loads stay in bounds), kind[i, n] is
+    FULL, PARTIAL or SKIP (padding)."""
+
+    kv_index: np.ndarray  # [num_q_blocks, max_visits] int32
+    kind: np.ndarray  # [num_q_blocks, max_visits] int32
+    num_visits: np.ndarray  # [num_q_blocks] int32
+    block_q: int
+    block_k: int
+
+    @property
+    def total_visits(self) -> int:
+        return int(self.num_visits.sum())
+
+
+def attention_block_map(T: int, *, block_q: int, block_k: int, sliding_window: int | None = None,
+                        S: int | None = None) -> BlockMap:
+    """Which KV blocks each query block visits under the causal (+ window) mask, from positions
+    alone; segment masks are data and are applied inside PARTIAL and FULL tiles alike."""
+    S = T if S is None else S
+    nq, nk = math.ceil(T / block_q), math.ceil(S / block_k)
+    rows = []
+    for i in range(nq):
+        q0, q1 = i * block_q, min((i + 1) * block_q, T) - 1  # first/last query in the block
+        visits = []
+        for j in range(nk):
+            k0, k1 = j * block_k, min((j + 1) * block_k, S) - 1
+            if k0 > q1:  # entirely in the future of every query
+                continue
+            if sliding_window is not None and k1 <= q0 - sliding_window:  # entirely out of every window
+                continue
+            full = k1 <= q0 and (sliding_window is None or q1 - k0 < sliding_window)
+            full = full and (j + 1) * block_k <= S  # keys past the end need the mask (padded queries are discarded)
+            visits.append((j, FULL if full else PARTIAL))
+        rows.append(visits)
+    width = max(1, max(len(r) for r in rows))
+    kv_index = np.zeros((nq, width), np.int32)
+    kind = np.full((nq, width), SKIP, np.int32)
+    for i, visits in enumerate(rows):
+        for n, (j, kd) in enumerate(visits):
+            kv_index[i, n], kind[i, n] = j, kd
+        if visits:
+            kv_index[i, len(visits):] = visits[-1][0]
+    return BlockMap(kv_index, kind, np.array([len(r) for r in rows], np.int32), block_q, block_k)
+
+
+def attention_reference(q, k, v, sinks, *, sliding_window=None, segment_ids=None, sm_scale=None):
+    """The obvious [T, T] computation in fp32 (returns q's dtype)."""
+    B, T = q.shape[:2]
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids
+    mask = xla_attention.attention_mask(pos, pos, seg, seg, window=sliding_window)
+    out, _ = xla_attention.attend(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                                  sinks, mask, scale=sm_scale)
+    return out.astype(q.dtype)
+
+
+def default_implementation() -> str:
+    platform = jax.default_backend()
+    return {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform, "xla")
+
+
+def _check(q, k, v, sinks, segment_ids):
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+        raise ValueError(f"need q [B,T,N,H] and k/v [B,T,K,H]; got q{q.shape} k{k.shape} v{v.shape}")
+    B, T, N, H = q.shape
+    if k.shape[0] != B or k.shape[1] != T or k.shape[3] != H or N % k.shape[2]:
+        raise ValueError(f"k/v {k.shape} do not fit q {q.shape} (self-attention, N divisible by K)")
+    if sinks.shape != (N,):
+        raise ValueError(f"sinks must have shape ({N},), got {sinks.shape}")
+    if segment_ids is not None and segment_ids.shape != (B, T):
+        raise ValueError(f"segment_ids must have shape ({B}, {T}), got {segment_ids.shape}")
+
+
+def attention(q, k, v, sinks, *, sliding_window: int | None = None, segment_ids=None, sm_scale=None,
+              implementation: str | None = None, interpret: bool = False,
+              block_sizes: BlockSizes | None = None):
+    """Self-attention with sinks; see the module docstring. Differentiable in q, k, v and sinks."""
+    _check(q, k, v, sinks, segment_ids)
+    implementation = implementation or default_implementation()
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {implementation!r}; choose from {IMPLEMENTATIONS}")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+    if implementation == "xla":
+        B, T = q.shape[:2]
+        pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids
+        if sm_scale is not None:  # the XLA path scales by 1/sqrt(H); fold any other scale into q
+            q = (q.astype(jnp.float32) * (sm_scale * math.sqrt(q.shape[-1]))).astype(q.dtype)
+        out, _ = xla_attention.self_attention(q, k, v, sinks, positions=pos, segment_ids=seg,
+                                              window=sliding_window)
+        return out
+    if implementation == "pallas_gpu":
+        from gptoss_jax.kernels import attention_gpu
+        return attention_gpu.attention(q, k, v, sinks, sliding_window=sliding_window, segment_ids=segment_ids,
+                                       sm_scale=sm_scale, interpret=interpret, block_sizes=block_sizes)
+    from gptoss_jax.kernels import attention_tpu
+    return attention_tpu.attention(q, k, v, sinks, sliding_window=sliding_window, segment_ids=segment_ids,
+                                   sm_scale=sm_scale, interpret=interpret, block_sizes=block_sizes)

@@ -9,12 +9,14 @@ Expert weights come in two layouts, both pytrees that flow through the same func
 - MXFP4:  `MXFP4` with logical shapes [E, 2F, D] and [E, D, F]  (the checkpoint's [out, in]); it
   is decoded inside the jitted function, where the transpose fuses into the decode.
 
-Three implementations compute the same function:
+Four implementations compute the same function:
 - `moe_dense_reference`: every expert on every token, then a gather. Obvious; for tests.
 - `moe_ragged`: tokens sorted by expert, `jax.lax.ragged_dot` over the groups (GPU/TPU path).
 - `moe_buckets`: tokens sorted by expert into per-expert buckets of one static capacity and one
   batched einsum. XLA:CPU runs ragged_dot very slowly; this is the CPU path. It is dropless: the
   capacity is the smallest of a few static sizes that holds the largest group (`lax.switch`).
+- `moe_gather`: each (token, slot) gathers its expert's weights (decoding packed ones after the
+  gather). Chosen automatically when 2*T*k <= E, i.e. for decode steps.
 """
 
 from __future__ import annotations
@@ -143,17 +145,41 @@ def moe_buckets(x, ew: ExpertWeights, routing: Routing, *, alpha, limit):
     return _combine(y, srt, routing, dt)
 
 
-MOE_IMPLS = {"dense": moe_dense_reference, "ragged": moe_ragged, "buckets": moe_buckets}
+def _take_experts(w, ids):
+    """The weights of the experts `ids` [n] as a dense [n, in, out] (packed ones decoded after the
+    gather, so only n experts are ever decoded)."""
+    if isinstance(w, MXFP4):
+        return MXFP4(w.blocks[ids], w.scales[ids])
+    return w[ids]
 
 
-def default_moe_impl() -> str:
+def moe_gather(x, ew: ExpertWeights, routing: Routing, *, alpha, limit):
+    """Gather each (token, slot)'s expert weights and run them as a batch. For decoding, where
+    T*k is far below E, this reads k experts per token instead of all E."""
+    dt = x.dtype
+    T, k = routing.ids.shape
+    ids = routing.ids.reshape(-1)
+    w1, w2 = in_out(_take_experts(ew.w1, ids), dt), in_out(_take_experts(ew.w2, ids), dt)
+    mm = lambda a, w: jnp.einsum("RI,RIO->RO", a, w, preferred_element_type=jnp.float32)
+    xs = jnp.repeat(x, k, axis=0)  # row r = token r // k, slot r % k
+    y = _expert_mlp(xs, w1, ew.b1[ids], w2, ew.b2[ids], alpha=alpha, limit=limit, matmul=mm)
+    return jnp.einsum("TkD,Tk->TD", y.reshape(T, k, -1), routing.weights).astype(dt)
+
+
+MOE_IMPLS = {"dense": moe_dense_reference, "ragged": moe_ragged, "buckets": moe_buckets,
+             "gather": moe_gather}
+
+
+def default_moe_impl(num_tokens: int | None = None, k: int = 1, num_experts: int | None = None) -> str:
+    if num_tokens is not None and num_experts is not None and 2 * num_tokens * k <= num_experts:
+        return "gather"  # decode-sized batches: touch only the chosen experts
     return "buckets" if jax.default_backend() == "cpu" else "ragged"
 
 
 def moe(x, router_w, router_b, ew: ExpertWeights, *, k: int, alpha: float, limit: float,
         impl: str | None = None):
     """x [T, D] -> (out [T, D], routing)."""
-    impl = impl or default_moe_impl()
+    impl = impl or default_moe_impl(x.shape[0], k, router_b.shape[0])
     if impl not in MOE_IMPLS:
         raise ValueError(f"unknown MoE implementation {impl!r}; choose one of {sorted(MOE_IMPLS)}")
     routing = route(x, router_w, router_b, k)

@@ -48,7 +48,7 @@ def _reference(x, dense, b1, b2, router, rb):
 
 
 @pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("impl", ["dense", "ragged", "buckets"])
+@pytest.mark.parametrize("impl", ["dense", "ragged", "buckets", "gather"])
 def test_moe_matches_openai_mlp_block(impl, packed):
     ew, dense, router, rb = _weights(0, packed)
     x = np.random.default_rng(1).normal(size=(50, D)).astype(np.float32)

@@ -30,7 +30,7 @@ from flax import nnx
 
 from gptoss_jax import mxfp4
 from gptoss_jax.config import ModelConfig
-from gptoss_jax.model import EXPERT_FORMATS, GptOss, PackedWeight, abstract
+from gptoss_jax.model import EXPERT_FORMATS, GptOss, KernelOptions, PackedWeight, abstract
 from gptoss_jax.safetensors_io import SafetensorsError, open_all, save_file
 
 
@@ -211,7 +211,7 @@ def _target_dtype(var, dtype):
 
 
 def load(path: str | os.PathLike, *, dtype="bfloat16", experts: str | None = None, mesh=None,
-         moe_impl: str | None = None, progress: bool = False) -> GptOss:
+         moe_impl: str | None = None, kernel: KernelOptions | None = None, progress: bool = False) -> GptOss:
     """Build a `GptOss` from a checkpoint directory (HF hub layout or `original/`).
 
     experts: "mxfp4" keeps packed experts packed (default when the checkpoint is packed), "dense"
@@ -284,11 +284,8 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", experts: str | None = Non
         value = np.asarray(value).astype(_target_dtype(var, dtype), copy=False)
         target = shardings[p] if shardings is not None else None
         var.set_value(jax.device_put(value, target))
-    return nnx.merge(graphdef, state) if moe_impl is None else _with_moe_impl(nnx.merge(graphdef, state), moe_impl)
-
-
-def _with_moe_impl(model: GptOss, impl: str) -> GptOss:
-    model.moe_impl = impl
+    model = nnx.merge(graphdef, state)
+    model.kernel = kernel or KernelOptions(moe_impl=moe_impl)
     return model
 
 

@@ -90,7 +90,8 @@ class Attention(nnx.Module):
         # Stored fp32 (an exact upcast of the bf16 checkpoint values), as every reference does.
         self.sinks = _declare(keys, (N,), ("q_heads",), jnp.float32, _zeros)
 
-    def __call__(self, x, rope, *, positions, segment_ids, eps, cache=None, valid=None):
+    def __call__(self, x, rope, *, positions, segment_ids, eps, cache=None, valid=None,
+                 kernel=None, capture=False):
         cos, sin = rope
         h = layers.rms_norm(x, self.norm[...], eps)
 
@@ -101,7 +102,15 @@ class Attention(nnx.Module):
         q = layers.apply_rope(proj(self.q, self.q_bias, "BTD,DNH->BTNH"), cos, sin)
         k = layers.apply_rope(proj(self.k, self.k_bias, "BTD,DKH->BTKH"), cos, sin)
         v = proj(self.v, self.v_bias, "BTD,DKH->BTKH")
-        if cache is None:
+        if cache is None and kernel is not None and kernel.attention_impl not in (None, "xla") and not capture:
+            # The kernels mask by index within segments: equal to the position mask for packed or
+            # padded rows. They do not report the sink mass, so capture=True stays on XLA.
+            from gptoss_jax import kernels
+            out = kernels.attention(q, k, v, self.sinks[...], sliding_window=self.window,
+                                    segment_ids=segment_ids, implementation=kernel.attention_impl,
+                                    interpret=kernel.interpret)
+            sink_mass = None
+        elif cache is None:
             out, sink_mass = attn_lib.self_attention(q, k, v, self.sinks[...], positions=positions,
                                                      segment_ids=segment_ids, window=self.window)
         else:
@@ -159,14 +168,15 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, layer, dtype=dtype, keys=keys)
         self.mlp = MoE(cfg, dtype=dtype, experts=experts, keys=keys)
 
-    def __call__(self, x, rope, *, positions, segment_ids, eps, moe_impl=None, capture=False,
+    def __call__(self, x, rope, *, positions, segment_ids, eps, kernel: "KernelOptions", capture=False,
                  cache=None, valid=None):
         with jax.named_scope("attention"):
             a, sink_mass, cache = self.attn(x, rope, positions=positions, segment_ids=segment_ids,
-                                            eps=eps, cache=cache, valid=valid)
+                                            eps=eps, cache=cache, valid=valid, kernel=kernel,
+                                            capture=capture)
         x_mid = x + a
         with jax.named_scope("moe"):
-            m, routing = self.mlp(x_mid, eps=eps, impl=moe_impl)
+            m, routing = self.mlp(x_mid, eps=eps, impl=kernel.moe_impl)
         out = x_mid + m
         if not capture:
             return out, cache, None
@@ -181,16 +191,30 @@ class Block(nnx.Module):
         }
 
 
+@dataclasses.dataclass(frozen=True)
+class KernelOptions:
+    """How the math runs (not what it computes): implementation choices, all numerically equal.
+
+    moe_impl: "ragged" | "buckets" | "gather" | "dense"; None picks by platform and batch size.
+    attention_impl: "xla" | "pallas_gpu" | "pallas_tpu"; None = XLA (the Pallas kernels are
+        opt-in until they have run on hardware; see gptoss_jax.kernels).
+    interpret: run Pallas kernels in interpret mode (CPU testing)."""
+
+    moe_impl: str | None = None
+    attention_impl: str | None = None
+    interpret: bool = False
+
+
 class GptOss(nnx.Module):
     """The gpt-oss decoder. `dtype` is the parameter and activation dtype (bf16 by default; fp32 is
     the parity mode); norm gains and sinks are always fp32. `experts` picks packed MXFP4 or dense
     expert weights."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.bfloat16, experts: str = "mxfp4",
-                 moe_impl: str | None = None):
+                 moe_impl: str | None = None, kernel: KernelOptions | None = None):
         self.cfg = cfg
         self.dtype = jnp.dtype(dtype)
-        self.moe_impl = moe_impl
+        self.kernel = kernel or KernelOptions(moe_impl=moe_impl)
         keys = _Keys(rngs.params())
         self.embed = _declare(keys, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), dtype, _normal())
         self.layers = nnx.List([Block(cfg, i, dtype=dtype, experts=experts, keys=keys)
@@ -235,7 +259,7 @@ class GptOss(nnx.Module):
             with jax.named_scope(f"layer_{i}"):
                 x, layer_cache, inter = block(
                     x, rope, positions=positions, segment_ids=segment_ids, eps=cfg.rms_eps,
-                    moe_impl=self.moe_impl, capture=capture,
+                    kernel=self.kernel, capture=capture,
                     cache=None if cache is None else cache.layers[i], valid=valid)
             captured.append(inter)
             new_layers.append(layer_cache)

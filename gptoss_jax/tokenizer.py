@@ -130,6 +130,11 @@ def _byte_to_unicode() -> dict[int, str]:
     return table
 
 
+@functools.lru_cache(maxsize=1)
+def _unicode_to_byte() -> dict[str, int]:
+    return {c: b for b, c in _byte_to_unicode().items()}
+
+
 def build_o200k_harmony_json() -> str:
     """The o200k_harmony tokenizer as HF tokenizers JSON (slow: about 10 s; cached by the caller)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -175,6 +180,7 @@ class Tokenizer:
         self.name = name
         self.hf.encode_special_tokens = True  # special-token text in input is ordinary text
         self._specials = {t.content: i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
+        self._bytes_cache: dict[int, bytes] = {}
 
     @property
     def vocab_size(self) -> int:
@@ -188,6 +194,21 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes of one token, a partial UTF-8 character included (`decode` would turn
+        it into U+FFFD); streaming decoders join these with an incremental UTF-8 decoder."""
+        token_id = int(token_id)
+        cached = self._bytes_cache.get(token_id)
+        if cached is None:
+            piece = None if self.is_special(token_id) else self.hf.id_to_token(token_id)
+            to_byte = _unicode_to_byte()
+            if piece is not None and all(c in to_byte for c in piece):
+                cached = bytes(to_byte[c] for c in piece)
+            else:  # special tokens, or a tokenizer that is not byte-level
+                cached = self.decode([token_id]).encode("utf-8")
+            self._bytes_cache[token_id] = cached
+        return cached
 
     def token_id(self, special: str) -> int:
         """Id of a special token by name, e.g. "<|start|>"."""

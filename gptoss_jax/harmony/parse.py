@@ -21,40 +21,7 @@ from .messages import (CALL, CHANNEL, CONSTRAIN, DEFAULT_CHANNELS, END, KNOWN_NA
                        ROLES, START, _plain)
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """Byte-level BPE's printable stand-in for each byte (the GPT-2 table)."""
-    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
-    table, shift = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + shift)
-            shift += 1
-    return table
-
-
-_UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
 _ASCII_WS = re.compile(r"[ \t\n\x0c\r]+")  # Rust's split_ascii_whitespace
-
-
-class _TokenText:
-    """Exact bytes of a token (partial UTF-8 included), which `decode` would replace with U+FFFD."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.cache: dict[int, bytes] = {}
-
-    def __call__(self, token: int) -> bytes:
-        cached = self.cache.get(token)
-        if cached is None:
-            piece = self.tokenizer.id_to_token(token) if not self.tokenizer.is_special(token) else None
-            if piece is not None and all(c in _UNICODE_TO_BYTE for c in piece):
-                cached = bytes(_UNICODE_TO_BYTE[c] for c in piece)
-            else:  # special tokens, or a tokenizer that is not byte-level
-                cached = self.tokenizer.decode([token]).encode("utf-8")
-            self.cache[token] = cached
-        return cached
 
 
 class StreamParser:
@@ -81,7 +48,6 @@ class StreamParser:
         self.channels = None if channels is None else tuple(channels)
         self.messages: list[dict] = []
         self.tokens: list[int] = []
-        self._bytes = _TokenText(tokenizer)
         self._ids = {name: tokenizer.token_id(name)
                      for name in (START, END, MESSAGE, CHANNEL, CONSTRAIN, RETURN, CALL)}
         self._stops = {self._ids[END], self._ids[RETURN], self._ids[CALL]}
@@ -139,7 +105,7 @@ class StreamParser:
                 if self.tokenizer.is_special(token):
                     # openai-harmony keeps such a token's text in the content; so do we, flagged.
                     self._problems.append(f"special token {self._name(token)} inside content")
-                self._content.append(self._decoder.decode(self._bytes(token)))
+                self._content.append(self._decoder.decode(self.tokenizer.token_bytes(token)))
         self.messages.extend(done)
         return done
 

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -54,7 +53,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from gptoss_jax.kernels.attention import FULL, PARTIAL, SKIP, BlockMap, BlockSizes, attention_block_map
+from gptoss_jax.kernels.attention import FULL, SKIP, BlockMap, BlockSizes, attention_block_map
 
 TILE_ROWS = 128  # default rows (tokens x heads) of a query tile
 DEFAULT_BLOCK_K = 64
@@ -174,7 +173,7 @@ def _scores(q, k, cfg: _Config):
 
 
 def _mask(s, *, q_tok, k_tok, q_seg, k_seg, positional: bool, cfg: _Config):
-    """-inf where key is invisible. Positional terms only on PARTIAL tiles."""
+    """-inf where the key is invisible; the positional terms only when `positional`."""
     mask = None
     if positional:
         mask = (k_tok[None, :] <= q_tok[:, None]) & (k_tok[None, :] < cfg.T)
@@ -188,20 +187,28 @@ def _mask(s, *, q_tok, k_tok, q_seg, k_seg, positional: bool, cfg: _Config):
     return jnp.where(mask, s, -jnp.inf)
 
 
+def _masked(s, is_full, cfg: _Config, **kw):
+    """The mask of one tile as a branch on its kind: FULL tiles never compute the positional mask
+    (and are returned untouched without segment ids). Only this select sits under the branch; the
+    loads and dots stay at loop level, where Triton can pipeline them."""
+    return lax.cond(is_full, lambda s: _mask(s, positional=False, cfg=cfg, **kw),
+                    lambda s: _mask(s, positional=True, cfg=cfg, **kw), s)
+
+
 def _dot(a, b, dims, cfg):
     return lax.dot_general(a, b, (dims, ((), ())), precision=cfg.precision,
                            preferred_element_type=jnp.float32)
 
 
 def _visit_loop(nv, kind_ref, tile, carry, count: bool):
-    """fori_loop over the visits; tile(n, carry, positional) is run with positional masking only
-    on PARTIAL tiles. With count, carry[-2:] are (visits, full visits) int32 counters."""
+    """fori_loop over the num_visits visits of this block; tile(n, carry, is_full). With count,
+    the loop also carries (visits, full visits) int32 counters, returned after carry."""
 
     def body(n, c):
         if count:
             c, (nvis, nfull) = c[:-2], c[-2:]
         is_full = kind_ref[n] == FULL
-        out = lax.cond(is_full, lambda c: tile(n, c, False), lambda c: tile(n, c, True), c)
+        out = tile(n, c, is_full)
         if count:
             out = (*out, nvis + 1, nfull + is_full.astype(jnp.int32))
         return out
@@ -229,7 +236,7 @@ def _fwd_kernel(*refs, cfg: _Config, count: bool):
     q_tok = _rows(i * bq + lax.broadcasted_iota(jnp.int32, (bq,), 0), bq, G)
     q_seg = _rows(qseg_ref[...], bq, G) if cfg.has_seg else None
 
-    def tile(n, carry, positional):
+    def tile(n, carry, is_full):
         acc, m, l = carry
         start = pl.multiple_of(kvi_ref[n] * bk, bk)
         k = k_ref[pl.ds(start, bk), :]
@@ -237,7 +244,7 @@ def _fwd_kernel(*refs, cfg: _Config, count: bool):
         s = _scores(q, k, cfg)
         k_tok = start + lax.broadcasted_iota(jnp.int32, (bk,), 0)
         k_seg = kseg_ref[pl.ds(start, bk)] if cfg.has_seg else None
-        s = _mask(s, q_tok=q_tok, k_tok=k_tok, q_seg=q_seg, k_seg=k_seg, positional=positional, cfg=cfg)
+        s = _masked(s, is_full, cfg, q_tok=q_tok, k_tok=k_tok, q_seg=q_seg, k_seg=k_seg)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))  # finite: m starts at the sink
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[:, None])
@@ -312,20 +319,20 @@ def _dq_kernel(*refs, cfg: _Config):
     q_tok = _rows(i * bq + lax.broadcasted_iota(jnp.int32, (bq,), 0), bq, G)
     q_seg = _rows(qseg_ref[...], bq, G) if cfg.has_seg else None
 
-    def tile(n, dq, positional):
+    def tile(n, dq, is_full):
         start = pl.multiple_of(kvi_ref[n] * bk, bk)
         k = k_ref[pl.ds(start, bk), :]
         v = v_ref[pl.ds(start, bk), :]
         s = _scores(q, k, cfg)
         k_tok = start + lax.broadcasted_iota(jnp.int32, (bk,), 0)
         k_seg = kseg_ref[pl.ds(start, bk)] if cfg.has_seg else None
-        s = _mask(s, q_tok=q_tok, k_tok=k_tok, q_seg=q_seg, k_seg=k_seg, positional=positional, cfg=cfg)
+        s = _masked(s, is_full, cfg, q_tok=q_tok, k_tok=k_tok, q_seg=q_seg, k_seg=k_seg)
         p = jnp.exp(s - lse[:, None])
         dp = _dot(do, v, ((1,), (1,)), cfg)  # [R, bk]
         ds = p * (dp - d[:, None])
         return dq + _dot(ds.astype(k.dtype), k, ((1,), (0,)), cfg)
 
-    dq = _visit_loop(nv_ref[0], kind_ref, lambda n, c, pos: (tile(n, c[0], pos),),
+    dq = _visit_loop(nv_ref[0], kind_ref, lambda n, c, full: (tile(n, c[0], full),),
                      (jnp.zeros((R, H), jnp.float32),), count=False)[0]
     dq_ref[...] = (dq * cfg.sm_scale).astype(dq_ref.dtype).reshape(bq, G, H)
     dsink_ref[...] = (-jnp.exp(sink - lse) * d).reshape(bq, G)
@@ -344,7 +351,7 @@ def _dkdv_kernel(*refs, cfg: _Config):
     k_tok = j * bk + lax.broadcasted_iota(jnp.int32, (bk,), 0)
     k_seg = kseg_ref[...] if cfg.has_seg else None
 
-    def tile(n, carry, positional):
+    def tile(n, carry, is_full):
         dk, dv = carry
         start = pl.multiple_of(qi_ref[n] * bq, bq)
         q = q_ref[pl.ds(start, bq), :, :].reshape(R, H)
@@ -354,7 +361,7 @@ def _dkdv_kernel(*refs, cfg: _Config):
         q_tok = _rows(start + lax.broadcasted_iota(jnp.int32, (bq,), 0), bq, G)
         q_seg = _rows(qseg_ref[pl.ds(start, bq)], bq, G) if cfg.has_seg else None
         s = _scores(q, k, cfg)
-        s = _mask(s, q_tok=q_tok, k_tok=k_tok, q_seg=q_seg, k_seg=k_seg, positional=positional, cfg=cfg)
+        s = _masked(s, is_full, cfg, q_tok=q_tok, k_tok=k_tok, q_seg=q_seg, k_seg=k_seg)
         p = jnp.exp(s - lse[:, None])  # [R, bk]
         dv = dv + _dot(p.astype(do.dtype), do, ((0,), (0,)), cfg)
         dp = _dot(do, v, ((1,), (1,)), cfg)

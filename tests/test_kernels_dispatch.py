@@ -1,0 +1,63 @@
+"""The dispatch point and the model's use of it (the kernels' own tests are beside them)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import gptoss_jax as gj
+from gptoss_jax import kernels
+
+
+def _inputs(B=2, T=45, N=4, K=2, H=16, seed=0):
+    rng = np.random.default_rng(seed)
+    q, k, v = (jnp.asarray(rng.normal(size=(B, T, n, H)), jnp.float32) for n in (N, K, K))
+    sinks = jnp.asarray(rng.normal(size=(N,)), jnp.float32)
+    seg = jnp.asarray(np.repeat([[1, 2, 3]], B, 0).repeat([20, 7, T - 27], axis=1), jnp.int32)
+    return q, k, v, sinks, seg
+
+
+@pytest.mark.parametrize("window", [None, 8])
+def test_xla_path_equals_reference(window):
+    q, k, v, s, seg = _inputs()
+    want = kernels.attention_reference(q, k, v, s, sliding_window=window, segment_ids=seg)
+    got = kernels.attention(q, k, v, s, sliding_window=window, segment_ids=seg, implementation="xla")
+    assert float(jnp.abs(got - want).max() / jnp.abs(want).max()) <= 1e-5
+    got = kernels.attention(q, k, v, s, sliding_window=window, segment_ids=seg, implementation="xla", sm_scale=0.3)
+    want = kernels.attention_reference(q, k, v, s, sliding_window=window, segment_ids=seg, sm_scale=0.3)
+    assert float(jnp.abs(got - want).max() / jnp.abs(want).max()) <= 1e-5
+
+
+def test_bad_arguments():
+    q, k, v, s, seg = _inputs()
+    with pytest.raises(ValueError, match="unknown attention implementation"):
+        kernels.attention(q, k, v, s, implementation="cudnn")
+    with pytest.raises(ValueError, match="sinks must have shape"):
+        kernels.attention(q, k, v, s[:2])
+    with pytest.raises(ValueError, match="sliding_window"):
+        kernels.attention(q, k, v, s, sliding_window=0)
+
+
+@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
+def test_model_with_kernel_attention_matches_xla(original_dir, impl):
+    """The whole model, forward and gradient w.r.t. the attention weights, with the Pallas kernel
+    (interpret mode) in place of the XLA attention, on packed sequences."""
+    xla = gj.load(original_dir, dtype="float32")
+    ker = gj.load(original_dir, dtype="float32", kernel=gj.KernelOptions(attention_impl=impl, interpret=True))
+    rng = np.random.default_rng(0)
+    toks = jnp.asarray(rng.integers(0, xla.cfg.vocab_size, (1, 40)))
+    seg = jnp.asarray([[1] * 25 + [2] * 15])
+    pos = jnp.asarray([list(range(25)) + list(range(15))])
+
+    def loss(model):
+        return jnp.mean(jax.nn.logsumexp(model(toks, positions=pos, segment_ids=seg).logits, axis=-1))
+
+    lx, gx = nnx.value_and_grad(loss)(xla)  # w.r.t. nnx.Param: the packed experts are frozen
+    lk, gk = nnx.value_and_grad(loss)(ker)
+    assert abs(float(lx - lk)) <= 1e-5 * abs(float(lx))
+    for name in ("q", "k", "v"):
+        a, b = getattr(gx.layers[0].attn, name)[...], getattr(gk.layers[0].attn, name)[...]
+        assert float(jnp.abs(a - b).max() / jnp.abs(a).max()) <= 1e-4, name
+    a, b = gx.layers[1].attn.sinks[...], gk.layers[1].attn.sinks[...]
+    assert float(jnp.abs(a - b).max() / jnp.abs(a).max()) <= 1e-4

@@ -155,11 +155,12 @@ class MoE(nnx.Module):
             w1, w2 = self.w1[...], self.w2[...]
         return moe_lib.ExpertWeights(w1, self.b1[...], w2, self.b2[...])
 
-    def __call__(self, x, *, eps, impl=None):
+    def __call__(self, x, *, eps, kernel: "KernelOptions"):
         B, T, D = x.shape
         h = layers.rms_norm(x, self.norm[...], eps).reshape(B * T, D)
         y, routing = moe_lib.moe(h, self.router[...], self.router_bias[...], self.expert_weights(),
-                                 k=self.k, alpha=self.alpha, limit=self.limit, impl=impl)
+                                 k=self.k, alpha=self.alpha, limit=self.limit, impl=kernel.moe_impl,
+                                 mxfp4_impl=kernel.mxfp4_impl, interpret=kernel.interpret)
         return y.reshape(B, T, D), routing
 
 
@@ -176,7 +177,7 @@ class Block(nnx.Module):
                                             capture=capture)
         x_mid = x + a
         with jax.named_scope("moe"):
-            m, routing = self.mlp(x_mid, eps=eps, impl=kernel.moe_impl)
+            m, routing = self.mlp(x_mid, eps=eps, kernel=kernel)
         out = x_mid + m
         if not capture:
             return out, cache, None
@@ -198,10 +199,13 @@ class KernelOptions:
     moe_impl: "ragged" | "buckets" | "gather" | "dense"; None picks by platform and batch size.
     attention_impl: "xla" | "pallas_gpu" | "pallas_tpu"; None = XLA (the Pallas kernels are
         opt-in until they have run on hardware; see gptoss_jax.kernels).
+    mxfp4_impl: the packed grouped matmul of the "ragged" MoE path: "xla" (default) |
+        "pallas_gpu" | "pallas_tpu".
     interpret: run Pallas kernels in interpret mode (CPU testing)."""
 
     moe_impl: str | None = None
     attention_impl: str | None = None
+    mxfp4_impl: str | None = None
     interpret: bool = False
 
 

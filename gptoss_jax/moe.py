@@ -21,6 +21,7 @@ Four implementations compute the same function:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -99,11 +100,20 @@ def _combine(y_sorted, srt: _Sorted, routing: Routing, dtype):
     return jnp.einsum("TkD,Tk->TD", y, routing.weights).astype(dtype)
 
 
-def moe_ragged(x, ew: ExpertWeights, routing: Routing, *, alpha, limit):
-    """Sort by expert and run `ragged_dot` over the contiguous groups."""
+def moe_ragged(x, ew: ExpertWeights, routing: Routing, *, alpha, limit, mxfp4_impl=None, interpret=False):
+    """Sort by expert and run a grouped matmul over the contiguous groups: `ragged_dot` for dense
+    weights; for packed ones the MXFP4 grouped matmul (`kernels.mxfp4_grouped_matmul`), which
+    never decodes more than one expert tile at a time and fuses the SwiGLU into the first matmul."""
     dt = x.dtype
     srt = _sort_by_expert(routing.ids, ew.b1.shape[0])
     xs = x[srt.tokens]
+    if isinstance(ew.w1, MXFP4) and isinstance(ew.w2, MXFP4):
+        from gptoss_jax.kernels.mxfp4_matmul import mxfp4_grouped_matmul
+        mm = functools.partial(mxfp4_grouped_matmul, group_sizes=srt.group_sizes,
+                               implementation=mxfp4_impl or "xla", interpret=interpret)
+        a = mm(xs, ew.w1.blocks, ew.w1.scales, bias=ew.b1, swiglu=(alpha, limit))
+        y = mm(a, ew.w2.blocks, ew.w2.scales, bias=ew.b2).astype(jnp.float32)
+        return _combine(y, srt, routing, dt)
     mm = lambda a, w: jax.lax.ragged_dot(a, w, srt.group_sizes, preferred_element_type=jnp.float32)
     y = _expert_mlp(xs, in_out(ew.w1, dt), ew.b1[srt.experts], in_out(ew.w2, dt),
                     ew.b2[srt.experts], alpha=alpha, limit=limit, matmul=mm)
@@ -177,10 +187,12 @@ def default_moe_impl(num_tokens: int | None = None, k: int = 1, num_experts: int
 
 
 def moe(x, router_w, router_b, ew: ExpertWeights, *, k: int, alpha: float, limit: float,
-        impl: str | None = None):
-    """x [T, D] -> (out [T, D], routing)."""
+        impl: str | None = None, mxfp4_impl: str | None = None, interpret: bool = False):
+    """x [T, D] -> (out [T, D], routing). `mxfp4_impl` picks the packed grouped matmul of the
+    "ragged" path ("xla", "pallas_gpu", "pallas_tpu")."""
     impl = impl or default_moe_impl(x.shape[0], k, router_b.shape[0])
     if impl not in MOE_IMPLS:
         raise ValueError(f"unknown MoE implementation {impl!r}; choose one of {sorted(MOE_IMPLS)}")
     routing = route(x, router_w, router_b, k)
-    return MOE_IMPLS[impl](x, ew, routing, alpha=alpha, limit=limit), routing
+    extra = dict(mxfp4_impl=mxfp4_impl, interpret=interpret) if impl == "ragged" else {}
+    return MOE_IMPLS[impl](x, ew, routing, alpha=alpha, limit=limit, **extra), routing

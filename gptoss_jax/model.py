@@ -102,12 +102,16 @@ class Attention(nnx.Module):
         q = layers.apply_rope(proj(self.q, self.q_bias, "BTD,DNH->BTNH"), cos, sin)
         k = layers.apply_rope(proj(self.k, self.k_bias, "BTD,DKH->BTKH"), cos, sin)
         v = proj(self.v, self.v_bias, "BTD,DKH->BTKH")
-        if cache is None and kernel is not None and kernel.attention_impl not in (None, "xla") and not capture:
+        impl = None
+        if cache is None and not capture:
+            from gptoss_jax import kernels
+            from gptoss_jax.kernels.attention import default_implementation
+            impl = (kernel.attention_impl if kernel is not None else None) or default_implementation()
+        if impl not in (None, "xla"):
             # The kernels mask by index within segments: equal to the position mask for packed or
             # padded rows. They do not report the sink mass, so capture=True stays on XLA.
-            from gptoss_jax import kernels
             out = kernels.attention(q, k, v, self.sinks[...], sliding_window=self.window,
-                                    segment_ids=segment_ids, implementation=kernel.attention_impl,
+                                    segment_ids=segment_ids, implementation=impl,
                                     interpret=kernel.interpret)
             sink_mass = None
         elif cache is None:
@@ -197,8 +201,8 @@ class KernelOptions:
     """How the math runs (not what it computes): implementation choices, all numerically equal.
 
     moe_impl: "ragged" | "buckets" | "gather" | "dense"; None picks by platform and batch size.
-    attention_impl: "xla" | "pallas_gpu" | "pallas_tpu"; None = XLA (the Pallas kernels are
-        opt-in until they have run on hardware; see gptoss_jax.kernels).
+    attention_impl: "xla" | "pallas_gpu" | "pallas_tpu"; None = by platform (Pallas on GPU/TPU,
+        XLA on CPU). Cached decoding and capture=True always use the XLA path.
     mxfp4_impl: the packed grouped matmul of the "ragged" MoE path: "xla" (default) |
         "pallas_gpu" | "pallas_tpu".
     interpret: run Pallas kernels in interpret mode (CPU testing)."""

@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import re
 
+import openai_harmony  # the oracle is a test dependency: missing means failing, not skipping
 import pytest
+from openai_harmony import Conversation, Message, RenderConversationConfig, Role
 
 from gptoss_jax import harmony as H
-
-openai_harmony = pytest.importorskip("openai_harmony")
-from openai_harmony import Conversation, Message, RenderConversationConfig, Role  # noqa: E402
 
 # ------------------------------------------------------------------------------ fixtures / helpers
 SIMPLE_CONVO = (  # spec §5.7, openai-harmony test-data/test_simple_convo.txt

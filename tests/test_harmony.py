@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import re
 
-import openai_harmony  # the oracle is a test dependency: missing means failing, not skipping
 import pytest
+# the oracle is a test dependency: missing means failing, not skipping
 from openai_harmony import Conversation, Message, RenderConversationConfig, Role
 
 from gptoss_jax import harmony as H

@@ -75,3 +75,22 @@ def harmony_encoding(offline_tiktoken):
     from openai_harmony import HarmonyEncodingName, load_harmony_encoding
 
     return load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
+
+
+@pytest.fixture
+def verified_triton_modules(monkeypatch):
+    """Run the MLIR verifier (the Triton dialect's own shape/type checks, which `.lower()` alone
+    does not run) on every Triton module the Pallas lowering builds; returns the results. Patches a
+    private JAX module, so it may need updating with JAX."""
+    from jax._src.pallas.triton import lowering as triton_lowering
+
+    seen = []
+    original = triton_lowering.lower_jaxpr_to_triton_module
+
+    def lower_and_verify(*args, **kwargs):
+        result = original(*args, **kwargs)
+        seen.append(result.module.operation.verify())
+        return result
+
+    monkeypatch.setattr(triton_lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
+    return seen

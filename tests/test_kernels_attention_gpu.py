@@ -242,24 +242,6 @@ def test_kernel_consumes_block_map(window, G, T, bs, expect_bounds):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def verified_triton_modules(monkeypatch):
-    """Record every Triton module the Pallas lowering builds and run the MLIR verifier on it (the
-    Triton dialect's own shape/type checks), which `.lower()` alone does not do."""
-    from jax._src.pallas.triton import lowering as triton_lowering
-
-    seen = []
-    original = triton_lowering.lower_jaxpr_to_triton_module
-
-    def lower_and_verify(*args, **kwargs):
-        result = original(*args, **kwargs)
-        seen.append(result.module.operation.verify())
-        return result
-
-    monkeypatch.setattr(triton_lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
-    return seen
-
-
 @pytest.mark.parametrize("window", [128, None])
 def test_lowers_to_triton_for_cuda(window, verified_triton_modules):
     B, T, N, K, H = 1, 8192, 64, 8, 64

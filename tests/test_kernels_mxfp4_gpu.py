@@ -210,23 +210,6 @@ def test_block_size_checks():
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def verified_triton_modules(monkeypatch):
-    """Run the MLIR verifier on every Triton module the Pallas lowering builds."""
-    from jax._src.pallas.triton import lowering as triton_lowering
-
-    seen = []
-    original = triton_lowering.lower_jaxpr_to_triton_module
-
-    def lower_and_verify(*args, **kwargs):
-        result = original(*args, **kwargs)
-        seen.append(result.module.operation.verify())
-        return result
-
-    monkeypatch.setattr(triton_lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
-    return seen
-
-
 def _lower(fn, *args):
     return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 

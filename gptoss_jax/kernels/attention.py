@@ -81,15 +81,31 @@ def attention_block_map(T: int, *, block_q: int, block_k: int, sliding_window: i
             full = full and (j + 1) * block_k <= S  # keys past the end need the mask (padded queries are discarded)
             visits.append((j, FULL if full else PARTIAL))
         rows.append(visits)
+    return _pack(rows, block_q, block_k)
+
+
+def _pack(rows: list[list[tuple[int, int]]], block_q: int, block_k: int) -> BlockMap:
+    """Visit lists -> padded arrays (padding repeats the last index with kind SKIP)."""
     width = max(1, max(len(r) for r in rows))
-    kv_index = np.zeros((nq, width), np.int32)
-    kind = np.full((nq, width), SKIP, np.int32)
+    index = np.zeros((len(rows), width), np.int32)
+    kind = np.full((len(rows), width), SKIP, np.int32)
     for i, visits in enumerate(rows):
         for n, (j, kd) in enumerate(visits):
-            kv_index[i, n], kind[i, n] = j, kd
+            index[i, n], kind[i, n] = j, kd
         if visits:
-            kv_index[i, len(visits):] = visits[-1][0]
-    return BlockMap(kv_index, kind, np.array([len(r) for r in rows], np.int32), block_q, block_k)
+            index[i, len(visits):] = visits[-1][0]
+    return BlockMap(index, kind, np.array([len(r) for r in rows], np.int32), block_q, block_k)
+
+
+def transpose_block_map(bm: BlockMap, num_kv_blocks: int | None = None) -> BlockMap:
+    """For each KV block, the query blocks that visit it (ascending) with the tile kind, in the
+    same padded form (`kv_index` then holds query-block indices): the dk/dv kernels' loop."""
+    nk = num_kv_blocks if num_kv_blocks is not None else (int(bm.kv_index.max()) + 1 if bm.total_visits else 1)
+    cols: list[list[tuple[int, int]]] = [[] for _ in range(nk)]
+    for i in range(bm.kv_index.shape[0]):
+        for n in range(int(bm.num_visits[i])):
+            cols[int(bm.kv_index[i, n])].append((i, int(bm.kind[i, n])))
+    return _pack(cols, bm.block_q, bm.block_k)
 
 
 def attention_reference(q, k, v, sinks, *, sliding_window=None, segment_ids=None, sm_scale=None):

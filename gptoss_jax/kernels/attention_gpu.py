@@ -53,7 +53,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from gptoss_jax.kernels.attention import FULL, SKIP, BlockMap, BlockSizes, attention_block_map
+from gptoss_jax.kernels.attention import FULL, SKIP, BlockMap, BlockSizes, attention_block_map, transpose_block_map
 
 TILE_ROWS = 128  # default rows (tokens x heads) of a query tile
 DEFAULT_BLOCK_K = 64
@@ -127,22 +127,8 @@ def effective_block_sizes(T: int, G: int, block_sizes: BlockSizes | None) -> tup
 
 
 def transposed_block_map(bm: BlockMap) -> BlockMap:
-    """For each KV block j, the query blocks that visit it (ascending) and the tile kind; same
-    padding convention as `attention_block_map` (repeat the last index, kind SKIP)."""
-    nk = int(bm.kv_index.max()) + 1 if bm.total_visits else 1
-    cols: list[list[tuple[int, int]]] = [[] for _ in range(nk)]
-    for i in range(bm.kv_index.shape[0]):
-        for n in range(int(bm.num_visits[i])):
-            cols[int(bm.kv_index[i, n])].append((i, int(bm.kind[i, n])))
-    width = max(1, max(len(c) for c in cols))
-    q_index = np.zeros((nk, width), np.int32)
-    kind = np.full((nk, width), SKIP, np.int32)
-    for j, visits in enumerate(cols):
-        for n, (i, kd) in enumerate(visits):
-            q_index[j, n], kind[j, n] = i, kd
-        if visits:
-            q_index[j, len(visits):] = visits[-1][0]
-    return BlockMap(q_index, kind, np.array([len(c) for c in cols], np.int32), bm.block_q, bm.block_k)
+    """For each KV block j, the query blocks that visit it (see `attention.transpose_block_map`)."""
+    return transpose_block_map(bm)
 
 
 def _block_map(cfg: _Config) -> BlockMap:

@@ -53,7 +53,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from gptoss_jax.kernels.attention import FULL, PARTIAL, SKIP, BlockMap, BlockSizes, attention_block_map
+from gptoss_jax.kernels.attention import FULL, PARTIAL, SKIP, BlockMap, BlockSizes, attention_block_map, transpose_block_map
 
 NUM_LANES = 128
 NUM_SUBLANES = 8
@@ -94,29 +94,13 @@ class VisitPlan:
         return self.q_index.shape[1]
 
 
-def transpose_block_map(bm: BlockMap, num_kv_blocks: int):
-    """For each KV block, the query blocks whose visit list contains it (and the tile kind)."""
-    cols: list[list[tuple[int, int]]] = [[] for _ in range(num_kv_blocks)]
-    for i in range(bm.kv_index.shape[0]):
-        for n in range(int(bm.num_visits[i])):
-            cols[int(bm.kv_index[i, n])].append((i, int(bm.kind[i, n])))
-    width = max(1, max(len(c) for c in cols))
-    q_index = np.zeros((num_kv_blocks, width), np.int32)
-    q_kind = np.full((num_kv_blocks, width), SKIP, np.int32)
-    for j, col in enumerate(cols):
-        for n, (i, kd) in enumerate(col):
-            q_index[j, n], q_kind[j, n] = i, kd
-        if col:
-            q_index[j, len(col):] = col[-1][0]
-    return q_index, q_kind, np.array([len(c) for c in cols], np.int32)
-
-
 @functools.lru_cache(maxsize=64)
 def visit_plan(T: int, block_q: int, block_k: int, sliding_window: int | None) -> VisitPlan:
     """The exact maps the kernels are launched with (cached per static configuration)."""
     bm = attention_block_map(T, block_q=block_q, block_k=block_k, sliding_window=sliding_window)
     nk = math.ceil(T / block_k)
-    q_index, q_kind, q_num = transpose_block_map(bm, nk)
+    tm = transpose_block_map(bm, nk)
+    q_index, q_kind, q_num = tm.kv_index, tm.kind, tm.num_visits
     return VisitPlan(bm, q_index, q_kind, q_num)
 
 

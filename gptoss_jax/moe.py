@@ -78,46 +78,54 @@ def moe_dense_reference(x, ew: ExpertWeights, routing: Routing, *, alpha, limit)
     return jnp.einsum("TkD,Tk->TD", y, routing.weights).astype(dt)
 
 
-class _Sorted(NamedTuple):
+class Sorted(NamedTuple):
     order: jax.Array  # [T*k] indices into the flattened (token, slot) list, grouped by expert
     experts: jax.Array  # [T*k] expert of each sorted row
     tokens: jax.Array  # [T*k] token of each sorted row
     group_sizes: jax.Array  # [E] int32
 
 
-def _sort_by_expert(ids, num_experts: int) -> _Sorted:
+def sort_by_expert(ids, num_experts: int) -> Sorted:
     flat = ids.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     k = ids.shape[1]
     sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-    return _Sorted(order, flat[order], order // k, sizes)
+    return Sorted(order, flat[order], order // k, sizes)
 
 
-def _combine(y_sorted, srt: _Sorted, routing: Routing, dtype):
+def _combine(y_sorted, srt: Sorted, routing: Routing, dtype):
     """Undo the sort and take the routing-weighted sum over each token's k experts (in fp32)."""
     T, k = routing.ids.shape
     y = jnp.zeros_like(y_sorted).at[srt.order].set(y_sorted).reshape(T, k, -1)
     return jnp.einsum("TkD,Tk->TD", y, routing.weights).astype(dtype)
 
 
-def moe_ragged(x, ew: ExpertWeights, routing: Routing, *, alpha, limit, mxfp4_impl=None, interpret=False):
-    """Sort by expert and run a grouped matmul over the contiguous groups: `ragged_dot` for dense
-    weights; for packed ones the MXFP4 grouped matmul (`kernels.mxfp4_grouped_matmul`), which
-    never decodes more than one expert tile at a time and fuses the SwiGLU into the first matmul."""
-    dt = x.dtype
-    srt = _sort_by_expert(routing.ids, ew.b1.shape[0])
-    xs = x[srt.tokens]
+def grouped_mlp(xs, group_sizes, ew: ExpertWeights, *, alpha, limit, mxfp4_impl=None,
+                interpret=False):
+    """The expert MLPs of rows `xs` [R, D] sorted into contiguous expert groups (`group_sizes`
+    [E], sum <= R; rows past the sum are padding) -> fp32 [R, D]. `ragged_dot` for dense weights;
+    for packed ones the MXFP4 grouped matmul (`kernels.mxfp4_grouped_matmul`), which never decodes
+    more than one expert tile at a time and fuses the SwiGLU into the first matmul."""
+    dt = xs.dtype
     if isinstance(ew.w1, MXFP4) and isinstance(ew.w2, MXFP4):
         from gptoss_jax.kernels.mxfp4_matmul import mxfp4_grouped_matmul
-        mm = functools.partial(mxfp4_grouped_matmul, group_sizes=srt.group_sizes,
+        mm = functools.partial(mxfp4_grouped_matmul, group_sizes=group_sizes,
                                implementation=mxfp4_impl or "xla", interpret=interpret)
         a = mm(xs, ew.w1.blocks, ew.w1.scales, bias=ew.b1, swiglu=(alpha, limit))
-        y = mm(a, ew.w2.blocks, ew.w2.scales, bias=ew.b2).astype(jnp.float32)
-        return _combine(y, srt, routing, dt)
-    mm = lambda a, w: jax.lax.ragged_dot(a, w, srt.group_sizes, preferred_element_type=jnp.float32)
-    y = _expert_mlp(xs, in_out(ew.w1, dt), ew.b1[srt.experts], in_out(ew.w2, dt),
-                    ew.b2[srt.experts], alpha=alpha, limit=limit, matmul=mm)
-    return _combine(y, srt, routing, dt)
+        return mm(a, ew.w2.blocks, ew.w2.scales, bias=ew.b2).astype(jnp.float32)
+    from gptoss_jax.kernels.mxfp4_matmul import row_experts
+    experts = jnp.minimum(row_experts(group_sizes, xs.shape[0]), group_sizes.shape[0] - 1)
+    mm = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes, preferred_element_type=jnp.float32)
+    return _expert_mlp(xs, in_out(ew.w1, dt), ew.b1[experts], in_out(ew.w2, dt), ew.b2[experts],
+                       alpha=alpha, limit=limit, matmul=mm)
+
+
+def moe_ragged(x, ew: ExpertWeights, routing: Routing, *, alpha, limit, mxfp4_impl=None, interpret=False):
+    """Sort by expert and run a grouped matmul over the contiguous groups (`grouped_mlp`)."""
+    srt = sort_by_expert(routing.ids, ew.b1.shape[0])
+    y = grouped_mlp(x[srt.tokens], srt.group_sizes, ew, alpha=alpha, limit=limit,
+                    mxfp4_impl=mxfp4_impl, interpret=interpret)
+    return _combine(y, srt, routing, x.dtype)
 
 
 def bucket_capacities(num_tokens: int, k: int, num_experts: int) -> tuple[int, ...]:
@@ -128,24 +136,34 @@ def bucket_capacities(num_tokens: int, k: int, num_experts: int) -> tuple[int, .
     return tuple(sorted(caps | {num_tokens}))
 
 
+def bucket_mlp(buf, ew: ExpertWeights, *, alpha, limit):
+    """The expert MLPs on per-expert buckets `buf` [E, C, D] (one batched einsum) -> fp32 [E, C, D]."""
+    dt = buf.dtype
+    mm = lambda a, w: jnp.einsum("ECI,EIO->ECO", a, w, preferred_element_type=jnp.float32)
+    return _expert_mlp(buf, in_out(ew.w1, dt), ew.b1[:, None], in_out(ew.w2, dt), ew.b2[:, None],
+                       alpha=alpha, limit=limit, matmul=mm)
+
+
+def bucket_ranks(srt: Sorted):
+    """Each sorted row's slot within its expert's bucket (rows keep token order within an expert)."""
+    starts = jnp.cumsum(srt.group_sizes) - srt.group_sizes
+    return jnp.arange(srt.order.shape[0], dtype=jnp.int32) - starts[srt.experts]
+
+
 def moe_buckets(x, ew: ExpertWeights, routing: Routing, *, alpha, limit):
     """Per-expert buckets [E, C, D] and one batched einsum; C is the smallest static capacity that
     holds the largest group, so no token is ever dropped."""
     dt = x.dtype
     T, k = routing.ids.shape
     E = ew.b1.shape[0]
-    srt = _sort_by_expert(routing.ids, E)
-    starts = jnp.cumsum(srt.group_sizes) - srt.group_sizes
-    rank = jnp.arange(T * k, dtype=jnp.int32) - starts[srt.experts]  # slot within its bucket
-    w1, w2 = in_out(ew.w1, dt), in_out(ew.w2, dt)
-    mm = lambda a, w: jnp.einsum("ECI,EIO->ECO", a, w, preferred_element_type=jnp.float32)
+    srt = sort_by_expert(routing.ids, E)
+    rank = bucket_ranks(srt)
 
     def run(cap: int):
         def branch(_):
             slot = srt.experts * cap + rank
             buf = jnp.zeros((E * cap, x.shape[1]), dt).at[slot].set(x[srt.tokens])
-            y = _expert_mlp(buf.reshape(E, cap, -1), w1, ew.b1[:, None], w2, ew.b2[:, None],
-                            alpha=alpha, limit=limit, matmul=mm)
+            y = bucket_mlp(buf.reshape(E, cap, -1), ew, alpha=alpha, limit=limit)
             return y.reshape(E * cap, -1)[slot]
         return branch
 

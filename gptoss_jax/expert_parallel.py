@@ -1,0 +1,256 @@
+"""The MoE layer on a device mesh: `shard_map` over every mesh axis, experts split over `expert`.
+
+Each device routes its own tokens (the token axis is split over data x fsdp x expert), sends each
+(token, expert) row to the device that owns the expert, runs its local experts with the grouped
+matmul (dense or packed MXFP4), sends the results back and combines them with the routing weights.
+With `tensor` > 1 each device also holds only a slice of every expert's hidden width F: the
+down-projection gives partial sums, added over `tensor` after the combine (the bias b2 once,
+after the sum).
+
+Two dispatch strategies, one interface:
+
+- "all_to_all": fixed-capacity buffers [ep, E_local, C, D] and two `all_to_all`s; runs everywhere,
+  XLA:CPU included. By default C is dropless: the smallest of a few static sizes that holds the
+  largest (source device, expert) group on any device of the expert axis, picked at run time by
+  `lax.switch` (the last size, all local tokens, always suffices). With `capacity_factor`,
+  C = ceil(capacity_factor * t * k / E) for t local tokens; rows past C are dropped (they add
+  nothing to their token) and counted exactly.
+- "ragged_all_to_all": dropless, no padding on the wire: rows sorted by expert, one
+  `ragged_all_to_all` there and one back, offsets from an all-gathered [ep, ep, E_local] count
+  table. For GPU and TPU; XLA:CPU cannot compile it, so on CPU it is tested through an emulation
+  with the documented semantics (`ragged_all_to_all_emulated`) and lowered for cuda and tpu.
+
+Weights are stored as the sharding rules say (`gptoss_jax.sharding`); the in-specs here give the
+layout this computation needs (experts over `expert`, F over `tensor`, everything else whole), so
+FSDP-sharded dimensions are all-gathered on entry, as FSDP does.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from gptoss_jax import moe as moe_lib
+from gptoss_jax.kernels.mxfp4_matmul import row_experts
+from gptoss_jax.mxfp4 import BLOCK, MXFP4
+from gptoss_jax.sharding import BATCH_AXES
+
+DISPATCH = ("all_to_all", "ragged_all_to_all")
+
+
+def default_dispatch() -> str:
+    return "all_to_all" if jax.default_backend() == "cpu" else "ragged_all_to_all"
+
+
+class ShardedMoEOutput(NamedTuple):
+    out: jax.Array  # [T, D]
+    routing: moe_lib.Routing
+    dropped: jax.Array  # int32 []: (token, expert) assignments dropped for capacity, whole mesh
+
+
+def capacity(capacity_factor: float, tokens: int, k: int, num_experts: int) -> int:
+    """Rows per (source device, expert) buffer for a capacity factor (1.0 = the mean load)."""
+    if not capacity_factor > 0:
+        raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+    return max(1, min(tokens, math.ceil(capacity_factor * tokens * k / num_experts)))
+
+
+def _expert_specs(ew: moe_lib.ExpertWeights, tp: int):
+    """in_specs of the expert weights: experts over `expert`, the hidden width over `tensor`."""
+    t = "tensor" if tp > 1 else None  # (a size-1 axis named here would make the outputs vary on it)
+    if isinstance(ew.w1, MXFP4):
+        w1 = MXFP4(P("expert", t, None, None), P("expert", t, None))  # [E, 2F, D/32, 16]
+        w2 = MXFP4(P("expert", None, t, None), P("expert", None, t))  # [E, D, F/32, 16]
+    else:
+        w1, w2 = P("expert", None, t), P("expert", t, None)  # [E, D, 2F], [E, F, D]
+    return moe_lib.ExpertWeights(w1, P("expert", t), w2, P("expert", None))
+
+
+def _check_divisible(ew: moe_lib.ExpertWeights, ep: int, tp: int) -> None:
+    E, two_f = ew.b1.shape
+    F = two_f // 2
+    if E % ep:
+        raise ValueError(f"mesh axis expert={ep} must divide the {E} experts")
+    unit = BLOCK if isinstance(ew.w1, MXFP4) else 1  # packed F is split in whole 32-wide blocks
+    if F % (unit * tp):
+        raise ValueError(f"mesh axis tensor={tp} must divide the expert width {F}"
+                         + (f" in whole MXFP4 blocks ({F // BLOCK} blocks)" if unit > 1 else "")
+                         + "; give those devices to another mesh axis")
+
+
+def ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, output_offsets,
+                               recv_sizes, *, axis_name):
+    """`jax.lax.ragged_all_to_all` (one slice per peer) from an all-gather and a scatter: the same
+    result, ep times the traffic. It lets the ragged dispatch run, and be checked, on XLA:CPU."""
+    del recv_sizes  # implied by the senders' sizes
+    me = jax.lax.axis_index(axis_name)
+    rows = jax.lax.all_gather(operand, axis_name)  # [n, N, ...] every sender's operand
+    start = jax.lax.all_gather(input_offsets, axis_name)[:, me]  # [n] what each sender sends me
+    size = jax.lax.all_gather(send_sizes, axis_name)[:, me]
+    at = jax.lax.all_gather(output_offsets, axis_name)[:, me]
+    i = jnp.arange(operand.shape[0])[None]
+    inside = (i >= start[:, None]) & (i < (start + size)[:, None])
+    dest = jnp.where(inside, at[:, None] + i - start[:, None], output.shape[0])  # outside: dropped
+    return output.at[dest.reshape(-1)].set(rows.reshape((-1,) + operand.shape[1:]), mode="drop")
+
+
+def _all_to_all_rows(x, valid, routing, *, ep, num_experts, capacity_factor, local_mlp):
+    """Per-slot expert outputs [t, k, D] (zero where dropped), kept mask [t, k], local drops."""
+    t, D = x.shape
+    k = routing.ids.shape[1]
+    E, E_loc = num_experts, num_experts // ep
+    ids = jnp.where(valid[:, None], routing.ids, E)  # padding rows go to a sentinel expert E
+    srt = moe_lib.sort_by_expert(ids, E + 1)
+    rank = moe_lib.bucket_ranks(srt)
+    real = srt.experts < E
+
+    def run(cap: int):
+        def branch(_):
+            keep = real & (rank < cap)
+            slot = jnp.where(keep, srt.experts * cap + rank, E * cap)
+            buf = jnp.zeros((E * cap, D), x.dtype).at[slot].set(x[srt.tokens], mode="drop")
+            recv = jax.lax.all_to_all(buf.reshape(ep, E_loc * cap, D), "expert", 0, 0, tiled=True)
+            h = recv.reshape(ep, E_loc, cap, D).transpose(1, 0, 2, 3).reshape(E_loc, ep * cap, D)
+            y = local_mlp(h).astype(x.dtype)
+            back = y.reshape(E_loc, ep, cap, D).transpose(1, 0, 2, 3).reshape(ep, E_loc * cap, D)
+            ret = jax.lax.all_to_all(back, "expert", 0, 0, tiled=True).reshape(E * cap, D)
+            rows = jnp.where(keep[:, None], ret[jnp.minimum(slot, E * cap - 1)], 0)
+            return rows.astype(jnp.float32), keep
+        return branch
+
+    if capacity_factor is None:
+        caps = moe_lib.bucket_capacities(t, k, E)
+        need = jax.lax.pmax(jnp.max(srt.group_sizes[:E]), "expert")  # every peer takes one branch
+        choice = jnp.searchsorted(jnp.asarray(caps), need)
+        rows, keep = jax.lax.switch(choice, [run(c) for c in caps], None)
+    else:
+        rows, keep = run(capacity(capacity_factor, t, k, E))(None)
+    dropped = jnp.sum(real & ~keep, dtype=jnp.int32)
+    y = jnp.zeros_like(rows).at[srt.order].set(rows).reshape(t, k, D)
+    keep = jnp.zeros_like(keep).at[srt.order].set(keep).reshape(t, k)
+    return y, keep, dropped
+
+
+def _ragged_rows(x, valid, routing, *, ep, num_experts, grouped, emulate):
+    """Dropless ragged dispatch: per-slot outputs [t, k, D] and the (all-true on valid rows) mask."""
+    t, D = x.shape
+    k = routing.ids.shape[1]
+    E, E_loc = num_experts, num_experts // ep
+    exchange = (functools.partial(ragged_all_to_all_emulated, axis_name="expert") if emulate else
+                functools.partial(jax.lax.ragged_all_to_all, axis_name="expert"))
+    ids = jnp.where(valid[:, None], routing.ids, E).reshape(-1)
+    order = jnp.argsort(ids, stable=True)
+    xs = x[order // k]
+    counts = jnp.bincount(ids, length=E + 1)[:E].astype(jnp.int32).reshape(ep, E_loc)
+    table = jax.lax.all_gather(counts, "expert")  # [src, dst, E_loc]
+    me = jax.lax.axis_index("expert")
+    per_pair = table.sum(-1)  # [src, dst] rows
+    mine = table[:, me]  # [src, E_loc] rows I receive
+
+    send = per_pair[me]
+    send_at = jnp.cumsum(send) - send
+    lands_at = (jnp.cumsum(per_pair, axis=0) - per_pair)[me]  # my slice's offset on each receiver
+    recv = mine.sum(-1)
+    R = ep * t * min(k, E_loc)  # the most rows one device can receive: dropless
+    got = exchange(xs, jnp.zeros((R, D), x.dtype), send_at, send, lands_at, recv)
+
+    segment = row_experts(mine.reshape(-1), R)  # (src, local expert) segment of each row
+    local = jnp.where(segment < ep * E_loc, segment % E_loc, E_loc)
+    perm = jnp.argsort(local, stable=True)
+    y = grouped(got[perm], mine.sum(0)).astype(x.dtype)
+    y = jnp.zeros_like(got).at[perm].set(y)
+
+    back_at = (jnp.cumsum(per_pair, axis=1) - per_pair)[:, me]  # where my rows sit in each sender
+    ret = exchange(y, jnp.zeros((t * k, D), x.dtype), jnp.cumsum(recv) - recv, recv, back_at, send)
+    rows = jnp.zeros_like(ret).at[order].set(ret).reshape(t, k, D).astype(jnp.float32)
+    keep = jnp.broadcast_to(valid[:, None], (t, k))
+    return rows, keep, jnp.zeros((), jnp.int32)
+
+
+def moe_sharded(x, router_w, router_b, ew: moe_lib.ExpertWeights, *, mesh: Mesh, k: int, alpha: float,
+                limit: float, dispatch: str | None = None, capacity_factor: float | None = None,
+                local_impl: str | None = None, mxfp4_impl: str | None = None, interpret: bool = False,
+                emulate_ragged: bool = False) -> ShardedMoEOutput:
+    """x [T, D] (a global array inside jit) -> ShardedMoEOutput. Equal to `moe.moe` on one device
+    (exactly so when nothing is dropped).
+
+    dispatch: "all_to_all" | "ragged_all_to_all"; None = by platform (all_to_all on CPU).
+    capacity_factor: None = dropless; else fixed all_to_all buffers that may drop (counted).
+    local_impl: how a device computes its experts: "ragged" (grouped matmul; MXFP4 stays packed
+        through `mxfp4_impl`) or "buckets" (one batched einsum; the CPU default). With expert=1 any
+        `moe.MOE_IMPLS` name, run on the local tokens.
+    emulate_ragged: run "ragged_all_to_all" through `ragged_all_to_all_emulated` (XLA:CPU)."""
+    dispatch = dispatch or default_dispatch()
+    if dispatch not in DISPATCH:
+        raise ValueError(f"unknown expert dispatch {dispatch!r}; choose one of {DISPATCH}")
+    if capacity_factor is not None and dispatch != "all_to_all":
+        raise ValueError("capacity_factor applies to dispatch='all_to_all'; ragged_all_to_all is dropless")
+    for name in ("data", "fsdp", "tensor", "expert"):
+        if name not in mesh.shape:
+            raise ValueError(f"mesh lacks axis {name!r}; build it with gptoss_jax.make_mesh")
+    ep, tp = mesh.shape["expert"], mesh.shape["tensor"]
+    _check_divisible(ew, ep, tp)
+    T, D = x.shape
+    E = router_b.shape[0]
+    shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    pad = -T % shards  # e.g. a decode step of one token: padding rows route nowhere
+    valid = jnp.arange(T + pad) < T
+    xp = jnp.pad(x, ((0, pad), (0, 0)))
+    default_local = "buckets" if jax.default_backend() == "cpu" else "ragged"
+    local_impl = local_impl or default_local
+
+    def body(x, valid, rw, rb, ew):
+        routing = moe_lib.route(x, rw, rb, k)
+        if tp > 1:  # b2 once, after the partial sums over tensor
+            ew_local = ew._replace(b2=jnp.zeros_like(ew.b2))
+        else:
+            ew_local = ew
+        mlp_kw = dict(alpha=alpha, limit=limit)
+        if ep == 1:
+            impl = local_impl if local_impl in moe_lib.MOE_IMPLS else default_local
+            extra = dict(mxfp4_impl=mxfp4_impl, interpret=interpret) if impl == "ragged" else {}
+            y = moe_lib.MOE_IMPLS[impl](x, ew_local, routing, **mlp_kw, **extra).astype(jnp.float32)
+            keep = jnp.ones(routing.ids.shape, bool)
+            dropped = jnp.zeros((), jnp.int32)
+        else:
+            grouped = functools.partial(moe_lib.grouped_mlp, ew=ew_local, mxfp4_impl=mxfp4_impl,
+                                        interpret=interpret, **mlp_kw)
+            if dispatch == "all_to_all":
+                if local_impl == "ragged":
+                    def local_mlp(h):  # [E_loc, n, D]: equal groups through the grouped matmul
+                        n = h.shape[1]
+                        sizes = jnp.full((h.shape[0],), n, jnp.int32)
+                        return grouped(h.reshape(-1, h.shape[-1]), sizes).reshape(h.shape)
+                else:
+                    local_mlp = functools.partial(moe_lib.bucket_mlp, ew=ew_local, **mlp_kw)
+                rows, keep, dropped = _all_to_all_rows(x, valid, routing, ep=ep, num_experts=E,
+                                                       capacity_factor=capacity_factor,
+                                                       local_mlp=local_mlp)
+            else:
+                rows, keep, dropped = _ragged_rows(x, valid, routing, ep=ep, num_experts=E,
+                                                   grouped=lambda xs, sizes: grouped(xs, sizes),
+                                                   emulate=emulate_ragged)
+            y = jnp.einsum("TkD,Tk->TD", rows, routing.weights)
+        if tp > 1:
+            y = jax.lax.psum(y, "tensor")
+            b2 = jax.lax.all_gather(ew.b2, "expert", tiled=True)[routing.ids]  # [t, k, D]
+            y = y + jnp.einsum("TkD,Tk->TD", b2.astype(jnp.float32), routing.weights * keep)
+        if ep > 1:
+            dropped = jax.lax.psum(dropped, BATCH_AXES)
+        return y.astype(x.dtype), routing, dropped
+
+    tok = P(BATCH_AXES)
+    spec_routing = moe_lib.Routing(tok, tok, tok)
+    fn = jax.shard_map(body, mesh=mesh,
+                       in_specs=(tok, tok, P(), P(), _expert_specs(ew, tp)),
+                       out_specs=(tok, spec_routing, P()))
+    y, routing, dropped = fn(xp, valid, router_w, router_b, ew)
+    if pad:
+        y = y[:T]
+        routing = moe_lib.Routing(*(a[:T] for a in routing))
+    return ShardedMoEOutput(y, routing, dropped)

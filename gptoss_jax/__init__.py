@@ -7,6 +7,7 @@
 """
 
 from gptoss_jax import sharding
+from gptoss_jax.sharding import make_mesh
 from gptoss_jax.checkpoint import CheckpointError, load, save_hf, save_native
 from gptoss_jax.config import ConfigError, ModelConfig, gpt_oss_20b, gpt_oss_120b, tiny
 from gptoss_jax.model import GptOss, KernelOptions, ModelOutput, abstract, init, parameter_bytes, parameter_count
@@ -17,5 +18,5 @@ from gptoss_jax.tokenizer import load_tokenizer
 __all__ = [
     "CheckpointError", "ConfigError", "GptOss", "MXFP4", "ModelConfig", "ModelOutput", "abstract",
     "gpt_oss_20b", "gpt_oss_120b", "init", "load", "parameter_bytes", "parameter_count", "save_hf",
-    "tiny", "KernelOptions", "save_native", "generate", "Generation", "load_tokenizer",
+    "tiny", "KernelOptions", "make_mesh", "sharding", "save_native", "generate", "Generation", "load_tokenizer",
 ]

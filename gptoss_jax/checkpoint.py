@@ -216,7 +216,8 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", experts: str | None = Non
 
     experts: "mxfp4" keeps packed experts packed (default when the checkpoint is packed), "dense"
     dequantizes them on load (explicit; 4x the memory); dense checkpoints load as "dense".
-    mesh: place each weight with the sharding its logical axes give on this mesh."""
+    mesh: place each weight with the sharding its logical axes give on this mesh (see
+        `gptoss_jax.make_mesh`); the model then runs its MoE layers expert-parallel on it."""
     ck = find_checkpoint(path)
     cfg = ModelConfig.from_pretrained(ck.root)
     try:
@@ -281,12 +282,21 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", experts: str | None = Non
             shapes = ", ".join(f"{k} {list(where[k].shape(k))}" for k in rule.keys)
             raise CheckpointError(f"tensor {shapes} does not fit model variable "
                                   f"{'.'.join(map(str, p))} of shape {list(want)}")
-        value = np.asarray(value).astype(_target_dtype(var, dtype), copy=False)
-        target = shardings[p] if shardings is not None else None
-        var.set_value(jax.device_put(value, target))
+        var.set_value(_place(value, _target_dtype(var, dtype), None if shardings is None else shardings[p]))
     model = nnx.merge(graphdef, state)
     model.kernel = kernel or KernelOptions(moe_impl=moe_impl)
+    model.mesh = mesh
     return model
+
+
+def _place(value, dtype: np.dtype, sharding):
+    """A checkpoint tensor (usually a view of the memory-mapped file) -> a device array. On a mesh,
+    each process reads and converts only the slices its own devices hold, so no host ever holds
+    the whole model (nor, for views, even a whole tensor)."""
+    if sharding is None:
+        return jax.device_put(np.asarray(value).astype(dtype, copy=False))
+    return jax.make_array_from_callback(
+        tuple(value.shape), sharding, lambda index: np.ascontiguousarray(value[index], dtype=dtype))
 
 
 def _check_disk_dtype(key: str, dtype: np.dtype, packed: bool) -> None:

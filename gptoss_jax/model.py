@@ -26,6 +26,7 @@ from gptoss_jax import attention as attn_lib
 from gptoss_jax import cache as cache_lib
 from gptoss_jax import layers
 from gptoss_jax import moe as moe_lib
+from gptoss_jax import sharding as sharding_lib
 from gptoss_jax.cache import KVCache
 from gptoss_jax.config import ModelConfig
 from gptoss_jax.mxfp4 import BLOCK, MXFP4, quantize
@@ -91,13 +92,15 @@ class Attention(nnx.Module):
         self.sinks = _declare(keys, (N,), ("q_heads",), jnp.float32, _zeros)
 
     def __call__(self, x, rope, *, positions, segment_ids, eps, cache=None, valid=None,
-                 kernel=None, capture=False):
+                 kernel=None, capture=False, mesh=None):
         cos, sin = rope
         h = layers.rms_norm(x, self.norm[...], eps)
 
         def proj(w, b, spec):
             y = jnp.einsum(spec, h, w[...], preferred_element_type=jnp.float32)
-            return (y + b[...].astype(jnp.float32)).astype(x.dtype)
+            y = (y + b[...].astype(jnp.float32)).astype(x.dtype)
+            # batch over the batch axes and heads over tensor, both at once
+            return sharding_lib.constrain(y, ("batch", "length", "act_heads", None), mesh)
 
         q = layers.apply_rope(proj(self.q, self.q_bias, "BTD,DNH->BTNH"), cos, sin)
         k = layers.apply_rope(proj(self.k, self.k_bias, "BTD,DKH->BTKH"), cos, sin)
@@ -159,13 +162,25 @@ class MoE(nnx.Module):
             w1, w2 = self.w1[...], self.w2[...]
         return moe_lib.ExpertWeights(w1, self.b1[...], w2, self.b2[...])
 
-    def __call__(self, x, *, eps, kernel: "KernelOptions"):
+    def __call__(self, x, *, eps, kernel: "KernelOptions", mesh=None):
+        """-> (out, routing, dropped): `dropped` counts (token, expert) assignments lost to a
+        capacity limit (always 0 unless `KernelOptions.capacity_factor` is set on a mesh)."""
         B, T, D = x.shape
         h = layers.rms_norm(x, self.norm[...], eps).reshape(B * T, D)
-        y, routing = moe_lib.moe(h, self.router[...], self.router_bias[...], self.expert_weights(),
-                                 k=self.k, alpha=self.alpha, limit=self.limit, impl=kernel.moe_impl,
-                                 mxfp4_impl=kernel.mxfp4_impl, interpret=kernel.interpret)
-        return y.reshape(B, T, D), routing
+        if mesh is not None and mesh.size > 1:
+            from gptoss_jax.expert_parallel import moe_sharded
+            y, routing, dropped = moe_sharded(
+                h, self.router[...], self.router_bias[...], self.expert_weights(), mesh=mesh, k=self.k,
+                alpha=self.alpha, limit=self.limit, dispatch=kernel.expert_dispatch,
+                capacity_factor=kernel.capacity_factor, local_impl=kernel.moe_impl,
+                mxfp4_impl=kernel.mxfp4_impl, interpret=kernel.interpret,
+                emulate_ragged=kernel.emulate_ragged)
+        else:
+            y, routing = moe_lib.moe(h, self.router[...], self.router_bias[...], self.expert_weights(),
+                                     k=self.k, alpha=self.alpha, limit=self.limit, impl=kernel.moe_impl,
+                                     mxfp4_impl=kernel.mxfp4_impl, interpret=kernel.interpret)
+            dropped = jnp.zeros((), jnp.int32)
+        return y.reshape(B, T, D), routing, dropped
 
 
 class Block(nnx.Module):
@@ -174,14 +189,14 @@ class Block(nnx.Module):
         self.mlp = MoE(cfg, dtype=dtype, experts=experts, keys=keys)
 
     def __call__(self, x, rope, *, positions, segment_ids, eps, kernel: "KernelOptions", capture=False,
-                 cache=None, valid=None):
+                 cache=None, valid=None, mesh=None):
         with jax.named_scope("attention"):
             a, sink_mass, cache = self.attn(x, rope, positions=positions, segment_ids=segment_ids,
                                             eps=eps, cache=cache, valid=valid, kernel=kernel,
-                                            capture=capture)
+                                            capture=capture, mesh=mesh)
         x_mid = x + a
         with jax.named_scope("moe"):
-            m, routing = self.mlp(x_mid, eps=eps, kernel=kernel)
+            m, routing, dropped = self.mlp(x_mid, eps=eps, kernel=kernel, mesh=mesh)
         out = x_mid + m
         if not capture:
             return out, cache, None
@@ -193,6 +208,7 @@ class Block(nnx.Module):
             "router_logits": routing.logits.reshape(B, T, -1),
             "expert_ids": routing.ids.reshape(B, T, -1),
             "expert_weights": routing.weights.reshape(B, T, -1),
+            "dropped": dropped,  # (token, expert) assignments dropped for capacity (mesh only)
         }
 
 
@@ -205,12 +221,25 @@ class KernelOptions:
         XLA on CPU). Cached decoding and capture=True always use the XLA path.
     mxfp4_impl: the packed grouped matmul of the "ragged" MoE path: "xla" (default) |
         "pallas_gpu" | "pallas_tpu".
-    interpret: run Pallas kernels in interpret mode (CPU testing)."""
+    interpret: run Pallas kernels in interpret mode (CPU testing).
+
+    On a mesh (`model.mesh`), the MoE layer is expert-parallel (`gptoss_jax.expert_parallel`):
+    expert_dispatch: "all_to_all" (fixed-capacity buffers; the CPU default) |
+        "ragged_all_to_all" (dropless, GPU/TPU default); moe_impl then names how each device runs
+        its local experts ("ragged" grouped matmul or "buckets").
+    capacity_factor: None = dropless; else the all_to_all buffers hold
+        ceil(capacity_factor * tokens * k / experts) rows per (device, expert) and the rest are
+        dropped and counted (captured as "dropped").
+    emulate_ragged: run ragged_all_to_all through an all-gather emulation (XLA:CPU cannot
+        compile the real collective)."""
 
     moe_impl: str | None = None
     attention_impl: str | None = None
     mxfp4_impl: str | None = None
     interpret: bool = False
+    expert_dispatch: str | None = None
+    capacity_factor: float | None = None
+    emulate_ragged: bool = False
 
 
 class GptOss(nnx.Module):
@@ -219,10 +248,11 @@ class GptOss(nnx.Module):
     expert weights."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.bfloat16, experts: str = "mxfp4",
-                 moe_impl: str | None = None, kernel: KernelOptions | None = None):
+                 moe_impl: str | None = None, kernel: KernelOptions | None = None, mesh=None):
         self.cfg = cfg
         self.dtype = jnp.dtype(dtype)
         self.kernel = kernel or KernelOptions(moe_impl=moe_impl)
+        self.mesh = mesh  # where the weights live; set by init/load(mesh=...) or sharding.shard_model
         keys = _Keys(rngs.params())
         self.embed = _declare(keys, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), dtype, _normal())
         self.layers = nnx.List([Block(cfg, i, dtype=dtype, experts=experts, keys=keys)
@@ -261,6 +291,7 @@ class GptOss(nnx.Module):
 
         with jax.named_scope("embed"):
             x = self.embed[...][tokens].astype(self.dtype)
+            x = sharding_lib.constrain(x, ("batch", "length", "act_embed"), self.mesh)
         rope = layers.rope_cos_sin(positions, layers.rope_inv_freq(cfg), cfg.rope_concentration)
         captured, new_layers = [], []
         for i, block in enumerate(self.layers):
@@ -268,7 +299,7 @@ class GptOss(nnx.Module):
                 x, layer_cache, inter = block(
                     x, rope, positions=positions, segment_ids=segment_ids, eps=cfg.rms_eps,
                     kernel=self.kernel, capture=capture,
-                    cache=None if cache is None else cache.layers[i], valid=valid)
+                    cache=None if cache is None else cache.layers[i], valid=valid, mesh=self.mesh)
             captured.append(inter)
             new_layers.append(layer_cache)
         if cache is not None:
@@ -279,6 +310,7 @@ class GptOss(nnx.Module):
             h = layers.rms_norm(x, self.norm[...], cfg.rms_eps)
             logits = jnp.einsum("BTD,VD->BTV", h, self.unembed[...],
                                 preferred_element_type=jnp.float32).astype(logits_dtype)
+            logits = sharding_lib.constrain(logits, ("batch", "length", "act_vocab"), self.mesh)
         return ModelOutput(logits, cache, captured if capture else None)
 
 
@@ -297,16 +329,16 @@ def _check_tokens(tokens, vocab_size: int):
 
 # ------------------------------------------------------------------------------- construction
 def init(cfg: ModelConfig, *, seed: int = 0, dtype=jnp.bfloat16, experts: str = "mxfp4",
-         moe_impl: str | None = None, mesh=None) -> GptOss:
+         moe_impl: str | None = None, kernel: KernelOptions | None = None, mesh=None) -> GptOss:
     """A model with random weights (normal(0.02) matrices, zero biases and sinks, unit norms).
 
     With `mesh`, every weight is created already sharded by its logical axes (never whole on one
-    device); JAX's partitionable threefry makes the values independent of the mesh."""
-    build = lambda: GptOss(cfg, rngs=nnx.Rngs(seed), dtype=dtype, experts=experts, moe_impl=moe_impl)
+    device, nor on one host); JAX's partitionable threefry makes the values independent of the
+    mesh, so one seed gives the same weights on every mesh."""
+    build = lambda: GptOss(cfg, rngs=nnx.Rngs(seed), dtype=dtype, experts=experts, moe_impl=moe_impl,
+                           kernel=kernel, mesh=mesh)
     if mesh is None:
         return build()
-    from gptoss_jax import sharding as sharding_lib
-
     graphdef, abstract_state = nnx.split(nnx.eval_shape(build))
     paths = [p for p, _ in nnx.to_flat_state(abstract_state)]
     shardings = sharding_lib.variable_shardings(abstract_state, mesh)

@@ -44,6 +44,7 @@ DEFAULT_RULES: Mapping[str, Rule] = {
     "batch": BATCH_AXES,
     "length": None,
     "act_embed": None,
+    "act_heads": "tensor",
     "act_vocab": "tensor",
 }
 
@@ -105,6 +106,18 @@ def variable_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES) -> dic
         axes = var.get_metadata().get("axes") or (None,) * len(shape)
         out[path] = named_sharding(axes, shape, mesh, rules)
     return out
+
+
+def shard_model(model, mesh: Mesh, rules=DEFAULT_RULES):
+    """Move an existing model's weights onto `mesh` by their logical axes (in place) and return it;
+    it then runs expert-parallel there. `init`/`load` with `mesh=` never materialise it whole."""
+    state = nnx.state(model)
+    shardings = variable_shardings(state, mesh, rules)
+    for path, var in nnx.to_flat_state(state):
+        var.set_value(jax.device_put(var.get_value(), shardings[path]))
+    nnx.update(model, state)
+    model.mesh = mesh
+    return model
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None], mesh: Mesh | None, rules=DEFAULT_RULES):

@@ -136,7 +136,7 @@ def test_export_round_trip_and_transformers_reads_it(original_dir, tmp_path, exp
 
 
 def test_load_onto_a_mesh(original_dir):
-    mesh = gj.sharding.make_mesh({"fsdp": 2, "expert": 4})
+    mesh = gj.make_mesh(fsdp=2, expert=4)
     model = gj.load(original_dir, dtype="float32", mesh=mesh)
     blocks = model.layers[0].mlp.w1_blocks[...]
     assert blocks.sharding.spec[0] == "expert"  # 8 experts over 4 devices

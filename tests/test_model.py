@@ -59,7 +59,7 @@ def test_same_seed_same_weights_and_capture(tiny_cfg):
 
 
 def test_init_on_a_mesh_gives_the_same_weights(tiny_cfg):
-    mesh = gj.sharding.make_mesh({"fsdp": 2, "expert": 4})
+    mesh = gj.make_mesh(fsdp=2, expert=4)
     sharded, plain = gj.init(tiny_cfg, seed=5, mesh=mesh), gj.init(tiny_cfg, seed=5)
     blocks = sharded.layers[1].mlp.w2_blocks[...]
     assert blocks.sharding.spec[0] == "expert" and len(blocks.sharding.device_set) == 8

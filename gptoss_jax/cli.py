@@ -70,7 +70,10 @@ def _copy_tokenizer(src: str, dst: str) -> None:
 def _load_for_chat(args):
     import gptoss_jax as gj
 
-    model = gj.load(args.checkpoint, dtype=args.dtype)
+    mesh = None
+    if args.mesh:
+        mesh = gj.sharding.mesh_from_config(gj.sharding.parse_mesh(args.mesh))
+    model = gj.load(args.checkpoint, dtype=args.dtype, mesh=mesh)
     tokenizer = gj.load_tokenizer(args.tokenizer or args.checkpoint)
     return model, tokenizer
 
@@ -282,6 +285,8 @@ def main(argv=None) -> int:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--dtype", default="bfloat16")
         p.add_argument("--tokenizer", help="tokenizer.json or 'o200k_harmony' (default: the checkpoint's, else o200k_harmony)")
+        p.add_argument("--mesh", help="shard over a device mesh, e.g. 'fsdp=2,expert=4' (axes data, fsdp, "
+                                      "tensor, expert; one may be -1); default: one device")
         p.set_defaults(fn=fn)
     args = parser.parse_args(argv)
     return _run(args)
@@ -295,6 +300,11 @@ def _run(args) -> int:
     from gptoss_jax.tokenizer import TokenizerError
 
     try:
+        if args.command in ("generate", "chat", "convert"):
+            from gptoss_jax import distributed
+
+            # a no-op unless launched on several processes (SLURM, Open MPI, TPU pod, JAX_* vars)
+            distributed.initialize()
         return args.fn(args)
     except (CheckpointError, ConfigError, SafetensorsError, TokenizerError, ValueError, OSError) as e:
         print(f"gptoss {args.command}: error: {e}", file=sys.stderr)

@@ -254,3 +254,32 @@ def moe_sharded(x, router_w, router_b, ew: moe_lib.ExpertWeights, *, mesh: Mesh,
         y = y[:T]
         routing = moe_lib.Routing(*(a[:T] for a in routing))
     return ShardedMoEOutput(y, routing, dropped)
+
+
+# ------------------------------------------------------------------------ communication volume
+def communication_per_token(cfg, mesh_shape: dict, *, dispatch: str = "ragged_all_to_all",
+                            capacity_factor: float = 1.0, dtype_bytes: int = 2) -> dict:
+    """Bytes one device sends per local token in one MoE layer's forward, from the shapes alone.
+
+    Routing is taken as uniform, so a fraction (ep - 1) / ep of the rows leaves the device.
+    - dispatch / combine: the two all-to-alls. ragged: k rows of D per token each way; all_to_all:
+      the padded buffer, capacity_factor * k rows per token (dropless picks 1.25, 2, 4 or E/k
+      times the mean at run time, from the largest group).
+    - tensor_psum: the all-reduce of the fp32 partial outputs over `tensor` (ring: 2 (tp-1)/tp).
+    The FSDP all-gather of the expert weights is per step, not per token: see `fsdp_gather_bytes`."""
+    ep, tp = mesh_shape.get("expert", 1), mesh_shape.get("tensor", 1)
+    k, D = cfg.experts_per_token, cfg.d_model
+    rows = k if dispatch == "ragged_all_to_all" else capacity_factor * k
+    one_way = (ep - 1) / ep * rows * D * dtype_bytes
+    return {"dispatch": one_way, "combine": one_way, "tensor_psum": 2 * (tp - 1) / tp * D * 4,
+            "total": 2 * one_way + 2 * (tp - 1) / tp * D * 4}
+
+
+def fsdp_gather_bytes(cfg, mesh_shape: dict) -> float:
+    """Bytes one device receives per MoE layer per forward to gather its packed expert weights
+    over `fsdp` (the shard_map needs each (expert, tensor) slice whole)."""
+    ep, tp, fs = (mesh_shape.get(a, 1) for a in ("expert", "tensor", "fsdp"))
+    E, D, F = cfg.num_experts, cfg.d_model, cfg.expert_dim
+    packed = E * (2 * F * D + D * F) * (0.5 + 1 / BLOCK) / (ep * tp)  # 4 bits + a scale byte per 32
+    b2 = E * D * 2 / ep  # [E, D] bf16; b1 has no embed axis and is not fsdp-sharded
+    return (fs - 1) / fs * (packed + b2)

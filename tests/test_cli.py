@@ -37,6 +37,17 @@ def test_generate_raw_matches_library(full_vocab_ckpt, tokenizer, capsys):
     assert printed.rstrip("\n") == tokenizer.decode(want.tokens[0])
 
 
+def test_generate_on_a_mesh_matches_one_device(full_vocab_ckpt, capsys):
+    args = ["generate", str(full_vocab_ckpt), "--raw", "--prompt", "Once upon a time",
+            "--max-new-tokens", "5", "--temperature", "0"]
+    assert main(args) == 0
+    one = capsys.readouterr().out
+    assert main(args + ["--mesh", "data=2,expert=4"]) == 0
+    assert capsys.readouterr().out == one
+    assert main(args + ["--mesh", "data=3"]) == 2
+    _one_error_line(capsys, "needs 3 devices, have 8")
+
+
 def test_generate_harmony_prompt_and_conversation_file(full_vocab_ckpt, tmp_path, capsys):
     assert main(["generate", str(full_vocab_ckpt), "--prompt", "What is 2+2?", "--reasoning-effort", "low",
                  "--max-new-tokens", "5", "--temperature", "0"]) == 0

@@ -183,3 +183,25 @@ def test_ragged_dispatch_lowers_at_20b_shapes(platform):
         for fn in (f, grad):
             text = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
             assert text.count("ragged_all_to_all") >= (2 if fn is f else 4)
+
+
+def test_communication_formula_matches_the_program(layer, tiny_cfg):
+    """The all_to_all volume `communication_per_token` computes from the shapes equals the
+    buffers in the lowered program (fixed capacity, so nothing depends on the data)."""
+    import re
+
+    x, rw, rb, ews = layer
+    shape = dict(data=2, expert=4)
+    mesh = gj.make_mesh(**shape)
+    f = lambda x: ep_lib.moe_sharded(x, rw, rb, ews["dense"], mesh=mesh, k=K, alpha=ALPHA, limit=LIMIT,
+                                     capacity_factor=2.0).out
+    hlo = jax.jit(f).lower(x).as_text()
+    buffers = re.findall(r'"stablehlo.all_to_all".*\(tensor<([0-9x]+)xf32>\)', hlo)
+    assert len(buffers) == 2
+    elems = [np.prod([int(n) for n in b.split("x")]) for b in buffers]
+    t = T // 8  # tokens per device
+    ep = mesh.shape["expert"]
+    sent = [(ep - 1) / ep * n * 4 / t for n in elems]  # fp32 here; per local token
+    assert (tiny_cfg.d_model, tiny_cfg.num_experts, tiny_cfg.experts_per_token) == (D, E, K)
+    want = ep_lib.communication_per_token(tiny_cfg, shape, dispatch="all_to_all", capacity_factor=2.0, dtype_bytes=4)
+    assert sent == [want["dispatch"], want["combine"]]

@@ -160,9 +160,9 @@ def test_model_reports_drops(tiny_cfg):
 
 # ----------------------------------------------------------------- ragged_all_to_all: lowering
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
-def test_ragged_dispatch_lowers_at_20b_shapes(platform):
+def test_ragged_dispatch_lowers_at_20b_shapes(platform, verified_triton_modules):
     """Strategy (b) at gpt-oss-20b sizes (32 experts, D = F = 2880, packed) on expert=8 and on
-    data=2 x expert=4, forward and gradient, lowered for the real targets."""
+    data=2 x expert=4, forward and gradient, lowered for the real targets (Triton for cuda)."""
     cfg = gj.gpt_oss_20b()
     Dm, Fm, Em = cfg.d_model, cfg.expert_dim, cfg.num_experts
     s = jax.ShapeDtypeStruct
@@ -171,18 +171,23 @@ def test_ragged_dispatch_lowers_at_20b_shapes(platform):
         gj.MXFP4(s((Em, 2 * Fm, Dm // 32, 16), u8), s((Em, 2 * Fm, Dm // 32), u8)), s((Em, 2 * Fm), bf),
         gj.MXFP4(s((Em, Dm, Fm // 32, 16), u8), s((Em, Dm, Fm // 32), u8)), s((Em, Dm), bf))
     args = (s((4096, Dm), bf), s((Dm, Em), bf), s((Em,), bf), ew)
-    for shape in (dict(expert=8), dict(data=2, expert=4)):
+    kernel = {"cuda": "pallas_gpu", "tpu": "pallas_tpu"}[platform]
+    # the local experts through the XLA grouped matmul, then through the platform's Pallas kernel
+    for shape, mxfp4_impl in ((dict(expert=8), "xla"), (dict(data=2, expert=4), kernel)):
         mesh = gj.make_mesh(**shape)
 
         def f(x, rw, rb, ew):
             return ep_lib.moe_sharded(x, rw, rb, ew, mesh=mesh, k=cfg.experts_per_token,
                                       alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit,
-                                      dispatch="ragged_all_to_all", local_impl="ragged").out
+                                      dispatch="ragged_all_to_all", local_impl="ragged",
+                                      mxfp4_impl=mxfp4_impl).out
 
         grad = jax.grad(lambda x, rw, rb, ew: jnp.sum(f(x, rw, rb, ew).astype(jnp.float32)), argnums=(0, 1))
         for fn in (f, grad):
             text = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
             assert text.count("ragged_all_to_all") >= (2 if fn is f else 4)
+    if platform == "cuda":  # the Triton kernels' modules pass the MLIR verifier
+        assert verified_triton_modules and all(verified_triton_modules)
 
 
 def test_communication_formula_matches_the_program(layer, tiny_cfg):

@@ -31,6 +31,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from gptoss_jax.kernels import vma
 from gptoss_jax.layers import swiglu as swiglu_fn
 from gptoss_jax.mxfp4 import BLOCK, MXFP4, dequantize
 
@@ -98,27 +99,6 @@ def mxfp4_grouped_matmul(x, blocks, scales, group_sizes, *, bias=None, swiglu=No
 
 
 # ------------------------------------------------------------------------------------ XLA path
-def _vma(a) -> frozenset:
-    """The manual mesh axes `a` varies over inside `shard_map` (empty outside)."""
-    aval = jax.typeof(a)
-    mat = getattr(aval, "mat", None)
-    return frozenset(getattr(mat, "varying", None) or getattr(aval, "vma", ()) or ())
-
-
-def _varying_like(init, *operands):
-    """A loop carry that varies over the same manual mesh axes as the operands (inside
-    `shard_map` a carry must keep its type across iterations; outside it this is the identity)."""
-    axes = frozenset().union(*(_vma(a) for a in operands))
-    return jax.lax.pcast(init, tuple(sorted(axes)), to="varying") if axes else init
-
-
-def _sum_to_vma(ct, primal):
-    """A cotangent summed over the mesh axes it varies on but its primal does not: the gradient of
-    a weight replicated over devices is the sum of the devices' contributions."""
-    extra = _vma(ct) - _vma(primal)
-    return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
-
-
 def _grouped(x, blocks, scales, group_sizes, tm: int, *, transpose: bool):
     """sum over experts of rows-of-e @ W_e^T (or @ W_e when `transpose`), fp32 [M, out].
 
@@ -144,7 +124,7 @@ def _grouped(x, blocks, scales, group_sizes, tm: int, *, transpose: bool):
         n_chunks = (size + tm - 1) // tm
         return jax.lax.fori_loop(0, n_chunks, chunk, out), None
 
-    out = _varying_like(jnp.zeros((M + tm, out_dim), jnp.float32), x, blocks, scales, group_sizes)
+    out = vma.varying_like(jnp.zeros((M + tm, out_dim), jnp.float32), x, blocks, scales, group_sizes)
     out, _ = jax.lax.scan(per_expert, out, jnp.arange(blocks.shape[0]))
     return out[:M]
 
@@ -176,12 +156,12 @@ def _xla_bwd(swiglu, tm, res, dy):
         _, vjp = jax.vjp(lambda h: swiglu_fn(h, alpha=swiglu[0], limit=swiglu[1]), h)
         (dh,) = vjp(dh)
     dx = _grouped(dh.astype(x.dtype), blocks, scales, group_sizes, tm, transpose=True)
-    dx = _sum_to_vma(dx, x).astype(x.dtype)
+    dx = vma.sum_to(dx, x).astype(x.dtype)
     dbias = None
     if bias is not None:
         e = row_experts(group_sizes, x.shape[0])
         dbias = jax.ops.segment_sum(dh, e, num_segments=bias.shape[0] + 1)[:-1].astype(bias.dtype)
-        dbias = _sum_to_vma(dbias, bias)
+        dbias = vma.sum_to(dbias, bias)
     zero_int = lambda a: jnp.zeros(a.shape, jax.dtypes.float0)  # integer inputs: no gradient
     return dx, zero_int(blocks), zero_int(scales), zero_int(group_sizes), dbias
 

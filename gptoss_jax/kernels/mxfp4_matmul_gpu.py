@@ -64,6 +64,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from gptoss_jax.kernels import vma
 from gptoss_jax.kernels.mxfp4_matmul import MatmulBlockSizes, row_experts
 from gptoss_jax.mxfp4 import BLOCK
 
@@ -331,10 +332,10 @@ def _forward(x, blocks, scales, meta, bias, cfg: _Config, *, mode: str = "out", 
     if cfg.has_bias:
         args.append(bias.reshape(E, cfg.Nout // P, P))
     if mode == "out":
-        out_shape = jax.ShapeDtypeStruct((cfg.M, cfg.Nout // P), x.dtype)
+        out_shape = vma.out_struct((cfg.M, cfg.Nout // P), x.dtype, *args)
     else:
         args.append(dy)
-        out_shape = jax.ShapeDtypeStruct((cfg.M, cfg.Nout // 2, 2), jnp.float32)
+        out_shape = vma.out_struct((cfg.M, cfg.Nout // 2, 2), jnp.float32, *args)
     out = pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg, mode=mode),
         grid=(cfg.n_tiles, cfg.visits), out_shape=out_shape,
@@ -382,7 +383,7 @@ def _input_grad(dh, blocks, scales, meta, cfg: _Config):
     return pl.pallas_call(
         functools.partial(_dx_kernel, cfg=cfg),
         grid=(cfg.k_tiles, cfg.visits),
-        out_shape=jax.ShapeDtypeStruct((cfg.M, cfg.Kin), jnp.dtype(cfg.dtype)),
+        out_shape=vma.out_struct((cfg.M, cfg.Kin), jnp.dtype(cfg.dtype), meta, dh, b4, s4),
         compiler_params=cfg.compiler_params(cfg.block_m * cfg.block_k),
         interpret=cfg.interpret, name="mxfp4_grouped_matmul_dx",
     )(meta, dh, b4, s4)
@@ -410,12 +411,12 @@ def _matmul_bwd(cfg: _Config, res, dy):
         dh = dy  # the dx kernel casts to x's dtype in registers
     else:  # recompute h tile by tile; the epilogue applies the swiglu derivative
         dh = _forward(x, blocks, scales, meta, bias, cfg, mode="dh", dy=dy)
-    dx = _input_grad(dh, blocks, scales, meta, cfg)
+    dx = vma.sum_to(_input_grad(dh, blocks, scales, meta, cfg), x)
     dbias = None
     if bias is not None:
         e = row_experts(group_sizes, cfg.M)
         dbias = jax.ops.segment_sum(dh.astype(jnp.float32), e, num_segments=cfg.E + 1)[:-1]
-        dbias = dbias.astype(bias.dtype)
+        dbias = vma.sum_to(dbias.astype(bias.dtype), bias)
     zero_int = lambda a: jnp.zeros(a.shape, jax.dtypes.float0)  # integer inputs: no gradient
     return dx, zero_int(blocks), zero_int(scales), zero_int(group_sizes), dbias
 

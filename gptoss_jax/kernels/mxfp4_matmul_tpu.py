@@ -82,6 +82,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from gptoss_jax.kernels import vma
 from gptoss_jax.kernels.mxfp4_matmul import MatmulBlockSizes, row_experts
 from gptoss_jax.layers import swiglu as swiglu_fn
 from gptoss_jax.mxfp4 import BLOCK
@@ -292,7 +293,7 @@ def _forward(x, blocks, scales, group_sizes, bias, *, swiglu, bs: MatmulBlockSiz
             num_scalar_prefetch=len(meta), grid=(nn, V, nk), in_specs=in_specs,
             out_specs=pl.BlockSpec((bm, out_bn), lambda n, v, k, tile, *_: (tile[v], n)),
             scratch_shapes=scratch),
-        out_shape=jax.ShapeDtypeStruct((M, out_n), out_dtype),
+        out_shape=vma.out_struct((M, out_n), out_dtype, *meta, *args),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
         interpret=interpret,
         name="mxfp4_grouped_matmul_fwd",
@@ -372,7 +373,7 @@ def _input_grad(dh, blocks, scales, group_sizes, *, bs: MatmulBlockSizes, interp
             out_specs=pl.BlockSpec((2, bm, bk // 2), lambda kt, v, n, tile, *_: (0, tile[v], kt)),
             scratch_shapes=[pltpu.VMEM((2, bm, bk // 2), jnp.float32),
                             pltpu.VMEM((nn, 2, bn, bk // 2), dh.dtype)]),
-        out_shape=jax.ShapeDtypeStruct((2, m_pad, nk * bk // 2), dh.dtype),
+        out_shape=vma.out_struct((2, m_pad, nk * bk // 2), dh.dtype, *meta, dh, w, s),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
         interpret=interpret,
         name="mxfp4_grouped_matmul_dx",
@@ -404,10 +405,12 @@ def _mm_bwd(swiglu, bs, bs_bwd, interpret, res, dy):
         _, vjp = jax.vjp(lambda h: swiglu_fn(h, alpha=swiglu[0], limit=swiglu[1]), h)
         (dh,) = vjp(dh)
     dx = _input_grad(dh.astype(x.dtype), blocks, scales, group_sizes, bs=bs_bwd, interpret=interpret)
+    dx = vma.sum_to(dx, x)
     dbias = None
     if bias is not None:
         e = row_experts(group_sizes, x.shape[0])
         dbias = jax.ops.segment_sum(dh, e, num_segments=bias.shape[0] + 1)[:-1].astype(bias.dtype)
+        dbias = vma.sum_to(dbias, bias)
     zero_int = lambda a: jnp.zeros(a.shape, jax.dtypes.float0)
     return dx, zero_int(blocks), zero_int(scales), zero_int(group_sizes), dbias
 

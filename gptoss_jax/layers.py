@@ -72,7 +72,9 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
         return inv
     f32 = np.float32
     exponents = np.arange(0, cfg.head_dim, 2, dtype=f32) / f32(cfg.head_dim)
-    freq = np.power(f32(cfg.rope_theta), exponents, dtype=f32)
+    # pow evaluated in float64 and rounded once: the correctly rounded float32 result (float32 pow
+    # implementations differ by an ulp across CPUs and libraries)
+    freq = np.power(np.float64(f32(cfg.rope_theta)), exponents.astype(np.float64)).astype(f32)
     if cfg.rope_factor <= 1.0:
         inv = (f32(1.0) / freq).astype(f32)
         inv.flags.writeable = False

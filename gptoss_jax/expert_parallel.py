@@ -233,8 +233,7 @@ def moe_sharded(x, router_w, router_b, ew: moe_lib.ExpertWeights, *, mesh: Mesh,
                                                        local_mlp=local_mlp)
             else:
                 rows, keep, dropped = _ragged_rows(x, valid, routing, ep=ep, num_experts=E,
-                                                   grouped=lambda xs, sizes: grouped(xs, sizes),
-                                                   emulate=emulate_ragged)
+                                                   grouped=grouped, emulate=emulate_ragged)
             y = jnp.einsum("TkD,Tk->TD", rows, routing.weights)
         if tp > 1:
             y = jax.lax.psum(y, "tensor")

@@ -17,6 +17,9 @@ Four implementations compute the same function:
   capacity is the smallest of a few static sizes that holds the largest group (`lax.switch`).
 - `moe_gather`: each (token, slot) gathers its expert's weights (decoding packed ones after the
   gather). Chosen automatically when 2*T*k <= E, i.e. for decode steps.
+
+On a device mesh the layer runs expert-parallel (`gptoss_jax.expert_parallel`), built from the
+pieces here: `route`, `sort_by_expert`, `grouped_mlp` and `bucket_mlp`.
 """
 
 from __future__ import annotations

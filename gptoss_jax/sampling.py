@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from gptoss_jax.cache import KVCache, init_cache
+from gptoss_jax.distributed import to_host
 from gptoss_jax.harmony import STOP_TOKENS_ASSISTANT as ASSISTANT_STOP_TOKENS  # <|return|>, <|call|>
 
 
@@ -179,14 +180,14 @@ def generate(model, tokenizer=None, prompts: Sequence = (), *, max_new_tokens: i
     out: list[list[int]] = [[] for _ in range(B)]
     while True:
         cache, logits, key, done, produced, toks = decode(state, cache, logits, key, done, produced, limit)
-        toks = np.asarray(toks)
+        toks = to_host(toks)  # on several processes the rows may live on other hosts
         for b in range(B):
             new = [int(t) for t in toks[b] if t >= 0]
             if new:
                 out[b].extend(new)
                 if stream is not None:
                     stream(b, new)
-        if bool(np.all(np.asarray(done))):
+        if bool(np.all(to_host(done))):
             break
     reasons = ["stop" if r and r[-1] in stop_ids else "length" for r in out]
     return Generation(out, reasons, [len(p) for p in ids])

@@ -4,7 +4,8 @@
 
 The launcher sets JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID and 4 fake CPU
 devices per process; this joins the run, loads the checkpoint onto an fsdp=2 x expert=4 mesh over
-all 8 devices, feeds its own rows of the batch, and writes the gathered logits."""
+all 8 devices, feeds its own rows of the batch, writes the gathered logits and greedy
+generation from prompts of different lengths."""
 
 import json
 import os
@@ -38,6 +39,8 @@ def main(ckpt, tokens_path, out_dir):
     graphdef, state = nnx.split(model)
     logits = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t).logits)(state, batch)
     full = distributed.to_host(logits)
+    prompts = [[int(t) for t in row[: 6 + 3 * i]] for i, row in enumerate(tokens)]
+    gen = gj.generate(model, None, prompts, max_new_tokens=5, temperature=0, stop_tokens=())
     me = jax.process_index()
     blocks = model.layers[0].mlp.w1_blocks[...]
     arrays = [v.get_value() for _, v in nnx.to_flat_state(nnx.state(model))]
@@ -46,7 +49,8 @@ def main(ckpt, tokens_path, out_dir):
             "local_block_bytes": sum(s.data.nbytes for s in blocks.addressable_shards),
             "global_block_bytes": blocks.nbytes,
             "local_model_bytes": sum(local_bytes(a) for a in arrays),
-            "global_model_bytes": sum(a.nbytes for a in arrays)}
+            "global_model_bytes": sum(a.nbytes for a in arrays),
+            "generated": gen.tokens}
     with open(os.path.join(out_dir, f"info{me}.json"), "w") as f:
         json.dump(info, f)
     np.save(os.path.join(out_dir, f"logits{me}.npy"), full)

@@ -1,6 +1,7 @@
 """Two real processes (4 fake CPU devices each, joined by jax.distributed over loopback with the
 gloo collectives) run the model on one fsdp=2 x expert=4 mesh (fsdp across the processes): each loads only its own slices of
-the checkpoint and its own rows of the batch; the gathered logits equal one device's."""
+the checkpoint and its own rows of the batch; the gathered logits equal one device's, and so
+does greedy generation."""
 
 import json
 import os
@@ -62,6 +63,9 @@ def test_two_processes_equal_one_device(original_dir, tiny_cfg, tmp_path):
         err = float(np.abs(got - want).max() / np.abs(want).max())
         print(f"process {i}: rows {info['rows']}, max|diff|/max|logit| = {err:.2e}")
         assert err <= 1e-5
+    prompts = [[int(t) for t in row[: 6 + 3 * i]] for i, row in enumerate(tokens)]
+    want_gen = gj.generate(model, None, prompts, max_new_tokens=5, temperature=0, stop_tokens=())
+    assert infos[0]["generated"] == infos[1]["generated"] == want_gen.tokens
     # each host loaded its own rows of the batch, together all of them once
     assert sorted(infos[0]["rows"] + infos[1]["rows"]) == list(range(tokens.shape[0]))
     assert not set(infos[0]["rows"]) & set(infos[1]["rows"])

@@ -61,7 +61,8 @@ def test_two_processes_equal_one_device(original_dir, tiny_cfg, tmp_path):
         assert info["local_model_bytes"] < 0.6 * info["global_model_bytes"]
         got = np.load(tmp_path / f"logits{i}.npy")
         err = float(np.abs(got - want).max() / np.abs(want).max())
-        print(f"process {i}: rows {info['rows']}, max|diff|/max|logit| = {err:.2e}")
+        print(f"process {i}: rows {info['rows']}, max|diff|/max|logit| = {err:.2e}, holds "
+              f"{info['local_model_bytes']:,} of {info['global_model_bytes']:,} model bytes")
         assert err <= 1e-5
     prompts = [[int(t) for t in row[: 6 + 3 * i]] for i, row in enumerate(tokens)]
     want_gen = gj.generate(model, None, prompts, max_new_tokens=5, temperature=0, stop_tokens=())

@@ -1,4 +1,4 @@
-"""Training: losses as pure functions (the loops build on them)."""
+"""Training: losses as pure functions, the data pipeline, and the jitted step (loops build on them)."""
 
 from gptoss_jax.train.losses import next_token_loss, token_cross_entropy
 

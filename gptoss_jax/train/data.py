@@ -1,0 +1,171 @@
+"""Training data: jsonl conversations -> harmony tokens + loss mask -> packed rows -> batches.
+
+Each jsonl line is one conversation, in either of two shapes:
+- openai-harmony's JSON (`{"messages": [...]}` or a bare list of messages, content as parts);
+- the common chat shape `{"messages": [{"role", "content", "thinking"?}]}` with string contents:
+  a `system` message becomes the developer instructions, an assistant's `thinking` its analysis
+  message and its `content` the final answer. A harmony system message (with the configured
+  reasoning effort) is put first where a conversation has none.
+
+Malformed lines are reported with their line number and skipped (or fatal with `strict=True`).
+Packing places whole examples into rows of `seq_len` tokens in order (first fit); each example
+gets its own segment id and positions from 0, so attention never crosses documents. Examples
+longer than a row are never truncated: they are counted and left out (or fatal with `strict`).
+Batches are a pure function of (seed, step), so a resumed run reads exactly what it would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from gptoss_jax import harmony
+
+
+class DataError(ValueError):
+    """Bad training data, naming the file and line."""
+
+
+@dataclasses.dataclass
+class DataReport:
+    lines: int = 0
+    conversations: int = 0
+    malformed: list[str] = dataclasses.field(default_factory=list)  # "path:line: reason"
+    too_long: int = 0  # examples longer than one row, left out
+    no_target: int = 0  # examples with no trained token (nothing for the loss), left out
+
+    def summary(self) -> str:
+        return (f"{self.conversations} conversations from {self.lines} lines; {len(self.malformed)} "
+                f"malformed, {self.too_long} longer than a row, {self.no_target} without an assistant "
+                "turn (all left out)")
+
+
+def _is_chat_shape(messages) -> bool:
+    return all(isinstance(m, dict) and isinstance(m.get("content"), str) and "channel" not in m
+               for m in messages)
+
+
+def from_chat_shape(messages, *, reasoning_effort: str = "low") -> list[dict]:
+    """The chat shape (string contents, `thinking` on assistant turns) as harmony messages."""
+    out = [harmony.system_message(reasoning_effort=reasoning_effort)]
+    for i, m in enumerate(messages):
+        role = m.get("role")
+        if role in ("system", "developer"):
+            out.append(harmony.developer_message(m["content"]))
+        elif role == "user":
+            out.append(harmony.user(m["content"]))
+        elif role == "assistant":
+            if m.get("thinking"):
+                out.append(harmony.assistant(m["thinking"], channel="analysis"))
+            out.append(harmony.assistant(m["content"], channel="final"))
+        else:
+            raise ValueError(f"message {i}: role {role!r} is not one of system, developer, user, assistant")
+    return out
+
+
+def parse_conversation(record, *, reasoning_effort: str = "low") -> list[dict]:
+    """One decoded jsonl record -> normalized harmony messages (ValueError if malformed)."""
+    messages = record.get("messages") if isinstance(record, dict) else record
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("expected {'messages': [...]} with at least one message")
+    if _is_chat_shape(messages):
+        messages = from_chat_shape(messages, reasoning_effort=reasoning_effort)
+    conv = harmony.normalize_conversation(messages)
+    if conv[0]["role"] != "system":
+        conv = harmony.normalize_conversation([harmony.system_message(reasoning_effort=reasoning_effort)]) + conv
+    return conv
+
+
+def read_jsonl(path: str, *, strict: bool = False, reasoning_effort: str = "low",
+               report: DataReport | None = None) -> tuple[list[list[dict]], DataReport]:
+    report = report or DataReport()
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            report.lines += 1
+            try:
+                out.append(parse_conversation(json.loads(line), reasoning_effort=reasoning_effort))
+            except (ValueError, TypeError, KeyError) as e:
+                reason = f"{path}:{lineno}: {e}"
+                if strict:
+                    raise DataError(reason) from None
+                report.malformed.append(reason)
+    report.conversations += len(out)
+    return out, report
+
+
+@dataclasses.dataclass
+class Packed:
+    tokens: np.ndarray  # [N, L] int32 (0 where padding)
+    loss_mask: np.ndarray  # [N, L] int32: 1 = this token is a target
+    segment_ids: np.ndarray  # [N, L] int32: 1, 2, ... per example in the row; 0 = padding
+    positions: np.ndarray  # [N, L] int32: from 0 within each example
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+
+def tokenize(conversations: Iterable, tokenizer, *, report: DataReport | None = None):
+    """Conversations -> [(tokens, loss_mask)] through `harmony.render_for_training`."""
+    out = []
+    for conv in conversations:
+        tokens, mask = harmony.render_for_training(conv, tokenizer)
+        if not any(mask):
+            if report is not None:
+                report.no_target += 1
+            continue
+        out.append((tokens, mask))
+    return out
+
+
+def pack(examples: Sequence[tuple[Sequence[int], Sequence[int]]], seq_len: int, *, strict: bool = False,
+         report: DataReport | None = None) -> Packed:
+    """First-fit packing in order: each row is filled with whole examples while they fit."""
+    rows: list[list[tuple]] = []
+    room: list[int] = []
+    for i, (tokens, mask) in enumerate(examples):
+        if len(tokens) != len(mask):
+            raise DataError(f"example {i}: {len(tokens)} tokens but {len(mask)} mask entries")
+        if len(tokens) > seq_len:
+            if strict:
+                raise DataError(f"example {i} has {len(tokens)} tokens, more than a row of {seq_len}")
+            if report is not None:
+                report.too_long += 1
+            continue
+        for r, free in enumerate(room):
+            if len(tokens) <= free:
+                rows[r].append((tokens, mask))
+                room[r] -= len(tokens)
+                break
+        else:
+            rows.append([(tokens, mask)])
+            room.append(seq_len - len(tokens))
+    shape = (len(rows), seq_len)
+    packed = Packed(*(np.zeros(shape, np.int32) for _ in range(4)))
+    for r, row in enumerate(rows):
+        at = 0
+        for seg, (tokens, mask) in enumerate(row, 1):
+            n = len(tokens)
+            packed.tokens[r, at:at + n] = tokens
+            packed.loss_mask[r, at:at + n] = mask
+            packed.segment_ids[r, at:at + n] = seg
+            packed.positions[r, at:at + n] = np.arange(n)
+            at += n
+    return packed
+
+
+def batch_at(packed: Packed, step: int, batch_size: int, *, seed: int = 0) -> dict[str, np.ndarray]:
+    """The batch of global step `step`: rows from a fresh permutation each epoch (seeded by
+    (seed, epoch)); a pure function of its arguments, so resuming at a step is exact."""
+    n = len(packed)
+    if n == 0:
+        raise DataError("no packed rows: the data set is empty after filtering")
+    epoch, within = np.divmod(step * batch_size + np.arange(batch_size), n)
+    orders = {e: np.random.default_rng([seed, int(e)]).permutation(n) for e in np.unique(epoch)}
+    rows = np.array([orders[e][w] for e, w in zip(epoch, within)], np.int64)
+    return {name: getattr(packed, name)[rows] for name in ("tokens", "loss_mask", "segment_ids", "positions")}

@@ -1,0 +1,121 @@
+"""The training step: a jitted pure function of (state, batch).
+
+- Mixed precision: the model computes in its own dtype (bf16 by default; norms and sinks fp32)
+  while `TrainState.params` holds fp32 master copies of the trainable variables, which the
+  optimizer updates; they are cast to the model's dtypes inside the step.
+- Only `nnx.Param`s train (or what `trainable` selects); packed MXFP4 experts are `PackedWeight`s
+  and stay frozen, passed through untouched.
+- optax AdamW with linear warmup + cosine decay and global-norm clipping (`make_optimizer`).
+- Gradient accumulation over `accum_steps` micro-batches (a `lax.scan`); the loss is the mean
+  over all targets of the whole batch, so accumulation gives the same update as one big batch.
+- A step whose loss or gradient norm is not finite changes nothing but the counters
+  (`skipped`, `bad_in_a_row`); the loop decides when to stop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from gptoss_jax.train.losses import token_cross_entropy
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float = 3e-4
+    warmup_steps: int = 100
+    total_steps: int = 1000
+    end_learning_rate_fraction: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float | None = 1.0
+
+
+def make_schedule(cfg: OptimConfig) -> optax.Schedule:
+    if cfg.total_steps <= cfg.warmup_steps:
+        raise ValueError(f"total_steps ({cfg.total_steps}) must exceed warmup_steps ({cfg.warmup_steps})")
+    return optax.warmup_cosine_decay_schedule(
+        0.0, cfg.learning_rate, cfg.warmup_steps, cfg.total_steps,
+        end_value=cfg.learning_rate * cfg.end_learning_rate_fraction)
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    adamw = optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return adamw if cfg.clip_norm is None else optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
+
+
+class TrainState(NamedTuple):
+    params: Any  # fp32 master copies of the trainable variables (an nnx.State)
+    opt_state: Any
+    step: jax.Array  # int32: updates applied + skipped
+    skipped: jax.Array  # int32: steps skipped for a non-finite loss or gradient
+    bad_in_a_row: jax.Array  # int32: consecutive skipped steps
+
+
+class Trainer(NamedTuple):
+    init: Any  # model -> TrainState
+    step: Any  # (TrainState, batch) -> (TrainState, metrics); jitted
+    model: Any  # (TrainState) -> the model with the trained weights (in its compute dtypes)
+
+
+def make_trainer(model, optimizer: optax.GradientTransformation, *, accum_steps: int = 1,
+                 trainable=nnx.Param) -> Trainer:
+    """Build the step for `model`'s structure. Batches are dicts of [accum_steps * B, T] arrays:
+    tokens, loss_mask, and optionally segment_ids / positions (packed rows)."""
+    graphdef, frozen_params, rest = nnx.split(model, trainable, ...)
+    dtypes = jax.tree.map(lambda v: v.dtype, frozen_params)
+    to_compute = lambda master: jax.tree.map(lambda p, d: p.astype(d), master, dtypes)
+
+    def init(m) -> TrainState:
+        params = nnx.state(m, trainable)
+        # copies: the step donates its state, which must not free the model's own arrays
+        master = jax.tree.map(lambda p: jnp.array(p, dtype=jnp.float32, copy=True), params)
+        zero = lambda: jnp.zeros((), jnp.int32)
+        return TrainState(master, optimizer.init(master), zero(), zero(), zero())
+
+    def loss_sum(master, micro):
+        tokens = micro["tokens"]
+        out = nnx.merge(graphdef, to_compute(master), rest)(
+            tokens, positions=micro.get("positions"), segment_ids=micro.get("segment_ids"))
+        weights = micro["loss_mask"][:, 1:].astype(jnp.float32)
+        if "segment_ids" in micro:  # a target must belong to the same document as its context
+            seg = micro["segment_ids"]
+            weights = weights * (seg[:, 1:] == seg[:, :-1]) * (seg[:, 1:] != 0)
+        mean, count = token_cross_entropy(out.logits[:, :-1], tokens[:, 1:], weights)
+        return mean * count, count
+
+    def step(state: TrainState, batch):
+        micro = jax.tree.map(lambda a: a.reshape((accum_steps, -1) + a.shape[1:]), batch)
+
+        def one(carry, mb):
+            g_acc, l_acc, n_acc = carry
+            (l, n), g = jax.value_and_grad(loss_sum, has_aux=True)(state.params, mb)
+            return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, n_acc + n), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (grads, total, count), _ = jax.lax.scan(one, (zeros, 0.0, 0.0), micro)
+        count = jnp.maximum(count, 1.0)
+        loss = total / count
+        grads = jax.tree.map(lambda g: g / count, grads)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = TrainState(keep(params, state.params), keep(opt_state, state.opt_state),
+                               state.step + 1, state.skipped + (~finite).astype(jnp.int32),
+                               jnp.where(finite, 0, state.bad_in_a_row + 1).astype(jnp.int32))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "targets": count, "finite": finite}
+        return new_state, metrics
+
+    def trained_model(state: TrainState):
+        return nnx.merge(graphdef, to_compute(state.params), rest)
+
+    return Trainer(init, jax.jit(step, donate_argnums=(0,)), trained_model)

@@ -1,0 +1,160 @@
+"""Training data and the train step: invariants (packed loss == separate loss, accumulation ==
+one big batch, a non-finite step changes nothing) and literal checks of the data pipeline."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import gptoss_jax as gj
+from gptoss_jax import harmony
+from gptoss_jax.train import data, step as step_lib
+from gptoss_jax.train.losses import next_token_loss
+
+
+# ------------------------------------------------------------------------------------------ data
+def _write_jsonl(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_both_conversation_shapes_and_malformed_lines(tmp_path, tokenizer):
+    chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                         {"role": "assistant", "content": "4", "thinking": "Two plus two."}]}
+    native = {"messages": [harmony.system_message(reasoning_effort="high"), harmony.user("hi"),
+                           harmony.assistant("hello")]}
+    path = _write_jsonl(tmp_path / "d.jsonl", [json.dumps(chat), "{not json", json.dumps(native), "",
+                                               json.dumps({"messages": [{"role": "robot", "content": "x"}]})])
+    convs, report = data.read_jsonl(path)
+    assert report.lines == 4 and report.conversations == 2
+    assert [r.split(": ")[0] for r in report.malformed] == [f"{path}:2", f"{path}:5"]
+    want = harmony.normalize_conversation([
+        harmony.system_message(reasoning_effort="low"), harmony.developer_message("Be brief."),
+        harmony.user("2+2?"), harmony.assistant("Two plus two.", channel="analysis"),
+        harmony.assistant("4", channel="final")])
+    assert convs[0] == want
+    assert convs[1] == harmony.normalize_conversation(native)
+    with pytest.raises(data.DataError, match=r"d\.jsonl:2: "):
+        data.read_jsonl(path, strict=True)
+
+
+def test_packing_keeps_examples_whole_and_apart():
+    ex = [([1] * 5, [0, 0, 1, 1, 1]), ([2] * 3, [0, 1, 1]), ([3] * 9, [1] * 9), ([4] * 4, [0, 0, 0, 1]),
+          ([5] * 2, [1, 1])]
+    report = data.DataReport()
+    packed = data.pack(ex, 8, report=report)
+    assert report.too_long == 1  # the 9-token example: counted, never truncated
+    np.testing.assert_array_equal(packed.tokens, [[1, 1, 1, 1, 1, 2, 2, 2], [4, 4, 4, 4, 5, 5, 0, 0]])
+    np.testing.assert_array_equal(packed.segment_ids, [[1, 1, 1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 2, 2, 0, 0]])
+    np.testing.assert_array_equal(packed.positions, [[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 0, 1, 0, 0]])
+    np.testing.assert_array_equal(packed.loss_mask, [[0, 0, 1, 1, 1, 0, 1, 1], [0, 0, 0, 1, 1, 1, 0, 0]])
+    with pytest.raises(data.DataError, match="more than a row of 8"):
+        data.pack(ex, 8, strict=True)
+
+
+def test_batches_are_a_function_of_the_step():
+    packed = data.pack([([i + 1] * 3, [0, 1, 1]) for i in range(10)], 3)
+    seen = np.concatenate([data.batch_at(packed, s, 4, seed=1)["tokens"][:, 0] for s in range(5)])
+    # epochs 0 and 1 (20 rows): each a permutation of all 10 rows
+    assert sorted(seen[:10]) == list(range(1, 11)) and sorted(seen[10:]) == list(range(1, 11))
+    np.testing.assert_array_equal(data.batch_at(packed, 3, 4, seed=1)["tokens"],
+                                  data.batch_at(packed, 3, 4, seed=1)["tokens"])
+
+
+def test_packed_loss_equals_separate_loss(tiny_cfg):
+    """Three documents packed into one row give the same summed loss as three separate runs."""
+    model = gj.init(tiny_cfg, seed=0, dtype=jnp.float32)
+    rng = np.random.RandomState(0)
+    ex = [(rng.randint(0, tiny_cfg.vocab_size, n).tolist(), [0] + [1] * (n - 1)) for n in (7, 12, 9)]
+    packed = data.pack(ex, 28)
+    assert len(packed) == 1
+    out = model(jnp.asarray(packed.tokens), positions=jnp.asarray(packed.positions),
+                segment_ids=jnp.asarray(packed.segment_ids)).logits
+    loss, n = next_token_loss(out, jnp.asarray(packed.tokens), jnp.asarray(packed.loss_mask))
+    total = 0.0
+    for tokens, mask in ex:
+        t = jnp.asarray([tokens])
+        l, c = next_token_loss(model(t).logits, t, jnp.asarray([mask]))
+        total += float(l * c)
+    assert float(n) == sum(len(t) - 1 for t, _ in ex)
+    assert abs(float(loss * n) - total) / total <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------ step
+@pytest.fixture(scope="module")
+def batch(tiny_cfg):
+    rng = np.random.RandomState(1)
+    tokens = rng.randint(0, tiny_cfg.vocab_size, (4, 16)).astype(np.int32)
+    mask = (rng.rand(4, 16) < 0.7).astype(np.int32)
+    return {"tokens": tokens, "loss_mask": mask}
+
+
+def test_schedule_warmup_then_cosine():
+    cfg = step_lib.OptimConfig(learning_rate=1e-3, warmup_steps=10, total_steps=110, end_learning_rate_fraction=0.1)
+    sched = step_lib.make_schedule(cfg)
+    assert float(sched(0)) == 0.0
+    assert float(sched(5)) == pytest.approx(5e-4)
+    assert float(sched(10)) == pytest.approx(1e-3)
+    assert float(sched(60)) == pytest.approx(1e-4 + 0.5 * 9e-4, rel=1e-5)  # half way down the cosine
+    assert float(sched(110)) == pytest.approx(1e-4)
+    with pytest.raises(ValueError, match="must exceed warmup_steps"):
+        step_lib.make_schedule(step_lib.OptimConfig(warmup_steps=10, total_steps=10))
+
+
+def test_accumulation_equals_one_big_batch(tiny_cfg, batch):
+    # SGD: an update linear in the gradient (AdamW's first step, ~lr * sign(g), amplifies fp32
+    # noise on near-zero gradient entries into full-size differences)
+    opt = optax.sgd(0.1)
+    results = []
+    for accum in (1, 2):
+        model = gj.init(tiny_cfg, seed=2, dtype=jnp.float32)
+        trainer = step_lib.make_trainer(model, opt, accum_steps=accum)
+        state, metrics = trainer.step(trainer.init(model), batch)
+        results.append((float(metrics["loss"]), jax.tree.leaves(state.params)))
+    (l1, p1), (l2, p2) = results
+    assert abs(l1 - l2) / l1 <= 1e-6
+    worst = max(float(jnp.abs(a - b).max() / (jnp.abs(a).max() + 1e-30)) for a, b in zip(p1, p2))
+    assert worst <= 1e-5
+
+
+def test_training_lowers_the_loss_and_keeps_packed_experts_frozen(tiny_cfg, batch):
+    model = gj.init(tiny_cfg, seed=3)  # bf16 compute, packed experts
+    opt = step_lib.make_optimizer(step_lib.OptimConfig(learning_rate=3e-3, warmup_steps=2, total_steps=40))
+    trainer = step_lib.make_trainer(model, opt)
+    state = trainer.init(model)
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(state.params))  # fp32 master weights
+    blocks_before = np.asarray(model.layers[0].mlp.w1_blocks[...])
+    losses = []
+    for _ in range(15):
+        state, m = trainer.step(state, batch)
+        losses.append(float(m["loss"]))
+    assert losses[-1] < 0.7 * losses[0], losses
+    trained = trainer.model(state)
+    assert trained.layers[0].attn.q[...].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(trained.layers[0].mlp.w1_blocks[...]), blocks_before)
+    assert int(state.step) == 15 and int(state.skipped) == 0
+
+
+def test_a_non_finite_step_changes_nothing(tiny_cfg, batch):
+    model = gj.init(tiny_cfg, seed=4, dtype=jnp.float32)
+    opt = step_lib.make_optimizer(step_lib.OptimConfig(warmup_steps=0, total_steps=10))
+    trainer = step_lib.make_trainer(model, opt)
+    state = trainer.init(model)
+    flat = nnx.to_flat_state(state.params)
+    poisoned = {p: v for p, v in flat}
+    norm_path = ("layers", 0, "attn", "norm")
+    poisoned[norm_path] = poisoned[norm_path].replace(jnp.full_like(poisoned[norm_path].get_value(), jnp.nan))
+    state = state._replace(params=nnx.from_flat_state(poisoned))
+    before = [np.asarray(a) for a in jax.tree.leaves(state.params)]
+    opt_before = [np.asarray(a) for a in jax.tree.leaves(state.opt_state)]
+    state, m = trainer.step(state, batch)
+    assert not bool(m["finite"])
+    assert int(state.skipped) == 1 and int(state.bad_in_a_row) == 1 and int(state.step) == 1
+    for a, b in zip(jax.tree.leaves(state.params), before):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    for a, b in zip(jax.tree.leaves(state.opt_state), opt_before):
+        np.testing.assert_array_equal(np.asarray(a), b)

@@ -6,6 +6,7 @@
   gptoss convert  any supported checkpoint (HF, original/, native) -> native (fast) or HF layout
   gptoss generate one harmony turn from --prompt or --conversation, streamed
   gptoss chat     interactive harmony chat; analysis of finished turns is dropped from history
+  gptoss train    supervised fine-tuning from a YAML experiment config with key=value overrides
 """
 
 from __future__ import annotations
@@ -246,6 +247,23 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from gptoss_jax.train.config import load_config
+    from gptoss_jax.train.sft import train
+
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        import dataclasses
+        import json
+
+        print(json.dumps(dataclasses.asdict(cfg), indent=2))
+        return 0
+    summary = train(cfg)
+    print(f"done: {summary['steps']} steps, final loss {summary.get('final_loss', float('nan')):.4f}; "
+          f"weights in {os.path.join(cfg.run.out_dir, 'model')}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="gptoss", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -267,6 +285,11 @@ def main(argv=None) -> int:
     p.add_argument("--experts", choices=["mxfp4", "dense"], default=None,
                    help="default: as stored; 'dense' dequantizes packed experts")
     p.set_defaults(fn=cmd_convert)
+    p = sub.add_parser("train", help="supervised fine-tuning from an experiment config")
+    p.add_argument("config", help="YAML experiment config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.learning_rate=1e-3 run.steps=100")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(fn=cmd_train)
     for name, fn, helptext in (("generate", cmd_generate, "answer one prompt or conversation file in harmony format"),
                                ("chat", cmd_chat, "interactive chat in harmony format")):
         p = sub.add_parser(name, help=helptext)
@@ -300,13 +323,14 @@ def _run(args) -> int:
     from gptoss_jax.tokenizer import TokenizerError
 
     try:
-        if args.command in ("generate", "chat", "convert"):
+        if args.command in ("generate", "chat", "convert", "train"):
             from gptoss_jax import distributed
 
             # a no-op unless launched on several processes (SLURM, Open MPI, TPU pod, JAX_* vars)
             distributed.initialize()
         return args.fn(args)
-    except (CheckpointError, ConfigError, SafetensorsError, TokenizerError, ValueError, OSError) as e:
+    except (CheckpointError, ConfigError, SafetensorsError, TokenizerError, ValueError, OSError,
+            FloatingPointError) as e:
         print(f"gptoss {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -110,11 +110,14 @@ class Packed:
         return self.tokens.shape[0]
 
 
-def tokenize(conversations: Iterable, tokenizer, *, report: DataReport | None = None):
-    """Conversations -> [(tokens, loss_mask)] through `harmony.render_for_training`."""
+def tokenize(conversations: Iterable, tokenizer, *, keep_analysis: bool = True,
+             report: DataReport | None = None):
+    """Conversations -> [(tokens, loss_mask)] through `harmony.render_for_training`; with
+    `keep_analysis` the analysis before a final answer stays in (and is trained), otherwise it is
+    dropped as openai-harmony does by default."""
     out = []
     for conv in conversations:
-        tokens, mask = harmony.render_for_training(conv, tokenizer)
+        tokens, mask = harmony.render_for_training(conv, tokenizer, auto_drop_analysis=not keep_analysis)
         if not any(mask):
             if report is not None:
                 report.no_target += 1

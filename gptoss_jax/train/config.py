@@ -1,0 +1,147 @@
+"""Typed experiment configs: YAML files of nested sections, overridden by `key=value` arguments.
+
+    cfg = load_config("configs/quickstart.yaml", ["optim.learning_rate=1e-3", "run.steps=200"])
+
+Every key must name a field (unknown keys are errors that list the known ones); values are
+checked against the field's type. Sections: model, data, optim, run, mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from gptoss_jax.train.step import OptimConfig
+
+
+class ConfigKeyError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    checkpoint: str | None = None  # a checkpoint folder; None = random init from `preset`
+    preset: str = "tiny"  # tiny | gpt_oss_20b | gpt_oss_120b (with `overrides` for tiny shapes)
+    overrides: dict = dataclasses.field(default_factory=dict)  # ModelConfig fields
+    dtype: str = "bfloat16"
+    experts: str = "mxfp4"
+    tokenizer: str = "o200k_harmony"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    train: str = ""
+    eval: str | None = None
+    seq_len: int = 512
+    batch_size: int = 8  # rows per optimizer step (all hosts), split into accum_steps micro-batches
+    accum_steps: int = 1
+    strict: bool = False  # malformed lines / over-long examples are fatal instead of counted
+    reasoning_effort: str = "low"
+    keep_analysis: bool = True  # train on the analysis (chain of thought) before a final answer
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSection:
+    out_dir: str = "runs/train"
+    steps: int = 1000
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 100
+    keep_checkpoints: int = 3
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    optim: OptimConfig = OptimConfig()
+    run: RunSection = RunSection()
+    mesh: dict = dataclasses.field(default_factory=dict)  # {"data": .., "fsdp": .., ...}; {} = one device
+
+
+def _coerce(value, tp, where: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if tp is dict or origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigKeyError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigKeyError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigKeyError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigKeyError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigKeyError(f"{where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls, values: Mapping, where: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigKeyError(f"unknown key(s) {', '.join(where + k for k in unknown)}; "
+                             f"known: {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, Mapping):
+                raise ConfigKeyError(f"{where}{name} must be a section (a mapping)")
+            kwargs[name] = _build(tp, value, f"{where}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, where + name)
+    return cls(**kwargs)
+
+
+def _set(tree: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        tree = tree.setdefault(k, {})
+        if not isinstance(tree, dict):
+            raise ConfigKeyError(f"{dotted}: {k} is not a section")
+    tree[keys[-1]] = value
+
+
+def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise ConfigKeyError(f"{path} must hold a mapping of sections")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigKeyError(f"override {item!r} is not key=value")
+        _set(raw, key.strip(), yaml.safe_load(text))
+    return _build(ExperimentConfig, raw, "")
+
+
+def to_dict(cfg: ExperimentConfig) -> dict:
+    return dataclasses.asdict(cfg)

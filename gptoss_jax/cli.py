@@ -7,6 +7,7 @@
   gptoss generate one harmony turn from --prompt or --conversation, streamed
   gptoss chat     interactive harmony chat; analysis of finished turns is dropped from history
   gptoss train    supervised fine-tuning from a YAML experiment config with key=value overrides
+  gptoss eval     held-out loss / perplexity and task accuracy (generated final answers)
 """
 
 from __future__ import annotations
@@ -264,6 +265,21 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    import gptoss_jax as gj
+    from gptoss_jax.train.config import load_config
+    from gptoss_jax.train.sft import evaluate
+
+    cfg = load_config(args.config, args.overrides)
+    if not cfg.data.eval:
+        raise ValueError("data.eval must name a jsonl file of held-out conversations")
+    ckpt = args.checkpoint or os.path.join(cfg.run.out_dir, "model")
+    model = gj.load(ckpt, dtype=cfg.model.dtype)
+    evaluate(cfg, model, gj.load_tokenizer(cfg.model.tokenizer))
+    print(f"results in {os.path.join(cfg.run.out_dir, 'eval.json')}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="gptoss", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -290,6 +306,11 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.learning_rate=1e-3 run.steps=100")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("eval", help="held-out loss, perplexity and task accuracy of a trained model")
+    p.add_argument("config", help="YAML experiment config (data.eval, eval.*)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.add_argument("--checkpoint", help="model to evaluate (default: run.out_dir/model)")
+    p.set_defaults(fn=cmd_eval)
     for name, fn, helptext in (("generate", cmd_generate, "answer one prompt or conversation file in harmony format"),
                                ("chat", cmd_chat, "interactive chat in harmony format")):
         p = sub.add_parser(name, help=helptext)
@@ -323,7 +344,7 @@ def _run(args) -> int:
     from gptoss_jax.tokenizer import TokenizerError
 
     try:
-        if args.command in ("generate", "chat", "convert", "train"):
+        if args.command in ("generate", "chat", "convert", "train", "eval"):
             from gptoss_jax import distributed
 
             # a no-op unless launched on several processes (SLURM, Open MPI, TPU pod, JAX_* vars)

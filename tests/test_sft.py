@@ -102,3 +102,10 @@ def test_sigkill_and_resume_is_exact(tmp_path, arithmetic_jsonl):
     assert _weights(tmp_path / "killed") == _weights(tmp_path / "straight")
     final = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert final[-1]["step"] == 8 and final[-1]["loss"] < final[0]["loss"]
+
+
+def test_shipped_configs_load():
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    for name in sorted(os.listdir(here)):
+        if name.endswith(".yaml"):
+            load_config(os.path.join(here, name))

@@ -158,3 +158,52 @@ def test_a_non_finite_step_changes_nothing(tiny_cfg, batch):
         np.testing.assert_array_equal(np.asarray(a), b)
     for a, b in zip(jax.tree.leaves(state.opt_state), opt_before):
         np.testing.assert_array_equal(np.asarray(a), b)
+
+
+# ------------------------------------------------------------------------------------------ eval
+def test_eval_loss_equals_the_training_loss(tiny_cfg):
+    from gptoss_jax.train import eval as eval_lib
+
+    rng = np.random.RandomState(5)
+    ex = [(rng.randint(0, tiny_cfg.vocab_size, n).tolist(), [0] + [1] * (n - 1)) for n in (9, 14, 6, 11, 8)]
+    packed = data.pack(ex, 24)
+    model = gj.init(tiny_cfg, seed=6, dtype=jnp.float32)
+    got = eval_lib.evaluate_loss(model, packed, batch_size=2)  # 3 rows: the last batch is padded
+    trainer = step_lib.make_trainer(model, optax.sgd(0.0))
+    batch = {k: getattr(packed, k) for k in ("tokens", "loss_mask", "segment_ids", "positions")}
+    _, metrics = trainer.step(trainer.init(model), batch)
+    assert got["targets"] == sum(len(t) - 1 for t, _ in ex) == int(metrics["targets"])
+    assert abs(got["loss"] - float(metrics["loss"])) / float(metrics["loss"]) <= 1e-5
+    assert got["perplexity"] == pytest.approx(np.exp(got["loss"]))
+
+
+def test_task_accuracy_scores_the_parsed_final_answer(tokenizer):
+    from gptoss_jax.sampling import Generation
+    from gptoss_jax.train import eval as eval_lib
+
+    convs = [harmony.normalize_conversation([
+        harmony.system_message(reasoning_effort="low"), harmony.user(f"{a}+{a}"),
+        harmony.assistant(f"double {a}", channel="analysis"), harmony.assistant(str(2 * a))]) for a in range(6)]
+    tid = tokenizer.token_id
+
+    def completion(analysis, final):
+        return ([tid("<|channel|>")] + tokenizer.encode("analysis") + [tid("<|message|>")] + tokenizer.encode(analysis)
+                + [tid("<|end|>"), tid("<|start|>")] + tokenizer.encode("assistant") + [tid("<|channel|>")]
+                + tokenizer.encode("final") + [tid("<|message|>")] + tokenizer.encode(final) + [tid("<|return|>")])
+
+    def fake_generate(model, tok, prompts, **kw):
+        # the prompt must end by opening the assistant turn; answers by a % 3: right, wrong, no final
+        assert all(p[-2:] == [tid("<|start|>")] + tokenizer.encode("assistant") for p in prompts)
+        outs = []
+        for p in prompts:
+            a = int(tokenizer.decode(p).split("<|message|>")[-1].split("+")[0])
+            outs.append(completion("x", str(2 * a)) if a % 3 == 0 else
+                        completion("x", str(2 * a + 1)) if a % 3 == 1 else tokenizer.encode("garbage"))
+        return Generation(outs, ["stop"] * len(outs), [len(p) for p in prompts])
+
+    res = eval_lib.task_accuracy(None, tokenizer, convs, generate=fake_generate, batch_size=4)
+    assert (res["correct"], res["total"]) == (2, 6) and res["accuracy"] == pytest.approx(1 / 3)
+    assert res["examples"][0] == {"reference": "0", "answer": "0", "correct": True}
+    assert res["examples"][2]["answer"] is None
+    with pytest.raises(ValueError, match="must end with an assistant turn"):
+        eval_lib.split_reference(convs[0][:2])

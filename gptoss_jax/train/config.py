@@ -3,7 +3,7 @@
     cfg = load_config("configs/quickstart.yaml", ["optim.learning_rate=1e-3", "run.steps=200"])
 
 Every key must name a field (unknown keys are errors that list the known ones); values are
-checked against the field's type. Sections: model, data, optim, run, mesh.
+checked against the field's type. Sections: model, data, optim, run, eval, mesh.
 """
 
 from __future__ import annotations
@@ -56,11 +56,20 @@ class RunSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalSection:
+    accuracy: bool = True  # also generate answers to data.eval and score their final messages
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    limit: int = 0  # score at most this many conversations (0 = all)
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
     optim: OptimConfig = OptimConfig()
     run: RunSection = RunSection()
+    eval: EvalSection = EvalSection()
     mesh: dict = dataclasses.field(default_factory=dict)  # {"data": .., "fsdp": .., ...}; {} = one device
 
 

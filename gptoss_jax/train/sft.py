@@ -120,8 +120,31 @@ def train(cfg: ExperimentConfig, *, log=print) -> dict:
     ckpts.close()
     trained = trainer.model(state)
     gj.save_native(trained, os.path.join(out, "model"))
+    evaluation = evaluate(cfg, trained, tokenizer, log=log) if cfg.data.eval else None
     summary = {"steps": cfg.run.steps, "resumed_from": start, "rows": len(packed), "data": report.summary(),
-               "skipped_steps": int(state.skipped), **{f"final_{k}": v for k, v in last.items()}}
+               "skipped_steps": int(state.skipped), **{f"final_{k}": v for k, v in last.items()},
+               "eval": evaluation}
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
+
+
+def evaluate(cfg: ExperimentConfig, model, tokenizer, *, log=print) -> dict:
+    """Held-out loss / perplexity of `data.eval`, and (with eval.accuracy) greedy task accuracy on
+    its final answers; written to run.out_dir/eval.json."""
+    from gptoss_jax.train import eval as eval_lib
+
+    packed, report = load_data(cfg, tokenizer, cfg.data.eval)
+    results = {"data": report.summary(), **eval_lib.evaluate_loss(model, packed, batch_size=cfg.data.batch_size)}
+    log(f"eval: loss {results['loss']:.4f}, perplexity {results['perplexity']:.2f} over {results['targets']} targets")
+    if cfg.eval.accuracy:
+        convs, _ = data_lib.read_jsonl(cfg.data.eval, reasoning_effort=cfg.data.reasoning_effort)
+        if cfg.eval.limit:
+            convs = convs[:cfg.eval.limit]
+        acc = eval_lib.task_accuracy(model, tokenizer, convs, max_new_tokens=cfg.eval.max_new_tokens,
+                                     batch_size=cfg.eval.batch_size)
+        results["task"] = acc
+        log(f"eval: accuracy {acc['accuracy']:.3f} ({acc['correct']}/{acc['total']})")
+    os.makedirs(cfg.run.out_dir, exist_ok=True)
+    eval_lib.write_results(os.path.join(cfg.run.out_dir, "eval.json"), results)
+    return results

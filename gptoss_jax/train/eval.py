@@ -1,0 +1,97 @@
+"""Evaluation: next-token loss / perplexity on held-out conversations, and task accuracy by
+generating an answer in the harmony format and comparing its parsed `final` message.
+
+For accuracy each held-out conversation ends with the reference assistant turn (analysis
+optional, then final); the prompt is everything before that turn, rendered for completion with
+the conversation's own system message (so its reasoning effort applies).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gptoss_jax import harmony
+from gptoss_jax.train.data import Packed
+from gptoss_jax.train.losses import token_cross_entropy
+
+
+def evaluate_loss(model, packed: Packed, *, batch_size: int = 8) -> dict:
+    """Mean next-token loss over every target of `packed` (each row once) and its perplexity."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def sums(state, tokens, mask, seg, pos):
+        logits = nnx.merge(graphdef, state)(tokens, positions=pos, segment_ids=seg).logits
+        w = mask[:, 1:] * (seg[:, 1:] == seg[:, :-1]) * (seg[:, 1:] != 0)
+        mean, n = token_cross_entropy(logits[:, :-1], tokens[:, 1:], w)
+        return mean * n, n
+
+    total, count = 0.0, 0.0
+    for i in range(0, len(packed), batch_size):
+        rows = slice(i, i + batch_size)
+        parts = [getattr(packed, k)[rows] for k in ("tokens", "loss_mask", "segment_ids", "positions")]
+        short = batch_size - parts[0].shape[0]
+        if short:  # pad the last batch with empty rows (segment 0: no targets), one compilation
+            parts = [np.pad(p, ((0, short), (0, 0))) for p in parts]
+        s, n = sums(state, *map(jnp.asarray, parts))
+        total, count = total + float(s), count + float(n)
+    loss = total / max(count, 1.0)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "targets": int(count)}
+
+
+def split_reference(conversation: Sequence[dict]) -> tuple[list[dict], str]:
+    """(prompt messages, reference final answer): the trailing assistant messages are the answer."""
+    cut = len(conversation)
+    while cut > 0 and conversation[cut - 1]["role"] == "assistant":
+        cut -= 1
+    finals = [m for m in conversation[cut:] if m.get("channel") == "final"]
+    if cut == len(conversation) or not finals:
+        raise ValueError("a held-out conversation must end with an assistant turn holding a final message")
+    text = "".join(p["text"] for p in finals[-1]["content"] if p["type"] == "text")
+    return list(conversation[:cut]), text
+
+
+def final_answer(messages: Sequence[dict]) -> str | None:
+    """The text of the last well-formed `final` message of a parsed completion (None if none)."""
+    for m in reversed(messages):
+        if m.get("channel") == "final" and not m.get("malformed"):
+            return "".join(p.get("text", "") for p in m.get("content", []))
+    return None
+
+
+def exact_match(answer: str | None, reference: str) -> bool:
+    return answer is not None and answer.strip() == reference.strip()
+
+
+def task_accuracy(model, tokenizer, conversations: Sequence[Sequence[dict]], *, max_new_tokens: int = 64,
+                  batch_size: int = 16, match: Callable[[str | None, str], bool] = exact_match,
+                  generate=None, examples: int = 5) -> dict:
+    """Greedy answers to the prompts of `conversations`, scored against their reference finals."""
+    if generate is None:
+        from gptoss_jax.sampling import generate
+    prompts, refs = zip(*(split_reference(c) for c in conversations))
+    correct, shown = 0, []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        rendered = [harmony.render_for_completion(p, tokenizer) for p in chunk]
+        gen = generate(model, tokenizer, rendered, max_new_tokens=max_new_tokens, temperature=0.0)
+        for j, toks in enumerate(gen.tokens):
+            answer = final_answer(harmony.parse_completion(toks, tokenizer))
+            ok = match(answer, refs[i + j])
+            correct += ok
+            if len(shown) < examples:
+                shown.append({"reference": refs[i + j], "answer": answer, "correct": bool(ok)})
+    n = len(prompts)
+    return {"accuracy": correct / n if n else float("nan"), "correct": correct, "total": n, "examples": shown}
+
+
+def write_results(path: str, results: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)

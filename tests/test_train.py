@@ -72,13 +72,13 @@ def test_packed_loss_equals_separate_loss(tiny_cfg):
     ex = [(rng.randint(0, tiny_cfg.vocab_size, n).tolist(), [0] + [1] * (n - 1)) for n in (7, 12, 9)]
     packed = data.pack(ex, 28)
     assert len(packed) == 1
-    out = model(jnp.asarray(packed.tokens), positions=jnp.asarray(packed.positions),
-                segment_ids=jnp.asarray(packed.segment_ids)).logits
+    fwd = nnx.jit(lambda m, t, p, s: m(t, positions=p, segment_ids=s).logits)
+    out = fwd(model, jnp.asarray(packed.tokens), jnp.asarray(packed.positions), jnp.asarray(packed.segment_ids))
     loss, n = next_token_loss(out, jnp.asarray(packed.tokens), jnp.asarray(packed.loss_mask))
     total = 0.0
     for tokens, mask in ex:
         t = jnp.asarray([tokens])
-        l, c = next_token_loss(model(t).logits, t, jnp.asarray([mask]))
+        l, c = next_token_loss(fwd(model, t, None, None), t, jnp.asarray([mask]))
         total += float(l * c)
     assert float(n) == sum(len(t) - 1 for t, _ in ex)
     assert abs(float(loss * n) - total) / total <= 1e-5

@@ -249,15 +249,14 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from gptoss_jax.train.config import load_config
+    import json
+
+    from gptoss_jax.train.config import load_config, to_dict
     from gptoss_jax.train.sft import train
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
-        import dataclasses
-        import json
-
-        print(json.dumps(dataclasses.asdict(cfg), indent=2))
+        print(json.dumps(to_dict(cfg), indent=2))
         return 0
     summary = train(cfg)
     print(f"done: {summary['steps']} steps, final loss {summary.get('final_loss', float('nan')):.4f}; "

@@ -201,8 +201,11 @@ def moe_sharded(x, router_w, router_b, ew: moe_lib.ExpertWeights, *, mesh: Mesh,
     pad = -T % shards  # e.g. a decode step of one token: padding rows route nowhere
     valid = jnp.arange(T + pad) < T
     xp = jnp.pad(x, ((0, pad), (0, 0)))
-    default_local = "buckets" if jax.default_backend() == "cpu" else "ragged"
-    local_impl = local_impl or default_local
+    local_impl = local_impl or moe_lib.default_moe_impl()
+    allowed = moe_lib.MOE_IMPLS if ep == 1 else ("ragged", "buckets")
+    if local_impl not in allowed:
+        raise ValueError(f"local expert implementation {local_impl!r} is not one of {sorted(allowed)}"
+                         + (" (with expert > 1)" if ep > 1 else ""))
 
     def body(x, valid, rw, rb, ew):
         routing = moe_lib.route(x, rw, rb, k)
@@ -212,9 +215,8 @@ def moe_sharded(x, router_w, router_b, ew: moe_lib.ExpertWeights, *, mesh: Mesh,
             ew_local = ew
         mlp_kw = dict(alpha=alpha, limit=limit)
         if ep == 1:
-            impl = local_impl if local_impl in moe_lib.MOE_IMPLS else default_local
-            extra = dict(mxfp4_impl=mxfp4_impl, interpret=interpret) if impl == "ragged" else {}
-            y = moe_lib.MOE_IMPLS[impl](x, ew_local, routing, **mlp_kw, **extra).astype(jnp.float32)
+            extra = dict(mxfp4_impl=mxfp4_impl, interpret=interpret) if local_impl == "ragged" else {}
+            y = moe_lib.MOE_IMPLS[local_impl](x, ew_local, routing, **mlp_kw, **extra).astype(jnp.float32)
             keep = jnp.ones(routing.ids.shape, bool)
             dropped = jnp.zeros((), jnp.int32)
         else:

@@ -142,6 +142,8 @@ def test_bad_meshes_are_clear_errors(layer):
     with pytest.raises(ValueError, match="ragged_all_to_all is dropless"):
         sharded(x, rw, rb, ews["dense"], gj.make_mesh(expert=8), dispatch="ragged_all_to_all",
                 capacity_factor=1.0)
+    with pytest.raises(ValueError, match=r"local expert implementation 'gather' .* \(with expert > 1\)"):
+        sharded(x, rw, rb, ews["dense"], gj.make_mesh(expert=8), local_impl="gather")
     with pytest.raises(ValueError, match="unknown expert dispatch"):
         sharded(x, rw, rb, ews["dense"], gj.make_mesh(expert=8), dispatch="alltoall")
 

@@ -9,6 +9,7 @@ checked against the field's type. Sections: model, data, optim, run, eval, mesh.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from typing import Any, Mapping, Sequence
 
@@ -73,40 +74,30 @@ class ExperimentConfig:
     mesh: dict = dataclasses.field(default_factory=dict)  # {"data": .., "fsdp": .., ...}; {} = one device
 
 
+_SCALARS = {bool: ((bool,), "true or false"), int: ((int,), "an integer"),
+            float: ((int, float), "a number"), str: ((str,), "a string")}
+
+
 def _coerce(value, tp, where: str):
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # X | None
+        if value is None and type(None) in typing.get_args(tp):
             return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
-    if tp is dict or origin is dict:
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if tp is dict or typing.get_origin(tp) is dict:
         if not isinstance(value, Mapping):
             raise ConfigKeyError(f"{where} must be a mapping, got {value!r}")
         return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigKeyError(f"{where} must be true or false, got {value!r}")
+    if tp not in _SCALARS:
         return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigKeyError(f"{where} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigKeyError(f"{where} must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigKeyError(f"{where} must be a string, got {value!r}")
-        return value
-    return value
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    accepted, what = _SCALARS[tp]
+    if not isinstance(value, accepted) or (tp is not bool and isinstance(value, bool)):
+        raise ConfigKeyError(f"{where} must be {what}, got {value!r}")
+    return float(value) if tp is float else value
 
 
 def _build(cls, values: Mapping, where: str):

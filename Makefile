@@ -21,7 +21,7 @@ setup: $(VENV)/.base
 setup-test: $(VENV)/.test
 
 run: setup
-	$(PY) -m gptoss_jax.cli demo
+	$(PY) -m gptoss_jax.cli quickstart
 
 test: setup-test
 	$(PY) -m pytest -q tests

@@ -2,12 +2,15 @@
 
   gptoss demo     build a small random gpt-oss, write it as an HF checkpoint, load it back and
                   show what the model does (routing, sinks, windows) -- the README's first command
+  gptoss quickstart  train a tiny gpt-oss on addition from scratch, evaluate it, sample it, write
+                  a report (the README's main job)
   gptoss info     parameter counts and stored bytes of the presets (no memory needed)
   gptoss convert  any supported checkpoint (HF, original/, native) -> native (fast) or HF layout
   gptoss generate one harmony turn from --prompt or --conversation, streamed
   gptoss chat     interactive harmony chat; analysis of finished turns is dropped from history
   gptoss train    supervised fine-tuning from a YAML experiment config with key=value overrides
   gptoss eval     held-out loss / perplexity and task accuracy (generated final answers)
+  gptoss export   a training run's model in the HF layout, LoRA adapters merged
 """
 
 from __future__ import annotations
@@ -258,24 +261,43 @@ def cmd_train(args) -> int:
     if args.print_config:
         print(json.dumps(to_dict(cfg), indent=2))
         return 0
+    if args.estimate_memory is not None:
+        from gptoss_jax.train.memory import estimate
+
+        print(estimate(cfg).table(args.estimate_memory * 2**30 if args.estimate_memory else None))
+        return 0
     summary = train(cfg)
     print(f"done: {summary['steps']} steps, final loss {summary.get('final_loss', float('nan')):.4f}; "
-          f"weights in {os.path.join(cfg.run.out_dir, 'model')}")
+          f"weights in {summary['saved']}")
     return 0
 
 
 def cmd_eval(args) -> int:
     import gptoss_jax as gj
     from gptoss_jax.train.config import load_config
-    from gptoss_jax.train.sft import evaluate
+    from gptoss_jax.train.sft import evaluate, load_trained
 
     cfg = load_config(args.config, args.overrides)
     if not cfg.data.eval:
         raise ValueError("data.eval must name a jsonl file of held-out conversations")
-    ckpt = args.checkpoint or os.path.join(cfg.run.out_dir, "model")
-    model = gj.load(ckpt, dtype=cfg.model.dtype)
+    model = gj.load(args.checkpoint, dtype=cfg.model.dtype) if args.checkpoint else load_trained(cfg)
     evaluate(cfg, model, gj.load_tokenizer(cfg.model.tokenizer))
     print(f"results in {os.path.join(cfg.run.out_dir, 'eval.json')}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from gptoss_jax.train.sft import export_hf, run_config
+
+    export_hf(run_config(args.run_dir), args.dst, experts=args.experts, dtype=args.dtype)
+    print(f"wrote {args.dst} (HF layout; LoRA adapters, if any, merged)")
+    return 0
+
+
+def cmd_quickstart(args) -> int:
+    from gptoss_jax.train.quickstart import run
+
+    run(args.out, args.overrides, train_size=args.train_size, eval_size=args.eval_size)
     return 0
 
 
@@ -288,6 +310,12 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--new-tokens", type=int, default=8)
     p.set_defaults(fn=cmd_demo)
+    p = sub.add_parser("quickstart", help="train a tiny gpt-oss on addition from scratch, evaluate, sample, report")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the quickstart config, e.g. run.steps=100")
+    p.add_argument("--out", default="runs/quickstart")
+    p.add_argument("--train-size", type=int, default=20000, help="training problems")
+    p.add_argument("--eval-size", type=int, default=500, help="held-out problems (eval.limit of them are scored)")
+    p.set_defaults(fn=cmd_quickstart)
     p = sub.add_parser("info", help="parameter counts and bytes of the released models")
     p.add_argument("--preset", choices=["20b", "120b"])
     p.set_defaults(fn=cmd_info)
@@ -304,12 +332,22 @@ def main(argv=None) -> int:
     p.add_argument("config", help="YAML experiment config (see configs/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.learning_rate=1e-3 run.steps=100")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--estimate-memory", type=float, nargs="?", const=0.0, metavar="GIB",
+                   help="print the per-device memory the run needs (from the shapes; against GIB of "
+                        "device memory if given) and exit")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("eval", help="held-out loss, perplexity and task accuracy of a trained model")
     p.add_argument("config", help="YAML experiment config (data.eval, eval.*)")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
-    p.add_argument("--checkpoint", help="model to evaluate (default: run.out_dir/model)")
+    p.add_argument("--checkpoint", help="model to evaluate (default: the run's model, or base + adapters)")
     p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("export", help="a training run's model in the HF layout, LoRA adapters merged")
+    p.add_argument("run_dir", help="the run's out_dir (holds config.json and model/ or adapters/)")
+    p.add_argument("dst")
+    p.add_argument("--experts", choices=["mxfp4", "dense"], default=None,
+                   help="mxfp4: re-encode the merged experts; dense: keep them exact (default: as the base)")
+    p.add_argument("--dtype", default="bfloat16", help="float dtype of the written tensors")
+    p.set_defaults(fn=cmd_export)
     for name, fn, helptext in (("generate", cmd_generate, "answer one prompt or conversation file in harmony format"),
                                ("chat", cmd_chat, "interactive chat in harmony format")):
         p = sub.add_parser(name, help=helptext)
@@ -343,7 +381,7 @@ def _run(args) -> int:
     from gptoss_jax.tokenizer import TokenizerError
 
     try:
-        if args.command in ("generate", "chat", "convert", "train", "eval"):
+        if args.command in ("generate", "chat", "convert", "train", "eval", "export", "quickstart"):
             from gptoss_jax import distributed
 
             # a no-op unless launched on several processes (SLURM, Open MPI, TPU pod, JAX_* vars)

@@ -68,7 +68,11 @@ def _expert_specs(ew: moe_lib.ExpertWeights, tp: int):
         w2 = MXFP4(P("expert", None, t, None), P("expert", None, t))  # [E, D, F/32, 16]
     else:
         w1, w2 = P("expert", None, t), P("expert", t, None)  # [E, D, 2F], [E, F, D]
-    return moe_lib.ExpertWeights(w1, P("expert", t), w2, P("expert", None))
+    # LoRA: A1 [E, D, r], B1 [E, r, 2F], A2 [E, F, r], B2 [E, r, D]. With F split over tensor each
+    # device's (a_t A2_t) B2 is a partial sum, completed by the same psum as the base's.
+    lora1 = None if ew.lora1 is None else moe_lib.Adapter(P("expert", None, None), P("expert", None, t))
+    lora2 = None if ew.lora2 is None else moe_lib.Adapter(P("expert", t, None), P("expert", None, None))
+    return moe_lib.ExpertWeights(w1, P("expert", t), w2, P("expert", None), lora1, lora2)
 
 
 def _check_divisible(ew: moe_lib.ExpertWeights, ep: int, tp: int) -> None:

@@ -15,6 +15,7 @@ into an `MXFP4` pytree for `moe.moe`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -29,6 +30,7 @@ from gptoss_jax import moe as moe_lib
 from gptoss_jax import sharding as sharding_lib
 from gptoss_jax.cache import KVCache
 from gptoss_jax.config import ModelConfig
+from gptoss_jax.lora import AttentionLoRA, ExpertLoRA, LoRAConfig
 from gptoss_jax.mxfp4 import BLOCK, MXFP4, quantize
 
 EXPERT_FORMATS = ("mxfp4", "dense")
@@ -44,6 +46,7 @@ class ModelOutput:
     logits: jax.Array  # [B, T, V] float32 unless asked otherwise
     cache: Any = None
     intermediates: Any = None  # with capture=True: one dict per layer, see Block.__call__
+    router_loss: Any = None  # with router_loss=True: the load-balancing loss, mean over layers
 
 
 def _normal(std=0.02):
@@ -90,21 +93,24 @@ class Attention(nnx.Module):
         self.o_bias = _declare(keys, (D,), ("embed",), dtype, _zeros)
         # Stored fp32 (an exact upcast of the bf16 checkpoint values), as every reference does.
         self.sinks = _declare(keys, (N,), ("q_heads",), jnp.float32, _zeros)
+        self.lora: AttentionLoRA | None = nnx.data(None)  # adapters, attached by lora.add_lora
 
     def __call__(self, x, rope, *, positions, segment_ids, eps, cache=None, valid=None,
                  kernel=None, capture=False, mesh=None):
         cos, sin = rope
         h = layers.rms_norm(x, self.norm[...], eps)
 
-        def proj(w, b, spec):
-            y = jnp.einsum(spec, h, w[...], preferred_element_type=jnp.float32)
-            y = (y + b[...].astype(jnp.float32)).astype(x.dtype)
+        def proj(name, spec):
+            y = jnp.einsum(spec, h, getattr(self, name)[...], preferred_element_type=jnp.float32)
+            if self.lora is not None and self.lora.delta_available(name):
+                y = y + self.lora.delta(name, h, "BTD,Dr->BTr", "BTr,rKH->BTKH")
+            y = (y + getattr(self, name + "_bias")[...].astype(jnp.float32)).astype(x.dtype)
             # batch over the batch axes and heads over tensor, both at once
             return sharding_lib.constrain(y, ("batch", "length", "act_heads", None), mesh)
 
-        q = layers.apply_rope(proj(self.q, self.q_bias, "BTD,DNH->BTNH"), cos, sin)
-        k = layers.apply_rope(proj(self.k, self.k_bias, "BTD,DKH->BTKH"), cos, sin)
-        v = proj(self.v, self.v_bias, "BTD,DKH->BTKH")
+        q = layers.apply_rope(proj("q", "BTD,DNH->BTNH"), cos, sin)
+        k = layers.apply_rope(proj("k", "BTD,DKH->BTKH"), cos, sin)
+        v = proj("v", "BTD,DKH->BTKH")
         impl = None
         if cache is None and not capture:
             from gptoss_jax import kernels
@@ -124,6 +130,8 @@ class Attention(nnx.Module):
             out, sink_mass, cache = cache_lib.update_and_attend(cache, q, k, v, self.sinks[...],
                                                                 positions=positions, valid=valid)
         o = jnp.einsum("BTNH,NHD->BTD", out, self.o[...], preferred_element_type=jnp.float32)
+        if self.lora is not None and self.lora.delta_available("o"):
+            o = o + self.lora.delta("o", out, "BTNH,NHr->BTr", "BTr,rD->BTD")
         return (o + self.o_bias[...].astype(jnp.float32)).astype(x.dtype), sink_mass, cache
 
 
@@ -153,6 +161,7 @@ class MoE(nnx.Module):
             self.w2_scales = PackedWeight(w2.scales, axes=ax2, eager_sharding=False)
         else:
             raise ValueError(f"experts must be one of {EXPERT_FORMATS}, got {experts!r}")
+        self.lora: ExpertLoRA | None = nnx.data(None)  # per-expert adapters, attached by lora.add_lora
 
     def expert_weights(self) -> moe_lib.ExpertWeights:
         if self.experts == "mxfp4":
@@ -160,7 +169,10 @@ class MoE(nnx.Module):
             w2 = MXFP4(self.w2_blocks[...], self.w2_scales[...])
         else:
             w1, w2 = self.w1[...], self.w2[...]
-        return moe_lib.ExpertWeights(w1, self.b1[...], w2, self.b2[...])
+        lora1 = lora2 = None
+        if self.lora is not None:
+            lora1, lora2 = self.lora.adapter("w1"), self.lora.adapter("w2")
+        return moe_lib.ExpertWeights(w1, self.b1[...], w2, self.b2[...], lora1, lora2)
 
     def __call__(self, x, *, eps, kernel: "KernelOptions", mesh=None):
         """-> (out, routing, dropped): `dropped` counts (token, expert) assignments lost to a
@@ -189,7 +201,8 @@ class Block(nnx.Module):
         self.mlp = MoE(cfg, dtype=dtype, experts=experts, keys=keys)
 
     def __call__(self, x, rope, *, positions, segment_ids, eps, kernel: "KernelOptions", capture=False,
-                 cache=None, valid=None, mesh=None):
+                 cache=None, valid=None, mesh=None, router_loss=False):
+        """-> (out, cache, intermediates or None, load-balancing loss or None)."""
         with jax.named_scope("attention"):
             a, sink_mass, cache = self.attn(x, rope, positions=positions, segment_ids=segment_ids,
                                             eps=eps, cache=cache, valid=valid, kernel=kernel,
@@ -198,8 +211,12 @@ class Block(nnx.Module):
         with jax.named_scope("moe"):
             m, routing, dropped = self.mlp(x_mid, eps=eps, kernel=kernel, mesh=mesh)
         out = x_mid + m
+        balance = None
+        if router_loss:
+            mask = None if valid is None else valid.reshape(-1)
+            balance = moe_lib.load_balancing_loss(routing, mask)
         if not capture:
-            return out, cache, None
+            return out, cache, None, balance
         B, T = x.shape[:2]
         return out, cache, {
             "residual": x,  # the stream entering this layer
@@ -209,7 +226,7 @@ class Block(nnx.Module):
             "expert_ids": routing.ids.reshape(B, T, -1),
             "expert_weights": routing.weights.reshape(B, T, -1),
             "dropped": dropped,  # (token, expert) assignments dropped for capacity (mesh only)
-        }
+        }, balance
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,7 +248,10 @@ class KernelOptions:
         ceil(capacity_factor * tokens * k / experts) rows per (device, expert) and the rest are
         dropped and counted (captured as "dropped").
     emulate_ragged: run ragged_all_to_all through an all-gather emulation (XLA:CPU cannot
-        compile the real collective)."""
+        compile the real collective).
+    remat: what the backward pass recomputes instead of keeping, per layer: "none" (keep every
+        activation), "dots" (keep only the outputs of matmuls without batch dimensions: the
+        projections; recompute the rest), "full" (keep only each layer's input)."""
 
     moe_impl: str | None = None
     attention_impl: str | None = None
@@ -240,6 +260,28 @@ class KernelOptions:
     expert_dispatch: str | None = None
     capacity_factor: float | None = None
     emulate_ragged: bool = False
+    remat: str = "none"
+
+    def __post_init__(self):
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+
+
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def _rematerialized(block: Block, policy):
+    """`block` as a function whose activations the backward pass recomputes under `policy`."""
+    graphdef, state = nnx.split(block)
+
+    @functools.partial(jax.checkpoint, policy=policy, static_argnums=(5,))
+    def run(state, x, rope, positions, segment_ids, kw):
+        return nnx.merge(graphdef, state)(x, rope, positions=positions, segment_ids=segment_ids,
+                                          valid=segment_ids != 0, **dict(kw))
+
+    return lambda x, rope, *, positions, segment_ids, valid, **kw: run(
+        state, x, rope, positions, segment_ids, tuple(sorted(kw.items())))
 
 
 class GptOss(nnx.Module):
@@ -253,6 +295,7 @@ class GptOss(nnx.Module):
         self.dtype = jnp.dtype(dtype)
         self.kernel = kernel or KernelOptions(moe_impl=moe_impl)
         self.mesh = mesh  # where the weights live; set by init/load(mesh=...) or sharding.shard_model
+        self.lora_config: LoRAConfig | None = None  # set by lora.add_lora
         keys = _Keys(rngs.params())
         self.embed = _declare(keys, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), dtype, _normal())
         self.layers = nnx.List([Block(cfg, i, dtype=dtype, experts=experts, keys=keys)
@@ -265,7 +308,7 @@ class GptOss(nnx.Module):
         return self.layers[0].mlp.experts
 
     def __call__(self, tokens, *, positions=None, segment_ids=None, cache: KVCache | None = None,
-                 capture=False, logits_at=None, logits_dtype=jnp.float32) -> ModelOutput:
+                 capture=False, logits_at=None, logits_dtype=jnp.float32, router_loss=False) -> ModelOutput:
         """tokens [B, T] int.
 
         positions: absolute positions [B, T]; default 0..T-1, or continuing from the cache.
@@ -273,6 +316,8 @@ class GptOss(nnx.Module):
             a row holds one sequence and segment_ids == 0 marks right padding (not written).
         cache: a `KVCache` (see `gptoss_jax.cache.init_cache`); the updated one is returned.
         logits_at: [B] index per row; return logits [B, 1, V] of that token only (prefill).
+        router_loss: also return the router's load-balancing loss (`moe.load_balancing_loss` over
+            the non-padding tokens, averaged over layers) as `ModelOutput.router_loss`.
         """
         cfg = self.cfg
         tokens = _check_tokens(tokens, cfg.vocab_size)
@@ -293,15 +338,19 @@ class GptOss(nnx.Module):
             x = self.embed[...][tokens].astype(self.dtype)
             x = sharding_lib.constrain(x, ("batch", "length", "act_embed"), self.mesh)
         rope = layers.rope_cos_sin(positions, layers.rope_inv_freq(cfg), cfg.rope_concentration)
-        captured, new_layers = [], []
+        captured, new_layers, balance = [], [], []
+        policy = REMAT_POLICIES[self.kernel.remat]
         for i, block in enumerate(self.layers):
             with jax.named_scope(f"layer_{i}"):
-                x, layer_cache, inter = block(
+                run = block if self.kernel.remat == "none" or cache is not None else _rematerialized(block, policy)
+                x, layer_cache, inter, lb = run(
                     x, rope, positions=positions, segment_ids=segment_ids, eps=cfg.rms_eps,
                     kernel=self.kernel, capture=capture,
-                    cache=None if cache is None else cache.layers[i], valid=valid, mesh=self.mesh)
+                    cache=None if cache is None else cache.layers[i], valid=valid, mesh=self.mesh,
+                    router_loss=router_loss)
             captured.append(inter)
             new_layers.append(layer_cache)
+            balance.append(lb)
         if cache is not None:
             cache = KVCache(new_layers, cache.lengths + jnp.sum(valid, axis=1).astype(jnp.int32))
         with jax.named_scope("unembed"):
@@ -311,7 +360,8 @@ class GptOss(nnx.Module):
             logits = jnp.einsum("BTD,VD->BTV", h, self.unembed[...],
                                 preferred_element_type=jnp.float32).astype(logits_dtype)
             logits = sharding_lib.constrain(logits, ("batch", "length", "act_vocab"), self.mesh)
-        return ModelOutput(logits, cache, captured if capture else None)
+        return ModelOutput(logits, cache, captured if capture else None,
+                           jnp.mean(jnp.stack(balance)) if router_loss else None)
 
 
 def _check_tokens(tokens, vocab_size: int):
@@ -321,7 +371,8 @@ def _check_tokens(tokens, vocab_size: int):
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"tokens must be an integer array [batch, time], got {tokens.dtype}{list(tokens.shape)}")
     if not isinstance(tokens, jax.core.Tracer) and tokens.size:
-        lo, hi = int(tokens.min()), int(tokens.max())
+        host = np.asarray(tokens)  # numpy: inside jit a closed-over array's min() would be traced
+        lo, hi = int(host.min()), int(host.max())
         if lo < 0 or hi >= vocab_size:
             raise ValueError(f"token ids must lie in [0, {vocab_size}); got values in [{lo}, {hi}]")
     return tokens

@@ -30,9 +30,16 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gptoss_jax.layers import swiglu
 from gptoss_jax.mxfp4 import MXFP4
+
+
+class Adapter(NamedTuple):
+    """A per-expert LoRA update of an expert matrix: x -> (x a_e) b_e, the LoRA scale folded into b."""
+    a: jax.Array  # [E, in, r]
+    b: jax.Array  # [E, r, out]
 
 
 class ExpertWeights(NamedTuple):
@@ -40,6 +47,8 @@ class ExpertWeights(NamedTuple):
     b1: jax.Array  # [E, 2F]
     w2: jax.Array | MXFP4  # dense [E, F, D] or MXFP4 logical [E, D, F]
     b2: jax.Array  # [E, D]
+    lora1: Adapter | None = None  # LoRA on w1 / w2 (gptoss_jax.lora); grouped like the base
+    lora2: Adapter | None = None
 
 
 class Routing(NamedTuple):
@@ -56,6 +65,19 @@ def route(x, w, b, k: int) -> Routing:
     return Routing(logits, ids.astype(jnp.int32), jax.nn.softmax(top, axis=-1))
 
 
+def load_balancing_loss(routing: Routing, mask=None):
+    """The Switch-Transformer auxiliary loss E * sum_e f_e * P_e over the tokens where `mask`
+    [T] is set: f_e = assignments to expert e per token (the k slots counted, so it sums to k),
+    P_e = mean softmax probability of e over all E logits. It is k when the load is uniform.
+    (HF computes the same quantity, but pools the tokens of all layers before the products.)"""
+    T, E = routing.logits.shape
+    w = jnp.ones((T,), jnp.float32) if mask is None else mask.astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(w), 1.0)
+    counts = jnp.zeros((E,), jnp.float32).at[routing.ids].add(jnp.broadcast_to(w[:, None], routing.ids.shape))
+    probs = jax.nn.softmax(routing.logits, axis=-1)
+    return E * jnp.sum((counts / n) * (w @ probs / n))
+
+
 def in_out(w, dtype) -> jax.Array:
     """An expert weight as a dense [E, in, out] array in `dtype`."""
     if isinstance(w, MXFP4):
@@ -63,11 +85,19 @@ def in_out(w, dtype) -> jax.Array:
     return w.astype(dtype)
 
 
-def _expert_mlp(x, w1, b1, w2, b2, *, alpha, limit, matmul):
-    """The per-expert MLP given a matmul for the chosen dispatch; fp32 accumulation, fp32 SwiGLU."""
-    h = matmul(x, w1) + b1.astype(jnp.float32)
+def lora_delta(x, adapter: Adapter | None, matmul):
+    """(x a) b through the dispatch's own matmul (fp32), or 0 without an adapter."""
+    if adapter is None:
+        return 0.0
+    return matmul(matmul(x, adapter.a).astype(x.dtype), adapter.b)
+
+
+def _expert_mlp(x, w1, b1, w2, b2, *, alpha, limit, matmul, lora1=None, lora2=None):
+    """The per-expert MLP given a matmul for the chosen dispatch; fp32 accumulation, fp32 SwiGLU.
+    LoRA adapters (already in the dispatch's layout) go through the same matmul."""
+    h = matmul(x, w1) + b1.astype(jnp.float32) + lora_delta(x, lora1, matmul)
     a = swiglu(h, alpha=alpha, limit=limit).astype(x.dtype)
-    return matmul(a, w2) + b2.astype(jnp.float32)
+    return matmul(a, w2) + b2.astype(jnp.float32) + lora_delta(a, lora2, matmul)
 
 
 def moe_dense_reference(x, ew: ExpertWeights, routing: Routing, *, alpha, limit):
@@ -76,7 +106,8 @@ def moe_dense_reference(x, ew: ExpertWeights, routing: Routing, *, alpha, limit)
     w1, w2 = in_out(ew.w1, dt), in_out(ew.w2, dt)
     mm = lambda a, w: jnp.einsum("ETI,EIO->ETO", a, w, preferred_element_type=jnp.float32)
     xe = jnp.broadcast_to(x[None], (w1.shape[0],) + x.shape)
-    y = _expert_mlp(xe, w1, ew.b1[:, None], w2, ew.b2[:, None], alpha=alpha, limit=limit, matmul=mm)
+    y = _expert_mlp(xe, w1, ew.b1[:, None], w2, ew.b2[:, None], alpha=alpha, limit=limit, matmul=mm,
+                    lora1=ew.lora1, lora2=ew.lora2)
     y = jnp.take_along_axis(y.transpose(1, 0, 2), routing.ids[..., None], axis=1)  # [T, k, D]
     return jnp.einsum("TkD,Tk->TD", y, routing.weights).astype(dt)
 
@@ -110,17 +141,22 @@ def grouped_mlp(xs, group_sizes, ew: ExpertWeights, *, alpha, limit, mxfp4_impl=
     for packed ones the MXFP4 grouped matmul (`kernels.mxfp4_grouped_matmul`), which never decodes
     more than one expert tile at a time and fuses the SwiGLU into the first matmul."""
     dt = xs.dtype
+    ragged = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes, preferred_element_type=jnp.float32)
     if isinstance(ew.w1, MXFP4) and isinstance(ew.w2, MXFP4):
         from gptoss_jax.kernels.mxfp4_matmul import mxfp4_grouped_matmul
         mm = functools.partial(mxfp4_grouped_matmul, group_sizes=group_sizes,
                                implementation=mxfp4_impl or "xla", interpret=interpret)
-        a = mm(xs, ew.w1.blocks, ew.w1.scales, bias=ew.b1, swiglu=(alpha, limit))
-        return mm(a, ew.w2.blocks, ew.w2.scales, bias=ew.b2).astype(jnp.float32)
+        if ew.lora1 is None:
+            a = mm(xs, ew.w1.blocks, ew.w1.scales, bias=ew.b1, swiglu=(alpha, limit))
+        else:  # the adapter's update enters before the SwiGLU, so the epilogue is not fused
+            h = mm(xs, ew.w1.blocks, ew.w1.scales, bias=ew.b1).astype(jnp.float32)
+            a = swiglu(h + lora_delta(xs, ew.lora1, ragged), alpha=alpha, limit=limit).astype(dt)
+        y = mm(a, ew.w2.blocks, ew.w2.scales, bias=ew.b2).astype(jnp.float32)
+        return y + lora_delta(a, ew.lora2, ragged)
     from gptoss_jax.kernels.mxfp4_matmul import row_experts
     experts = jnp.minimum(row_experts(group_sizes, xs.shape[0]), group_sizes.shape[0] - 1)
-    mm = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes, preferred_element_type=jnp.float32)
     return _expert_mlp(xs, in_out(ew.w1, dt), ew.b1[experts], in_out(ew.w2, dt), ew.b2[experts],
-                       alpha=alpha, limit=limit, matmul=mm)
+                       alpha=alpha, limit=limit, matmul=ragged, lora1=ew.lora1, lora2=ew.lora2)
 
 
 def moe_ragged(x, ew: ExpertWeights, routing: Routing, *, alpha, limit, mxfp4_impl=None, interpret=False):
@@ -144,7 +180,7 @@ def bucket_mlp(buf, ew: ExpertWeights, *, alpha, limit):
     dt = buf.dtype
     mm = lambda a, w: jnp.einsum("ECI,EIO->ECO", a, w, preferred_element_type=jnp.float32)
     return _expert_mlp(buf, in_out(ew.w1, dt), ew.b1[:, None], in_out(ew.w2, dt), ew.b2[:, None],
-                       alpha=alpha, limit=limit, matmul=mm)
+                       alpha=alpha, limit=limit, matmul=mm, lora1=ew.lora1, lora2=ew.lora2)
 
 
 def bucket_ranks(srt: Sorted):
@@ -156,24 +192,67 @@ def bucket_ranks(srt: Sorted):
 def moe_buckets(x, ew: ExpertWeights, routing: Routing, *, alpha, limit):
     """Per-expert buckets [E, C, D] and one batched einsum; C is the smallest static capacity that
     holds the largest group, so no token is ever dropped."""
-    dt = x.dtype
-    T, k = routing.ids.shape
+    return _buckets(x, ew, routing.ids, routing.weights, float(alpha), float(limit))
+
+
+def _buckets_at(cap: int, x, ew: ExpertWeights, ids, weights, alpha, limit):
+    """The bucketed MoE at one static capacity `cap` (which must hold the largest group)."""
+    T, k = ids.shape
     E = ew.b1.shape[0]
-    srt = sort_by_expert(routing.ids, E)
-    rank = bucket_ranks(srt)
+    srt = sort_by_expert(ids, E)
+    slot = srt.experts * cap + bucket_ranks(srt)
+    buf = jnp.zeros((E * cap, x.shape[1]), x.dtype).at[slot].set(x[srt.tokens])
+    y = bucket_mlp(buf.reshape(E, cap, -1), ew, alpha=alpha, limit=limit).reshape(E * cap, -1)[slot]
+    return _combine(y, srt, Routing(None, ids, weights), x.dtype)
 
-    def run(cap: int):
-        def branch(_):
-            slot = srt.experts * cap + rank
-            buf = jnp.zeros((E * cap, x.shape[1]), dt).at[slot].set(x[srt.tokens])
-            y = bucket_mlp(buf.reshape(E, cap, -1), ew, alpha=alpha, limit=limit)
-            return y.reshape(E * cap, -1)[slot]
-        return branch
 
-    caps = bucket_capacities(T, k, E)
-    choice = jnp.searchsorted(jnp.asarray(caps), jnp.max(srt.group_sizes))
-    y = jax.lax.switch(choice, [run(c) for c in caps], None)
-    return _combine(y, srt, routing, dt)
+def _capacity_choice(ids, num_experts: int):
+    T, k = ids.shape
+    caps = bucket_capacities(T, k, num_experts)
+    largest = jnp.max(jnp.bincount(ids.reshape(-1), length=num_experts))
+    return caps, jnp.searchsorted(jnp.asarray(caps), largest)
+
+
+# The capacity is picked at run time with `lax.switch`. Differentiating through the switch makes
+# every branch carry the residuals of all the others (zeros), which on XLA:CPU cost more than the
+# experts themselves (3x the whole layer's backward at 4 capacities); so the backward pass is its
+# own switch over per-capacity VJPs, recomputing the chosen branch's forward.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _buckets(x, ew, ids, weights, alpha, limit):
+    caps, choice = _capacity_choice(ids, ew.b1.shape[0])
+    branches = [functools.partial(_buckets_at, c, alpha=alpha, limit=limit) for c in caps]
+    return jax.lax.switch(choice, branches, x, ew, ids, weights)
+
+
+def _buckets_fwd(x, ew, ids, weights, alpha, limit):
+    return _buckets(x, ew, ids, weights, alpha, limit), (x, ew, ids, weights)
+
+
+def _buckets_bwd(alpha, limit, res, dy):
+    x, ew, ids, weights = res
+    leaves, treedef = jax.tree.flatten(ew)
+    floating = [jnp.issubdtype(a.dtype, jnp.floating) for a in leaves]
+
+    def with_floats(float_leaves):
+        it = iter(float_leaves)
+        return jax.tree.unflatten(treedef, [next(it) if f else a for a, f in zip(leaves, floating)])
+
+    def branch(cap):
+        def vjp(x, float_leaves, weights, dy):
+            f = lambda x, fl, w: _buckets_at(cap, x, with_floats(fl), ids, w, alpha, limit)
+            return jax.vjp(f, x, float_leaves, weights)[1](dy)
+        return vjp
+
+    caps, choice = _capacity_choice(ids, ew.b1.shape[0])
+    float_leaves = [a for a, f in zip(leaves, floating) if f]
+    dx, d_floats, dw = jax.lax.switch(choice, [branch(c) for c in caps], x, float_leaves, weights, dy)
+    it = iter(d_floats)
+    d_ew = jax.tree.unflatten(treedef, [next(it) if f else np.zeros(a.shape, jax.dtypes.float0)
+                                        for a, f in zip(leaves, floating)])
+    return dx, d_ew, np.zeros(ids.shape, jax.dtypes.float0), dw
+
+
+_buckets.defvjp(_buckets_fwd, _buckets_bwd)
 
 
 def _take_experts(w, ids):
@@ -193,7 +272,9 @@ def moe_gather(x, ew: ExpertWeights, routing: Routing, *, alpha, limit):
     w1, w2 = in_out(_take_experts(ew.w1, ids), dt), in_out(_take_experts(ew.w2, ids), dt)
     mm = lambda a, w: jnp.einsum("RI,RIO->RO", a, w, preferred_element_type=jnp.float32)
     xs = jnp.repeat(x, k, axis=0)  # row r = token r // k, slot r % k
-    y = _expert_mlp(xs, w1, ew.b1[ids], w2, ew.b2[ids], alpha=alpha, limit=limit, matmul=mm)
+    take = lambda ad: None if ad is None else Adapter(ad.a[ids], ad.b[ids])
+    y = _expert_mlp(xs, w1, ew.b1[ids], w2, ew.b2[ids], alpha=alpha, limit=limit, matmul=mm,
+                    lora1=take(ew.lora1), lora2=take(ew.lora2))
     return jnp.einsum("TkD,Tk->TD", y.reshape(T, k, -1), routing.weights).astype(dt)
 
 

@@ -23,6 +23,7 @@ from flax import nnx
 
 from gptoss_jax.cache import KVCache, init_cache
 from gptoss_jax.distributed import to_host
+from gptoss_jax import harmony
 from gptoss_jax.harmony import STOP_TOKENS_ASSISTANT as ASSISTANT_STOP_TOKENS  # <|return|>, <|call|>
 
 
@@ -126,7 +127,8 @@ def generate(model, tokenizer=None, prompts: Sequence = (), *, max_new_tokens: i
     """Generate continuations for a batch of prompts.
 
     prompts: token-id lists, or strings (encoded with `tokenizer`, no special-token parsing).
-    stop_tokens: default `<|return|>`, `<|call|>`; pass () to run to max_new_tokens.
+    stop_tokens: default `<|return|>`, `<|call|>` (the tokenizer's ids; o200k_harmony's without
+        a tokenizer); pass () to run to max_new_tokens.
     stream(row, new_token_ids): called as tokens arrive (per decode block).
     """
     cfg = model.cfg
@@ -153,7 +155,9 @@ def generate(model, tokenizer=None, prompts: Sequence = (), *, max_new_tokens: i
         raise ValueError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the context "
                          f"of {cfg.max_position} tokens")
     params = SamplingParams(temperature, top_p, top_k)
-    stop_ids = tuple(ASSISTANT_STOP_TOKENS if stop_tokens is None else stop_tokens)
+    if stop_tokens is None:  # the tokenizer's own ids (a small trained BPE numbers them its way)
+        stop_tokens = harmony.stop_tokens(tokenizer) if tokenizer is not None else ASSISTANT_STOP_TOKENS
+    stop_ids = tuple(int(t) for t in stop_tokens)
     block = block or (1 if stream is not None else 16)
     B = len(ids)
     C = min(prefill_chunk, longest)

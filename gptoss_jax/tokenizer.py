@@ -184,7 +184,10 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return max(self.hf.get_vocab_size(with_added_tokens=True), VOCAB_SIZE)
+        """Ids the model's embedding needs: 201088 for o200k_harmony (whose special range is
+        wider than the names the file lists), else the tokenizer's own count."""
+        n = self.hf.get_vocab_size(with_added_tokens=True)
+        return max(n, VOCAB_SIZE) if n > NUM_ORDINARY else n
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids
@@ -224,6 +227,25 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, {self.vocab_size} ids)"
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, *, name: str = "bpe") -> Tokenizer:
+    """A small byte-level BPE trained on `texts`, with every digit its own token and the named
+    harmony special tokens (ids 0..8), so harmony rendering and parsing work unchanged. For tiny
+    models trained from scratch, where o200k's 201,088-row embedding would dominate the compute."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    hf.decoder = decoders.ByteLevel()
+    specials = [NAMED_SPECIALS[i] for i in sorted(NAMED_SPECIALS)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(list(texts), trainer=trainer)
+    return Tokenizer(hf, name)
 
 
 @functools.lru_cache(maxsize=8)

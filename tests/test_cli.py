@@ -20,7 +20,7 @@ def full_vocab_ckpt(tmp_path_factory):
 
 
 def test_help_for_every_command(capsys):
-    for cmd in ("demo", "info", "convert", "generate", "chat", "train", "eval"):
+    for cmd in ("demo", "quickstart", "info", "convert", "generate", "chat", "train", "eval", "export"):
         with pytest.raises(SystemExit) as e:
             main([cmd, "--help"])
         assert e.value.code == 0
@@ -92,3 +92,17 @@ def test_user_errors_are_one_line(full_vocab_ckpt, original_dir, tmp_path, capsy
     _one_error_line(capsys, "outside the vocabulary")
     assert main(["generate", str(full_vocab_ckpt)]) == 2
     _one_error_line(capsys, "exactly one of --prompt or --conversation")
+
+
+def test_quickstart_small(tmp_path, capsys):
+    """The README's main job end to end at toy size: data, tokenizer, SFT, eval, samples, report."""
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--out", str(out), "--train-size", "48", "--eval-size", "6", "run.steps=2",
+                 "optim.warmup_steps=1", "optim.total_steps=2", "eval.limit=3", "eval.max_new_tokens=4",
+                 "run.progress=false"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["heldout_scored"] == 3 and len(summary["samples"]) == 4
+    assert summary["data"]["train"] == 48 and summary["vocab_size"] == 384
+    report = (out / "report.md").read_text()
+    assert "held-out accuracy" in report and (out / "sft" / "curves.png").is_file()
+    assert "held-out accuracy" in capsys.readouterr().out

@@ -360,10 +360,13 @@ def test_training_mask_per_message(tokenizer):
     tokens, mask = H.render_for_training(messages, tokenizer, auto_drop_analysis=False)
     start = tokenizer.token_id("<|start|>")
     offset = 0
+    previous = None
     for msg in messages:
         n = len(H.render_message(msg, tokenizer, conversation_has_function_tools=True))
-        assert tokens[offset] == start and mask[offset] == 0
         want = 1 if msg["role"] == "assistant" else 0
+        # the model writes <|start|> itself only after its own message (analysis -> final)
+        assert tokens[offset] == start and mask[offset] == (want if previous == "assistant" else 0)
+        previous = msg["role"]
         assert mask[offset + 1:offset + n] == [want] * (n - 1), msg
         offset += n
     assert offset == len(tokens) and tokens[-1] == tokenizer.token_id("<|return|>")

@@ -86,3 +86,22 @@ def test_unknown_impl():
     with pytest.raises(ValueError, match="unknown MoE implementation 'fast'"):
         moe.moe(jnp.zeros((2, D)), jnp.asarray(router), jnp.asarray(rb), ew, k=K, alpha=1.7,
                 limit=7.0, impl="fast")
+
+
+def test_load_balancing_loss_matches_transformers():
+    """One layer's loss vs HF's `load_balancing_loss_func` (the oracle), with padding masked."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import load_balancing_loss_func
+
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(2 * 9, E)).astype(np.float32) * 2
+    mask = np.ones((2, 9), np.int64)
+    mask[1, 6:] = 0  # right padding
+    top, ids = jax.lax.top_k(jnp.asarray(logits), K)
+    routing = moe.Routing(jnp.asarray(logits), ids.astype(jnp.int32), jax.nn.softmax(top, axis=-1))
+    got = float(moe.load_balancing_loss(routing, jnp.asarray(mask.reshape(-1))))
+    want = float(load_balancing_loss_func((torch.tensor(logits),), E, K, torch.tensor(mask)))
+    assert got == pytest.approx(want, rel=1e-6)
+    unmasked = float(load_balancing_loss_func((torch.tensor(logits),), E, K))
+    assert float(moe.load_balancing_loss(routing)) == pytest.approx(unmasked, rel=1e-6)
+    uniform = moe.Routing(jnp.zeros((E, E)), (jnp.arange(E)[:, None] + jnp.arange(K)) % E, jnp.full((E, K), 1 / K))
+    assert float(moe.load_balancing_loss(uniform)) == pytest.approx(K)  # a balanced load scores k

@@ -109,3 +109,51 @@ def test_shipped_configs_load():
     for name in sorted(os.listdir(here)):
         if name.endswith(".yaml"):
             load_config(os.path.join(here, name))
+
+
+def test_lora_run_adapters_export_and_eval(tmp_path):
+    """A LoRA run over a packed base checkpoint: only adapters are written, `gptoss eval` and
+    `gptoss export` rebuild base + adapters, and the merged HF export computes the same logits."""
+    import numpy as np
+
+    import gptoss_jax as gj
+    from gptoss_jax import cli, lora
+    from gptoss_jax.tasks import arithmetic
+    from gptoss_jax.tokenizer import train_bpe
+    from gptoss_jax.train.sft import load_trained, run_config, train
+
+    tok = train_bpe(list(arithmetic.corpus(300)) + ["system", "user", "assistant", "analysis", "final"], 300)
+    tok.hf.save(str(tmp_path / "tokenizer.json"))
+    base = tmp_path / "base"
+    gj.save_native(gj.init(gj.tiny(vocab_size=tok.vocab_size), seed=1, dtype="float32"), str(base))
+    arithmetic.write_splits(str(tmp_path / "train.jsonl"), str(tmp_path / "eval.jsonl"), train_size=40, eval_size=4)
+    cfg = load_config(None, [
+        f"model.checkpoint={base}", "model.dtype=float32", f"model.tokenizer={tmp_path / 'tokenizer.json'}",
+        f"data.train={tmp_path / 'train.jsonl'}", f"data.eval={tmp_path / 'eval.jsonl'}", "data.seq_len=256",
+        "data.batch_size=4", "optim.warmup_steps=1", "optim.total_steps=4", "optim.learning_rate=1e-2",
+        "lora.enabled=true", "lora.rank=4", "lora.targets=q,v,w1,w2", f"run.out_dir={tmp_path / 'run'}",
+        "run.steps=4", "run.log_every=1", "run.progress=false", "eval.max_new_tokens=8"])
+    summary = train(cfg, log=lambda s: None)
+    run = tmp_path / "run"
+    assert sorted(os.listdir(run / "adapters")) == ["adapter_config.json", "adapters.safetensors"]
+    assert not (run / "model").exists() and (run / "curves.png").is_file()
+    events = os.listdir(run / "tensorboard")  # tensorboardX is a test dependency
+    assert len(events) == 1 and events[0].startswith("events.out.tfevents")
+    assert summary["eval"]["task"]["total"] == 4
+    trained = load_trained(run_config(str(run)))
+    assert trained.lora_config.targets == ("q", "v", "w1", "w2") and trained.experts == "mxfp4"
+    assert summary["trainable_parameters"] == sum(
+        v.get_value().size for _, v in nnx_flat(trained, lora.LoRAParam))
+
+    assert cli.main(["export", str(run), str(tmp_path / "hf"), "--experts", "dense", "--dtype", "float32"]) == 0
+    exported = gj.load(str(tmp_path / "hf"), dtype="float32")
+    tokens = np.arange(40)[None] % tok.vocab_size
+    want = np.asarray(trained(tokens).logits)
+    assert np.abs(np.asarray(exported(tokens).logits) - want).max() <= 1e-5 * np.abs(want).max()
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+
+
+def nnx_flat(model, kind):
+    from flax import nnx
+
+    return nnx.to_flat_state(nnx.state(model, kind))

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 import gptoss_jax as gj
-from gptoss_jax import harmony
+from gptoss_jax import harmony, moe
 from gptoss_jax.train import data, step as step_lib
 from gptoss_jax.train.losses import next_token_loss
 
@@ -207,3 +207,59 @@ def test_task_accuracy_scores_the_parsed_final_answer(tokenizer):
     assert res["examples"][2]["answer"] is None
     with pytest.raises(ValueError, match="must end with an assistant turn"):
         eval_lib.split_reference(convs[0][:2])
+
+
+# ------------------------------------------------------------------------ remat, router loss
+def _loss(model):
+    """(loss(params, tokens, coef) = token loss + coef * router loss, the model's Params)."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(params, tokens, coef):
+        out = nnx.merge(graphdef, params, rest)(tokens, router_loss=True)
+        return next_token_loss(out.logits, tokens)[0] + coef * out.router_loss
+
+    return loss, params
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_changes_memory_not_gradients(tiny_cfg, remat):
+    from jax._src.ad_checkpoint import saved_residuals  # private: the public API only prints them
+
+    tokens = jnp.asarray(np.random.RandomState(7).randint(0, tiny_cfg.vocab_size, (2, 40)), jnp.int32)
+    plain, params = _loss(gj.init(tiny_cfg, seed=8, dtype=jnp.float32, experts="dense"))
+    remade, _ = _loss(gj.init(tiny_cfg, seed=8, dtype=jnp.float32, experts="dense",
+                              kernel=gj.KernelOptions(remat=remat)))
+    g_plain = jax.jit(jax.grad(plain))(params, tokens, 0.0)
+    g_remat = jax.jit(jax.grad(remade))(params, tokens, 0.0)
+    for (p, a), (_, b) in zip(nnx.to_flat_state(g_plain), nnx.to_flat_state(g_remat)):
+        np.testing.assert_allclose(np.asarray(b.get_value()), np.asarray(a.get_value()), rtol=1e-5, atol=1e-7,
+                                   err_msg=str(p))
+    # what the backward pass keeps from the forward pass (beyond the inputs): less with remat
+    kept = lambda f: sum(np.prod(aval.shape) * aval.dtype.itemsize
+                         for aval, why in saved_residuals(lambda p: f(p, tokens, 0.0), params)
+                         if "argument" not in why)
+    assert kept(remade) < 0.6 * kept(plain), (kept(remade), kept(plain))
+    with pytest.raises(ValueError, match="remat must be one of"):
+        gj.KernelOptions(remat="some")
+
+
+def test_router_aux_loss_enters_the_step(tiny_cfg):
+    tokens = jnp.asarray(np.random.RandomState(9).randint(0, tiny_cfg.vocab_size, (2, 24)), jnp.int32)
+    model = gj.init(tiny_cfg, seed=10, dtype=jnp.float32)
+    out = nnx.jit(lambda m, t: m(t, router_loss=True))(model, tokens)
+    captured = nnx.jit(lambda m, t: m(t, capture=True).intermediates)(model, tokens)
+    per_layer = [float(moe.load_balancing_loss(moe.Routing(i["router_logits"].reshape(-1, tiny_cfg.num_experts),
+                                                           i["expert_ids"].reshape(-1, tiny_cfg.experts_per_token),
+                                                           i["expert_weights"]))) for i in captured]
+    assert float(out.router_loss) == pytest.approx(np.mean(per_layer), rel=1e-5)
+    # the coefficient reaches the router's gradient
+    loss, params = _loss(model)
+    grad = jax.jit(jax.grad(loss))
+    router = ("layers", 0, "mlp", "router")
+    g0, g1 = (np.asarray(dict(nnx.to_flat_state(grad(params, tokens, c)))[router].get_value()) for c in (0.0, 0.5))
+    assert np.abs(g1 - g0).max() > 1e-6
+    # the step reports it beside the token loss (which stays the token loss alone)
+    trainer = step_lib.make_trainer(model, optax.sgd(0.0), router_aux_loss=0.5)
+    _, metrics = trainer.step(trainer.init(model), {"tokens": tokens, "loss_mask": jnp.ones_like(tokens)})
+    assert float(metrics["router_loss"]) == pytest.approx(float(out.router_loss), rel=1e-5)
+    assert float(metrics["loss"]) == pytest.approx(float(next_token_loss(out.logits, tokens)[0]), rel=1e-5)

@@ -170,16 +170,19 @@ def render_for_training(conversation, tokenizer, *, auto_drop_analysis: bool = T
     Mask rule: for every rendered assistant message, every token after its `<|start|>` is 1 -
     the role token(s) "assistant", the header (` to=...`, `<|channel|>...`, content type),
     `<|message|>`, the content and the terminator (`<|end|>`, `<|call|>` or `<|return|>`).
-    The `<|start|>` token itself is 0 (the prompt supplies `<|start|>assistant`; we do not train
-    it even between consecutive assistant messages). Every token of a system, developer, user or
-    tool message is 0.
+    Its `<|start|>` is 1 when the message before it is an assistant message too (the model writes
+    `<|end|><|start|>assistant...` between its analysis and its final answer within one turn, so
+    it must learn to), else 0 (the prompt supplies `<|start|>assistant`). Every token of a
+    system, developer, user or tool message is 0.
     """
     messages, kept, pieces = _render_all(conversation, tokenizer, auto_drop_analysis)
     tokens, mask = [], []
+    previous = None
     for msg, piece in zip(kept, pieces):
         tokens += piece
         trained = 1 if msg["role"] == "assistant" else 0
-        mask += [0] + [trained] * (len(piece) - 1)
+        mask += [trained if previous == "assistant" else 0] + [trained] * (len(piece) - 1)
+        previous = msg["role"]
     if messages and messages[-1]["role"] == "assistant" and messages[-1].get("channel") == "final" and tokens:
         tokens[-1] = tokenizer.token_id(RETURN)
     return tokens, mask

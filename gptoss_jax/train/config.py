@@ -3,7 +3,7 @@
     cfg = load_config("configs/quickstart.yaml", ["optim.learning_rate=1e-3", "run.steps=200"])
 
 Every key must name a field (unknown keys are errors that list the known ones); values are
-checked against the field's type. Sections: model, data, optim, run, eval, mesh.
+checked against the field's type. Sections: model, data, optim, lora, run, eval, mesh.
 """
 
 from __future__ import annotations
@@ -29,7 +29,17 @@ class ModelSection:
     overrides: dict = dataclasses.field(default_factory=dict)  # ModelConfig fields
     dtype: str = "bfloat16"
     experts: str = "mxfp4"
-    tokenizer: str = "o200k_harmony"
+    tokenizer: str = "o200k_harmony"  # "o200k_harmony", a tokenizer.json, or a checkpoint folder
+    remat: str = "none"  # none | dots | full: what the backward pass recomputes (KernelOptions.remat)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRASection:
+    enabled: bool = False  # train adapters over the frozen base instead of the base's Params
+    rank: int = 8
+    alpha: float = 16.0
+    targets: list = dataclasses.field(default_factory=lambda: ["q", "k", "v", "o", "w1", "w2"])
+    train_norms_and_sinks: bool = False  # also train the RMSNorm gains and attention sinks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +64,8 @@ class RunSection:
     keep_checkpoints: int = 3
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     progress: bool = True
+    tensorboard: bool = True  # also write TensorBoard events (when tensorboardX is installed)
+    plots: bool = True  # plot the curves to run.out_dir/curves.png at the end
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +81,7 @@ class ExperimentConfig:
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
     optim: OptimConfig = OptimConfig()
+    lora: LoRASection = LoRASection()
     run: RunSection = RunSection()
     eval: EvalSection = EvalSection()
     mesh: dict = dataclasses.field(default_factory=dict)  # {"data": .., "fsdp": .., ...}; {} = one device
@@ -87,6 +100,12 @@ def _coerce(value, tp, where: str):
         if not isinstance(value, Mapping):
             raise ConfigKeyError(f"{where} must be a mapping, got {value!r}")
         return dict(value)
+    if tp is list or typing.get_origin(tp) is list:
+        if isinstance(value, str):  # key=a,b,c on the command line
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigKeyError(f"{where} must be a list, got {value!r}")
+        return list(value)
     if tp not in _SCALARS:
         return value
     if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
@@ -140,6 +159,11 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Exper
         if not sep:
             raise ConfigKeyError(f"override {item!r} is not key=value")
         _set(raw, key.strip(), yaml.safe_load(text))
+    return _build(ExperimentConfig, raw, "")
+
+
+def from_dict(raw: Mapping) -> ExperimentConfig:
+    """The inverse of `to_dict` (e.g. a run's saved config.json), with the same checks."""
     return _build(ExperimentConfig, raw, "")
 
 

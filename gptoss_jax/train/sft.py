@@ -3,9 +3,11 @@
     summary = train(load_config("configs/quickstart.yaml", ["run.steps=50"]))
 
 Resumes from the newest complete checkpoint in `run.out_dir/checkpoints` (exactly: the state,
-counters and data position are restored, and batches are a function of the step). Metrics go to
-`run.out_dir/metrics.jsonl`, one line per logged step; the trained weights to
-`run.out_dir/model` (native layout, loadable with `gptoss_jax.load`).
+counters and data position are restored, and batches are a function of the step; SFT draws no
+other random numbers). Metrics go to `run.out_dir/metrics.jsonl` (and TensorBoard), one line per
+logged step, plotted to `curves.png` at the end; the trained weights to `run.out_dir/model`
+(native layout, loadable with `gptoss_jax.load`), or with LoRA the adapters alone to
+`run.out_dir/adapters` (`lora.load_adapters` on the same base; `gptoss export` merges them).
 """
 
 from __future__ import annotations
@@ -18,25 +20,81 @@ import jax
 
 from gptoss_jax import config as model_config
 from gptoss_jax import distributed
+from gptoss_jax import lora as lora_lib
 from gptoss_jax.train import data as data_lib
 from gptoss_jax.train.checkpoints import Checkpoints
 from gptoss_jax.train.config import ExperimentConfig, to_dict
-from gptoss_jax.train.step import make_optimizer, make_schedule, make_trainer
+from gptoss_jax.train.metrics import METRICS_FILE, MetricsLog, plot_curves
+from gptoss_jax.train.step import make_optimizer, make_schedule, make_trainer, trainable_filter
 
 PRESETS = {"tiny": model_config.tiny, "gpt_oss_20b": model_config.gpt_oss_20b,
            "gpt_oss_120b": model_config.gpt_oss_120b}
 
 
-def build_model(cfg: ExperimentConfig, mesh=None):
+def build_model(cfg: ExperimentConfig, mesh=None, *, adapters: bool = True):
+    """The model a run starts from: `model.checkpoint`, or a random `model.preset` (seeded by
+    run.seed); with `lora.enabled` (and `adapters`), fresh adapters attached."""
     import gptoss_jax as gj
 
     m = cfg.model
+    kernel = gj.KernelOptions(remat=m.remat)
     if m.checkpoint:
-        return gj.load(m.checkpoint, dtype=m.dtype, experts=m.experts, mesh=mesh)
-    if m.preset not in PRESETS:
-        raise ValueError(f"model.preset {m.preset!r} is not one of {sorted(PRESETS)}")
-    model_cfg = PRESETS[m.preset]().replace(**m.overrides) if m.overrides else PRESETS[m.preset]()
-    return gj.init(model_cfg, seed=cfg.run.seed, dtype=m.dtype, experts=m.experts, mesh=mesh)
+        model = gj.load(m.checkpoint, dtype=m.dtype, experts=m.experts, mesh=mesh, kernel=kernel)
+    else:
+        if m.preset not in PRESETS:
+            raise ValueError(f"model.preset {m.preset!r} is not one of {sorted(PRESETS)}")
+        model_cfg = PRESETS[m.preset]().replace(**m.overrides) if m.overrides else PRESETS[m.preset]()
+        model = gj.init(model_cfg, seed=cfg.run.seed, dtype=m.dtype, experts=m.experts, mesh=mesh, kernel=kernel)
+    if cfg.lora.enabled and adapters:
+        lora_lib.add_lora(model, lora_config(cfg), seed=cfg.run.seed)
+    return model
+
+
+def lora_config(cfg: ExperimentConfig) -> lora_lib.LoRAConfig:
+    return lora_lib.LoRAConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=tuple(cfg.lora.targets))
+
+
+def load_trained(cfg: ExperimentConfig, mesh=None):
+    """The model a finished run wrote: run.out_dir/model, or the base plus run.out_dir/adapters."""
+    import gptoss_jax as gj
+
+    out = cfg.run.out_dir
+    if cfg.lora.enabled:
+        return lora_lib.load_adapters(build_model(cfg, mesh, adapters=False), os.path.join(out, "adapters"))
+    return gj.load(os.path.join(out, "model"), dtype=cfg.model.dtype, mesh=mesh)
+
+
+def run_config(run_dir: str) -> ExperimentConfig:
+    """The config a run was started with (its config.json), pointed at `run_dir`."""
+    import dataclasses
+
+    from gptoss_jax.train.config import from_dict
+
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{run_dir} is not a training run (no config.json)")
+    with open(path) as f:
+        cfg = from_dict(json.load(f))
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=run_dir))
+
+
+def export_hf(cfg: ExperimentConfig, dst: str, *, experts: str | None = None, dtype: str = "bfloat16") -> str:
+    """Write a finished run's model in the HF hub layout, LoRA adapters merged into the base;
+    experts "mxfp4" (re-encoded) | "dense" | None (as the base stores them). The run's
+    tokenizer.json goes beside it when it has one."""
+    import shutil
+
+    import gptoss_jax as gj
+
+    model = load_trained(cfg)
+    if lora_lib.has_lora(model) or (experts or model.experts) != model.experts:
+        model = lora_lib.merge_lora(model, experts=experts)
+    gj.save_hf(model, dst, dtype=dtype)
+    tok = cfg.model.tokenizer
+    tok_file = os.path.join(tok, "tokenizer.json") if os.path.isdir(tok) else tok
+    if os.path.isfile(tok_file):
+        shutil.copy(tok_file, os.path.join(dst, "tokenizer.json"))
+    return dst
 
 
 def load_data(cfg: ExperimentConfig, tokenizer, path: str):
@@ -74,7 +132,9 @@ def train(cfg: ExperimentConfig, *, log=print) -> dict:
         log(f"  skipped {line}")
 
     model = build_model(cfg, mesh)
-    trainer = make_trainer(model, make_optimizer(cfg.optim), accum_steps=cfg.data.accum_steps)
+    trainable = trainable_filter(lora=cfg.lora.enabled, norms_and_sinks=cfg.lora.train_norms_and_sinks)
+    trainer = make_trainer(model, make_optimizer(cfg.optim), accum_steps=cfg.data.accum_steps,
+                           trainable=trainable, router_aux_loss=cfg.optim.router_aux_loss)
     state = trainer.init(model)
     schedule = make_schedule(cfg.optim)
     ckpts = Checkpoints(os.path.join(out, "checkpoints"), keep=cfg.run.keep_checkpoints)
@@ -87,11 +147,13 @@ def train(cfg: ExperimentConfig, *, log=print) -> dict:
     else:
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(to_dict(cfg), f, indent=2)
+    _truncate_metrics(os.path.join(out, METRICS_FILE), start)  # lines past the checkpoint are redone
 
     rows = distributed.host_rows(mesh, cfg.data.batch_size) if mesh is not None else None
-    bar = _progress(cfg.run.steps, start, cfg.run.progress and jax.process_index() == 0)
+    first_process = jax.process_index() == 0
+    bar = _progress(cfg.run.steps, start, cfg.run.progress and first_process)
     t0, last = time.time(), {}
-    with open(os.path.join(out, "metrics.jsonl"), "a") as metrics_file:
+    with MetricsLog(out, tensorboard=cfg.run.tensorboard, enabled=first_process) as metrics_log:
         for step in range(start, cfg.run.steps):
             batch = data_lib.batch_at(packed, step, cfg.data.batch_size, seed=cfg.run.seed)
             if mesh is not None:
@@ -102,9 +164,9 @@ def train(cfg: ExperimentConfig, *, log=print) -> dict:
                 last = {"step": done, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
                         "learning_rate": float(schedule(step)), "targets": int(metrics["targets"]),
                         "skipped": int(state.skipped), "seconds": round(time.time() - t0, 3)}
-                if jax.process_index() == 0:
-                    metrics_file.write(json.dumps(last) + "\n")
-                    metrics_file.flush()
+                if "router_loss" in metrics:
+                    last["router_loss"] = float(metrics["router_loss"])
+                metrics_log.write(last)
                 if bar is not None:
                     bar.set_postfix(loss=f"{last['loss']:.4f}")
             if bar is not None:
@@ -119,14 +181,36 @@ def train(cfg: ExperimentConfig, *, log=print) -> dict:
         bar.close()
     ckpts.close()
     trained = trainer.model(state)
-    gj.save_native(trained, os.path.join(out, "model"))
+    if cfg.lora.enabled:  # the adapters alone; the base is run.out_dir's model.checkpoint / preset
+        lora_lib.save_adapters(trained, os.path.join(out, "adapters"),
+                               extra={"base": cfg.model.checkpoint or f"preset:{cfg.model.preset}"})
+        saved = os.path.join(out, "adapters")
+    else:
+        gj.save_native(trained, os.path.join(out, "model"))
+        saved = os.path.join(out, "model")
+    if cfg.run.plots and first_process:
+        plot_curves(os.path.join(out, METRICS_FILE), os.path.join(out, "curves.png"), title=out)
     evaluation = evaluate(cfg, trained, tokenizer, log=log) if cfg.data.eval else None
     summary = {"steps": cfg.run.steps, "resumed_from": start, "rows": len(packed), "data": report.summary(),
-               "skipped_steps": int(state.skipped), **{f"final_{k}": v for k, v in last.items()},
-               "eval": evaluation}
+               "skipped_steps": int(state.skipped), "trainable_parameters": _size(state.params),
+               "saved": saved, **{f"final_{k}": v for k, v in last.items()}, "eval": evaluation}
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
+
+
+def _size(tree) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(tree)))
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Keep the logged lines up to `step` (a run resumed from a checkpoint logs the rest again)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(lines)
 
 
 def evaluate(cfg: ExperimentConfig, model, tokenizer, *, log=print) -> dict:

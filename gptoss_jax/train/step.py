@@ -5,7 +5,9 @@
   optimizer updates; they are cast to the model's dtypes inside the step.
 - Only `nnx.Param`s train (or what `trainable` selects); packed MXFP4 experts are `PackedWeight`s
   and stay frozen, passed through untouched.
-- optax AdamW with linear warmup + cosine decay and global-norm clipping (`make_optimizer`).
+- optax AdamW with linear warmup + cosine decay and global-norm clipping (`make_optimizer`);
+  weight decay on matrices only.
+- Optionally the router load-balancing loss (`moe.load_balancing_loss`) times a coefficient.
 - Gradient accumulation over `accum_steps` micro-batches (a `lax.scan`); the loss is the mean
   over all targets of the whole batch, so accumulation gives the same update as one big batch.
 - A step whose loss or gradient norm is not finite changes nothing but the counters
@@ -36,6 +38,7 @@ class OptimConfig:
     b2: float = 0.95
     eps: float = 1e-8
     clip_norm: float | None = 1.0
+    router_aux_loss: float = 0.0  # coefficient of the router load-balancing loss (0 = off)
 
 
 def make_schedule(cfg: OptimConfig) -> optax.Schedule:
@@ -46,8 +49,14 @@ def make_schedule(cfg: OptimConfig) -> optax.Schedule:
         end_value=cfg.learning_rate * cfg.end_learning_rate_fraction)
 
 
+def _decay_mask(params):
+    """Weight decay on matrices only: norm gains, biases and sinks (vectors) are not decayed."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-    adamw = optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    adamw = optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                        mask=_decay_mask)
     return adamw if cfg.clip_norm is None else optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
 
 
@@ -66,9 +75,14 @@ class Trainer(NamedTuple):
 
 
 def make_trainer(model, optimizer: optax.GradientTransformation, *, accum_steps: int = 1,
-                 trainable=nnx.Param) -> Trainer:
+                 trainable=nnx.Param, router_aux_loss: float = 0.0) -> Trainer:
     """Build the step for `model`'s structure. Batches are dicts of [accum_steps * B, T] arrays:
-    tokens, loss_mask, and optionally segment_ids / positions (packed rows)."""
+    tokens, loss_mask, and optionally segment_ids / positions (packed rows).
+
+    trainable: an nnx filter of the variables to train (`nnx.Param`: everything but the packed
+        experts; `lora.LoRAParam`: the adapters alone; see `trainable_filter`).
+    router_aux_loss: coefficient of the load-balancing loss added to the token loss (each
+        micro-batch's value weighted by its targets)."""
     graphdef, frozen_params, rest = nnx.split(model, trainable, ...)
     dtypes = jax.tree.map(lambda v: v.dtype, frozen_params)
     to_compute = lambda master: jax.tree.map(lambda p, d: p.astype(d), master, dtypes)
@@ -83,29 +97,32 @@ def make_trainer(model, optimizer: optax.GradientTransformation, *, accum_steps:
     def loss_sum(master, micro):
         tokens = micro["tokens"]
         out = nnx.merge(graphdef, to_compute(master), rest)(
-            tokens, positions=micro.get("positions"), segment_ids=micro.get("segment_ids"))
+            tokens, positions=micro.get("positions"), segment_ids=micro.get("segment_ids"),
+            router_loss=router_aux_loss > 0)
         weights = micro["loss_mask"][:, 1:].astype(jnp.float32)
         if "segment_ids" in micro:  # a target must belong to the same document as its context
             seg = micro["segment_ids"]
             weights = weights * (seg[:, 1:] == seg[:, :-1]) * (seg[:, 1:] != 0)
         mean, count = token_cross_entropy(out.logits[:, :-1], tokens[:, 1:], weights)
-        return mean * count, count
+        balance = out.router_loss if router_aux_loss > 0 else jnp.zeros((), jnp.float32)
+        return (mean + router_aux_loss * balance) * count, (count, mean * count, balance * count)
 
     def step(state: TrainState, batch):
         micro = jax.tree.map(lambda a: a.reshape((accum_steps, -1) + a.shape[1:]), batch)
 
         def one(carry, mb):
-            g_acc, l_acc, n_acc = carry
-            (l, n), g = jax.value_and_grad(loss_sum, has_aux=True)(state.params, mb)
-            return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, n_acc + n), None
+            g_acc, sums = carry
+            (_, aux), g = jax.value_and_grad(loss_sum, has_aux=True)(state.params, mb)
+            return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, sums, aux)), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (grads, total, count), _ = jax.lax.scan(one, (zeros, 0.0, 0.0), micro)
+        (grads, (count, token_total, balance_total)), _ = jax.lax.scan(one, (zeros, (0.0, 0.0, 0.0)), micro)
         count = jnp.maximum(count, 1.0)
-        loss = total / count
+        loss = token_total / count
+        balance = balance_total / count
         grads = jax.tree.map(lambda g: g / count, grads)
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        finite = jnp.isfinite(loss) & jnp.isfinite(balance) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
@@ -113,9 +130,23 @@ def make_trainer(model, optimizer: optax.GradientTransformation, *, accum_steps:
                                state.step + 1, state.skipped + (~finite).astype(jnp.int32),
                                jnp.where(finite, 0, state.bad_in_a_row + 1).astype(jnp.int32))
         metrics = {"loss": loss, "grad_norm": grad_norm, "targets": count, "finite": finite}
+        if router_aux_loss > 0:
+            metrics["router_loss"] = balance
         return new_state, metrics
 
     def trained_model(state: TrainState):
         return nnx.merge(graphdef, to_compute(state.params), rest)
 
     return Trainer(init, jax.jit(step, donate_argnums=(0,)), trained_model)
+
+
+def trainable_filter(*, lora: bool, norms_and_sinks: bool = False):
+    """The nnx filter of what trains: the Params (full fine-tuning; packed experts stay frozen),
+    or the LoRA adapters, optionally with the norm gains and attention sinks."""
+    from gptoss_jax.lora import LoRAParam
+
+    if not lora:
+        return nnx.Param
+    if not norms_and_sinks:
+        return LoRAParam
+    return nnx.Any(LoRAParam, nnx.All(nnx.Param, nnx.Any(nnx.PathContains("norm"), nnx.PathContains("sinks"))))

@@ -1,0 +1,132 @@
+"""Device memory of a training config, estimated from the shapes alone (nothing is allocated).
+
+    gptoss train configs/lora_20b_gpu80.yaml --estimate-memory
+
+Per device, in bytes:
+- weights: every variable of the model as stored (packed MXFP4 experts, compute-dtype Params,
+  LoRA adapters), divided by how the sharding rules split it on the config's mesh;
+- master / optimizer / gradients: fp32 master copy, AdamW's two moments and the fp32 gradient
+  accumulator of each trainable variable, split like the variable;
+- activations: what the backward pass keeps from the forward pass for one micro-batch
+  (batch_size / accum_steps rows of seq_len tokens, split over the batch axes of the mesh), by
+  remat policy, assuming the fused attention kernels (no [T, S] score matrix is kept) and the
+  packed grouped matmul; plus the fp32 logits, their log-softmax and gradient;
+- the working set of recomputing one layer (remat) and XLA's temporaries are not modelled: keep
+  a margin (the estimate prints the total against the device's memory).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from gptoss_jax import sharding as sharding_lib
+
+
+@dataclasses.dataclass
+class MemoryEstimate:
+    weights: float
+    master: float
+    optimizer: float
+    gradients: float
+    activations: float
+    logits: float
+    trainable_parameters: int
+    devices: int
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.master + self.optimizer + self.gradients + self.activations + self.logits
+
+    def table(self, device_bytes: float | None = None) -> str:
+        gib = lambda b: f"{b / 2**30:8.2f} GiB"
+        rows = [("weights (as stored)", self.weights), ("fp32 master copies", self.master),
+                ("AdamW moments", self.optimizer), ("fp32 gradients", self.gradients),
+                ("activations kept for backward", self.activations), ("logits (fp32, x3)", self.logits)]
+        lines = [f"per device ({self.devices} device{'s' if self.devices > 1 else ''}); "
+                 f"{self.trainable_parameters:,} trainable parameters"]
+        lines += [f"  {name:32s}{gib(v)}" for name, v in rows]
+        lines.append(f"  {'total':32s}{gib(self.total)}")
+        if device_bytes:
+            lines.append(f"  {'device memory':32s}{gib(device_bytes)}  ({self.total / device_bytes:.0%} used)")
+        return "\n".join(lines)
+
+
+def _abstract_mesh(mesh_cfg: dict):
+    sizes = {a: int(mesh_cfg.get(a, 1)) for a in sharding_lib.MESH_AXES}
+    return jax.sharding.AbstractMesh(tuple(sizes.values()), tuple(sizes))
+
+
+def _per_device(var, mesh) -> float:
+    value = var.get_value()
+    nbytes = math.prod(value.shape) * np.dtype(value.dtype).itemsize
+    axes = var.get_metadata().get("axes") or (None,) * len(value.shape)
+    spec = sharding_lib.logical_to_spec(axes, value.shape, mesh)
+    split = 1
+    for entry in spec:
+        for name in (entry,) if isinstance(entry, str) else (entry or ()):
+            split *= mesh.shape[name]
+    return nbytes / split
+
+
+def activation_bytes_per_token(model_cfg, remat: str, dtype_bytes: int) -> float:
+    """Bytes one token keeps for the backward pass, summed over layers (see the module doc)."""
+    D, N, K, H = model_cfg.d_model, model_cfg.num_heads, model_cfg.num_kv_heads, model_cfg.head_dim
+    E, k, F = model_cfg.num_experts, model_cfg.experts_per_token, model_cfg.expert_dim
+    b = dtype_bytes
+    if remat == "full":  # each layer's input only
+        per_layer = D * b
+    elif remat == "dots":  # the outputs of the projections and expert matmuls
+        per_layer = (2 * N + 2 * K) * H * b + E * 4 + k * (2 * F + D) * 4
+    else:
+        norms = 2 * (D * 4 + D * b)  # two RMSNorms: fp32 normalized input, scaled output
+        attention = D * b + (2 * N + 2 * K) * H * b + N * 4  # input, q/k/v/output, softmax statistics
+        moe = D * b + E * 4 + k * (D * b + 2 * F * 4 + F * b + D * 4)  # input, router, rows, h, act, y
+        per_layer = norms + attention + moe
+    return per_layer * model_cfg.num_layers
+
+
+def estimate(cfg) -> MemoryEstimate:
+    """`cfg`: an `ExperimentConfig`. Builds the model abstractly (config.json of the checkpoint,
+    or `model.preset` when the checkpoint is not on this machine), adapters included, and applies
+    the config's mesh to its logical axes."""
+    from gptoss_jax import lora as lora_lib
+    from gptoss_jax.config import ModelConfig
+    from gptoss_jax.model import GptOss, KernelOptions
+    from gptoss_jax.train.sft import PRESETS, lora_config
+    from gptoss_jax.train.step import trainable_filter
+
+    m = cfg.model
+    if m.checkpoint and os.path.isdir(m.checkpoint):
+        from gptoss_jax.checkpoint import find_checkpoint
+        model_cfg = ModelConfig.from_pretrained(find_checkpoint(m.checkpoint).root)
+    else:
+        model_cfg = PRESETS[m.preset]().replace(**m.overrides) if m.overrides else PRESETS[m.preset]()
+
+    def build():
+        model = GptOss(model_cfg, rngs=nnx.Rngs(0), dtype=m.dtype, experts=m.experts,
+                       kernel=KernelOptions(remat=m.remat))
+        if cfg.lora.enabled:
+            lora_lib.add_lora(model, lora_config(cfg))
+        return model
+
+    model = nnx.eval_shape(build)
+    mesh = _abstract_mesh(cfg.mesh)
+    devices = math.prod(mesh.shape.values())
+    weights = sum(_per_device(v, mesh) for _, v in nnx.to_flat_state(nnx.state(model)))
+    trainable = nnx.state(model, trainable_filter(lora=cfg.lora.enabled, norms_and_sinks=cfg.lora.train_norms_and_sinks))
+    flat = list(nnx.to_flat_state(trainable))
+    count = sum(math.prod(v.get_value().shape) for _, v in flat)
+    fp32_share = sum(_per_device(v, mesh) * 4 / np.dtype(v.get_value().dtype).itemsize for _, v in flat)
+    batch_split = math.prod(mesh.shape[a] for a in sharding_lib.BATCH_AXES)
+    tokens = cfg.data.batch_size // cfg.data.accum_steps * cfg.data.seq_len / batch_split
+    dtype_bytes = np.dtype(m.dtype).itemsize
+    acts = tokens * activation_bytes_per_token(model_cfg, m.remat, dtype_bytes)
+    vocab_split = mesh.shape["tensor"] if model_cfg.vocab_size % mesh.shape["tensor"] == 0 else 1
+    logits = 3 * tokens * model_cfg.vocab_size * 4 / vocab_split
+    return MemoryEstimate(weights, fp32_share, 2 * fp32_share, fp32_share, acts, logits, count, devices)

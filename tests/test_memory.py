@@ -1,0 +1,55 @@
+"""Memory estimates from the shapes: the exact terms (weights, master copies, AdamW moments) on one
+device and split over a mesh, and the shipped 20b configs fit the devices they name."""
+
+import os
+
+import jax
+import pytest
+from flax import nnx
+
+import gptoss_jax as gj
+from gptoss_jax.train.config import load_config
+from gptoss_jax.train.memory import estimate
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def test_exact_terms_on_one_device():
+    cfg = load_config(None, ["model.dtype=bfloat16", "data.seq_len=64", "data.batch_size=4"])
+    est = estimate(cfg)
+    model = gj.abstract(gj.tiny(), dtype="bfloat16")
+    params = sum(v.get_value().size for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    assert est.weights == gj.parameter_bytes(model)
+    assert est.trainable_parameters == params
+    assert est.master == 4 * params and est.optimizer == 8 * params and est.gradients == 4 * params
+    assert est.logits == 3 * 4 * 64 * gj.tiny().vocab_size * 4  # micro-batch tokens x vocab, fp32
+    full = estimate(load_config(None, ["model.dtype=bfloat16", "data.seq_len=64", "data.batch_size=4",
+                                       "model.remat=full"]))
+    assert full.activations == 4 * 64 * gj.tiny().d_model * 2 * gj.tiny().num_layers  # layer inputs, bf16
+    assert full.activations < est.activations
+
+
+def test_lora_and_mesh_split_the_terms():
+    lora = estimate(load_config(None, ["lora.enabled=true", "lora.rank=4"]))
+    cfg = gj.tiny()
+    r = 4
+    adapters = cfg.num_layers * (r * (cfg.d_model + cfg.num_heads * cfg.head_dim) * 2  # q, o
+                                 + 2 * r * (cfg.d_model + cfg.num_kv_heads * cfg.head_dim)  # k, v
+                                 + cfg.num_experts * r * (cfg.d_model + 2 * cfg.expert_dim)  # w1
+                                 + cfg.num_experts * r * (cfg.expert_dim + cfg.d_model))  # w2
+    assert lora.trainable_parameters == adapters
+    one = estimate(load_config(None, []))
+    split = estimate(load_config(None, ["mesh={fsdp: 2, expert: 4}"]))
+    assert split.devices == 8
+    assert one.weights / 8 <= split.weights < one.weights / 2
+    # matrices shard over fsdp (their embed axis), expert biases over expert, the rest stays whole
+    assert one.master / 8 < split.master < 0.6 * one.master
+    assert split.activations == pytest.approx(one.activations / 8)  # the batch over all 8
+
+
+@pytest.mark.parametrize("name,device_gib", [("sft_20b_gpu80", 80), ("lora_20b_gpu80", 80),
+                                             ("sft_20b_tpu_v4_8", 32), ("lora_20b_tpu_v4_8", 32)])
+def test_shipped_20b_configs_fit_their_devices(name, device_gib):
+    est = estimate(load_config(os.path.join(CONFIGS, name + ".yaml")))
+    assert est.weights > 2**30  # the real 20b shapes, not a tiny stand-in
+    assert est.total <= 0.8 * device_gib * 2**30, est.table(device_gib * 2**30)

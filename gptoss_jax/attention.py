@@ -41,21 +41,26 @@ def attend(q, k, v, sinks, mask, *, scale: float | None = None):
     Returns (out [B, T, N, H] in q's dtype, sink_mass [B, T, N] fp32: the probability each row
     gave its sink)."""
     B, T, N, H = q.shape
-    K = k.shape[2]
+    S, K = k.shape[1], k.shape[2]
     G = N // K
     scale = H ** -0.5 if scale is None else scale
-    qg = q.reshape(B, T, K, G, H)
-    s = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) * scale
-    s = jnp.where(mask[:, None, None, :, :], s, -jnp.inf)
+    # The G query heads of a KV head as one [G*T, H] matrix: a plain batched matmul over (B, K),
+    # which XLA:CPU runs 2-3x faster (forward and backward) than the 5-D einsum of the same product.
+    qg = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
+    s = jnp.einsum("BKMH,BKSH->BKMS", qg, kt, preferred_element_type=jnp.float32) * scale
+    s = jnp.where(mask[:, None, None, :, :], s.reshape(B, K, G, T, S), -jnp.inf)
     sink = sinks.astype(jnp.float32).reshape(1, K, G, 1)  # query head n = K*G index, kv head n // G
     m = jnp.maximum(jnp.max(s, axis=-1), sink)  # [B, K, G, T], finite thanks to the sink
     p = jnp.exp(s - m[..., None])
     p_sink = jnp.exp(sink - m)
     denom = jnp.sum(p, axis=-1) + p_sink
     p = p / denom[..., None]
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = jnp.einsum("BKMS,BKSH->BKMH", p.astype(v.dtype).reshape(B, K, G * T, S), vt,
+                     preferred_element_type=jnp.float32)
+    out = out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
     sink_mass = (p_sink / denom).transpose(0, 3, 1, 2).reshape(B, T, N)
-    return out.reshape(B, T, N, H).astype(q.dtype), sink_mass
+    return out.astype(q.dtype), sink_mass
 
 
 def attention_reference(q, k, v, sinks, *, q_pos, k_pos, q_seg, k_seg, window, k_valid=None):

@@ -130,7 +130,6 @@ class ExpertLoRA(nnx.Module):
         return Adapter(a[...], (b.astype(jnp.float32) * self.scale).astype(b.dtype))
 
 
-
 # --------------------------------------------------------------------------- on a whole model
 def add_lora(model, lora: LoRAConfig, *, seed: int = 0):
     """Attach fresh adapters (B = 0: the model's function is unchanged) to every layer, in place;
@@ -168,10 +167,7 @@ def merge_lora(model, *, experts: str | None = None):
     source = dict(nnx.to_flat_state(nnx.state(model)))
     layers = {}
     for path, var in nnx.to_flat_state(state):
-        if path in source:
-            value = source[path].get_value()
-        else:  # an expert weight changing format: filled below
-            value = None
+        value = source[path].get_value() if path in source else None  # None: experts, filled below
         if len(path) == 4 and path[0] == "layers":
             layer, module, name = model.layers[path[1]], path[2], path[3]
             if module == "attn" and name in ATTENTION_TARGETS and layer.attn.lora is not None \

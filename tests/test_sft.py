@@ -157,3 +157,17 @@ def nnx_flat(model, kind):
     from flax import nnx
 
     return nnx.to_flat_state(nnx.state(model, kind))
+
+
+def test_resuming_with_a_changed_config_is_refused(tmp_path, arithmetic_jsonl):
+    from gptoss_jax.train.config import to_dict
+    from gptoss_jax.train.sft import _check_resumable
+
+    path = tmp_path / "c.yaml"
+    path.write_text(CONFIG.format(data=arithmetic_jsonl, out=tmp_path / "run"))
+    cfg = load_config(str(path))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(to_dict(cfg)))
+    _check_resumable(str(tmp_path / "run"), load_config(str(path), ["run.steps=20", "eval.limit=3"]))  # allowed
+    with pytest.raises(ValueError, match=r"different config \(optim.learning_rate, run.seed\)"):
+        _check_resumable(str(tmp_path / "run"), load_config(str(path), ["optim.learning_rate=1e-4", "run.seed=3"]))

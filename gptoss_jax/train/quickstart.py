@@ -116,7 +116,8 @@ def run(out: str = "runs/quickstart", overrides=(), *, train_size: int = 20000, 
     tokens_seen = cfg.run.steps * cfg.data.batch_size * cfg.data.seq_len
     ev = summary["eval"]
     result = {
-        "seconds_total": round(time.time() - t0, 1), "seconds_training": round(train_seconds, 1),
+        "seconds_total": round(time.time() - t0, 1), "seconds_training": metrics[-1]["seconds"],
+        "seconds_sft_and_eval": round(train_seconds, 1),
         "parameters": gj.parameter_count(model), "vocab_size": tokenizer.vocab_size,
         "steps": cfg.run.steps, "tokens_per_second": round(tokens_seen / max(metrics[-1]["seconds"], 1e-9)),
         "train_loss_first": metrics[0]["loss"], "train_loss_last": metrics[-1]["loss"],

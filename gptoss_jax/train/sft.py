@@ -140,9 +140,8 @@ def train(cfg: ExperimentConfig, *, log=print) -> dict:
     ckpts = Checkpoints(os.path.join(out, "checkpoints"), keep=cfg.run.keep_checkpoints)
     start = ckpts.latest_step() or 0
     if start:
+        _check_resumable(out, cfg)
         state, meta = ckpts.restore(start, state)
-        if meta.get("seed") != cfg.run.seed:
-            raise ValueError(f"{out} was trained with run.seed={meta.get('seed')}; resuming needs the same seed")
         log(f"resumed from step {start}")
     else:
         with open(os.path.join(out, "config.json"), "w") as f:
@@ -197,6 +196,36 @@ def train(cfg: ExperimentConfig, *, log=print) -> dict:
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
+
+
+# Keys that may change when a run is resumed (how long it runs, how it reports); any other change
+# would make the resumed run differ from one that was never interrupted.
+_RESUMABLE_CHANGES = {"run.steps", "run.progress", "run.log_every", "run.save_every", "run.keep_checkpoints",
+                      "run.tensorboard", "run.plots", "run.max_bad_steps", "data.eval", "eval"}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and k not in ("mesh",) and not k.endswith("overrides"):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _check_resumable(out: str, cfg: ExperimentConfig) -> None:
+    path = os.path.join(out, "config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        before = _flat(json.load(f))
+    now = _flat(json.loads(json.dumps(to_dict(cfg))))  # lists and tuples compared alike
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k)
+                     and k not in _RESUMABLE_CHANGES and k.split(".")[0] not in _RESUMABLE_CHANGES)
+    if changed:
+        raise ValueError(f"{out} holds a run with a different config ({', '.join(changed)}); resuming it would "
+                         "not continue that run: choose another run.out_dir or delete this one")
 
 
 def _size(tree) -> int:

@@ -8,7 +8,8 @@
   gptoss convert  any supported checkpoint (HF, original/, native) -> native (fast) or HF layout
   gptoss generate one harmony turn from --prompt or --conversation, streamed
   gptoss chat     interactive harmony chat; analysis of finished turns is dropped from history
-  gptoss train    supervised fine-tuning from a YAML experiment config with key=value overrides
+  gptoss train    fine-tuning from a YAML experiment config with key=value overrides: SFT, or
+                  RL (GRPO / GSPO) with `algorithm: grpo | gspo`
   gptoss eval     held-out loss / perplexity and task accuracy (generated final answers)
   gptoss export   a training run's model in the HF layout, LoRA adapters merged
 """
@@ -266,9 +267,16 @@ def cmd_train(args) -> int:
 
         print(estimate(cfg).table(args.estimate_memory * 2**30 if args.estimate_memory else None))
         return 0
-    summary = train(cfg)
-    print(f"done: {summary['steps']} steps, final loss {summary.get('final_loss', float('nan')):.4f}; "
-          f"weights in {summary['saved']}")
+    if cfg.algorithm == "sft":
+        summary = train(cfg)
+        print(f"done: {summary['steps']} steps, final loss {summary.get('final_loss', float('nan')):.4f}; "
+              f"weights in {summary['saved']}")
+    else:
+        from gptoss_jax.train import rl
+
+        summary = rl.train(cfg)
+        print(f"done: {summary['steps']} {cfg.algorithm} steps, held-out accuracy {summary['eval_accuracy']}; "
+              f"weights in {summary['saved']}")
     return 0
 
 
@@ -328,7 +336,7 @@ def main(argv=None) -> int:
     p.add_argument("--experts", choices=["mxfp4", "dense"], default=None,
                    help="default: as stored; 'dense' dequantizes packed experts")
     p.set_defaults(fn=cmd_convert)
-    p = sub.add_parser("train", help="supervised fine-tuning from an experiment config")
+    p = sub.add_parser("train", help="fine-tuning from an experiment config: SFT, or GRPO / GSPO (algorithm:)")
     p.add_argument("config", help="YAML experiment config (see configs/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.learning_rate=1e-3 run.steps=100")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

@@ -67,6 +67,9 @@ class Generation:
     tokens: list[list[int]]  # generated ids per prompt, the stop token included when one was hit
     stop_reason: list[str]  # "stop" (a stop token) or "length"
     prompt_lengths: list[int]
+    # with logprobs=True: log p(token) under the model's own distribution (temperature 1, no
+    # top-k/top-p cut), fp32, one per generated token: what a training forward recomputes
+    logprobs: list[list[float]] | None = None
 
 
 # Cached on (graphdef, ...) so that every generate() call with the same model structure and
@@ -87,7 +90,7 @@ def _prefill_fn(graphdef):
 
 
 @functools.lru_cache(maxsize=16)
-def _decode_fn(graphdef, params: SamplingParams, stop_ids: tuple[int, ...], block: int):
+def _decode_fn(graphdef, params: SamplingParams, stop_ids: tuple[int, ...], block: int, logprobs: bool):
     stop = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
 
     @jax.jit
@@ -96,40 +99,47 @@ def _decode_fn(graphdef, params: SamplingParams, stop_ids: tuple[int, ...], bloc
         model = nnx.merge(graphdef, state)
         B = logits.shape[0]
         out_tokens = jnp.full((B, block), -1, jnp.int32)
+        out_logprobs = jnp.zeros((B, block if logprobs else 0), jnp.float32)
 
         def cond(carry):
             i, _, _, done, *_ = carry
             return (i < block) & ~jnp.all(done)
 
         def body(carry):
-            i, cache, logits, done, produced, out_tokens, key = carry
+            i, cache, logits, done, produced, out_tokens, out_logprobs, key = carry
             key, sub = jax.random.split(key)
             tok = sample(logits, sub, params)
             active = ~done
             out_tokens = out_tokens.at[:, i].set(jnp.where(active, tok, -1))
+            if logprobs:
+                lp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1),
+                                         tok[:, None], axis=-1)[:, 0]
+                out_logprobs = out_logprobs.at[:, i].set(lp)
             produced = produced + active
             done = done | (active & jnp.isin(tok, stop)) | (produced >= limit)
             # every row steps (fixed shapes); finished rows feed padding that is never cached
             step = model(jnp.where(active, tok, 0)[:, None], segment_ids=active[:, None].astype(jnp.int32),
                          cache=cache)
-            return i + 1, step.cache, step.logits[:, 0], done, produced, out_tokens, key
+            return i + 1, step.cache, step.logits[:, 0], done, produced, out_tokens, out_logprobs, key
 
-        carry = (jnp.int32(0), cache, logits, done, produced, out_tokens, key)
-        _, cache, logits, done, produced, out_tokens, key = jax.lax.while_loop(cond, body, carry)
-        return cache, logits, key, done, produced, out_tokens
+        carry = (jnp.int32(0), cache, logits, done, produced, out_tokens, out_logprobs, key)
+        _, cache, logits, done, produced, out_tokens, out_logprobs, key = jax.lax.while_loop(cond, body, carry)
+        return cache, logits, key, done, produced, out_tokens, out_logprobs
     return decode
 
 
 def generate(model, tokenizer=None, prompts: Sequence = (), *, max_new_tokens: int = 256,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
              stop_tokens: Sequence[int] | None = None, stream: Callable[[int, list[int]], None] | None = None,
-             prefill_chunk: int = 256, block: int | None = None, cache_dtype=None) -> Generation:
+             prefill_chunk: int = 256, block: int | None = None, cache_dtype=None,
+             logprobs: bool = False) -> Generation:
     """Generate continuations for a batch of prompts.
 
     prompts: token-id lists, or strings (encoded with `tokenizer`, no special-token parsing).
     stop_tokens: default `<|return|>`, `<|call|>` (the tokenizer's ids; o200k_harmony's without
         a tokenizer); pass () to run to max_new_tokens.
     stream(row, new_token_ids): called as tokens arrive (per decode block).
+    logprobs: also return each generated token's log-probability under the model (`Generation.logprobs`).
     """
     cfg = model.cfg
     if not len(prompts):
@@ -176,22 +186,27 @@ def generate(model, tokenizer=None, prompts: Sequence = (), *, max_new_tokens: i
         cache, logits = prefill(state, cache, jnp.asarray(padded[:, c * C:(c + 1) * C]),
                                 jnp.asarray(n_valid), logits)
 
-    decode = _decode_fn(graphdef, params, stop_ids, block)
+    decode = _decode_fn(graphdef, params, stop_ids, block, logprobs)
     key = jax.random.key(seed)
     done = jnp.zeros((B,), bool)
     produced = jnp.zeros((B,), jnp.int32)
     limit = jnp.full((B,), max_new_tokens, jnp.int32)
     out: list[list[int]] = [[] for _ in range(B)]
+    out_lp: list[list[float]] = [[] for _ in range(B)]
     while True:
-        cache, logits, key, done, produced, toks = decode(state, cache, logits, key, done, produced, limit)
+        cache, logits, key, done, produced, toks, lps = decode(state, cache, logits, key, done, produced, limit)
         toks = to_host(toks)  # on several processes the rows may live on other hosts
+        lps = to_host(lps) if logprobs else None
         for b in range(B):
-            new = [int(t) for t in toks[b] if t >= 0]
+            keep = toks[b] >= 0
+            new = [int(t) for t in toks[b][keep]]
             if new:
                 out[b].extend(new)
+                if logprobs:
+                    out_lp[b].extend(float(x) for x in lps[b][keep])
                 if stream is not None:
                     stream(b, new)
         if bool(np.all(to_host(done))):
             break
     reasons = ["stop" if r and r[-1] in stop_ids else "length" for r in out]
-    return Generation(out, reasons, [len(p) for p in ids])
+    return Generation(out, reasons, [len(p) for p in ids], out_lp if logprobs else None)

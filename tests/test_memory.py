@@ -48,8 +48,21 @@ def test_lora_and_mesh_split_the_terms():
 
 
 @pytest.mark.parametrize("name,device_gib", [("sft_20b_gpu80", 80), ("lora_20b_gpu80", 80),
-                                             ("sft_20b_tpu_v4_8", 32), ("lora_20b_tpu_v4_8", 32)])
+                                             ("sft_20b_tpu_v4_8", 32), ("lora_20b_tpu_v4_8", 32),
+                                             ("grpo_lora_20b_gpu80", 80), ("grpo_lora_20b_tpu_v4_8", 32)])
 def test_shipped_20b_configs_fit_their_devices(name, device_gib):
     est = estimate(load_config(os.path.join(CONFIGS, name + ".yaml")))
     assert est.weights > 2**30  # the real 20b shapes, not a tiny stand-in
     assert est.total <= 0.8 * device_gib * 2**30, est.table(device_gib * 2**30)
+
+
+def test_rl_terms():
+    from gptoss_jax.cache import cache_bytes
+
+    full = estimate(load_config(None, ["algorithm=grpo", "rl.group_size=4", "rl.prompts_per_step=2",
+                                       "data.seq_len=64"]))
+    assert full.reference == full.master  # a frozen fp32 copy of what trains
+    assert full.kv_cache == cache_bytes(gj.tiny(), 8, 64, "bfloat16")  # 2 prompts x 4 samples
+    assert full.logits == 3 * 8 * 64 * gj.tiny().vocab_size * 4
+    lora_run = estimate(load_config(None, ["algorithm=gspo", "lora.enabled=true"]))
+    assert lora_run.reference == 0  # the base is the reference

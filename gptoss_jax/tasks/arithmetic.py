@@ -85,3 +85,25 @@ def corpus(n: int = 2000, *, seed: int = 0, max_digits: int = 6) -> Iterator[str
         yield f"What is {a} + {b}?"
         yield analysis(a, b)
         yield str(a + b)
+
+
+def read_problems(path: str) -> list[tuple[int, int]]:
+    """The (a, b) of every conversation of a jsonl written here."""
+    out = []
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                q = json.loads(line)["messages"][0]["content"]  # "What is A + B?"
+                a, b = q.removeprefix("What is ").removesuffix("?").split(" + ")
+                out.append((int(a), int(b)))
+    return out
+
+
+def write_problems(path: str, n: int, *, seed: int, exclude=(), min_digits: int = 1, max_digits: int = 3) -> int:
+    """`n` fresh problems (none of `exclude`) as conversations with reference answers, e.g. the
+    prompts of an RL run that must not be problems the model was trained or is evaluated on."""
+    items = problems(n, seed=seed, min_digits=min_digits, max_digits=max_digits, exclude=set(exclude))
+    with open(path, "w") as f:
+        for a, b in items:
+            f.write(json.dumps(conversation(a, b)) + "\n")
+    return n

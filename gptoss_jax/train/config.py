@@ -3,7 +3,8 @@
     cfg = load_config("configs/quickstart.yaml", ["optim.learning_rate=1e-3", "run.steps=200"])
 
 Every key must name a field (unknown keys are errors that list the known ones); values are
-checked against the field's type. Sections: model, data, optim, lora, run, eval, mesh.
+checked against the field's type. Sections: model, data, optim, lora, rl, run, eval, mesh
+(and the top-level key `algorithm`).
 """
 
 from __future__ import annotations
@@ -77,14 +78,40 @@ class EvalSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class RLSection:
+    """GRPO / GSPO (`algorithm: grpo | gspo`); prompts and reference answers come from data.train."""
+    group_size: int = 8  # samples per prompt (G)
+    prompts_per_step: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    updates_per_rollout: int = 1  # optimizer steps on each rollout batch (> 1: the ratio moves off 1)
+    clip_eps: float | None = None  # None: 0.2 for GRPO, 3e-4 for GSPO (the papers' values)
+    kl_coef: float = 0.0  # k3 KL to the reference (the start; with LoRA, the base without adapters)
+    normalize_std: bool = True  # divide advantages by the group's reward std
+    aggregate: str = "token"  # GRPO: "token" (every response token weighs the same) | "sequence"
+    rewards: dict = dataclasses.field(default_factory=lambda: {"exact_match": 1.0, "format": 0.1})
+    eval_every: int = 0  # held-out task accuracy every N steps (0: at the start and the end only)
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
+    algorithm: str = "sft"  # sft | grpo | gspo
     optim: OptimConfig = OptimConfig()
     lora: LoRASection = LoRASection()
+    rl: RLSection = RLSection()
     run: RunSection = RunSection()
     eval: EvalSection = EvalSection()
     mesh: dict = dataclasses.field(default_factory=dict)  # {"data": .., "fsdp": .., ...}; {} = one device
+
+    def __post_init__(self):
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigKeyError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
+
+
+ALGORITHMS = ("sft", "grpo", "gspo")
 
 
 _SCALARS = {bool: ((bool,), "true or false"), int: ((int,), "an integer"),

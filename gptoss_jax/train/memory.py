@@ -11,6 +11,9 @@ Per device, in bytes:
   (batch_size / accum_steps rows of seq_len tokens, split over the batch axes of the mesh), by
   remat policy, assuming the fused attention kernels (no [T, S] score matrix is kept) and the
   packed grouped matmul; plus the fp32 logits, their log-softmax and gradient;
+- RL (`algorithm: grpo | gspo`): micro-batches of the rollout's prompts x group_size rows of
+  data.seq_len tokens (prompt + response), the reference copy of what trains (none with LoRA:
+  the reference is the base) and the sampler's KV cache for one rollout;
 - the working set of recomputing one layer (remat) and XLA's temporaries are not modelled: keep
   a margin (the estimate prints the total against the device's memory).
 """
@@ -38,16 +41,21 @@ class MemoryEstimate:
     logits: float
     trainable_parameters: int
     devices: int
+    reference: float = 0.0  # RL: the frozen reference copy of what trains (none with LoRA)
+    kv_cache: float = 0.0  # RL: the sampler's cache for one rollout batch
 
     @property
     def total(self) -> float:
-        return self.weights + self.master + self.optimizer + self.gradients + self.activations + self.logits
+        return (self.weights + self.master + self.optimizer + self.gradients + self.activations + self.logits
+                + self.reference + self.kv_cache)
 
     def table(self, device_bytes: float | None = None) -> str:
         gib = lambda b: f"{b / 2**30:8.2f} GiB"
         rows = [("weights (as stored)", self.weights), ("fp32 master copies", self.master),
                 ("AdamW moments", self.optimizer), ("fp32 gradients", self.gradients),
                 ("activations kept for backward", self.activations), ("logits (fp32, x3)", self.logits)]
+        if self.reference or self.kv_cache:
+            rows += [("RL reference (fp32)", self.reference), ("RL sampler KV cache", self.kv_cache)]
         lines = [f"per device ({self.devices} device{'s' if self.devices > 1 else ''}); "
                  f"{self.trainable_parameters:,} trainable parameters"]
         lines += [f"  {name:32s}{gib(v)}" for name, v in rows]
@@ -124,9 +132,19 @@ def estimate(cfg) -> MemoryEstimate:
     count = sum(math.prod(v.get_value().shape) for _, v in flat)
     fp32_share = sum(_per_device(v, mesh) * 4 / np.dtype(v.get_value().dtype).itemsize for _, v in flat)
     batch_split = math.prod(mesh.shape[a] for a in sharding_lib.BATCH_AXES)
-    tokens = cfg.data.batch_size // cfg.data.accum_steps * cfg.data.seq_len / batch_split
+    reference = kv_cache = 0.0
+    if cfg.algorithm == "sft":
+        rows = cfg.data.batch_size
+    else:  # rollout rows of up to data.seq_len tokens (prompt + response)
+        from gptoss_jax.cache import cache_bytes
+
+        rows = cfg.rl.prompts_per_step * cfg.rl.group_size
+        reference = 0.0 if cfg.lora.enabled else fp32_share
+        kv_cache = cache_bytes(model_cfg, max(1, rows // batch_split), cfg.data.seq_len, m.dtype)
+    tokens = rows // cfg.data.accum_steps * cfg.data.seq_len / batch_split
     dtype_bytes = np.dtype(m.dtype).itemsize
     acts = tokens * activation_bytes_per_token(model_cfg, m.remat, dtype_bytes)
     vocab_split = mesh.shape["tensor"] if model_cfg.vocab_size % mesh.shape["tensor"] == 0 else 1
     logits = 3 * tokens * model_cfg.vocab_size * 4 / vocab_split
-    return MemoryEstimate(weights, fp32_share, 2 * fp32_share, fp32_share, acts, logits, count, devices)
+    return MemoryEstimate(weights, fp32_share, 2 * fp32_share, fp32_share, acts, logits, count, devices,
+                          reference, kv_cache)

@@ -72,20 +72,49 @@ class Trainer(NamedTuple):
     init: Any  # model -> TrainState
     step: Any  # (TrainState, batch) -> (TrainState, metrics); jitted
     model: Any  # (TrainState) -> the model with the trained weights (in its compute dtypes)
+    merge: Any  # (master params) -> the model with those weights (e.g. a reference policy's)
+
+
+def next_token_objective(router_aux_loss: float = 0.0):
+    """The SFT objective: mean next-token cross-entropy over the loss mask (targets inside their
+    own document), plus `router_aux_loss` times the load-balancing loss. Batches: tokens,
+    loss_mask, and optionally segment_ids / positions (packed rows)."""
+
+    def objective(model, micro):
+        tokens = micro["tokens"]
+        out = model(tokens, positions=micro.get("positions"), segment_ids=micro.get("segment_ids"),
+                    router_loss=router_aux_loss > 0)
+        weights = micro["loss_mask"][:, 1:].astype(jnp.float32)
+        if "segment_ids" in micro:  # a target must belong to the same document as its context
+            seg = micro["segment_ids"]
+            weights = weights * (seg[:, 1:] == seg[:, :-1]) * (seg[:, 1:] != 0)
+        mean, count = token_cross_entropy(out.logits[:, :-1], tokens[:, 1:], weights)
+        sums = {"loss": mean * count}
+        total = mean
+        if router_aux_loss > 0:
+            sums["router_loss"] = out.router_loss * count
+            total = mean + router_aux_loss * out.router_loss
+        return total * count, count, sums
+
+    return objective
 
 
 def make_trainer(model, optimizer: optax.GradientTransformation, *, accum_steps: int = 1,
-                 trainable=nnx.Param, router_aux_loss: float = 0.0) -> Trainer:
-    """Build the step for `model`'s structure. Batches are dicts of [accum_steps * B, T] arrays:
-    tokens, loss_mask, and optionally segment_ids / positions (packed rows).
+                 trainable=nnx.Param, router_aux_loss: float = 0.0, objective=None) -> Trainer:
+    """Build the step for `model`'s structure. Batches are dicts of [accum_steps * B, ...] arrays,
+    cut into `accum_steps` micro-batches along the first axis.
 
+    objective(model, micro) -> (weighted sum, weight, {name: weighted sum}): the batch's loss is
+        sum(weighted sums) / sum(weights) over the micro-batches, so accumulation gives the update
+        of one big batch; each named metric is averaged the same way. Default: the next-token
+        objective (`next_token_objective(router_aux_loss)`).
     trainable: an nnx filter of the variables to train (`nnx.Param`: everything but the packed
-        experts; `lora.LoRAParam`: the adapters alone; see `trainable_filter`).
-    router_aux_loss: coefficient of the load-balancing loss added to the token loss (each
-        micro-batch's value weighted by its targets)."""
+        experts; `lora.LoRAParam`: the adapters alone; see `trainable_filter`)."""
+    objective = objective or next_token_objective(router_aux_loss)
     graphdef, frozen_params, rest = nnx.split(model, trainable, ...)
     dtypes = jax.tree.map(lambda v: v.dtype, frozen_params)
     to_compute = lambda master: jax.tree.map(lambda p, d: p.astype(d), master, dtypes)
+    merge = lambda master: nnx.merge(graphdef, to_compute(master), rest)
 
     def init(m) -> TrainState:
         params = nnx.state(m, trainable)
@@ -94,50 +123,39 @@ def make_trainer(model, optimizer: optax.GradientTransformation, *, accum_steps:
         zero = lambda: jnp.zeros((), jnp.int32)
         return TrainState(master, optimizer.init(master), zero(), zero(), zero())
 
-    def loss_sum(master, micro):
-        tokens = micro["tokens"]
-        out = nnx.merge(graphdef, to_compute(master), rest)(
-            tokens, positions=micro.get("positions"), segment_ids=micro.get("segment_ids"),
-            router_loss=router_aux_loss > 0)
-        weights = micro["loss_mask"][:, 1:].astype(jnp.float32)
-        if "segment_ids" in micro:  # a target must belong to the same document as its context
-            seg = micro["segment_ids"]
-            weights = weights * (seg[:, 1:] == seg[:, :-1]) * (seg[:, 1:] != 0)
-        mean, count = token_cross_entropy(out.logits[:, :-1], tokens[:, 1:], weights)
-        balance = out.router_loss if router_aux_loss > 0 else jnp.zeros((), jnp.float32)
-        return (mean + router_aux_loss * balance) * count, (count, mean * count, balance * count)
+    def weighted(master, micro):
+        total, weight, sums = objective(merge(master), micro)
+        return total, (weight, sums)
 
     def step(state: TrainState, batch):
         micro = jax.tree.map(lambda a: a.reshape((accum_steps, -1) + a.shape[1:]), batch)
 
         def one(carry, mb):
-            g_acc, sums = carry
-            (_, aux), g = jax.value_and_grad(loss_sum, has_aux=True)(state.params, mb)
-            return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, sums, aux)), None
+            g_acc, w_acc, s_acc = carry
+            (_, (w, sums)), g = jax.value_and_grad(weighted, has_aux=True)(state.params, mb)
+            return (jax.tree.map(jnp.add, g_acc, g), w_acc + w, jax.tree.map(jnp.add, s_acc, sums)), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (grads, (count, token_total, balance_total)), _ = jax.lax.scan(one, (zeros, (0.0, 0.0, 0.0)), micro)
-        count = jnp.maximum(count, 1.0)
-        loss = token_total / count
-        balance = balance_total / count
-        grads = jax.tree.map(lambda g: g / count, grads)
+        _, (_, sums_shape) = jax.eval_shape(weighted, state.params, jax.tree.map(lambda a: a[0], micro))
+        sums0 = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), sums_shape)
+        (grads, weight, sums), _ = jax.lax.scan(one, (zeros, jnp.float32(0.0), sums0), micro)
+        weight = jnp.maximum(weight, 1e-9)
+        grads = jax.tree.map(lambda g: g / weight, grads)
+        metrics = {k: v / weight for k, v in sums.items()}
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(balance) & jnp.isfinite(grad_norm)
+        finite = jnp.isfinite(grad_norm)
+        for v in metrics.values():
+            finite &= jnp.all(jnp.isfinite(v))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new_state = TrainState(keep(params, state.params), keep(opt_state, state.opt_state),
                                state.step + 1, state.skipped + (~finite).astype(jnp.int32),
                                jnp.where(finite, 0, state.bad_in_a_row + 1).astype(jnp.int32))
-        metrics = {"loss": loss, "grad_norm": grad_norm, "targets": count, "finite": finite}
-        if router_aux_loss > 0:
-            metrics["router_loss"] = balance
+        metrics.update(grad_norm=grad_norm, targets=weight, finite=finite)
         return new_state, metrics
 
-    def trained_model(state: TrainState):
-        return nnx.merge(graphdef, to_compute(state.params), rest)
-
-    return Trainer(init, jax.jit(step, donate_argnums=(0,)), trained_model)
+    return Trainer(init, jax.jit(step, donate_argnums=(0,)), lambda state: merge(state.params), merge)
 
 
 def trainable_filter(*, lora: bool, norms_and_sinks: bool = False):

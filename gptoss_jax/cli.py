@@ -12,6 +12,7 @@
                   RL (GRPO / GSPO) with `algorithm: grpo | gspo`
   gptoss eval     held-out loss / perplexity and task accuracy (generated final answers)
   gptoss export   a training run's model in the HF layout, LoRA adapters merged
+  gptoss inspect  expert routing, sink mass and logit lens over a text or corpus: report.json + plots
 """
 
 from __future__ import annotations
@@ -302,6 +303,39 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    import gptoss_jax as gj
+    from gptoss_jax import inspect, inspect_report
+
+    if not args.text and not args.file:
+        raise ValueError("give --text and/or --file (a .txt with one document per line, or .jsonl "
+                         "with 'text' or 'messages')")
+    model = gj.load(args.checkpoint, dtype=args.dtype, progress=True)
+    tokenizer = gj.load_tokenizer(args.tokenizer or args.checkpoint)
+    stats = None
+    if args.file:
+        stats = inspect.run_corpus(model, tokenizer, args.file, seq_len=args.seq_len,
+                                   batch_size=args.batch_size, max_tokens=args.max_tokens,
+                                   lens=not args.no_lens)
+    table = None
+    if args.text:
+        stats = inspect.run_corpus(model, tokenizer, [args.text], seq_len=args.seq_len,
+                                   batch_size=args.batch_size, progress=False, stats=stats,
+                                   lens=not args.no_lens)
+        table = inspect_report.text_table(model, tokenizer, args.text)
+    paths = inspect_report.write(args.out, model, stats, tokenizer, text=table,
+                                 source=" + ".join(filter(None, [args.file, args.text and "--text"])))
+    print(f"{stats.tokens:,} tokens in {stats.documents} documents; per layer:")
+    for i in range(model.cfg.num_layers):
+        load = stats.expert_load[i]
+        print(f"  layer {i:2d} {'sliding' if model.cfg.is_sliding(i) else 'full':7s}  router entropy "
+              f"{stats.routing_entropy[i]:.3f}  busiest expert {int(load.argmax())} ({load.max():.1%})  "
+              f"sink mass {stats.sink_mass[i].mean():.3f}"
+              + (f"  lens accuracy {stats.lens_accuracy[i]:.3f}" if stats.lens_targets else ""))
+    print("wrote " + ", ".join(paths.values()))
+    return 0
+
+
 def cmd_quickstart(args) -> int:
     from gptoss_jax.train.quickstart import run
 
@@ -356,6 +390,19 @@ def main(argv=None) -> int:
                    help="mxfp4: re-encode the merged experts; dense: keep them exact (default: as the base)")
     p.add_argument("--dtype", default="bfloat16", help="float dtype of the written tensors")
     p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("inspect", help="expert routing, sink mass and logit lens over a text or corpus")
+    p.add_argument("checkpoint", help="checkpoint folder (HF, original/ or native)")
+    p.add_argument("--text", help="one text: also reported token by token")
+    p.add_argument("--file", help="corpus: .txt (a document per line) or .jsonl ('text' or 'messages')")
+    p.add_argument("--out", default="runs/inspect", help="folder for report.json and the plots")
+    p.add_argument("--tokenizer", help="tokenizer.json or 'o200k_harmony' (default: the checkpoint's, else o200k_harmony)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per row (documents are packed)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, help="stop after this many corpus tokens")
+    p.add_argument("--no-lens", action="store_true",
+                   help="skip the logit lens (it costs one unembedding per layer and token)")
+    p.add_argument("--dtype", default="bfloat16")
+    p.set_defaults(fn=cmd_inspect)
     for name, fn, helptext in (("generate", cmd_generate, "answer one prompt or conversation file in harmony format"),
                                ("chat", cmd_chat, "interactive chat in harmony format")):
         p = sub.add_parser(name, help=helptext)
@@ -389,7 +436,7 @@ def _run(args) -> int:
     from gptoss_jax.tokenizer import TokenizerError
 
     try:
-        if args.command in ("generate", "chat", "convert", "train", "eval", "export", "quickstart"):
+        if args.command in ("generate", "chat", "convert", "train", "eval", "export", "quickstart", "inspect"):
             from gptoss_jax import distributed
 
             # a no-op unless launched on several processes (SLURM, Open MPI, TPU pod, JAX_* vars)

@@ -194,6 +194,17 @@ class MoE(nnx.Module):
             dropped = jnp.zeros((), jnp.int32)
         return y.reshape(B, T, D), routing, dropped
 
+    def expert_outputs(self, x, routing: moe_lib.Routing, *, eps):
+        """[B, T, k, D] fp32: each chosen expert's output for each token, before the routing
+        weights (see `moe.expert_outputs`)."""
+        B, T, D = x.shape
+        h = layers.rms_norm(x, self.norm[...], eps).reshape(B * T, D)
+        y = moe_lib.expert_outputs(h, self.expert_weights(), routing, alpha=self.alpha, limit=self.limit)
+        return y.reshape(B, T, self.k, D)
+
+
+CAPTURE_MODES = (False, True, "experts")
+
 
 class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, *, dtype, experts: str, keys: _Keys):
@@ -218,15 +229,21 @@ class Block(nnx.Module):
         if not capture:
             return out, cache, None, balance
         B, T = x.shape[:2]
-        return out, cache, {
-            "residual": x,  # the stream entering this layer
-            "attn_out": a,
-            "sink_mass": sink_mass,  # [B, T, N]
-            "router_logits": routing.logits.reshape(B, T, -1),
-            "expert_ids": routing.ids.reshape(B, T, -1),
-            "expert_weights": routing.weights.reshape(B, T, -1),
+        inter = {
+            "residual": x,  # [B, T, D] the stream entering this layer
+            "attn_out": a,  # [B, T, D] what attention added (after the output projection)
+            "residual_mid": x_mid,  # residual + attn_out: the MoE's input
+            "mlp_out": m,  # [B, T, D] what the MoE added
+            "residual_out": out,  # residual_mid + mlp_out: the stream leaving this layer
+            "sink_mass": sink_mass,  # [B, T, N] probability each query head gave its sink
+            "router_logits": routing.logits.reshape(B, T, -1),  # [B, T, E] fp32
+            "expert_ids": routing.ids.reshape(B, T, -1),  # [B, T, k] best first
+            "expert_weights": routing.weights.reshape(B, T, -1),  # [B, T, k] softmax over the k
             "dropped": dropped,  # (token, expert) assignments dropped for capacity (mesh only)
-        }, balance
+        }
+        if capture == "experts":  # [B, T, k, D] each chosen expert's output, before its weight
+            inter["expert_out"] = self.mlp.expert_outputs(x_mid, routing, eps=eps)
+        return out, cache, inter, balance
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,6 +333,11 @@ class GptOss(nnx.Module):
             a row holds one sequence and segment_ids == 0 marks right padding (not written).
         cache: a `KVCache` (see `gptoss_jax.cache.init_cache`); the updated one is returned.
         logits_at: [B] index per row; return logits [B, 1, V] of that token only (prefill).
+        capture: False (the default: nothing extra is computed or returned) | True: return
+            `ModelOutput.intermediates`, one dict per layer (residual stream before/after each
+            block, attention and MoE outputs, per-head sink mass, router logits, top-k ids and
+            weights; see `Block.__call__`) | "experts": also each chosen expert's own output.
+            Attention then runs on the XLA path (the kernels do not report the sink mass).
         router_loss: also return the router's load-balancing loss (`moe.load_balancing_loss` over
             the non-padding tokens, averaged over layers) as `ModelOutput.router_loss`.
         """
@@ -331,6 +353,8 @@ class GptOss(nnx.Module):
             if tuple(arr.shape) != (B, T):
                 raise ValueError(f"{name} must have the tokens' shape {(B, T)}, got {tuple(arr.shape)}")
         valid = segment_ids != 0
+        if not any(capture is m for m in CAPTURE_MODES) and capture != "experts":
+            raise ValueError(f"capture must be one of {CAPTURE_MODES}, got {capture!r}")
         if cache is not None and len(cache.layers) != cfg.num_layers:
             raise ValueError(f"cache has {len(cache.layers)} layers, the model {cfg.num_layers}")
 

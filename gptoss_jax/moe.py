@@ -278,6 +278,28 @@ def moe_gather(x, ew: ExpertWeights, routing: Routing, *, alpha, limit):
     return jnp.einsum("TkD,Tk->TD", y.reshape(T, k, -1), routing.weights).astype(dt)
 
 
+def expert_outputs(x, ew: ExpertWeights, routing: Routing, *, alpha, limit):
+    """What each chosen expert returned for each token, before the routing weights: [T, k, D] fp32.
+
+    For inspection (`model(..., capture="experts")`): one expert is decoded at a time and run on
+    every token, so memory stays at one expert's weights; compute is E/k times the MoE layer's.
+    `einsum("TkD,Tk->TD", out, routing.weights)` is the layer's output."""
+    dt = x.dtype
+    T, k = routing.ids.shape
+    take = lambda ad, e: None if ad is None else Adapter(ad.a[e][None], ad.b[e][None])
+
+    def one(acc, e):
+        w1 = in_out(_take_experts(ew.w1, e[None]), dt)
+        w2 = in_out(_take_experts(ew.w2, e[None]), dt)
+        mm = lambda a, w: jnp.einsum("ETI,EIO->ETO", a, w, preferred_element_type=jnp.float32)
+        y = _expert_mlp(x[None], w1, ew.b1[e][None, None], w2, ew.b2[e][None, None], alpha=alpha,
+                        limit=limit, matmul=mm, lora1=take(ew.lora1, e), lora2=take(ew.lora2, e))[0]
+        return jnp.where((routing.ids == e)[..., None], y[:, None, :], acc), None
+
+    init = jnp.zeros((T, k, x.shape[-1]), jnp.float32)
+    return jax.lax.scan(one, init, jnp.arange(ew.b1.shape[0]))[0]
+
+
 MOE_IMPLS = {"dense": moe_dense_reference, "ragged": moe_ragged, "buckets": moe_buckets,
              "gather": moe_gather}
 

@@ -61,7 +61,12 @@ def main():
             t = time.time()
             summary = rl.train(cfg, log=lambda s: print("   " + s))
             acc = summary["eval_accuracy"]
+            with open(os.path.join(out, "eval_right.json")) as f:
+                right = json.load(f)
+            base, final = right["0"], right[str(args.steps)]
             row = {"algorithm": algorithm, "seed": seed, "before": acc["0"], "after": acc[str(args.steps)],
+                   "fixed": sum(1 for b, a in zip(base, final) if a and not b),
+                   "broken": sum(1 for b, a in zip(base, final) if b and not a),
                    "seconds": round(time.time() - t, 1), "metrics": read_metrics(os.path.join(out, "metrics.jsonl"))}
             results.append(row)
             print(f"== {algorithm} seed {seed}: held-out accuracy {row['before']:.3f} -> {row['after']:.3f} "
@@ -78,10 +83,11 @@ def report(results, args, seconds):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    lines = ["| algorithm | seed | held-out accuracy before | after | change | run time |", "|---|---|---|---|---|---|"]
+    lines = ["| algorithm | seed | held-out accuracy before | after | change | problems fixed / broken | run time |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['algorithm']} | {r['seed']} | {r['before']:.3f} | {r['after']:.3f} | "
-                     f"{100 * (r['after'] - r['before']):+.1f} pts | {r['seconds']:.0f} s |")
+                     f"{100 * (r['after'] - r['before']):+.1f} pts | {r['fixed']} / {r['broken']} | {r['seconds']:.0f} s |")
     for algorithm in args.algorithms:
         after = np.array([r["after"] for r in results if r["algorithm"] == algorithm])
         before = results[0]["before"]

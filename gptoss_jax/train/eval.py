@@ -77,7 +77,7 @@ def task_accuracy(model, tokenizer, conversations: Sequence[Sequence[dict]], *, 
     if generate is None:
         from gptoss_jax.sampling import generate
     prompts, refs = zip(*(split_reference(c) for c in conversations))
-    correct, shown = 0, []
+    correct, shown, right = 0, [], []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         rendered = [harmony.render_for_completion(p, tokenizer) for p in chunk]
@@ -86,10 +86,12 @@ def task_accuracy(model, tokenizer, conversations: Sequence[Sequence[dict]], *, 
             answer = final_answer(harmony.parse_completion(toks, tokenizer))
             ok = match(answer, refs[i + j])
             correct += ok
+            right.append(bool(ok))
             if len(shown) < examples:
                 shown.append({"reference": refs[i + j], "answer": answer, "correct": bool(ok)})
     n = len(prompts)
-    return {"accuracy": correct / n if n else float("nan"), "correct": correct, "total": n, "examples": shown}
+    return {"accuracy": correct / n if n else float("nan"), "correct": correct, "total": n, "examples": shown,
+            "right": right}  # per conversation, in order: for paired comparisons of two models
 
 
 def write_results(path: str, results: dict) -> None:

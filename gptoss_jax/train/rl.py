@@ -177,9 +177,19 @@ def train(cfg: ExperimentConfig, *, log=print) -> dict:
         eval_convs, _ = data_lib.read_jsonl(cfg.data.eval, reasoning_effort=cfg.data.reasoning_effort)
         eval_convs = eval_convs[:cfg.eval.limit] if cfg.eval.limit else eval_convs
 
-    def held_out_accuracy():
+    answers_path = os.path.join(out, "eval_right.json")  # per held-out problem, per evaluated step
+    right = {}
+    if start > 0 and os.path.isfile(answers_path):
+        with open(answers_path) as f:
+            right = {int(k): v for k, v in json.load(f).items() if int(k) <= start}
+
+    def held_out_accuracy(at: int):
         res = eval_lib.task_accuracy(trainer.model(state), tokenizer, eval_convs,
                                      max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+        right[at] = [int(r) for r in res["right"]]
+        if first_process:
+            with open(answers_path, "w") as f:
+                json.dump({str(k): v for k, v in sorted(right.items())}, f)
         return res["accuracy"]
 
     first_process = jax.process_index() == 0
@@ -187,7 +197,7 @@ def train(cfg: ExperimentConfig, *, log=print) -> dict:
     t0, last, accuracy = time.time(), {}, {}
     with MetricsLog(out, tensorboard=cfg.run.tensorboard, enabled=first_process) as metrics_log:
         if eval_convs and start == 0:
-            accuracy[0] = held_out_accuracy()
+            accuracy[0] = held_out_accuracy(0)
             metrics_log.write({"step": 0, "eval_accuracy": accuracy[0]})
             log(f"step 0: held-out accuracy {accuracy[0]:.3f}")
         for step in range(start, cfg.run.steps):
@@ -213,7 +223,7 @@ def train(cfg: ExperimentConfig, *, log=print) -> dict:
             done = step + 1
             evaluated = bool(eval_convs) and (done == cfg.run.steps or (rl.eval_every > 0 and done % rl.eval_every == 0))
             if evaluated:
-                accuracy[done] = held_out_accuracy()
+                accuracy[done] = held_out_accuracy(done)
             if done % cfg.run.log_every == 0 or evaluated or done == cfg.run.steps:
                 rewards_arr = np.asarray(total)
                 last = {"step": done, "reward": float(rewards_arr.mean()), "reward_std": float(rewards_arr.std()),

@@ -1,0 +1,86 @@
+"""The report of `gptoss inspect`: corpus statistics as json plus three plots (headless)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from gptoss_jax import inspect
+
+
+def text_table(model, tokenizer, text: str) -> dict:
+    """One text through the model: per token, the experts of every layer, the sink mass per
+    layer (mean over heads) and the logit lens's top-1 guess per layer."""
+    import jax.numpy as jnp
+
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise ValueError("--text is empty after tokenization")
+    tokens = jnp.asarray([ids], jnp.int32)
+    out = model(tokens, capture=True)
+    table = inspect.token_expert_table(tokens, out.intermediates, tokenizer)
+    sinks = inspect.stacked(out.intermediates, "sink_mass")[:, 0].mean(-1)  # [L, T]
+    lens_ids, _ = inspect.logit_lens_top(model, out.intermediates, k=1)
+    for t, rec in enumerate(table):
+        rec["sink_mass"] = [round(float(s), 4) for s in sinks[:, t]]
+        rec["lens_top1"] = [tokenizer.decode([int(i)]) for i in lens_ids[:, 0, t, 0]]
+    return {"text": text, "tokens": table}
+
+
+def write(out_dir: str, model, stats: inspect.CorpusStats, tokenizer, *, text: dict | None = None,
+          source: str = "") -> dict:
+    """report.json + expert_load.png, sink_mass.png, layers.png in `out_dir`; returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    cfg = model.cfg
+    kinds = ["sliding" if cfg.is_sliding(i) else "full" for i in range(cfg.num_layers)]
+    report = {"source": source, "layers": kinds, "corpus": stats.to_json(tokenizer)}
+    if text is not None:
+        report["text"] = text
+    paths = {"report": os.path.join(out_dir, "report.json")}
+    with open(paths["report"], "w") as f:
+        json.dump(report, f, indent=1, ensure_ascii=False)
+
+    ylabels = [f"{i} {k}" for i, k in enumerate(kinds)]
+    height = max(2.5, 0.3 * cfg.num_layers + 1.5)
+    fig, ax = plt.subplots(figsize=(max(5, 0.25 * cfg.num_experts + 2), height))
+    im = ax.imshow(stats.expert_load * cfg.num_experts, aspect="auto", cmap="viridis")
+    ax.set(xlabel="expert", ylabel="layer", title=f"expert load / uniform share ({stats.tokens:,} tokens)")
+    ax.set_yticks(range(cfg.num_layers), ylabels)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    paths["expert_load"] = os.path.join(out_dir, "expert_load.png")
+    fig.savefig(paths["expert_load"], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(max(5, 0.3 * cfg.num_heads + 2), height))
+    im = ax.imshow(stats.sink_mass, aspect="auto", cmap="magma", vmin=0, vmax=1)
+    ax.set(xlabel="query head", ylabel="layer", title="mean attention mass on the sink")
+    ax.set_yticks(range(cfg.num_layers), ylabels)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    paths["sink_mass"] = os.path.join(out_dir, "sink_mass.png")
+    fig.savefig(paths["sink_mass"], dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    x = np.arange(cfg.num_layers)
+    axes[0].plot(x, stats.routing_entropy, "o-", label="router entropy")
+    axes[0].axhline(np.log(cfg.num_experts), color="gray", ls="--", label="log E (undecided)")
+    axes[0].set(xlabel="layer", ylabel="nats", title="routing entropy")
+    axes[0].legend()
+    if stats.lens_targets:
+        axes[1].plot(x, stats.lens_accuracy, "o-")
+    axes[1].set(xlabel="layer", ylabel="top-1 = next token", ylim=(0, 1),
+                title="logit lens accuracy" + ("" if stats.lens_targets else " (not computed)"))
+    fig.tight_layout()
+    paths["layers"] = os.path.join(out_dir, "layers.png")
+    fig.savefig(paths["layers"], dpi=110)
+    plt.close(fig)
+    return paths

@@ -146,20 +146,10 @@ def attention_maps(model, intermediates, layer: int, *, positions=None, segment_
 
 
 def _qkv(model, layer: int, x, positions):
-    """The layer's rotated q, k and v for residual input x (the attention block's own math)."""
-    attn, cfg = model.layers[layer].attn, model.cfg
-    cos, sin = layers.rope_cos_sin(positions, layers.rope_inv_freq(cfg), cfg.rope_concentration)
-    h = layers.rms_norm(x, attn.norm[...], cfg.rms_eps)
-
-    def proj(name, spec):
-        y = jnp.einsum(spec, h, getattr(attn, name)[...], preferred_element_type=jnp.float32)
-        if attn.lora is not None and attn.lora.delta_available(name):
-            y = y + attn.lora.delta(name, h, "BTD,Dr->BTr", "BTr,rKH->BTKH")
-        return (y + getattr(attn, name + "_bias")[...].astype(jnp.float32)).astype(x.dtype)
-
-    q = layers.apply_rope(proj("q", "BTD,DNH->BTNH"), cos, sin)
-    k = layers.apply_rope(proj("k", "BTD,DKH->BTKH"), cos, sin)
-    return q, k, proj("v", "BTD,DKH->BTKH")
+    """The layer's rotated q, k and v for residual input x (the attention block's own code)."""
+    cfg = model.cfg
+    rope = layers.rope_cos_sin(positions, layers.rope_inv_freq(cfg), cfg.rope_concentration)
+    return model.layers[layer].attn.qkv(jnp.asarray(x), rope, eps=cfg.rms_eps)
 
 
 def attention_entropy(probs, sink) -> np.ndarray:

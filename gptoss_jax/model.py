@@ -95,8 +95,8 @@ class Attention(nnx.Module):
         self.sinks = _declare(keys, (N,), ("q_heads",), jnp.float32, _zeros)
         self.lora: AttentionLoRA | None = nnx.data(None)  # adapters, attached by lora.add_lora
 
-    def __call__(self, x, rope, *, positions, segment_ids, eps, cache=None, valid=None,
-                 kernel=None, capture=False, mesh=None):
+    def qkv(self, x, rope, *, eps, mesh=None):
+        """Residual input x [B, T, D] -> rotated q [B, T, N, H], rotated k and v [B, T, K, H]."""
         cos, sin = rope
         h = layers.rms_norm(x, self.norm[...], eps)
 
@@ -110,7 +110,11 @@ class Attention(nnx.Module):
 
         q = layers.apply_rope(proj("q", "BTD,DNH->BTNH"), cos, sin)
         k = layers.apply_rope(proj("k", "BTD,DKH->BTKH"), cos, sin)
-        v = proj("v", "BTD,DKH->BTKH")
+        return q, k, proj("v", "BTD,DKH->BTKH")
+
+    def __call__(self, x, rope, *, positions, segment_ids, eps, cache=None, valid=None,
+                 kernel=None, capture=False, mesh=None):
+        q, k, v = self.qkv(x, rope, eps=eps, mesh=mesh)
         impl = None
         if cache is None and not capture:
             from gptoss_jax import kernels

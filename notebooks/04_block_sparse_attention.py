@@ -21,7 +21,6 @@
 # %%
 import os
 
-import jax
 import jax.numpy as jnp
 import matplotlib
 

@@ -86,7 +86,7 @@ def test_expert_outputs_on_dense_experts_and_lora(tiny_cfg):
 
 def test_attention_maps_reproduce_sink_mass_and_output(model, packed_batch, captured, tiny_cfg):
     tokens, pos, seg = packed_batch
-    N, K, H = tiny_cfg.num_heads, tiny_cfg.num_kv_heads, tiny_cfg.head_dim
+    N, K = tiny_cfg.num_heads, tiny_cfg.num_kv_heads
     for i, layer in enumerate(captured.intermediates):
         probs, sink = inspect.attention_maps(model, captured.intermediates, i, positions=pos, segment_ids=seg)
         assert probs.shape == (2, N, 24, 24)

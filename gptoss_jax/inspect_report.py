@@ -49,25 +49,22 @@ def write(out_dir: str, model, stats: inspect.CorpusStats, tokenizer, *, text: d
 
     ylabels = [f"{i} {k}" for i, k in enumerate(kinds)]
     height = max(2.5, 0.3 * cfg.num_layers + 1.5)
-    fig, ax = plt.subplots(figsize=(max(5, 0.25 * cfg.num_experts + 2), height))
-    im = ax.imshow(stats.expert_load * cfg.num_experts, aspect="auto", cmap="viridis")
-    ax.set(xlabel="expert", ylabel="layer", title=f"expert load / uniform share ({stats.tokens:,} tokens)")
-    ax.set_yticks(range(cfg.num_layers), ylabels)
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    paths["expert_load"] = os.path.join(out_dir, "expert_load.png")
-    fig.savefig(paths["expert_load"], dpi=110)
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(max(5, 0.3 * cfg.num_heads + 2), height))
-    im = ax.imshow(stats.sink_mass, aspect="auto", cmap="magma", vmin=0, vmax=1)
-    ax.set(xlabel="query head", ylabel="layer", title="mean attention mass on the sink")
-    ax.set_yticks(range(cfg.num_layers), ylabels)
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    paths["sink_mass"] = os.path.join(out_dir, "sink_mass.png")
-    fig.savefig(paths["sink_mass"], dpi=110)
-    plt.close(fig)
+    def heatmap(name, values, columns, xlabel, title, **imshow):
+        fig, ax = plt.subplots(figsize=(max(5, 0.3 * columns + 2), height))
+        im = ax.imshow(values, aspect="auto", **imshow)
+        ax.set(xlabel=xlabel, ylabel="layer", title=title)
+        ax.set_yticks(range(cfg.num_layers), ylabels)
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        paths[name] = os.path.join(out_dir, f"{name}.png")
+        fig.savefig(paths[name], dpi=110)
+        plt.close(fig)
+
+    heatmap("expert_load", stats.expert_load * cfg.num_experts, cfg.num_experts, "expert",
+            f"expert load / uniform share ({stats.tokens:,} tokens)", cmap="viridis")
+    heatmap("sink_mass", stats.sink_mass, cfg.num_heads, "query head", "mean attention mass on the sink",
+            cmap="magma", vmin=0, vmax=1)
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     x = np.arange(cfg.num_layers)

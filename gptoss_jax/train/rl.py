@@ -125,7 +125,7 @@ def build_batch(prompts, completions, sampler_logp, length: int):
 
 def train(cfg: ExperimentConfig, *, log=print) -> dict:
     import gptoss_jax as gj
-    from gptoss_jax.train.sft import _check_resumable, _progress, _truncate_metrics, build_model
+    from gptoss_jax.train.sft import _check_resumable, _progress, _truncate_metrics, build_model, end_of_step
 
     algorithm, rl = cfg.algorithm, cfg.rl
     if algorithm not in DEFAULT_CLIP:
@@ -242,12 +242,7 @@ def train(cfg: ExperimentConfig, *, log=print) -> dict:
                     bar.set_postfix(reward=f"{last['reward']:.3f}")
             if bar is not None:
                 bar.update(1)
-            if int(state.bad_in_a_row) >= cfg.run.max_bad_steps:
-                ckpts.close()
-                raise FloatingPointError(f"{cfg.run.max_bad_steps} consecutive steps had a non-finite loss or "
-                                         f"gradient (step {done}); lower optim.learning_rate")
-            if done % cfg.run.save_every == 0 or done == cfg.run.steps:
-                ckpts.save(done, state, {"seed": cfg.run.seed, "step": done})
+            end_of_step(cfg, state, ckpts, done, {}, "lower optim.learning_rate")
     if bar is not None:
         bar.close()
     ckpts.close()

@@ -170,12 +170,7 @@ def train(cfg: ExperimentConfig, *, log=print) -> dict:
                     bar.set_postfix(loss=f"{last['loss']:.4f}")
             if bar is not None:
                 bar.update(1)
-            if int(state.bad_in_a_row) >= cfg.run.max_bad_steps:
-                ckpts.close()
-                raise FloatingPointError(f"{cfg.run.max_bad_steps} consecutive steps had a non-finite loss or "
-                                         f"gradient (step {done}); lower optim.learning_rate or check the data")
-            if done % cfg.run.save_every == 0 or done == cfg.run.steps:
-                ckpts.save(done, state, {"seed": cfg.run.seed, "step": done, "data_position": done})
+            end_of_step(cfg, state, ckpts, done, {"data_position": done}, "lower optim.learning_rate or check the data")
     if bar is not None:
         bar.close()
     ckpts.close()
@@ -202,6 +197,17 @@ def train(cfg: ExperimentConfig, *, log=print) -> dict:
 # would make the resumed run differ from one that was never interrupted.
 _RESUMABLE_CHANGES = {"run.steps", "run.progress", "run.log_every", "run.save_every", "run.keep_checkpoints",
                       "run.tensorboard", "run.plots", "run.max_bad_steps", "data.eval", "eval"}
+
+
+def end_of_step(cfg: ExperimentConfig, state, ckpts, done: int, meta: dict, hint: str) -> None:
+    """After step `done` of a training loop: stop once `run.max_bad_steps` steps in a row were
+    non-finite, and checkpoint every `run.save_every` steps and at the end."""
+    if int(state.bad_in_a_row) >= cfg.run.max_bad_steps:
+        ckpts.close()
+        raise FloatingPointError(f"{cfg.run.max_bad_steps} consecutive steps had a non-finite loss or "
+                                 f"gradient (step {done}); {hint}")
+    if done % cfg.run.save_every == 0 or done == cfg.run.steps:
+        ckpts.save(done, state, {"seed": cfg.run.seed, "step": done, **meta})
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -31,6 +31,39 @@ def rms_norm(x: jax.Array, gain: jax.Array, eps: float) -> jax.Array:
     return (y * gain.astype(jnp.float32)).astype(x.dtype)
 
 
+def embed_lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
+    """table[tokens]. A bf16 table is gathered as its 16-bit patterns: XLA:CPU computes bf16 in
+    fp32 and would otherwise convert the whole table (inside a decode loop: once, into a
+    loop-invariant fp32 copy as large as the vocabulary)."""
+    if table.dtype == jnp.bfloat16:
+        bits = jax.lax.bitcast_convert_type(table, jnp.uint16)[tokens]
+        return jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
+    return table[tokens]
+
+
+# Up to this many rows of logits, the CPU output head is a multiply-reduce instead of a matmul.
+UNEMBED_ROWS_AS_REDUCTION = 8
+
+
+def unembed(h: jax.Array, w: jax.Array) -> jax.Array:
+    """Logits h [..., D] @ w[V, D]^T in fp32 (fp32 products and accumulation).
+
+    With a handful of rows on CPU (decoding, or prefill's last token) the product is written as
+    a fused multiply-reduce over D, which streams the bf16 table once; XLA:CPU's matmul would
+    first convert the whole table to an fp32 copy (2.2 GiB for gpt-oss) and read that instead."""
+    lead, D = h.shape[:-1], h.shape[-1]
+    n = math.prod(lead)
+    if jax.default_backend() != "cpu" or n > UNEMBED_ROWS_AS_REDUCTION:
+        return jnp.einsum("...D,VD->...V", h, w, preferred_element_type=jnp.float32)
+    rows = h.reshape(n, D).astype(jnp.float32)
+    w32 = w.astype(jnp.float32)
+    if n == 1:
+        out = jnp.sum(w32 * rows, axis=-1)[None]  # [1, V]
+    else:  # [V, n] order: each table row is reused for every input row while in cache
+        out = jnp.sum(w32[:, None, :] * rows[None], axis=-1).T
+    return out.reshape(*lead, w.shape[0])
+
+
 # ----------------------------------------------------------------------------------------- RoPE
 def yarn_correction_range(cfg: ModelConfig) -> tuple[float, float]:
     """(low, high) rotary dims of YaRN's NTK-by-parts ramp."""

@@ -363,7 +363,7 @@ class GptOss(nnx.Module):
             raise ValueError(f"cache has {len(cache.layers)} layers, the model {cfg.num_layers}")
 
         with jax.named_scope("embed"):
-            x = self.embed[...][tokens].astype(self.dtype)
+            x = layers.embed_lookup(self.embed[...], tokens).astype(self.dtype)
             x = sharding_lib.constrain(x, ("batch", "length", "act_embed"), self.mesh)
         rope = layers.rope_cos_sin(positions, layers.rope_inv_freq(cfg), cfg.rope_concentration)
         captured, new_layers, balance = [], [], []
@@ -385,8 +385,7 @@ class GptOss(nnx.Module):
             if logits_at is not None:
                 x = jnp.take_along_axis(x, jnp.asarray(logits_at)[:, None, None], axis=1)
             h = layers.rms_norm(x, self.norm[...], cfg.rms_eps)
-            logits = jnp.einsum("BTD,VD->BTV", h, self.unembed[...],
-                                preferred_element_type=jnp.float32).astype(logits_dtype)
+            logits = layers.unembed(h, self.unembed[...]).astype(logits_dtype)
             logits = sharding_lib.constrain(logits, ("batch", "length", "act_vocab"), self.mesh)
         return ModelOutput(logits, cache, captured if capture else None,
                            jnp.mean(jnp.stack(balance)) if router_loss else None)

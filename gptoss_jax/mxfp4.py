@@ -93,6 +93,50 @@ def dequantize(t: MXFP4, dtype=jnp.bfloat16) -> jax.Array:
     return vals.reshape(*blocks.shape[:-2], -1).astype(dtype)
 
 
+def _e2m1_times2(code):
+    """E2M1 codes (int32, 0..15) times 2 as float32: integers in [-12, 12], built with integer
+    arithmetic and one int->float conversion. Unlike the bitcasts of `_e2m1_to_f32`, XLA:CPU fuses
+    this into a consuming reduction instead of writing the decoded values to memory first."""
+    m = code & 7  # magnitude code: 0 .5 1 1.5 2 3 4 6 -> doubled 0 1 2 3 4 6 8 12
+    v = jnp.where(m < 4, m, jnp.where(m < 6, 2 * m - 4, 4 * m - 16))
+    return jnp.where((code & 8) != 0, -v, v).astype(jnp.float32)
+
+
+def _chunk_rows(n: int, at_most: int) -> int:
+    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+
+
+def gathered_matvec(x, t: MXFP4, ids, *, rows: int = 64) -> jax.Array:
+    """y[r] = W[ids[r]] @ x[r] for a stack of packed matrices W [E, O, I]: x [R, I], ids [R] int
+    -> float32 [R, O]. For a handful of rows (decoding), where a matmul would spend its time
+    decoding whole matrices to memory and reading them back.
+
+    Only the chosen matrices are read, `rows` output rows at a time (`lax.map`), and each 4-bit
+    value is decoded inside the multiply-reduce that consumes it: the packed bytes are the only
+    weight traffic. The contraction pairs the low and high nibbles of every byte with the even
+    and odd inputs, so nothing is interleaved. Products and sums are fp32; the result equals
+    `x @ dequantize(W).T` up to fp32 summation order."""
+    E, O, I = t.shape
+    R = x.shape[0]
+    if x.shape != (R, I) or ids.shape != (R,):
+        raise ValueError(f"gathered_matvec: x {tuple(x.shape)} and ids {tuple(ids.shape)} do not fit "
+                         f"matrices [{E}, {O}, {I}] (need x [R, {I}], ids [R])")
+    G = I // BLOCK
+    xr = x.astype(jnp.float32).reshape(R, 1, G, BLOCK // 2, 2)  # [R, 1, G, 16, (even, odd)]
+    n = _chunk_rows(O, rows)
+
+    def chunk(c):
+        blk = jax.lax.dynamic_slice_in_dim(t.blocks, c * n, n, axis=1)[ids].astype(jnp.int32)
+        exp = jax.lax.dynamic_slice_in_dim(t.scales, c * n, n, axis=1)[ids].astype(jnp.int32) - (SCALE_BIAS + 1)
+        half = exp // 2  # 2**(scale - 127) / 2 (undoing the doubled values) as two normal factors
+        scale = _pow2(half) * _pow2(exp - half)  # [R, n, G]
+        p = _e2m1_times2(blk & 15) * xr[..., 0] + _e2m1_times2(blk >> 4) * xr[..., 1]
+        return jnp.sum(p * scale[..., None], axis=(-1, -2))  # [R, n]
+
+    ys = jax.lax.map(chunk, jnp.arange(O // n))  # [O/n, R, n]
+    return jnp.moveaxis(ys, 0, 1).reshape(R, O)
+
+
 def dequantize_np(blocks: np.ndarray, scales: np.ndarray, dtype=np.float32) -> np.ndarray:
     """NumPy twin of `dequantize` for host-side conversion (no device memory)."""
     blocks = np.asarray(blocks)

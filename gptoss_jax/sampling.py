@@ -96,7 +96,6 @@ def _decode_fn(graphdef, params: SamplingParams, stop_ids: tuple[int, ...], bloc
     @jax.jit
     def decode(state, cache: KVCache, logits, key, done, produced, limit):
         """Up to `block` steps. produced [B] tokens generated so far; limit [B] per-row budget."""
-        model = nnx.merge(graphdef, state)
         B = logits.shape[0]
         out_tokens = jnp.full((B, block), -1, jnp.int32)
         out_logprobs = jnp.zeros((B, block if logprobs else 0), jnp.float32)
@@ -117,9 +116,13 @@ def _decode_fn(graphdef, params: SamplingParams, stop_ids: tuple[int, ...], bloc
                 out_logprobs = out_logprobs.at[:, i].set(lp)
             produced = produced + active
             done = done | (active & jnp.isin(tok, stop)) | (produced >= limit)
+            # The barrier ties the weights to the step counter, so XLA cannot hoist loop-invariant
+            # work on them out of the loop: on CPU it would otherwise convert every bf16 matrix
+            # to an fp32 copy before the first step (GiBs at full size, and seconds per block).
+            step_model = nnx.merge(graphdef, jax.lax.optimization_barrier((state, i))[0])
             # every row steps (fixed shapes); finished rows feed padding that is never cached
-            step = model(jnp.where(active, tok, 0)[:, None], segment_ids=active[:, None].astype(jnp.int32),
-                         cache=cache)
+            step = step_model(jnp.where(active, tok, 0)[:, None],
+                              segment_ids=active[:, None].astype(jnp.int32), cache=cache)
             return i + 1, step.cache, step.logits[:, 0], done, produced, out_tokens, out_logprobs, key
 
         carry = (jnp.int32(0), cache, logits, done, produced, out_tokens, out_logprobs, key)

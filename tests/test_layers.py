@@ -103,3 +103,24 @@ def test_swiglu_matches_reference():
     sig = lambda z: 1 / (1 + math.exp(-z))
     assert g[0] == pytest.approx(7 * sig(1.702 * 7) * 8, rel=1e-6)
     assert g[1] == pytest.approx(-1 * sig(-1.702) * (-7 + 1), rel=1e-6)
+
+
+@pytest.mark.parametrize("rows", [(1, 1), (3, 1), (2, 5)])  # 1 and 3 rows: reduction forms; 10: matmul
+def test_unembed_equals_float64_product(rows):
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(size=(300, 64)), jnp.bfloat16)
+    h = jnp.asarray(rng.normal(size=rows + (64,)), jnp.bfloat16)
+    got = layers.unembed(h, w)
+    want = np.einsum("...D,VD->...V", np.asarray(h, np.float64), np.asarray(w, np.float64))
+    assert got.dtype == jnp.float32 and got.shape == rows + (300,)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_embed_lookup_is_exact_for_bf16_and_fp32():
+    rng = np.random.default_rng(1)
+    tokens = jnp.asarray([[3, 0, 9], [9, 9, 1]])
+    for dtype in (jnp.bfloat16, jnp.float32):
+        table = jnp.asarray(rng.normal(size=(10, 8)), dtype)
+        got = layers.embed_lookup(table, tokens)
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(table, np.float32)[np.asarray(tokens)])

@@ -98,3 +98,25 @@ def test_shapes_and_errors():
         MXFP4(jnp.zeros((2, 3, 4, 16), jnp.uint8), jnp.zeros((2, 3, 5), jnp.uint8))
     with pytest.raises(ValueError, match="multiple of 32"):
         quantize(np.zeros((2, 33)))
+
+
+@pytest.mark.parametrize("rows", [64, 7])  # 7 does not divide 96: the chunk falls back to a divisor
+def test_gathered_matvec_equals_numpy_decode_then_dot(rows):
+    """Every code at a spread of scales, each row with its own expert and input; against the
+    NumPy decoder (`dequantize_np`) and a float64 dot, within fp32 summation error."""
+    rng = np.random.default_rng(3)
+    E, O, I, R = 5, 96, 128, 6
+    blocks = rng.integers(0, 256, (E, O, I // 32, 16), dtype=np.uint8)
+    scales = rng.integers(110, 140, (E, O, I // 32), dtype=np.uint8)
+    x = rng.standard_normal((R, I)).astype(np.float32)
+    ids = np.array([4, 0, 0, 2, 3, 4], np.int32)
+    y = mxfp4.gathered_matvec(jnp.asarray(x), MXFP4(jnp.asarray(blocks), jnp.asarray(scales)),
+                              jnp.asarray(ids), rows=rows)
+    w = dequantize_np(blocks, scales).astype(np.float64)  # [E, O, I]
+    want = np.einsum("ROI,RI->RO", w[ids], x.astype(np.float64))
+    assert y.dtype == jnp.float32 and y.shape == (R, O)
+    scale = np.abs(w[ids]).sum(-1) * np.abs(x).max()  # bound on the terms' magnitude per output
+    np.testing.assert_array_less(np.abs(np.asarray(y, np.float64) - want), 1e-6 * scale + 1e-30)
+    with pytest.raises(ValueError, match="do not fit"):
+        mxfp4.gathered_matvec(jnp.asarray(x[:, :64]), MXFP4(jnp.asarray(blocks), jnp.asarray(scales)),
+                              jnp.asarray(ids))

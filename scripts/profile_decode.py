@@ -1,0 +1,208 @@
+"""Where a gpt-oss-20b decode step spends its time on this machine, piece by piece.
+
+    .venv/bin/python scripts/profile_decode.py                 # batch 1, context 1024
+    .venv/bin/python scripts/profile_decode.py --batch 8 --context 4096 --json runs/profile.json
+
+A decode step at batch B is: the embedding rows, then per layer an attention block (RMSNorm,
+q/k/v projections, RoPE, attention over the KV cache, output projection) and an MoE block
+(RMSNorm, router, top-4 of 32 experts, the chosen experts' MLPs), then the final norm and the
+unembedding. This script builds each piece at gpt-oss-20b's real sizes (random bf16 weights,
+random packed MXFP4 experts with scales 2^-9..2^-5, a cache filled to `--context` tokens; no
+checkpoint is needed: ~4 GB of memory) and times it the way decoding runs it: `--steps`
+iterations inside one jitted `lax.fori_loop`, the weights passed through
+`lax.optimization_barrier` with the loop's carry, as `gptoss_jax.sampling` ties them to its step
+counter (so nothing is hoisted out of the loop), median of `--repeats`. For each piece it prints ms per step, the
+bytes it must read (weights in their stored format, the cache), the rate that implies, and that
+as a share of the machine's stream bandwidth (measured here: a jitted copy, bytes read +
+written). The sum over one step (embedding + 24 x (attention + MoE) + head) is compared with a
+measured whole step of a 2-layer model (its 2 layers' share scaled to 24).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import gptoss_jax as gj
+from gptoss_jax import cache as cache_lib
+from gptoss_jax import layers, sampling
+from gptoss_jax.model import KernelOptions
+
+
+def random_model(cfg, seed=0):
+    """The abstract model filled with random values of each leaf's dtype (no fp32 init detour:
+    `gj.init` would quantize fp32 experts, which needs tens of GB at this size)."""
+    model = gj.abstract(cfg)
+    rng = np.random.default_rng(seed)
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        sd, name = var.get_value(), "/".join(map(str, path))
+        if sd.dtype == jnp.uint8:
+            v = (rng.integers(118, 123, sd.shape, dtype=np.uint8) if name.endswith("scales")
+                 else rng.integers(0, 256, sd.shape, dtype=np.uint8))
+        elif "norm" in name:
+            v = np.ones(sd.shape, np.float32)
+        else:
+            v = rng.standard_normal(sd.shape, dtype=np.float32) * (1.0 if "sinks" in name else 0.02)
+        var.set_value(jnp.asarray(v, sd.dtype))
+    return model
+
+
+def time_loop(step, weights, x, *, steps, repeats):
+    """ms per iteration of `x = step(weights, x)` run `steps` times in one jitted fori_loop."""
+    def run(weights, x):
+        def body(i, x):
+            w, x = jax.lax.optimization_barrier((weights, x))  # (XLA sees through a fori_loop's i)
+            return step(w, x)
+        return jax.lax.fori_loop(0, steps, body, x)
+    f = jax.jit(run)
+    jax.block_until_ready(f(weights, x))
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(f(weights, x))
+        ts.append((time.perf_counter() - t) / steps * 1e3)
+    return statistics.median(ts)
+
+
+def stream_gbs(repeats=5) -> float:
+    """Best of `repeats` jitted a + 1 over 1 GiB into a donated buffer (no page faults), read + write."""
+    a = jnp.ones((256 * 2**20,), jnp.float32)
+    add = jax.jit(lambda a: a + 1.0, donate_argnums=0)
+    a = jax.block_until_ready(add(a))
+    best = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a = jax.block_until_ready(add(a))
+        best = max(best, 2 * a.nbytes / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def nbytes(tree) -> int:
+    return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--context", type=int, default=1024, help="tokens already in the KV cache")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+
+    full = gj.gpt_oss_20b()
+    cfg = dataclasses.replace(full, num_layers=2, layer_types=None)  # layer 0 sliding, 1 full
+    B, L = args.batch, args.context
+    print(f"gpt-oss-20b decode step pieces, batch {B}, context {L}; {jax.devices()[0].platform}, "
+          f"{jax.local_device_count()} device(s)", flush=True)
+    bw = stream_gbs()
+    print(f"stream bandwidth (jitted copy, read + write): {bw:.1f} GB/s", flush=True)
+    t = time.perf_counter()
+    model = random_model(cfg)
+    print(f"random 2-layer model at full width in {time.perf_counter() - t:.0f} s", flush=True)
+
+    kernel = KernelOptions()
+    D, E, k = cfg.d_model, cfg.num_experts, cfg.experts_per_token
+    x0 = jnp.asarray(np.random.default_rng(1).standard_normal((B, 1, D)) * 0.5, jnp.bfloat16)
+    positions = jnp.full((B, 1), L, jnp.int32)
+    rope = layers.rope_cos_sin(positions, layers.rope_inv_freq(cfg), cfg.rope_concentration)
+    seg = jnp.ones((B, 1), jnp.int32)
+    # an empty cache costs the same as a full one: every step attends over all its slots (masked)
+    cache = cache_lib.init_cache(cfg, B, L + 1, model.dtype)
+    rows = []
+
+    def piece(name, step, weights, x, read):
+        ms = time_loop(step, weights, x, steps=args.steps, repeats=args.repeats)
+        gbs = read / (ms * 1e-3) / 1e9
+        rows.append(dict(piece=name, ms=ms, bytes=read, gbs=gbs, of_bandwidth=gbs / bw))
+        print(f"  {name:34s} {ms:8.2f} ms  reads {read / 1e6:8.1f} MB  {gbs:6.1f} GB/s  "
+              f"{100 * gbs / bw:5.1f}% of stream", flush=True)
+        return ms
+
+    tok = jnp.zeros((B, 1), jnp.int32)
+    ms_embed = piece("embedding rows", lambda w, x: x + layers.embed_lookup(w, tok + jnp.int32(x[0, 0, 0] > 9)),
+                     model.embed[...], x0, B * D * 2)
+
+    ms_layers = {}
+    for i, kind in ((0, "sliding"), (1, "full")):
+        attn = model.layers[i].attn
+        lc = cache.layers[i]
+        gd, st = nnx.split(attn)
+
+        def attn_step(w, x, gd=gd, lc=lc):
+            a = nnx.merge(gd, w)
+            out, _, _ = a(x, rope, positions=positions, segment_ids=seg, eps=cfg.rms_eps, cache=lc,
+                          valid=seg != 0, kernel=kernel)
+            return x + out
+        ctx = min(L + 1, lc.k.shape[1])
+        ms_a = piece(f"attention ({kind}, {ctx} keys)", attn_step, st, x0,
+                     nbytes(st) + 2 * B * ctx * cfg.num_kv_heads * cfg.head_dim * 2)
+        ms_layers.setdefault("attention", []).append(ms_a)
+    mlp = model.layers[0].mlp
+    gd, st = nnx.split(mlp)
+
+    def moe_step(w, x):
+        return x + nnx.merge(gd, w)(x, eps=cfg.rms_eps, kernel=kernel)[0]
+    experts = [getattr(mlp, n)[...] for n in ("w1_blocks", "w1_scales", "w2_blocks", "w2_scales", "b1", "b2")]
+    active = min(E, B * k)  # at batch 8 the union of the chosen experts, at most all 32
+    read = nbytes([mlp.norm[...], mlp.router[...], mlp.router_bias[...]]) + nbytes(experts) * active // E
+    ms_moe = piece(f"MoE ({active} of {E} experts, packed)", moe_step, st, x0, read)
+
+    def head_step(w, x):
+        norm, table = w
+        h = layers.rms_norm(x, norm, cfg.rms_eps)
+        logits = layers.unembed(h, table)
+        # consumed by a slice: a reduction of the logits in the same step (max, softmax) would be
+        # fused into the head's own reduction by XLA:CPU and run ~9x slower; in decoding the
+        # logits leave the step through the loop carry, so nothing is fused with them
+        return x + (logits[..., :D] * 1e-3).astype(x.dtype)
+    ms_head = piece("final norm + unembedding", head_step, (model.norm[...], model.unembed[...]), x0,
+                    nbytes(model.unembed[...]))
+
+    n_sliding = sum(full.is_sliding(i) for i in range(full.num_layers))
+    per_layer_attn = dict(zip(("sliding", "full"), ms_layers["attention"]))
+    predicted = (ms_embed + n_sliding * per_layer_attn["sliding"]
+                 + (full.num_layers - n_sliding) * per_layer_attn["full"]
+                 + full.num_layers * ms_moe + ms_head)
+    print(f"sum for 24 layers ({n_sliding} sliding): {predicted:.0f} ms per step "
+          f"= {1e3 * B / predicted:.2f} tokens/s", flush=True)
+
+    # a real decode step of the 2-layer model through gptoss_jax.sampling's jitted loop
+    graphdef, state = nnx.split(model)
+    dec = sampling._decode_fn(graphdef, sampling.SamplingParams(0.0, 1.0, 0), (-1,), args.steps, False)
+    logits = jnp.zeros((B, cfg.vocab_size), jnp.float32)
+    common = (jax.random.key(0), jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32))
+
+    def decode(n):
+        out = dec(state, cache, logits, *common, jnp.full((B,), n, jnp.int32))
+        jax.block_until_ready(out)
+    decode(1)
+    decode(args.steps)
+    t1 = min(_timed(lambda: decode(1)) for _ in range(args.repeats))
+    tn = min(_timed(lambda: decode(args.steps)) for _ in range(args.repeats))
+    step2 = (tn - t1) / (args.steps - 1) * 1e3
+    pieces2 = ms_embed + sum(ms_layers["attention"]) + 2 * ms_moe + ms_head
+    print(f"measured 2-layer decode step (sampling loop): {step2:.1f} ms; sum of its pieces {pieces2:.1f} ms",
+          flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(batch=B, context=L, stream_gbs=bw, pieces=rows, predicted_24_layer_ms=predicted,
+                           measured_2_layer_step_ms=step2, pieces_2_layer_ms=pieces2), f, indent=1)
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+if __name__ == "__main__":
+    main()

@@ -17,7 +17,8 @@ Four implementations compute the same function:
   capacity is the smallest of a few static sizes that holds the largest group (`lax.switch`).
 - `moe_gather`: each (token, slot) gathers its expert's weights (decoding packed ones after the
   gather; on CPU inside the reduction, `mxfp4.gathered_matvec`). Chosen automatically when
-  2*T*k <= E, i.e. for decode steps, and on CPU for packed experts up to T*k <= 4E (short prompts).
+  2*T*k <= E, i.e. for decode steps, and on CPU for large packed experts up to T*k <= 4E
+  (short prompts).
 
 On a device mesh the layer runs expert-parallel (`gptoss_jax.expert_parallel`), built from the
 pieces here: `route`, `sort_by_expert`, `grouped_mlp` and `bucket_mlp`.
@@ -180,13 +181,18 @@ def bucket_capacities(num_tokens: int, k: int, num_experts: int) -> tuple[int, .
 DECODE_AT_ONCE_BYTES = 512 * 2**20
 
 
+def _large_packed_on_cpu(ew: ExpertWeights) -> bool:
+    """Packed experts on CPU whose fp32 decode exceeds `DECODE_AT_ONCE_BYTES` (gpt-oss sizes)."""
+    return (isinstance(ew.w1, MXFP4) and jax.default_backend() == "cpu"
+            and 4 * (ew.w1.size + ew.w2.size) > DECODE_AT_ONCE_BYTES)
+
+
 def bucket_mlp(buf, ew: ExpertWeights, *, alpha, limit):
     """The expert MLPs on per-expert buckets `buf` [E, C, D] (one batched einsum) -> fp32 [E, C, D].
     Packed experts on CPU whose decoded fp32 weights would exceed `DECODE_AT_ONCE_BYTES` run one
     expert at a time (`lax.map`): one expert decoded in memory instead of all E (3.2 GB per
     gpt-oss-20b layer), at some cost in speed (2.3x on a 16-token gpt-oss-20b prefill here)."""
-    if (isinstance(ew.w1, MXFP4) and jax.default_backend() == "cpu"
-            and 4 * (ew.w1.size + ew.w2.size) > DECODE_AT_ONCE_BYTES):
+    if _large_packed_on_cpu(ew):
         E = ew.b1.shape[0]
         return jax.lax.map(lambda a: _one_expert(a[1], a[0], ew, alpha=alpha, limit=limit),
                            (buf, jnp.arange(E)))
@@ -332,29 +338,30 @@ MOE_IMPLS = {"dense": moe_dense_reference, "ragged": moe_ragged, "buckets": moe_
              "gather": moe_gather}
 
 
-# On CPU, packed experts take the gather path up to this many (token, slot) rows per expert: there
-# `mxfp4.gathered_matvec` decodes one expert per row inside its reduction, several times cheaper
-# per expert than the bucket path's decode to memory and matmul, which it does for all E. Measured
-# on a 2-layer gpt-oss-20b (full widths), 16-token prefill: 2.2 s gathered, 7.3 s bucketed one
-# expert at a time, 2.9 s bucketed all at once (with 3 GiB of decoded experts).
+# On CPU, large packed experts (`_large_packed_on_cpu`) take the gather path up to this many
+# (token, slot) rows per expert: there `mxfp4.gathered_matvec` decodes one expert per row inside
+# its reduction, several times cheaper per expert than the bucket path's decode to memory and
+# matmul, which it does for all E. Measured on a 2-layer gpt-oss-20b (full widths), 16-token
+# prefill: 2.2 s gathered, 7.3 s bucketed one expert at a time, 2.9 s bucketed all at once (with
+# 3 GiB of decoded experts). Small experts decode to memory cheaply: on the benchmark config
+# (16 experts of 512 x 1024) batch-8 decoding ran at 220 tokens/s bucketed, ~150 gathered.
 PACKED_GATHER_ROWS_PER_EXPERT = 4
 
 
 def default_moe_impl(num_tokens: int | None = None, k: int = 1, num_experts: int | None = None,
-                     packed: bool = False) -> str:
-    cpu = jax.default_backend() == "cpu"
+                     large_packed_on_cpu: bool = False) -> str:
     if num_tokens is not None and num_experts is not None:
         rows = num_tokens * k
-        if 2 * rows <= num_experts or (cpu and packed and rows <= PACKED_GATHER_ROWS_PER_EXPERT * num_experts):
+        if 2 * rows <= num_experts or (large_packed_on_cpu and rows <= PACKED_GATHER_ROWS_PER_EXPERT * num_experts):
             return "gather"  # decode-sized batches: touch only the chosen experts
-    return "buckets" if cpu else "ragged"
+    return "buckets" if jax.default_backend() == "cpu" else "ragged"
 
 
 def moe(x, router_w, router_b, ew: ExpertWeights, *, k: int, alpha: float, limit: float,
         impl: str | None = None, mxfp4_impl: str | None = None, interpret: bool = False):
     """x [T, D] -> (out [T, D], routing). `mxfp4_impl` picks the packed grouped matmul of the
     "ragged" path ("xla", "pallas_gpu", "pallas_tpu")."""
-    impl = impl or default_moe_impl(x.shape[0], k, router_b.shape[0], isinstance(ew.w1, MXFP4))
+    impl = impl or default_moe_impl(x.shape[0], k, router_b.shape[0], _large_packed_on_cpu(ew))
     if impl not in MOE_IMPLS:
         raise ValueError(f"unknown MoE implementation {impl!r}; choose one of {sorted(MOE_IMPLS)}")
     routing = route(x, router_w, router_b, k)

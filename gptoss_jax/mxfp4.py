@@ -102,16 +102,20 @@ def _e2m1_times2(code):
     return jnp.where((code & 8) != 0, -v, v).astype(jnp.float32)
 
 
+CHUNK_VALUES = 64 * 2880  # values per row of x decoded per chunk by `gathered_matvec`
+
+
 def _chunk_rows(n: int, at_most: int) -> int:
     return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
 
 
-def gathered_matvec(x, t: MXFP4, ids, *, rows: int = 64) -> jax.Array:
+def gathered_matvec(x, t: MXFP4, ids, *, rows: int | None = None) -> jax.Array:
     """y[r] = W[ids[r]] @ x[r] for a stack of packed matrices W [E, O, I]: x [R, I], ids [R] int
     -> float32 [R, O]. For a handful of rows (decoding), where a matmul would spend its time
     decoding whole matrices to memory and reading them back.
 
-    Only the chosen matrices are read, `rows` output rows at a time (`lax.map`), and each 4-bit
+    Only the chosen matrices are read, `rows` output rows at a time (`lax.map`; by default
+    `CHUNK_VALUES` / I, which is 64 for gpt-oss's 2880 inputs), and each 4-bit
     value is decoded inside the multiply-reduce that consumes it: the packed bytes are the only
     weight traffic. The contraction pairs the low and high nibbles of every byte with the even
     and odd inputs, so nothing is interleaved. Products and sums are fp32; the result equals
@@ -123,7 +127,7 @@ def gathered_matvec(x, t: MXFP4, ids, *, rows: int = 64) -> jax.Array:
                          f"matrices [{E}, {O}, {I}] (need x [R, {I}], ids [R])")
     G = I // BLOCK
     xr = x.astype(jnp.float32).reshape(R, 1, G, BLOCK // 2, 2)  # [R, 1, G, 16, (even, odd)]
-    n = _chunk_rows(O, rows)
+    n = _chunk_rows(O, rows or max(1, CHUNK_VALUES // I))
 
     def chunk(c):
         blk = jax.lax.dynamic_slice_in_dim(t.blocks, c * n, n, axis=1)[ids].astype(jnp.int32)

@@ -72,6 +72,10 @@ class Generation:
     logprobs: list[list[float]] | None = None
 
 
+# Stored weights above this size are kept from being hoisted out of the decode loop (see decode).
+TIE_WEIGHTS_ABOVE_BYTES = 2**30
+
+
 # Cached on (graphdef, ...) so that every generate() call with the same model structure and
 # sampling settings reuses one compilation.
 @functools.lru_cache(maxsize=16)
@@ -97,6 +101,7 @@ def _decode_fn(graphdef, params: SamplingParams, stop_ids: tuple[int, ...], bloc
     def decode(state, cache: KVCache, logits, key, done, produced, limit):
         """Up to `block` steps. produced [B] tokens generated so far; limit [B] per-row budget."""
         B = logits.shape[0]
+        tie = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(state)) > TIE_WEIGHTS_ABOVE_BYTES
         out_tokens = jnp.full((B, block), -1, jnp.int32)
         out_logprobs = jnp.zeros((B, block if logprobs else 0), jnp.float32)
 
@@ -116,10 +121,12 @@ def _decode_fn(graphdef, params: SamplingParams, stop_ids: tuple[int, ...], bloc
                 out_logprobs = out_logprobs.at[:, i].set(lp)
             produced = produced + active
             done = done | (active & jnp.isin(tok, stop)) | (produced >= limit)
-            # The barrier ties the weights to the step counter, so XLA cannot hoist loop-invariant
-            # work on them out of the loop: on CPU it would otherwise convert every bf16 matrix
-            # to an fp32 copy before the first step (GiBs at full size, and seconds per block).
-            step_model = nnx.merge(graphdef, jax.lax.optimization_barrier((state, i))[0])
+            # Large weights are tied to the step counter, so XLA cannot hoist loop-invariant work
+            # on them out of the loop: on CPU it would convert every bf16 matrix (and decode every
+            # packed expert) to an fp32 copy before the first step, GiBs at full size. Small
+            # models keep the hoisting, which then saves that work on every step.
+            weights = jax.lax.optimization_barrier((state, i))[0] if tie else state
+            step_model = nnx.merge(graphdef, weights)
             # every row steps (fixed shapes); finished rows feed padding that is never cached
             step = step_model(jnp.where(active, tok, 0)[:, None],
                               segment_ids=active[:, None].astype(jnp.int32), cache=cache)

@@ -137,8 +137,8 @@ def test_cache_memory_20b():
 
 
 def test_large_weights_are_not_hoisted_out_of_the_decode_loop(tiny_cfg, monkeypatch):
-    """Above `TIE_WEIGHTS_ABOVE_BYTES` the decode loop ties the weights to its step counter: XLA:CPU
-    then cannot hoist the fp32 conversions of the bf16 weights out of the loop, and the compiled
+    """The decode loop ties the weights to its step counter (`sampling.TIE_WEIGHTS`): XLA:CPU then
+    cannot hoist the fp32 conversions of the bf16 weights out of the loop, and the compiled
     program holds no fp32 copy of them (the copies measured 6.7 GiB on a 2-layer gpt-oss-20b).
     The tokens are the same either way."""
     from flax import nnx
@@ -151,10 +151,10 @@ def test_large_weights_are_not_hoisted_out_of_the_decode_loop(tiny_cfg, monkeypa
     args = (state, cache, jnp.zeros((1, tiny_cfg.vocab_size), jnp.float32), jax.random.key(0),
             jnp.zeros((1,), bool), jnp.zeros((1,), jnp.int32), jnp.full((1,), 4, jnp.int32))
     params = SamplingParams(0.0, 1.0, 0)
-    build = sampling._decode_fn.__wrapped__  # uncached: the threshold is read when tracing
+    build = sampling._decode_fn.__wrapped__  # uncached: the flag is read when tracing
     temp, tokens = {}, {}
-    for tie, limit in (("hoisted", 2**62), ("tied", 0)):
-        monkeypatch.setattr(sampling, "TIE_WEIGHTS_ABOVE_BYTES", limit)
+    for tie, flag in (("hoisted", False), ("tied", True)):
+        monkeypatch.setattr(sampling, "TIE_WEIGHTS", flag)
         fn = build(graphdef, params, (), 4, False)
         temp[tie] = fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
         tokens[tie] = np.asarray(fn(*args)[5])

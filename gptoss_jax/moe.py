@@ -191,7 +191,7 @@ def bucket_mlp(buf, ew: ExpertWeights, *, alpha, limit):
     """The expert MLPs on per-expert buckets `buf` [E, C, D] (one batched einsum) -> fp32 [E, C, D].
     Packed experts on CPU whose decoded fp32 weights would exceed `DECODE_AT_ONCE_BYTES` run one
     expert at a time (`lax.map`): one expert decoded in memory instead of all E (3.2 GB per
-    gpt-oss-20b layer), at some cost in speed (2.3x on a 16-token gpt-oss-20b prefill here)."""
+    gpt-oss-20b layer), at some cost in speed (2.5x on a 16-token gpt-oss-20b prefill here)."""
     if _large_packed_on_cpu(ew):
         E = ew.b1.shape[0]
         return jax.lax.map(lambda a: _one_expert(a[1], a[0], ew, alpha=alpha, limit=limit),
@@ -344,7 +344,8 @@ MOE_IMPLS = {"dense": moe_dense_reference, "ragged": moe_ragged, "buckets": moe_
 # matmul, which it does for all E. Measured on a 2-layer gpt-oss-20b (full widths), 16-token
 # prefill: 2.2 s gathered, 7.3 s bucketed one expert at a time, 2.9 s bucketed all at once (with
 # 3 GiB of decoded experts). Small experts decode to memory cheaply: on the benchmark config
-# (16 experts of 512 x 1024) batch-8 decoding ran at 220 tokens/s bucketed, ~150 gathered.
+# (16 experts of 512 x 1024) batch-8 decoding ran at 132-139 tokens/s with its 32 rows gathered,
+# 178-179 bucketed (scripts/bench.py, experiments/BENCHMARKS.md).
 PACKED_GATHER_ROWS_PER_EXPERT = 4
 
 

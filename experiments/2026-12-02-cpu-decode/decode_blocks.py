@@ -6,26 +6,17 @@ with a git worktree on PYTHONPATH to compare (the "before" figures came from 6f3
 """
 import argparse, dataclasses, time, jax, jax.numpy as jnp, numpy as np
 import gptoss_jax as gj
+from flax import nnx
 from gptoss_jax import config as C, sampling
+import os, sys
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts"))
+from profile_decode import random_model  # noqa: E402
 p = argparse.ArgumentParser(); p.add_argument("--layers", type=int, default=2); p.add_argument("--steps", type=int, default=8)
 p.add_argument("--batch", type=int, default=1)
 a = p.parse_args()
 cfg = dataclasses.replace(C.gpt_oss_20b(), num_layers=a.layers, layer_types=None)
 t = time.perf_counter()
-model = gj.abstract(cfg)
-from flax import nnx
-rng = np.random.default_rng(0)
-for path, var in nnx.to_flat_state(nnx.state(model)):
-    sd = var.get_value(); name = "/".join(map(str, path))
-    if sd.dtype == jnp.uint8:
-        v = rng.integers(118, 123, sd.shape, dtype=np.uint8) if "scales" in name else rng.integers(0, 256, sd.shape, dtype=np.uint8)
-    elif "norm" in name:
-        v = np.ones(sd.shape, np.float32)
-    else:
-        v = (rng.standard_normal(sd.shape, dtype=np.float32) * 0.02)
-    var.set_value(jnp.asarray(v, sd.dtype))
-# random-but-sane packed experts: scales small so activations stay finite
-from flax import nnx
+model = random_model(cfg)  # scripts/profile_decode.py's random fill
 print("init %.1fs" % (time.perf_counter() - t), flush=True)
 from gptoss_jax.cache import init_cache
 B = a.batch

@@ -187,7 +187,7 @@ def moe_sharded(x, router_w, router_b, ew: moe_lib.ExpertWeights, *, mesh: Mesh,
     capacity_factor: None = dropless; else fixed all_to_all buffers that may drop (counted).
     local_impl: how a device computes its experts: "ragged" (grouped matmul; MXFP4 stays packed
         through `mxfp4_impl`) or "buckets" (one batched einsum; the CPU default). With expert=1 any
-        `moe.MOE_IMPLS` name, run on the local tokens.
+        `moe.MOE_IMPLS` name, run on the local tokens (default: `moe.default_moe_impl()`).
     emulate_ragged: run "ragged_all_to_all" through `ragged_all_to_all_emulated` (XLA:CPU)."""
     dispatch = dispatch or default_dispatch()
     if dispatch not in DISPATCH:
@@ -205,7 +205,9 @@ def moe_sharded(x, router_w, router_b, ew: moe_lib.ExpertWeights, *, mesh: Mesh,
     pad = -T % shards  # e.g. a decode step of one token: padding rows route nowhere
     valid = jnp.arange(T + pad) < T
     xp = jnp.pad(x, ((0, pad), (0, 0)))
-    local_impl = local_impl or moe_lib.default_moe_impl()
+    if local_impl is None:  # expert > 1 exchanges fixed-capacity buffers: buckets on CPU
+        cpu = jax.default_backend() == "cpu"
+        local_impl = moe_lib.default_moe_impl() if ep == 1 else ("buckets" if cpu else "ragged")
     allowed = moe_lib.MOE_IMPLS if ep == 1 else ("ragged", "buckets")
     if local_impl not in allowed:
         raise ValueError(f"local expert implementation {local_impl!r} is not one of {sorted(allowed)}"

@@ -254,7 +254,8 @@ class Block(nnx.Module):
 class KernelOptions:
     """How the math runs (not what it computes): implementation choices, all numerically equal.
 
-    moe_impl: "ragged" | "buckets" | "gather" | "dense"; None picks by platform and batch size.
+    moe_impl: "ragged" | "chunks" | "buckets" | "gather" | "dense"; None picks by platform and batch
+        size (ragged on GPU/TPU, chunks on CPU, gather for decode-sized batches).
     attention_impl: "xla" | "pallas_gpu" | "pallas_tpu"; None = by platform (Pallas on GPU/TPU,
         XLA on CPU). Cached decoding and capture=True always use the XLA path.
     mxfp4_impl: the packed grouped matmul of the "ragged" MoE path: "xla" (default) |

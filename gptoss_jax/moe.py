@@ -9,12 +9,17 @@ Expert weights come in two layouts, both pytrees that flow through the same func
 - MXFP4:  `MXFP4` with logical shapes [E, 2F, D] and [E, D, F]  (the checkpoint's [out, in]); it
   is decoded inside the jitted function, where the transpose fuses into the decode.
 
-Four implementations compute the same function:
+Five implementations compute the same function:
 - `moe_dense_reference`: every expert on every token, then a gather. Obvious; for tests.
 - `moe_ragged`: tokens sorted by expert, `jax.lax.ragged_dot` over the groups (GPU/TPU path).
+- `moe_chunks`: tokens sorted by expert, each group padded to a multiple of a static chunk height,
+  and a loop over the experts and their chunks with plain 2-D matmuls (its own backward loop).
+  XLA:CPU runs ragged_dot very slowly; this is the CPU path: dropless, and its work follows the
+  group sizes however skewed the routing.
 - `moe_buckets`: tokens sorted by expert into per-expert buckets of one static capacity and one
-  batched einsum. XLA:CPU runs ragged_dot very slowly; this is the CPU path. It is dropless: the
-  capacity is the smallest of a few static sizes that holds the largest group (`lax.switch`).
+  batched einsum; dropless: the capacity is the smallest of a few static sizes that holds the
+  largest group (`lax.switch`), so a skewed routing costs up to E/k times the work. The
+  expert-parallel CPU path's fixed-capacity buffers use its `bucket_mlp`.
 - `moe_gather`: each (token, slot) gathers its expert's weights (decoding packed ones after the
   gather; on CPU inside the reduction, `mxfp4.gathered_matvec`). Chosen automatically when
   2*T*k <= E, i.e. for decode steps, and on CPU for large packed experts up to T*k <= 4E
@@ -289,6 +294,147 @@ def _buckets_bwd(alpha, limit, res, dy):
 _buckets.defvjp(_buckets_fwd, _buckets_bwd)
 
 
+def chunk_rows(num_rows: int, num_experts: int) -> int:
+    """The chunked MoE's static chunk height: about half the mean group, a multiple of 8 between
+    8 and 256 (XLA:CPU's 2-D matmuls reach ~80% of their large-size rate from 64 rows)."""
+    return int(min(256, max(8, 8 * round(num_rows / num_experts / 16))))
+
+
+def chunk_count(num_rows: int, num_experts: int, chunk: int) -> int:
+    """Chunks enough for any routing: sum_e ceil(g_e / m) <= (R + E (m - 1)) / m."""
+    return -(-(num_rows + num_experts * (chunk - 1)) // chunk)
+
+
+def moe_chunks(x, ew: ExpertWeights, routing: Routing, *, alpha, limit, chunk: int | None = None):
+    """Sort by expert, pad each group to a multiple of `chunk` rows, and loop over the experts and,
+    within each, over its chunks only (a loop with a run-time trip count): plain 2-D matmuls, one
+    expert's weights at a time (packed ones decoded once per expert), work that follows the
+    groups (at most `chunk` - 1 padding rows per expert) whatever the routing, dropless. The
+    bucket path instead pads every group to a capacity holding the largest one: 4x the work on
+    the benchmark model, whose random router sends most tokens to one expert. The backward pass
+    is its own loop (`jax.custom_vjp`), reusing the saved pre-activations."""
+    T, k = routing.ids.shape
+    E, R = ew.b1.shape[0], T * k
+    m = chunk or chunk_rows(R, E)
+    n = chunk_count(R, E, m)
+    srt = sort_by_expert(routing.ids, E)
+    chunks = (srt.group_sizes + m - 1) // m
+    row = (jnp.cumsum(chunks) - chunks)[srt.experts] * m + bucket_ranks(srt)  # padded row of each
+    buf = jnp.zeros((n * m, x.shape[1]), x.dtype).at[row].set(x[srt.tokens])
+    y = _chunked(buf, ew, chunks, float(alpha), float(limit), m)
+    return _combine(y[row], srt, routing, x.dtype)
+
+
+def _float_leaves(ew):
+    leaves, treedef = jax.tree.flatten(ew)
+    floating = [jnp.issubdtype(a.dtype, jnp.floating) for a in leaves]
+
+    def rebuild(float_leaves):
+        it = iter(float_leaves)
+        return jax.tree.unflatten(treedef, [next(it) if f else a for a, f in zip(leaves, floating)])
+    return [a for a, f in zip(leaves, floating) if f], floating, rebuild
+
+
+def _chunk_fns(ew_e: ExpertWeights, dt, alpha, limit):
+    """Expert e's two halves on a chunk of rows, as functions of its float leaves (so gradients
+    flow to dense weights, biases and adapters, never to packed blocks): h = x W1 + b1 (+ LoRA)
+    and y = swiglu(h) W2 + b2 (+ LoRA), fp32 accumulation. Packed matrices are decoded here, once."""
+    fl, _, rebuild = _float_leaves(ew_e)
+    decoded = {n: getattr(ew_e, n).dequantize(jnp.float32) for n in ("w1", "w2")
+               if isinstance(getattr(ew_e, n), MXFP4)}  # [out, in]
+
+    def mm(a, w, name=None):
+        if name in decoded:
+            return jnp.einsum("CI,OI->CO", a.astype(jnp.float32), decoded[name])
+        return jnp.einsum("CI,IO->CO", a, w, preferred_element_type=jnp.float32)
+
+    def first(rows, fl):
+        p = rebuild(fl)
+        return mm(rows, p.w1, "w1") + p.b1.astype(jnp.float32) + lora_delta(rows, p.lora1, mm)
+
+    def second(h, fl):
+        p = rebuild(fl)
+        a = swiglu(h, alpha=alpha, limit=limit).astype(dt)
+        return mm(a, p.w2, "w2") + p.b2.astype(jnp.float32) + lora_delta(a, p.lora2, mm)
+    return fl, first, second
+
+
+def _expert_at(ew: ExpertWeights, e) -> ExpertWeights:
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, e, keepdims=False), ew)
+
+
+def _chunk_loop(chunks, m, body, carry):
+    """body(e, first_row, carry) over every chunk of every expert, in order."""
+    starts = jnp.cumsum(chunks) - chunks
+
+    def expert(e, carry):
+        return jax.lax.fori_loop(0, chunks[e], lambda c, carry: body(e, (starts[e] + c) * m, carry), carry)
+    return jax.lax.fori_loop(0, chunks.shape[0], expert, carry)
+
+
+def _chunked_run(buf, ew, chunks, alpha, limit, m, keep_h):
+    F2 = ew.b1.shape[1]
+
+    def body(e, r0, carry):
+        y, h_all = carry
+        fl, first, second = _chunk_fns(_expert_at(ew, e), buf.dtype, alpha, limit)
+        h = first(jax.lax.dynamic_slice_in_dim(buf, r0, m), fl)
+        y = jax.lax.dynamic_update_slice_in_dim(y, second(h, fl), r0, 0)
+        if keep_h:
+            h_all = jax.lax.dynamic_update_slice_in_dim(h_all, h, r0, 0)
+        return y, h_all
+    y0 = jnp.zeros((buf.shape[0], buf.shape[1]), jnp.float32)
+    h0 = jnp.zeros((buf.shape[0], F2) if keep_h else (0, F2), jnp.float32)
+    return _chunk_loop(chunks, m, body, (y0, h0))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _chunked(buf, ew, chunks, alpha, limit, m):
+    """The expert MLPs of the padded, expert-sorted rows `buf` [n m, D] -> fp32 [n m, D]; rows of
+    unused chunks stay 0, padding rows of used chunks hold the bias-only output (never read)."""
+    return _chunked_run(buf, ew, chunks, alpha, limit, m, keep_h=False)[0]
+
+
+def _chunked_fwd(buf, ew, chunks, alpha, limit, m):
+    y, h = _chunked_run(buf, ew, chunks, alpha, limit, m, keep_h=True)
+    return y, (buf, ew, chunks, h)
+
+
+def _chunked_bwd(alpha, limit, m, res, dy):
+    buf, ew, chunks, h_all = res
+    fl_all, floating, _ = _float_leaves(ew)
+    starts = jnp.cumsum(chunks) - chunks
+
+    def expert(e, carry):
+        d_buf, grads = carry
+        fl, first, second = _chunk_fns(_expert_at(ew, e), buf.dtype, alpha, limit)
+
+        def chunk(c, carry):
+            d_buf, g = carry
+            r0 = (starts[e] + c) * m
+            rows = jax.lax.dynamic_slice_in_dim(buf, r0, m)
+            h = jax.lax.dynamic_slice_in_dim(h_all, r0, m)
+            # the primal outputs of these VJPs are unused, so their matmuls are never computed
+            dh, d_fl2 = jax.vjp(second, h, fl)[1](jax.lax.dynamic_slice_in_dim(dy, r0, m))
+            d_rows, d_fl1 = jax.vjp(first, rows, fl)[1](dh)
+            d_buf = jax.lax.dynamic_update_slice_in_dim(d_buf, d_rows.astype(d_buf.dtype), r0, 0)
+            return d_buf, [acc + (g1 + g2).astype(jnp.float32) for acc, g1, g2 in zip(g, d_fl1, d_fl2)]
+        # an expert's gradients accumulate (fp32) in its own buffers and are written once
+        zeros = [jnp.zeros(a.shape, jnp.float32) for a in fl]
+        d_buf, g = jax.lax.fori_loop(0, chunks[e], chunk, (d_buf, zeros))
+        return d_buf, [jax.lax.dynamic_update_index_in_dim(G, a.astype(G.dtype), e, 0) for G, a in zip(grads, g)]
+    d_buf, grads = jax.lax.fori_loop(0, chunks.shape[0], expert,
+                                     (jnp.zeros_like(buf), [jnp.zeros_like(a) for a in fl_all]))
+    leaves, treedef = jax.tree.flatten(ew)
+    it = iter(grads)
+    d_ew = jax.tree.unflatten(treedef, [next(it) if f else np.zeros(a.shape, jax.dtypes.float0)
+                                        for a, f in zip(leaves, floating)])
+    return d_buf, d_ew, np.zeros(chunks.shape, jax.dtypes.float0)
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
 def _take_experts(w, ids):
     """The weights of the experts `ids` [n] as a dense [n, in, out] (packed ones decoded after the
     gather, so only n experts are ever decoded)."""
@@ -335,7 +481,7 @@ def expert_outputs(x, ew: ExpertWeights, routing: Routing, *, alpha, limit):
 
 
 MOE_IMPLS = {"dense": moe_dense_reference, "ragged": moe_ragged, "buckets": moe_buckets,
-             "gather": moe_gather}
+             "chunks": moe_chunks, "gather": moe_gather}
 
 
 # On CPU, large packed experts (`_large_packed_on_cpu`) take the gather path up to this many
@@ -355,7 +501,7 @@ def default_moe_impl(num_tokens: int | None = None, k: int = 1, num_experts: int
         rows = num_tokens * k
         if 2 * rows <= num_experts or (large_packed_on_cpu and rows <= PACKED_GATHER_ROWS_PER_EXPERT * num_experts):
             return "gather"  # decode-sized batches: touch only the chosen experts
-    return "buckets" if jax.default_backend() == "cpu" else "ragged"
+    return "chunks" if jax.default_backend() == "cpu" else "ragged"
 
 
 def moe(x, router_w, router_b, ew: ExpertWeights, *, k: int, alpha: float, limit: float,

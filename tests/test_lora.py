@@ -64,7 +64,7 @@ def test_every_moe_dispatch_computes_the_same_adapted_model(original_dir, expert
     m = _randomize_adapters(lora.add_lora(gj.load(original_dir, dtype="float32", experts=experts),
                                           lora.LoRAConfig(rank=4, alpha=8.0)))
     outs = {}
-    for impl in ("dense", "ragged", "buckets", "gather"):
+    for impl in ("dense", "ragged", "chunks", "buckets", "gather"):
         m.kernel = gj.KernelOptions(moe_impl=impl)
         outs[impl] = np.asarray(m(TOKENS).logits)
     for impl, got in outs.items():

@@ -48,7 +48,7 @@ def _reference(x, dense, b1, b2, router, rb):
 
 
 @pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("impl", ["dense", "ragged", "buckets", "buckets_one_expert_at_a_time", "gather"])
+@pytest.mark.parametrize("impl", ["dense", "ragged", "chunks", "buckets", "buckets_one_expert_at_a_time", "gather"])
 def test_moe_matches_openai_mlp_block(impl, packed, monkeypatch):
     if impl == "buckets_one_expert_at_a_time":  # the large-model CPU path (packed experts)
         monkeypatch.setattr(moe, "DECODE_AT_ONCE_BYTES", 0)
@@ -70,18 +70,21 @@ def test_routing_is_topk_then_softmax():
                                rtol=1e-6)
 
 
-def test_buckets_are_dropless_under_skewed_routing():
+@pytest.mark.parametrize("impl", ["buckets", "chunks"])
+def test_dropless_under_skewed_routing(impl):
     # A router bias that sends every token to experts 0..K-1: one group holds all T tokens, far
-    # above the mean; the largest static capacity must be chosen and nothing dropped.
+    # above the mean; buckets must choose the largest static capacity, chunks run 5 chunks of 8
+    # rows for each of those experts and none for the rest; nothing is dropped.
     ew, dense, router, rb = _weights(2, False)
     rb = np.where(np.arange(E) < K, 100.0, -100.0).astype(np.float32)
     x = np.random.default_rng(3).normal(size=(40, D)).astype(np.float32)
     args = (jnp.asarray(x), jnp.asarray(router), jnp.asarray(rb), ew)
     want, _ = moe.moe(*args, k=K, alpha=1.702, limit=7.0, impl="dense")
-    got, r = moe.moe(*args, k=K, alpha=1.702, limit=7.0, impl="buckets")
+    got, r = moe.moe(*args, k=K, alpha=1.702, limit=7.0, impl=impl)
     assert np.bincount(np.asarray(r.ids).ravel(), minlength=E)[:K].tolist() == [40] * K
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     assert moe.bucket_capacities(40, K, E)[-1] == 40
+    assert moe.chunk_rows(40 * K, E) == 8 and moe.chunk_count(40 * K, E, 8) == 22  # 15 of them used
 
 
 def test_unknown_impl():
@@ -121,3 +124,37 @@ def test_one_expert_at_a_time_gradient_equals_dense(monkeypatch):
     monkeypatch.setattr(moe, "DECODE_AT_ONCE_BYTES", 0)
     got = jax.grad(loss("buckets"))(x)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("skewed", [False, True])
+def test_chunks_gradients_equal_dense(packed, skewed):
+    """The chunked path's own backward loop: gradients for the input, every float weight (dense
+    matrices, biases) and per-expert LoRA adapters equal autodiff through the dense reference,
+    with balanced and with skewed routing, at a chunk height that splits groups over several
+    chunks; packed blocks get no gradient."""
+    ew, _, router, rb = _weights(6, packed)
+    rng = np.random.default_rng(7)
+    ew = ew._replace(lora1=moe.Adapter(jnp.asarray(rng.normal(size=(E, D, 2)) * 0.1, jnp.float32),
+                                       jnp.asarray(rng.normal(size=(E, 2, 2 * F)) * 0.1, jnp.float32)),
+                     lora2=moe.Adapter(jnp.asarray(rng.normal(size=(E, F, 2)) * 0.1, jnp.float32),
+                                       jnp.asarray(rng.normal(size=(E, 2, D)) * 0.1, jnp.float32)))
+    if skewed:
+        rb = np.where(np.arange(E) < K, 100.0, -100.0).astype(np.float32)
+    x = jnp.asarray(rng.normal(size=(30, D)).astype(np.float32))
+    routing = moe.route(x, jnp.asarray(router), jnp.asarray(rb), K)
+
+    def loss(impl):
+        def f(x, ew):
+            if impl == "dense":
+                y = moe.moe_dense_reference(x, ew, routing, alpha=1.702, limit=7.0)
+            else:
+                y = moe.moe_chunks(x, ew, routing, alpha=1.702, limit=7.0, chunk=8)
+            return jnp.sum(jnp.sin(y))
+        return jax.jit(jax.grad(f, argnums=(0, 1), allow_int=True))
+
+    want, got = loss("dense")(x, ew), loss("chunks")(x, ew)
+    pairs = [(w, g) for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)) if w.dtype != jax.dtypes.float0]
+    assert len(pairs) == (7 if packed else 9)  # x, b1, b2, 4 adapter factors (+ w1, w2 dense)
+    for w, g in pairs:
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5 * float(jnp.abs(w).max()))

@@ -57,7 +57,7 @@ def test_oracles_agree(openai_logits, hf_logits):
 
 
 @pytest.mark.parametrize("layout", ["original", "hf_mxfp4", "hf_dense"])
-@pytest.mark.parametrize("moe_impl", ["ragged", "buckets"])
+@pytest.mark.parametrize("moe_impl", ["ragged", "chunks"])
 def test_ours_vs_oracles(layout, moe_impl, request, tokens, openai_logits, hf_logits):
     path = request.getfixturevalue(f"{layout}_dir")
     model = gj.load(path, dtype="float32", moe_impl=moe_impl)

@@ -15,6 +15,8 @@ no visible key therefore outputs 0, not NaN.
 `attention_reference` materialises the whole [T, S] score matrix and is the obvious oracle.
 `sliding_attention` is the O(T*W) XLA path for sliding layers: queries are cut into chunks of W and
 each chunk attends to its own and the previous chunk's keys, which hold every key it may see.
+`causal_attention` is the full layers' XLA path: query chunks that attend only to the keys up to
+their own end, skipping most of the upper triangle.
 """
 
 from __future__ import annotations
@@ -106,11 +108,36 @@ def sliding_attention(q, k, v, sinks, *, positions, segment_ids, window: int):
     return out, sink_mass
 
 
+# Full layers: queries in at most this many chunks of at least CAUSAL_MIN_CHUNK rows.
+CAUSAL_MAX_CHUNKS = 16
+CAUSAL_MIN_CHUNK = 256
+
+
+def causal_attention(q, k, v, sinks, *, positions, segment_ids):
+    """Self-attention of a full layer, causal in array order, without the upper triangle: the
+    queries are cut into n chunks (an unrolled loop of static shapes) and chunk i attends only to
+    keys 0 .. its own end, so the scores cost (n + 1) / 2n of a [T, T] in compute and memory and
+    at most T^2 / n live at once. Same contract as `sliding_attention` (queries and keys are the
+    same tokens, segments contiguous with increasing positions), so no visible key is skipped."""
+    T = q.shape[1]
+    C = max(CAUSAL_MIN_CHUNK, 8 * -(-T // (8 * CAUSAL_MAX_CHUNKS)))
+    outs, masses = [], []
+    for start in range(0, T, C):
+        end = min(start + C, T)
+        o, m = attention_reference(q[:, start:end], k[:, :end], v[:, :end], sinks,
+                                   q_pos=positions[:, start:end], k_pos=positions[:, :end],
+                                   q_seg=segment_ids[:, start:end], k_seg=segment_ids[:, :end], window=None)
+        outs.append(o)
+        masses.append(m)
+    if len(outs) == 1:
+        return outs[0], masses[0]
+    return jnp.concatenate(outs, axis=1), jnp.concatenate(masses, axis=1)
+
+
 def self_attention(q, k, v, sinks, *, positions, segment_ids, window: int | None):
-    """Training/prefill self-attention on the XLA path: chunked for sliding layers, a causal
-    [T, T] for full layers."""
+    """Training/prefill self-attention on the XLA path: chunked for sliding layers (O(T W)),
+    causal chunks without the upper triangle for full layers."""
     if window is not None:
         return sliding_attention(q, k, v, sinks, positions=positions, segment_ids=segment_ids,
                                  window=window)
-    return attention_reference(q, k, v, sinks, q_pos=positions, k_pos=positions,
-                               q_seg=segment_ids, k_seg=segment_ids, window=None)
+    return causal_attention(q, k, v, sinks, positions=positions, segment_ids=segment_ids)

@@ -113,6 +113,11 @@ CAUSAL_MAX_CHUNKS = 16
 CAUSAL_MIN_CHUNK = 256
 
 
+def causal_chunk(T: int) -> int:
+    """Query rows per chunk of `causal_attention` at length T."""
+    return max(CAUSAL_MIN_CHUNK, 8 * -(-T // (8 * CAUSAL_MAX_CHUNKS)))
+
+
 def causal_attention(q, k, v, sinks, *, positions, segment_ids):
     """Self-attention of a full layer, causal in array order, without the upper triangle: the
     queries are cut into n chunks (an unrolled loop of static shapes) and chunk i attends only to
@@ -120,7 +125,7 @@ def causal_attention(q, k, v, sinks, *, positions, segment_ids):
     at most T^2 / n live at once. Same contract as `sliding_attention` (queries and keys are the
     same tokens, segments contiguous with increasing positions), so no visible key is skipped."""
     T = q.shape[1]
-    C = max(CAUSAL_MIN_CHUNK, 8 * -(-T // (8 * CAUSAL_MAX_CHUNKS)))
+    C = causal_chunk(T)
     outs, masses = [], []
     for start in range(0, T, C):
         end = min(start + C, T)

@@ -98,7 +98,6 @@ def main():
 
     model = gj.init(cfg, seed=0, dtype=dtype, experts="dense")
     rng = np.random.default_rng(1)
-    x0 = jnp.asarray(rng.standard_normal((B, T, D)), dtype)
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     seg = jnp.ones((B, T), jnp.int32)
     rope = layers.rope_cos_sin(positions, layers.rope_inv_freq(cfg), cfg.rope_concentration)

@@ -372,6 +372,17 @@ def _chunk_loop(chunks, m, body, carry):
     return jax.lax.fori_loop(0, chunks.shape[0], expert, carry)
 
 
+def _zeros(shape, dtype, *refs):
+    """Zeros typed like a result computed from `refs`: inside `shard_map` a loop's initial carry
+    must vary over the same mesh axes as its outputs, and an element of each ref (selected away)
+    carries that type without depending on any attribute of it."""
+    z = jnp.zeros(shape, dtype)
+    for r in jax.tree.leaves(refs):
+        if r.size:
+            z = z + jnp.where(False, r.reshape(-1)[0], 0).astype(dtype)
+    return z
+
+
 def _chunked_run(buf, ew, chunks, alpha, limit, m, keep_h):
     F2 = ew.b1.shape[1]
 
@@ -383,8 +394,8 @@ def _chunked_run(buf, ew, chunks, alpha, limit, m, keep_h):
         if keep_h:
             h_all = jax.lax.dynamic_update_slice_in_dim(h_all, h, r0, 0)
         return y, h_all
-    y0 = jnp.zeros((buf.shape[0], buf.shape[1]), jnp.float32)
-    h0 = jnp.zeros((buf.shape[0], F2) if keep_h else (0, F2), jnp.float32)
+    y0 = _zeros((buf.shape[0], buf.shape[1]), jnp.float32, buf, ew, chunks)
+    h0 = _zeros((buf.shape[0], F2) if keep_h else (0, F2), jnp.float32, buf, ew, chunks)
     return _chunk_loop(chunks, m, body, (y0, h0))
 
 
@@ -420,11 +431,12 @@ def _chunked_bwd(alpha, limit, m, res, dy):
             d_buf = jax.lax.dynamic_update_slice_in_dim(d_buf, d_rows.astype(d_buf.dtype), r0, 0)
             return d_buf, [acc + (g1 + g2).astype(jnp.float32) for acc, g1, g2 in zip(g, d_fl1, d_fl2)]
         # an expert's gradients accumulate (fp32) in its own buffers and are written once
-        zeros = [jnp.zeros(a.shape, jnp.float32) for a in fl]
+        zeros = [_zeros(a.shape, jnp.float32, buf, ew, chunks, h_all, dy) for a in fl]
         d_buf, g = jax.lax.fori_loop(0, chunks[e], chunk, (d_buf, zeros))
         return d_buf, [jax.lax.dynamic_update_index_in_dim(G, a.astype(G.dtype), e, 0) for G, a in zip(grads, g)]
-    d_buf, grads = jax.lax.fori_loop(0, chunks.shape[0], expert,
-                                     (jnp.zeros_like(buf), [jnp.zeros_like(a) for a in fl_all]))
+    refs = (buf, ew, chunks, h_all, dy)
+    d_buf, grads = jax.lax.fori_loop(0, chunks.shape[0], expert, (_zeros(buf.shape, buf.dtype, *refs),
+                                     [_zeros(a.shape, a.dtype, *refs) for a in fl_all]))
     leaves, treedef = jax.tree.flatten(ew)
     it = iter(grads)
     d_ew = jax.tree.unflatten(treedef, [next(it) if f else np.zeros(a.shape, jax.dtypes.float0)

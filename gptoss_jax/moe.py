@@ -321,6 +321,12 @@ def moe_chunks(x, ew: ExpertWeights, routing: Routing, *, alpha, limit, chunk: i
     chunks = (srt.group_sizes + m - 1) // m
     row = (jnp.cumsum(chunks) - chunks)[srt.experts] * m + bucket_ranks(srt)  # padded row of each
     buf = jnp.zeros((n * m, x.shape[1]), x.dtype).at[row].set(x[srt.tokens])
+    if getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()):
+        # inside shard_map: give the float weights the rows' mesh-varying type before the custom
+        # VJP, so JAX's own transpose of that cast sums their gradients over the token shards
+        typed = lambda a: (a + jnp.where(False, buf[0, 0], 0).astype(a.dtype)
+                           if jnp.issubdtype(a.dtype, jnp.floating) else a)
+        ew = jax.tree.map(typed, ew)
     y = _chunked(buf, ew, chunks, float(alpha), float(limit), m)
     return _combine(y[row], srt, routing, x.dtype)
 

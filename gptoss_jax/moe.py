@@ -512,6 +512,12 @@ MOE_IMPLS = {"dense": moe_dense_reference, "ragged": moe_ragged, "buckets": moe_
 # 178-179 bucketed (scripts/bench.py, experiments/BENCHMARKS.md).
 PACKED_GATHER_ROWS_PER_EXPERT = 4
 
+# On CPU, below this many (token, slot) rows per expert on average the bucket path is used instead
+# of the chunked one: at batch-8 decoding on the benchmark config (32 rows, 16 experts) the loop
+# over the experts' chunks of 8 rows made decoding 1.6-4x slower than buckets (bf16 dense 156 vs
+# 476 tokens/s; MXFP4 42-50 vs 178; scripts/bench.py decode, experiments/BENCHMARKS.md).
+CHUNKS_MIN_ROWS_PER_EXPERT = 16
+
 
 def default_moe_impl(num_tokens: int | None = None, k: int = 1, num_experts: int | None = None,
                      large_packed_on_cpu: bool = False) -> str:
@@ -519,7 +525,11 @@ def default_moe_impl(num_tokens: int | None = None, k: int = 1, num_experts: int
         rows = num_tokens * k
         if 2 * rows <= num_experts or (large_packed_on_cpu and rows <= PACKED_GATHER_ROWS_PER_EXPERT * num_experts):
             return "gather"  # decode-sized batches: touch only the chosen experts
-    return "chunks" if jax.default_backend() == "cpu" else "ragged"
+    if jax.default_backend() != "cpu":
+        return "ragged"
+    if num_tokens is not None and num_experts is not None and num_tokens * k < CHUNKS_MIN_ROWS_PER_EXPERT * num_experts:
+        return "buckets"  # decode-sized batches: a loop over E experts of tiny chunks costs more
+    return "chunks"
 
 
 def moe(x, router_w, router_b, ew: ExpertWeights, *, k: int, alpha: float, limit: float,

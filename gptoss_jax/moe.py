@@ -14,8 +14,8 @@ Five implementations compute the same function:
 - `moe_ragged`: tokens sorted by expert, `jax.lax.ragged_dot` over the groups (GPU/TPU path).
 - `moe_chunks`: tokens sorted by expert, each group padded to a multiple of a static chunk height,
   and a loop over the experts and their chunks with plain 2-D matmuls (its own backward loop).
-  XLA:CPU runs ragged_dot very slowly; this is the CPU path: dropless, and its work follows the
-  group sizes however skewed the routing.
+  XLA:CPU runs ragged_dot very slowly; this is the CPU path (from 16 rows per expert): dropless,
+  and its work follows the group sizes however skewed the routing.
 - `moe_buckets`: tokens sorted by expert into per-expert buckets of one static capacity and one
   batched einsum; dropless: the capacity is the smallest of a few static sizes that holds the
   largest group (`lax.switch`), so a skewed routing costs up to E/k times the work. The

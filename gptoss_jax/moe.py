@@ -267,14 +267,31 @@ def _buckets_fwd(x, ew, ids, weights, alpha, limit):
     return _buckets(x, ew, ids, weights, alpha, limit), (x, ew, ids, weights)
 
 
-def _buckets_bwd(alpha, limit, res, dy):
-    x, ew, ids, weights = res
+def _float_leaves(ew):
+    """(the float leaves of `ew`, which leaves are float, rebuild(float leaves) -> ew): gradients
+    flow to dense weights, biases and adapters, never to packed blocks or scales."""
     leaves, treedef = jax.tree.flatten(ew)
     floating = [jnp.issubdtype(a.dtype, jnp.floating) for a in leaves]
 
-    def with_floats(float_leaves):
+    def rebuild(float_leaves):
         it = iter(float_leaves)
         return jax.tree.unflatten(treedef, [next(it) if f else a for a, f in zip(leaves, floating)])
+    return [a for a, f in zip(leaves, floating) if f], floating, rebuild
+
+
+def _ew_cotangent(ew, float_grads):
+    """The cotangent of `ew` in a custom VJP: `float_grads` for its float leaves, float0 zeros for
+    the integer (packed) ones."""
+    _, floating, _ = _float_leaves(ew)
+    it = iter(float_grads)
+    return jax.tree.unflatten(jax.tree.structure(ew), [
+        next(it) if f else np.zeros(a.shape, jax.dtypes.float0)
+        for a, f in zip(jax.tree.leaves(ew), floating)])
+
+
+def _buckets_bwd(alpha, limit, res, dy):
+    x, ew, ids, weights = res
+    float_leaves, _, with_floats = _float_leaves(ew)
 
     def branch(cap):
         def vjp(x, float_leaves, weights, dy):
@@ -283,12 +300,8 @@ def _buckets_bwd(alpha, limit, res, dy):
         return vjp
 
     caps, choice = _capacity_choice(ids, ew.b1.shape[0])
-    float_leaves = [a for a, f in zip(leaves, floating) if f]
     dx, d_floats, dw = jax.lax.switch(choice, [branch(c) for c in caps], x, float_leaves, weights, dy)
-    it = iter(d_floats)
-    d_ew = jax.tree.unflatten(treedef, [next(it) if f else np.zeros(a.shape, jax.dtypes.float0)
-                                        for a, f in zip(leaves, floating)])
-    return dx, d_ew, np.zeros(ids.shape, jax.dtypes.float0), dw
+    return dx, _ew_cotangent(ew, d_floats), np.zeros(ids.shape, jax.dtypes.float0), dw
 
 
 _buckets.defvjp(_buckets_fwd, _buckets_bwd)
@@ -331,16 +344,6 @@ def moe_chunks(x, ew: ExpertWeights, routing: Routing, *, alpha, limit, chunk: i
     return _combine(y[row], srt, routing, x.dtype)
 
 
-def _float_leaves(ew):
-    leaves, treedef = jax.tree.flatten(ew)
-    floating = [jnp.issubdtype(a.dtype, jnp.floating) for a in leaves]
-
-    def rebuild(float_leaves):
-        it = iter(float_leaves)
-        return jax.tree.unflatten(treedef, [next(it) if f else a for a, f in zip(leaves, floating)])
-    return [a for a, f in zip(leaves, floating) if f], floating, rebuild
-
-
 def _chunk_fns(ew_e: ExpertWeights, dt, alpha, limit):
     """Expert e's two halves on a chunk of rows, as functions of its float leaves (so gradients
     flow to dense weights, biases and adapters, never to packed blocks): h = x W1 + b1 (+ LoRA)
@@ -369,12 +372,17 @@ def _expert_at(ew: ExpertWeights, e) -> ExpertWeights:
     return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, e, keepdims=False), ew)
 
 
-def _chunk_loop(chunks, m, body, carry):
-    """body(e, first_row, carry) over every chunk of every expert, in order."""
+def _chunk_loop(chunks, m, ew, dt, alpha, limit, body, carry, acc=None, done=None):
+    """For each expert e (with its `_chunk_fns`, built once per expert), run
+    body(fns, first_row, carry, acc) -> (carry, acc) over its chunks, `acc` starting at
+    acc(fns) (default none) and finished by done(e, carry, acc) -> carry."""
     starts = jnp.cumsum(chunks) - chunks
 
     def expert(e, carry):
-        return jax.lax.fori_loop(0, chunks[e], lambda c, carry: body(e, (starts[e] + c) * m, carry), carry)
+        fns = _chunk_fns(_expert_at(ew, e), dt, alpha, limit)
+        state = (carry, acc(fns) if acc else ())
+        state = jax.lax.fori_loop(0, chunks[e], lambda c, st: body(fns, (starts[e] + c) * m, *st), state)
+        return done(e, *state) if done else state[0]
     return jax.lax.fori_loop(0, chunks.shape[0], expert, carry)
 
 
@@ -392,17 +400,17 @@ def _zeros(shape, dtype, *refs):
 def _chunked_run(buf, ew, chunks, alpha, limit, m, keep_h):
     F2 = ew.b1.shape[1]
 
-    def body(e, r0, carry):
+    def body(fns, r0, carry, acc):
         y, h_all = carry
-        fl, first, second = _chunk_fns(_expert_at(ew, e), buf.dtype, alpha, limit)
+        fl, first, second = fns
         h = first(jax.lax.dynamic_slice_in_dim(buf, r0, m), fl)
         y = jax.lax.dynamic_update_slice_in_dim(y, second(h, fl), r0, 0)
         if keep_h:
             h_all = jax.lax.dynamic_update_slice_in_dim(h_all, h, r0, 0)
-        return y, h_all
+        return (y, h_all), acc
     y0 = _zeros((buf.shape[0], buf.shape[1]), jnp.float32, buf, ew, chunks)
     h0 = _zeros((buf.shape[0], F2) if keep_h else (0, F2), jnp.float32, buf, ew, chunks)
-    return _chunk_loop(chunks, m, body, (y0, h0))
+    return _chunk_loop(chunks, m, ew, buf.dtype, alpha, limit, body, (y0, h0))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -419,35 +427,27 @@ def _chunked_fwd(buf, ew, chunks, alpha, limit, m):
 
 def _chunked_bwd(alpha, limit, m, res, dy):
     buf, ew, chunks, h_all = res
-    fl_all, floating, _ = _float_leaves(ew)
-    starts = jnp.cumsum(chunks) - chunks
-
-    def expert(e, carry):
-        d_buf, grads = carry
-        fl, first, second = _chunk_fns(_expert_at(ew, e), buf.dtype, alpha, limit)
-
-        def chunk(c, carry):
-            d_buf, g = carry
-            r0 = (starts[e] + c) * m
-            rows = jax.lax.dynamic_slice_in_dim(buf, r0, m)
-            h = jax.lax.dynamic_slice_in_dim(h_all, r0, m)
-            # the primal outputs of these VJPs are unused, so their matmuls are never computed
-            dh, d_fl2 = jax.vjp(second, h, fl)[1](jax.lax.dynamic_slice_in_dim(dy, r0, m))
-            d_rows, d_fl1 = jax.vjp(first, rows, fl)[1](dh)
-            d_buf = jax.lax.dynamic_update_slice_in_dim(d_buf, d_rows.astype(d_buf.dtype), r0, 0)
-            return d_buf, [acc + (g1 + g2).astype(jnp.float32) for acc, g1, g2 in zip(g, d_fl1, d_fl2)]
-        # an expert's gradients accumulate (fp32) in its own buffers and are written once
-        zeros = [_zeros(a.shape, jnp.float32, buf, ew, chunks, h_all, dy) for a in fl]
-        d_buf, g = jax.lax.fori_loop(0, chunks[e], chunk, (d_buf, zeros))
-        return d_buf, [jax.lax.dynamic_update_index_in_dim(G, a.astype(G.dtype), e, 0) for G, a in zip(grads, g)]
     refs = (buf, ew, chunks, h_all, dy)
-    d_buf, grads = jax.lax.fori_loop(0, chunks.shape[0], expert, (_zeros(buf.shape, buf.dtype, *refs),
-                                     [_zeros(a.shape, a.dtype, *refs) for a in fl_all]))
-    leaves, treedef = jax.tree.flatten(ew)
-    it = iter(grads)
-    d_ew = jax.tree.unflatten(treedef, [next(it) if f else np.zeros(a.shape, jax.dtypes.float0)
-                                        for a, f in zip(leaves, floating)])
-    return d_buf, d_ew, np.zeros(chunks.shape, jax.dtypes.float0)
+
+    def body(fns, r0, carry, g):
+        (d_buf, grads), (fl, first, second) = carry, fns
+        rows = jax.lax.dynamic_slice_in_dim(buf, r0, m)
+        h = jax.lax.dynamic_slice_in_dim(h_all, r0, m)
+        # the primal outputs of these VJPs are unused, so their matmuls are never computed
+        dh, d_fl2 = jax.vjp(second, h, fl)[1](jax.lax.dynamic_slice_in_dim(dy, r0, m))
+        d_rows, d_fl1 = jax.vjp(first, rows, fl)[1](dh)
+        d_buf = jax.lax.dynamic_update_slice_in_dim(d_buf, d_rows.astype(d_buf.dtype), r0, 0)
+        return (d_buf, grads), [acc + (g1 + g2).astype(jnp.float32) for acc, g1, g2 in zip(g, d_fl1, d_fl2)]
+
+    def done(e, carry, g):  # an expert's gradients accumulate (fp32) in its own buffers, written once
+        d_buf, grads = carry
+        return d_buf, [jax.lax.dynamic_update_index_in_dim(G, a.astype(G.dtype), e, 0) for G, a in zip(grads, g)]
+
+    fl_all = _float_leaves(ew)[0]
+    carry = (_zeros(buf.shape, buf.dtype, *refs), [_zeros(a.shape, a.dtype, *refs) for a in fl_all])
+    d_buf, grads = _chunk_loop(chunks, m, ew, buf.dtype, alpha, limit, body, carry,
+                               acc=lambda fns: [_zeros(a.shape, jnp.float32, *refs) for a in fns[0]], done=done)
+    return d_buf, _ew_cotangent(ew, grads), np.zeros(chunks.shape, jax.dtypes.float0)
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)

@@ -54,7 +54,7 @@ BENCH = dict(vocab_size=8192, d_model=512, num_layers=4, num_heads=8, num_kv_hea
              num_experts=16, experts_per_token=4, expert_dim=512, sliding_window=128)
 
 
-def median_ms(fn, args, repeats):
+def median_ms(fn, args, repeats=5):
     jax.block_until_ready(fn(*args))
     ts = []
     for _ in range(repeats):

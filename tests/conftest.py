@@ -1,15 +1,8 @@
 import os
-import tempfile
 
 # Fake several CPU devices for the sharding tests; must happen before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One persistent compilation cache for the session, shared with the subprocesses the tests start
-# (CLI runs, notebooks, a killed and resumed training run): the same programs are compiled again
-# after each module drops its in-memory cache, and by every new process. A fresh folder per
-# session, so nothing carries over between runs.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jax-cache-"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

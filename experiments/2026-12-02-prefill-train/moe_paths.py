@@ -12,8 +12,8 @@ to this: in its layers 1-3 one expert takes 66-86% of the tokens). The useful wo
 """
 
 import argparse
-import statistics
-import time
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,17 +21,10 @@ import numpy as np
 
 from gptoss_jax import moe
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts"))
+from profile_prefill import median_ms  # noqa: E402  (jitted call, median of repeats, in ms)
+
 D, F, E, K = 512, 512, 16, 4
-
-
-def median_ms(f, args, repeats=5):
-    jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(ts)
 
 
 def main():

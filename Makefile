@@ -20,11 +20,14 @@ $(VENV)/.test: $(VENV)/.base pyproject.toml
 setup: $(VENV)/.base
 setup-test: $(VENV)/.test
 
+# glibc's malloc backs XLA's large host buffers with huge pages (see gptoss_jax/host.py)
+HUGE_PAGES := GLIBC_TUNABLES=$(if $(GLIBC_TUNABLES),$(GLIBC_TUNABLES):)glibc.malloc.hugetlb=1
+
 run: setup
-	$(PY) -m gptoss_jax.cli quickstart
+	$(HUGE_PAGES) $(PY) -m gptoss_jax.cli quickstart
 
 test: setup-test
-	$(PY) -m pytest -q tests
+	$(HUGE_PAGES) $(PY) -m pytest -q tests
 
 clean:
 	rm -rf $(VENV) runs

@@ -344,6 +344,10 @@ def cmd_quickstart(args) -> int:
 
 
 def main(argv=None) -> int:
+    if argv is None:  # the command itself (not a call from Python): huge pages for XLA's host buffers
+        from gptoss_jax.host import reexec_with_huge_pages
+
+        reexec_with_huge_pages()
     parser = argparse.ArgumentParser(prog="gptoss", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -16,6 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gptoss_jax.config import gpt_oss_20b  # noqa: E402
+from gptoss_jax import host  # noqa: E402
 from gptoss_jax.kernels.attention import attention_block_map  # noqa: E402
 
 PEAKS = {"H100 SXM (bf16 dense 989 TFLOP/s, 3.35 TB/s)": (989e12, 3.35e12),
@@ -40,6 +41,7 @@ def exact_flops(T, window, cfg):
 
 
 def main():
+    host.reexec_with_huge_pages()  # first: huge pages for XLA's host buffers (gptoss_jax/host.py)
     ap = argparse.ArgumentParser()
     ap.add_argument("--block", type=int, default=128)
     args = ap.parse_args()

@@ -92,6 +92,7 @@ from flax import nnx  # noqa: E402
 import gptoss_jax as gj  # noqa: E402
 from bench_train import BENCH_CONFIG  # noqa: E402  (the same named config as the training bench)
 from gptoss_jax.config import FULL, SLIDING  # noqa: E402
+from gptoss_jax import host  # noqa: E402
 from gptoss_jax import attention  # noqa: E402
 
 BENCH = dict(BENCH_CONFIG)
@@ -743,6 +744,7 @@ def section_scaling(args):
 
 # --------------------------------------------------------------------------------------- main
 def main():
+    host.reexec_with_huge_pages()  # first: huge pages for XLA's host buffers (gptoss_jax/host.py)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small repeats, T up to 2048, no 131k (~2-3 min)")
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
@@ -775,11 +777,12 @@ def main():
     RESULTS.update(config=BENCH, args=vars(args), env={
         "jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
         "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "machine": platform.processor() or
-        platform.machine(), "jax_backend": jax.default_backend()})
+        platform.machine(), "jax_backend": jax.default_backend(),
+        "huge_pages": host.huge_pages_requested()})
     log(f"config: {BENCH}")
     log(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, {os.cpu_count()} CPUs, "
-        f"{mem_available() / GiB:.1f} GiB free; sections {','.join(only)}{' (quick)' if args.quick else ''}")
+        f"{mem_available() / GiB:.1f} GiB free, malloc huge pages {'on' if host.huge_pages_requested() else 'off'}; sections {','.join(only)}{' (quick)' if args.quick else ''}")
     if "bounds" in only:
         section_bounds(args)
     else:

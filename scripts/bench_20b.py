@@ -86,6 +86,7 @@ from flax import nnx  # noqa: E402
 
 import gptoss_jax as gj  # noqa: E402
 from gptoss_jax.cache import cache_bytes  # noqa: E402
+from gptoss_jax import host  # noqa: E402
 from gptoss_jax.checkpoint import hf_rules  # noqa: E402
 from gptoss_jax.model import PackedWeight  # noqa: E402
 
@@ -501,6 +502,7 @@ def snapshot(report, label):
 
 # ------------------------------------------------------------------------------------- main
 def main():
+    host.reexec_with_huge_pages()  # first: huge pages for XLA's host buffers (gptoss_jax/host.py)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/gpt-oss-20b-random", help="checkpoint folder")
@@ -539,6 +541,7 @@ def main():
                     "checkpoint": out, "recipe": recipe, "memory": {},
                     "machine": {"cpus": os.cpu_count(), "jax": jax.__version__,
                                 "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                                "huge_pages": host.huge_pages_requested(),
                                 "backend": jax.default_backend(),
                                 "mem_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}}
     os.makedirs(os.path.dirname(json_path), exist_ok=True)

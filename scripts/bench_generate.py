@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import gptoss_jax as gj  # noqa: E402
+from gptoss_jax import host  # noqa: E402
 
 
 def best_time(fn, repeats):
@@ -32,6 +33,7 @@ def best_time(fn, repeats):
 
 
 def main():
+    host.reexec_with_huge_pages()  # first: huge pages for XLA's host buffers (gptoss_jax/host.py)
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--new", type=int, default=64)

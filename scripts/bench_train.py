@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import gptoss_jax as gj  # noqa: E402
+from gptoss_jax import host  # noqa: E402
 from gptoss_jax.train.step import OptimConfig, make_optimizer, make_trainer  # noqa: E402
 
 BENCH_CONFIG = dict(vocab_size=8192, d_model=512, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=64,
@@ -43,6 +44,7 @@ def timed(step, steps, repeats):
 
 
 def main():
+    host.reexec_with_huge_pages()  # first: huge pages for XLA's host buffers (gptoss_jax/host.py)
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)

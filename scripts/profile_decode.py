@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 import gptoss_jax as gj
+from gptoss_jax import host
 from gptoss_jax import cache as cache_lib
 from gptoss_jax import layers, sampling
 from gptoss_jax.model import KernelOptions
@@ -93,6 +94,7 @@ def nbytes(tree) -> int:
 
 
 def main():
+    host.reexec_with_huge_pages()  # first: huge pages for XLA's host buffers (gptoss_jax/host.py)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--context", type=int, default=1024, help="tokens already in the KV cache")

@@ -44,6 +44,7 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import gptoss_jax as gj  # noqa: E402
+from gptoss_jax import host  # noqa: E402
 from gptoss_jax import attention as attn_lib  # noqa: E402
 from gptoss_jax import layers  # noqa: E402
 from gptoss_jax import moe as moe_lib  # noqa: E402
@@ -76,6 +77,7 @@ def mean_keys(T, window):
 
 
 def main():
+    host.reexec_with_huge_pages()  # first: huge pages for XLA's host buffers (gptoss_jax/host.py)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=("prefill", "train"), default="prefill")
     p.add_argument("--batch", type=int, default=None, help="default 1 (prefill) / 4 (train)")

@@ -21,6 +21,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gptoss_jax.tasks import arithmetic  # noqa: E402
+from gptoss_jax import host  # noqa: E402
 from gptoss_jax.train.config import load_config  # noqa: E402
 from gptoss_jax.train.metrics import read_metrics  # noqa: E402
 
@@ -28,6 +29,7 @@ CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 
 def main():
+    host.reexec_with_huge_pages()  # first: huge pages for XLA's host buffers (gptoss_jax/host.py)
     ap = argparse.ArgumentParser()
     ap.add_argument("--quickstart", default="runs/quickstart")
     ap.add_argument("--out", default="runs/rl_experiment")

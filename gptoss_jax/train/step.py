@@ -146,10 +146,15 @@ def make_trainer(model, optimizer: optax.GradientTransformation, *, accum_steps:
         finite = jnp.isfinite(grad_norm)
         for v in metrics.values():
             finite &= jnp.all(jnp.isfinite(v))
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        new_state = TrainState(keep(params, state.params), keep(opt_state, state.opt_state),
+        def apply(params, opt_state, grads):
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        # a branch, not `where(finite, new, old)` over the trees: that keeps old and new copies of the
+        # parameters and moments alive at once (on CPU the update took 1.8x as long)
+        params, opt_state = jax.lax.cond(finite, apply, lambda p, s, g: (p, s), state.params, state.opt_state,
+                                         grads)
+        new_state = TrainState(params, opt_state,
                                state.step + 1, state.skipped + (~finite).astype(jnp.int32),
                                jnp.where(finite, 0, state.bad_in_a_row + 1).astype(jnp.int32))
         metrics.update(grad_norm=grad_norm, targets=weight, finite=finite)

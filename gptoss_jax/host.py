@@ -3,9 +3,9 @@
 XLA:CPU (and torch) allocate every result and every temporary region of a computation with
 malloc. Buffers above glibc's mmap threshold come from fresh anonymous mappings and are unmapped
 again when freed, so each call of a jitted function touches its whole working set for the first
-time, one 4 KiB page fault per page: a 1 x 8192 prefill of the benchmark config faulted 1.15
-million pages per call (4.4 GiB) and ran 1.41x slower than with huge pages (2 MiB faults; 18
-thousand per call). See experiments/BENCHMARKS.md.
+time, one 4 KiB page fault per page: a 1 x 8192 prefill of the benchmark config faulted 1.14
+million pages per call (4.3 GiB) and ran 1.21x slower than with huge pages (14 thousand faults
+per call). See experiments/2026-12-02-host-memory/.
 
 glibc (2.35 and later) madvises its mapped chunks for huge pages when the tunable
 `glibc.malloc.hugetlb=1` is in `GLIBC_TUNABLES`, which it reads only when a process starts. So the

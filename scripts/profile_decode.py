@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/profile_decode.py                 # batch 1, context 1024
     .venv/bin/python scripts/profile_decode.py --batch 8 --context 4096 --json runs/profile.json
+    .venv/bin/python scripts/profile_decode.py --config bench --dtype float32 --experts dense --batch 8 --context 160
 
 A decode step at batch B is: the embedding rows, then per layer an attention block (RMSNorm,
 q/k/v projections, RoPE, attention over the KV cache, output projection) and an MoE block
@@ -15,7 +16,8 @@ step counter (so nothing is hoisted out of the loop), median of `--repeats`. For
 prints ms per step, the bytes it must read (weights in their stored format, the cache), the rate
 that implies, and that as a share of the machine's stream bandwidth (measured here as
 `scripts/bench.py` does: a jitted add into a donated buffer, bytes read + written, median of 5).
-The pieces are summed for 24 layers (12 sliding, 12 full), and, as a check that they account for
+The pieces are summed for the model's layers (20b: 24, 12 sliding and 12 full; `--config bench`:
+scripts/bench.py's small config, 4 layers, any dtype and expert format), and, as a check that they account for
 a step, a real decode step of the 2-layer model through `gptoss_jax.sampling` is timed beside the
 sum of its own pieces.
 """
@@ -40,10 +42,10 @@ from gptoss_jax import layers, sampling
 from gptoss_jax.model import KernelOptions
 
 
-def random_model(cfg, seed=0):
+def random_model(cfg, seed=0, dtype=jnp.bfloat16, experts="mxfp4"):
     """The abstract model filled with random values of each leaf's dtype (no fp32 init detour:
     `gj.init` would quantize fp32 experts, which needs tens of GB at this size)."""
-    model = gj.abstract(cfg)
+    model = gj.abstract(cfg, dtype=dtype, experts=experts)
     rng = np.random.default_rng(seed)
     for path, var in nnx.to_flat_state(nnx.state(model)):
         sd, name = var.get_value(), "/".join(map(str, path))
@@ -101,22 +103,32 @@ def main():
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None)
+    p.add_argument("--config", choices=("20b", "bench"), default="20b",
+                   help="bench: scripts/bench.py's small config (4 layers, d_model 512, 16 experts top-4)")
+    p.add_argument("--dtype", default="bfloat16", help="weights' dtype (experts too when --experts dense)")
+    p.add_argument("--experts", choices=("mxfp4", "dense"), default="mxfp4")
     args = p.parse_args()
 
-    full = gj.gpt_oss_20b()
+    if args.config == "bench":
+        from profile_prefill import BENCH  # scripts/ is on the path when this runs as a script
+
+        full = gj.tiny(**BENCH)
+    else:
+        full = gj.gpt_oss_20b()
     cfg = dataclasses.replace(full, num_layers=2, layer_types=None)  # layer 0 sliding, 1 full
     B, L = args.batch, args.context
-    print(f"gpt-oss-20b decode step pieces, batch {B}, context {L}; {jax.devices()[0].platform}, "
-          f"{jax.local_device_count()} device(s)", flush=True)
+    name = "gpt-oss-20b" if args.config == "20b" else "bench config"
+    print(f"{name} decode step pieces ({args.dtype}, {args.experts} experts), batch {B}, context {L}; "
+          f"{jax.devices()[0].platform}, {jax.local_device_count()} device(s)", flush=True)
     bw = stream_gbs()
     print(f"stream bandwidth (jitted add, donated, read + write, median of 5): {bw:.1f} GB/s", flush=True)
     t = time.perf_counter()
-    model = random_model(cfg)
+    model = random_model(cfg, dtype=jnp.dtype(args.dtype), experts=args.experts)
     print(f"random 2-layer model at full width in {time.perf_counter() - t:.0f} s", flush=True)
 
     kernel = KernelOptions()
     D, E, k = cfg.d_model, cfg.num_experts, cfg.experts_per_token
-    x0 = jnp.asarray(np.random.default_rng(1).standard_normal((B, 1, D)) * 0.5, jnp.bfloat16)
+    x0 = jnp.asarray(np.random.default_rng(1).standard_normal((B, 1, D)) * 0.5, model.dtype)
     positions = jnp.full((B, 1), L, jnp.int32)
     rope = layers.rope_cos_sin(positions, layers.rope_inv_freq(cfg), cfg.rope_concentration)
     seg = jnp.ones((B, 1), jnp.int32)
@@ -156,10 +168,10 @@ def main():
 
     def moe_step(w, x):
         return x + nnx.merge(gd, w)(x, eps=cfg.rms_eps, kernel=kernel)[0]
-    experts = [getattr(mlp, n)[...] for n in ("w1_blocks", "w1_scales", "w2_blocks", "w2_scales", "b1", "b2")]
-    active = min(E, B * k)  # at batch 8 the union of the chosen experts, at most all 32
-    read = nbytes([mlp.norm[...], mlp.router[...], mlp.router_bias[...]]) + nbytes(experts) * active // E
-    ms_moe = piece(f"MoE ({active} of {E} experts, packed)", moe_step, st, x0, read)
+    routing_bytes = nbytes([mlp.norm[...], mlp.router[...], mlp.router_bias[...]])
+    active = min(E, B * k)  # at batch 8 the union of the chosen experts, at most all of them
+    read = routing_bytes + (nbytes(st) - routing_bytes) * active // E
+    ms_moe = piece(f"MoE ({active} of {E} experts, {args.experts})", moe_step, st, x0, read)
 
     def head_step(w, x):
         norm, table = w
@@ -177,7 +189,7 @@ def main():
     predicted = (ms_embed + n_sliding * per_layer_attn["sliding"]
                  + (full.num_layers - n_sliding) * per_layer_attn["full"]
                  + full.num_layers * ms_moe + ms_head)
-    print(f"sum for 24 layers ({n_sliding} sliding): {predicted:.0f} ms per step "
+    print(f"sum for {full.num_layers} layers ({n_sliding} sliding): {predicted:.0f} ms per step "
           f"= {1e3 * B / predicted:.2f} tokens/s", flush=True)
 
     # a real decode step of the 2-layer model through gptoss_jax.sampling's jitted loop
@@ -199,7 +211,8 @@ def main():
           flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(batch=B, context=L, stream_gbs=bw, pieces=rows, predicted_24_layer_ms=predicted,
+            json.dump(dict(batch=B, context=L, stream_gbs=bw, pieces=rows, config=args.config, dtype=args.dtype, experts=args.experts,
+                           predicted_all_layers_ms=predicted,
                            measured_2_layer_step_ms=step2, pieces_2_layer_ms=pieces2), f, indent=1)
 
 

@@ -17,9 +17,9 @@ prints ms per step, the bytes it must read (weights in their stored format, the 
 that implies, and that as a share of the machine's stream bandwidth (measured here as
 `scripts/bench.py` does: a jitted add into a donated buffer, bytes read + written, median of 5).
 The pieces are summed for the model's layers (20b: 24, 12 sliding and 12 full; `--config bench`:
-scripts/bench.py's small config, 4 layers, any dtype and expert format), and, as a check that they account for
-a step, a real decode step of the 2-layer model through `gptoss_jax.sampling` is timed beside the
-sum of its own pieces.
+scripts/bench.py's small config, 4 layers, any dtype and expert format), and, as a check that
+they account for a step, a real decode step of the 2-layer model through `gptoss_jax.sampling` is
+timed beside the sum of its own pieces.
 """
 
 from __future__ import annotations
@@ -211,8 +211,8 @@ def main():
           flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(batch=B, context=L, stream_gbs=bw, pieces=rows, config=args.config, dtype=args.dtype, experts=args.experts,
-                           predicted_all_layers_ms=predicted,
+            json.dump(dict(config=args.config, dtype=args.dtype, experts=args.experts, batch=B, context=L,
+                           stream_gbs=bw, pieces=rows, predicted_all_layers_ms=predicted,
                            measured_2_layer_step_ms=step2, pieces_2_layer_ms=pieces2), f, indent=1)
 
 

@@ -26,8 +26,11 @@ HUGE_PAGES := GLIBC_TUNABLES=$(if $(GLIBC_TUNABLES),$(GLIBC_TUNABLES):)glibc.mal
 run: setup
 	$(HUGE_PAGES) $(PY) -m gptoss_jax.cli quickstart
 
+# Two workers, one test file each at a time: 17.5 min here against 23 in one process.
+TEST_WORKERS ?= 2
+
 test: setup-test
-	$(HUGE_PAGES) $(PY) -m pytest -q tests
+	$(HUGE_PAGES) $(PY) -m pytest -q tests -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) runs

@@ -90,7 +90,7 @@ import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import gptoss_jax as gj  # noqa: E402
-from bench_train import BENCH_CONFIG  # noqa: E402  (the same named config as the training bench)
+from bench_train import BENCH_CONFIG, training_steps  # noqa: E402  (the training bench's config and step)
 from gptoss_jax.config import FULL, SLIDING  # noqa: E402
 from gptoss_jax import host  # noqa: E402
 from gptoss_jax import attention  # noqa: E402
@@ -625,37 +625,16 @@ def section_decode(args, models: Models):
 
 # -------------------------------------------------------------------------------------- train
 def section_train(args, models: Models):
-    from gptoss_jax.train.step import OptimConfig, make_optimizer, make_trainer
-
     cfg = models.cfg
     pk = peaks()
     B, T = (1, 256) if args.quick else (4, 512)
     steps, reps = (1, 2) if args.quick else (2, args.repeats)
     log(f"\n== train: fp32, batch {B} x {T}, AdamW + clip 1.0, every weight (dense experts) trained; "
         f"median [min-max] of {reps} x {steps} steps {elapsed()}")
-    opt_cfg = OptimConfig(learning_rate=1e-4, warmup_steps=0, total_steps=10_000, weight_decay=0.0,
-                          b2=0.999, clip_norm=1.0)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T)).astype(np.int32)
     model = models.ours("float32", "dense")
-    trainer = make_trainer(model, make_optimizer(opt_cfg))
-    state = [trainer.init(model)]
-    batch = {"tokens": jnp.asarray(tokens), "loss_mask": jnp.ones((B, T), jnp.int32)}
-
-    def ours_step():
-        state[0], metrics = trainer.step(state[0], batch)
-        return float(jax.block_until_ready(metrics["loss"]))
-
     hf = models.hf(train=True)  # a fresh copy: training changes its weights
-    opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    ids = torch.tensor(tokens, dtype=torch.long)
-
-    def hf_step():
-        loss = hf(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
+    ours_step, hf_step = training_steps(model, hf, tokens)
 
     t = time.perf_counter()
     first = ours_step()

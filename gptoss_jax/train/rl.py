@@ -39,8 +39,7 @@ from gptoss_jax import lora as lora_lib
 from gptoss_jax.train import data as data_lib
 from gptoss_jax.train import eval as eval_lib
 from gptoss_jax.train import rewards as rewards_lib
-from gptoss_jax.train.checkpoints import Checkpoints
-from gptoss_jax.train.config import ExperimentConfig, to_dict
+from gptoss_jax.train.config import ExperimentConfig
 from gptoss_jax.train.losses import group_advantages, grpo_loss, gspo_loss, token_logprobs
 from gptoss_jax.train.metrics import METRICS_FILE, MetricsLog, plot_curves
 from gptoss_jax.train.step import make_optimizer, make_schedule, make_trainer, trainable_filter
@@ -125,7 +124,7 @@ def build_batch(prompts, completions, sampler_logp, length: int):
 
 def train(cfg: ExperimentConfig, *, log=print) -> dict:
     import gptoss_jax as gj
-    from gptoss_jax.train.sft import _check_resumable, _progress, _truncate_metrics, build_model, end_of_step
+    from gptoss_jax.train.sft import _progress, build_model, end_of_step, resume_or_start
 
     algorithm, rl = cfg.algorithm, cfg.rl
     if algorithm not in DEFAULT_CLIP:
@@ -161,16 +160,7 @@ def train(cfg: ExperimentConfig, *, log=print) -> dict:
     def logprobs(params, tokens, seg):
         return token_logprobs(trainer.merge(params)(tokens, segment_ids=seg).logits, tokens)[0]
 
-    ckpts = Checkpoints(os.path.join(out, "checkpoints"), keep=cfg.run.keep_checkpoints)
-    start = ckpts.latest_step() or 0
-    if start:
-        _check_resumable(out, cfg)
-        state, _ = ckpts.restore(start, state)
-        log(f"resumed from step {start}")
-    else:
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(to_dict(cfg), f, indent=2)
-    _truncate_metrics(os.path.join(out, METRICS_FILE), start)
+    ckpts, state, _, start = resume_or_start(out, cfg, state, log)
 
     eval_convs = None
     if cfg.data.eval:

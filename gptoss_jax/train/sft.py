@@ -137,16 +137,7 @@ def train(cfg: ExperimentConfig, *, log=print) -> dict:
                            trainable=trainable, router_aux_loss=cfg.optim.router_aux_loss)
     state = trainer.init(model)
     schedule = make_schedule(cfg.optim)
-    ckpts = Checkpoints(os.path.join(out, "checkpoints"), keep=cfg.run.keep_checkpoints)
-    start = ckpts.latest_step() or 0
-    if start:
-        _check_resumable(out, cfg)
-        state, meta = ckpts.restore(start, state)
-        log(f"resumed from step {start}")
-    else:
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(to_dict(cfg), f, indent=2)
-    _truncate_metrics(os.path.join(out, METRICS_FILE), start)  # lines past the checkpoint are redone
+    ckpts, state, meta, start = resume_or_start(out, cfg, state, log)
 
     rows = distributed.host_rows(mesh, cfg.data.batch_size) if mesh is not None else None
     first_process = jax.process_index() == 0
@@ -218,6 +209,24 @@ def _flat(tree: dict, prefix: str = "") -> dict:
         else:
             out[prefix + k] = v
     return out
+
+
+def resume_or_start(out: str, cfg: ExperimentConfig, state, log):
+    """The run's checkpoints in `out`, and where to start: restored from the latest checkpoint
+    (after checking the saved config.json allows it), or from `state` with the config saved.
+    Metrics logged past the checkpoint are dropped (they are logged again).
+    Returns (checkpoints, state, checkpoint metadata or None, first step)."""
+    ckpts = Checkpoints(os.path.join(out, "checkpoints"), keep=cfg.run.keep_checkpoints)
+    start, meta = ckpts.latest_step() or 0, None
+    if start:
+        _check_resumable(out, cfg)
+        state, meta = ckpts.restore(start, state)
+        log(f"resumed from step {start}")
+    else:
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(to_dict(cfg), f, indent=2)
+    _truncate_metrics(os.path.join(out, METRICS_FILE), start)
+    return ckpts, state, meta, start
 
 
 def _check_resumable(out: str, cfg: ExperimentConfig) -> None:

@@ -154,9 +154,9 @@ def cmd_generate(args) -> int:
     if args.raw:
         if args.prompt is None:
             raise ValueError("--raw needs --prompt (plain text, no chat format)")
-        gen = generate(model, tokenizer, [args.prompt], stop_tokens=(tokenizer.token_id("<|endoftext|>"),),
-                       stream=lambda _r, t: print(tokenizer.decode(t), end="", flush=True),
-                       **_sampling_kwargs(args))
+        generate(model, tokenizer, [args.prompt], stop_tokens=(tokenizer.token_id("<|endoftext|>"),),
+                 stream=lambda _r, t: print(tokenizer.decode(t), end="", flush=True),
+                 **_sampling_kwargs(args))
         print()
         return 0
     if args.conversation:

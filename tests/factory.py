@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import torch
 from safetensors.torch import save_file
@@ -132,3 +133,20 @@ def dense_hf_tensors(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
             w = decode(t.pop(ex + name + "_blocks"), t.pop(ex + name + "_scales"))
             t[ex + name] = w.transpose(1, 2).contiguous()  # [E, out, in] -> HF's [E, in, out]
     return t
+
+
+def rel_err(a, b) -> float:
+    """max |a - b| / max |b|, in float64."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def grouped_mxfp4_case(E, N, K, M, sizes, seed=0, dtype=jnp.float32):
+    """Random inputs of the packed grouped matmul: x [M, K], E experts' packed [N, K] weights
+    (blocks [E, N, K/32, 16] uint8, e8m0 scales [E, N, K/32] near 2^0), group sizes, biases [E, N]."""
+    rng = np.random.default_rng(seed)
+    blocks = jnp.asarray(rng.integers(0, 256, (E, N, K // 32, 16), dtype=np.uint8))
+    scales = jnp.asarray(rng.integers(118, 126, (E, N, K // 32), dtype=np.uint8))
+    x = jnp.asarray(rng.normal(size=(M, K)), dtype)
+    bias = jnp.asarray(rng.normal(size=(E, N)), jnp.float32)
+    return x, blocks, scales, jnp.asarray(sizes, jnp.int32), bias

@@ -1,4 +1,3 @@
-import json
 import os
 import shutil
 
@@ -13,7 +12,6 @@ from safetensors.torch import load_file, save_file
 import gptoss_jax as gj
 from gptoss_jax.checkpoint import find_checkpoint
 
-from tests import factory
 
 
 def _copy(src, tmp_path, name="ck"):

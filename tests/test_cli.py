@@ -1,7 +1,6 @@
 import io
 import json
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -6,15 +6,12 @@ import pytest
 import gptoss_jax as gj
 from gptoss_jax.cache import cache_bytes, init_cache
 from gptoss_jax.sampling import ASSISTANT_STOP_TOKENS, SamplingParams, generate, sample
+from tests.factory import rel_err
 
 
 @pytest.fixture(scope="module")
 def model(original_dir):
     return gj.load(original_dir, dtype="float32")
-
-
-def _rel(a, b):
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def test_cached_decode_equals_full_forward(model, tiny_cfg):
@@ -43,7 +40,7 @@ def test_cached_decode_equals_full_forward(model, tiny_cfg):
                 pos[b] += 1
     assert np.asarray(cache.lengths).tolist() == [T] * 3
     ours = np.stack([np.stack([got[(b, t)] for t in range(T)]) for b in range(3)])
-    rel = _rel(ours, full)
+    rel = rel_err(ours, full)
     print(f"cached decode vs full forward: {rel:.2e}")
     assert rel <= 1e-5
 
@@ -58,7 +55,7 @@ def test_chunked_prefill_equals_single_chunk(model, tiny_cfg):
         o = step(model, toks[:, c:c + 5], cache)
         cache = o.cache
         outs.append(np.asarray(o.logits))
-    assert _rel(np.concatenate(outs, axis=1), full) <= 1e-5
+    assert rel_err(np.concatenate(outs, axis=1), full) <= 1e-5
 
 
 def test_greedy_generate_equals_repeated_full_forwards(model, tiny_cfg):

@@ -13,6 +13,7 @@ from gptoss_jax.attention import attend, attention_mask
 from gptoss_jax.kernels import attention_gpu as ag
 from gptoss_jax.kernels.attention import (FULL, PARTIAL, SKIP, BlockSizes, attention, attention_block_map,
                                           attention_reference)
+from tests.factory import rel_err
 
 
 def _inputs(B, T, N, K, H, dtype=jnp.float32, seed=0, sink_shift=0.0):
@@ -33,11 +34,6 @@ def _segments(B, T, starts):
         for p in starts[b]:
             seg[b, p:] += 1
     return jnp.asarray(seg)
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 # (window, G, T, segment starts per batch row or None, block sizes or None for the default).
@@ -72,10 +68,10 @@ def test_forward_and_gradients_fp32(window, G, T, starts, bs):
 
     out, vjp = jax.vjp(kern, q, k, v, s)
     out_r, vjp_r = jax.vjp(ref, q, k, v, s)
-    assert _rel(out, out_r) <= 1e-5
+    assert rel_err(out, out_r) <= 1e-5
     for name, g, g_r in zip(("dq", "dk", "dv", "dsinks"), vjp(ct), vjp_r(ct)):
         assert g.shape == g_r.shape and g.dtype == g_r.dtype, name
-        assert _rel(g, g_r) <= 1e-4, (name, _rel(g, g_r))
+        assert rel_err(g, g_r) <= 1e-4, (name, rel_err(g, g_r))
 
 
 @pytest.mark.parametrize("window,G,T,starts", [(128, 8, 300, [[70], [201, 250]]), (None, 1, 37, None),
@@ -88,7 +84,7 @@ def test_forward_bf16(window, G, T, starts):
     out = ag.attention(q, k, v, s, sliding_window=window, segment_ids=seg, interpret=True)
     ref = attention_reference(q, k, v, s, sliding_window=window, segment_ids=seg)
     assert out.dtype == jnp.bfloat16
-    assert _rel(out, ref) <= 2e-2
+    assert rel_err(out, ref) <= 2e-2
 
 
 def test_dispatch_reaches_kernel():
@@ -97,7 +93,7 @@ def test_dispatch_reaches_kernel():
     a = attention(q, k, v, s, sliding_window=5, sm_scale=0.3, implementation="pallas_gpu", interpret=True,
                   block_sizes=BlockSizes(16, 16))
     b = attention_reference(q, k, v, s, sliding_window=5, sm_scale=0.3)
-    assert _rel(a, b) <= 1e-5
+    assert rel_err(a, b) <= 1e-5
 
 
 def test_dsinks_formula():
@@ -112,7 +108,7 @@ def test_dsinks_formula():
     d = jnp.sum(ct * out, axis=-1)  # [B, T, N]
     formula = -jnp.sum(sink_mass * d, axis=(0, 1))
     _, vjp = jax.vjp(lambda s: attend(q, k, v, s, mask)[0], s)
-    assert _rel(formula, vjp(ct)[0]) <= 1e-5
+    assert rel_err(formula, vjp(ct)[0]) <= 1e-5
 
 
 def test_fully_masked_rows_output_zero():
@@ -234,7 +230,7 @@ def test_kernel_consumes_block_map(window, G, T, bs, expect_bounds):
     else:  # default tiles for G=8: 16 query tokens (128 rows) x 64 keys
         assert (bm.block_q, bm.block_k) == (16, 64)
     ref = attention_reference(q, k, v, s, sliding_window=window)
-    assert _rel(out, ref) <= 1e-5
+    assert rel_err(out, ref) <= 1e-5
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """The Pallas-Triton MXFP4 grouped matmul: executed in interpret mode on CPU against the reference,
 and lowered (not run) for cuda at gpt-oss-20b shapes."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,22 +12,12 @@ from gptoss_jax.kernels import mxfp4_matmul_gpu as mg
 from gptoss_jax.kernels.mxfp4_matmul import (MatmulBlockSizes, mxfp4_grouped_matmul,
                                              mxfp4_grouped_matmul_reference)
 from gptoss_jax.mxfp4 import MXFP4, dequantize
+from tests.factory import grouped_mxfp4_case, rel_err
 
 SWIGLU = (1.702, 7.0)
 
 
-def _case(E=5, N=80, K=96, M=70, sizes=(0, 20, 33, 0, 7), seed=0, dtype=jnp.float32):
-    rng = np.random.default_rng(seed)
-    blocks = jnp.asarray(rng.integers(0, 256, (E, N, K // 32, 16), dtype=np.uint8))
-    scales = jnp.asarray(rng.integers(118, 126, (E, N, K // 32), dtype=np.uint8))
-    x = jnp.asarray(rng.normal(size=(M, K)), dtype)
-    bias = jnp.asarray(rng.normal(size=(E, N)), jnp.float32)
-    return x, blocks, scales, jnp.asarray(sizes, jnp.int32), bias
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    return float(np.abs(a - b).max() / np.abs(b).max())
+_case = functools.partial(grouped_mxfp4_case, E=5, N=80, K=96, M=70, sizes=(0, 20, 33, 0, 7))
 
 
 def _kernel(**kw):
@@ -120,7 +112,7 @@ def test_forward_fp32(sizes, with_bias, swiglu):
     got = _kernel(block_sizes=SMALL)(x, blocks, scales, sizes, bias=bias, swiglu=swiglu)
     want = mxfp4_grouped_matmul_reference(x, blocks, scales, sizes, bias=bias, swiglu=swiglu)
     assert got.shape == want.shape and got.dtype == jnp.float32
-    assert _rel(got, want) <= 1e-5
+    assert rel_err(got, want) <= 1e-5
     past = int(np.sum(np.asarray(sizes)))
     assert np.all(np.asarray(got)[past:] == 0.0)  # rows past the groups
 
@@ -131,7 +123,7 @@ def test_forward_bf16(swiglu):
     got = _kernel(block_sizes=SMALL)(x, blocks, scales, sizes, bias=bias, swiglu=swiglu)
     want = mxfp4_grouped_matmul_reference(x.astype(jnp.float32), blocks, scales, sizes, bias=bias,
                                           swiglu=swiglu)
-    assert got.dtype == jnp.bfloat16 and _rel(got, want) <= 1e-2
+    assert got.dtype == jnp.bfloat16 and rel_err(got, want) <= 1e-2
 
 
 def test_default_block_sizes():
@@ -139,7 +131,7 @@ def test_default_block_sizes():
     assert mg.effective_block_sizes(70, 96, 80, None, None) == (64, 128, 64)
     got = _kernel()(x, blocks, scales, sizes, bias=bias, swiglu=SWIGLU)
     want = mxfp4_grouped_matmul_reference(x, blocks, scales, sizes, bias=bias, swiglu=SWIGLU)
-    assert _rel(got, want) <= 1e-5
+    assert rel_err(got, want) <= 1e-5
 
 
 def _grads(fn, x, blocks, scales, sizes, bias, swiglu):
@@ -156,8 +148,8 @@ def test_gradients_fp32(sizes, swiglu):
     dx, db = _grads(_kernel(block_sizes=SMALL), x, blocks, scales, sizes, bias, swiglu)
     rx, rb = _grads(mxfp4_grouped_matmul_reference, x, blocks, scales, sizes, bias, swiglu)
     assert dx.shape == x.shape and db.shape == bias.shape
-    assert _rel(dx, rx) <= 1e-4, _rel(dx, rx)
-    assert _rel(db, rb) <= 1e-4, _rel(db, rb)
+    assert rel_err(dx, rx) <= 1e-4, rel_err(dx, rx)
+    assert rel_err(db, rb) <= 1e-4, rel_err(db, rb)
     past = int(np.sum(np.asarray(sizes)))
     assert np.all(np.asarray(dx)[past:] == 0.0)
 
@@ -170,7 +162,7 @@ def test_gradient_without_bias_and_integer_cotangents():
     _, vjp = jax.vjp(f, x, blocks, scales, sizes)
     dx, db, ds, dg = vjp(ct)
     _, vjp_r = jax.vjp(lambda x: mxfp4_grouped_matmul_reference(x, blocks, scales, sizes, swiglu=SWIGLU), x)
-    assert _rel(dx, vjp_r(ct)[0]) <= 1e-4
+    assert rel_err(dx, vjp_r(ct)[0]) <= 1e-4
     for g, a in ((db, blocks), (ds, scales), (dg, sizes)):
         assert g.dtype == jax.dtypes.float0 and g.shape == a.shape
 
@@ -183,10 +175,10 @@ def test_gpt_oss_k_edge():
     bs = MatmulBlockSizes(16, 128, 128)
     got = _kernel(block_sizes=bs)(x, blocks, scales, sizes, bias=bias, swiglu=SWIGLU)
     want = mxfp4_grouped_matmul_reference(x, blocks, scales, sizes, bias=bias, swiglu=SWIGLU)
-    assert got.shape == (M, N // 2) and _rel(got, want) <= 1e-5
+    assert got.shape == (M, N // 2) and rel_err(got, want) <= 1e-5
     dx, db = _grads(_kernel(block_sizes=bs), x, blocks, scales, sizes, bias, SWIGLU)
     rx, rb = _grads(mxfp4_grouped_matmul_reference, x, blocks, scales, sizes, bias, SWIGLU)
-    assert _rel(dx, rx) <= 1e-4 and _rel(db, rb) <= 1e-4
+    assert rel_err(dx, rx) <= 1e-4 and rel_err(db, rb) <= 1e-4
 
 
 def test_dispatch_reaches_kernel():
@@ -194,7 +186,7 @@ def test_dispatch_reaches_kernel():
     got = mxfp4_grouped_matmul(x, blocks, scales, sizes, bias=bias, swiglu=SWIGLU,
                                implementation="pallas_gpu", interpret=True, block_sizes=SMALL)
     want = mxfp4_grouped_matmul_reference(x, blocks, scales, sizes, bias=bias, swiglu=SWIGLU)
-    assert _rel(got, want) <= 1e-5
+    assert rel_err(got, want) <= 1e-5
 
 
 def test_block_size_checks():

@@ -6,7 +6,6 @@ merged export read by HF transformers (the oracle) matches our logits within 1e-
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import torch
 from flax import nnx
@@ -14,6 +13,7 @@ from flax import nnx
 import gptoss_jax as gj
 from gptoss_jax import lora
 from gptoss_jax.train.step import OptimConfig, make_optimizer, make_trainer, trainable_filter
+from tests.factory import rel_err
 
 TOKENS = (np.arange(2 * 23).reshape(2, 23) * 37) % 512
 
@@ -27,11 +27,6 @@ def _randomize_adapters(model, scale=0.05, seed=0):
         var.set_value(jax.device_put(new, v.sharding))  # on a mesh: where add_lora placed it
     nnx.update(model, state)
     return model
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.abs(a - b).max() / np.abs(b).max()
 
 
 @pytest.fixture(scope="module")
@@ -68,19 +63,19 @@ def test_every_moe_dispatch_computes_the_same_adapted_model(original_dir, expert
         m.kernel = gj.KernelOptions(moe_impl=impl)
         outs[impl] = np.asarray(m(TOKENS).logits)
     for impl, got in outs.items():
-        assert _rel(got, outs["dense"]) <= 1e-5, impl
+        assert rel_err(got, outs["dense"]) <= 1e-5, impl
     base = gj.load(original_dir, dtype="float32", experts=experts)
-    assert _rel(outs["dense"], np.asarray(base(TOKENS).logits)) > 1e-2  # the adapters do something
+    assert rel_err(outs["dense"], np.asarray(base(TOKENS).logits)) > 1e-2  # the adapters do something
 
 
 def test_merge_equals_the_unmerged_model(lora_model):
     want = np.asarray(lora_model(TOKENS).logits)
     merged = lora.merge_lora(lora_model, experts="dense")
     assert not lora.has_lora(merged) and merged.experts == "dense"
-    assert _rel(merged(TOKENS).logits, want) <= 1e-5
+    assert rel_err(merged(TOKENS).logits, want) <= 1e-5
     # re-encoding to MXFP4 rounds the merged experts to 4 bits: a different model, close to it
     requant = lora.merge_lora(lora_model, experts="mxfp4")
-    assert requant.experts == "mxfp4" and 1e-5 < _rel(requant(TOKENS).logits, want) < 0.5
+    assert requant.experts == "mxfp4" and 1e-5 < rel_err(requant(TOKENS).logits, want) < 0.5
 
 
 @pytest.mark.parametrize("experts", ["dense", "mxfp4"])
@@ -95,7 +90,7 @@ def test_merged_export_matches_transformers(lora_model, tmp_path, experts):
         want = hf(torch.tensor(TOKENS)).logits.numpy()
     # dense: the export of the merge is the adapted model itself; mxfp4: the re-encoded one
     ours = lora_model if experts == "dense" else merged
-    assert _rel(ours(TOKENS).logits, want) <= 1e-4
+    assert rel_err(ours(TOKENS).logits, want) <= 1e-4
 
 
 def test_adapters_round_trip_through_files(lora_model, original_dir, tmp_path):
@@ -154,7 +149,7 @@ def test_expert_parallel_lora_equals_one_device(original_dir):
         m = _randomize_adapters(lora.add_lora(gj.load(original_dir, dtype="float32", mesh=mesh),
                                               lora.LoRAConfig(rank=4, alpha=8.0)))
         got = nnx.jit(lambda m, t: m(t).logits)(m, jnp.asarray(TOKENS))
-        assert _rel(got, want) <= 1e-5, axes
+        assert rel_err(got, want) <= 1e-5, axes
 
         def loss(m):
             return jnp.mean(m(jnp.asarray(TOKENS)).logits ** 2)

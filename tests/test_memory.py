@@ -3,7 +3,6 @@ device and split over a mesh, and the shipped 20b configs fit the devices they n
 
 import os
 
-import jax
 import pytest
 from flax import nnx
 

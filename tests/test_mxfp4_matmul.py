@@ -1,6 +1,7 @@
 """The MXFP4 grouped matmul's XLA path and the MoE layer's use of it (the Pallas kernels have their
 own test files)."""
 
+import functools
 import re
 
 import jax
@@ -11,20 +12,10 @@ import pytest
 import gptoss_jax as gj
 from gptoss_jax.kernels.mxfp4_matmul import mxfp4_grouped_matmul, mxfp4_grouped_matmul_reference
 from gptoss_jax.mxfp4 import dequantize_np
+from tests.factory import grouped_mxfp4_case, rel_err
 
 
-def _case(E=5, N=96, K=64, M=70, sizes=(20, 0, 33, 7, 6), seed=0, dtype=jnp.float32):
-    rng = np.random.default_rng(seed)
-    blocks = jnp.asarray(rng.integers(0, 256, (E, N, K // 32, 16), dtype=np.uint8))
-    scales = jnp.asarray(rng.integers(118, 126, (E, N, K // 32), dtype=np.uint8))
-    x = jnp.asarray(rng.normal(size=(M, K)), dtype)
-    bias = jnp.asarray(rng.normal(size=(E, N)), jnp.float32)
-    return x, blocks, scales, jnp.asarray(sizes, jnp.int32), bias
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    return float(np.abs(a - b).max() / np.abs(b).max())
+_case = functools.partial(grouped_mxfp4_case, E=5, N=96, K=64, M=70, sizes=(20, 0, 33, 7, 6))
 
 
 def test_matches_a_numpy_loop():
@@ -34,7 +25,7 @@ def test_matches_a_numpy_loop():
     for e, g in enumerate(np.asarray(sizes)):  # rows past sum(sizes) stay 0
         want[start:start + g] = np.asarray(x)[start:start + g] @ w[e].T + np.asarray(bias)[e]
         start += g
-    assert _rel(mxfp4_grouped_matmul(x, blocks, scales, sizes, bias=bias), want) <= 1e-5
+    assert rel_err(mxfp4_grouped_matmul(x, blocks, scales, sizes, bias=bias), want) <= 1e-5
 
 
 @pytest.mark.parametrize("swiglu", [None, (1.702, 7.0)])
@@ -43,21 +34,21 @@ def test_forward_and_gradients_vs_reference(swiglu, sizes):
     x, blocks, scales, sizes, bias = _case(sizes=sizes)
     got = mxfp4_grouped_matmul(x, blocks, scales, sizes, bias=bias, swiglu=swiglu, block_sizes=None)
     want = mxfp4_grouped_matmul_reference(x, blocks, scales, sizes, bias=bias, swiglu=swiglu)
-    assert _rel(got, want) <= 1e-5
+    assert rel_err(got, want) <= 1e-5
 
     def loss(fn):
         return lambda x, b: jnp.sum(jnp.sin(fn(x, blocks, scales, sizes, bias=b, swiglu=swiglu)))
 
     g = jax.grad(loss(mxfp4_grouped_matmul), (0, 1))(x, bias)
     r = jax.grad(loss(mxfp4_grouped_matmul_reference), (0, 1))(x, bias)
-    assert _rel(g[0], r[0]) <= 1e-4 and _rel(g[1], r[1]) <= 1e-4
+    assert rel_err(g[0], r[0]) <= 1e-4 and rel_err(g[1], r[1]) <= 1e-4
 
 
 def test_bf16_inputs():
     x, blocks, scales, sizes, bias = _case(dtype=jnp.bfloat16)
     got = mxfp4_grouped_matmul(x, blocks, scales, sizes, bias=bias)
     want = mxfp4_grouped_matmul_reference(x.astype(jnp.float32), blocks, scales, sizes, bias=bias)
-    assert got.dtype == jnp.bfloat16 and _rel(got, want) <= 1e-2
+    assert got.dtype == jnp.bfloat16 and rel_err(got, want) <= 1e-2
 
 
 def _largest_buffer(hlo: str) -> int:
@@ -89,7 +80,7 @@ def test_moe_ragged_uses_packed_matmul(original_dir):
     dense = gj.load(original_dir, dtype="float32", kernel=gj.KernelOptions(moe_impl="dense"))
     ragged = gj.load(original_dir, dtype="float32", kernel=gj.KernelOptions(moe_impl="ragged", mxfp4_impl="xla"))
     t = np.arange(40)[None] * 11 % dense.cfg.vocab_size
-    assert _rel(ragged(t).logits, dense(t).logits) <= 1e-5
+    assert rel_err(ragged(t).logits, dense(t).logits) <= 1e-5
 
 
 def test_20b_memory_account():

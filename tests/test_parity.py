@@ -11,13 +11,10 @@ import pytest
 import torch
 
 import gptoss_jax as gj
+from tests.factory import rel_err
 
 T = 40
 TOL = 1e-4
-
-
-def _rel(a, b):
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +47,7 @@ def hf_logits(hf_mxfp4_dir, tokens):
 
 
 def test_oracles_agree(openai_logits, hf_logits):
-    rel = _rel(hf_logits, openai_logits)
+    rel = rel_err(hf_logits, openai_logits)
     print(f"HF vs OpenAI reference: {rel:.2e}")
     assert rel <= TOL
     assert np.abs(openai_logits).max() > 1.0  # a model whose logits are all ~0 would prove nothing
@@ -67,7 +64,7 @@ def test_ours_vs_oracles(layout, moe_impl, request, tokens, openai_logits, hf_lo
     if layout == "hf_dense":
         oracles["HF(dense ckpt)"] = _hf_logits(path, tokens)
     for name, want in oracles.items():
-        rel = _rel(ours, want)
+        rel = rel_err(ours, want)
         print(f"ours[{layout}, {moe_impl}] vs {name}: {rel:.2e}")
         assert rel <= TOL, name
         np.testing.assert_array_equal(ours.argmax(-1), want.argmax(-1))
@@ -76,7 +73,7 @@ def test_ours_vs_oracles(layout, moe_impl, request, tokens, openai_logits, hf_lo
 def test_dequantize_on_load_is_explicit_and_exact(original_dir, tokens, openai_logits):
     model = gj.load(original_dir, dtype="float32", experts="dense")
     assert model.experts == "dense"
-    assert _rel(np.asarray(model(tokens[None]).logits[0]), openai_logits) <= TOL
+    assert rel_err(np.asarray(model(tokens[None]).logits[0]), openai_logits) <= TOL
 
 
 def test_bf16_run_stays_close(original_dir, tokens, openai_logits):

@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
 import gptoss_jax as gj
 from gptoss_jax import harmony, lora

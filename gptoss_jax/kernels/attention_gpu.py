@@ -53,7 +53,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from gptoss_jax.kernels.attention import FULL, SKIP, BlockMap, BlockSizes, attention_block_map, transpose_block_map
+from gptoss_jax.kernels.attention import FULL, BlockMap, BlockSizes, attention_block_map, transpose_block_map
 
 TILE_ROWS = 128  # default rows (tokens x heads) of a query tile
 DEFAULT_BLOCK_K = 64
@@ -253,7 +253,7 @@ def _forward(q, k, v, sinks, segment_ids, cfg: _Config, count: bool = False):
     (+ per-program (visits, full visits) [B, K, nq, 1, 2] with count)."""
     B = q.shape[0]
     bm = _block_map(cfg)
-    bq, bk, G, H, Tp = cfg.block_q, cfg.block_k, cfg.Gp, cfg.H, cfg.Tp
+    bq, G, H, Tp = cfg.block_q, cfg.Gp, cfg.H, cfg.Tp
     width = bm.kv_index.shape[1]
     grid = (B, cfg.K, cfg.nq)
     in_specs = [

@@ -13,7 +13,6 @@ import gptoss_jax as gj
 from gptoss_jax.checkpoint import find_checkpoint
 
 
-
 def _copy(src, tmp_path, name="ck"):
     dst = tmp_path / name
     shutil.copytree(src, dst)

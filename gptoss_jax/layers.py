@@ -141,7 +141,11 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # -------------------------------------------------------------------------------------- SwiGLU
 def swiglu(h: jax.Array, *, alpha: float, limit: float) -> jax.Array:
     """[..., 2F] interleaved gate/up -> [..., F]."""
-    glu, lin = h[..., 0::2], h[..., 1::2]
+    return swiglu_halves(h[..., 0::2], h[..., 1::2], alpha=alpha, limit=limit)
+
+
+def swiglu_halves(glu: jax.Array, lin: jax.Array, *, alpha: float, limit: float) -> jax.Array:
+    """The clamped SwiGLU of gate `glu` and up `lin` given apart."""
     glu = jnp.minimum(glu, limit)
     lin = jnp.clip(lin, -limit, limit)
     return glu * jax.nn.sigmoid(alpha * glu) * (lin + 1)

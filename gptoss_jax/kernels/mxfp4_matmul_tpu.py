@@ -84,7 +84,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from gptoss_jax.kernels import vma
 from gptoss_jax.kernels.mxfp4_matmul import MatmulBlockSizes, row_experts
-from gptoss_jax.layers import swiglu as swiglu_fn
+from gptoss_jax.layers import swiglu_halves
 from gptoss_jax.mxfp4 import BLOCK
 
 NUM_LANES = 128
@@ -192,9 +192,28 @@ def _merge_x(x2, M: int, K: int):
 # Forward kernel
 # ----------------------------------------------------------------------------------------------
 
+def _store_decoded(dec_ref, idx, lo, hi, tmp_ref, *, deinterleave: bool):
+    """Write the decoded planes into dec_ref[idx, 0/1] ([bn, bk/2] each). With `deinterleave` the
+    rows (output channels) are reordered [even rows; odd rows], i.e. [gate | up] for the
+    interleaved gate/up weight. Mosaic's strided (sublane) load wants a memref exactly one lane
+    tile wide, so the planes pass through `tmp_ref` [bn, 128], 128 lanes at a time."""
+    if not deinterleave:
+        dec_ref[idx, 0] = lo.astype(dec_ref.dtype)
+        dec_ref[idx, 1] = hi.astype(dec_ref.dtype)
+        return
+    bn, half = lo.shape
+    for p, plane in enumerate((lo, hi)):
+        for c0 in range(0, half, NUM_LANES):
+            w = min(NUM_LANES, half - c0)
+            tmp_ref[:, :w] = plane[:, c0:c0 + w]
+            for r in range(2):
+                rows = tmp_ref[pl.ds(r, bn // 2, stride=2), :]
+                dec_ref[idx, p, r * (bn // 2):(r + 1) * (bn // 2), c0:c0 + w] = rows[:, :w].astype(dec_ref.dtype)
+
+
 def _fwd_kernel(tile_ref, exp_ref, lo_ref, hi_ref, first_ref, dec_flag_ref,  # scalar prefetch
                 x_ref, w_ref, s_ref, *rest, bm: int, bn: int, bk: int, nk: int, G: int,
-                has_bias: bool, swiglu, precision):
+                has_bias: bool, swiglu, deinterleave: bool, precision):
     if has_bias:
         b_ref, o_ref, acc_ref, dec_ref, *tmp = rest
     else:
@@ -205,14 +224,7 @@ def _fwd_kernel(tile_ref, exp_ref, lo_ref, hi_ref, first_ref, dec_flag_ref,  # s
     @pl.when(dec_flag_ref[v] == 1)
     def _decode():
         lo, hi = _decode_tile(w_ref[...], s_ref[...], k, block_k=bk, num_groups=G)
-        if swiglu is None:
-            dec_ref[k, 0] = lo.astype(dec_ref.dtype)
-            dec_ref[k, 1] = hi.astype(dec_ref.dtype)
-        else:  # de-interleave gate/up weight rows: [even rows; odd rows]
-            for p, (plane, tmp_ref) in enumerate(zip((lo, hi), tmp)):
-                tmp_ref[...] = plane
-                dec_ref[k, p, : bn // 2] = tmp_ref[pl.ds(0, bn // 2, stride=2), :].astype(dec_ref.dtype)
-                dec_ref[k, p, bn // 2:] = tmp_ref[pl.ds(1, bn // 2, stride=2), :].astype(dec_ref.dtype)
+        _store_decoded(dec_ref, k, lo, hi, *(tmp or [None]), deinterleave=deinterleave)
 
     @pl.when(k == 0)
     def _init():
@@ -254,7 +266,11 @@ def _precision(dtype):
 
 
 def _forward(x, blocks, scales, group_sizes, bias, *, swiglu, bs: MatmulBlockSizes, interpret,
-             out_dtype):
+             out_dtype, deinterleave: bool = False):
+    """[M, Nout] (or [M, Nout/2] with `swiglu`). `deinterleave` (implied by swiglu): each N tile's
+    columns come out as [even columns | odd columns] ([gate | up]), over the padded width
+    [M, tiles_n * bn] — the backward's pre-activation, split without lane shuffles."""
+    deinterleave = deinterleave or swiglu is not None
     M, K = x.shape
     E, N, G, _ = blocks.shape
     bm, bn, bk = bs.block_m, bs.block_n, bs.block_k
@@ -277,16 +293,19 @@ def _forward(x, blocks, scales, group_sizes, bias, *, swiglu, bs: MatmulBlockSiz
     args = [x2, w, s]
     if bias is not None:
         b = jnp.pad(bias.astype(jnp.float32), ((0, 0), (0, nn * bn - N)))
-        if swiglu is not None:  # per N tile: [gate columns | up columns], matching the weight rows
+        if deinterleave:  # per N tile: [gate columns | up columns], matching the weight rows
             b = jnp.swapaxes(b.reshape(E, nn, bn // 2, 2), 2, 3).reshape(E, nn * bn)
         args.append(b[:, None, :])
         in_specs.append(pl.BlockSpec((None, 1, bn), lambda n, v, k, tile, exp, *_: (exp[v], 0, n)))
-    out_n, out_bn = (N, bn) if swiglu is None else (N // 2, bn // 2)
-    scratch = [pltpu.VMEM((bm, bn), jnp.float32), pltpu.VMEM((nk, 2, bn, bk // 2), x.dtype)]
     if swiglu is not None:
-        scratch += [pltpu.VMEM((bn, bk // 2), jnp.float32)] * 2  # decoded lo / hi before the row split
+        out_n, out_bn = N // 2, bn // 2
+    else:
+        out_n, out_bn = (nn * bn if deinterleave else N), bn
+    scratch = [pltpu.VMEM((bm, bn), jnp.float32), pltpu.VMEM((nk, 2, bn, bk // 2), x.dtype)]
+    if deinterleave:
+        scratch.append(pltpu.VMEM((bn, NUM_LANES), jnp.float32))  # 128 lanes of lo / hi before the row split
     kernel = functools.partial(_fwd_kernel, bm=bm, bn=bn, bk=bk, nk=nk, G=G, has_bias=bias is not None,
-                               swiglu=swiglu, precision=_precision(x.dtype))
+                               swiglu=swiglu, deinterleave=deinterleave, precision=_precision(x.dtype))
     return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -305,15 +324,14 @@ def _forward(x, blocks, scales, group_sizes, bias, *, swiglu, bs: MatmulBlockSiz
 # ----------------------------------------------------------------------------------------------
 
 def _dx_kernel(tile_ref, exp_ref, lo_ref, hi_ref, first_ref, dec_flag_ref,
-               dh_ref, w_ref, s_ref, o_ref, acc_ref, dec_ref, *, bm: int, bk: int, nn: int, G: int,
-               precision):
+               dh_ref, w_ref, s_ref, o_ref, acc_ref, dec_ref, *tmp, bm: int, bk: int, nn: int, G: int,
+               deinterleave: bool, precision):
     kt, v, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
 
     @pl.when(dec_flag_ref[v] == 1)
     def _decode():
         lo, hi = _decode_tile(w_ref[...], s_ref[...], kt, block_k=bk, num_groups=G)
-        dec_ref[n, 0] = lo.astype(dec_ref.dtype)
-        dec_ref[n, 1] = hi.astype(dec_ref.dtype)
+        _store_decoded(dec_ref, n, lo, hi, *(tmp or [None]), deinterleave=deinterleave)
 
     @pl.when(n == 0)
     def _init():
@@ -341,17 +359,20 @@ def _dx_kernel(tile_ref, exp_ref, lo_ref, hi_ref, first_ref, dec_flag_ref,
                 o_ref[p] = jnp.where(mask, acc_ref[p].astype(o_ref.dtype), o_ref[p])
 
 
-def _input_grad(dh, blocks, scales, group_sizes, *, bs: MatmulBlockSizes, interpret):
-    """dh [M, Nout] (compute dtype) -> dx [M, Kin] in dh's dtype."""
-    M, N = dh.shape
-    E, _, G, _ = blocks.shape
+def _input_grad(dh, blocks, scales, group_sizes, *, bs: MatmulBlockSizes, interpret,
+                deinterleave: bool = False):
+    """dh [M, Nout] (compute dtype) -> dx [M, Kin] in dh's dtype. With `deinterleave`, dh is
+    [M, tiles_n * bn] with each N tile's columns in `_forward(deinterleave=True)`'s order, and the
+    weight rows are decoded in that same order."""
+    M = dh.shape[0]
+    E, N, G, _ = blocks.shape
     K = G * BLOCK
     bm, bn, bk = bs.block_m, bs.block_n, bs.block_k
     nk, nn = _cdiv(K, bk), _cdiv(N, bn)
     meta, _ = group_metadata(group_sizes, M, bm)
     V = meta[0].shape[0]
     m_pad = _cdiv(M, bm) * bm
-    dh = jnp.pad(dh, ((0, m_pad - M), (0, nn * bn - N)))
+    dh = jnp.pad(dh, ((0, m_pad - M), (0, nn * bn - dh.shape[1])))
     w = blocks.reshape(E, N, K // 2)
     s = _pad_scales(scales, nn * bn)
     gp = s.shape[2]
@@ -362,7 +383,11 @@ def _input_grad(dh, blocks, scales, group_sizes, *, bs: MatmulBlockSizes, interp
     def smap(kt, v, n, tile, exp, lo, hi, first, dec):
         return exp[v], jnp.where(dec[v] == 1, n, nn - 1), 0
 
-    kernel = functools.partial(_dx_kernel, bm=bm, bk=bk, nn=nn, G=G, precision=_precision(dh.dtype))
+    kernel = functools.partial(_dx_kernel, bm=bm, bk=bk, nn=nn, G=G, deinterleave=deinterleave,
+                               precision=_precision(dh.dtype))
+    scratch = [pltpu.VMEM((2, bm, bk // 2), jnp.float32), pltpu.VMEM((nn, 2, bn, bk // 2), dh.dtype)]
+    if deinterleave:
+        scratch.append(pltpu.VMEM((bn, NUM_LANES), jnp.float32))
     dx2 = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -371,8 +396,7 @@ def _input_grad(dh, blocks, scales, group_sizes, *, bs: MatmulBlockSizes, interp
                       pl.BlockSpec((None, bn, bk // 2), wmap),
                       pl.BlockSpec((None, bn, gp), smap)],
             out_specs=pl.BlockSpec((2, bm, bk // 2), lambda kt, v, n, tile, *_: (0, tile[v], kt)),
-            scratch_shapes=[pltpu.VMEM((2, bm, bk // 2), jnp.float32),
-                            pltpu.VMEM((nn, 2, bn, bk // 2), dh.dtype)]),
+            scratch_shapes=scratch),
         out_shape=vma.out_struct((2, m_pad, nk * bk // 2), dh.dtype, *meta, dh, w, s),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
         interpret=interpret,
@@ -398,19 +422,33 @@ def _mm_fwd(x, blocks, scales, group_sizes, bias, swiglu, bs, bs_bwd, interpret)
 
 def _mm_bwd(swiglu, bs, bs_bwd, interpret, res, dy):
     x, blocks, scales, group_sizes, bias = res
-    dh = dy.astype(jnp.float32)
-    if swiglu is not None:  # recompute the pre-activation in fp32 (no [M, Nout] residual kept)
+    M, N = x.shape[0], blocks.shape[1]
+    if swiglu is None:
+        dh, deinterleave = dy.astype(jnp.float32), False
+    else:
+        # Recompute the pre-activation in fp32 (no [M, Nout] residual kept), its columns split
+        # [gate | up] per N tile by the kernel: separating interleaved lanes in XLA instead made
+        # XLA:TPU's compile of this backward grow past 24 GB of host memory at gpt-oss shapes.
+        bn = bs.block_n
+        nn = -(-N // bn)
         h = _forward(x, blocks, scales, group_sizes, bias, swiglu=None, bs=bs, interpret=interpret,
-                     out_dtype=jnp.float32)
-        _, vjp = jax.vjp(lambda h: swiglu_fn(h, alpha=swiglu[0], limit=swiglu[1]), h)
-        (dh,) = vjp(dh)
-    dx = _input_grad(dh.astype(x.dtype), blocks, scales, group_sizes, bs=bs_bwd, interpret=interpret)
+                     out_dtype=jnp.float32, deinterleave=True).reshape(M, nn, 2, bn // 2)
+        dy = jnp.pad(dy.astype(jnp.float32), ((0, 0), (0, nn * bn // 2 - N // 2))).reshape(M, nn, bn // 2)
+        _, vjp = jax.vjp(functools.partial(swiglu_halves, alpha=swiglu[0], limit=swiglu[1]),
+                         h[:, :, 0], h[:, :, 1])
+        dh = jnp.stack(vjp(dy), axis=2).reshape(M, nn * bn)  # [gate | up] per tile, as h
+        deinterleave = True
+    dx = _input_grad(dh.astype(x.dtype), blocks, scales, group_sizes, bs=bs_bwd, interpret=interpret,
+                     deinterleave=deinterleave)
     dx = vma.sum_to(dx, x)
     dbias = None
     if bias is not None:
-        e = row_experts(group_sizes, x.shape[0])
-        dbias = jax.ops.segment_sum(dh, e, num_segments=bias.shape[0] + 1)[:-1].astype(bias.dtype)
-        dbias = vma.sum_to(dbias, bias)
+        e = row_experts(group_sizes, M)
+        dbias = jax.ops.segment_sum(dh, e, num_segments=bias.shape[0] + 1)[:-1]
+        if deinterleave:  # back to interleaved columns (a small [E, Nout] array)
+            E = bias.shape[0]
+            dbias = jnp.swapaxes(dbias.reshape(E, -1, 2, bs.block_n // 2), 2, 3).reshape(E, -1)[:, :N]
+        dbias = vma.sum_to(dbias.astype(bias.dtype), bias)
     zero_int = lambda a: jnp.zeros(a.shape, jax.dtypes.float0)
     return dx, zero_int(blocks), zero_int(scales), zero_int(group_sizes), dbias
 

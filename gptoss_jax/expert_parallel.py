@@ -43,8 +43,8 @@ from gptoss_jax.sharding import BATCH_AXES
 DISPATCH = ("all_to_all", "ragged_all_to_all")
 
 
-def default_dispatch() -> str:
-    return "all_to_all" if jax.default_backend() == "cpu" else "ragged_all_to_all"
+def default_dispatch(platform: str | None = None) -> str:
+    return "all_to_all" if moe_lib.resolve_platform(platform) == "cpu" else "ragged_all_to_all"
 
 
 class ShardedMoEOutput(NamedTuple):
@@ -179,7 +179,7 @@ def _ragged_rows(x, valid, routing, *, ep, num_experts, grouped, emulate):
 def moe_sharded(x, router_w, router_b, ew: moe_lib.ExpertWeights, *, mesh: Mesh, k: int, alpha: float,
                 limit: float, dispatch: str | None = None, capacity_factor: float | None = None,
                 local_impl: str | None = None, mxfp4_impl: str | None = None, interpret: bool = False,
-                emulate_ragged: bool = False) -> ShardedMoEOutput:
+                emulate_ragged: bool = False, platform: str | None = None) -> ShardedMoEOutput:
     """x [T, D] (a global array inside jit) -> ShardedMoEOutput. Equal to `moe.moe` on one device
     (exactly so when nothing is dropped).
 
@@ -188,8 +188,10 @@ def moe_sharded(x, router_w, router_b, ew: moe_lib.ExpertWeights, *, mesh: Mesh,
     local_impl: how a device computes its experts: "ragged" (grouped matmul; MXFP4 stays packed
         through `mxfp4_impl`) or "buckets" (one batched einsum; the CPU default). With expert=1 any
         `moe.MOE_IMPLS` name, run on the local tokens (default: `moe.default_moe_impl()`).
-    emulate_ragged: run "ragged_all_to_all" through `ragged_all_to_all_emulated` (XLA:CPU)."""
-    dispatch = dispatch or default_dispatch()
+    emulate_ragged: run "ragged_all_to_all" through `ragged_all_to_all_emulated` (XLA:CPU).
+    platform: the mesh's devices' platform, which picks the defaults (see `moe.moe`)."""
+    platform = moe_lib.resolve_platform(platform)
+    dispatch = dispatch or default_dispatch(platform)
     if dispatch not in DISPATCH:
         raise ValueError(f"unknown expert dispatch {dispatch!r}; choose one of {DISPATCH}")
     if capacity_factor is not None and dispatch != "all_to_all":
@@ -206,8 +208,9 @@ def moe_sharded(x, router_w, router_b, ew: moe_lib.ExpertWeights, *, mesh: Mesh,
     valid = jnp.arange(T + pad) < T
     xp = jnp.pad(x, ((0, pad), (0, 0)))
     if local_impl is None:  # expert > 1 exchanges fixed-capacity buffers: buckets on CPU
-        cpu = jax.default_backend() == "cpu"
-        local_impl = moe_lib.default_moe_impl() if ep == 1 else ("buckets" if cpu else "ragged")
+        cpu = platform == "cpu"
+        local_impl = (moe_lib.default_moe_impl(platform=platform) if ep == 1
+                      else ("buckets" if cpu else "ragged"))
     allowed = moe_lib.MOE_IMPLS if ep == 1 else ("ragged", "buckets")
     if local_impl not in allowed:
         raise ValueError(f"local expert implementation {local_impl!r} is not one of {sorted(allowed)}"
@@ -221,12 +224,14 @@ def moe_sharded(x, router_w, router_b, ew: moe_lib.ExpertWeights, *, mesh: Mesh,
             ew_local = ew
         mlp_kw = dict(alpha=alpha, limit=limit)
         if ep == 1:
-            extra = dict(mxfp4_impl=mxfp4_impl, interpret=interpret) if local_impl == "ragged" else {}
+            extra = moe_lib.impl_options(local_impl, mxfp4_impl=mxfp4_impl, interpret=interpret,
+                                         platform=platform)
             y = moe_lib.MOE_IMPLS[local_impl](x, ew_local, routing, **mlp_kw, **extra).astype(jnp.float32)
             keep = jnp.ones(routing.ids.shape, bool)
             dropped = jnp.zeros((), jnp.int32)
         else:
-            grouped = functools.partial(moe_lib.grouped_mlp, ew=ew_local, mxfp4_impl=mxfp4_impl,
+            grouped = functools.partial(moe_lib.grouped_mlp, ew=ew_local,
+                                        mxfp4_impl=mxfp4_impl or moe_lib.default_mxfp4_impl(platform),
                                         interpret=interpret, **mlp_kw)
             if dispatch == "all_to_all":
                 if local_impl == "ragged":
@@ -235,7 +240,7 @@ def moe_sharded(x, router_w, router_b, ew: moe_lib.ExpertWeights, *, mesh: Mesh,
                         sizes = jnp.full((h.shape[0],), n, jnp.int32)
                         return grouped(h.reshape(-1, h.shape[-1]), sizes).reshape(h.shape)
                 else:
-                    local_mlp = functools.partial(moe_lib.bucket_mlp, ew=ew_local, **mlp_kw)
+                    local_mlp = functools.partial(moe_lib.bucket_mlp, ew=ew_local, platform=platform, **mlp_kw)
                 rows, keep, dropped = _all_to_all_rows(x, valid, routing, ep=ep, num_experts=E,
                                                        capacity_factor=capacity_factor,
                                                        local_mlp=local_mlp)

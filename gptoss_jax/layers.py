@@ -45,7 +45,7 @@ def embed_lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
 UNEMBED_ROWS_AS_REDUCTION = 8
 
 
-def unembed(h: jax.Array, w: jax.Array) -> jax.Array:
+def unembed(h: jax.Array, w: jax.Array, platform: str | None = None) -> jax.Array:
     """Logits h [..., D] @ w[V, D]^T in fp32 (fp32 products and accumulation).
 
     With a handful of rows on CPU (decoding, or prefill's last token) the product is written as
@@ -53,7 +53,7 @@ def unembed(h: jax.Array, w: jax.Array) -> jax.Array:
     first convert the whole table to an fp32 copy (2.2 GiB for gpt-oss) and read that instead."""
     lead, D = h.shape[:-1], h.shape[-1]
     n = math.prod(lead)
-    if jax.default_backend() != "cpu" or n > UNEMBED_ROWS_AS_REDUCTION:
+    if (platform or jax.default_backend()) != "cpu" or n > UNEMBED_ROWS_AS_REDUCTION:
         return jnp.einsum("...D,VD->...V", h, w, preferred_element_type=jnp.float32)
     rows = h.reshape(n, D).astype(jnp.float32)
     w32 = w.astype(jnp.float32)

@@ -119,7 +119,7 @@ class Attention(nnx.Module):
         if cache is None and not capture:
             from gptoss_jax import kernels
             from gptoss_jax.kernels.attention import default_implementation
-            impl = (kernel.attention_impl if kernel is not None else None) or default_implementation()
+            impl = kernel.attention_impl or default_implementation(kernel.platform)
         if impl not in (None, "xla"):
             # The kernels mask by index within segments: equal to the position mask for packed or
             # padded rows. They do not report the sink mass, so capture=True stays on XLA.
@@ -190,11 +190,12 @@ class MoE(nnx.Module):
                 alpha=self.alpha, limit=self.limit, dispatch=kernel.expert_dispatch,
                 capacity_factor=kernel.capacity_factor, local_impl=kernel.moe_impl,
                 mxfp4_impl=kernel.mxfp4_impl, interpret=kernel.interpret,
-                emulate_ragged=kernel.emulate_ragged)
+                emulate_ragged=kernel.emulate_ragged, platform=kernel.platform)
         else:
             y, routing = moe_lib.moe(h, self.router[...], self.router_bias[...], self.expert_weights(),
                                      k=self.k, alpha=self.alpha, limit=self.limit, impl=kernel.moe_impl,
-                                     mxfp4_impl=kernel.mxfp4_impl, interpret=kernel.interpret)
+                                     mxfp4_impl=kernel.mxfp4_impl, interpret=kernel.interpret,
+                                     platform=kernel.platform)
             dropped = jnp.zeros((), jnp.int32)
         return y.reshape(B, T, D), routing, dropped
 
@@ -258,9 +259,13 @@ class KernelOptions:
         size (ragged on GPU/TPU, chunks on CPU, gather for decode-sized batches).
     attention_impl: "xla" | "pallas_gpu" | "pallas_tpu"; None = by platform (Pallas on GPU/TPU,
         XLA on CPU). Cached decoding and capture=True always use the XLA path.
-    mxfp4_impl: the packed grouped matmul of the "ragged" MoE path: "xla" (default) |
-        "pallas_gpu" | "pallas_tpu".
+    mxfp4_impl: the packed grouped matmul of the "ragged" MoE path: "xla" | "pallas_gpu" |
+        "pallas_tpu"; None = the platform's Pallas kernel on GPU/TPU, "xla" on CPU.
     interpret: run Pallas kernels in interpret mode (CPU testing).
+    platform: "cpu" | "gpu" | "tpu", the devices the program is built for; every default above
+        follows it. None = the platform of the model's mesh (`targets.platform_of`), else this
+        host's default backend. So a model on a mesh of compile-only TPU devices
+        (`gptoss_jax.targets`) lowers with the TPU kernels on a CPU host.
 
     On a mesh (`model.mesh`), the MoE layer is expert-parallel (`gptoss_jax.expert_parallel`):
     expert_dispatch: "all_to_all" (fixed-capacity buffers; the CPU default) |
@@ -283,10 +288,23 @@ class KernelOptions:
     capacity_factor: float | None = None
     emulate_ragged: bool = False
     remat: str = "none"
+    platform: str | None = None
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+        if self.platform not in (None, "cpu", "gpu", "tpu"):
+            raise ValueError(f"platform must be 'cpu', 'gpu' or 'tpu', got {self.platform!r}")
+
+    def for_mesh(self, mesh) -> "KernelOptions":
+        """These options with `platform` fixed: as given, else the mesh's devices', else this
+        host's backend. Resolved once per call, outside any traced branch."""
+        if self.platform is not None:
+            return self
+        if mesh is not None:
+            from gptoss_jax.targets import platform_of
+            return dataclasses.replace(self, platform=platform_of(mesh.devices.flat))
+        return dataclasses.replace(self, platform=jax.default_backend())
 
 
 REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
@@ -368,13 +386,14 @@ class GptOss(nnx.Module):
             x = sharding_lib.constrain(x, ("batch", "length", "act_embed"), self.mesh)
         rope = layers.rope_cos_sin(positions, layers.rope_inv_freq(cfg), cfg.rope_concentration)
         captured, new_layers, balance = [], [], []
-        policy = REMAT_POLICIES[self.kernel.remat]
+        kernel = self.kernel.for_mesh(self.mesh)
+        policy = REMAT_POLICIES[kernel.remat]
         for i, block in enumerate(self.layers):
             with jax.named_scope(f"layer_{i}"):
-                run = block if self.kernel.remat == "none" or cache is not None else _rematerialized(block, policy)
+                run = block if kernel.remat == "none" or cache is not None else _rematerialized(block, policy)
                 x, layer_cache, inter, lb = run(
                     x, rope, positions=positions, segment_ids=segment_ids, eps=cfg.rms_eps,
-                    kernel=self.kernel, capture=capture,
+                    kernel=kernel, capture=capture,
                     cache=None if cache is None else cache.layers[i], valid=valid, mesh=self.mesh,
                     router_loss=router_loss)
             captured.append(inter)
@@ -386,7 +405,7 @@ class GptOss(nnx.Module):
             if logits_at is not None:
                 x = jnp.take_along_axis(x, jnp.asarray(logits_at)[:, None, None], axis=1)
             h = layers.rms_norm(x, self.norm[...], cfg.rms_eps)
-            logits = layers.unembed(h, self.unembed[...]).astype(logits_dtype)
+            logits = layers.unembed(h, self.unembed[...], kernel.platform).astype(logits_dtype)
             logits = sharding_lib.constrain(logits, ("batch", "length", "act_vocab"), self.mesh)
         return ModelOutput(logits, cache, captured if capture else None,
                            jnp.mean(jnp.stack(balance)) if router_loss else None)

@@ -119,8 +119,9 @@ def attention_reference(q, k, v, sinks, *, sliding_window=None, segment_ids=None
     return out.astype(q.dtype)
 
 
-def default_implementation() -> str:
-    platform = jax.default_backend()
+def default_implementation(platform: str | None = None) -> str:
+    """The kernel for a platform ("cpu" | "gpu" | "tpu"; default: this host's backend)."""
+    platform = platform or jax.default_backend()
     return {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform, "xla")
 
 

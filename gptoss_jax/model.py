@@ -123,9 +123,8 @@ class Attention(nnx.Module):
         if impl not in (None, "xla"):
             # The kernels mask by index within segments: equal to the position mask for packed or
             # padded rows. They do not report the sink mass, so capture=True stays on XLA.
-            out = kernels.attention(q, k, v, self.sinks[...], sliding_window=self.window,
-                                    segment_ids=segment_ids, implementation=impl,
-                                    interpret=kernel.interpret)
+            out = _kernel_attention(q, k, v, self.sinks[...], segment_ids, window=self.window, impl=impl,
+                                    interpret=kernel.interpret, mesh=mesh)
             sink_mass = None
         elif cache is None:
             out, sink_mass = attn_lib.self_attention(q, k, v, self.sinks[...], positions=positions,
@@ -137,6 +136,25 @@ class Attention(nnx.Module):
         if self.lora is not None and self.lora.delta_available("o"):
             o = o + self.lora.delta("o", out, "BTNH,NHr->BTr", "BTr,rD->BTD")
         return (o + self.o_bias[...].astype(jnp.float32)).astype(x.dtype), sink_mass, cache
+
+
+def _kernel_attention(q, k, v, sinks, segment_ids, *, window, impl, interpret, mesh):
+    """The Pallas attention kernel; on a mesh one call per device on its own rows and heads
+    (XLA cannot partition a Pallas call: Mosaic refuses, and a Triton call would be replicated)."""
+    from gptoss_jax import kernels
+
+    call = lambda q, k, v, sinks, seg: kernels.attention(q, k, v, sinks, sliding_window=window, segment_ids=seg,
+                                                         implementation=impl, interpret=interpret)
+    if mesh is None or mesh.size == 1:
+        return call(q, k, v, sinks, segment_ids)
+    axes = ("batch", None, "act_heads", None)
+    q_spec, k_spec = (sharding_lib.logical_to_spec(axes, a.shape, mesh) for a in (q, k))
+    if q_spec[2] != k_spec[2]:  # query and kv heads must split alike, or the groups would not align
+        q_spec = k_spec = jax.sharding.PartitionSpec(q_spec[0], None, None, None)
+    P = jax.sharding.PartitionSpec
+    fn = jax.shard_map(call, mesh=mesh, in_specs=(q_spec, k_spec, k_spec, P(q_spec[2]), P(q_spec[0], None)),
+                       out_specs=q_spec, check_vma=False)
+    return fn(q, k, v, sinks, segment_ids)
 
 
 class MoE(nnx.Module):

@@ -318,7 +318,7 @@ def compile_train_step(exp_cfg, target, *, progress: bool = True):
              for k, (shape, dt) in shapes.items()}
     est = estimate(exp_cfg).total
     name = f"train step ({exp_cfg.algorithm}{', LoRA' if lora else ''}, {rows}x{T}, accum {exp_cfg.data.accum_steps})"
-    return compile_jitted(trainer.step, (state_struct, batch), program=name, target=target, mesh=m,
+    return compile_jitted(trainer.step_fn, (state_struct, batch, trainer.frozen), program=name, target=target, mesh=m,
                           progress=progress, estimate_bytes=est)[1]
 
 

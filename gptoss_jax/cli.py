@@ -13,6 +13,8 @@
   gptoss eval     held-out loss / perplexity and task accuracy (generated final answers)
   gptoss export   a training run's model in the HF layout, LoRA adapters merged
   gptoss inspect  expert routing, sink mass and logit lens over a text or corpus: report.json + plots
+  gptoss compile  a config's train step / forward / decode compiled for a TPU or H100 target on this
+                  host (no hardware): per-device memory vs HBM, compile time, kernels
 """
 
 from __future__ import annotations
@@ -281,6 +283,33 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_compile(args) -> int:
+    """Compile a config's program for a compile-only target and print the compiler's figures."""
+    import json
+
+    from gptoss_jax import aot, targets
+    from gptoss_jax.train.config import load_config
+    from gptoss_jax.train.sft import PRESETS
+
+    cfg = load_config(args.config, args.overrides)
+    target = targets.get(args.target)
+    if args.program == "train":
+        report = aot.compile_train_step(cfg, target)
+    else:
+        m = cfg.model
+        model_cfg = PRESETS[m.preset]().replace(**m.overrides) if m.overrides else PRESETS[m.preset]()
+        kw = dict(batch=args.batch, mesh=cfg.mesh, dtype=m.dtype, experts=m.experts)
+        if args.program == "forward":
+            report = aot.compile_forward(model_cfg, target, length=args.length or cfg.data.seq_len, **kw)[1]
+        else:
+            report = aot.compile_decode(model_cfg, target, context=args.length or cfg.data.seq_len, **kw)[1]
+    print(report.table())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report.to_json(), f, indent=2)
+    return 0 if report.fits else 1
+
+
 def cmd_eval(args) -> int:
     import gptoss_jax as gj
     from gptoss_jax.train.config import load_config
@@ -382,6 +411,16 @@ def main(argv=None) -> int:
                    help="print the per-device memory the run needs (from the shapes; against GIB of "
                         "device memory if given) and exit")
     p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("compile", help="compile a config's train step (or forward / decode) for a TPU or H100 "
+                                       "target on this host; print per-device memory vs HBM and the kernels")
+    p.add_argument("config", help="experiment config (YAML); its model, mesh, batch, LoRA and remat are used")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the config")
+    p.add_argument("--target", required=True, help="tpu-v4-8, tpu-v5e-8, tpu-v5p-8, tpu-v6e-8, tpu-v6e-1, h100, h100x8")
+    p.add_argument("--program", choices=["train", "forward", "decode"], default="train")
+    p.add_argument("--batch", type=int, default=1, help="forward / decode rows")
+    p.add_argument("--length", type=int, help="forward tokens / decode context (default: data.seq_len)")
+    p.add_argument("--json", help="also write the report as JSON to this file")
+    p.set_defaults(fn=cmd_compile)
     p = sub.add_parser("eval", help="held-out loss, perplexity and task accuracy of a trained model")
     p.add_argument("config", help="YAML experiment config (data.eval, eval.*)")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
@@ -437,6 +476,7 @@ def _run(args) -> int:
     from gptoss_jax.checkpoint import CheckpointError
     from gptoss_jax.config import ConfigError
     from gptoss_jax.safetensors_io import SafetensorsError
+    from gptoss_jax.targets import TargetUnavailable
     from gptoss_jax.tokenizer import TokenizerError
 
     try:
@@ -447,7 +487,7 @@ def _run(args) -> int:
             distributed.initialize()
         return args.fn(args)
     except (CheckpointError, ConfigError, SafetensorsError, TokenizerError, ValueError, OSError,
-            FloatingPointError) as e:
+            FloatingPointError, TargetUnavailable) as e:
         print(f"gptoss {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

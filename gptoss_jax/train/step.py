@@ -70,9 +70,11 @@ class TrainState(NamedTuple):
 
 class Trainer(NamedTuple):
     init: Any  # model -> TrainState
-    step: Any  # (TrainState, batch) -> (TrainState, metrics); jitted
+    step: Any  # (TrainState, batch) -> (TrainState, metrics)
     model: Any  # (TrainState) -> the model with the trained weights (in its compute dtypes)
     merge: Any  # (master params) -> the model with those weights (e.g. a reference policy's)
+    step_fn: Any = None  # jitted (TrainState, batch, frozen) -> (TrainState, metrics): `step`'s program
+    frozen: Any = None  # the variables that do not train (packed experts, ...), `step_fn`'s third argument
 
 
 def next_token_objective(router_aux_loss: float = 0.0):
@@ -114,7 +116,7 @@ def make_trainer(model, optimizer: optax.GradientTransformation, *, accum_steps:
     graphdef, frozen_params, rest = nnx.split(model, trainable, ...)
     dtypes = jax.tree.map(lambda v: v.dtype, frozen_params)
     to_compute = lambda master: jax.tree.map(lambda p, d: p.astype(d), master, dtypes)
-    merge = lambda master: nnx.merge(graphdef, to_compute(master), rest)
+    merge = lambda master, rest=rest: nnx.merge(graphdef, to_compute(master), rest)
 
     def init(m) -> TrainState:
         params = nnx.state(m, trainable)
@@ -123,11 +125,11 @@ def make_trainer(model, optimizer: optax.GradientTransformation, *, accum_steps:
         zero = lambda: jnp.zeros((), jnp.int32)
         return TrainState(master, optimizer.init(master), zero(), zero(), zero())
 
-    def weighted(master, micro):
-        total, weight, sums = objective(merge(master), micro)
-        return total, (weight, sums)
+    def step(state: TrainState, batch, rest):
+        def weighted(master, micro):
+            total, weight, sums = objective(merge(master, rest), micro)
+            return total, (weight, sums)
 
-    def step(state: TrainState, batch):
         micro = jax.tree.map(lambda a: a.reshape((accum_steps, -1) + a.shape[1:]), batch)
 
         def one(carry, mb):
@@ -160,7 +162,11 @@ def make_trainer(model, optimizer: optax.GradientTransformation, *, accum_steps:
         metrics.update(grad_norm=grad_norm, targets=weight, finite=finite)
         return new_state, metrics
 
-    return Trainer(init, jax.jit(step, donate_argnums=(0,)), lambda state: merge(state.params), merge)
+    # the frozen variables are an argument, not constants closed over: the same program then
+    # compiles from abstract arrays (`gptoss_jax.aot`)
+    step_fn = jax.jit(step, donate_argnums=(0,))
+    return Trainer(init, lambda state, batch: step_fn(state, batch, rest), lambda state: merge(state.params), merge,
+                   step_fn, rest)
 
 
 def trainable_filter(*, lora: bool, norms_and_sinks: bool = False):

@@ -13,7 +13,7 @@ $(VENV)/.base: pyproject.toml
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base pyproject.toml
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,aot]"
 	$(PIP) install -q --no-deps --ignore-requires-python gpt-oss==0.0.9
 	touch $@
 

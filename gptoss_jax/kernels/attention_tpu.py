@@ -59,6 +59,14 @@ NUM_LANES = 128
 NUM_SUBLANES = 8
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: exp(MASK_VALUE - m) == 0 for any finite m
 _NN = (((1,), (0,)), ((), ()))  # [m, k] @ [k, n]
+
+
+def _dot(a, b, dims):
+    """fp32-accumulated dot; exact fp32 for fp32 operands, the MXU's native pass for bf16 (Mosaic
+    rejects bf16 operands at fp32 precision, which a global `jax_default_matmul_precision`
+    would otherwise request)."""
+    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else lax.Precision.DEFAULT
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 _NT = (((1,), (1,)), ((), ()))  # [m, k] @ [n, k]^T
 
 
@@ -211,7 +219,7 @@ def _fwd_kernel(kv_index_ref, kind_ref, q_ref, k_ref, v_ref, sinks_ref, *refs, c
 
     def visit(positional: bool):
         q = q_ref[...].reshape(R, H)
-        s = lax.dot_general(q, k_ref[...], _NT, preferred_element_type=jnp.float32) * cfg.scale
+        s = _dot(q, k_ref[...], _NT) * cfg.scale
         mask = _mask_rows(cfg, i, j, positional, qseg_ref, kseg_ref)
         if mask is not None:
             s = jnp.where(mask, s, MASK_VALUE)
@@ -222,7 +230,7 @@ def _fwd_kernel(kv_index_ref, kind_ref, q_ref, k_ref, v_ref, sinks_ref, *refs, c
         l_scr[...] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
         m_scr[...] = m_new
         v = v_ref[...]
-        pv = lax.dot_general(p.astype(v.dtype), v, _NN, preferred_element_type=jnp.float32)
+        pv = _dot(p.astype(v.dtype), v, _NN)
         acc_scr[...] = alpha[:, :1] * acc_scr[...] + pv
 
     _dispatch_visit(kind, visit)
@@ -350,14 +358,14 @@ def _dq_kernel(kv_index_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, d_r
         q = q_ref[...].reshape(R, H)
         do = do_ref[...].reshape(R, H)
         k, v = k_ref[...], v_ref[...]
-        s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * cfg.scale
+        s = _dot(q, k, _NT) * cfg.scale
         mask = _mask_rows(cfg, i, j, positional, qseg_ref, kseg_ref)
         if mask is not None:
             s = jnp.where(mask, s, MASK_VALUE)
         p = jnp.exp(s - lse_ref[0][:, None])  # lse includes the sink: p are the final probabilities
-        dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
+        dp = _dot(do, v, _NT)
         ds = p * (dp - d_ref[0][:, None])
-        acc_scr[...] += lax.dot_general(ds.astype(k.dtype), k, _NN, preferred_element_type=jnp.float32)
+        acc_scr[...] += _dot(ds.astype(k.dtype), k, _NN)
 
     _dispatch_visit(kind, visit)
 
@@ -387,15 +395,15 @@ def _dkv_kernel(q_index_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, d_r
         q = q_ref[...].reshape(R, H)
         do = do_ref[...].reshape(R, H)
         k, v = k_ref[...], v_ref[...]
-        st = lax.dot_general(k, q, _NT, preferred_element_type=jnp.float32) * cfg.scale  # (bk, R)
+        st = _dot(k, q, _NT) * cfg.scale  # (bk, R)
         mask = _mask_cols(cfg, i, j, positional, qseg_ref, kseg_ref)
         if mask is not None:
             st = jnp.where(mask, st, MASK_VALUE)
         pt = jnp.exp(st - lse_ref[...])  # lse (1, R) broadcasts over the key sublanes
-        dv_scr[...] += lax.dot_general(pt.astype(do.dtype), do, _NN, preferred_element_type=jnp.float32)
-        dpt = lax.dot_general(v, do, _NT, preferred_element_type=jnp.float32)
+        dv_scr[...] += _dot(pt.astype(do.dtype), do, _NN)
+        dpt = _dot(v, do, _NT)
         dst = pt * (dpt - d_ref[...])
-        dk_scr[...] += lax.dot_general(dst.astype(q.dtype), q, _NN, preferred_element_type=jnp.float32)
+        dk_scr[...] += _dot(dst.astype(q.dtype), q, _NN)
 
     _dispatch_visit(kind, visit)
 

@@ -129,7 +129,8 @@ def _decode_tile(packed, scales, kt, *, block_k: int, num_groups: int):
     j = lax.broadcasted_iota(jnp.int32, (gp, half), 1)
     sel = (g == kt * (block_k // BLOCK) + (j >> 4)) & (g < num_groups)
     r = jnp.where(sel, 1.0, 0.0).astype(jnp.bfloat16)
-    t = lax.dot_general(t, r, _NN, preferred_element_type=jnp.float32)  # [bn, bk/2], exact integers
+    t = lax.dot_general(t, r, _NN, precision=lax.Precision.DEFAULT,
+                        preferred_element_type=jnp.float32)  # [bn, bk/2], exact integers
     mult = lax.bitcast_convert_type(jnp.maximum(t.astype(jnp.int32) - 1, 0) << 23, jnp.float32)
     lo = _e2m1_bits_to_f32(b & 15) * mult
     hi = _e2m1_bits_to_f32((b >> 4) & 15) * mult
@@ -262,7 +263,9 @@ def _fwd_kernel(tile_ref, exp_ref, lo_ref, hi_ref, first_ref, dec_flag_ref,  # s
 
 
 def _precision(dtype):
-    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+    # explicit for bf16 too: Mosaic rejects bf16 operands at fp32 precision, which a global
+    # `jax_default_matmul_precision = "highest"` would otherwise request
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
 
 
 def _forward(x, blocks, scales, group_sizes, bias, *, swiglu, bs: MatmulBlockSizes, interpret,

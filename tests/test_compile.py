@@ -1,0 +1,163 @@
+"""Compiled by the real TPU and GPU compilers, without hardware (`gptoss_jax.targets`, `aot`).
+
+Each test runs XLA:TPU + Mosaic (libtpu) or XLA:GPU + Triton + ptxas for compile-only devices and
+reads the compiler's own output: that the kernels compile at gpt-oss shapes, forward and backward;
+that a model built for a target carries that target's kernels (the plan follows the target, not
+this CPU host); that the 20b programs fit their devices. Select with `-m compile`.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from gptoss_jax import aot, config, targets
+from gptoss_jax.kernels.attention import attention as kernel_attention
+from gptoss_jax.kernels.mxfp4_matmul import mxfp4_grouped_matmul
+from gptoss_jax.train.config import load_config
+
+pytestmark = pytest.mark.compile
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+KERNEL_TARGETS = ["tpu-v5e-8", "tpu-v5p-8", "tpu-v6e-8", "h100"]
+MOSAIC = {"attention": "gptoss_flash_attention", "mxfp4": "mxfp4_grouped_matmul"}
+TRITON = {"attention": "attention_sink", "mxfp4": "mxfp4_grouped_matmul"}
+
+
+def _one_device(target):
+    t = targets.get(target)
+    return t, NamedSharding(jax.sharding.Mesh(np.array(t.devices()[:1]), ("x",)), P())
+
+
+def _impl(target):
+    return "pallas_tpu" if targets.get(target).platform == "tpu" else "pallas_gpu"
+
+
+def _kernels_of(report, family):
+    prefix = (MOSAIC if targets.get(report.target).platform == "tpu" else TRITON)[family]
+    return {k: n for k, n in report.kernels.items() if k.startswith(prefix)}
+
+
+def test_targets_give_compile_only_devices_and_meshes():
+    for name, t in targets.TARGETS.items():
+        devs = t.devices()
+        assert len(devs) == t.num_devices and targets.platform_of(devs) == t.platform, name
+        assert t.mesh().shape["data"] == t.num_devices
+    assert dict(targets.get("h100x8").mesh(fsdp=2, expert=-1).shape) == {"data": 1, "fsdp": 2, "tensor": 1, "expert": 4}
+    with pytest.raises(ValueError, match="unknown target"):
+        targets.get("tpu-v9")
+
+
+# ------------------------------------------------------------------------- every kernel compiles
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize("T", [4096, 32768])
+@pytest.mark.parametrize("window", [128, None], ids=["sliding", "full"])
+def test_attention_kernel_compiles_forward_and_backward(target, T, window):
+    """gpt-oss attention per device (64 query heads, 8 kv heads, head_dim 64, bf16, sinks), with
+    segment ids at T = 4096 and without at 32768; fwd and all four gradients in one program."""
+    t, s = _one_device(target)
+    segmented = T == 4096
+    q = jax.ShapeDtypeStruct((1, T, 64, 64), jnp.bfloat16, sharding=s)
+    kv = jax.ShapeDtypeStruct((1, T, 8, 64), jnp.bfloat16, sharding=s)
+    sinks = jax.ShapeDtypeStruct((64,), jnp.float32, sharding=s)
+    seg = jax.ShapeDtypeStruct((1, T), jnp.int32, sharding=s)
+
+    def loss(q, k, v, sinks, seg):
+        out = kernel_attention(q, k, v, sinks, sliding_window=window, implementation=_impl(target),
+                                      segment_ids=seg if segmented else None)
+        return out.astype(jnp.float32).sum()
+
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+    _, report = aot.compile_jitted(fn, (q, kv, kv, sinks, seg), program="attention", target=t, progress=False)
+    kinds = _kernels_of(report, "attention")
+    assert len(kinds) >= 2 and sum(kinds.values()) >= 2, report.kernels  # forward + backward kernels
+    assert report.fits, report.table()
+
+
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize("E", [32, 128], ids=["20b", "120b"])
+@pytest.mark.parametrize("N,swiglu", [(5760, True), (2880, False)], ids=["gate_up_swiglu", "down"])
+def test_mxfp4_grouped_matmul_compiles_forward_and_input_grad(target, E, N, swiglu):
+    """Packed expert matmul at gpt-oss shapes (K 2880, 16,384 rows, bf16): forward and dX/dbias."""
+    t, s = _one_device(target)
+    K, M = 2880, 16384
+    x = jax.ShapeDtypeStruct((M, K), jnp.bfloat16, sharding=s)
+    blocks = jax.ShapeDtypeStruct((E, N, K // 32, 16), jnp.uint8, sharding=s)
+    scales = jax.ShapeDtypeStruct((E, N, K // 32), jnp.uint8, sharding=s)
+    sizes = jax.ShapeDtypeStruct((E,), jnp.int32, sharding=s)
+    bias = jax.ShapeDtypeStruct((E, N), jnp.bfloat16, sharding=s)
+
+    def loss(x, blocks, scales, sizes, bias):
+        y = mxfp4_grouped_matmul(x, blocks, scales, sizes, bias=bias, swiglu=(1.702, 7.0) if swiglu else None,
+                                 implementation=_impl(target))
+        return y.astype(jnp.float32).sum()
+
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 4)))
+    _, report = aot.compile_jitted(fn, (x, blocks, scales, sizes, bias), program="mxfp4", target=t, progress=False)
+    kinds = _kernels_of(report, "mxfp4")
+    assert len(kinds) >= 2, report.kernels  # the forward (or recompute) kernel and the dX kernel
+    # the packed weight is never decoded whole: no float array as large as the expert matrices
+    assert all(b < E * N * K * 2 for b, shape in report.largest_arrays if not shape.startswith("u8")), \
+        report.largest_arrays
+
+
+# ------------------------------------------------------------------- the plan follows the target
+def _small():
+    # kernel-friendly shapes (head_dim 64, widths in whole 128-lane tiles), two layers: one sliding
+    return config.gpt_oss_20b().replace(num_layers=2, d_model=512, num_heads=8, num_kv_heads=2,
+                                        num_experts=8, experts_per_token=2, expert_dim=512, vocab_size=2048)
+
+
+@pytest.mark.parametrize("target,mesh", [("tpu-v5e-8", {"expert": 8}), ("h100", {})])
+def test_model_compiled_for_a_target_carries_its_kernels(target, mesh):
+    """The same `model(tokens)` built on a CPU host: for a TPU mesh it compiles with the Mosaic
+    attention and MXFP4 kernels, for an H100 with the Triton ones; on this CPU (the control) with
+    neither, so the check can fail."""
+    _, report = aot.compile_forward(_small(), target, batch=8, length=1024, mesh=mesh, progress=False)
+    assert sum(_kernels_of(report, "attention").values()) == 2, report.kernels  # both layers, sliding too
+    assert sum(_kernels_of(report, "mxfp4").values()) >= 2, report.kernels  # both MoE layers' matmuls
+    if targets.get(target).platform == "tpu":
+        assert "tpu_custom_call" in report.custom_calls
+    else:
+        assert "__gpu$xla.gpu.triton" in report.custom_calls
+
+
+def test_control_on_the_cpu_host_no_kernels():
+    import gptoss_jax as gj
+
+    model = gj.init(_small().replace(vocab_size=512), seed=0)
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    hlo = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t).logits).lower(
+        state, jnp.zeros((1, 256), jnp.int32)).compile().as_text()
+    kernels, calls, _ = aot._custom_calls(hlo)
+    assert not kernels and "tpu_custom_call" not in calls
+
+
+# ----------------------------------------------------------------------- whole 20b programs fit
+def test_20b_prefill_8192_fits_an_h100_with_every_layer_on_the_kernels():
+    _, r = aot.compile_forward(config.gpt_oss_20b(), "h100", batch=1, length=8192, progress=False)
+    assert r.fits, r.table()
+    assert sum(_kernels_of(r, "attention").values()) == 24, r.kernels  # 12 sliding + 12 full layers
+    # no buffer holds a layer's dequantized experts (32 x 5760 x 2880 values)
+    assert all(b < 32 * 5760 * 2880 * 2 for b, s in r.largest_arrays if not s.startswith("u8")), r.largest_arrays
+
+
+@pytest.mark.parametrize("target,mesh,batch", [("h100", {}, 64), ("tpu-v5e-8", {"expert": 8}, 64)])
+def test_20b_decode_step_fits(target, mesh, batch):
+    _, r = aot.compile_decode(config.gpt_oss_20b(), target, batch=batch, context=8192, mesh=mesh, progress=False)
+    assert r.fits, r.table()
+    assert r.alias_bytes > 0  # the cache is updated in place (donated)
+
+
+def test_20b_lora_train_step_fits_one_h100_and_matches_the_estimate():
+    """configs/lora_20b_gpu80.yaml: one full step (8 micro-batches of 2 x 4096, backward through the
+    packed base, AdamW) compiled for an H100: within its HBM and within 20% of --estimate-memory."""
+    cfg = load_config(os.path.join(CONFIGS, "lora_20b_gpu80.yaml"))
+    r = aot.compile_train_step(cfg, "h100", progress=False)
+    assert r.fits, r.table()
+    assert 0.8 <= r.total_bytes / r.estimate_bytes <= 1.2, r.table()

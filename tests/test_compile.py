@@ -174,3 +174,31 @@ def test_20b_lora_train_step_fits_one_h100_and_matches_the_estimate():
     r = aot.compile_train_step(cfg, "h100", progress=False)
     assert r.fits, r.table()
     assert 0.8 <= r.total_bytes / r.estimate_bytes <= 1.2, r.table()
+
+
+# ----------------------------------------------------------------------------- gptoss compile
+SMALL = ("model.overrides={num_layers: 2, d_model: 512, num_heads: 8, num_kv_heads: 2, num_experts: 8, "
+         "experts_per_token: 2, expert_dim: 512, vocab_size: 2048}")
+
+
+def test_gptoss_compile_command_reports_a_train_step(tmp_path, capsys):
+    import json
+
+    from gptoss_jax.cli import main
+
+    out = tmp_path / "report.json"
+    rc = main(["compile", os.path.join(CONFIGS, "sft_example.yaml"), "--target", "h100", "--json", str(out),
+               "model.preset=gpt_oss_20b", SMALL, "data.seq_len=256", "data.batch_size=2"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "fits" in text and "--estimate-memory" in text, text
+    report = json.loads(out.read_text())
+    assert report["fits"] and report["program"].startswith("train step (sft")
+    assert any(k.startswith("attention_sink_bwd") for k in report["kernels"]), report["kernels"]
+
+
+def test_gptoss_compile_command_bad_target_is_one_line(capsys):
+    from gptoss_jax.cli import main
+
+    rc = main(["compile", os.path.join(CONFIGS, "sft_example.yaml"), "--target", "tpu-v9"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "unknown target 'tpu-v9'" in err and "Traceback" not in err

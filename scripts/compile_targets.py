@@ -1,0 +1,109 @@
+"""Compile the programs users run for their targets and record the compiler's figures.
+
+    python scripts/compile_targets.py [--out experiments/2026-12-05-compile] [--only NAME ...]
+
+Each row: one program (20b/120b prefill, decode step, a config's train step) compiled for a
+compile-only target (`gptoss_jax.targets`) on this CPU host; per-device arguments / outputs /
+temporaries vs HBM, fits, compile time, the Pallas kernels in the program, and for train steps the
+`--estimate-memory` figure beside the compiler's. Writes records.json (appended row by row, so a
+killed run keeps what it finished) and table.md generated from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from gptoss_jax import aot, config  # noqa: E402
+from gptoss_jax.train.config import load_config  # noqa: E402
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+B20, B120 = config.gpt_oss_20b(), config.gpt_oss_120b()
+
+
+def programs():
+    """(name, thunk) for every row of the table."""
+    rows = []
+    for target, mesh in (("h100", {}), ("tpu-v5e-8", {"expert": 8})):
+        rows.append((f"20b-forward-8192@{target}", lambda t=target, m=mesh: aot.compile_forward(
+            B20, t, batch=1, length=8192, mesh=m, progress=False)[1]))
+        for batch in (1, 64):
+            rows.append((f"20b-decode-b{batch}@{target}", lambda t=target, m=mesh, b=batch: aot.compile_decode(
+                B20, t, batch=b, context=8192, mesh=m, progress=False)[1]))
+    rows.append(("20b-serving-forward-b8x8192@tpu-v6e-1", lambda: aot.compile_forward(
+        B20, "tpu-v6e-1", batch=8, length=8192, progress=False)[1]))
+    rows.append(("20b-serving-decode-b8@tpu-v6e-1", lambda: aot.compile_decode(
+        B20, "tpu-v6e-1", batch=8, context=8192, progress=False)[1]))
+    for name in ("lora_20b_gpu80", "sft_20b_gpu80", "grpo_lora_20b_gpu80"):
+        rows.append((f"{name}@h100", lambda n=name: aot.compile_train_step(
+            load_config(os.path.join(CONFIGS, n + ".yaml")), "h100", progress=False)))
+    rows.append(("lora_20b_gpu80 seq 4096 batch 1@h100 (field goal: <= 24 GB)", lambda: aot.compile_train_step(
+        load_config(os.path.join(CONFIGS, "lora_20b_gpu80.yaml"), ["data.batch_size=1", "data.accum_steps=1"]),
+        "h100", progress=False)))
+    for target, mesh in (("h100x8", {"expert": 8}), ("tpu-v5p-8", {"expert": 4}), ("tpu-v6e-8", {"expert": 8})):
+        rows.append((f"120b-forward-4096@{target}", lambda t=target, m=mesh: aot.compile_forward(
+            B120, t, batch=8, length=4096, mesh=m, progress=False)[1]))
+    lora120 = ["model.preset=gpt_oss_120b", "data.seq_len=2048", "data.batch_size=8", "data.accum_steps=1"]
+    for target, mesh in (("h100x8", "{expert: 8}"), ("tpu-v5p-8", "{expert: 4}")):
+        rows.append((f"120b LoRA step 8x2048@{target}", lambda t=target, m=mesh: aot.compile_train_step(
+            load_config(os.path.join(CONFIGS, "lora_20b_gpu80.yaml"), lora120 + [f"mesh={m}"]), t, progress=False)))
+    rows.append(("120b LoRA step 1x2048@h100 (field goal: <= 75 GB)", lambda: aot.compile_train_step(
+        load_config(os.path.join(CONFIGS, "lora_20b_gpu80.yaml"),
+                    ["model.preset=gpt_oss_120b", "data.seq_len=2048", "data.batch_size=1", "data.accum_steps=1"]),
+        "h100", progress=False)))
+    return rows
+
+
+def markdown(records: list) -> str:
+    gib = lambda b: f"{b / 2**30:.2f}"
+    lines = ["| program @ target | devices | args GiB | temps GiB | total GiB | HBM GiB | fits | estimate GiB | compile s | kernels |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        if "error" in r:
+            lines.append(f"| {r['row']} | | | | | | error: {r['error'][:120]} | | | |")
+            continue
+        est = gib(r["estimate_bytes"]) if r.get("estimate_bytes") else ""
+        kernels = ", ".join(f"{k} x{n}" for k, n in sorted(r["kernels"].items()))
+        lines.append(f"| {r['row']} | {r['devices']} | {gib(r['argument_bytes'])} | {gib(r['temp_bytes'])} | "
+                     f"{gib(r['total_bytes'])} | {gib(r['hbm_bytes'])} | {'yes' if r['fits'] else '**no**'} | {est} | "
+                     f"{r['compile_seconds']:.0f} | {kernels} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="experiments/2026-12-05-compile")
+    p.add_argument("--only", nargs="*", help="row names (substrings) to run")
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "records.json")
+    records = json.load(open(path)) if os.path.exists(path) else []
+    for name, run in programs():
+        if args.only and not any(s in name for s in args.only):
+            continue
+        t0 = time.time()
+        print(f"{name} ...", flush=True)
+        try:
+            rec = {"row": name, **run().to_json()}
+        except Exception as e:  # record the failure: a program that does not compile is a finding
+            traceback.print_exc()
+            rec = {"row": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+        rec["command"] = "python scripts/compile_targets.py --only " + repr(name)
+        rec["wall_seconds"] = round(time.time() - t0, 1)
+        records = [r for r in records if r["row"] != name] + [rec]
+        with open(path, "w") as f:
+            json.dump(records, f, indent=1)
+        with open(os.path.join(args.out, "table.md"), "w") as f:
+            f.write(markdown(records))
+        print(markdown([rec]).splitlines()[-1], flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

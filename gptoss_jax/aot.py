@@ -283,9 +283,7 @@ def compile_train_step(exp_cfg, target, *, progress: bool = True):
 
     target = targets_lib.get(target)
     mcfg = exp_cfg.model
-    model_cfg = sft_lib.PRESETS[mcfg.preset]()
-    if mcfg.overrides:
-        model_cfg = model_cfg.replace(**mcfg.overrides)
+    model_cfg = sft_lib.model_config(exp_cfg)
     m = _mesh(target, exp_cfg.mesh)
     lora = sft_lib.lora_config(exp_cfg) if exp_cfg.lora.enabled else None
     build = _model_builder(model_cfg, dtype=mcfg.dtype, experts=mcfg.experts,

@@ -289,15 +289,14 @@ def cmd_compile(args) -> int:
 
     from gptoss_jax import aot, targets
     from gptoss_jax.train.config import load_config
-    from gptoss_jax.train.sft import PRESETS
+    from gptoss_jax.train.sft import model_config
 
     cfg = load_config(args.config, args.overrides)
     target = targets.get(args.target)
     if args.program == "train":
         report = aot.compile_train_step(cfg, target)
     else:
-        m = cfg.model
-        model_cfg = PRESETS[m.preset]().replace(**m.overrides) if m.overrides else PRESETS[m.preset]()
+        m, model_cfg = cfg.model, model_config(cfg)
         kw = dict(batch=args.batch, mesh=cfg.mesh, dtype=m.dtype, experts=m.experts)
         if args.program == "forward":
             report = aot.compile_forward(model_cfg, target, length=args.length or cfg.data.seq_len, **kw)[1]
@@ -467,7 +466,12 @@ def main(argv=None) -> int:
         p.add_argument("--mesh", help="shard over a device mesh, e.g. 'fsdp=2,expert=4' (axes data, fsdp, "
                                       "tensor, expert; one may be -1); default: one device")
         p.set_defaults(fn=fn)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also follow the options (`gptoss compile CFG --target h100 k=v`)
+    if extra and hasattr(args, "overrides") and not any(a.startswith("-") for a in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return _run(args)
 
 

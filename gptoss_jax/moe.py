@@ -99,12 +99,14 @@ def lora_delta(x, adapter: Adapter | None, matmul):
     return matmul(matmul(x, adapter.a).astype(x.dtype), adapter.b)
 
 
-def _expert_mlp(x, w1, b1, w2, b2, *, alpha, limit, matmul, lora1=None, lora2=None):
+def _expert_mlp(x, w1, b1, w2, b2, *, alpha, limit, matmul, lora1=None, lora2=None, delta=None):
     """The per-expert MLP given a matmul for the chosen dispatch; fp32 accumulation, fp32 SwiGLU.
-    LoRA adapters (already in the dispatch's layout) go through the same matmul."""
-    h = matmul(x, w1) + b1.astype(jnp.float32) + lora_delta(x, lora1, matmul)
+    LoRA adapters (already in the dispatch's layout) go through the same matmul, unless
+    `delta(x, adapter)` computes their update another way."""
+    delta = delta or (lambda x, adapter: lora_delta(x, adapter, matmul))
+    h = matmul(x, w1) + b1.astype(jnp.float32) + delta(x, lora1)
     a = swiglu(h, alpha=alpha, limit=limit).astype(x.dtype)
-    return matmul(a, w2) + b2.astype(jnp.float32) + lora_delta(a, lora2, matmul)
+    return matmul(a, w2) + b2.astype(jnp.float32) + delta(a, lora2)
 
 
 def moe_dense_reference(x, ew: ExpertWeights, routing: Routing, *, alpha, limit):
@@ -182,9 +184,9 @@ def grouped_mlp(xs, group_sizes, ew: ExpertWeights, *, alpha, limit, mxfp4_impl=
         y = mm(a, ew.w2.blocks, ew.w2.scales, bias=ew.b2).astype(jnp.float32)
         return y + grouped_lora_delta(a, ew.lora2, rows_expert)
     experts = jnp.minimum(rows_expert, group_sizes.shape[0] - 1)
-    h = ragged(xs, in_out(ew.w1, dt)) + ew.b1[experts].astype(jnp.float32) + grouped_lora_delta(xs, ew.lora1, rows_expert)
-    a = swiglu(h, alpha=alpha, limit=limit).astype(dt)
-    return ragged(a, in_out(ew.w2, dt)) + ew.b2[experts].astype(jnp.float32) + grouped_lora_delta(a, ew.lora2, rows_expert)
+    return _expert_mlp(xs, in_out(ew.w1, dt), ew.b1[experts], in_out(ew.w2, dt), ew.b2[experts],
+                       alpha=alpha, limit=limit, matmul=ragged, lora1=ew.lora1, lora2=ew.lora2,
+                       delta=lambda x, adapter: grouped_lora_delta(x, adapter, rows_expert))
 
 
 def moe_ragged(x, ew: ExpertWeights, routing: Routing, *, alpha, limit, mxfp4_impl=None, interpret=False):

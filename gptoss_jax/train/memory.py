@@ -106,7 +106,7 @@ def estimate(cfg) -> MemoryEstimate:
     from gptoss_jax import lora as lora_lib
     from gptoss_jax.config import ModelConfig
     from gptoss_jax.model import GptOss, KernelOptions
-    from gptoss_jax.train.sft import PRESETS, lora_config
+    from gptoss_jax.train.sft import lora_config, model_config
     from gptoss_jax.train.step import trainable_filter
 
     m = cfg.model
@@ -114,7 +114,7 @@ def estimate(cfg) -> MemoryEstimate:
         from gptoss_jax.checkpoint import find_checkpoint
         model_cfg = ModelConfig.from_pretrained(find_checkpoint(m.checkpoint).root)
     else:
-        model_cfg = PRESETS[m.preset]().replace(**m.overrides) if m.overrides else PRESETS[m.preset]()
+        model_cfg = model_config(cfg)
 
     def build():
         model = GptOss(model_cfg, rngs=nnx.Rngs(0), dtype=m.dtype, experts=m.experts,

@@ -31,6 +31,14 @@ PRESETS = {"tiny": model_config.tiny, "gpt_oss_20b": model_config.gpt_oss_20b,
            "gpt_oss_120b": model_config.gpt_oss_120b}
 
 
+def model_config(cfg: ExperimentConfig):
+    """The architecture of `model.preset` with `model.overrides` applied."""
+    m = cfg.model
+    if m.preset not in PRESETS:
+        raise ValueError(f"model.preset {m.preset!r} is not one of {sorted(PRESETS)}")
+    return PRESETS[m.preset]().replace(**m.overrides) if m.overrides else PRESETS[m.preset]()
+
+
 def build_model(cfg: ExperimentConfig, mesh=None, *, adapters: bool = True):
     """The model a run starts from: `model.checkpoint`, or a random `model.preset` (seeded by
     run.seed); with `lora.enabled` (and `adapters`), fresh adapters attached."""
@@ -41,10 +49,7 @@ def build_model(cfg: ExperimentConfig, mesh=None, *, adapters: bool = True):
     if m.checkpoint:
         model = gj.load(m.checkpoint, dtype=m.dtype, experts=m.experts, mesh=mesh, kernel=kernel)
     else:
-        if m.preset not in PRESETS:
-            raise ValueError(f"model.preset {m.preset!r} is not one of {sorted(PRESETS)}")
-        model_cfg = PRESETS[m.preset]().replace(**m.overrides) if m.overrides else PRESETS[m.preset]()
-        model = gj.init(model_cfg, seed=cfg.run.seed, dtype=m.dtype, experts=m.experts, mesh=mesh, kernel=kernel)
+        model = gj.init(model_config(cfg), seed=cfg.run.seed, dtype=m.dtype, experts=m.experts, mesh=mesh, kernel=kernel)
     if cfg.lora.enabled and adapters:
         lora_lib.add_lora(model, lora_config(cfg), seed=cfg.run.seed)
     return model

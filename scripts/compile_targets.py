@@ -25,6 +25,10 @@ from gptoss_jax.train.config import load_config  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 B20, B120 = config.gpt_oss_20b(), config.gpt_oss_120b()
+# every 20b training config in configs/ and the target it is written for
+CONFIG_TARGETS = {"lora_20b_gpu80": "h100", "sft_20b_gpu80": "h100", "grpo_lora_20b_gpu80": "h100",
+                  "lora_20b_tpu_v5e_8": "tpu-v5e-8", "sft_20b_tpu_v5e_8": "tpu-v5e-8",
+                  "grpo_lora_20b_tpu_v5e_8": "tpu-v5e-8"}
 
 
 def programs():
@@ -40,9 +44,9 @@ def programs():
         B20, "tpu-v6e-1", batch=8, length=8192, progress=False)[1]))
     rows.append(("20b-serving-decode-b8@tpu-v6e-1", lambda: aot.compile_decode(
         B20, "tpu-v6e-1", batch=8, context=8192, progress=False)[1]))
-    for name in ("lora_20b_gpu80", "sft_20b_gpu80", "grpo_lora_20b_gpu80"):
-        rows.append((f"{name}@h100", lambda n=name: aot.compile_train_step(
-            load_config(os.path.join(CONFIGS, n + ".yaml")), "h100", progress=False)))
+    for name, target in CONFIG_TARGETS.items():
+        rows.append((f"{name}@{target}", lambda n=name, t=target: aot.compile_train_step(
+            load_config(os.path.join(CONFIGS, n + ".yaml")), t, progress=False)))
     rows.append(("lora_20b_gpu80 seq 4096 batch 1@h100 (field goal: <= 24 GB)", lambda: aot.compile_train_step(
         load_config(os.path.join(CONFIGS, "lora_20b_gpu80.yaml"), ["data.batch_size=1", "data.accum_steps=1"]),
         "h100", progress=False)))
@@ -76,10 +80,38 @@ def markdown(records: list) -> str:
     return "\n".join(lines) + "\n"
 
 
+def configs_table(records: list) -> str:
+    """The configs' rows: compiled per-device total vs HBM beside --estimate-memory."""
+    gib = lambda b: f"{b / 2**30:.1f}"
+    lines = ["| config | target | compiled GiB / HBM | fits | --estimate-memory GiB | compiler / estimate |",
+             "|---|---|---|---|---|---|"]
+    for name, target in CONFIG_TARGETS.items():
+        r = next((r for r in records if r["row"] == f"{name}@{target}"), None)
+        if r is None:
+            lines.append(f"| `{name}.yaml` | {target} | not compiled yet | | | |")
+        elif "error" in r:
+            lines.append(f"| `{name}.yaml` | {target} | error: {r['error'][:100]} | | | |")
+        else:
+            lines.append(f"| `{name}.yaml` | {target} | {gib(r['total_bytes'])} / {gib(r['hbm_bytes'])} | "
+                         f"{'yes' if r['fits'] else '**no**'} | {gib(r['estimate_bytes'])} | "
+                         f"{r['total_bytes'] / r['estimate_bytes']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def update_configs_readme(records: list, path=os.path.join(CONFIGS, "README.md")) -> None:
+    start, end = "<!-- compiled-configs:start -->", "<!-- compiled-configs:end -->"
+    text = open(path).read()
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    with open(path, "w") as f:
+        f.write(head + start + "\n" + configs_table(records) + end + tail)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="experiments/2026-12-05-compile")
     p.add_argument("--only", nargs="*", help="row names (substrings) to run")
+    p.add_argument("--docs", action="store_true", help="also regenerate the compiled table in configs/README.md")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "records.json")
@@ -101,6 +133,8 @@ def main(argv=None) -> int:
             json.dump(records, f, indent=1)
         with open(os.path.join(args.out, "table.md"), "w") as f:
             f.write(markdown(records))
+        if args.docs:
+            update_configs_readme(records)
         print(markdown([rec]).splitlines()[-1], flush=True)
     return 0
 

@@ -75,6 +75,10 @@ def test_attention_kernel_compiles_forward_and_backward(target, T, window):
     kinds = _kernels_of(report, "attention")
     assert len(kinds) >= 2 and sum(kinds.values()) >= 2, report.kernels  # forward + backward kernels
     assert report.fits, report.table()
+    if t.platform == "tpu":  # the kernels' pl.CostEstimates reach XLA's cost analysis
+        visible = sum(min(i + 1, window or T) for i in range(T))  # (query, key) pairs under the mask
+        # matmuls per pair: 2 forward + 3 (dq) + 4 (dk, dv), each 2 H flops per head
+        assert report.flops >= 9 * 2 * 64 * 64 * visible, (report.flops, visible)
 
 
 @pytest.mark.parametrize("target", KERNEL_TARGETS)
@@ -99,6 +103,8 @@ def test_mxfp4_grouped_matmul_compiles_forward_and_input_grad(target, E, N, swig
     _, report = aot.compile_jitted(fn, (x, blocks, scales, sizes, bias), program="mxfp4", target=t, progress=False)
     kinds = _kernels_of(report, "mxfp4")
     assert len(kinds) >= 2, report.kernels  # the forward (or recompute) kernel and the dX kernel
+    if t.platform == "tpu":  # forward (recompute) and dX kernels each count 2 M N K
+        assert report.flops >= 2 * 2 * M * N * K, report.flops
     # the packed weight is never decoded whole: no float array as large as the expert matrices
     assert all(b < E * N * K * 2 for b, shape in report.largest_arrays if not shape.startswith("u8")), \
         report.largest_arrays

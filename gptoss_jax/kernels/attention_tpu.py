@@ -288,6 +288,15 @@ def _row_stats_unlayout(x, cfg: _Cfg):
     return x.reshape(B, K, nq, cfg.G, cfg.block_q).transpose(0, 1, 3, 2, 4).reshape(B, K, cfg.G, cfg.Tq)
 
 
+def _cost(cfg: "_Cfg", B: int, K: int, H: int, matmuls: int, *arrays) -> pl.CostEstimate:
+    """What XLA's cost analysis should count for a kernel over the visited tiles: `matmuls`
+    [G bq, H] x [H, bk]-sized products per visited (query tile, key tile) pair, one exp per score,
+    and every operand and result read or written once."""
+    pairs = B * K * cfg.plan.fwd.total_visits * cfg.rows * cfg.block_k
+    return pl.CostEstimate(flops=2 * H * pairs * matmuls, transcendentals=pairs,
+                           bytes_accessed=sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(arrays)))
+
+
 def _compiler_params(n_parallel: int):
     return pltpu.CompilerParams(dimension_semantics=("parallel",) * n_parallel + ("arbitrary",))
 
@@ -329,6 +338,7 @@ def _forward(cfg: _Cfg, q5, k4, v4, sinks, seg):
         out_shape=out_shape,
         compiler_params=_compiler_params(3),
         interpret=cfg.interpret,
+        cost_estimate=_cost(cfg, B, K, H, 2, args, out_shape),
         name="gptoss_flash_attention_fwd",
     )(jnp.asarray(plan.fwd.kv_index.reshape(-1)), jnp.asarray(plan.fwd.kind.reshape(-1)), *args)
     return o5, lse
@@ -457,6 +467,7 @@ def _backward(cfg: _Cfg, q5, k4, v4, seg, o5, lse, do5):
         out_shape=jax.ShapeDtypeStruct(q5.shape, q5.dtype),
         compiler_params=_compiler_params(3),
         interpret=cfg.interpret,
+        cost_estimate=_cost(cfg, B, K, H, 3, args, q5),  # s, dp, dq
         name="gptoss_flash_attention_dq",
     )(jnp.asarray(plan.fwd.kv_index.reshape(-1)), jnp.asarray(plan.fwd.kind.reshape(-1)), *args)
 
@@ -493,6 +504,7 @@ def _backward(cfg: _Cfg, q5, k4, v4, seg, o5, lse, do5):
         out_shape=[jax.ShapeDtypeStruct(k4.shape, k4.dtype), jax.ShapeDtypeStruct(v4.shape, v4.dtype)],
         compiler_params=_compiler_params(3),
         interpret=cfg.interpret,
+        cost_estimate=_cost(cfg, B, K, H, 4, args, k4, v4),  # s, dv, dp, dk
         name="gptoss_flash_attention_dkv",
     )(jnp.asarray(plan.q_index.reshape(-1)), jnp.asarray(plan.q_kind.reshape(-1)), *args)
     return dq5, dk4, dv4, d5

@@ -262,6 +262,13 @@ def _fwd_kernel(tile_ref, exp_ref, lo_ref, hi_ref, first_ref, dec_flag_ref,  # s
             o_ref[...] = jnp.where(mask, y.astype(o_ref.dtype), o_ref[...])
 
 
+def _cost(M: int, N: int, K: int, *arrays) -> pl.CostEstimate:
+    """Every row multiplied once by its expert's [N, K] weight; each operand and result moved
+    once (the packed weight at its packed size)."""
+    return pl.CostEstimate(flops=2 * M * N * K, transcendentals=0,
+                           bytes_accessed=sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(arrays)))
+
+
 def _precision(dtype):
     # explicit for bf16 too: Mosaic rejects bf16 operands at fp32 precision, which a global
     # `jax_default_matmul_precision = "highest"` would otherwise request
@@ -318,6 +325,7 @@ def _forward(x, blocks, scales, group_sizes, bias, *, swiglu, bs: MatmulBlockSiz
         out_shape=vma.out_struct((M, out_n), out_dtype, *meta, *args),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
         interpret=interpret,
+        cost_estimate=_cost(M, N, K, args, jax.ShapeDtypeStruct((M, out_n), out_dtype)),
         name="mxfp4_grouped_matmul_fwd",
     )(*meta, *args)
 
@@ -403,6 +411,7 @@ def _input_grad(dh, blocks, scales, group_sizes, *, bs: MatmulBlockSizes, interp
         out_shape=vma.out_struct((2, m_pad, nk * bk // 2), dh.dtype, *meta, dh, w, s),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
         interpret=interpret,
+        cost_estimate=_cost(M, N, K, dh, w, s, jax.ShapeDtypeStruct((M, K), dh.dtype)),
         name="mxfp4_grouped_matmul_dx",
     )(*meta, dh, w, s)
     return _merge_x(dx2, M, K)

@@ -53,6 +53,7 @@ class CompileReport:
     mesh: dict = dataclasses.field(default_factory=dict)
     largest_arrays: list = dataclasses.field(default_factory=list)  # [(bytes, "dtype[shape]")], see largest_arrays
     scoped_vmem: dict = dataclasses.field(default_factory=dict)  # Mosaic kernel -> scoped VMEM bytes (TPU)
+    refused: str | None = None  # the compiler's out-of-memory refusal (XLA:TPU); figures from its message
 
     @property
     def total_bytes(self) -> int:
@@ -62,7 +63,7 @@ class CompileReport:
 
     @property
     def fits(self) -> bool:
-        return self.total_bytes <= self.hbm_bytes
+        return self.refused is None and self.total_bytes <= self.hbm_bytes
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -78,6 +79,10 @@ class CompileReport:
                  f"aliased {gib(self.alias_bytes)}, temporaries {gib(self.temp_bytes)}",
                  f"  total {gib(self.total_bytes)} of {gib(self.hbm_bytes)} HBM "
                  f"({self.total_bytes / self.hbm_bytes:.0%}): {'fits' if self.fits else 'DOES NOT FIT'}"]
+        if self.refused:
+            lines.insert(1, f"  the compiler refused it: {self.refused}")
+            lines[2] = f"  per device: arguments {gib(self.argument_bytes)} (from their shardings), temporaries " \
+                       f"{gib(self.temp_bytes)} (from the refusal)"
         if self.estimate_bytes:
             ratio = self.total_bytes / self.estimate_bytes
             lines.append(f"  --estimate-memory {gib(self.estimate_bytes)} (compiler / estimate = {ratio:.2f})")
@@ -170,9 +175,23 @@ def compile_jitted(jitted, args, *, program: str, target, mesh=None, progress: b
                    estimate_bytes=None) -> tuple:
     """Lower and compile `jitted` for the abstract `args`; -> (compiled, CompileReport)."""
     target = targets_lib.get(target)
+    mesh_shape = dict(mesh.shape) if mesh is not None else {}
     with _Progress(f"{program} for {target.name}", progress):
         t0 = time.perf_counter()
-        compiled = jitted.lower(*args).compile()
+        lowered = jitted.lower(*args)
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as e:
+            # XLA:TPU refuses a program whose temporaries exceed the HBM: that is a finding
+            # ("does not fit", with the compiler's figure), not a crash
+            need = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM", str(e))
+            if not need:
+                raise
+            temps = int(float(need.group(1)) * 1024 ** " KMGT".index(need.group(2)))
+            args_bytes = sum(a.size * a.dtype.itemsize // _split(a) for a in jax.tree.leaves(args))
+            return None, CompileReport(program, target.name, target.num_devices, target.hbm_bytes, args_bytes, 0,
+                                       0, temps, time.perf_counter() - t0, {}, {}, None, estimate_bytes,
+                                       mesh_shape, [], {}, refused=str(e).splitlines()[0])
         seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     hlo = compiled.as_text()
@@ -183,8 +202,17 @@ def compile_jitted(jitted, args, *, program: str, target, mesh=None, progress: b
     report = CompileReport(program, target.name, target.num_devices, target.hbm_bytes,
                            mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
                            mem.temp_size_in_bytes, seconds, kernels, calls, flops or None, estimate_bytes,
-                           dict(mesh.shape) if mesh is not None else {}, largest_arrays(hlo), vmem)
+                           mesh_shape, largest_arrays(hlo), vmem)
     return compiled, report
+
+
+def _split(a) -> int:
+    """Into how many pieces an abstract array's sharding cuts it (1 without one)."""
+    sharding = getattr(a, "sharding", None)
+    if sharding is None:
+        return 1
+    shard = sharding.shard_shape(a.shape)
+    return max(1, int(np.prod(a.shape, dtype=np.int64)) // max(1, int(np.prod(shard, dtype=np.int64))))
 
 
 # ------------------------------------------------------------------------------ abstract inputs

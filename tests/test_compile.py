@@ -208,3 +208,15 @@ def test_gptoss_compile_command_bad_target_is_one_line(capsys):
     rc = main(["compile", os.path.join(CONFIGS, "sft_example.yaml"), "--target", "tpu-v9"])
     err = capsys.readouterr().err
     assert rc == 2 and "unknown target 'tpu-v9'" in err and "Traceback" not in err
+
+
+def test_a_program_the_tpu_compiler_refuses_is_reported_as_not_fitting():
+    """XLA:TPU refuses a program whose temporaries exceed the HBM; the report says so with the
+    compiler's figure instead of raising (a 40 GiB sort on one 32 GiB v6e chip)."""
+    t, s = _one_device("tpu-v6e-1")
+    x = jax.ShapeDtypeStruct((2**28, 4), jnp.float32, sharding=s)  # 4 GiB
+    compiled, r = aot.compile_jitted(jax.jit(lambda x: jnp.sort(jnp.tile(x, (1, 10)), axis=0).sum()), (x,),
+                                     program="sort", target=t, progress=False)
+    assert compiled is None and not r.fits and "RESOURCE_EXHAUSTED" in r.refused
+    assert r.temp_bytes > t.hbm_bytes and r.argument_bytes == 4 * 2**30
+    assert "DOES NOT FIT" in r.table()

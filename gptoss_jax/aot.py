@@ -326,7 +326,8 @@ def compile_train_step(exp_cfg, target, *, progress: bool = True):
         rows = exp_cfg.rl.prompts_per_step * exp_cfg.rl.group_size
         objective = rl_lib.rl_objective(exp_cfg.algorithm, exp_cfg.rl)
     trainer = make_trainer(model, make_optimizer(exp_cfg.optim), accum_steps=exp_cfg.data.accum_steps,
-                           trainable=trainable, router_aux_loss=exp_cfg.optim.router_aux_loss, objective=objective)
+                           trainable=trainable, router_aux_loss=exp_cfg.optim.router_aux_loss, objective=objective,
+                           loss_chunk=mcfg.loss_chunk)
     # The state's layout is what jit gives the initial state from the sharded model, as in a run.
     init = jax.jit(trainer.init).lower(model).compile()
     state_struct = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -47,6 +47,7 @@ class ModelOutput:
     cache: Any = None
     intermediates: Any = None  # with capture=True: one dict per layer, see Block.__call__
     router_loss: Any = None  # with router_loss=True: the load-balancing loss, mean over layers
+    hidden: Any = None  # with head=False: the final-normed hidden states [B, T, D] (logits is None)
 
 
 def _normal(std=0.02):
@@ -366,7 +367,8 @@ class GptOss(nnx.Module):
         return self.layers[0].mlp.experts
 
     def __call__(self, tokens, *, positions=None, segment_ids=None, cache: KVCache | None = None,
-                 capture=False, logits_at=None, logits_dtype=jnp.float32, router_loss=False) -> ModelOutput:
+                 capture=False, logits_at=None, logits_dtype=jnp.float32, router_loss=False,
+                 head: bool = True) -> ModelOutput:
         """tokens [B, T] int.
 
         positions: absolute positions [B, T]; default 0..T-1, or continuing from the cache.
@@ -379,6 +381,9 @@ class GptOss(nnx.Module):
             block, attention and MoE outputs, per-head sink mass, router logits, top-k ids and
             weights; see `Block.__call__`) | "experts": also each chosen expert's own output.
             Attention then runs on the XLA path (the kernels do not report the sink mass).
+        head: False skips the output head and returns the final-normed hidden states as
+            `ModelOutput.hidden` (for a loss that makes the logits in chunks,
+            `train.losses.chunked_token_cross_entropy`).
         router_loss: also return the router's load-balancing loss (`moe.load_balancing_loss` over
             the non-padding tokens, averaged over layers) as `ModelOutput.router_loss`.
         """
@@ -423,6 +428,9 @@ class GptOss(nnx.Module):
             if logits_at is not None:
                 x = jnp.take_along_axis(x, jnp.asarray(logits_at)[:, None, None], axis=1)
             h = layers.rms_norm(x, self.norm[...], cfg.rms_eps)
+            if not head:
+                return ModelOutput(None, cache, captured if capture else None,
+                                   jnp.mean(jnp.stack(balance)) if router_loss else None, hidden=h)
             logits = layers.unembed(h, self.unembed[...], kernel.platform).astype(logits_dtype)
             logits = sharding_lib.constrain(logits, ("batch", "length", "act_vocab"), self.mesh)
         return ModelOutput(logits, cache, captured if capture else None,

@@ -263,3 +263,42 @@ def test_router_aux_loss_enters_the_step(tiny_cfg):
     _, metrics = trainer.step(trainer.init(model), {"tokens": tokens, "loss_mask": jnp.ones_like(tokens)})
     assert float(metrics["router_loss"]) == pytest.approx(float(out.router_loss), rel=1e-5)
     assert float(metrics["loss"]) == pytest.approx(float(next_token_loss(out.logits, tokens)[0]), rel=1e-5)
+
+
+def test_chunked_cross_entropy_equals_the_whole_logits_loss():
+    """Logits made 16 positions at a time (T = 45: a ragged last chunk; zero weights inside) give
+    the loss and gradients of the [B, T, V] computation (fp32, limit 1e-6 relative)."""
+    from gptoss_jax.train.losses import chunked_token_cross_entropy, token_cross_entropy
+
+    k = jax.random.split(jax.random.key(0), 4)
+    h = jax.random.normal(k[0], (2, 45, 32), jnp.float32)
+    table = jax.random.normal(k[1], (97, 32), jnp.float32) * 0.3
+    targets = jax.random.randint(k[2], (2, 45), 0, 97)
+    weights = (jax.random.uniform(k[3], (2, 45)) > 0.3).astype(jnp.float32)
+
+    def whole(h, table):
+        logits = jnp.einsum("BTD,VD->BTV", h, table, precision="highest")
+        return token_cross_entropy(logits, targets, weights)[0]
+
+    chunked = lambda h, table: chunked_token_cross_entropy(h, table, targets, weights, chunk=16)[0]
+    (l1, g1), (l2, g2) = (jax.value_and_grad(f, argnums=(0, 1))(h, table) for f in (whole, chunked))
+    assert abs(float(l1 - l2)) <= 1e-6 * abs(float(l1))
+    for a, b in zip(g1, g2):
+        assert float(jnp.abs(a - b).max()) <= 1e-6 * float(jnp.abs(a).max())
+    assert float(chunked_token_cross_entropy(h, table, targets, weights, chunk=16)[1]) == float(weights.sum())
+    # control: dropping the last (partial) chunk's positions changes the loss
+    first_two = chunked_token_cross_entropy(h[:, :32], table, targets[:, :32], weights[:, :32], chunk=16)[0]
+    assert abs(float(first_two - l1)) > 1e-4
+
+
+def test_train_step_with_a_chunked_loss_equals_the_whole_one(tiny_cfg, batch):
+    results = []
+    for chunk in (0, 8):
+        model = gj.init(tiny_cfg, seed=2, dtype=jnp.float32)
+        trainer = step_lib.make_trainer(model, optax.sgd(0.1), loss_chunk=chunk)
+        state, metrics = trainer.step(trainer.init(model), batch)
+        results.append((float(metrics["loss"]), float(metrics["grad_norm"]), jax.tree.leaves(state.params)))
+    (l1, n1, p1), (l2, n2, p2) = results
+    assert abs(l1 - l2) <= 1e-6 * l1 and abs(n1 - n2) <= 1e-5 * n1
+    worst = max(float(jnp.abs(a - b).max() / (jnp.abs(a).max() + 1e-30)) for a, b in zip(p1, p2))
+    assert worst <= 1e-5

@@ -32,6 +32,7 @@ class ModelSection:
     experts: str = "mxfp4"
     tokenizer: str = "o200k_harmony"  # "o200k_harmony", a tokenizer.json, or a checkpoint folder
     remat: str = "none"  # none | dots | full: what the backward pass recomputes (KernelOptions.remat)
+    loss_chunk: int = 0  # > 0: the SFT loss makes the logits this many positions at a time (0 = all at once)
 
 
 @dataclasses.dataclass(frozen=True)

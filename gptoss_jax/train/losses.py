@@ -16,6 +16,30 @@ def token_cross_entropy(logits, targets, weights=None):
     return jnp.sum(nll * w) / jnp.maximum(total, 1.0), total
 
 
+def chunked_token_cross_entropy(hidden, table, targets, weights=None, *, chunk: int = 1024):
+    """`token_cross_entropy` of the logits hidden [B, T, D] @ table[V, D]^T, computed `chunk`
+    positions at a time: each chunk's logits are made, reduced and dropped, and the backward pass
+    recomputes them (`jax.checkpoint`), so at most one chunk of [B, chunk, V] fp32 logits lives at
+    once instead of three copies of [B, T, V] (9.2 GiB per 4,096-token row at V = 201,088)."""
+    B, T, D = hidden.shape
+    n = -(-T // chunk)
+    pad = n * chunk - T
+    w = jnp.ones((B, T), jnp.float32) if weights is None else weights.astype(jnp.float32)
+    split = lambda a: jnp.moveaxis(jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)).reshape(
+        (B, n, chunk) + a.shape[2:]), 1, 0)  # padding positions get weight 0
+
+    @jax.checkpoint
+    def one(h, t, wc):
+        logits = jnp.einsum("BTD,VD->BTV", h, table, preferred_element_type=jnp.float32)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        nll = -jnp.take_along_axis(logp, t[..., None].astype(jnp.int32), axis=-1)[..., 0]
+        return jnp.sum(nll * wc)
+
+    sums = jax.lax.map(lambda a: one(*a), (split(hidden), split(targets), split(w)))
+    total = jnp.sum(w)
+    return jnp.sum(sums) / jnp.maximum(total, 1.0), total
+
+
 def next_token_loss(logits, tokens, loss_mask=None):
     """Predict tokens[:, 1:] from logits[:, :-1]; loss_mask [B, T] marks the tokens to predict
     (position t is scored when loss_mask[:, t] is set, t >= 1). Returns (loss, scored tokens)."""

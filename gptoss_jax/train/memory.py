@@ -145,6 +145,10 @@ def estimate(cfg) -> MemoryEstimate:
     dtype_bytes = np.dtype(m.dtype).itemsize
     acts = tokens * activation_bytes_per_token(model_cfg, m.remat, dtype_bytes)
     vocab_split = mesh.shape["tensor"] if model_cfg.vocab_size % mesh.shape["tensor"] == 0 else 1
-    logits = 3 * tokens * model_cfg.vocab_size * 4 / vocab_split
+    if m.loss_chunk and cfg.algorithm == "sft":  # one chunk of positions at a time
+        tokens_with_logits = tokens * min(1.0, m.loss_chunk / cfg.data.seq_len)
+    else:
+        tokens_with_logits = tokens
+    logits = 3 * tokens_with_logits * model_cfg.vocab_size * 4 / vocab_split
     return MemoryEstimate(weights, fp32_share, 2 * fp32_share, fp32_share, acts, logits, count, devices,
                           reference, kv_cache)

@@ -139,7 +139,8 @@ def train(cfg: ExperimentConfig, *, log=print) -> dict:
     model = build_model(cfg, mesh)
     trainable = trainable_filter(lora=cfg.lora.enabled, norms_and_sinks=cfg.lora.train_norms_and_sinks)
     trainer = make_trainer(model, make_optimizer(cfg.optim), accum_steps=cfg.data.accum_steps,
-                           trainable=trainable, router_aux_loss=cfg.optim.router_aux_loss)
+                           trainable=trainable, router_aux_loss=cfg.optim.router_aux_loss,
+                           loss_chunk=cfg.model.loss_chunk)
     state = trainer.init(model)
     schedule = make_schedule(cfg.optim)
     ckpts, state, meta, start = resume_or_start(out, cfg, state, log)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from gptoss_jax.train.losses import token_cross_entropy
+from gptoss_jax.train.losses import chunked_token_cross_entropy, token_cross_entropy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,20 +77,26 @@ class Trainer(NamedTuple):
     frozen: Any = None  # the variables that do not train (packed experts, ...), `step_fn`'s third argument
 
 
-def next_token_objective(router_aux_loss: float = 0.0):
+def next_token_objective(router_aux_loss: float = 0.0, loss_chunk: int = 0):
     """The SFT objective: mean next-token cross-entropy over the loss mask (targets inside their
     own document), plus `router_aux_loss` times the load-balancing loss. Batches: tokens,
-    loss_mask, and optionally segment_ids / positions (packed rows)."""
+    loss_mask, and optionally segment_ids / positions (packed rows). `loss_chunk` > 0 makes the
+    logits that many positions at a time (`losses.chunked_token_cross_entropy`): the same loss,
+    without the [B, T, V] fp32 logits."""
 
     def objective(model, micro):
         tokens = micro["tokens"]
         out = model(tokens, positions=micro.get("positions"), segment_ids=micro.get("segment_ids"),
-                    router_loss=router_aux_loss > 0)
+                    router_loss=router_aux_loss > 0, head=not loss_chunk)
         weights = micro["loss_mask"][:, 1:].astype(jnp.float32)
         if "segment_ids" in micro:  # a target must belong to the same document as its context
             seg = micro["segment_ids"]
             weights = weights * (seg[:, 1:] == seg[:, :-1]) * (seg[:, 1:] != 0)
-        mean, count = token_cross_entropy(out.logits[:, :-1], tokens[:, 1:], weights)
+        if loss_chunk:
+            mean, count = chunked_token_cross_entropy(out.hidden[:, :-1], model.unembed[...], tokens[:, 1:],
+                                                      weights, chunk=loss_chunk)
+        else:
+            mean, count = token_cross_entropy(out.logits[:, :-1], tokens[:, 1:], weights)
         sums = {"loss": mean * count}
         total = mean
         if router_aux_loss > 0:
@@ -102,7 +108,8 @@ def next_token_objective(router_aux_loss: float = 0.0):
 
 
 def make_trainer(model, optimizer: optax.GradientTransformation, *, accum_steps: int = 1,
-                 trainable=nnx.Param, router_aux_loss: float = 0.0, objective=None) -> Trainer:
+                 trainable=nnx.Param, router_aux_loss: float = 0.0, objective=None,
+                 loss_chunk: int = 0) -> Trainer:
     """Build the step for `model`'s structure. Batches are dicts of [accum_steps * B, ...] arrays,
     cut into `accum_steps` micro-batches along the first axis.
 
@@ -112,7 +119,7 @@ def make_trainer(model, optimizer: optax.GradientTransformation, *, accum_steps:
         objective (`next_token_objective(router_aux_loss)`).
     trainable: an nnx filter of the variables to train (`nnx.Param`: everything but the packed
         experts; `lora.LoRAParam`: the adapters alone; see `trainable_filter`)."""
-    objective = objective or next_token_objective(router_aux_loss)
+    objective = objective or next_token_objective(router_aux_loss, loss_chunk)
     graphdef, frozen_params, rest = nnx.split(model, trainable, ...)
     dtypes = jax.tree.map(lambda v: v.dtype, frozen_params)
     to_compute = lambda master: jax.tree.map(lambda p, d: p.astype(d), master, dtypes)

@@ -1,6 +1,6 @@
 """Compile the programs users run for their targets and record the compiler's figures.
 
-    python scripts/compile_targets.py [--out experiments/2026-12-05-compile] [--only NAME ...]
+    python scripts/compile_targets.py [--out experiments/2026-12-05-compile] [--only NAME ...] [--docs]
 
 Each row: one program (20b/120b prefill, decode step, a config's train step) compiled for a
 compile-only target (`gptoss_jax.targets`) on this CPU host; per-device arguments / outputs /

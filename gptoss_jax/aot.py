@@ -315,7 +315,8 @@ def compile_train_step(exp_cfg, target, *, progress: bool = True):
     m = _mesh(target, exp_cfg.mesh)
     lora = sft_lib.lora_config(exp_cfg) if exp_cfg.lora.enabled else None
     build = _model_builder(model_cfg, dtype=mcfg.dtype, experts=mcfg.experts,
-                           kernel=KernelOptions(remat=mcfg.remat), mesh=m, lora=lora)
+                           kernel=KernelOptions(remat=mcfg.remat, capacity_factor=mcfg.capacity_factor),
+                           mesh=m, lora=lora)
     graphdef, state = abstract_model(build, m)
     model = nnx.merge(graphdef, state)
     trainable = trainable_filter(lora=exp_cfg.lora.enabled, norms_and_sinks=exp_cfg.lora.train_norms_and_sinks)

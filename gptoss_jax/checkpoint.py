@@ -28,7 +28,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from gptoss_jax import mxfp4
+from gptoss_jax import atomic, mxfp4
 from gptoss_jax.config import ModelConfig
 from gptoss_jax.model import EXPERT_FORMATS, GptOss, KernelOptions, PackedWeight, abstract
 from gptoss_jax.safetensors_io import SafetensorsError, open_all, save_file
@@ -38,12 +38,80 @@ class CheckpointError(ValueError):
     """A checkpoint that does not hold exactly the tensors of the model."""
 
 
+class _Dim(int):
+    """A tensor dimension computed from config.json values, remembering how (`text`) and from
+    which keys (`keys`: name -> value), so a shape error can say which config entry disagrees."""
+
+    def __new__(cls, value: int, text: str, keys: dict | None = None):
+        self = super().__new__(cls, value)
+        self.text, self.keys = text, dict(keys or {})
+        return self
+
+    def _op(self, other, value: int, fmt: str) -> "_Dim":
+        return _Dim(value, fmt.format(self.text, _dim_text(other)), {**self.keys, **getattr(other, "keys", {})})
+
+    def __mul__(self, other):
+        return self._op(other, int(self) * int(other), "{}*{}")
+
+    def __rmul__(self, other):
+        return self._op(other, int(other) * int(self), "{1}*{0}")
+
+    def __add__(self, other):
+        return self._op(other, int(self) + int(other), "({}+{})")
+
+    def __floordiv__(self, other):
+        return self._op(other, int(self) // int(other), "{}/{}")
+
+
+def _dim_text(d) -> str:
+    return d.text if isinstance(d, _Dim) else str(int(d))
+
+
+@dataclasses.dataclass(frozen=True)
+class _ConfigDims:
+    V: _Dim
+    D: _Dim
+    N: _Dim
+    K: _Dim
+    H: _Dim
+    E: _Dim
+    F: _Dim
+
+
+def _config_dims(cfg: ModelConfig, layout: str) -> _ConfigDims:
+    """The config.json entries tensor shapes derive from, under the key names of `layout`."""
+    def dim(value, key):
+        return _Dim(value, key, {key: value})
+
+    return _ConfigDims(V=dim(cfg.vocab_size, "vocab_size"), D=dim(cfg.d_model, "hidden_size"),
+                       N=dim(cfg.num_heads, "num_attention_heads"), K=dim(cfg.num_kv_heads, "num_key_value_heads"),
+                       H=dim(cfg.head_dim, "head_dim"),
+                       E=dim(cfg.num_experts, "num_experts" if layout == "original" else "num_local_experts"),
+                       F=dim(cfg.expert_dim, "intermediate_size"))
+
+
+FLOAT, E2M1, E8M0 = "float", "e2m1", "e8m0"  # what a checkpoint tensor holds: floats, MXFP4 blocks, scales
+
+
+@dataclasses.dataclass(frozen=True)
+class Expect:
+    """What one checkpoint tensor must look like on disk, before any transform: its shape (in
+    `_Dim`s where config.json decides it) and what it holds (FLOAT, or E2M1 / E8M0 bytes)."""
+    shape: tuple
+    kind: str = FLOAT
+
+
+def _floats(*shape) -> tuple[Expect]:
+    return (Expect(tuple(shape)),)
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     path: tuple  # model variable path, e.g. ("layers", 3, "attn", "q")
     keys: tuple[str, ...]  # checkpoint tensors read
     load: Callable[..., np.ndarray]  # tensors -> variable value (numpy)
     save: Callable[[np.ndarray], np.ndarray] | None = None  # variable value -> the single tensor
+    expect: tuple[Expect, ...] = ()  # per key: its on-disk shape and content, checked before `load`
 
 
 def _heads_in(n, h):  # [n*h, D] -> [D, n, h]
@@ -64,35 +132,39 @@ def _rows(a, b, fn=_same):
 
 def hf_rules(cfg: ModelConfig, experts: str, packed_on_disk: bool) -> list[Rule]:
     N, K, H, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_model
+    d = _config_dims(cfg, "hf")
     rules = [
-        Rule(("embed",), ("model.embed_tokens.weight",), _same, _same),
-        Rule(("norm",), ("model.norm.weight",), _same, _same),
-        Rule(("unembed",), ("lm_head.weight",), _same, _same),
+        Rule(("embed",), ("model.embed_tokens.weight",), _same, _same, _floats(d.V, d.D)),
+        Rule(("norm",), ("model.norm.weight",), _same, _same, _floats(d.D)),
+        Rule(("unembed",), ("lm_head.weight",), _same, _same, _floats(d.V, d.D)),
     ]
     for n in range(cfg.num_layers):
         p, a, m = f"model.layers.{n}.", ("layers", n, "attn"), ("layers", n, "mlp")
         sa = p + "self_attn."
         rules += [
-            Rule(a + ("norm",), (p + "input_layernorm.weight",), _same, _same),
-            Rule(a + ("q",), (sa + "q_proj.weight",), _heads_in(N, H), _heads_out),
-            Rule(a + ("q_bias",), (sa + "q_proj.bias",), lambda b: b.reshape(N, H), lambda b: b.reshape(-1)),
-            Rule(a + ("k",), (sa + "k_proj.weight",), _heads_in(K, H), _heads_out),
-            Rule(a + ("k_bias",), (sa + "k_proj.bias",), lambda b: b.reshape(K, H), lambda b: b.reshape(-1)),
-            Rule(a + ("v",), (sa + "v_proj.weight",), _heads_in(K, H), _heads_out),
-            Rule(a + ("v_bias",), (sa + "v_proj.bias",), lambda b: b.reshape(K, H), lambda b: b.reshape(-1)),
+            Rule(a + ("norm",), (p + "input_layernorm.weight",), _same, _same, _floats(d.D)),
+            Rule(a + ("q",), (sa + "q_proj.weight",), _heads_in(N, H), _heads_out, _floats(d.N * d.H, d.D)),
+            Rule(a + ("q_bias",), (sa + "q_proj.bias",), lambda b: b.reshape(N, H), lambda b: b.reshape(-1),
+                 _floats(d.N * d.H)),
+            Rule(a + ("k",), (sa + "k_proj.weight",), _heads_in(K, H), _heads_out, _floats(d.K * d.H, d.D)),
+            Rule(a + ("k_bias",), (sa + "k_proj.bias",), lambda b: b.reshape(K, H), lambda b: b.reshape(-1),
+                 _floats(d.K * d.H)),
+            Rule(a + ("v",), (sa + "v_proj.weight",), _heads_in(K, H), _heads_out, _floats(d.K * d.H, d.D)),
+            Rule(a + ("v_bias",), (sa + "v_proj.bias",), lambda b: b.reshape(K, H), lambda b: b.reshape(-1),
+                 _floats(d.K * d.H)),
             # o_proj [D, N*H] -> [N, H, D]
             Rule(a + ("o",), (sa + "o_proj.weight",), lambda w: w.T.reshape(N, H, D),
-                 lambda w: w.reshape(N * H, D).T),
-            Rule(a + ("o_bias",), (sa + "o_proj.bias",), _same, _same),
-            Rule(a + ("sinks",), (sa + "sinks",), _same, _same),
-            Rule(m + ("norm",), (p + "post_attention_layernorm.weight",), _same, _same),
-            Rule(m + ("router",), (p + "mlp.router.weight",), lambda w: w.T, lambda w: w.T),
-            Rule(m + ("router_bias",), (p + "mlp.router.bias",), _same, _same),
-            Rule(m + ("b1",), (p + "mlp.experts.gate_up_proj_bias",), _same, _same),
-            Rule(m + ("b2",), (p + "mlp.experts.down_proj_bias",), _same, _same),
+                 lambda w: w.reshape(N * H, D).T, _floats(d.D, d.N * d.H)),
+            Rule(a + ("o_bias",), (sa + "o_proj.bias",), _same, _same, _floats(d.D)),
+            Rule(a + ("sinks",), (sa + "sinks",), _same, _same, _floats(d.N)),
+            Rule(m + ("norm",), (p + "post_attention_layernorm.weight",), _same, _same, _floats(d.D)),
+            Rule(m + ("router",), (p + "mlp.router.weight",), lambda w: w.T, lambda w: w.T, _floats(d.E, d.D)),
+            Rule(m + ("router_bias",), (p + "mlp.router.bias",), _same, _same, _floats(d.E)),
+            Rule(m + ("b1",), (p + "mlp.experts.gate_up_proj_bias",), _same, _same, _floats(d.E, 2 * d.F)),
+            Rule(m + ("b2",), (p + "mlp.experts.down_proj_bias",), _same, _same, _floats(d.E, d.D)),
         ]
         ex = p + "mlp.experts."
-        rules += _expert_rules(m, experts, packed_on_disk,
+        rules += _expert_rules(m, experts, packed_on_disk, d,
                                packed=((ex + "gate_up_proj_blocks", ex + "gate_up_proj_scales"),
                                        (ex + "down_proj_blocks", ex + "down_proj_scales")),
                                dense=(ex + "gate_up_proj", ex + "down_proj"))
@@ -102,32 +174,35 @@ def hf_rules(cfg: ModelConfig, experts: str, packed_on_disk: bool) -> list[Rule]
 def original_rules(cfg: ModelConfig, experts: str) -> list[Rule]:
     N, K, H, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_model
     q_end, k_end = N * H, (N + K) * H
+    d = _config_dims(cfg, "original")
+    qkv = (d.N + 2 * d.K) * d.H
     rules = [
-        Rule(("embed",), ("embedding.weight",), _same),
-        Rule(("norm",), ("norm.scale",), _same),
-        Rule(("unembed",), ("unembedding.weight",), _same),
+        Rule(("embed",), ("embedding.weight",), _same, expect=_floats(d.V, d.D)),
+        Rule(("norm",), ("norm.scale",), _same, expect=_floats(d.D)),
+        Rule(("unembed",), ("unembedding.weight",), _same, expect=_floats(d.V, d.D)),
     ]
     for n in range(cfg.num_layers):
         b, a, m = f"block.{n}.", ("layers", n, "attn"), ("layers", n, "mlp")
         qkv_w, qkv_b = b + "attn.qkv.weight", b + "attn.qkv.bias"
         rules += [
-            Rule(a + ("norm",), (b + "attn.norm.scale",), _same),
-            Rule(a + ("q",), (qkv_w,), _rows(0, q_end, _heads_in(N, H))),
-            Rule(a + ("q_bias",), (qkv_b,), _rows(0, q_end, lambda x: x.reshape(N, H))),
-            Rule(a + ("k",), (qkv_w,), _rows(q_end, k_end, _heads_in(K, H))),
-            Rule(a + ("k_bias",), (qkv_b,), _rows(q_end, k_end, lambda x: x.reshape(K, H))),
-            Rule(a + ("v",), (qkv_w,), _rows(k_end, k_end + K * H, _heads_in(K, H))),
-            Rule(a + ("v_bias",), (qkv_b,), _rows(k_end, k_end + K * H, lambda x: x.reshape(K, H))),
-            Rule(a + ("o",), (b + "attn.out.weight",), lambda w: w.T.reshape(N, H, D)),
-            Rule(a + ("o_bias",), (b + "attn.out.bias",), _same),
-            Rule(a + ("sinks",), (b + "attn.sinks",), _same),
-            Rule(m + ("norm",), (b + "mlp.norm.scale",), _same),
-            Rule(m + ("router",), (b + "mlp.gate.weight",), lambda w: w.T),
-            Rule(m + ("router_bias",), (b + "mlp.gate.bias",), _same),
-            Rule(m + ("b1",), (b + "mlp.mlp1_bias",), _same),
-            Rule(m + ("b2",), (b + "mlp.mlp2_bias",), _same),
+            Rule(a + ("norm",), (b + "attn.norm.scale",), _same, expect=_floats(d.D)),
+            Rule(a + ("q",), (qkv_w,), _rows(0, q_end, _heads_in(N, H)), expect=_floats(qkv, d.D)),
+            Rule(a + ("q_bias",), (qkv_b,), _rows(0, q_end, lambda x: x.reshape(N, H)), expect=_floats(qkv)),
+            Rule(a + ("k",), (qkv_w,), _rows(q_end, k_end, _heads_in(K, H)), expect=_floats(qkv, d.D)),
+            Rule(a + ("k_bias",), (qkv_b,), _rows(q_end, k_end, lambda x: x.reshape(K, H)), expect=_floats(qkv)),
+            Rule(a + ("v",), (qkv_w,), _rows(k_end, k_end + K * H, _heads_in(K, H)), expect=_floats(qkv, d.D)),
+            Rule(a + ("v_bias",), (qkv_b,), _rows(k_end, k_end + K * H, lambda x: x.reshape(K, H)),
+                 expect=_floats(qkv)),
+            Rule(a + ("o",), (b + "attn.out.weight",), lambda w: w.T.reshape(N, H, D), expect=_floats(d.D, d.N * d.H)),
+            Rule(a + ("o_bias",), (b + "attn.out.bias",), _same, expect=_floats(d.D)),
+            Rule(a + ("sinks",), (b + "attn.sinks",), _same, expect=_floats(d.N)),
+            Rule(m + ("norm",), (b + "mlp.norm.scale",), _same, expect=_floats(d.D)),
+            Rule(m + ("router",), (b + "mlp.gate.weight",), lambda w: w.T, expect=_floats(d.E, d.D)),
+            Rule(m + ("router_bias",), (b + "mlp.gate.bias",), _same, expect=_floats(d.E)),
+            Rule(m + ("b1",), (b + "mlp.mlp1_bias",), _same, expect=_floats(d.E, 2 * d.F)),
+            Rule(m + ("b2",), (b + "mlp.mlp2_bias",), _same, expect=_floats(d.E, d.D)),
         ]
-        rules += _expert_rules(m, experts, True,
+        rules += _expert_rules(m, experts, True, d,
                                packed=((b + "mlp.mlp1_weight.blocks", b + "mlp.mlp1_weight.scales"),
                                        (b + "mlp.mlp2_weight.blocks", b + "mlp.mlp2_weight.scales")),
                                dense=None)
@@ -137,24 +212,74 @@ def original_rules(cfg: ModelConfig, experts: str) -> list[Rule]:
 NATIVE_FORMAT_KEY = "gptoss_jax_format"
 
 
-def native_rules(state) -> list[Rule]:
+def native_rules(state, cfg: ModelConfig | None = None) -> list[Rule]:
     """This package's own layout: one tensor per variable, named by its path, stored in the layout
-    and dtype the model uses, so loading is a memory map and a device transfer."""
-    return [Rule(p, (".".join(map(str, p)),), _same, _same) for p, _ in nnx.to_flat_state(state)]
+    and dtype the model uses, so loading is a memory map and a device transfer. With `cfg`, expected
+    shapes say which config.json entries they come from."""
+    named = _native_shapes(cfg) if cfg is not None else {}
+    rules = []
+    for p, var in nnx.to_flat_state(state):
+        shape = tuple(var.get_value().shape)
+        spec = named.get(p[-1])
+        if spec is None or tuple(map(int, spec)) != shape:
+            spec = shape
+        kind = FLOAT
+        if isinstance(var, PackedWeight):
+            kind = E8M0 if str(p[-1]).endswith("_scales") else E2M1
+        rules.append(Rule(p, (".".join(map(str, p)),), _same, _same, (Expect(spec, kind),)))
+    return rules
 
 
-def _expert_rules(m, experts, packed_on_disk, *, packed, dense) -> list[Rule]:
+def _native_shapes(cfg: ModelConfig) -> dict[str, tuple]:
+    d = _config_dims(cfg, "native")
+    D, N, K, H, E, F, B = d.D, d.N, d.K, d.H, d.E, d.F, mxfp4.BLOCK
+    return {"embed": (d.V, D), "unembed": (d.V, D), "norm": (D,),
+            "q": (D, N, H), "q_bias": (N, H), "k": (D, K, H), "k_bias": (K, H), "v": (D, K, H),
+            "v_bias": (K, H), "o": (N, H, D), "o_bias": (D,), "sinks": (N,),
+            "router": (D, E), "router_bias": (E,), "b1": (E, 2 * F), "b2": (E, D),
+            "w1": (E, D, 2 * F), "w2": (E, F, D),
+            "w1_blocks": (E, 2 * F, D // B, B // 2), "w1_scales": (E, 2 * F, D // B),
+            "w2_blocks": (E, D, F // B, B // 2), "w2_scales": (E, D, F // B)}
+
+
+def _expert_rules(m, experts, packed_on_disk, d: _ConfigDims, *, packed, dense) -> list[Rule]:
     (w1b, w1s), (w2b, w2s) = packed
+    B = mxfp4.BLOCK
+    # on disk [E, out, in] as blocks [E, out, in/32, 16] and scales [E, out, in/32]
+    w1_packed = (Expect((d.E, 2 * d.F, d.D // B, B // 2), E2M1), Expect((d.E, 2 * d.F, d.D // B), E8M0))
+    w2_packed = (Expect((d.E, d.D, d.F // B, B // 2), E2M1), Expect((d.E, d.D, d.F // B), E8M0))
     if packed_on_disk and experts == "mxfp4":  # bytes copied as they are
-        return [Rule(m + ("w1_blocks",), (w1b,), _same, _same), Rule(m + ("w1_scales",), (w1s,), _same, _same),
-                Rule(m + ("w2_blocks",), (w2b,), _same, _same), Rule(m + ("w2_scales",), (w2s,), _same, _same)]
+        return [Rule(m + ("w1_blocks",), (w1b,), _same, _same, w1_packed[:1]),
+                Rule(m + ("w1_scales",), (w1s,), _same, _same, w1_packed[1:]),
+                Rule(m + ("w2_blocks",), (w2b,), _same, _same, w2_packed[:1]),
+                Rule(m + ("w2_scales",), (w2s,), _same, _same, w2_packed[1:])]
     if packed_on_disk:  # explicit dequantize-on-load: [E, out, in] -> [E, in, out]
-        deq = lambda blocks, scales: mxfp4.dequantize_np(blocks, scales).transpose(0, 2, 1)
-        return [Rule(m + ("w1",), (w1b, w1s), deq), Rule(m + ("w2",), (w2b, w2s), deq)]
+        return [Rule(m + ("w1",), (w1b, w1s), _dequantized, expect=w1_packed),
+                Rule(m + ("w2",), (w2b, w2s), _dequantized, expect=w2_packed)]
     if experts == "mxfp4":
         raise CheckpointError("this checkpoint stores dense (dequantized) experts; load it with "
                               "experts='dense' (quantizing on load would silently change the weights)")
-    return [Rule(m + ("w1",), (dense[0],), _same, _same), Rule(m + ("w2",), (dense[1],), _same, _same)]
+    return [Rule(m + ("w1",), (dense[0],), _same, _same, _floats(d.E, d.D, 2 * d.F)),
+            Rule(m + ("w2",), (dense[1],), _same, _same, _floats(d.E, d.F, d.D))]
+
+
+class _DecodeOverflow(ValueError):
+    """A dequantized MXFP4 value beyond the float32 range (scale bytes 253 and 254 can do that)."""
+
+    def __init__(self, index, value, scale):
+        super().__init__(index, value, scale)
+        self.index, self.value, self.scale = index, value, scale
+
+
+def _dequantized(blocks, scales):
+    """MXFP4 [E, out, in] -> float32 [E, in, out]; refuses values that overflow float32."""
+    with np.errstate(over="ignore"):
+        w = mxfp4.dequantize_np(blocks, scales)
+    bad = _first_nonfinite(w)
+    if bad is not None:
+        e, r, c = (int(i) for i in np.unravel_index(bad, w.shape))
+        raise _DecodeOverflow([e, r, c], float(w[e, r, c]), int(scales[e, r, c // mxfp4.BLOCK]))
+    return w.transpose(0, 2, 1)
 
 
 # ------------------------------------------------------------------------------------ discovery
@@ -217,7 +342,12 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", experts: str | None = Non
     experts: "mxfp4" keeps packed experts packed (default when the checkpoint is packed), "dense"
     dequantizes them on load (explicit; 4x the memory); dense checkpoints load as "dense".
     mesh: place each weight with the sharding its logical axes give on this mesh (see
-        `gptoss_jax.make_mesh`); the model then runs its MoE layers expert-parallel on it."""
+        `gptoss_jax.make_mesh`); the model then runs its MoE layers expert-parallel on it.
+
+    Refused with a `CheckpointError` naming the tensor and its file: a tensor whose stored shape or
+    dtype differs from what its rule expects (checked from the headers, before reading any data;
+    the config.json entries a shape derives from are named), a NaN or inf float, an E8M0 scale byte
+    255 (NaN in OCP MX), and, with experts='dense', an MXFP4 value beyond the float32 range."""
     ck = find_checkpoint(path)
     cfg = ModelConfig.from_pretrained(ck.root)
     try:
@@ -243,7 +373,7 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", experts: str | None = Non
     if ck.layout == "hf":
         rules = hf_rules(cfg, experts, packed_on_disk)
     elif ck.layout == "native":
-        rules = native_rules(state)
+        rules = native_rules(state, cfg)
     else:
         rules = original_rules(cfg, experts)
     flat = dict(nnx.to_flat_state(state))
@@ -262,6 +392,8 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", experts: str | None = Non
         raise CheckpointError(f"{ck.root}: unknown tensor(s) {unknown[:8]}"
                               + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
                               + f" for a {ck.layout} gpt-oss checkpoint of this config")
+    expected = _expected_tensors(rules)
+    _check_headers(expected, where)  # shapes and dtypes from the headers: before reading any data
 
     shardings = None
     if mesh is not None:
@@ -269,14 +401,24 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", experts: str | None = Non
         shardings = sharding_lib.variable_shardings(state, mesh)
     items = sorted(flat.items(), key=lambda kv: str(kv[0]))
     it = _progress(items, "loading", progress)
+    checked = set()
     for p, var in it:
         rule = by_path[p]
         tensors = []
         for key in rule.keys:
             arr = where[key].get(key)
-            _check_disk_dtype(key, arr.dtype, isinstance(var, PackedWeight))
+            if key not in checked:  # once per tensor, though a fused qkv feeds three variables
+                _check_values(key, where[key].path, arr, expected[key][0].kind)
+                checked.add(key)
             tensors.append(arr)
-        value = rule.load(*tensors)
+        try:
+            value = rule.load(*tensors)
+        except _DecodeOverflow as e:
+            blocks, scales = rule.keys
+            raise CheckpointError(
+                f"tensor {blocks} (in {os.path.basename(where[blocks].path)}) decodes to {e.value} at "
+                f"[expert, out, in] {e.index} (scale byte {e.scale} in {scales}): beyond the float32 range, "
+                "so it cannot be dequantized; the scales are likely corrupt (re-download the checkpoint)") from None
         want = tuple(var.get_value().shape)
         if tuple(value.shape) != want:
             shapes = ", ".join(f"{k} {list(where[k].shape(k))}" for k in rule.keys)
@@ -299,12 +441,106 @@ def _place(value, dtype: np.dtype, sharding):
         tuple(value.shape), sharding, lambda index: np.ascontiguousarray(value[index], dtype=dtype))
 
 
-def _check_disk_dtype(key: str, dtype: np.dtype, packed: bool) -> None:
+def _check_disk_dtype(key: str, dtype: np.dtype, kind: str) -> None:
     floats = (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16), np.dtype(np.float32))
-    if packed and dtype != np.uint8:
+    if kind != FLOAT and dtype != np.uint8:
         raise CheckpointError(f"tensor {key} must be stored as U8 (packed MXFP4), found {dtype}")
-    if not packed and dtype not in floats and dtype != np.uint8:
-        raise CheckpointError(f"tensor {key} has dtype {dtype}; expected a float dtype")
+    if kind == FLOAT and dtype not in floats:
+        raise CheckpointError(f"tensor {key} has dtype {dtype}; expected a float dtype (BF16, F16 or F32)")
+
+
+def _expected_tensors(rules: Sequence[Rule]) -> dict[str, tuple[Expect, tuple]]:
+    """checkpoint tensor -> (what it must look like on disk, the first model variable it feeds)."""
+    out: dict[str, tuple[Expect, tuple]] = {}
+    for r in rules:
+        if len(r.expect) != len(r.keys):  # a bug in the table, not in the checkpoint
+            raise CheckpointError(f"conversion rule for {r.path} does not describe its tensors {list(r.keys)}")
+        for key, exp in zip(r.keys, r.expect):
+            if key in out and out[key][0] != exp:
+                raise CheckpointError(f"conversion rules disagree on the shape of tensor {key}")
+            out.setdefault(key, (exp, r.path))
+    return out
+
+
+def _check_headers(expected: dict[str, tuple[Expect, tuple]], where) -> None:
+    """Every tensor's stored dtype and shape against its rule, from the file headers alone; the
+    first mismatch is the error (counting the others)."""
+    wrong = []
+    for key, (exp, _) in expected.items():
+        f = where[key]
+        _check_disk_dtype(key, f.dtype(key), exp.kind)
+        if tuple(f.shape(key)) != tuple(int(x) for x in exp.shape):
+            wrong.append(key)
+    if not wrong:
+        return
+    key = wrong[0]
+    exp, var_path = expected[key]
+    found, want = tuple(where[key].shape(key)), [int(x) for x in exp.shape]
+    msg = (f"tensor {key} {list(found)} does not fit model variable {'.'.join(map(str, var_path))} "
+           f"(in {os.path.basename(where[key].path)}): expected shape {want}")
+    if any(isinstance(x, _Dim) for x in exp.shape):
+        msg += f" = [{', '.join(_dim_text(x) for x in exp.shape)}]"
+    if len(found) == len(want) and sorted(found) == sorted(want):
+        msg += f"; its axes are in the wrong order (stored transposed?): store it as {want}"
+    else:
+        keys: dict = {}
+        for i, x in enumerate(exp.shape):
+            if len(found) != len(want) or found[i] != int(x):
+                keys.update(getattr(x, "keys", {}))
+        if keys:
+            msg += ("; config.json has " + ", ".join(f"{k}={v}" for k, v in keys.items())
+                    + ", which does not match this tensor (a config.json of another model?)")
+    if len(wrong) > 1:
+        msg += f"; {len(wrong) - 1} more tensor(s) do not fit either"
+    raise CheckpointError(msg)
+
+
+_CHUNK = 1 << 18  # elements per step of the value checks: stays in cache, no big temporaries
+# a float dtype -> (unsigned int of its width, its exponent field): all ones means inf or NaN
+_EXPONENT = {np.dtype(ml_dtypes.bfloat16): (np.uint16, 0x7F80), np.dtype(np.float16): (np.uint16, 0x7C00),
+             np.dtype(np.float32): (np.uint32, 0x7F800000)}
+
+
+def _first_nonfinite(arr: np.ndarray) -> int | None:
+    """Flat index of the first inf or NaN in a contiguous float array, or None: the exponent field
+    is tested on the raw bits a chunk at a time, so the tensor is never copied or upcast."""
+    uint, mask = _EXPONENT[arr.dtype]
+    flat = arr.reshape(-1).view(uint)
+    buf = np.empty(min(flat.size, _CHUNK), uint)
+    for start in range(0, flat.size, _CHUNK):
+        part = flat[start:start + _CHUNK]
+        out = np.bitwise_and(part, mask, out=buf[:part.size])
+        if out.max() == mask:
+            return start + int(np.argmax(out == mask))
+    return None
+
+
+def _check_values(key: str, file: str, arr: np.ndarray, kind: str) -> None:
+    """Refuse non-finite floats and E8M0 scale byte 255 (NaN in OCP MX), naming the first one."""
+    if arr.size == 0 or kind == E2M1:  # every byte is a valid pair of E2M1 codes
+        return
+    where = f"tensor {key} (in {os.path.basename(file)})"
+    if kind == E8M0:
+        if int(arr.max()) != 255:
+            return
+        flat = arr.reshape(-1)
+        idx = [int(i) for i in np.unravel_index(int(np.argmax(flat == 255)), arr.shape)]
+        more = int(np.count_nonzero(flat == 255)) - 1
+        raise CheckpointError(
+            f"{where} holds scale byte 255 (NaN in the OCP MX E8M0 format) at index {idx} (expert {idx[0]})"
+            + (f" and {more} more place(s)" if more else "")
+            + ": expected bytes 0..254; the file is corrupt (re-download or re-export the checkpoint)")
+    first = _first_nonfinite(arr)
+    if first is None:
+        return
+    idx = [int(i) for i in np.unravel_index(first, arr.shape)]
+    uint, mask = _EXPONENT[arr.dtype]
+    more = int(np.count_nonzero((arr.reshape(-1).view(uint) & mask) == mask)) - 1
+    raise CheckpointError(
+        f"{where} holds {float(arr.reshape(-1)[first])} at index {idx}"
+        + (f" and {more} more non-finite value(s)" if more else "")
+        + ": expected finite weights; the file is corrupt or was saved from a diverged model "
+        "(re-download or re-export it)")
 
 
 def _progress(items: Sequence, desc: str, enabled: bool):
@@ -319,12 +555,21 @@ def _progress(items: Sequence, desc: str, enabled: bool):
 
 # ---------------------------------------------------------------------------------------- save
 def save_hf(model: GptOss, path: str | os.PathLike, *, dtype="bfloat16",
-            max_shard_bytes: int = 5 * 2**30) -> None:
+            max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> None:
     """Write the HF hub layout (config.json, sharded safetensors + index). Packed experts are
     written as MXFP4 blocks/scales with the hub's quantization_config; dense ones as the
-    dequantized variant. Floats are written in `dtype` (bf16, as the hub files)."""
-    path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
+    dequantized variant. Floats are written in `dtype` (bf16, as the hub files).
+
+    The folder is written whole or not at all (`gptoss_jax.atomic.folder`): into a temporary
+    folder beside `path`, renamed to `path` once every file is complete and synced; a failure
+    removes the temporary and leaves `path` as it was. A `path` that exists and is not empty is
+    refused (FileExistsError) unless `overwrite`, which replaces its contents once the new ones
+    are complete."""
+    with atomic.folder(path, overwrite=overwrite) as tmp:
+        _write_hf(model, tmp, dtype, max_shard_bytes)
+
+
+def _write_hf(model: GptOss, path: str, dtype, max_shard_bytes: int) -> None:
     cfg = model.cfg
     experts = model.experts
     rules = {r.path: r for r in hf_rules(cfg, experts, packed_on_disk=experts == "mxfp4")}
@@ -347,11 +592,16 @@ def save_hf(model: GptOss, path: str | os.PathLike, *, dtype="bfloat16",
     _write_shards(tensors, path, max_shard_bytes)
 
 
-def save_native(model: GptOss, path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30) -> None:
+def save_native(model: GptOss, path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30,
+                overwrite: bool = False) -> None:
     """Write this package's own layout: variables as they are (same dtypes, same layouts), so
-    `load` only memory-maps and transfers. config.json is the HF config plus a format marker."""
-    path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
+    `load` only memory-maps and transfers. config.json is the HF config plus a format marker.
+    Written whole or not at all, and `overwrite` as in `save_hf`."""
+    with atomic.folder(path, overwrite=overwrite) as tmp:
+        _write_native(model, tmp, max_shard_bytes)
+
+
+def _write_native(model: GptOss, path: str, max_shard_bytes: int) -> None:
     tensors = {".".join(map(str, p)): np.asarray(jax.device_get(v.get_value()))
                for p, v in nnx.to_flat_state(nnx.state(model))}
     cfg_json = dict(model.cfg.to_hf_dict(), **{NATIVE_FORMAT_KEY: 1, "experts": model.experts})

@@ -53,37 +53,120 @@ def cmd_info(args) -> int:
 
 
 def cmd_convert(args) -> int:
+    """The destination is written whole or not at all: the checkpoint and tokenizer go to a
+    temporary folder beside it that is renamed into place at the end (see `gptoss_jax.atomic`)."""
     import gptoss_jax as gj
+    from gptoss_jax import atomic
 
-    model = gj.load(args.src, dtype=args.dtype, experts=args.experts, progress=True)
-    if args.to == "native":
-        gj.save_native(model, args.dst)
-    else:
-        gj.save_hf(model, args.dst, dtype=args.dtype)
-    _copy_tokenizer(args.src, args.dst)
+    # checked before the (long) load: dst must not be src, inside it or around it, nor non-empty
+    with atomic.folder(args.dst, overwrite=args.overwrite, sources=[args.src]) as tmp:
+        model = gj.load(args.src, dtype=args.dtype, experts=args.experts, progress=True)
+        if args.to == "native":
+            gj.save_native(model, tmp)
+        else:
+            gj.save_hf(model, tmp, dtype=args.dtype)
+        _copy_tokenizer(args.src, tmp)
     print(f"wrote {args.dst} ({args.to} layout, {model.experts} experts)")
     return 0
 
 
 def _copy_tokenizer(src: str, dst: str) -> None:
-    import shutil
+    from gptoss_jax import atomic
 
     for folder in (src, os.path.dirname(os.path.abspath(src))):
         path = os.path.join(folder, "tokenizer.json")
         if os.path.isfile(path):
-            shutil.copy(path, os.path.join(dst, "tokenizer.json"))
+            atomic.copy_file(path, os.path.join(dst, "tokenizer.json"))
             return
 
 
-# ------------------------------------------------------------------------------ talking to it
-def _load_for_chat(args):
-    import gptoss_jax as gj
+# ------------------------------------------------------------------------- checking options
+# Every option is checked before a checkpoint's weights are read: numbers for finiteness and range,
+# names against the known ones, and what depends on the model against its config.json.
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
 
-    mesh = None
-    if args.mesh:
-        mesh = gj.sharding.mesh_from_config(gj.sharding.parse_mesh(args.mesh))
-    model = gj.load(args.checkpoint, dtype=args.dtype, mesh=mesh)
+
+def _need_count(value, flag: str, low: int = 1, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    _need(value is not None and value >= low, f"{flag} must be an integer >= {low}, got {value}")
+
+
+def _check_seed(seed, flag: str = "--seed") -> None:
+    _need(0 <= seed < 2**63, f"{flag} must be an integer in [0, 2**63), got {seed}")
+
+
+def _check_dtype_arg(dtype) -> None:
+    from gptoss_jax.train.config import check_dtype
+
+    check_dtype(dtype, "--dtype")
+
+
+def _checkpoint_config(path):
+    """A checkpoint's ModelConfig from its config.json alone (no weights read)."""
+    from gptoss_jax.checkpoint import find_checkpoint
+    from gptoss_jax.config import ModelConfig
+
+    return ModelConfig.from_pretrained(find_checkpoint(path).root)
+
+
+def _check_tokenizer_fits(tokenizer, vocab_size: int, fix: str) -> None:
+    """A tokenizer with more ids than the model's embedding rows would feed it invalid ids."""
+    _need(tokenizer.vocab_size <= vocab_size,
+          f"the tokenizer{' ' + tokenizer.name if tokenizer.name else ''} has {tokenizer.vocab_size} ids but "
+          f"the model's vocabulary only {vocab_size}: {fix}")
+
+
+def _check_prompt(ids, cfg, max_new_tokens: int) -> None:
+    """What `generate` checks, before the model is loaded."""
+    bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
+    _need(not bad, f"the prompt has token ids outside the vocabulary [0, {cfg.vocab_size}) of the checkpoint: "
+                   f"{bad[:5]} (is --tokenizer the checkpoint's tokenizer?)")
+    _need(len(ids) + max_new_tokens <= cfg.max_position,
+          f"prompt of {len(ids)} tokens + {max_new_tokens} new tokens exceeds the context of "
+          f"{cfg.max_position} tokens (lower --max-new-tokens or shorten the prompt)")
+
+
+def _check_run_tokenizer(cfg, checkpoint=None) -> None:
+    """A run's data are ids of `model.tokenizer`, checked against the vocabulary of the model it
+    trains or evaluates (`checkpoint`, model.checkpoint, or the preset with its overrides)."""
+    import gptoss_jax as gj
+    from gptoss_jax.train.config import PRESETS
+
+    source = checkpoint or cfg.model.checkpoint
+    if source:
+        vocab = _checkpoint_config(source).vocab_size
+        fix = f"set model.tokenizer to the tokenizer of {source}"
+    else:
+        vocab = PRESETS[cfg.model.preset]().replace(**cfg.model.overrides).vocab_size
+        fix = "set model.tokenizer to the model's tokenizer or model.overrides.vocab_size to the tokenizer's size"
+    _check_tokenizer_fits(gj.load_tokenizer(cfg.model.tokenizer), vocab, fix)
+
+
+_SAMPLING_FLAGS = {"temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k",
+                   "max_new_tokens": "--max-new-tokens", "seed": "--seed"}
+
+
+# ------------------------------------------------------------------------------ talking to it
+def _load_for_chat(args, check_prompt=None):
+    """Options, the checkpoint's config, the tokenizer and `check_prompt(tokenizer, cfg)` are all
+    checked before the weights are loaded."""
+    import gptoss_jax as gj
+    from gptoss_jax.sampling import check_sampling_options
+
+    _check_dtype_arg(args.dtype)
+    mesh_spec = gj.sharding.parse_mesh(args.mesh) if args.mesh else None
+    cfg = _checkpoint_config(args.checkpoint)
+    check_sampling_options(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                           max_new_tokens=args.max_new_tokens, seed=args.seed, vocab_size=cfg.vocab_size,
+                           names=_SAMPLING_FLAGS)
     tokenizer = gj.load_tokenizer(args.tokenizer or args.checkpoint)
+    if check_prompt is not None:
+        check_prompt(tokenizer, cfg)
+    mesh = gj.sharding.mesh_from_config(mesh_spec) if mesh_spec is not None else None
+    model = gj.load(args.checkpoint, dtype=args.dtype, mesh=mesh)
     return model, tokenizer
 
 
@@ -152,21 +235,34 @@ def cmd_generate(args) -> int:
 
     if (args.prompt is None) == (args.conversation is None):
         raise ValueError("give exactly one of --prompt or --conversation")
-    model, tokenizer = _load_for_chat(args)
+    if args.raw and args.prompt is None:
+        raise ValueError("--raw needs --prompt (plain text, no chat format)")
+    conversation = None
+    if args.conversation:
+        with open(args.conversation) as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--conversation {args.conversation} is not valid JSON: {e}") from None
+        try:
+            conversation = harmony.normalize_conversation(data)
+        except ValueError as e:
+            raise ValueError(f"--conversation {args.conversation}: {e}") from None
+    elif not args.raw:
+        conversation = _conversation_start(args) + [harmony.user(args.prompt)]
+
+    def check_prompt(tokenizer, cfg):
+        ids = (tokenizer.encode(args.prompt) if args.raw
+               else harmony.render_for_completion(conversation, tokenizer))
+        _check_prompt(ids, cfg, args.max_new_tokens)
+
+    model, tokenizer = _load_for_chat(args, check_prompt)
     if args.raw:
-        if args.prompt is None:
-            raise ValueError("--raw needs --prompt (plain text, no chat format)")
         generate(model, tokenizer, [args.prompt], stop_tokens=(tokenizer.token_id("<|endoftext|>"),),
                  stream=lambda _r, t: print(tokenizer.decode(t), end="", flush=True),
                  **_sampling_kwargs(args))
         print()
         return 0
-    if args.conversation:
-        with open(args.conversation) as f:
-            data = json.load(f)
-        conversation = harmony.normalize_conversation(data)
-    else:
-        conversation = _conversation_start(args) + [harmony.user(args.prompt)]
     _reply(model, tokenizer, conversation, args)
     return 0
 
@@ -174,7 +270,11 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     from gptoss_jax import harmony
 
-    model, tokenizer = _load_for_chat(args)
+    def check_prompt(tokenizer, cfg):  # the system (and developer) messages every turn starts with
+        _check_prompt(harmony.render_for_completion(_conversation_start(args), tokenizer), cfg,
+                      args.max_new_tokens)
+
+    model, tokenizer = _load_for_chat(args, check_prompt)
     history = _conversation_start(args)
     print("chat: an empty line or /exit quits, /reset clears the history", file=sys.stderr)
     while True:
@@ -199,6 +299,8 @@ def cmd_demo(args) -> int:
 
     import gptoss_jax as gj
 
+    _need_count(args.new_tokens, "--new-tokens")
+    _check_seed(args.seed)
     t0 = time.time()
     cfg = gj.tiny(vocab_size=1024, d_model=128, num_layers=4, num_heads=8, num_kv_heads=2,
                   head_dim=32, num_experts=16, experts_per_token=4, expert_dim=128, sliding_window=16)
@@ -212,7 +314,7 @@ def cmd_demo(args) -> int:
 
     ck = os.path.join(args.out, "checkpoint")
     print(f"\n== 2. write it in the HF hub layout -> {ck}")
-    gj.save_hf(model, ck, max_shard_bytes=1 << 20)
+    gj.save_hf(model, ck, max_shard_bytes=1 << 20, overwrite=True)  # the demo's own folder, rerun
     for name in sorted(os.listdir(ck)):
         print(f"   {name:40s} {_fmt_bytes(os.path.getsize(os.path.join(ck, name)))}")
 
@@ -261,6 +363,9 @@ def cmd_train(args) -> int:
     from gptoss_jax.train.config import load_config, to_dict
     from gptoss_jax.train.sft import train
 
+    if args.estimate_memory is not None:
+        _need(np.isfinite(args.estimate_memory) and args.estimate_memory >= 0,
+              f"--estimate-memory must be a finite number of GiB >= 0, got {args.estimate_memory}")
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(json.dumps(to_dict(cfg), indent=2))
@@ -270,6 +375,7 @@ def cmd_train(args) -> int:
 
         print(estimate(cfg).table(args.estimate_memory * 2**30 if args.estimate_memory else None))
         return 0
+    _check_run_tokenizer(cfg)
     if cfg.algorithm == "sft":
         summary = train(cfg)
         print(f"done: {summary['steps']} steps, final loss {summary.get('final_loss', float('nan')):.4f}; "
@@ -291,8 +397,14 @@ def cmd_compile(args) -> int:
     from gptoss_jax.train.config import load_config
     from gptoss_jax.train.sft import model_config
 
-    cfg = load_config(args.config, args.overrides)
+    _need_count(args.batch, "--batch")
+    _need_count(args.length, "--length", optional=True)
+    if not os.environ.get("JAX_PLATFORMS"):  # the host only traces; without a CUDA driver the cuda
+        import jax  # plugin would fail to start as a backend and take the compile-only H100s with it
+
+        jax.config.update("jax_platforms", "cpu")
     target = targets.get(args.target)
+    cfg = load_config(args.config, args.overrides)
     if args.program == "train":
         report = aot.compile_train_step(cfg, target)
     else:
@@ -317,6 +429,9 @@ def cmd_eval(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if not cfg.data.eval:
         raise ValueError("data.eval must name a jsonl file of held-out conversations")
+    if not os.path.isfile(cfg.data.eval):
+        raise FileNotFoundError(f"data.eval {cfg.data.eval!r} is not a file")
+    _check_run_tokenizer(cfg, args.checkpoint)
     model = gj.load(args.checkpoint, dtype=cfg.model.dtype) if args.checkpoint else load_trained(cfg)
     evaluate(cfg, model, gj.load_tokenizer(cfg.model.tokenizer))
     print(f"results in {os.path.join(cfg.run.out_dir, 'eval.json')}")
@@ -326,7 +441,8 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
     from gptoss_jax.train.sft import export_hf, run_config
 
-    export_hf(run_config(args.run_dir), args.dst, experts=args.experts, dtype=args.dtype)
+    export_hf(run_config(args.run_dir), args.dst, experts=args.experts, dtype=args.dtype,
+              overwrite=args.overwrite)
     print(f"wrote {args.dst} (HF layout; LoRA adapters, if any, merged)")
     return 0
 
@@ -338,8 +454,17 @@ def cmd_inspect(args) -> int:
     if not args.text and not args.file:
         raise ValueError("give --text and/or --file (a .txt with one document per line, or .jsonl "
                          "with 'text' or 'messages')")
-    model = gj.load(args.checkpoint, dtype=args.dtype, progress=True)
+    if args.file and not os.path.isfile(args.file):
+        raise FileNotFoundError(f"--file {args.file!r} is not a file")
+    _check_dtype_arg(args.dtype)
+    _need_count(args.batch_size, "--batch-size")
+    _need_count(args.max_tokens, "--max-tokens", optional=True)
+    cfg = _checkpoint_config(args.checkpoint)
+    _need(1 <= args.seq_len <= cfg.max_position,
+          f"--seq-len must be an integer from 1 to the model's context of {cfg.max_position}, got {args.seq_len}")
     tokenizer = gj.load_tokenizer(args.tokenizer or args.checkpoint)
+    _check_tokenizer_fits(tokenizer, cfg.vocab_size, "give --tokenizer the checkpoint's own tokenizer")
+    model = gj.load(args.checkpoint, dtype=args.dtype, progress=True)
     stats = None
     if args.file:
         stats = inspect.run_corpus(model, tokenizer, args.file, seq_len=args.seq_len,
@@ -365,8 +490,12 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_quickstart(args) -> int:
-    from gptoss_jax.train.quickstart import run
+    from gptoss_jax.train.config import load_config
+    from gptoss_jax.train.quickstart import CONFIG, run
 
+    _need_count(args.train_size, "--train-size")
+    _need_count(args.eval_size, "--eval-size")
+    load_config(CONFIG, args.overrides)  # bad overrides fail before any data is written
     run(args.out, args.overrides, train_size=args.train_size, eval_size=args.eval_size)
     return 0
 
@@ -401,6 +530,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--experts", choices=["mxfp4", "dense"], default=None,
                    help="default: as stored; 'dense' dequantizes packed experts")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a dst that is not empty (once the new checkpoint is complete); "
+                        "without it such a dst is refused")
     p.set_defaults(fn=cmd_convert)
     p = sub.add_parser("train", help="fine-tuning from an experiment config: SFT, or GRPO / GSPO (algorithm:)")
     p.add_argument("config", help="YAML experiment config (see configs/)")
@@ -431,6 +563,9 @@ def main(argv=None) -> int:
     p.add_argument("--experts", choices=["mxfp4", "dense"], default=None,
                    help="mxfp4: re-encode the merged experts; dense: keep them exact (default: as the base)")
     p.add_argument("--dtype", default="bfloat16", help="float dtype of the written tensors")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a dst that is not empty (once the export is complete); without it "
+                        "such a dst is refused")
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("inspect", help="expert routing, sink mass and logit lens over a text or corpus")
     p.add_argument("checkpoint", help="checkpoint folder (HF, original/ or native)")
@@ -494,8 +629,23 @@ def _run(args) -> int:
             FloatingPointError, TargetUnavailable) as e:
         print(f"gptoss {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        message = _token_id_error(e)
+        if message is None:
+            raise
+        print(f"gptoss {args.command}: error: {message}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _token_id_error(e: BaseException) -> str | None:
+    """The message of a `TokenIdError` raised inside a jitted program (JAX re-raises it as a
+    JaxRuntimeError whose text ends with the original exception), else None."""
+    import re
+
+    found = re.findall(r"TokenIdError: (.+)", str(e))
+    return found[-1].strip() if type(e).__name__ == "JaxRuntimeError" and found else None
 
 
 if __name__ == "__main__":

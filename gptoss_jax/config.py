@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 from typing import Any
 
@@ -92,6 +93,13 @@ class ModelConfig:
                      "sliding_window", "rope_original_context", "max_position"):
             value = getattr(self, name)
             need(isinstance(value, int) and value > 0, f"{name} must be a positive int, got {value!r}")
+        for name in ("rope_theta", "rope_factor", "rope_beta_fast", "rope_beta_slow", "rms_eps",
+                     "swiglu_limit", "swiglu_alpha"):
+            value = getattr(self, name)
+            need(isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value),
+                 f"{name} must be a finite number, got {value!r}")
+        need(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
+        need(isinstance(self.rope_truncate, bool), f"rope_truncate must be true or false, got {self.rope_truncate!r}")
         need(self.num_heads % self.num_kv_heads == 0,
              f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
         need(self.head_dim % 2 == 0, f"head_dim ({self.head_dim}) must be even for the half-split RoPE")
@@ -118,6 +126,10 @@ class ModelConfig:
                     "(one MXFP4 block is 32 values along the contraction axis)")
 
     def replace(self, **changes: Any) -> "ModelConfig":
+        fields = [f.name for f in dataclasses.fields(self)]
+        unknown = sorted(set(changes) - set(fields))
+        if unknown:
+            raise ConfigError(f"unknown ModelConfig field(s) {', '.join(unknown)}; the fields are {', '.join(fields)}")
         return dataclasses.replace(self, **changes)
 
     # ---------------------------------------------------------------- file I/O

@@ -15,9 +15,12 @@ Two dispatch strategies, one interface:
   `lax.switch` (the last size, all local tokens, always suffices). With `capacity_factor`,
   C = ceil(capacity_factor * t * k / E) for t local tokens; rows past C are dropped (they add
   nothing to their token) and counted exactly.
-- "ragged_all_to_all": dropless, no padding on the wire: rows sorted by expert, one
-  `ragged_all_to_all` there and one back, offsets from an all-gathered [ep, ep, E_local] count
-  table. For GPU and TPU; XLA:CPU cannot compile it, so on CPU it is tested through an emulation
+- "ragged_all_to_all": no padding on the wire: rows sorted by expert, one `ragged_all_to_all`
+  there and one back, offsets from an all-gathered [ep, ep, E_local] count table. Dropless by
+  default, so each device's receive buffer (and every activation of its local experts) is sized
+  for the worst case, all ep devices' rows: ep times the mean load. With `capacity_factor` the
+  buffer holds ceil(capacity_factor * t * k) rows and the overflow is dropped and counted (for
+  120b on eight H100s the dropless buffers do not fit; see configs/README.md). For GPU and TPU; XLA:CPU cannot compile it, so on CPU it is tested through an emulation
   with the documented semantics (`ragged_all_to_all_emulated`) and lowered for cuda and tpu.
 
 Weights are stored as the sharding rules say (`gptoss_jax.sharding`); the in-specs here give the
@@ -140,8 +143,21 @@ def _all_to_all_rows(x, valid, routing, *, ep, num_experts, capacity_factor, loc
     return y, keep, dropped
 
 
-def _ragged_rows(x, valid, routing, *, ep, num_experts, grouped, emulate):
-    """Dropless ragged dispatch: per-slot outputs [t, k, D] and the (all-true on valid rows) mask."""
+def receive_capacity(capacity_factor: float, tokens: int, k: int, ep: int, experts_local: int) -> int:
+    """Rows one device's ragged receive buffer holds: ceil(capacity_factor * t * k) (1.0 = the
+    mean load), at most the dropless worst case ep * t * min(k, E_local)."""
+    if not capacity_factor > 0:
+        raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+    return max(1, min(ep * tokens * min(k, experts_local), math.ceil(capacity_factor * tokens * k)))
+
+
+def _ragged_rows(x, valid, routing, *, ep, num_experts, grouped, emulate, capacity_factor=None):
+    """Ragged dispatch: per-slot outputs [t, k, D], the mask of rows that were computed, and the
+    count of dropped rows. Dropless by default: the receive buffer holds the worst case, every
+    device's rows for my experts (ep * t * min(k, E_local) rows, ep times the mean load). With
+    `capacity_factor` it holds `receive_capacity` rows; a receiver takes its senders in device
+    order and each sender's slice (sorted by expert) up to the room left, so a cut drops the tail
+    of a slice: those rows add nothing to their token and are counted."""
     t, D = x.shape
     k = routing.ids.shape[1]
     E, E_loc = num_experts, num_experts // ep
@@ -151,17 +167,22 @@ def _ragged_rows(x, valid, routing, *, ep, num_experts, grouped, emulate):
     order = jnp.argsort(ids, stable=True)
     xs = x[order // k]
     counts = jnp.bincount(ids, length=E + 1)[:E].astype(jnp.int32).reshape(ep, E_loc)
-    table = jax.lax.all_gather(counts, "expert")  # [src, dst, E_loc]
+    table = jax.lax.all_gather(counts, "expert")  # [src, dst, E_loc] rows each pair would move
     me = jax.lax.axis_index("expert")
     per_pair = table.sum(-1)  # [src, dst] rows
-    mine = table[:, me]  # [src, E_loc] rows I receive
-
-    send = per_pair[me]
-    send_at = jnp.cumsum(send) - send
-    lands_at = (jnp.cumsum(per_pair, axis=0) - per_pair)[me]  # my slice's offset on each receiver
-    recv = mine.sum(-1)
     R = ep * t * min(k, E_loc)  # the most rows one device can receive: dropless
-    got = exchange(xs, jnp.zeros((R, D), x.dtype), send_at, send, lands_at, recv)
+    if capacity_factor is not None:
+        R = receive_capacity(capacity_factor, t, k, ep, E_loc)
+    earlier = jnp.cumsum(per_pair, axis=0) - per_pair  # [src, dst] rows of lower-numbered senders
+    sent = jnp.clip(R - earlier, 0, per_pair)  # [src, dst] rows that fit (all of them if dropless)
+    kept = jnp.clip(sent[..., None] - (jnp.cumsum(table, -1) - table), 0, table)  # [src, dst, E_loc]
+    mine = kept[:, me]  # [src, E_loc] rows I receive
+
+    start = jnp.cumsum(per_pair[me]) - per_pair[me]  # each destination's slice of my sorted rows
+    send = sent[me]
+    lands_at = (jnp.cumsum(sent, axis=0) - sent)[me]  # my slice's offset on each receiver
+    recv = mine.sum(-1)
+    got = exchange(xs, jnp.zeros((R, D), x.dtype), start, send, lands_at, recv)
 
     segment = row_experts(mine.reshape(-1), R)  # (src, local expert) segment of each row
     local = jnp.where(segment < ep * E_loc, segment % E_loc, E_loc)
@@ -172,8 +193,11 @@ def _ragged_rows(x, valid, routing, *, ep, num_experts, grouped, emulate):
     back_at = (jnp.cumsum(per_pair, axis=1) - per_pair)[:, me]  # where my rows sit in each sender
     ret = exchange(y, jnp.zeros((t * k, D), x.dtype), jnp.cumsum(recv) - recv, recv, back_at, send)
     rows = jnp.zeros_like(ret).at[order].set(ret).reshape(t, k, D).astype(jnp.float32)
-    keep = jnp.broadcast_to(valid[:, None], (t, k))
-    return rows, keep, jnp.zeros((), jnp.int32)
+    dest = jnp.minimum(ids[order] // E_loc, ep - 1)  # sentinel rows (padding) are never kept
+    fits = (jnp.arange(t * k) - start[dest] < send[dest]) & (ids[order] < E)
+    keep = jnp.zeros((t * k,), bool).at[order].set(fits).reshape(t, k)
+    dropped = jnp.sum(valid[:, None] & ~keep).astype(jnp.int32)
+    return rows, keep, dropped
 
 
 def moe_sharded(x, router_w, router_b, ew: moe_lib.ExpertWeights, *, mesh: Mesh, k: int, alpha: float,
@@ -184,7 +208,8 @@ def moe_sharded(x, router_w, router_b, ew: moe_lib.ExpertWeights, *, mesh: Mesh,
     (exactly so when nothing is dropped).
 
     dispatch: "all_to_all" | "ragged_all_to_all"; None = by platform (all_to_all on CPU).
-    capacity_factor: None = dropless; else fixed all_to_all buffers that may drop (counted).
+    capacity_factor: None = dropless; else buffers sized by it that may drop rows (counted):
+        all_to_all per (device, expert), ragged_all_to_all per receiving device.
     local_impl: how a device computes its experts: "ragged" (grouped matmul; MXFP4 stays packed
         through `mxfp4_impl`) or "buckets" (one batched einsum; the CPU default). With expert=1 any
         `moe.MOE_IMPLS` name, run on the local tokens (default: `moe.default_moe_impl()`).
@@ -194,8 +219,6 @@ def moe_sharded(x, router_w, router_b, ew: moe_lib.ExpertWeights, *, mesh: Mesh,
     dispatch = dispatch or default_dispatch(platform)
     if dispatch not in DISPATCH:
         raise ValueError(f"unknown expert dispatch {dispatch!r}; choose one of {DISPATCH}")
-    if capacity_factor is not None and dispatch != "all_to_all":
-        raise ValueError("capacity_factor applies to dispatch='all_to_all'; ragged_all_to_all is dropless")
     for name in ("data", "fsdp", "tensor", "expert"):
         if name not in mesh.shape:
             raise ValueError(f"mesh lacks axis {name!r}; build it with gptoss_jax.make_mesh")
@@ -246,7 +269,8 @@ def moe_sharded(x, router_w, router_b, ew: moe_lib.ExpertWeights, *, mesh: Mesh,
                                                        local_mlp=local_mlp)
             else:
                 rows, keep, dropped = _ragged_rows(x, valid, routing, ep=ep, num_experts=E,
-                                                   grouped=grouped, emulate=emulate_ragged)
+                                                   grouped=grouped, emulate=emulate_ragged,
+                                                   capacity_factor=capacity_factor)
             y = jnp.einsum("TkD,Tk->TD", rows, routing.weights)
         if tp > 1:
             y = jax.lax.psum(y, "tensor")

@@ -14,8 +14,11 @@ into an `MXFP4` pytree for `moe.moe`.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
+import logging
 from typing import Any
 
 import jax
@@ -288,11 +291,12 @@ class KernelOptions:
 
     On a mesh (`model.mesh`), the MoE layer is expert-parallel (`gptoss_jax.expert_parallel`):
     expert_dispatch: "all_to_all" (fixed-capacity buffers; the CPU default) |
-        "ragged_all_to_all" (dropless, GPU/TPU default); moe_impl then names how each device runs
+        "ragged_all_to_all" (no padding on the wire; GPU/TPU default); moe_impl then names how each device runs
         its local experts ("ragged" grouped matmul or "buckets").
-    capacity_factor: None = dropless; else the all_to_all buffers hold
-        ceil(capacity_factor * tokens * k / experts) rows per (device, expert) and the rest are
-        dropped and counted (captured as "dropped").
+    capacity_factor: None = dropless; else buffers sized by it and the overflow dropped and
+        counted (captured as "dropped"): all_to_all holds ceil(capacity_factor * tokens * k /
+        experts) rows per (device, expert), ragged_all_to_all ceil(capacity_factor * tokens * k)
+        rows per receiving device (dropless it holds expert-axis-size times that at 1.0).
     emulate_ragged: run ragged_all_to_all through an all-gather emulation (XLA:CPU cannot
         compile the real collective).
     remat: what the backward pass recomputes instead of keeping, per layer: "none" (keep every
@@ -369,7 +373,9 @@ class GptOss(nnx.Module):
     def __call__(self, tokens, *, positions=None, segment_ids=None, cache: KVCache | None = None,
                  capture=False, logits_at=None, logits_dtype=jnp.float32, router_loss=False,
                  head: bool = True) -> ModelOutput:
-        """tokens [B, T] int.
+        """tokens [B, T] int, ids in [0, vocab_size): others raise `TokenIdError`, on the host for a
+            concrete array and from inside the program under jit (on a mesh or a TPU they are
+            logged; see `traced_token_check`).
 
         positions: absolute positions [B, T]; default 0..T-1, or continuing from the cache.
         segment_ids: [B, T] documents packed in a row attend only within themselves. With a cache,
@@ -388,7 +394,7 @@ class GptOss(nnx.Module):
             the non-padding tokens, averaged over layers) as `ModelOutput.router_loss`.
         """
         cfg = self.cfg
-        tokens = _check_tokens(tokens, cfg.vocab_size)
+        tokens = _check_tokens(tokens, cfg.vocab_size, self.mesh)
         B, T = tokens.shape
         if positions is None:
             start = cache.lengths[:, None] if cache is not None else 0
@@ -437,17 +443,121 @@ class GptOss(nnx.Module):
                            jnp.mean(jnp.stack(balance)) if router_loss else None)
 
 
-def _check_tokens(tokens, vocab_size: int):
+class TokenIdError(ValueError):
+    """Token ids outside the model's vocabulary [0, vocab_size)."""
+
+
+def _token_range_message(lo: int, hi: int, vocab_size: int) -> str:
+    return f"token ids must lie in [0, {vocab_size}); got values in [{lo}, {hi}]"
+
+
+# Whether a traced forward (under jax.jit and friends) checks its token ids on the device; the
+# library's own loops whose ids are checked on the host (generate) switch it off while tracing.
+_TRACED_CHECK = contextvars.ContextVar("gptoss_jax_traced_token_check", default=True)
+
+
+@contextlib.contextmanager
+def traced_token_check(enabled: bool):
+    """Turn the in-program token-id check of forwards *traced* inside this block on or off.
+
+    A concrete token array is always checked on the host. Under a transformation (`jax.jit`,
+    `nnx.jit`, `jax.grad`, ...) the ids are values inside the program; by default the forward then
+    adds a host callback that raises `TokenIdError` when min/max fall outside [0, vocab_size)
+    (the call fails with a `jax.errors.JaxRuntimeError` carrying that message) instead of letting
+    the embedding gather clamp them (id -1 would read the last row). It costs one reduction and one
+    device-to-host transfer of two scalars per forward. `enabled=False` leaves it out of programs
+    traced in the block (callers that checked their ids on the host, as `generate` does). The
+    setting is read when a function is traced, not when an already compiled one runs.
+
+    Where a device stopping alone could leave the others waiting in a collective, the check logs
+    the error (logger `gptoss_jax.model`) and the program runs on with the clamped ids instead:
+    for a model sharded over several devices (`model.mesh`), and on TPU (no per-device callbacks
+    there). Programs lowered for a platform this host has no backend for (compile-only targets,
+    `gptoss compile`) carry no check."""
+    token = _TRACED_CHECK.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _TRACED_CHECK.reset(token)
+
+
+def _raise_on_bad_token_range(lo, hi, *, vocab_size: int) -> None:
+    lo, hi = int(np.min(lo)), int(np.max(hi))
+    if lo < 0 or hi >= vocab_size:
+        raise TokenIdError(_token_range_message(lo, hi, vocab_size))
+
+
+def _log_bad_token_range(lo, hi, *, vocab_size: int) -> None:
+    lo, hi = int(np.min(lo)), int(np.max(hi))
+    if lo < 0 or hi >= vocab_size:
+        logging.getLogger(__name__).error(
+            "%s (this jitted forward runs on a mesh or a TPU, where it cannot stop: the embedding "
+            "clamped them)", _token_range_message(lo, hi, vocab_size))
+
+
+def _backend_present(platform: str) -> bool:
+    try:
+        return bool(jax.devices(platform))
+    except RuntimeError:
+        return False
+
+
+def _traced_token_range_check(tokens, vocab_size: int, sharded: bool) -> None:
+    """Adds the in-program check to the traced computation (see `traced_token_check`)."""
+    def callback(fn, partitioned: bool):
+        def branch(lo, hi):
+            jax.debug.callback(functools.partial(fn, vocab_size=vocab_size), lo, hi, partitioned=partitioned)
+            return jnp.zeros((), jnp.int32)
+        return branch
+
+    def skip(lo, hi):
+        return jnp.zeros((), jnp.int32)
+
+    # A raising callback stops the device it runs on. With the weights sharded, the other devices
+    # may then wait forever in a collective (seen on CPU, whose devices run concurrently), so a
+    # sharded model only logs, once. Otherwise the callback runs on every device of the program
+    # (partitioned: same global min/max everywhere), which then all stop at the check. TPU has no
+    # partitioned callbacks: it logs too. A platform without a local backend (a compile-only
+    # target) cannot lower a callback at all and gets none.
+    logged = callback(_log_bad_token_range, False)
+    raising = logged if sharded else callback(_raise_on_bad_token_range, True)
+    gpu = raising if _backend_present("gpu") else skip
+    jax.lax.platform_dependent(
+        jnp.min(tokens), jnp.max(tokens), cpu=raising if _backend_present("cpu") else skip, cuda=gpu,
+        rocm=gpu, tpu=logged if _backend_present("tpu") else skip, default=skip)
+
+
+class _QuietTokenIdErrors(logging.Filter):
+    """JAX logs a callback's exception with its traceback before re-raising it; a TokenIdError is
+    a user error whose message the raised JaxRuntimeError already carries."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], TokenIdError))
+
+
+logging.getLogger("jax._src.debugging").addFilter(_QuietTokenIdErrors())
+
+
+def _check_tokens(tokens, vocab_size: int, mesh=None):
+    """Shape, dtype and id range of `tokens` [B, T].
+
+    Ids outside [0, vocab_size) are an error, never clamped: a concrete array is checked here on
+    the host (`TokenIdError`, a ValueError); a traced one (under jit) gets an in-program check that
+    fails the call when it runs (see `traced_token_check`, also for what TPUs do)."""
     tokens = jnp.asarray(tokens)
     if tokens.ndim == 1:
         raise ValueError(f"tokens must be [batch, time]; got shape {tokens.shape} (add a batch axis)")
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"tokens must be an integer array [batch, time], got {tokens.dtype}{list(tokens.shape)}")
-    if not isinstance(tokens, jax.core.Tracer) and tokens.size:
+    if not tokens.size:
+        return tokens
+    if not isinstance(tokens, jax.core.Tracer):
         host = np.asarray(tokens)  # numpy: inside jit a closed-over array's min() would be traced
         lo, hi = int(host.min()), int(host.max())
         if lo < 0 or hi >= vocab_size:
-            raise ValueError(f"token ids must lie in [0, {vocab_size}); got values in [{lo}, {hi}]")
+            raise TokenIdError(_token_range_message(lo, hi, vocab_size))
+    elif _TRACED_CHECK.get():
+        _traced_token_range_check(tokens, vocab_size, sharded=mesh is not None and mesh.size > 1)
     return tokens
 
 

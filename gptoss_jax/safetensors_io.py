@@ -119,12 +119,19 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     tmp = os.fspath(path) + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for arr in arrays:
-            f.write(arr.tobytes())
-    os.replace(tmp, path)  # never leave a half-written file under the real name
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for arr in arrays:
+                f.write(arr.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # never leave a half-written file under the real name
+    except BaseException:  # disk full, Ctrl-C: no partial file left behind either
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def open_all(paths: Iterable[str]) -> tuple[dict[str, SafetensorsFile], dict[str, SafetensorsFile]]:

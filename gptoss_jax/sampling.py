@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Sequence
+import math
+import numbers
+import operator
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +26,55 @@ from flax import nnx
 
 from gptoss_jax.cache import KVCache, init_cache
 from gptoss_jax.distributed import to_host
+from gptoss_jax.model import traced_token_check
 from gptoss_jax import harmony
 from gptoss_jax.harmony import STOP_TOKENS_ASSISTANT as ASSISTANT_STOP_TOKENS  # <|return|>, <|call|>
+
+
+def _real(value) -> float | None:
+    """`value` as a finite float, or None when it is not a finite real number."""
+    if isinstance(value, (bool, str, bytes)):
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _integer(value) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return None
+    return int(value)
+
+
+def check_sampling_options(*, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=None, seed=None,
+                           vocab_size: int | None = None, names: Mapping[str, str] | None = None) -> None:
+    """Raise ValueError for a sampling setting that cannot mean what it says: a temperature that is
+    not a finite number >= 0 (nan would sample token 0 forever), top_p outside (0, 1], top_k not an
+    integer in [0, vocab_size], max_new_tokens below 1, a seed outside [0, 2**63). Options left
+    None are not checked; `names` spells them in the messages (the CLI passes its flags)."""
+    def name(key):
+        return (names or {}).get(key, key)
+
+    t = _real(temperature)
+    if t is None or t < 0:
+        raise ValueError(f"{name('temperature')} must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    p = _real(top_p)
+    if p is None or not 0 < p <= 1:
+        raise ValueError(f"{name('top_p')} must be a number in (0, 1] (1 = no nucleus cut), got {top_p!r}")
+    k = _integer(top_k)
+    limit = f"the vocabulary size {vocab_size}" if vocab_size is not None else "the vocabulary size"
+    if k is None or k < 0 or (vocab_size is not None and k > vocab_size):
+        raise ValueError(f"{name('top_k')} must be an integer from 0 (no top-k cut) to {limit}, got {top_k!r}")
+    if max_new_tokens is not None:
+        n = _integer(max_new_tokens)
+        if n is None or n < 1:
+            raise ValueError(f"{name('max_new_tokens')} must be an integer >= 1, got {max_new_tokens!r}")
+    if seed is not None:
+        s = _integer(seed)
+        if s is None or not 0 <= s < 2**63:
+            raise ValueError(f"{name('seed')} must be an integer in [0, 2**63), got {seed!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,12 +84,10 @@ class SamplingParams:
     top_k: int = 0  # 0 = no top-k cut
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        check_sampling_options(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "top_p", float(self.top_p))
+        object.__setattr__(self, "top_k", int(self.top_k))
 
 
 def sample(logits, key, params: SamplingParams):
@@ -90,7 +138,8 @@ def _prefill_fn(graphdef):
         C = tokens.shape[1]
         seg = (jnp.arange(C)[None, :] < n_valid[:, None]).astype(jnp.int32)
         idx = jnp.clip(n_valid - 1, 0, C - 1)
-        out = model(tokens, segment_ids=seg, cache=cache, logits_at=idx)
+        with traced_token_check(False):  # generate() checked the prompt ids on the host
+            out = model(tokens, segment_ids=seg, cache=cache, logits_at=idx)
         logits = jnp.where((n_valid > 0)[:, None], out.logits[:, 0], last_logits)
         return out.cache, logits
     return prefill
@@ -128,9 +177,11 @@ def _decode_fn(graphdef, params: SamplingParams, stop_ids: tuple[int, ...], bloc
             # packed expert) to an fp32 copy at the start of each block, held through the block.
             weights = jax.lax.optimization_barrier((state, i))[0] if TIE_WEIGHTS else state
             step_model = nnx.merge(graphdef, weights)
-            # every row steps (fixed shapes); finished rows feed padding that is never cached
-            step = step_model(jnp.where(active, tok, 0)[:, None],
-                              segment_ids=active[:, None].astype(jnp.int32), cache=cache)
+            # every row steps (fixed shapes); finished rows feed padding that is never cached.
+            # The sampled ids lie in [0, vocab_size) by construction: no in-program id check.
+            with traced_token_check(False):
+                step = step_model(jnp.where(active, tok, 0)[:, None],
+                                  segment_ids=active[:, None].astype(jnp.int32), cache=cache)
             return i + 1, step.cache, step.logits[:, 0], done, produced, out_tokens, out_logprobs, key
 
         carry = (jnp.int32(0), cache, logits, done, produced, out_tokens, out_logprobs, key)
@@ -151,6 +202,13 @@ def generate(model, tokenizer=None, prompts: Sequence = (), *, max_new_tokens: i
         a tokenizer); pass () to run to max_new_tokens.
     stream(row, new_token_ids): called as tokens arrive (per decode block).
     logprobs: also return each generated token's log-probability under the model (`Generation.logprobs`).
+
+    Every argument is checked on the host before anything runs (ValueError): prompt ids must be
+    integers in [0, vocab_size), as must explicit stop tokens (one outside the vocabulary could
+    never be sampled); the sampling options as `check_sampling_options` says, top_k at most the
+    vocabulary size; prompt + max_new_tokens within the model's context. The jitted prefill and
+    decode therefore leave out the in-program id check of traced forwards (see
+    `gptoss_jax.model.traced_token_check`).
     """
     cfg = model.cfg
     if not len(prompts):
@@ -161,15 +219,22 @@ def generate(model, tokenizer=None, prompts: Sequence = (), *, max_new_tokens: i
             if tokenizer is None:
                 raise ValueError("string prompts need a tokenizer")
             p = tokenizer.encode(p)
-        p = [int(t) for t in p]
+        try:
+            p = [operator.index(t) for t in p]
+        except TypeError:
+            raise ValueError(f"prompt {i} must be a string or a sequence of integer token ids, got "
+                             f"{type(p).__name__} {str(p)[:60]}") from None
         if not p:
             raise ValueError(f"prompt {i} is empty")
         bad = [t for t in p if not 0 <= t < cfg.vocab_size]
         if bad:
             raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {cfg.vocab_size}): {bad[:5]}")
         ids.append(p)
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_sampling_options(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+                           seed=seed, vocab_size=cfg.vocab_size)
+    for what, value in (("prefill_chunk", prefill_chunk), ("block", block)):
+        if value is not None and (_integer(value) is None or value < 1):
+            raise ValueError(f"{what} must be an integer >= 1, got {value!r}")
     longest = max(len(p) for p in ids)
     total = longest + max_new_tokens
     if total > cfg.max_position:
@@ -178,6 +243,11 @@ def generate(model, tokenizer=None, prompts: Sequence = (), *, max_new_tokens: i
     params = SamplingParams(temperature, top_p, top_k)
     if stop_tokens is None:  # the tokenizer's own ids (a small trained BPE numbers them its way)
         stop_tokens = harmony.stop_tokens(tokenizer) if tokenizer is not None else ASSISTANT_STOP_TOKENS
+    else:
+        bad = [t for t in stop_tokens if _integer(t) is None or not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"stop_tokens outside the vocabulary [0, {cfg.vocab_size}) can never be sampled: "
+                             f"{bad[:5]}")
     stop_ids = tuple(int(t) for t in stop_tokens)
     block = block or (1 if stream is not None else 16)
     B = len(ids)

@@ -117,6 +117,10 @@ def _devices(name: str) -> tuple:
     except ImportError as e:
         raise TargetUnavailable(
             f"target {name} needs the compile-only toolchain: pip install -e '.[aot]' ({e.name} missing)") from None
+    except NotImplementedError:  # the cuda plugin failed to start as a backend (no CUDA driver here)
+        raise TargetUnavailable(
+            f"target {name}: the CUDA plugin could not start on this host; compile with JAX_PLATFORMS=cpu "
+            f"(the compile-only devices need no driver)") from None
     if len(devs) != t.num_devices:
         raise RuntimeError(f"target {name}: the {t.topology} topology has {len(devs)} devices, expected {t.num_devices}")
     return tuple(devs)

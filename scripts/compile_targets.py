@@ -25,10 +25,10 @@ from gptoss_jax.train.config import load_config  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 B20, B120 = config.gpt_oss_20b(), config.gpt_oss_120b()
-# every 20b training config in configs/ and the target it is written for
+# every training config in configs/ for real hardware, and the target it is written for
 CONFIG_TARGETS = {"lora_20b_gpu80": "h100", "sft_20b_gpu80": "h100", "grpo_lora_20b_gpu80": "h100",
                   "lora_20b_tpu_v5e_8": "tpu-v5e-8", "sft_20b_tpu_v5e_8": "tpu-v5e-8",
-                  "grpo_lora_20b_tpu_v5e_8": "tpu-v5e-8"}
+                  "grpo_lora_20b_tpu_v5e_8": "tpu-v5e-8", "lora_120b_h100x8": "h100x8"}
 
 
 def programs():
@@ -47,6 +47,11 @@ def programs():
     for name, target in CONFIG_TARGETS.items():
         rows.append((f"{name}@{target}", lambda n=name, t=target: aot.compile_train_step(
             load_config(os.path.join(CONFIGS, n + ".yaml")), t, progress=False)))
+    # the whole 24-layer TPU steps outgrow a 23 GB compile host (XLA:TPU was killed at 23.5 GB RSS
+    # after ~20 min); the same step with 4 of its layers shows the program compiles and what a layer adds
+    rows.append(("lora_20b_tpu_v5e_8 with 4 of 24 layers@tpu-v5e-8", lambda: aot.compile_train_step(
+        load_config(os.path.join(CONFIGS, "lora_20b_tpu_v5e_8.yaml"), ["model.overrides={num_layers: 4}"]),
+        "tpu-v5e-8", progress=False)))
     rows.append(("lora_20b_gpu80 seq 4096 batch 1@h100 chunked loss (field goal: <= 24 GB)", lambda: aot.compile_train_step(
         load_config(os.path.join(CONFIGS, "lora_20b_gpu80.yaml"), ["data.batch_size=1", "data.accum_steps=1",
                                                                    "model.loss_chunk=1024"]),
@@ -54,14 +59,13 @@ def programs():
     for target, mesh in (("h100x8", {"expert": 8}), ("tpu-v5p-8", {"expert": 4}), ("tpu-v6e-8", {"expert": 8})):
         rows.append((f"120b-forward-4096@{target}", lambda t=target, m=mesh: aot.compile_forward(
             B120, t, batch=8, length=4096, mesh=m, progress=False)[1]))
-    lora120 = ["model.preset=gpt_oss_120b", "data.seq_len=2048", "data.batch_size=8", "data.accum_steps=1"]
-    for target, mesh in (("h100x8", "{expert: 8}"), ("tpu-v5p-8", "{expert: 4}")):
-        rows.append((f"120b LoRA step 8x2048@{target}", lambda t=target, m=mesh: aot.compile_train_step(
-            load_config(os.path.join(CONFIGS, "lora_20b_gpu80.yaml"), lora120 + [f"mesh={m}"]), t, progress=False)))
+    lora120 = os.path.join(CONFIGS, "lora_120b_h100x8.yaml")  # rows below: dropless (capacity_factor null)
+    rows.append(("120b LoRA step 8x2048@h100x8", lambda: aot.compile_train_step(
+        load_config(lora120, ["model.capacity_factor=null"]), "h100x8", progress=False)))
+    rows.append(("120b LoRA step 8x2048@tpu-v5p-8", lambda: aot.compile_train_step(
+        load_config(lora120, ["mesh={expert: 4}", "model.capacity_factor=null"]), "tpu-v5p-8", progress=False)))
     rows.append(("120b LoRA step 1x2048@h100 (field goal: <= 75 GB)", lambda: aot.compile_train_step(
-        load_config(os.path.join(CONFIGS, "lora_20b_gpu80.yaml"),
-                    ["model.preset=gpt_oss_120b", "data.seq_len=2048", "data.batch_size=1", "data.accum_steps=1"]),
-        "h100", progress=False)))
+        load_config(lora120, ["mesh={}", "model.capacity_factor=null", "data.batch_size=1"]), "h100", progress=False)))
     return rows
 
 
@@ -113,11 +117,23 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="experiments/2026-12-05-compile")
     p.add_argument("--only", nargs="*", help="row names (substrings) to run")
     p.add_argument("--docs", action="store_true", help="also regenerate the compiled table in configs/README.md")
+    p.add_argument("--tables-only", action="store_true",
+                   help="compile nothing: regenerate table.md (and with --docs configs/README.md) from records.json")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "records.json")
     records = json.load(open(path)) if os.path.exists(path) else []
-    for name, run in programs():
+    rows = programs()
+    order = {name: i for i, (name, _) in enumerate(rows)}
+    # the table lists the rows this script defines, in its order
+    records = sorted((r for r in records if r["row"] in order), key=lambda r: order[r["row"]])
+    if args.tables_only:
+        rows = []
+        with open(os.path.join(args.out, "table.md"), "w") as f:
+            f.write(markdown(records))
+        if args.docs:
+            update_configs_readme(records)
+    for name, run in rows:
         if args.only and not any(s in name for s in args.only):
             continue
         t0 = time.time()
@@ -129,7 +145,7 @@ def main(argv=None) -> int:
             rec = {"row": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
         rec["command"] = "python scripts/compile_targets.py --only " + repr(name)
         rec["wall_seconds"] = round(time.time() - t0, 1)
-        records = [r for r in records if r["row"] != name] + [rec]
+        records = sorted([r for r in records if r["row"] != name] + [rec], key=lambda r: order[r["row"]])
         with open(path, "w") as f:
             json.dump(records, f, indent=1)
         with open(os.path.join(args.out, "table.md"), "w") as f:

@@ -182,6 +182,23 @@ def test_20b_lora_train_step_fits_one_h100_and_matches_the_estimate():
     assert 0.8 <= r.total_bytes / r.estimate_bytes <= 1.2, r.table()
 
 
+def test_120b_lora_receive_capacity_bounds_the_expert_activations():
+    """configs/lora_120b_h100x8.yaml with two of its 36 layers, compiled for eight H100s: the
+    dropless ragged exchange sizes each GPU's receive buffer (and every local expert activation)
+    for all eight GPUs' rows; capacity_factor 2 (the config's) cuts the temporaries. The whole
+    36-layer step is recorded in experiments/2026-12-05-compile (82.6 GiB dropless, does not fit)."""
+    path = os.path.join(CONFIGS, "lora_120b_h100x8.yaml")
+    two = ["model.overrides={num_layers: 2}"]
+    capped = aot.compile_train_step(load_config(path, two), "h100x8", progress=False)
+    dropless = aot.compile_train_step(load_config(path, two + ["model.capacity_factor=null"]), "h100x8",
+                                      progress=False)
+    assert capped.fits and capped.devices == 8, capped.table()
+    rows = 8 * 2048 * 4  # the dropless receive buffer: 8 GPUs x 2048 tokens x top-4
+    assert any(f"[{rows}," in shape for _, shape in dropless.largest_arrays), dropless.largest_arrays
+    assert not any(f"[{rows}," in shape for _, shape in capped.largest_arrays), capped.largest_arrays
+    assert capped.temp_bytes < 0.75 * dropless.temp_bytes, (capped.table(), dropless.table())
+
+
 # ----------------------------------------------------------------------------- gptoss compile
 SMALL = ("model.overrides={num_layers: 2, d_model: 512, num_heads: 8, num_kv_heads: 2, num_experts: 8, "
          "experts_per_token: 2, expert_dim: 512, vocab_size: 2048}")

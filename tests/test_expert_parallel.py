@@ -139,9 +139,9 @@ def test_bad_meshes_are_clear_errors(layer):
         ep_lib._check_divisible(ews["dense"], 3, 1)
     with pytest.raises(ValueError, match="tensor=4 must divide the expert width 64 in whole MXFP4 blocks"):
         sharded(x, rw, rb, ews["mxfp4"], gj.make_mesh(tensor=4, expert=2))
-    with pytest.raises(ValueError, match="ragged_all_to_all is dropless"):
+    with pytest.raises(ValueError, match="capacity_factor must be > 0"):
         sharded(x, rw, rb, ews["dense"], gj.make_mesh(expert=8), dispatch="ragged_all_to_all",
-                capacity_factor=1.0)
+                capacity_factor=0.0, emulate_ragged=True)
     with pytest.raises(ValueError, match=r"local expert implementation 'gather' .* \(with expert > 1\)"):
         sharded(x, rw, rb, ews["dense"], gj.make_mesh(expert=8), local_impl="gather")
     with pytest.raises(ValueError, match="unknown expert dispatch"):
@@ -212,3 +212,52 @@ def test_communication_formula_matches_the_program(layer, tiny_cfg):
     assert (tiny_cfg.d_model, tiny_cfg.num_experts, tiny_cfg.experts_per_token) == (D, E, K)
     want = ep_lib.communication_per_token(tiny_cfg, shape, dispatch="all_to_all", capacity_factor=2.0, dtype_bytes=4)
     assert sent == [want["dispatch"], want["combine"]]
+
+
+def _expected_ragged_drops(ids: np.ndarray, shards: int, ep: int, rows: int):
+    """Ragged receive capacity: tokens split into `shards` chunks (shard s on expert-axis device
+    s % ep); each device sorts its (token, slot) rows by expert and sends each destination its
+    slice; a destination takes the senders of its group in device order while `rows` remain."""
+    keep = np.ones(ids.shape, bool)
+    t, e_loc = ids.shape[0] // shards, E // ep
+    for group in range(shards // ep):  # the devices that exchange with each other
+        room = np.full(ep, rows)
+        for src in range(ep):
+            s = group * ep + src
+            chunk = [(ids[tok, slot], tok, slot) for tok in range(s * t, (s + 1) * t) for slot in range(K)]
+            for e, tok, slot in sorted(chunk):
+                dst = e // e_loc
+                keep[tok, slot] = room[dst] > 0
+                room[dst] -= 1
+    return keep
+
+
+@pytest.mark.parametrize("factor", [0.4, 0.8])
+@pytest.mark.parametrize("shape", [dict(expert=8), dict(data=2, expert=4)])
+def test_ragged_receive_capacity_drops_are_counted_exactly(layer, factor, shape):
+    """capacity_factor with ragged_all_to_all bounds each device's receive buffer (what made 120b
+    fit eight H100s); the rows it drops are exactly those a sequential fill would, and the output
+    is the reference with those rows' weights zeroed."""
+    x, rw, rb, ews = layer
+    mesh = gj.make_mesh(**shape)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
+    ep, t = mesh.shape["expert"], T // shards
+    rows = ep_lib.receive_capacity(factor, t, K, ep, E // ep)
+    # mesh device order: the expert axis is the fastest-varying batch axis
+    ids = np.asarray(moe_lib.route(x, rw, rb, K).ids)
+    keep = _expected_ragged_drops(ids, shards, ep, rows)
+    assert (~keep).sum() > 0  # the factor really forces drops
+    out = sharded(x, rw, rb, ews["mxfp4"], mesh, dispatch="ragged_all_to_all", emulate_ragged=True,
+                  capacity_factor=factor)
+    assert int(out.dropped) == int((~keep).sum())
+    want, _ = reference(x, rw, rb, ews["mxfp4"], keep=jnp.asarray(keep, jnp.float32))
+    assert rel(out.out, want) <= 1e-5
+
+
+def test_generous_ragged_capacity_equals_dropless(layer):
+    x, rw, rb, ews = layer
+    mesh = gj.make_mesh(data=2, expert=4)
+    out = sharded(x, rw, rb, ews["dense"], mesh, dispatch="ragged_all_to_all", emulate_ragged=True,
+                  capacity_factor=4.0)
+    assert int(out.dropped) == 0
+    assert rel(out.out, reference(x, rw, rb, ews["dense"])[0]) <= 1e-5

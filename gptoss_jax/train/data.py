@@ -7,7 +7,10 @@ Each jsonl line is one conversation, in either of two shapes:
   message and its `content` the final answer. A harmony system message (with the configured
   reasoning effort) is put first where a conversation has none.
 
-Malformed lines are reported with their line number and skipped (or fatal with `strict=True`).
+Malformed lines (not UTF-8, not JSON, not a conversation, a message on a channel its system
+message does not declare: analysis, commentary, final by default) are reported with their file
+and line number and skipped (or fatal with `strict=True`); a file that leaves nothing to train on
+is an error that says why (`no_data_error`).
 Packing places whole examples into rows of `seq_len` tokens in order (first fit); each example
 gets its own segment id and positions from 0, so attention never crosses documents. Examples
 longer than a row are never truncated: they are counted and left out (or fatal with `strict`).
@@ -36,6 +39,7 @@ class DataReport:
     malformed: list[str] = dataclasses.field(default_factory=list)  # "path:line: reason"
     too_long: int = 0  # examples longer than one row, left out
     no_target: int = 0  # examples with no trained token (nothing for the loss), left out
+    line_numbers: list[int] = dataclasses.field(default_factory=list)  # of the conversations read, in order
 
     def summary(self) -> str:
         return (f"{self.conversations} conversations from {self.lines} lines; {len(self.malformed)} "
@@ -66,6 +70,21 @@ def from_chat_shape(messages, *, reasoning_effort: str = "low") -> list[dict]:
     return out
 
 
+def check_channels(conv: Sequence[dict]) -> None:
+    """Every message's channel must be one its system message declares valid (analysis,
+    commentary, final by default); a typo such as "finale" would otherwise train a format the
+    model never sees at inference."""
+    valid = harmony.DEFAULT_CHANNELS
+    if conv and conv[0]["role"] == "system":
+        config = next((p.get("channel_config") for p in conv[0]["content"] if p.get("type") == "system_content"), None)
+        if config and config.get("valid_channels"):
+            valid = tuple(config["valid_channels"])
+    for i, m in enumerate(conv):
+        channel = m.get("channel")
+        if channel is not None and channel not in valid:
+            raise ValueError(f"message {i}: channel {channel!r} is not one of {', '.join(valid)}")
+
+
 def parse_conversation(record, *, reasoning_effort: str = "low") -> list[dict]:
     """One decoded jsonl record -> normalized harmony messages (ValueError if malformed)."""
     messages = record.get("messages") if isinstance(record, dict) else record
@@ -74,6 +93,7 @@ def parse_conversation(record, *, reasoning_effort: str = "low") -> list[dict]:
     if _is_chat_shape(messages):
         messages = from_chat_shape(messages, reasoning_effort=reasoning_effort)
     conv = harmony.normalize_conversation(messages)
+    check_channels(conv)
     if conv[0]["role"] != "system":
         conv = harmony.normalize_conversation([harmony.system_message(reasoning_effort=reasoning_effort)]) + conv
     return conv
@@ -83,20 +103,39 @@ def read_jsonl(path: str, *, strict: bool = False, reasoning_effort: str = "low"
                report: DataReport | None = None) -> tuple[list[list[dict]], DataReport]:
     report = report or DataReport()
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            report.lines += 1
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
             try:
-                out.append(parse_conversation(json.loads(line), reasoning_effort=reasoning_effort))
-            except (ValueError, TypeError, KeyError) as e:
-                reason = f"{path}:{lineno}: {e}"
-                if strict:
-                    raise DataError(reason) from None
-                report.malformed.append(reason)
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                report.lines += 1
+                record = json.loads(line)
+            except UnicodeDecodeError as e:
+                report.lines += 1
+                reason = f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})"
+            except json.JSONDecodeError as e:
+                reason = f"{path}:{lineno}: not valid JSON ({e.msg} at character {e.pos + 1})"
+            else:
+                try:
+                    out.append(parse_conversation(record, reasoning_effort=reasoning_effort))
+                    report.line_numbers.append(lineno)
+                    continue
+                except (ValueError, TypeError, KeyError) as e:
+                    reason = f"{path}:{lineno}: {e}"
+            if strict:
+                raise DataError(reason)
+            report.malformed.append(reason)
     report.conversations += len(out)
     return out, report
+
+
+def no_data_error(path: str, report: DataReport, what: str = "usable conversations") -> DataError:
+    """The error for a data file that leaves nothing to train or evaluate on, saying why."""
+    if report.lines == 0:
+        return DataError(f"{path} holds no conversations (the file is empty)")
+    first = f"; first: {report.malformed[0]}" if report.malformed else ""
+    return DataError(f"{path} leaves no {what}: {report.summary()}{first}")
 
 
 @dataclasses.dataclass

@@ -118,7 +118,7 @@ def estimate(cfg) -> MemoryEstimate:
 
     def build():
         model = GptOss(model_cfg, rngs=nnx.Rngs(0), dtype=m.dtype, experts=m.experts,
-                       kernel=KernelOptions(remat=m.remat))
+                       kernel=KernelOptions(remat=m.remat, capacity_factor=m.capacity_factor))
         if cfg.lora.enabled:
             lora_lib.add_lora(model, lora_config(cfg))
         return model

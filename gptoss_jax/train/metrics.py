@@ -52,9 +52,48 @@ class MetricsLog:
         self.close()
 
 
+class MetricsError(ValueError):
+    """A metrics.jsonl line that is not a record, naming the file and line."""
+
+
+def _parse(path: str) -> tuple[list[tuple[dict, str]], int | None]:
+    """The (record, line) pairs of a metrics.jsonl and the line number of a torn last line (None
+    if whole). A bad line before the last is a MetricsError: only the last line can be cut short
+    by a run that was killed while writing it."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip("\0 \t\r\n")]
+    records = []
+    for i, (lineno, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a record with an integer 'step'")
+        except ValueError as e:
+            if i == len(lines) - 1:
+                return records, lineno
+            raise MetricsError(f"{path}:{lineno}: not a metrics record ({e}); fix or delete that line") from None
+        records.append((record, line.rstrip("\r\n") + "\n"))
+    return records, None
+
+
 def read_metrics(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a metrics.jsonl (a torn last line, of a run killed mid-write, left out)."""
+    return [record for record, _ in _parse(path)[0]]
+
+
+def truncate_metrics(path: str, step: int, *, log=print) -> None:
+    """Keep the records up to `step` (a run resumed from the checkpoint of `step` logs the rest
+    again; step 0: none). A torn last line is dropped with a warning; the file is rewritten whole
+    (write + rename), so the resumed run appends after complete lines."""
+    if not os.path.isfile(path):
+        return
+    records, torn = _parse(path) if step > 0 else ([], None)
+    if torn is not None:
+        log(f"warning: {path}:{torn}: dropped a torn last line (the run was stopped while writing it)")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(line for record, line in records if record["step"] <= step)
+    os.replace(tmp, path)
 
 
 def plot_curves(path: str, out_png: str, *, keys=("loss", "grad_norm", "learning_rate", "router_loss"),

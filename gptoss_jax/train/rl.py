@@ -40,6 +40,7 @@ from gptoss_jax.train import data as data_lib
 from gptoss_jax.train import eval as eval_lib
 from gptoss_jax.train import rewards as rewards_lib
 from gptoss_jax.train.config import ExperimentConfig
+from gptoss_jax.train.lock import RunLock
 from gptoss_jax.train.losses import group_advantages, grpo_loss, gspo_loss, token_logprobs
 from gptoss_jax.train.metrics import METRICS_FILE, MetricsLog, plot_curves
 from gptoss_jax.train.step import make_optimizer, make_schedule, make_trainer, trainable_filter
@@ -85,16 +86,24 @@ def _zero_lora_b(params):
 
 
 class Prompts:
-    """The rollout prompts of data.train: rendered token ids and reference final answers."""
+    """The rollout prompts of data.train: rendered token ids and reference final answers.
+    `path` and `report` (of `data.read_jsonl`) name the file and line of a conversation that has
+    no reference answer, and say why none is left when the file yields nothing."""
 
-    def __init__(self, conversations, tokenizer):
+    def __init__(self, conversations, tokenizer, *, path: str = "data.train",
+                 report: data_lib.DataReport | None = None):
         self.tokens, self.references = [], []
-        for conv in conversations:
-            prompt, ref = eval_lib.split_reference(conv)
+        lines = report.line_numbers if report is not None else []
+        for i, conv in enumerate(conversations):
+            try:
+                prompt, ref = eval_lib.split_reference(conv)
+            except ValueError as e:
+                where = f"{path}:{lines[i]}" if i < len(lines) else f"{path}, conversation {i + 1}"
+                raise data_lib.DataError(f"{where}: {e} (RL prompts need a reference answer)") from None
             self.tokens.append(harmony.render_for_completion(prompt, tokenizer))
             self.references.append(ref)
         if not self.tokens:
-            raise ValueError("no prompts: data.train holds no conversation ending in a final answer")
+            raise data_lib.no_data_error(path, report or data_lib.DataReport(lines=1), "prompts")
         self.max_len = max(len(t) for t in self.tokens)
 
     def at_step(self, step: int, n: int, seed: int) -> list[int]:
@@ -124,7 +133,7 @@ def build_batch(prompts, completions, sampler_logp, length: int):
 
 def train(cfg: ExperimentConfig, *, log=print) -> dict:
     import gptoss_jax as gj
-    from gptoss_jax.train.sft import _progress, build_model, end_of_step, resume_or_start
+    from gptoss_jax.train.sft import check_token_ids, model_vocab_size
 
     algorithm, rl = cfg.algorithm, cfg.rl
     if algorithm not in DEFAULT_CLIP:
@@ -139,15 +148,33 @@ def train(cfg: ExperimentConfig, *, log=print) -> dict:
     distributed.initialize()
     mesh = gj.sharding.mesh_from_config(cfg.mesh) if cfg.mesh else None
     out = cfg.run.out_dir
-    os.makedirs(out, exist_ok=True)
+    # everything that can be checked without the model first: the data, its token ids
     tokenizer = gj.load_tokenizer(cfg.model.tokenizer)
     convs, report = data_lib.read_jsonl(cfg.data.train, strict=cfg.data.strict,
                                         reasoning_effort=cfg.data.reasoning_effort)
-    prompts = Prompts(convs, tokenizer)
+    prompts = Prompts(convs, tokenizer, path=cfg.data.train, report=report)
+    log(f"data: {report.summary()}; {len(prompts.tokens)} prompts of up to {prompts.max_len} tokens")
+    for line in report.malformed[:5]:
+        log(f"  skipped {line}")
+    vocab_size = model_vocab_size(cfg)
+    check_token_ids(max(max(t) for t in prompts.tokens), cfg, tokenizer, vocab_size, cfg.data.train)
+    eval_convs = None
+    if cfg.data.eval:
+        eval_convs, eval_report = data_lib.read_jsonl(cfg.data.eval, reasoning_effort=cfg.data.reasoning_effort)
+        eval_convs = eval_convs[:cfg.eval.limit] if cfg.eval.limit else eval_convs
+        eval_prompts = Prompts(eval_convs, tokenizer, path=cfg.data.eval, report=eval_report)
+        check_token_ids(max(max(t) for t in eval_prompts.tokens), cfg, tokenizer, vocab_size, cfg.data.eval)
+    with RunLock(out, log=log, enabled=jax.process_index() == 0):
+        return _train(cfg, mesh, tokenizer, prompts, eval_convs, spec, log)
+
+
+def _train(cfg: ExperimentConfig, mesh, tokenizer, prompts, eval_convs, spec, log) -> dict:
+    import gptoss_jax as gj
+    from gptoss_jax.train.sft import _progress, _write_json, build_model, end_of_step, resume_or_start
+
+    algorithm, rl, out = cfg.algorithm, cfg.rl, cfg.run.out_dir
     length = prompts.max_len + rl.max_new_tokens
     length += -length % 16  # one static shape for every step
-    log(f"data: {report.summary()}; {len(prompts.tokens)} prompts of up to {prompts.max_len} tokens")
-
     model = build_model(cfg, mesh)
     trainable = trainable_filter(lora=cfg.lora.enabled, norms_and_sinks=cfg.lora.train_norms_and_sinks)
     trainer = make_trainer(model, make_optimizer(cfg.optim), accum_steps=cfg.data.accum_steps,
@@ -162,77 +189,81 @@ def train(cfg: ExperimentConfig, *, log=print) -> dict:
 
     ckpts, state, _, start = resume_or_start(out, cfg, state, log)
 
-    eval_convs = None
-    if cfg.data.eval:
-        eval_convs, _ = data_lib.read_jsonl(cfg.data.eval, reasoning_effort=cfg.data.reasoning_effort)
-        eval_convs = eval_convs[:cfg.eval.limit] if cfg.eval.limit else eval_convs
-
     answers_path = os.path.join(out, "eval_right.json")  # per held-out problem, per evaluated step
     right = {}
     if start > 0 and os.path.isfile(answers_path):
-        with open(answers_path) as f:
-            right = {int(k): v for k, v in json.load(f).items() if int(k) <= start}
+        try:
+            with open(answers_path) as f:
+                right = {int(k): v for k, v in json.load(f).items() if int(k) <= start}
+        except (ValueError, AttributeError) as e:
+            ckpts.close(quiet=True)
+            raise ValueError(f"{answers_path} is not the per-step answers a run writes ({e}); delete it to "
+                             "resume without the earlier held-out answers") from None
 
     def held_out_accuracy(at: int):
         res = eval_lib.task_accuracy(trainer.model(state), tokenizer, eval_convs,
                                      max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
         right[at] = [int(r) for r in res["right"]]
         if first_process:
-            with open(answers_path, "w") as f:
-                json.dump({str(k): v for k, v in sorted(right.items())}, f)
+            _write_json(answers_path, {str(k): v for k, v in sorted(right.items())})
         return res["accuracy"]
 
     first_process = jax.process_index() == 0
     bar = _progress(cfg.run.steps, start, cfg.run.progress and first_process)
     t0, last, accuracy = time.time(), {}, {}
-    with MetricsLog(out, tensorboard=cfg.run.tensorboard, enabled=first_process) as metrics_log:
-        if eval_convs and start == 0:
-            accuracy[0] = held_out_accuracy(0)
-            metrics_log.write({"step": 0, "eval_accuracy": accuracy[0]})
-            log(f"step 0: held-out accuracy {accuracy[0]:.3f}")
-        for step in range(start, cfg.run.steps):
-            idx = prompts.at_step(step, rl.prompts_per_step, cfg.run.seed)
-            group = [prompts.tokens[i] for i in idx for _ in range(rl.group_size)]
-            refs = [prompts.references[i] for i in idx for _ in range(rl.group_size)]
-            gen = gj.generate(trainer.model(state), tokenizer, group, max_new_tokens=rl.max_new_tokens,
-                              temperature=rl.temperature, top_p=rl.top_p, logprobs=True,
-                              seed=int(np.random.default_rng([cfg.run.seed, 2, step]).integers(2**31)))
-            completions = [rewards_lib.Completion(harmony.parse_completion(t, tokenizer), len(t), r == "stop")
-                           for t, r in zip(gen.tokens, gen.stop_reason)]
-            total, parts, errors = rewards_lib.score(completions, refs, spec)
-            advantages = group_advantages(jnp.asarray(total), rl.group_size, normalize_std=rl.normalize_std)
-            batch, sampled = build_batch(group, gen.tokens, gen.logprobs, length)
-            batch = {k: jnp.asarray(v) for k, v in batch.items()}
-            batch["advantages"] = advantages
-            batch["old_logp"] = logprobs(state.params, batch["tokens"], batch["segment_ids"])
-            if rl.kl_coef > 0:
-                batch["ref_logp"] = logprobs(reference, batch["tokens"], batch["segment_ids"])
-            diff = float(jnp.sum(jnp.abs(batch["old_logp"] - sampled) * batch["mask"]) / jnp.sum(batch["mask"]))
-            for _ in range(rl.updates_per_rollout):
-                state, metrics = trainer.step(state, batch)
-            done = step + 1
-            evaluated = bool(eval_convs) and (done == cfg.run.steps or (rl.eval_every > 0 and done % rl.eval_every == 0))
-            if evaluated:
-                accuracy[done] = held_out_accuracy(done)
-            if done % cfg.run.log_every == 0 or evaluated or done == cfg.run.steps:
-                rewards_arr = np.asarray(total)
-                last = {"step": done, "reward": float(rewards_arr.mean()), "reward_std": float(rewards_arr.std()),
-                        **{f"reward_{k}": float(np.mean(v)) for k, v in parts.items()},
-                        **{f"reward_errors_{k}": v for k, v in errors.items() if v},
-                        "response_length": float(np.mean([c.num_tokens for c in completions])),
-                        "stopped": float(np.mean([c.stopped for c in completions])),
-                        "logprob_diff": diff, "learning_rate": float(schedule(step)),
-                        **{k: float(metrics[k]) for k in ("loss", "kl", "clip_fraction", "ratio", "entropy",
-                                                          "grad_norm")},
-                        "skipped": int(state.skipped), "seconds": round(time.time() - t0, 3)}
+    try:
+        with MetricsLog(out, tensorboard=cfg.run.tensorboard, enabled=first_process) as metrics_log:
+            if eval_convs and start == 0:
+                accuracy[0] = held_out_accuracy(0)
+                metrics_log.write({"step": 0, "eval_accuracy": accuracy[0]})
+                log(f"step 0: held-out accuracy {accuracy[0]:.3f}")
+            for step in range(start, cfg.run.steps):
+                idx = prompts.at_step(step, rl.prompts_per_step, cfg.run.seed)
+                group = [prompts.tokens[i] for i in idx for _ in range(rl.group_size)]
+                refs = [prompts.references[i] for i in idx for _ in range(rl.group_size)]
+                gen = gj.generate(trainer.model(state), tokenizer, group, max_new_tokens=rl.max_new_tokens,
+                                  temperature=rl.temperature, top_p=rl.top_p, logprobs=True,
+                                  seed=int(np.random.default_rng([cfg.run.seed, 2, step]).integers(2**31)))
+                completions = [rewards_lib.Completion(harmony.parse_completion(t, tokenizer), len(t), r == "stop")
+                               for t, r in zip(gen.tokens, gen.stop_reason)]
+                total, parts, errors = rewards_lib.score(completions, refs, spec)
+                advantages = group_advantages(jnp.asarray(total), rl.group_size, normalize_std=rl.normalize_std)
+                batch, sampled = build_batch(group, gen.tokens, gen.logprobs, length)
+                batch = {k: jnp.asarray(v) for k, v in batch.items()}
+                batch["advantages"] = advantages
+                batch["old_logp"] = logprobs(state.params, batch["tokens"], batch["segment_ids"])
+                if rl.kl_coef > 0:
+                    batch["ref_logp"] = logprobs(reference, batch["tokens"], batch["segment_ids"])
+                diff = float(jnp.sum(jnp.abs(batch["old_logp"] - sampled) * batch["mask"]) / jnp.sum(batch["mask"]))
+                for _ in range(rl.updates_per_rollout):
+                    state, metrics = trainer.step(state, batch)
+                done = step + 1
+                evaluated = bool(eval_convs) and (done == cfg.run.steps
+                                                  or (rl.eval_every > 0 and done % rl.eval_every == 0))
                 if evaluated:
-                    last["eval_accuracy"] = accuracy[done]
-                metrics_log.write(last)
+                    accuracy[done] = held_out_accuracy(done)
+                if done % cfg.run.log_every == 0 or evaluated or done == cfg.run.steps:
+                    rewards_arr = np.asarray(total)
+                    last = {"step": done, "reward": float(rewards_arr.mean()), "reward_std": float(rewards_arr.std()),
+                            **{f"reward_{k}": float(np.mean(v)) for k, v in parts.items()},
+                            **{f"reward_errors_{k}": v for k, v in errors.items() if v},
+                            "response_length": float(np.mean([c.num_tokens for c in completions])),
+                            "stopped": float(np.mean([c.stopped for c in completions])),
+                            "logprob_diff": diff, "learning_rate": float(schedule(step)),
+                            **{k: float(metrics[k]) for k in ("loss", "kl", "clip_fraction", "ratio", "entropy",
+                                                              "grad_norm")},
+                            "skipped": int(state.skipped), "seconds": round(time.time() - t0, 3)}
+                    if evaluated:
+                        last["eval_accuracy"] = accuracy[done]
+                    metrics_log.write(last)
+                    if bar is not None:
+                        bar.set_postfix(reward=f"{last['reward']:.3f}")
                 if bar is not None:
-                    bar.set_postfix(reward=f"{last['reward']:.3f}")
-            if bar is not None:
-                bar.update(1)
-            end_of_step(cfg, state, ckpts, done, {}, "lower optim.learning_rate")
+                    bar.update(1)
+                end_of_step(cfg, state, ckpts, done, {}, "lower optim.learning_rate")
+    except BaseException:
+        ckpts.close(quiet=True)  # finish or clean up the save in flight
+        raise
     if bar is not None:
         bar.close()
     ckpts.close()
@@ -242,7 +273,7 @@ def train(cfg: ExperimentConfig, *, log=print) -> dict:
                                extra={"base": cfg.model.checkpoint or f"preset:{cfg.model.preset}"})
         saved = os.path.join(out, "adapters")
     else:
-        gj.save_native(trained, os.path.join(out, "model"))
+        gj.save_native(trained, os.path.join(out, "model"), overwrite=True)  # a resumed run replaces its own
         saved = os.path.join(out, "model")
     if cfg.run.plots and first_process:
         plot_curves(os.path.join(out, METRICS_FILE), os.path.join(out, "curves.png"), keys=PLOTTED,
@@ -250,6 +281,5 @@ def train(cfg: ExperimentConfig, *, log=print) -> dict:
     summary = {"algorithm": algorithm, "steps": cfg.run.steps, "resumed_from": start, "saved": saved,
                "eval_accuracy": {str(k): v for k, v in sorted(accuracy.items())},
                "skipped_steps": int(state.skipped), **{f"final_{k}": v for k, v in last.items()}}
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    _write_json(os.path.join(out, "summary.json"), summary)
     return summary

@@ -8,6 +8,10 @@ other random numbers). Metrics go to `run.out_dir/metrics.jsonl` (and TensorBoar
 logged step, plotted to `curves.png` at the end; the trained weights to `run.out_dir/model`
 (native layout, loadable with `gptoss_jax.load`), or with LoRA the adapters alone to
 `run.out_dir/adapters` (`lora.load_adapters` on the same base; `gptoss export` merges them).
+
+The data are read and checked (not empty, token ids inside the model's vocabulary) before a model
+is built or the run folder touched; the run then holds `run.out_dir/run.lock` (`train.lock`), so a
+second run on the same folder is refused instead of interleaving with the first.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from gptoss_jax import lora as lora_lib
 from gptoss_jax.train import data as data_lib
 from gptoss_jax.train.checkpoints import Checkpoints
 from gptoss_jax.train.config import ExperimentConfig, to_dict
-from gptoss_jax.train.metrics import METRICS_FILE, MetricsLog, plot_curves
+from gptoss_jax.train.lock import RunLock
+from gptoss_jax.train.metrics import METRICS_FILE, MetricsLog, plot_curves, truncate_metrics
 from gptoss_jax.train.step import make_optimizer, make_schedule, make_trainer, trainable_filter
 
 PRESETS = {"tiny": model_config.tiny, "gpt_oss_20b": model_config.gpt_oss_20b,
@@ -45,7 +50,7 @@ def build_model(cfg: ExperimentConfig, mesh=None, *, adapters: bool = True):
     import gptoss_jax as gj
 
     m = cfg.model
-    kernel = gj.KernelOptions(remat=m.remat)
+    kernel = gj.KernelOptions(remat=m.remat, capacity_factor=m.capacity_factor)
     if m.checkpoint:
         model = gj.load(m.checkpoint, dtype=m.dtype, experts=m.experts, mesh=mesh, kernel=kernel)
     else:
@@ -76,38 +81,95 @@ def run_config(run_dir: str) -> ExperimentConfig:
     from gptoss_jax.train.config import from_dict
 
     path = os.path.join(run_dir, "config.json")
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"{run_dir}: no such training run folder")
     if not os.path.isfile(path):
-        raise ValueError(f"{run_dir} is not a training run (no config.json)")
-    with open(path) as f:
-        cfg = from_dict(json.load(f))
+        raise ValueError(_not_a_run(run_dir))
+    raw = _read_json(path)
+    if not isinstance(raw, dict) or not {"model", "data", "run"} <= set(raw):
+        raise ValueError(_not_a_run(run_dir, model_config=isinstance(raw, dict)))
+    cfg = from_dict(raw)
     return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=run_dir))
 
 
-def export_hf(cfg: ExperimentConfig, dst: str, *, experts: str | None = None, dtype: str = "bfloat16") -> str:
+def _not_a_run(folder: str, *, model_config: bool = False) -> str:
+    """Why `folder` is not a training run folder, and what to do instead."""
+    names = set(os.listdir(folder))
+    if model_config or "original" in names or any(n.endswith(".safetensors") for n in names):
+        return (f"{folder} is a model checkpoint, not a training run folder (no training config.json: its "
+                "config.json is a model config); `gptoss export` takes the run.out_dir of `gptoss train`; "
+                f"to write a checkpoint in another layout use `gptoss convert {folder} DST --to hf`")
+    for up in (1, 2):  # an orbax step folder (checkpoints/N) or the checkpoints/ folder of a run
+        run = os.path.abspath(os.path.join(folder, *[".."] * up))
+        if os.path.isfile(os.path.join(run, "config.json")) and os.path.isdir(os.path.join(run, "checkpoints")):
+            return (f"{folder} is a training checkpoint inside the run folder {run}, not a run folder "
+                    f"(no config.json); give {run} (its model/ or adapters/ are what is exported)")
+    if "_CHECKPOINT_METADATA" in names or any(n.isdigit() for n in names):
+        return (f"{folder} is a training checkpoint (orbax), not a training run folder (no config.json); "
+                "give the run folder that holds config.json and checkpoints/")
+    return f"{folder} is not a training run folder (no config.json)"
+
+
+def export_hf(cfg: ExperimentConfig, dst: str, *, experts: str | None = None, dtype: str = "bfloat16",
+              overwrite: bool = False) -> str:
     """Write a finished run's model in the HF hub layout, LoRA adapters merged into the base;
     experts "mxfp4" (re-encoded) | "dense" | None (as the base stores them). The run's
-    tokenizer.json goes beside it when it has one."""
-    import shutil
+    tokenizer.json goes beside it when it has one.
 
+    `dst` is written whole or not at all (a temporary folder beside it, renamed into place at the
+    end). A `dst` that is not empty is refused (FileExistsError) unless `overwrite`; one that is
+    (or is inside, or holds) a folder the export reads from is refused (ValueError)."""
     import gptoss_jax as gj
+    from gptoss_jax import atomic
 
-    model = load_trained(cfg)
-    if lora_lib.has_lora(model) or (experts or model.experts) != model.experts:
-        model = lora_lib.merge_lora(model, experts=experts)
-    gj.save_hf(model, dst, dtype=dtype)
-    tok = cfg.model.tokenizer
-    tok_file = os.path.join(tok, "tokenizer.json") if os.path.isdir(tok) else tok
-    if os.path.isfile(tok_file):
-        shutil.copy(tok_file, os.path.join(dst, "tokenizer.json"))
+    out, tok = cfg.run.out_dir, cfg.model.tokenizer
+    sources = ([os.path.join(out, "adapters")] + ([cfg.model.checkpoint] if cfg.model.checkpoint else [])
+               if cfg.lora.enabled else [os.path.join(out, "model")])
+    with atomic.folder(dst, overwrite=overwrite, sources=sources) as tmp:
+        model = load_trained(cfg)
+        if lora_lib.has_lora(model) or (experts or model.experts) != model.experts:
+            model = lora_lib.merge_lora(model, experts=experts)
+        gj.save_hf(model, tmp, dtype=dtype)
+        tok_file = os.path.join(tok, "tokenizer.json") if os.path.isdir(tok) else tok
+        if os.path.isfile(tok_file):
+            atomic.copy_file(tok_file, os.path.join(tmp, "tokenizer.json"))
     return dst
 
 
 def load_data(cfg: ExperimentConfig, tokenizer, path: str):
+    """`path`'s conversations tokenized and packed into rows of data.seq_len, and the report of
+    what was left out; a DataError naming the file when nothing is left."""
     report = data_lib.DataReport()
     convs, _ = data_lib.read_jsonl(path, strict=cfg.data.strict, reasoning_effort=cfg.data.reasoning_effort,
                                    report=report)
     examples = data_lib.tokenize(convs, tokenizer, keep_analysis=cfg.data.keep_analysis, report=report)
-    return data_lib.pack(examples, cfg.data.seq_len, strict=cfg.data.strict, report=report), report
+    packed = data_lib.pack(examples, cfg.data.seq_len, strict=cfg.data.strict, report=report)
+    if len(packed) == 0:
+        raise data_lib.no_data_error(path, report, f"rows of data.seq_len {cfg.data.seq_len} tokens")
+    return packed, report
+
+
+def model_vocab_size(cfg: ExperimentConfig) -> int:
+    """The vocab_size of the model a run builds (model.checkpoint's config, or the preset with
+    its overrides), read without building it."""
+    from gptoss_jax.config import ModelConfig
+
+    if cfg.model.checkpoint:
+        return ModelConfig.from_pretrained(cfg.model.checkpoint).vocab_size
+    return model_config(cfg).vocab_size
+
+
+def check_token_ids(max_id: int, cfg: ExperimentConfig, tokenizer, vocab_size: int, path: str) -> None:
+    """A ValueError when the data's token ids do not fit the model's embedding (every step would
+    be NaN, whatever the learning rate)."""
+    if max_id < vocab_size:
+        return
+    fix = (f"use the tokenizer {cfg.model.checkpoint} was trained with (model.tokenizer)" if cfg.model.checkpoint
+           else f"set model.overrides.vocab_size to at least {tokenizer.vocab_size}, or use a tokenizer that fits "
+                "the model (model.tokenizer)")
+    raise ValueError(f"{path} tokenizes to id {max_id}, outside the model's vocabulary: the tokenizer "
+                     f"{tokenizer.name or cfg.model.tokenizer} has {tokenizer.vocab_size} ids, the model's vocab_size "
+                     f"is {vocab_size}; {fix}")
 
 
 def _progress(total: int, start: int, enabled: bool):
@@ -129,13 +191,25 @@ def train(cfg: ExperimentConfig, *, log=print) -> dict:
         raise ValueError(f"data.batch_size {cfg.data.batch_size} must be a multiple of data.accum_steps "
                          f"{cfg.data.accum_steps}")
     out = cfg.run.out_dir
-    os.makedirs(out, exist_ok=True)
+    # everything that can be checked without the model first: the data, its token ids
     tokenizer = gj.load_tokenizer(cfg.model.tokenizer)
     packed, report = load_data(cfg, tokenizer, cfg.data.train)
     log(f"data: {report.summary()}; {len(packed)} rows of {cfg.data.seq_len} tokens")
     for line in report.malformed[:5]:
         log(f"  skipped {line}")
+    vocab_size = model_vocab_size(cfg)
+    check_token_ids(int(packed.tokens.max()), cfg, tokenizer, vocab_size, cfg.data.train)
+    if cfg.data.eval:
+        eval_packed, _ = load_data(cfg, tokenizer, cfg.data.eval)
+        check_token_ids(int(eval_packed.tokens.max()), cfg, tokenizer, vocab_size, cfg.data.eval)
+    with RunLock(out, log=log, enabled=jax.process_index() == 0):
+        return _train(cfg, mesh, tokenizer, packed, report, log)
 
+
+def _train(cfg: ExperimentConfig, mesh, tokenizer, packed, report, log) -> dict:
+    import gptoss_jax as gj
+
+    out = cfg.run.out_dir
     model = build_model(cfg, mesh)
     trainable = trainable_filter(lora=cfg.lora.enabled, norms_and_sinks=cfg.lora.train_norms_and_sinks)
     trainer = make_trainer(model, make_optimizer(cfg.optim), accum_steps=cfg.data.accum_steps,
@@ -149,25 +223,31 @@ def train(cfg: ExperimentConfig, *, log=print) -> dict:
     first_process = jax.process_index() == 0
     bar = _progress(cfg.run.steps, start, cfg.run.progress and first_process)
     t0, last = time.time(), {}
-    with MetricsLog(out, tensorboard=cfg.run.tensorboard, enabled=first_process) as metrics_log:
-        for step in range(start, cfg.run.steps):
-            batch = data_lib.batch_at(packed, step, cfg.data.batch_size, seed=cfg.run.seed)
-            if mesh is not None:
-                batch = {k: distributed.global_batch(v[rows], mesh, cfg.data.batch_size) for k, v in batch.items()}
-            state, metrics = trainer.step(state, batch)
-            done = step + 1
-            if done % cfg.run.log_every == 0 or done == cfg.run.steps:
-                last = {"step": done, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
-                        "learning_rate": float(schedule(step)), "targets": int(metrics["targets"]),
-                        "skipped": int(state.skipped), "seconds": round(time.time() - t0, 3)}
-                if "router_loss" in metrics:
-                    last["router_loss"] = float(metrics["router_loss"])
-                metrics_log.write(last)
+    try:
+        with MetricsLog(out, tensorboard=cfg.run.tensorboard, enabled=first_process) as metrics_log:
+            for step in range(start, cfg.run.steps):
+                batch = data_lib.batch_at(packed, step, cfg.data.batch_size, seed=cfg.run.seed)
+                if mesh is not None:
+                    batch = {k: distributed.global_batch(v[rows], mesh, cfg.data.batch_size)
+                             for k, v in batch.items()}
+                state, metrics = trainer.step(state, batch)
+                done = step + 1
+                if done % cfg.run.log_every == 0 or done == cfg.run.steps:
+                    last = {"step": done, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
+                            "learning_rate": float(schedule(step)), "targets": int(metrics["targets"]),
+                            "skipped": int(state.skipped), "seconds": round(time.time() - t0, 3)}
+                    if "router_loss" in metrics:
+                        last["router_loss"] = float(metrics["router_loss"])
+                    metrics_log.write(last)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{last['loss']:.4f}")
                 if bar is not None:
-                    bar.set_postfix(loss=f"{last['loss']:.4f}")
-            if bar is not None:
-                bar.update(1)
-            end_of_step(cfg, state, ckpts, done, {"data_position": done}, "lower optim.learning_rate or check the data")
+                    bar.update(1)
+                end_of_step(cfg, state, ckpts, done, {"data_position": done},
+                            "lower optim.learning_rate or check the data")
+    except BaseException:
+        ckpts.close(quiet=True)  # finish or clean up the save in flight
+        raise
     if bar is not None:
         bar.close()
     ckpts.close()
@@ -177,7 +257,7 @@ def train(cfg: ExperimentConfig, *, log=print) -> dict:
                                extra={"base": cfg.model.checkpoint or f"preset:{cfg.model.preset}"})
         saved = os.path.join(out, "adapters")
     else:
-        gj.save_native(trained, os.path.join(out, "model"))
+        gj.save_native(trained, os.path.join(out, "model"), overwrite=True)  # a resumed run replaces its own
         saved = os.path.join(out, "model")
     if cfg.run.plots and first_process:
         plot_curves(os.path.join(out, METRICS_FILE), os.path.join(out, "curves.png"), title=out)
@@ -185,8 +265,7 @@ def train(cfg: ExperimentConfig, *, log=print) -> dict:
     summary = {"steps": cfg.run.steps, "resumed_from": start, "rows": len(packed), "data": report.summary(),
                "skipped_steps": int(state.skipped), "trainable_parameters": _size(state.params),
                "saved": saved, **{f"final_{k}": v for k, v in last.items()}, "eval": evaluation}
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    _write_json(os.path.join(out, "summary.json"), summary)
     return summary
 
 
@@ -200,7 +279,7 @@ def end_of_step(cfg: ExperimentConfig, state, ckpts, done: int, meta: dict, hint
     """After step `done` of a training loop: stop once `run.max_bad_steps` steps in a row were
     non-finite, and checkpoint every `run.save_every` steps and at the end."""
     if int(state.bad_in_a_row) >= cfg.run.max_bad_steps:
-        ckpts.close()
+        ckpts.close(quiet=True)
         raise FloatingPointError(f"{cfg.run.max_bad_steps} consecutive steps had a non-finite loss or "
                                  f"gradient (step {done}); {hint}")
     if done % cfg.run.save_every == 0 or done == cfg.run.steps:
@@ -223,25 +302,63 @@ def resume_or_start(out: str, cfg: ExperimentConfig, state, log):
     Metrics logged past the checkpoint are dropped (they are logged again).
     Returns (checkpoints, state, checkpoint metadata or None, first step)."""
     ckpts = Checkpoints(os.path.join(out, "checkpoints"), keep=cfg.run.keep_checkpoints)
-    start, meta = ckpts.latest_step() or 0, None
-    if start:
-        _check_resumable(out, cfg)
-        state, meta = ckpts.restore(start, state)
-        log(f"resumed from step {start}")
-    else:
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(to_dict(cfg), f, indent=2)
-    _truncate_metrics(os.path.join(out, METRICS_FILE), start)
+    try:
+        start, meta = ckpts.latest_step() or 0, None
+        first_process = jax.process_index() == 0
+        if start:
+            _check_resumable(out, cfg)
+            state, meta = ckpts.restore(start, state)
+            log(f"resumed from step {start}")
+        elif first_process:
+            _write_json(os.path.join(out, "config.json"), to_dict(cfg))
+        if first_process:
+            _truncate_metrics(os.path.join(out, METRICS_FILE), start, log=log)
+    except BaseException:
+        ckpts.close(quiet=True)
+        raise
     return ckpts, state, meta, start
+
+
+def _write_json(path: str, obj) -> None:
+    """`obj` as `path`, whole or not at all (written beside it, then renamed over it)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _read_json(path: str):
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e})") from None
+
+
+# Config keys that hold paths: compared as the files they name (relative or absolute, the same file).
+_PATH_KEYS = ("data.train", "data.eval", "model.checkpoint", "model.tokenizer")
+
+
+def _normalised(flat: dict) -> dict:
+    out = dict(flat)
+    for key in _PATH_KEYS:
+        if isinstance(out.get(key), str) and out[key] and os.path.exists(out[key]):
+            out[key] = os.path.realpath(out[key])
+    # run.out_dir is the folder the checkpoints being resumed were found in, however it is spelled
+    out.pop("run.out_dir", None)
+    return out
 
 
 def _check_resumable(out: str, cfg: ExperimentConfig) -> None:
     path = os.path.join(out, "config.json")
     if not os.path.isfile(path):
         return
-    with open(path) as f:
-        before = _flat(json.load(f))
-    now = _flat(json.loads(json.dumps(to_dict(cfg))))  # lists and tuples compared alike
+    before = _normalised(_flat(_read_json(path)))
+    now = _normalised(_flat(json.loads(json.dumps(to_dict(cfg)))))  # lists and tuples compared alike
     changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k)
                      and k not in _RESUMABLE_CHANGES and k.split(".")[0] not in _RESUMABLE_CHANGES)
     if changed:
@@ -253,14 +370,10 @@ def _size(tree) -> int:
     return int(sum(x.size for x in jax.tree.leaves(tree)))
 
 
-def _truncate_metrics(path: str, step: int) -> None:
-    """Keep the logged lines up to `step` (a run resumed from a checkpoint logs the rest again)."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(lines)
+def _truncate_metrics(path: str, step: int, *, log=print) -> None:
+    """Keep the logged lines up to `step` (a run resumed from a checkpoint logs the rest again);
+    a torn last line (a run killed mid-write) is dropped with a warning."""
+    truncate_metrics(path, step, log=log)
 
 
 def evaluate(cfg: ExperimentConfig, model, tokenizer, *, log=print) -> dict:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from gptoss_jax.model import traced_token_check
 from gptoss_jax.train.losses import chunked_token_cross_entropy, token_cross_entropy
 
 
@@ -134,7 +135,10 @@ def make_trainer(model, optimizer: optax.GradientTransformation, *, accum_steps:
 
     def step(state: TrainState, batch, rest):
         def weighted(master, micro):
-            total, weight, sums = objective(merge(master, rest), micro)
+            # no in-program token-id check (`model.traced_token_check`): it would add a host callback
+            # to every step; the data pipeline checks the ids on the host (`train.sft.check_token_ids`)
+            with traced_token_check(False):
+                total, weight, sums = objective(merge(master, rest), micro)
             return total, (weight, sums)
 
         micro = jax.tree.map(lambda a: a.reshape((accum_steps, -1) + a.shape[1:]), batch)

@@ -292,8 +292,14 @@ class CheckpointFiles:
 
 def find_checkpoint(path: str | os.PathLike) -> CheckpointFiles:
     """Resolve a directory to its layout and tensor files. The HF layout wins when a folder holds
-    both (the hub repo root has `original/` beside its own files)."""
+    both (the hub repo root has `original/` beside its own files). A hub id ("openai/gpt-oss-20b")
+    that is not a local path resolves to its Hugging Face cache snapshot, downloaded when missing
+    (see `gptoss_jax.hub`)."""
     path = os.fspath(path)
+    if not os.path.exists(path):
+        from gptoss_jax import hub
+
+        path = hub.resolve_checkpoint(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory not found: {path}")
     for root in (path, os.path.join(path, "original")):

@@ -193,8 +193,10 @@ def _reply(model, tokenizer, conversation, args, out=None):
         text = msg["content"][0]["text"] if msg.get("content") else ""
         if msg.get("malformed"):  # never hide what the model wrote, even when it broke the format
             out.write(f"{text[shown['printed']:]}\n[not valid harmony: {msg['malformed']}]\n")
-        elif visible(msg.get("channel")):
+        elif visible(msg.get("channel")) or msg.get("warnings"):
             out.write(text[shown["printed"]:] + "\n")
+            if msg.get("warnings"):  # accepted by openai-harmony, but not what a caller expects
+                out.write(f"[harmony: {msg['warnings']}]\n")
         shown["printed"] = 0
 
     def on_tokens(_row, toks):
@@ -252,7 +254,7 @@ def cmd_generate(args) -> int:
         conversation = _conversation_start(args) + [harmony.user(args.prompt)]
 
     def check_prompt(tokenizer, cfg):
-        ids = (tokenizer.encode(args.prompt) if args.raw
+        ids = (tokenizer.encode(args.prompt, disallowed_special=()) if args.raw
                else harmony.render_for_completion(conversation, tokenizer))
         _check_prompt(ids, cfg, args.max_new_tokens)
 

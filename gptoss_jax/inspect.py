@@ -27,6 +27,7 @@ import numpy as np
 
 from gptoss_jax import attention as attn_lib
 from gptoss_jax import layers
+from gptoss_jax.train.losses import next_token_targets
 
 # ------------------------------------------------------------------------------ routing
 
@@ -101,7 +102,7 @@ def token_expert_table(tokens, intermediates, tokenizer=None, *, row: int = 0,
     for t, tok in enumerate(tokens):
         rec = {"position": t, "token": int(tok)}
         if tokenizer is not None:
-            rec["text"] = tokenizer.decode([int(tok)])
+            rec["text"] = token_text(tokenizer, int(tok))
         rec["experts"] = {int(l): [int(e) for e in ids[l, t]] for l in chosen}
         rec["weights"] = {int(l): [round(float(w), 4) for w in weights[l, t]] for l in chosen}
         table.append(rec)
@@ -251,7 +252,7 @@ class CorpusStats:
     def top_tokens(self, layer: int, expert: int, n: int = 10, tokenizer=None) -> list:
         """The n tokens routed most often to `expert` at `layer`: [(token, count)]."""
         common = self.token_experts[(layer, expert)].most_common(n)
-        return [(tokenizer.decode([t]) if tokenizer is not None else t, c) for t, c in common]
+        return [(token_text(tokenizer, t) if tokenizer is not None else t, c) for t, c in common]
 
     def to_json(self, tokenizer=None, top: int = 8) -> dict:
         L, E = self.num_layers, self.num_experts
@@ -294,6 +295,14 @@ def read_corpus(source) -> Iterator[str | list]:
                 yield record["messages"]
             else:
                 raise ValueError(f"{path}:{lineno}: expected a 'text' string or 'messages'")
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    """The text of one id; "<id N>" for an id past the tokenizer's vocabulary (a model's vocabulary
+    may be padded beyond its tokenizer's, and its predictions can land there)."""
+    if token_id >= tokenizer.vocab_size:
+        return f"<id {token_id}>"
+    return tokenizer.decode([token_id])
 
 
 def _encode(doc, tokenizer) -> list[int]:
@@ -354,8 +363,9 @@ def _batch_reductions(model, tokens, positions, segment_ids, lens: bool):
     valid = segment_ids != 0
     w = valid.astype(jnp.float32)
     nxt = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
-    has_next = valid & jnp.concatenate([segment_ids[:, 1:] == segment_ids[:, :-1],
-                                        jnp.zeros_like(valid[:, :1])], axis=1)
+    # position t counts when its next-token target is scored (`train.losses.next_token_targets`)
+    _, scored = next_token_targets(tokens, None, segment_ids)
+    has_next = jnp.concatenate([scored > 0, jnp.zeros_like(valid[:, :1])], axis=1)
     counts, cooc, ent, sink, hits, ids = [], [], [], [], [], []
     for layer in out.intermediates:
         onehot = jax.nn.one_hot(layer["expert_ids"], E, dtype=jnp.float32).sum(-2) * w[..., None]

@@ -15,7 +15,7 @@ def text_table(model, tokenizer, text: str) -> dict:
     layer (mean over heads) and the logit lens's top-1 guess per layer."""
     import jax.numpy as jnp
 
-    ids = tokenizer.encode(text)
+    ids = tokenizer.encode(text, disallowed_special=())
     if not ids:
         raise ValueError("--text is empty after tokenization")
     tokens = jnp.asarray([ids], jnp.int32)
@@ -25,7 +25,7 @@ def text_table(model, tokenizer, text: str) -> dict:
     lens_ids, _ = inspect.logit_lens_top(model, out.intermediates, k=1)
     for t, rec in enumerate(table):
         rec["sink_mass"] = [round(float(s), 4) for s in sinks[:, t]]
-        rec["lens_top1"] = [tokenizer.decode([int(i)]) for i in lens_ids[:, 0, t, 0]]
+        rec["lens_top1"] = [inspect.token_text(tokenizer, int(i)) for i in lens_ids[:, 0, t, 0]]
     return {"text": text, "tokens": table}
 
 

@@ -218,7 +218,7 @@ def generate(model, tokenizer=None, prompts: Sequence = (), *, max_new_tokens: i
         if isinstance(p, str):
             if tokenizer is None:
                 raise ValueError("string prompts need a tokenizer")
-            p = tokenizer.encode(p)
+            p = tokenizer.encode(p, disallowed_special=())
         try:
             p = [operator.index(t) for t in p]
         except TypeError:

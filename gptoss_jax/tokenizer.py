@@ -21,6 +21,7 @@ import functools
 import gzip
 import hashlib
 import os
+import re
 from typing import Iterable, Sequence
 
 O200K_BASE_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
@@ -51,6 +52,8 @@ NAMED_SPECIALS = {
     200008: "<|message|>",
     200012: "<|call|>",
 }
+# Other spellings `encode` accepts for a special token: o200k_base's name for 200018.
+SPECIAL_ALIASES = {"<|endofprompt|>": 200018}
 
 
 def special_tokens() -> dict[int, str]:
@@ -172,14 +175,25 @@ def _cache_dir() -> str:
 class Tokenizer:
     """A thin wrapper over `tokenizers.Tokenizer` with the calls harmony rendering needs.
 
-    `encode` never interprets special-token text inside the input (a user typing "<|end|>" gets
-    the ordinary tokens for those characters); special tokens are added by id."""
+    `encode` treats special-token text in its input the way tiktoken's `Encoding.encode` does:
+    by default any special token's text raises (`disallowed_special="all"`); names in
+    `allowed_special` (a set, or "all") become their special ids; pass `disallowed_special=()` to
+    tokenize such text as ordinary characters (what harmony rendering does with message text, whose
+    special tokens are added by id). `<|endofprompt|>`, o200k_base's name for id 200018, is
+    recognised beside `<|reserved_200018|>`, as tiktoken's o200k_harmony does."""
 
     def __init__(self, hf_tokenizer, name: str = ""):
         self.hf = hf_tokenizer
         self.name = name
         self.hf.encode_special_tokens = True  # special-token text in input is ordinary text
         self._specials = {t.content: i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
+        # every spelling `encode` recognises as a special token: the names, plus o200k_base's alias
+        self._special_text = dict(self._specials)
+        for alias, i in SPECIAL_ALIASES.items():
+            if self._specials.get(special_tokens().get(i)) == i:
+                self._special_text.setdefault(alias, i)
+        self._special_re = (re.compile("|".join(re.escape(t) for t in sorted(self._special_text, key=len, reverse=True)))
+                            if self._special_text else None)
         self._bytes_cache: dict[int, bytes] = {}
 
     @property
@@ -189,14 +203,74 @@ class Tokenizer:
         n = self.hf.get_vocab_size(with_added_tokens=True)
         return max(n, VOCAB_SIZE) if n > NUM_ORDINARY else n
 
-    def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False).ids
+    def _special_sets(self, allowed_special, disallowed_special) -> tuple[frozenset, frozenset]:
+        known = self._special_text.keys()
+        allowed = frozenset(known) if allowed_special == "all" else frozenset(allowed_special)
+        unknown = sorted(allowed - known)
+        if unknown:
+            raise TokenizerError(f"allowed_special names {unknown[:5]} that are not special tokens of "
+                                 f"{self.name or 'this tokenizer'}")
+        disallowed = frozenset(known - allowed) if disallowed_special == "all" else frozenset(disallowed_special)
+        return allowed, disallowed
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+    def _prepare(self, text: str, allowed: frozenset, disallowed: frozenset) -> tuple[str, list]:
+        """Replaces what UTF-8 cannot encode as tiktoken does (a surrogate pair becomes its
+        character, a lone surrogate U+FFFD; neither can make or break special-token text), raises on
+        disallowed special-token text, and finds the allowed special tokens: (text, matches)."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        found = []
+        if self._special_re is not None and (allowed or disallowed):
+            for m in self._special_re.finditer(text):
+                if m.group() in disallowed:
+                    raise TokenizerError(
+                        f"text contains the special token {m.group()!r} (at character {m.start()}); pass it in "
+                        f"allowed_special to encode it as that token, or disallowed_special=() to encode all "
+                        f"special-token text as ordinary text")
+                if m.group() in allowed:
+                    found.append(m)
+        return text, found
+
+    def encode(self, text: str, *, allowed_special=frozenset(), disallowed_special="all") -> list[int]:
+        """Token ids of `text`, spelled as tiktoken's `Encoding.encode`: `allowed_special` is
+        "all" or a set of special-token names to encode as those tokens; `disallowed_special`
+        ("all": every special token not allowed) names the special-token text that raises a
+        `TokenizerError` (a ValueError); other special-token text is ordinary text."""
+        allowed, disallowed = self._special_sets(allowed_special, disallowed_special)
+        text, found = self._prepare(text, allowed, disallowed)
+        out, start = [], 0
+        for m in found:
+            if m.start() > start:
+                out += self.hf.encode(text[start:m.start()], add_special_tokens=False).ids
+            out.append(self._special_text[m.group()])
+            start = m.end()
+        if start < len(text):
+            out += self.hf.encode(text[start:], add_special_tokens=False).ids
+        return out
+
+    def encode_batch(self, texts: Sequence[str], *, allowed_special=frozenset(),
+                     disallowed_special="all") -> list[list[int]]:
+        """`encode` of each text (one parallel call into `tokenizers` where no text holds an
+        allowed special token)."""
+        allowed, disallowed = self._special_sets(allowed_special, disallowed_special)
+        prepared = [self._prepare(t, allowed, disallowed) for t in texts]
+        if any(found for _, found in prepared):
+            return [self.encode(t, allowed_special=allowed, disallowed_special=disallowed) for t in texts]
+        return [e.ids for e in self.hf.encode_batch([t for t, _ in prepared], add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
-        return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+        """Text of `ids`; an id outside [0, vocab_size) raises a `TokenizerError` (a ValueError)."""
+        ids = [int(i) for i in ids]
+        n = self.hf.get_vocab_size(with_added_tokens=True)
+        if ids and (min(ids) < 0 or max(ids) >= n):
+            i = next(i for i in ids if not 0 <= i < n)
+            raise TokenizerError(f"token id {i} is outside the vocabulary of {self.name or 'this tokenizer'} "
+                                 f"(vocabulary size {n}: ids 0..{n - 1})")
+        return self.hf.decode(ids, skip_special_tokens=skip_special)
 
     def token_bytes(self, token_id: int) -> bytes:
         """The exact bytes of one token, a partial UTF-8 character included (`decode` would turn
@@ -270,8 +344,8 @@ def _load_cached(key: str) -> Tokenizer:
 
 
 def load_tokenizer(path_or_name: str | os.PathLike = "o200k_harmony") -> Tokenizer:
-    """A checkpoint folder (its tokenizer.json, else o200k_harmony), a tokenizer.json file, or
-    "o200k_harmony"."""
+    """A checkpoint folder (its tokenizer.json, else o200k_harmony), a tokenizer.json file,
+    "o200k_harmony", or a hub id such as "openai/gpt-oss-20b" (see `gptoss_jax.hub`)."""
     key = os.fspath(path_or_name)
     if key == "o200k_harmony":
         return _load_cached(key)
@@ -282,4 +356,8 @@ def load_tokenizer(path_or_name: str | os.PathLike = "o200k_harmony") -> Tokeniz
         return _load_cached("o200k_harmony")  # e.g. an original/ folder: the model's own encoding
     if os.path.isfile(key):
         return _load_cached(os.path.abspath(key))
+    from gptoss_jax import hub
+
+    if hub.is_repo_id(key):  # a hub id: its cached (or downloaded) tokenizer files
+        return load_tokenizer(hub.resolve_tokenizer(key))
     raise TokenizerError(f"no tokenizer at {key!r}: give a checkpoint folder, a tokenizer.json, or 'o200k_harmony'")

@@ -47,11 +47,6 @@ def programs():
     for name, target in CONFIG_TARGETS.items():
         rows.append((f"{name}@{target}", lambda n=name, t=target: aot.compile_train_step(
             load_config(os.path.join(CONFIGS, n + ".yaml")), t, progress=False)))
-    # the whole 24-layer TPU steps outgrow a 23 GB compile host (XLA:TPU was killed at 23.5 GB RSS
-    # after ~20 min); the same step with 4 of its layers shows the program compiles and what a layer adds
-    rows.append(("lora_20b_tpu_v5e_8 with 4 of 24 layers@tpu-v5e-8", lambda: aot.compile_train_step(
-        load_config(os.path.join(CONFIGS, "lora_20b_tpu_v5e_8.yaml"), ["model.overrides={num_layers: 4}"]),
-        "tpu-v5e-8", progress=False)))
     rows.append(("lora_20b_gpu80 seq 4096 batch 1@h100 chunked loss (field goal: <= 24 GB)", lambda: aot.compile_train_step(
         load_config(os.path.join(CONFIGS, "lora_20b_gpu80.yaml"), ["data.batch_size=1", "data.accum_steps=1",
                                                                    "model.loss_chunk=1024"]),

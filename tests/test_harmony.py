@@ -46,7 +46,7 @@ def oracle_parse(encoding, tokens, role="assistant"):
 
 
 def special_text_tokens(tokenizer, text: str) -> list[int]:
-    """Tokens of text that spells special tokens as <|name|> (our `encode` never parses them)."""
+    """Tokens of text that spells special tokens as <|name|>, each mapped to its special id."""
     out = []
     for piece in re.split(r"(<\|[a-z_0-9]+\|>)", text):
         if re.fullmatch(r"<\|[a-z_0-9]+\|>", piece):
@@ -480,14 +480,17 @@ def test_stream_current_and_split_utf8(tokenizer):
 
 
 MALFORMED = [
-    # (completion text, role given, words expected in "malformed", expected (channel, text) per message)
-    ("<|message|>hello<|end|>", "assistant", ["missing channel"], [(None, "hello")]),
-    ("<|channel|>final<|message|>the answer is", "assistant", ["truncated"], [("final", "the answer is")]),
+    # (completion text, role given, words expected in "malformed" (or, as (key, words), in the
+    # "incomplete" / "warnings" flags), expected (channel, text) per message)
+    ("<|message|>hello<|end|>", "assistant", [("warnings", "missing channel")], [(None, "hello")]),
+    ("<|channel|>final<|message|>the answer is", "assistant", [("incomplete", "truncated")],
+     [("final", "the answer is")]),
     ("<|channel|>final<|reserved_200010|><|message|>x<|end|>", "assistant", ["<|reserved_200010|>"], [("final", "x")]),
-    ("<|channel|>final some junk<|message|>x<|end|>", "assistant", ["unknown recipient 'some'"], [("final", "x")]),
+    ("<|channel|>final some junk<|message|>x<|end|>", "assistant", [("warnings", "unknown recipient 'some'")],
+     [("final", "x")]),
     ("junk<|channel|>final<|message|>x<|end|>", "assistant", ["unexpected text before <|channel|>"], [("final", "x")]),
-    ("<|channel|>commentary to=shell.exec<|message|>ls<|call|>", "assistant", ["unknown recipient 'shell.exec'"],
-     [("commentary", "ls")]),
+    ("<|channel|>commentary to=shell.exec<|message|>ls<|call|>", "assistant",
+     [("warnings", "unknown recipient 'shell.exec'")], [("commentary", "ls")]),
     ("<|channel|>final The answer\nis 4.<|end|>", "assistant", ["without <|message|>"], [("final", "The answer\nis 4.")]),
     ("<|channel|>final<|message|>a<|end|>stray words", "assistant", ["missing <|start|>"],
      [("final", "a"), (None, "stray words")]),
@@ -508,7 +511,8 @@ def test_malformed_is_flagged_best_effort(text, role, reasons, expected, tokeniz
     tokens = special_text_tokens(tokenizer, text)
     parsed = H.parse_completion(tokens, tokenizer, role)
     assert [(m.get("channel"), m["content"][0]["text"]) for m in parsed] == expected
-    flags = " | ".join(m.get("malformed", "") for m in parsed)
     for reason in reasons:
-        assert reason in flags, flags
+        key, words = reason if isinstance(reason, tuple) else ("malformed", reason)
+        flags = " | ".join(m.get(key, "") for m in parsed)
+        assert words in flags, (key, parsed)
     assert stream(tokens, tokenizer, role)[0] == parsed

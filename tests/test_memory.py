@@ -48,7 +48,8 @@ def test_lora_and_mesh_split_the_terms():
 
 @pytest.mark.parametrize("name,device_gib", [("sft_20b_gpu80", 80), ("lora_20b_gpu80", 80),
                                              ("sft_20b_tpu_v5e_8", 16), ("lora_20b_tpu_v5e_8", 16),
-                                             ("grpo_lora_20b_gpu80", 80), ("grpo_lora_20b_tpu_v5e_8", 16)])
+                                             ("grpo_lora_20b_gpu80", 80), ("grpo_lora_20b_tpu_v5e_8", 16),
+                                             ("lora_120b_h100x8", 80)])
 def test_shipped_20b_configs_fit_their_devices(name, device_gib):
     est = estimate(load_config(os.path.join(CONFIGS, name + ".yaml")))
     assert est.weights > 2**30  # the real 20b shapes, not a tiny stand-in

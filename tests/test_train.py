@@ -2,6 +2,9 @@
 one big batch, a non-finite step changes nothing) and literal checks of the data pipeline."""
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +16,7 @@ from flax import nnx
 import gptoss_jax as gj
 from gptoss_jax import harmony, moe
 from gptoss_jax.train import data, step as step_lib
-from gptoss_jax.train.losses import next_token_loss
+from gptoss_jax.train.losses import chunked_next_token_loss, next_token_loss
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -61,27 +64,82 @@ def test_batches_are_a_function_of_the_step():
     seen = np.concatenate([data.batch_at(packed, s, 4, seed=1)["tokens"][:, 0] for s in range(5)])
     # epochs 0 and 1 (20 rows): each a permutation of all 10 rows
     assert sorted(seen[:10]) == list(range(1, 11)) and sorted(seen[10:]) == list(range(1, 11))
-    np.testing.assert_array_equal(data.batch_at(packed, 3, 4, seed=1)["tokens"],
-                                  data.batch_at(packed, 3, 4, seed=1)["tokens"])
+    # an epoch's order is a fresh permutation: epoch 1 is not epoch 0 again
+    assert list(seen[:10]) != list(seen[10:])
+    # step 3 holds global draws 12..15: epoch 1, places 2..5 of that epoch's order, the permutation
+    # seeded by (seed, epoch)
+    want = np.random.default_rng([1, 1]).permutation(10)[2:6] + 1
+    np.testing.assert_array_equal(data.batch_at(packed, 3, 4, seed=1)["tokens"][:, 0], want)
+    np.testing.assert_array_equal(seen[12:16], want)
+    # another seed, another order
+    other = np.concatenate([data.batch_at(packed, s, 4, seed=2)["tokens"][:, 0] for s in range(5)])
+    assert sorted(other[:10]) == list(range(1, 11)) and list(other) != list(seen)
+    # the same batches in a fresh process with another hash seed: resuming elsewhere is exact
+    code = ("import numpy as np; from gptoss_jax.train import data; "
+            "p = data.pack([([i + 1] * 3, [0, 1, 1]) for i in range(10)], 3); "
+            "print(np.concatenate([data.batch_at(p, s, 4, seed=1)['tokens'][:, 0] for s in range(5)]).tolist())")
+    env = dict(os.environ, PYTHONHASHSEED="12345", JAX_PLATFORMS="cpu")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == seen.tolist()
 
 
 def test_packed_loss_equals_separate_loss(tiny_cfg):
-    """Three documents packed into one row give the same summed loss as three separate runs."""
+    """Three documents packed into one row give the same summed loss and gradients as three
+    separate runs, with the packed row's segment_ids in the forward and in the targets
+    (`losses.next_token_targets`); scoring every token shows the segment mask is what does it."""
     model = gj.init(tiny_cfg, seed=0, dtype=jnp.float32)
     rng = np.random.RandomState(0)
     ex = [(rng.randint(0, tiny_cfg.vocab_size, n).tolist(), [0] + [1] * (n - 1)) for n in (7, 12, 9)]
     packed = data.pack(ex, 28)
     assert len(packed) == 1
     fwd = nnx.jit(lambda m, t, p, s: m(t, positions=p, segment_ids=s).logits)
-    out = fwd(model, jnp.asarray(packed.tokens), jnp.asarray(packed.positions), jnp.asarray(packed.segment_ids))
-    loss, n = next_token_loss(out, jnp.asarray(packed.tokens), jnp.asarray(packed.loss_mask))
+    tokens, pos, seg = (jnp.asarray(getattr(packed, k)) for k in ("tokens", "positions", "segment_ids"))
+    out = fwd(model, tokens, pos, seg)
+    loss, n = next_token_loss(out, tokens, jnp.asarray(packed.loss_mask), seg)
     total = 0.0
-    for tokens, mask in ex:
-        t = jnp.asarray([tokens])
+    for toks, mask in ex:
+        t = jnp.asarray([toks])
         l, c = next_token_loss(fwd(model, t, None, None), t, jnp.asarray([mask]))
         total += float(l * c)
     assert float(n) == sum(len(t) - 1 for t, _ in ex)
     assert abs(float(loss * n) - total) / total <= 1e-5
+
+    # every token a target: only the segment mask keeps the first token of a document from being
+    # scored as the continuation of the one before it
+    full = jnp.ones_like(tokens)
+
+    def summed(m, t, p, s, mask, targets_seg):
+        l, c = next_token_loss(m(t, positions=p, segment_ids=s).logits, t, mask, targets_seg)
+        return l * c
+
+    grad = nnx.jit(nnx.value_and_grad(summed))
+    want_loss, want_grad = 0.0, None
+    for toks, _ in ex:
+        t = jnp.asarray([toks])
+        l, g = grad(model, t, None, None, jnp.ones_like(t), None)
+        want_loss += float(l)
+        want_grad = g if want_grad is None else jax.tree.map(jnp.add, want_grad, g)
+    got_loss, got_grad = grad(model, tokens, pos, seg, full, seg)
+    assert abs(float(got_loss) - want_loss) / want_loss <= 1e-5
+    masked, count = next_token_loss(out, tokens, full, seg)
+    assert float(count) == sum(len(t) - 1 for t, _ in ex)
+    # the chunked loss path scores the same targets
+    hidden = nnx.jit(lambda m, t, p, s: m(t, positions=p, segment_ids=s, head=False).hidden)(model, tokens, pos, seg)
+    chunked, chunked_count = chunked_next_token_loss(hidden, model.unembed[...], tokens, full, seg, chunk=8)
+    assert float(chunked_count) == float(count)
+    assert abs(float(chunked - masked)) <= 1e-6 * float(masked)
+
+    def worst(a, b):  # the largest leaf-relative difference between two gradient trees
+        rel = jax.tree.map(lambda x, y: float(jnp.abs(x - y).max() / jnp.maximum(jnp.abs(y).max(), 1e-30)), a, b)
+        return max(jax.tree.leaves(rel))
+
+    assert worst(got_grad, want_grad) <= 1e-4
+    # control: without the segment mask the two boundary targets are scored too
+    bad_loss, bad_grad = grad(model, tokens, pos, seg, full, None)
+    assert float(next_token_loss(out, tokens, full)[1]) == float(n) + 2 == 27
+    assert abs(float(bad_loss) - want_loss) / want_loss > 1e-2
+    assert worst(bad_grad, want_grad) > 1e-2
 
 
 # ------------------------------------------------------------------------------------------ step

@@ -14,7 +14,8 @@ unchanged.
 * `render` - messages to tokens; `render_for_completion` for prompts, `render_for_training` for
   tokens plus a loss mask. Both drop analysis messages as openai-harmony does by default.
 * `parse` - tokens to messages (`parse_completion`, `StreamParser`); best-effort: malformed output
-  is flagged with a `"malformed"` reason, never raised.
+  is flagged with a `"malformed"` reason, never raised; a missing final stop token is only
+  `"incomplete"`, and what openai-harmony accepts but is unusual gets `"warnings"`.
 """
 
 from .messages import (CALL, CHANNEL, CONSTRAIN, DEFAULT_CHANNELS, DEFAULT_KNOWLEDGE_CUTOFF, DEFAULT_MODEL_IDENTITY,

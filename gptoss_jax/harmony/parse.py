@@ -1,7 +1,16 @@
 """Sampled tokens back to harmony messages: `StreamParser` (token by token) and `parse_completion`.
 
-Parsing is best-effort: malformed output never raises; the message gets a `"malformed"` key with
-the reasons (missing channel, no terminator, stray special tokens, unknown recipient, ...).
+Parsing is best-effort and never raises. A message can carry three kinds of flags, each a
+`"; "`-joined string of reasons under its own key:
+
+* `"malformed"`: output openai-harmony rejects or that loses structure (a header cut short, text
+  after a terminator, stray special tokens, an unknown role, ...).
+* `"incomplete"`: the stream ended inside the message's content, with no `<|end|>`, `<|return|>`
+  or `<|call|>` (servers often strip the stop token; a length limit cuts the same way).
+  openai-harmony accepts this, and the content is kept whole, so such a message still counts.
+* `"warnings"`: what openai-harmony accepts but a caller may want to know: a message without a
+  channel, a recipient outside the known namespaces or (when `tools` is given) not a declared tool.
+
 Well-formed output parses exactly as openai-harmony's parser does. Where openai-harmony raises
 (text after a terminator, a header cut short) we return the text, flagged; where it silently
 keeps going we flag (a `<|start|>` inside content ends the message here, while openai-harmony
@@ -33,19 +42,25 @@ class StreamParser:
     closes the stream and returns whatever was still open.
 
     Well-formed input gives what openai-harmony's parser gives. Malformed input never raises:
-    the affected message carries `"malformed": "reason; reason"` and keeps all of its text.
+    the affected message carries `"malformed": "reason; reason"` and keeps all of its text;
+    `"incomplete"` and `"warnings"` flag what openai-harmony accepts (see the module doc).
     ` to=` is accepted both right after the role and after the channel.
+
+    `tools`: the declared tools as recipients (`"functions.get_weather"`, `"browser.search"`);
+    when given, a recipient that is none of them (nor a role or `all`) gets a warning.
     """
 
     def __init__(self, tokenizer, role: str | None = "assistant", *,
                  namespaces: Sequence[str] = KNOWN_NAMESPACES,
-                 channels: Sequence[str] | None = DEFAULT_CHANNELS):
+                 channels: Sequence[str] | None = DEFAULT_CHANNELS,
+                 tools: Iterable[str] | None = None):
         role = _plain(role)
         if role is not None and role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)} or None, got {role!r}")
         self.tokenizer = tokenizer
         self.namespaces = tuple(namespaces)
         self.channels = None if channels is None else tuple(channels)
+        self.tools = None if tools is None else frozenset(tools)
         self.messages: list[dict] = []
         self.tokens: list[int] = []
         self._ids = {name: tokenizer.token_id(name)
@@ -55,6 +70,7 @@ class StreamParser:
         self._role_hint = role  # the role of the next header when the prompt already wrote it
         self._state = "header" if role is not None else "start"
         self._problems: list[str] = []  # reasons for the message being assembled
+        self._incomplete: str | None = None
         self._header: list[int] = []
         self._parsed: dict | None = None
         self._decoder = None
@@ -110,10 +126,10 @@ class StreamParser:
         return done
 
     def finish(self) -> list[dict]:
-        """End of stream: close a message left open (flagged as truncated)."""
+        """End of stream: close a message left open (its content whole, flagged incomplete)."""
         done: list[dict] = []
         if self._state == "content":
-            self._problems.append("truncated: no <|end|>, <|return|> or <|call|>")
+            self._incomplete = "truncated: no <|end|>, <|return|> or <|call|>"
             done.append(self._close_content())
         elif self._state == "header" and (self._header or self._problems):
             done.append(self._header_only_message("truncated in the header (no <|message|>)"))
@@ -151,12 +167,17 @@ class StreamParser:
         problems = self._problems + parsed["problems"]
         if problems:
             msg["malformed"] = "; ".join(problems)
+        if self._incomplete:
+            msg["incomplete"] = self._incomplete
+        if parsed["warnings"]:
+            msg["warnings"] = "; ".join(parsed["warnings"])
         return msg
 
     def _close_content(self) -> dict:
         self._content.append(self._decoder.decode(b"", final=True))
         msg = self._message(self._parsed, "".join(self._content))
         self._state, self._role_hint, self._problems, self._parsed = "start", None, [], None
+        self._incomplete = None
         return msg
 
     def _header_only_message(self, reason: str) -> dict:
@@ -189,8 +210,10 @@ class StreamParser:
     def _parse_header(self, tokens: Sequence[int], role_hint: str | None, *,
                       leftover_is_content: bool = False) -> dict:
         """openai-harmony's header grammar: `{role|tool name} [to=R]<|channel|>{C} [to=R] [type]`,
-        plus checks it does not make (unknown recipient, missing channel, stray text)."""
+        plus checks it does not make: stray text (problems), missing channel and unknown
+        recipient (warnings: openai-harmony accepts those)."""
         problems: list[str] = []
+        warnings: list[str] = []
         text = self._header_string(tokens, problems)
         channel = None
         at = text.find(CHANNEL)
@@ -267,13 +290,16 @@ class StreamParser:
                 problems.append(f"unexpected text in header: {' '.join(parts)!r}")
 
         if channel is None and at < 0:
-            problems.append("missing channel")
+            warnings.append("missing channel")
         elif channel is not None and self.channels is not None and channel not in self.channels:
             problems.append(f"unknown channel {channel!r}")
         if recipient is not None and not self._known_recipient(recipient):
-            problems.append(f"unknown recipient {recipient!r}")
+            warnings.append(f"unknown recipient {recipient!r}")
+        elif recipient is not None and not self._declared_recipient(recipient):
+            warnings.append(f"recipient {recipient!r} is not a declared tool")
         return {"role": role, "name": name, "channel": channel, "recipient": recipient,
-                "content_type": content_type, "problems": problems, "leftover": leftover}
+                "content_type": content_type, "problems": problems, "warnings": warnings,
+                "leftover": leftover}
 
     def _known_recipient(self, recipient: str) -> bool:
         if recipient in ROLES or recipient == "all":
@@ -281,12 +307,16 @@ class StreamParser:
         namespace, dot, rest = recipient.partition(".")
         return namespace in self.namespaces and (not dot or bool(rest))
 
+    def _declared_recipient(self, recipient: str) -> bool:
+        return self.tools is None or recipient in self.tools or recipient in ROLES or recipient == "all"
+
 
 def parse_completion(tokens: Iterable[int], tokenizer, role: str | None = "assistant", **kwargs) -> list[dict]:
     """Messages from sampled tokens (which start after the prompt's `<|start|>{role}`).
 
     Same result as feeding a `StreamParser` token by token and calling `finish()`; malformed
-    messages carry a `"malformed"` reason instead of raising."""
+    messages carry a `"malformed"` reason instead of raising, a message the stream ends inside is
+    `"incomplete"` (not malformed), and `"warnings"` flag what openai-harmony accepts."""
     parser = StreamParser(tokenizer, role, **kwargs)
     for token in tokens:
         parser.feed(token)

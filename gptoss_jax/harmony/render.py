@@ -79,33 +79,33 @@ def _render_normalized(msg: Mapping, tokenizer, has_function_tools: bool) -> lis
     out = [tid(START)]
     # Each header piece is encoded on its own, as openai-harmony does.
     if msg["role"] == "tool":
-        out += tokenizer.encode(msg["name"])
+        out += tokenizer.encode(msg["name"], disallowed_special=())
     else:
-        out += tokenizer.encode(msg["role"])
+        out += tokenizer.encode(msg["role"], disallowed_special=())
         if msg["name"] is not None:
-            out += tokenizer.encode(f":{msg['name']}")
+            out += tokenizer.encode(f":{msg['name']}", disallowed_special=())
     recipient = msg.get("recipient")
     if recipient is not None and recipient != "all":
-        out += tokenizer.encode(f" to={recipient}")
+        out += tokenizer.encode(f" to={recipient}", disallowed_special=())
     if msg.get("channel") is not None:
         out.append(tid(CHANNEL))
-        out += tokenizer.encode(msg["channel"])
+        out += tokenizer.encode(msg["channel"], disallowed_special=())
     content_type = msg.get("content_type")
     if content_type is not None:
         if content_type.startswith(CONSTRAIN):
-            out += tokenizer.encode(" ")
+            out += tokenizer.encode(" ", disallowed_special=())
             out.append(tid(CONSTRAIN))
-            out += tokenizer.encode(content_type[len(CONSTRAIN):])
+            out += tokenizer.encode(content_type[len(CONSTRAIN):], disallowed_special=())
         else:
-            out += tokenizer.encode(f" {content_type}")
+            out += tokenizer.encode(f" {content_type}", disallowed_special=())
     out.append(tid(MESSAGE))
     for part in msg["content"]:
         if part["type"] == "text":
-            out += tokenizer.encode(part["text"])
+            out += tokenizer.encode(part["text"], disallowed_special=())
         elif part["type"] == "system_content":
-            out += tokenizer.encode(_system_text(part, has_function_tools))
+            out += tokenizer.encode(_system_text(part, has_function_tools), disallowed_special=())
         else:
-            out += tokenizer.encode(_developer_text(part))
+            out += tokenizer.encode(_developer_text(part), disallowed_special=())
     # An assistant message with a recipient is a tool call and ends with <|call|>.
     is_call = msg["role"] == "assistant" and recipient is not None
     out.append(tid(CALL) if is_call else tid(END))
@@ -155,7 +155,7 @@ def render_for_completion(conversation, tokenizer, next_role: str = "assistant",
     if next_role not in ROLES:
         raise ValueError(f"next_role must be one of {', '.join(ROLES)}, got {next_role!r}")
     tokens = render_conversation(conversation, tokenizer, auto_drop_analysis=auto_drop_analysis)
-    return tokens + [tokenizer.token_id(START)] + tokenizer.encode(next_role)
+    return tokens + [tokenizer.token_id(START)] + tokenizer.encode(next_role, disallowed_special=())
 
 
 def render_for_training(conversation, tokenizer, *, auto_drop_analysis: bool = True

@@ -19,7 +19,7 @@ from flax import nnx
 
 from gptoss_jax import harmony
 from gptoss_jax.train.data import Packed
-from gptoss_jax.train.losses import token_cross_entropy
+from gptoss_jax.train.losses import next_token_loss
 
 
 def evaluate_loss(model, packed: Packed, *, batch_size: int = 8) -> dict:
@@ -29,8 +29,7 @@ def evaluate_loss(model, packed: Packed, *, batch_size: int = 8) -> dict:
     @jax.jit
     def sums(state, tokens, mask, seg, pos):
         logits = nnx.merge(graphdef, state)(tokens, positions=pos, segment_ids=seg).logits
-        w = mask[:, 1:] * (seg[:, 1:] == seg[:, :-1]) * (seg[:, 1:] != 0)
-        mean, n = token_cross_entropy(logits[:, :-1], tokens[:, 1:], w)
+        mean, n = next_token_loss(logits, tokens, mask, seg)
         return mean * n, n
 
     total, count = 0.0, 0.0
@@ -59,7 +58,10 @@ def split_reference(conversation: Sequence[dict]) -> tuple[list[dict], str]:
 
 
 def final_answer(messages: Sequence[dict]) -> str | None:
-    """The text of the last well-formed `final` message of a parsed completion (None if none)."""
+    """The text of the last well-formed `final` message of a parsed completion (None if none).
+
+    A final message the completion ends inside (`"incomplete"`: no `<|return|>`, as when a server
+    strips the stop token) counts, as openai-harmony parses it; `"warnings"` do not matter here."""
     for m in reversed(messages):
         if m.get("channel") == "final" and not m.get("malformed"):
             return "".join(p.get("text", "") for p in m.get("content", []))

@@ -40,11 +40,32 @@ def chunked_token_cross_entropy(hidden, table, targets, weights=None, *, chunk: 
     return jnp.sum(sums) / jnp.maximum(total, 1.0), total
 
 
-def next_token_loss(logits, tokens, loss_mask=None):
-    """Predict tokens[:, 1:] from logits[:, :-1]; loss_mask [B, T] marks the tokens to predict
-    (position t is scored when loss_mask[:, t] is set, t >= 1). Returns (loss, scored tokens)."""
-    weights = None if loss_mask is None else loss_mask[:, 1:]
-    return token_cross_entropy(logits[:, :-1], tokens[:, 1:], weights)
+def next_token_targets(tokens, loss_mask=None, segment_ids=None):
+    """The one definition of next-token targets: position t (t < T-1) predicts tokens[:, t+1].
+    Returns (targets [B, T-1], weights [B, T-1] fp32). A target is scored when loss_mask[:, t+1]
+    is set (None = every token) and, with segment_ids [B, T] (packed rows, 0 = padding), when it
+    lies in the same document as its context: segment_ids[:, t+1] == segment_ids[:, t] != 0. So a
+    row of packed documents is scored exactly as the documents run separately."""
+    targets = tokens[:, 1:]
+    w = jnp.ones(targets.shape, jnp.float32) if loss_mask is None else loss_mask[:, 1:].astype(jnp.float32)
+    if segment_ids is not None:
+        same = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] != 0)
+        w = w * same.astype(jnp.float32)
+    return targets, w
+
+
+def next_token_loss(logits, tokens, loss_mask=None, segment_ids=None):
+    """Mean cross-entropy of the targets of `next_token_targets` from logits[:, :-1] [B, T, V].
+    Returns (loss, scored tokens)."""
+    targets, w = next_token_targets(tokens, loss_mask, segment_ids)
+    return token_cross_entropy(logits[:, :-1], targets, w)
+
+
+def chunked_next_token_loss(hidden, table, tokens, loss_mask=None, segment_ids=None, *, chunk: int = 1024):
+    """`next_token_loss` with the logits hidden [B, T, D] @ table[V, D]^T made `chunk` positions at
+    a time (`chunked_token_cross_entropy`): the same targets and weights, without [B, T, V]."""
+    targets, w = next_token_targets(tokens, loss_mask, segment_ids)
+    return chunked_token_cross_entropy(hidden[:, :-1], table, targets, w, chunk=chunk)
 
 
 # ------------------------------------------------------------------------------ RL objectives

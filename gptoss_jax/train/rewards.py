@@ -22,13 +22,19 @@ from typing import Callable, Mapping, Sequence
 class Completion:
     messages: list[dict]  # harmony.parse_completion of the sampled tokens
     num_tokens: int
-    stopped: bool  # ended on <|return|> / <|call|> (False: cut at the length limit)
+    stopped: bool  # sampling stopped on <|return|> / <|call|> (False: cut at the length limit)
 
     @property
     def final(self) -> str | None:
-        """The text of the last well-formed `final` message, or None."""
+        """The text of the last well-formed `final` message, or None.
+
+        A final message flagged `"incomplete"` (the tokens end inside it) counts when sampling
+        stopped on a stop token that is missing from the tokens (a server that strips it), and
+        not when sampling was cut at the length limit: then the answer may be cut short."""
         for m in reversed(self.messages):
             if m.get("channel") == "final" and not m.get("malformed"):
+                if m.get("incomplete") and not self.stopped:
+                    return None
                 return "".join(p.get("text", "") for p in m.get("content", []))
         return None
 
@@ -69,9 +75,10 @@ def numeric_match(c: Completion, reference: str, *, rel_tol: float = 1e-6, abs_t
 @register("format")
 def format_valid(c: Completion, reference: str) -> float:
     """1 for a well-formed turn: at most one analysis message, then exactly one final message
-    that ends the turn (stopped on <|return|>), and no malformed message; else 0."""
+    that ends the turn (stopped on <|return|>), and no malformed, incomplete or flagged message;
+    else 0."""
     channels = [m.get("channel") for m in c.messages]
-    if not c.stopped or any(m.get("malformed") for m in c.messages):
+    if not c.stopped or any(m.get(k) for m in c.messages for k in ("malformed", "incomplete", "warnings")):
         return 0.0
     return float(channels in (["final"], ["analysis", "final"]))
 

@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 
 from gptoss_jax.model import traced_token_check
-from gptoss_jax.train.losses import chunked_token_cross_entropy, token_cross_entropy
+from gptoss_jax.train.losses import chunked_next_token_loss, next_token_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,22 +82,20 @@ def next_token_objective(router_aux_loss: float = 0.0, loss_chunk: int = 0):
     """The SFT objective: mean next-token cross-entropy over the loss mask (targets inside their
     own document), plus `router_aux_loss` times the load-balancing loss. Batches: tokens,
     loss_mask, and optionally segment_ids / positions (packed rows). `loss_chunk` > 0 makes the
-    logits that many positions at a time (`losses.chunked_token_cross_entropy`): the same loss,
+    logits that many positions at a time (`losses.chunked_next_token_loss`): the same loss,
     without the [B, T, V] fp32 logits."""
 
     def objective(model, micro):
         tokens = micro["tokens"]
         out = model(tokens, positions=micro.get("positions"), segment_ids=micro.get("segment_ids"),
                     router_loss=router_aux_loss > 0, head=not loss_chunk)
-        weights = micro["loss_mask"][:, 1:].astype(jnp.float32)
-        if "segment_ids" in micro:  # a target must belong to the same document as its context
-            seg = micro["segment_ids"]
-            weights = weights * (seg[:, 1:] == seg[:, :-1]) * (seg[:, 1:] != 0)
+        # targets inside their own document (`losses.next_token_targets`)
+        mask, seg = micro["loss_mask"], micro.get("segment_ids")
         if loss_chunk:
-            mean, count = chunked_token_cross_entropy(out.hidden[:, :-1], model.unembed[...], tokens[:, 1:],
-                                                      weights, chunk=loss_chunk)
+            mean, count = chunked_next_token_loss(out.hidden, model.unembed[...], tokens, mask, seg,
+                                                  chunk=loss_chunk)
         else:
-            mean, count = token_cross_entropy(out.logits[:, :-1], tokens[:, 1:], weights)
+            mean, count = next_token_loss(out.logits, tokens, mask, seg)
         sums = {"loss": mean * count}
         total = mean
         if router_aux_loss > 0:

@@ -22,7 +22,7 @@ from gptoss_jax.train.config import load_config
 pytestmark = pytest.mark.compile
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-KERNEL_TARGETS = ["tpu-v5e-8", "tpu-v5p-8", "tpu-v6e-8", "h100"]
+KERNEL_TARGETS = ["tpu-v4-8", "tpu-v5e-8", "tpu-v5p-8", "tpu-v6e-8", "h100"]
 MOSAIC = {"attention": "gptoss_flash_attention", "mxfp4": "mxfp4_grouped_matmul"}
 TRITON = {"attention": "attention_sink", "mxfp4": "mxfp4_grouped_matmul"}
 

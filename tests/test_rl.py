@@ -1,6 +1,7 @@
 """RL fine-tuning: the GRPO / GSPO losses against hand-computed values, the on-policy identity,
 rewards (and a raising reward counted as 0), the sampler's log-probs against the training
-forward, the LoRA reference being the base, and a GRPO run that resumes to the same weights."""
+forward, the LoRA reference being the base, and a GRPO run that resumes to the same weights
+(also after a SIGKILL, from its newest checkpoint)."""
 
 import json
 import math
@@ -176,13 +177,17 @@ def rl_setup(tmp_path_factory):
 def _rl_config(d, out, steps, algorithm="grpo"):
     from gptoss_jax.train.config import load_config
 
-    return load_config(None, [
+    return load_config(None, _rl_overrides(d, out, steps, algorithm))
+
+
+def _rl_overrides(d, out, steps, algorithm="grpo"):
+    return [
         f"algorithm={algorithm}", f"model.checkpoint={d / 'm'}", "model.dtype=float32", "model.experts=dense",
         f"model.tokenizer={d / 'tokenizer.json'}", f"data.train={d / 'train.jsonl'}", f"data.eval={d / 'eval.jsonl'}",
         "optim.learning_rate=1e-3", "optim.warmup_steps=1", "optim.total_steps=10", "rl.group_size=4",
         "rl.prompts_per_step=2", "rl.max_new_tokens=12", "rl.updates_per_rollout=2", "rl.kl_coef=0.1",
         "rl.rewards={exact_match: 1.0, format: 0.1, length_penalty: 0.01}", f"run.out_dir={out}",
-        f"run.steps={steps}", "run.save_every=2", "run.log_every=1", "run.progress=false", "eval.max_new_tokens=8"])
+        f"run.steps={steps}", "run.save_every=2", "run.log_every=1", "run.progress=false", "eval.max_new_tokens=8"]
 
 
 def test_grpo_run_metrics_and_exact_resume(rl_setup, tmp_path):
@@ -211,3 +216,38 @@ def test_gspo_run(rl_setup, tmp_path):
 
     summary = rl.train(_rl_config(rl_setup, tmp_path / "g", 2, algorithm="gspo"), log=lambda s: None)
     assert summary["algorithm"] == "gspo" and set(summary["eval_accuracy"]) == {"0", "2"}
+
+
+def test_grpo_sigkill_resumes_at_its_checkpoint(rl_setup, tmp_path):
+    """`gptoss train` of a GRPO run killed with SIGKILL after checkpoint 2 and started again goes on
+    from its newest checkpoint (not from step 0) and ends with the weights of a run never stopped."""
+    import subprocess
+    import sys
+
+    from tests.test_sft import _metric_lines, _weights, assert_resumed_at, kill_at_checkpoint
+
+    (tmp_path / "empty.yaml").write_text("")
+
+    def launch(name):
+        return subprocess.Popen([sys.executable, "-m", "gptoss_jax.cli", "train", str(tmp_path / "empty.yaml"),
+                                 *_rl_overrides(rl_setup, tmp_path / name, 6)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    straight, killed = launch("straight"), launch("killed")
+    at, killed_lines = kill_at_checkpoint(killed, tmp_path / "killed", 2)  # steps 3..6 still to come
+    assert 2 <= at < 6
+    straight_out, _ = straight.communicate(timeout=300)
+    assert straight.returncode == 0, straight_out[-2000:]
+    resumed = launch("killed")
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out[-2000:]
+    assert_resumed_at(at, out, killed_lines, _metric_lines(tmp_path / "killed"), range(0, 7))
+    assert json.loads((tmp_path / "killed" / "summary.json").read_text())["resumed_from"] == at
+    assert _weights(tmp_path / "killed") == _weights(tmp_path / "straight")
+
+    # control: the run never stopped is what a restart from step 0 would give; the checks refuse it
+    straight_lines = _metric_lines(tmp_path / "straight")
+    with pytest.raises(AssertionError):
+        assert_resumed_at(at, straight_out, killed_lines, straight_lines, range(0, 7))
+    with pytest.raises(AssertionError, match="written again"):
+        assert_resumed_at(at, f"resumed from step {at}\n", killed_lines, straight_lines, range(0, 7))

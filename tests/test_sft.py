@@ -1,6 +1,7 @@
 """The SFT loop end to end: configs (typed, unknown keys are errors), and exact resume: a run
-killed with SIGKILL mid-training and resumed ends with bitwise the same weights as a run that
-was never interrupted."""
+killed with SIGKILL mid-training and resumed goes on from its newest checkpoint (not from step 0:
+its own log says so and the killed process's metrics records are kept) and ends with bitwise the
+same weights as a run that was never interrupted."""
 
 import json
 import os
@@ -74,6 +75,54 @@ def _weights(out_dir):
     return b"".join(open(os.path.join(out_dir, "model", f), "rb").read() for f in files)
 
 
+def _metric_lines(run_dir):
+    """The whole records of a run's metrics.jsonl, as written (a torn last line left out)."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    whole = []
+    for i, line in enumerate(lines):
+        try:
+            json.loads(line)
+        except ValueError:
+            assert i == len(lines) - 1, f"line {i + 1} of {len(lines)} is not a record: {line!r}"
+            continue
+        whole.append(line)
+    return whole
+
+
+def _newest_checkpoint(run_dir):
+    return max(int(n) for n in os.listdir(run_dir / "checkpoints") if n.isdigit())
+
+
+def kill_at_checkpoint(proc, run_dir, step, timeout=300):
+    """SIGKILL `proc` once run_dir/checkpoints/`step` exists; (the newest complete checkpoint then
+    on disk, the run's metrics lines as the killed process left them)."""
+    ckpt = run_dir / "checkpoints" / str(step)
+    deadline = time.time() + timeout
+    while not ckpt.is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert ckpt.is_dir(), proc.communicate()[0][-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run_dir / "model").exists()  # killed before the end
+    return _newest_checkpoint(run_dir), _metric_lines(run_dir)
+
+
+def assert_resumed_at(at, stdout, killed_lines, final_lines, steps):
+    """The second process of a run killed once resumed from checkpoint `at`, not from the start:
+    it said so (its own stdout), the killed process's records of steps up to `at` are still in
+    metrics.jsonl byte for byte (a restart would have rewritten them), the records after them are
+    the steps after `at`, and every step in `steps` is logged exactly once, in order."""
+    said = [line for line in stdout.splitlines() if line.startswith("resumed from step")]
+    assert said == [f"resumed from step {at}"], stdout[-2000:]
+    logged = [json.loads(line)["step"] for line in final_lines]
+    assert logged == list(steps), logged
+    kept = [line for line in killed_lines if json.loads(line)["step"] <= at]
+    assert [json.loads(line)["step"] for line in kept] == [s for s in steps if s <= at]
+    assert final_lines[:len(kept)] == kept, "the records before the checkpoint were written again"
+    assert [json.loads(line)["step"] for line in final_lines[len(kept):]] == [s for s in steps if s > at]
+
+
 def test_sigkill_and_resume_is_exact(tmp_path, arithmetic_jsonl):
     cfgs = {}
     for name in ("straight", "killed"):
@@ -82,26 +131,29 @@ def test_sigkill_and_resume_is_exact(tmp_path, arithmetic_jsonl):
 
     straight = _launch(cfgs["straight"])
     killed = _launch(cfgs["killed"])
-    ckpt4 = tmp_path / "killed" / "checkpoints" / "4"
-    deadline = time.time() + 300
-    while not ckpt4.is_dir() and killed.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert ckpt4.is_dir(), killed.communicate()[0][-2000:]
-    killed.send_signal(signal.SIGKILL)  # mid-training: steps 5..8 are still to come
-    killed.wait()
-    assert killed.returncode == -signal.SIGKILL
-    assert not (tmp_path / "killed" / "model").exists()
-    out, _ = straight.communicate(timeout=300)
-    assert straight.returncode == 0, out[-2000:]
+    # mid-training: steps 5..8 are still to come when checkpoint 4 appears
+    at, killed_lines = kill_at_checkpoint(killed, tmp_path / "killed", 4)
+    assert 4 <= at < 8
+    straight_out, _ = straight.communicate(timeout=300)
+    assert straight.returncode == 0, straight_out[-2000:]
 
     resumed = _launch(cfgs["killed"])
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out[-2000:]
+    assert_resumed_at(at, out, killed_lines, _metric_lines(tmp_path / "killed"), range(1, 9))
     summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
-    assert 4 <= summary["resumed_from"] < 8
+    assert summary["resumed_from"] == at
     assert _weights(tmp_path / "killed") == _weights(tmp_path / "straight")
     final = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert final[-1]["step"] == 8 and final[-1]["loss"] < final[0]["loss"]
+
+    # control: the uninterrupted run is what a restart from step 0 of the killed run produces (same
+    # config, same weights); the checks refuse it, by its stdout and by its metrics alone
+    straight_lines = _metric_lines(tmp_path / "straight")
+    with pytest.raises(AssertionError):
+        assert_resumed_at(at, straight_out, killed_lines, straight_lines, range(1, 9))
+    with pytest.raises(AssertionError, match="written again"):
+        assert_resumed_at(at, f"resumed from step {at}\n", killed_lines, straight_lines, range(1, 9))
 
 
 def test_shipped_configs_load():

@@ -17,6 +17,8 @@ from typing import Iterable, Mapping
 import ml_dtypes
 import numpy as np
 
+from gptoss_jax import atomic
+
 DTYPES = {
     "BOOL": np.dtype(np.bool_), "U8": np.dtype(np.uint8), "I8": np.dtype(np.int8),
     "I16": np.dtype(np.int16), "U16": np.dtype(np.uint16), "I32": np.dtype(np.int32),
@@ -118,20 +120,11 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
         arrays.append(arr)
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    tmp = os.fspath(path) + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            for arr in arrays:
-                f.write(arr.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # never leave a half-written file under the real name
-    except BaseException:  # disk full, Ctrl-C: no partial file left behind either
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic.file(path) as tmp, open(tmp, "wb") as f:  # never a half-written file under `path`
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for arr in arrays:
+            f.write(arr.tobytes())
 
 
 def open_all(paths: Iterable[str]) -> tuple[dict[str, SafetensorsFile], dict[str, SafetensorsFile]]:

@@ -12,6 +12,8 @@ import json
 import math
 import os
 
+from gptoss_jax import atomic
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -90,10 +92,8 @@ def truncate_metrics(path: str, step: int, *, log=print) -> None:
     records, torn = _parse(path) if step > 0 else ([], None)
     if torn is not None:
         log(f"warning: {path}:{torn}: dropped a torn last line (the run was stopped while writing it)")
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
+    with atomic.file(path) as tmp, open(tmp, "w") as f:
         f.writelines(line for record, line in records if record["step"] <= step)
-    os.replace(tmp, path)
 
 
 def plot_curves(path: str, out_png: str, *, keys=("loss", "grad_norm", "learning_rate", "router_loss"),

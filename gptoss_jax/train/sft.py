@@ -22,6 +22,7 @@ import time
 
 import jax
 
+from gptoss_jax import atomic
 from gptoss_jax import config as model_config
 from gptoss_jax import distributed
 from gptoss_jax import lora as lora_lib
@@ -320,15 +321,9 @@ def resume_or_start(out: str, cfg: ExperimentConfig, state, log):
 
 
 def _write_json(path: str, obj) -> None:
-    """`obj` as `path`, whole or not at all (written beside it, then renamed over it)."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """`obj` as `path`, whole or not at all (`atomic.file`)."""
+    with atomic.file(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
 
 
 def _read_json(path: str):

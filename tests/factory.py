@@ -141,6 +141,19 @@ def rel_err(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+def rms_rel_err(a, b) -> float:
+    """||a - b||_2 / ||b||_2 over every element, in float64: the bf16 statistic (a max-based error
+    there is set by the one position whose routing a rounding flipped)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.sqrt(np.sum((a - b) ** 2) / np.sum(b * b)))
+
+
+def top2_lead(logits) -> np.ndarray:
+    """Per position, how far the top logit leads the second: [..., V] -> [...]."""
+    top2 = np.sort(np.asarray(logits, np.float64), axis=-1)[..., -2:]
+    return top2[..., 1] - top2[..., 0]
+
+
 def grouped_mxfp4_case(E, N, K, M, sizes, seed=0, dtype=jnp.float32):
     """Random inputs of the packed grouped matmul: x [M, K], E experts' packed [N, K] weights
     (blocks [E, N, K/32, 16] uint8, e8m0 scales [E, N, K/32] near 2^0), group sizes, biases [E, N]."""

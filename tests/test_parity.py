@@ -4,6 +4,7 @@ OpenAI's gpt_oss.torch reads the original/ layout; transformers' GptOssForCausal
 attention, experts dequantized on load) reads the HF layout, both run in fp32. T = 40 is five
 windows long, so sliding layers drop keys; GQA 4:2; 8 experts, top-2.
 Tolerance: max|dlogit| / max|logit| <= 1e-4 (expected ~1e-6 in fp32) and identical argmax.
+bf16, the default dtype, has its own bound derived from the oracles: test_parity_bf16.py.
 """
 
 import jax
@@ -79,14 +80,6 @@ def test_dequantize_on_load_is_explicit_and_exact(original_dir, tokens, openai_l
     model = gj.load(original_dir, dtype="float32", experts="dense")
     assert model.experts == "dense"
     assert rel_err(np.asarray(model(tokens[None]).logits[0]), openai_logits) <= TOL
-
-
-def test_bf16_run_stays_close(original_dir, tokens, openai_logits):
-    # bf16 is not a parity mode (the references disagree among themselves there); check sanity.
-    model = gj.load(original_dir)
-    logits = np.asarray(model(tokens[None]).logits[0])
-    assert np.isfinite(logits).all()
-    assert (logits.argmax(-1) == openai_logits.argmax(-1)).mean() >= 0.8
 
 
 # ------------------------------------------------------------------------ beyond one row

@@ -153,13 +153,20 @@ def grouped_lora_delta(x, adapter: Adapter | None, experts):
     32k rows, so the train step did not fit an H100)."""
     if adapter is None:
         return 0.0
+    low, b = grouped_lora_factors(x, adapter, experts)
+    return jnp.einsum("MR,RO->MO", low, b, preferred_element_type=jnp.float32)
+
+
+def grouped_lora_factors(x, adapter: Adapter, experts):
+    """(low [M, E r] in x's dtype, b [E r, out]) with low @ b = `grouped_lora_delta`: each row's
+    x a_e in its own expert's r columns, zeros elsewhere."""
     E, D, r = adapter.a.shape
     M = x.shape[0]
     low = jnp.einsum("MD,DR->MR", x, jnp.swapaxes(adapter.a, 0, 1).reshape(D, E * r),
                      preferred_element_type=jnp.float32).reshape(M, E, r)
     own = (experts[:, None] == jnp.arange(E))[..., None]
     low = jnp.where(own, low, 0.0).astype(x.dtype).reshape(M, E * r)
-    return jnp.einsum("MR,RO->MO", low, adapter.b.reshape(E * r, -1), preferred_element_type=jnp.float32)
+    return low, adapter.b.reshape(E * r, -1)
 
 
 def grouped_mlp(xs, group_sizes, ew: ExpertWeights, *, alpha, limit, mxfp4_impl=None,
@@ -176,11 +183,9 @@ def grouped_mlp(xs, group_sizes, ew: ExpertWeights, *, alpha, limit, mxfp4_impl=
         from gptoss_jax.kernels.mxfp4_matmul import mxfp4_grouped_matmul
         mm = functools.partial(mxfp4_grouped_matmul, group_sizes=group_sizes,
                                implementation=mxfp4_impl or "xla", interpret=interpret)
-        if ew.lora1 is None:
-            a = mm(xs, ew.w1.blocks, ew.w1.scales, bias=ew.b1, swiglu=(alpha, limit))
-        else:  # the adapter's update enters before the SwiGLU, so the epilogue is not fused
-            h = mm(xs, ew.w1.blocks, ew.w1.scales, bias=ew.b1).astype(jnp.float32)
-            a = swiglu(h + grouped_lora_delta(xs, ew.lora1, rows_expert), alpha=alpha, limit=limit).astype(dt)
+        # the adapter's update enters before the SwiGLU (`low_rank`)
+        low_rank = None if ew.lora1 is None else grouped_lora_factors(xs, ew.lora1, rows_expert)
+        a = mm(xs, ew.w1.blocks, ew.w1.scales, bias=ew.b1, swiglu=(alpha, limit), low_rank=low_rank)
         y = mm(a, ew.w2.blocks, ew.w2.scales, bias=ew.b2).astype(jnp.float32)
         return y + grouped_lora_delta(a, ew.lora2, rows_expert)
     experts = jnp.minimum(rows_expert, group_sizes.shape[0] - 1)

@@ -1,6 +1,6 @@
 """Grouped matmul of expert-sorted rows against packed MXFP4 expert weights.
 
-    mxfp4_grouped_matmul(x, blocks, scales, group_sizes, *, bias=None, swiglu=None,
+    mxfp4_grouped_matmul(x, blocks, scales, group_sizes, *, bias=None, swiglu=None, low_rank=None,
                          implementation="xla", interpret=False, block_sizes=None)
 
 x [M, Kin] rows sorted by expert; blocks [E, Nout, Kin/32, 16] uint8 and scales [E, Nout, Kin/32]
@@ -13,6 +13,12 @@ give 0); bias [E, Nout]. Returns [M, Nout] in x's dtype, accumulated in fp32:
 With `swiglu=(alpha, limit)` the gate/up epilogue is fused: the Nout columns are interleaved
 gate/up, and the result is [M, Nout/2] = swiglu(y) — the [M, Nout] intermediate never leaves the
 kernel.
+
+`low_rank=(a, b)` (a [M, R], b [R, Nout]) adds a low-rank update to the pre-activation, as a LoRA
+adapter of the first expert projection does: swiglu(round(x @ W_e^T + bias[e]) + a @ b), where
+round is to x's dtype (the plain kernel output) and the sum is fp32. On TPU the pre-activation
+stays in the kernel's per-tile [gate | up] column order and b's columns are permuted instead, so
+no [M, Nout] array has its interleaved lanes separated in XLA.
 
 Gradients: w.r.t. x (a grouped matmul against the same packed weight, contracting its output
 axis) and w.r.t. bias. The packed weight is frozen: it gets no gradient (fine-tuning trains LoRA
@@ -51,7 +57,8 @@ def row_experts(group_sizes, M: int):
     return jnp.searchsorted(ends, jnp.arange(M), side="right").astype(jnp.int32)
 
 
-def mxfp4_grouped_matmul_reference(x, blocks, scales, group_sizes, *, bias=None, swiglu=None):
+def mxfp4_grouped_matmul_reference(x, blocks, scales, group_sizes, *, bias=None, swiglu=None,
+                                   low_rank=None):
     """Decode every expert, then `jax.lax.ragged_dot` (obvious, memory-hungry: tests only)."""
     w = jnp.swapaxes(dequantize(MXFP4(blocks, scales), jnp.float32), 1, 2)  # [E, Kin, Nout]
     y = jax.lax.ragged_dot(x.astype(jnp.float32), w, group_sizes, preferred_element_type=jnp.float32)
@@ -59,12 +66,15 @@ def mxfp4_grouped_matmul_reference(x, blocks, scales, group_sizes, *, bias=None,
         e = row_experts(group_sizes, x.shape[0])
         b = jnp.concatenate([bias.astype(jnp.float32), jnp.zeros((1, bias.shape[1]), jnp.float32)])
         y = y + b[e]
+    if low_rank is not None:
+        y = y.astype(x.dtype).astype(jnp.float32) + jnp.dot(low_rank[0].astype(jnp.float32),
+                                                            low_rank[1].astype(jnp.float32))
     if swiglu is not None:
         y = swiglu_fn(y, alpha=swiglu[0], limit=swiglu[1])
     return y.astype(x.dtype)
 
 
-def _check(x, blocks, scales, group_sizes, bias, swiglu):
+def _check(x, blocks, scales, group_sizes, bias, swiglu, low_rank=None):
     if x.ndim != 2 or blocks.ndim != 4 or blocks.shape[-1] != BLOCK // 2 or scales.shape != blocks.shape[:-1]:
         raise ValueError(f"need x [M, Kin], blocks [E, Nout, Kin/32, 16], scales [E, Nout, Kin/32]; got "
                          f"x{tuple(x.shape)} blocks{tuple(blocks.shape)} scales{tuple(scales.shape)}")
@@ -79,15 +89,30 @@ def _check(x, blocks, scales, group_sizes, bias, swiglu):
         raise ValueError(f"bias must have shape ({E}, {N}), got {tuple(bias.shape)}")
     if swiglu is not None and N % 2:
         raise ValueError(f"swiglu needs an even number of output channels, got {N}")
+    if low_rank is not None:
+        a, b = low_rank
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != x.shape[0] or b.shape != (a.shape[1], N):
+            raise ValueError(f"low_rank must be (a [M, R], b [R, Nout]) with M = {x.shape[0]}, Nout = {N}; got "
+                             f"a{tuple(a.shape)} b{tuple(b.shape)}")
 
 
-def mxfp4_grouped_matmul(x, blocks, scales, group_sizes, *, bias=None, swiglu=None,
+def mxfp4_grouped_matmul(x, blocks, scales, group_sizes, *, bias=None, swiglu=None, low_rank=None,
                          implementation: str = "xla", interpret: bool = False,
                          block_sizes: MatmulBlockSizes | None = None):
-    _check(x, blocks, scales, group_sizes, bias, swiglu)
+    _check(x, blocks, scales, group_sizes, bias, swiglu, low_rank)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown implementation {implementation!r}; choose from {IMPLEMENTATIONS}")
     swiglu = None if swiglu is None else (float(swiglu[0]), float(swiglu[1]))
+    if low_rank is not None:
+        if implementation == "pallas_tpu" and swiglu is not None:
+            from gptoss_jax.kernels import mxfp4_matmul_tpu
+            return mxfp4_matmul_tpu.mxfp4_grouped_matmul(x, blocks, scales, group_sizes, bias=bias, swiglu=swiglu,
+                                                         low_rank=low_rank, interpret=interpret,
+                                                         block_sizes=block_sizes)
+        h = mxfp4_grouped_matmul(x, blocks, scales, group_sizes, bias=bias, implementation=implementation,
+                                 interpret=interpret, block_sizes=block_sizes).astype(jnp.float32)
+        h = h + jnp.dot(low_rank[0], low_rank[1], preferred_element_type=jnp.float32)
+        return (h if swiglu is None else swiglu_fn(h, alpha=swiglu[0], limit=swiglu[1])).astype(x.dtype)
     if implementation == "xla":
         return _xla(x, blocks, scales, group_sizes, bias, swiglu, (block_sizes or MatmulBlockSizes()).block_m)
     if implementation == "pallas_gpu":

@@ -450,6 +450,14 @@ def _mm_bwd(swiglu, bs, bs_bwd, interpret, res, dy):
                          h[:, :, 0], h[:, :, 1])
         dh = jnp.stack(vjp(dy), axis=2).reshape(M, nn * bn)  # [gate | up] per tile, as h
         deinterleave = True
+    return _grads(res, dh, deinterleave, bs, bs_bwd, interpret)
+
+
+def _grads(res, dh, deinterleave: bool, bs, bs_bwd, interpret):
+    """Gradients of (x, blocks, scales, group_sizes, bias) from the pre-activation's fp32 gradient
+    dh (per-tile [gate | up] columns when `deinterleave`)."""
+    x, blocks, scales, group_sizes, bias = res
+    M, N = x.shape[0], blocks.shape[1]
     dx = _input_grad(dh.astype(x.dtype), blocks, scales, group_sizes, bs=bs_bwd, interpret=interpret,
                      deinterleave=deinterleave)
     dx = vma.sum_to(dx, x)
@@ -466,6 +474,48 @@ def _mm_bwd(swiglu, bs, bs_bwd, interpret, res, dy):
 
 
 _mm.defvjp(_mm_fwd, _mm_bwd)
+
+
+# The pre-activation in the kernel's tile order, for an update added before the SwiGLU
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _mm_tiles(x, blocks, scales, group_sizes, bias, bs, bs_bwd, interpret):
+    """x @ W_e^T + bias[e] in x's dtype, [M, tiles_n * bn], each N tile's columns [gate | up]."""
+    return _forward(x, blocks, scales, group_sizes, bias, swiglu=None, bs=bs, interpret=interpret,
+                    out_dtype=x.dtype, deinterleave=True)
+
+
+def _mm_tiles_fwd(x, blocks, scales, group_sizes, bias, bs, bs_bwd, interpret):
+    return _mm_tiles(x, blocks, scales, group_sizes, bias, bs, bs_bwd, interpret), (x, blocks, scales, group_sizes, bias)
+
+
+def _mm_tiles_bwd(bs, bs_bwd, interpret, res, dy):
+    return _grads(res, dy.astype(jnp.float32), True, bs, bs_bwd, interpret)
+
+
+_mm_tiles.defvjp(_mm_tiles_fwd, _mm_tiles_bwd)
+
+
+def to_tiles(cols, bn: int):
+    """[..., Nout] interleaved gate/up columns -> [..., tiles_n * bn] in the kernel's tile order
+    (zero padded): for a small operand such as a LoRA factor, where the shuffle is cheap."""
+    N = cols.shape[-1]
+    nn = _cdiv(N, bn)
+    cols = jnp.pad(cols, [(0, 0)] * (cols.ndim - 1) + [(0, nn * bn - N)])
+    return jnp.swapaxes(cols.reshape(*cols.shape[:-1], nn, bn // 2, 2), -1, -2).reshape(*cols.shape[:-1], nn * bn)
+
+
+def _swiglu_low_rank(x, blocks, scales, group_sizes, bias, a, b, *, swiglu, bs, bs_bwd, interpret):
+    """swiglu(round(x @ W_e^T + bias[e]) + a @ b) with the pre-activation left in tile order: b's
+    columns are permuted (`to_tiles`, [R, Nout]) instead of the [M, Nout] activation, and the
+    SwiGLU reads whole lane tiles. Separating interleaved lanes of the activation in XLA is what
+    made XLA:TPU's compile of a gpt-oss-20b LoRA step grow past 8 GB of host memory for one layer."""
+    M, N = x.shape[0], blocks.shape[1]
+    bn = bs.block_n
+    nn = _cdiv(N, bn)
+    h = _mm_tiles(x, blocks, scales, group_sizes, bias, bs, bs_bwd, interpret).astype(jnp.float32)
+    h = (h + jnp.dot(a, to_tiles(b, bn), preferred_element_type=jnp.float32)).reshape(M, nn, 2, bn // 2)
+    y = swiglu_halves(h[:, :, 0], h[:, :, 1], alpha=swiglu[0], limit=swiglu[1])
+    return y.reshape(M, nn * bn // 2)[:, :N // 2].astype(x.dtype)
 
 
 def resolve_block_sizes(block_sizes, M: int, N: int, K: int, *, swiglu: bool, interpret,
@@ -497,10 +547,11 @@ def resolve_block_sizes(block_sizes, M: int, N: int, K: int, *, swiglu: bool, in
     return MatmulBlockSizes(bm, bn, bk)
 
 
-def mxfp4_grouped_matmul(x, blocks, scales, group_sizes, *, bias=None, swiglu=None, interpret=False,
-                         block_sizes: MatmulBlockSizes | None = None):
+def mxfp4_grouped_matmul(x, blocks, scales, group_sizes, *, bias=None, swiglu=None, low_rank=None,
+                         interpret=False, block_sizes: MatmulBlockSizes | None = None):
     """See the module docstring. `interpret` is False, True (fast interpret mode on CPU) or a
-    `pltpu.InterpretParams` (TPU-faithful interpreter)."""
+    `pltpu.InterpretParams` (TPU-faithful interpreter). `low_rank` needs `swiglu` here (without it
+    the dispatcher adds the update to the plain output)."""
     M, K = x.shape
     N = blocks.shape[1]
     swiglu = None if swiglu is None else (float(swiglu[0]), float(swiglu[1]))
@@ -508,6 +559,11 @@ def mxfp4_grouped_matmul(x, blocks, scales, group_sizes, *, bias=None, swiglu=No
                              dtype=x.dtype)
     bs_bwd = MatmulBlockSizes(bs.block_m, bs.block_n, min(bs.block_k, BWD_BLOCK_K))
     bs_bwd = resolve_block_sizes(bs_bwd, M, N, K, swiglu=False, interpret=interpret, dtype=x.dtype)
+    if low_rank is not None:
+        if swiglu is None:
+            raise ValueError("low_rank needs swiglu in the TPU kernel's entry; use kernels.mxfp4_grouped_matmul")
+        return _jitted_low_rank(x, blocks, scales, group_sizes.astype(jnp.int32), bias, *low_rank, swiglu=swiglu,
+                                bs=bs, bs_bwd=bs_bwd, interpret=interpret)
     return _jitted(x, blocks, scales, group_sizes.astype(jnp.int32), bias, swiglu=swiglu, bs=bs,
                    bs_bwd=bs_bwd, interpret=interpret)
 
@@ -515,6 +571,9 @@ def mxfp4_grouped_matmul(x, blocks, scales, group_sizes, *, bias=None, swiglu=No
 @functools.partial(jax.jit, static_argnames=("swiglu", "bs", "bs_bwd", "interpret"))
 def _jitted(x, blocks, scales, group_sizes, bias, *, swiglu, bs, bs_bwd, interpret):
     return _mm(x, blocks, scales, group_sizes, bias, swiglu, bs, bs_bwd, interpret)
+
+
+_jitted_low_rank = jax.jit(_swiglu_low_rank, static_argnames=("swiglu", "bs", "bs_bwd", "interpret"))
 
 
 # ----------------------------------------------------------------------------------------------

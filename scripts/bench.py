@@ -94,6 +94,7 @@ from bench_train import BENCH_CONFIG, training_steps  # noqa: E402  (the trainin
 from gptoss_jax.config import FULL, SLIDING  # noqa: E402
 from gptoss_jax import host  # noqa: E402
 from gptoss_jax import attention  # noqa: E402
+from provenance import provenance  # noqa: E402  (command, UTC date, CPU of the record)
 
 BENCH = dict(BENCH_CONFIG)
 SECTIONS = ("bounds", "prefill", "decode", "train", "scaling")
@@ -727,7 +728,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small repeats, T up to 2048, no 131k (~2-3 min)")
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
-    ap.add_argument("--json", default=None, help="write every figure to this JSON file")
+    ap.add_argument("--json", default=None,
+                    help="write every figure to this JSON record (with its command, UTC date and CPU)")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per figure (default 3, quick 2)")
     ap.add_argument("--cap", type=float, default=None,
                     help="skip a case whose predicted single run exceeds this many seconds (default 90, quick 10)")
@@ -753,7 +755,7 @@ def main():
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     cfg = gj.tiny(**BENCH)
-    RESULTS.update(config=BENCH, args=vars(args), env={
+    RESULTS.update(provenance=provenance(), config=BENCH, args=vars(args), env={
         "jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
         "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "machine": platform.processor() or
         platform.machine(), "jax_backend": jax.default_backend(),
@@ -785,6 +787,8 @@ def main():
             log(f"  section {sec} failed:\n{traceback.format_exc()}")
             RESULTS.setdefault("errors", {})[sec] = traceback.format_exc()
         save_json(args.json)
+    RESULTS["wall_seconds"] = time.perf_counter() - T0
+    save_json(args.json)
     log(f"\ndone in {time.perf_counter() - T0:.0f} s" + (f"; figures written to {args.json}" if args.json else ""))
 
 

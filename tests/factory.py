@@ -163,3 +163,52 @@ def grouped_mxfp4_case(E, N, K, M, sizes, seed=0, dtype=jnp.float32):
     x = jnp.asarray(rng.normal(size=(M, K)), dtype)
     bias = jnp.asarray(rng.normal(size=(E, N)), jnp.float32)
     return x, blocks, scales, jnp.asarray(sizes, jnp.int32), bias
+
+
+# ------------------------------------------------------------------ bf16 against the oracles
+# Shared by tests/test_parity_bf16.py (which states the bound) and scripts/parity_report.py.
+BF16_LIMIT_FACTOR = 1.5
+
+
+def bf16_oracle_runs(original_dir: str, hf_dir: str, tokens) -> dict:
+    """OpenAI's gpt_oss.torch (original/ layout) and HF's GptOssForCausalLM (eager, MXFP4 experts
+    dequantized on load), each in bf16 and in fp32, on tokens [R, T]: name -> fp32 logits [R, T, V]."""
+    from gpt_oss.torch.model import Transformer
+    from transformers import GptOssForCausalLM, Mxfp4Config
+
+    out = {}
+    with torch.no_grad():
+        openai = Transformer.from_checkpoint(original_dir, device="cpu")
+        assert next(openai.parameters()).dtype == torch.bfloat16  # the reference's own dtype
+        out["OpenAI bf16"] = np.stack([openai(torch.tensor(r)).float().numpy() for r in tokens])
+        openai = openai.float()
+        out["OpenAI fp32"] = np.stack([openai(torch.tensor(r)).numpy() for r in tokens])
+        for label, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+            hf = GptOssForCausalLM.from_pretrained(hf_dir, dtype=dtype, attn_implementation="eager",
+                                                   quantization_config=Mxfp4Config(dequantize=True))
+            out[f"HF {label}"] = hf(torch.tensor(np.asarray(tokens))).logits.float().numpy()
+    return out
+
+
+def bf16_noise(oracles: dict) -> dict:
+    """What bf16 costs the references themselves: each pair's rms_rel_err, the limit
+    (BF16_LIMIT_FACTOR x the largest), sigma (RMS of bf16 - fp32 logits, the larger oracle) and the
+    oracles' lowest argmax agreement among those pairs."""
+    pairs = {"OpenAI bf16 vs fp32": ("OpenAI bf16", "OpenAI fp32"), "HF bf16 vs fp32": ("HF bf16", "HF fp32"),
+             "OpenAI bf16 vs HF bf16": ("OpenAI bf16", "HF bf16")}
+    errs = {k: rms_rel_err(oracles[a], oracles[b]) for k, (a, b) in pairs.items()}
+    sigma = max(float(np.sqrt(np.mean((oracles[f"{n} bf16"] - oracles[f"{n} fp32"]) ** 2))) for n in ("OpenAI", "HF"))
+    agree = {k: float(np.mean(oracles[a].argmax(-1) == oracles[b].argmax(-1))) for k, (a, b) in pairs.items()}
+    return {"pairs": errs, "limit": BF16_LIMIT_FACTOR * max(errs.values()), "sigma": sigma,
+            "oracle_argmax": min(agree.values()), "oracle_argmax_pairs": agree}
+
+
+def bf16_figures(ours, oracles: dict, noise: dict) -> dict:
+    """Ours against each oracle run: name -> (rms_rel_err, argmax agreement at the positions whose
+    fp32 lead exceeds sigma, argmax agreement at all positions)."""
+    decisive = top2_lead(oracles["OpenAI fp32"]) > noise["sigma"]
+    out = {}
+    for name, want in oracles.items():
+        same = ours.argmax(-1) == want.argmax(-1)
+        out[name] = (rms_rel_err(ours, want), float(same[decisive].mean()), float(same.mean()))
+    return out

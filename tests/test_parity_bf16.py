@@ -8,7 +8,8 @@ measured in the same run on the same tokens:
   e(a, b) = ||a - b||_2 / ||b||_2 over all logits of R = 4 rows x T = 320 tokens (40 windows of
   the tiny model's 8; positions past 256, where bf16 stops holding every integer)
   N = max(e(OpenAI bf16, OpenAI fp32), e(HF bf16, HF fp32), e(OpenAI bf16, HF bf16))
-  limit = 1.5 N, for ours against each of the four oracle runs (ours forward and ours cached decode).
+  limit = 1.5 N (factory.BF16_LIMIT_FACTOR), for ours against each of the four oracle runs (ours
+  forward and ours cached decode).
 
   Measured (AMD EPYC, AVX2): N = 0.052 (OpenAI 0.050, HF 0.052, OpenAI vs HF in bf16 0.035), so
   the limit is 0.078; ours 0.036 against the fp32 oracles and 0.051 / 0.054 against OpenAI's /
@@ -32,74 +33,50 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 import gptoss_jax as gj
 from gptoss_jax import attention as attn_lib
 from gptoss_jax import layers
 from gptoss_jax.cache import init_cache
+from tests import factory
 from tests.factory import rms_rel_err, top2_lead
 
 R, T = 4, 320
 PROMPT = 16  # the cached decode prefills this many tokens, then decodes one at a time to T
-LIMIT_FACTOR = 1.5
 ARGMAX_MIN = 0.95
 ARGMAX_SLACK = 0.02
+TOKEN_SEED = 7
 
 
 @pytest.fixture(scope="module")
 def tokens(tiny_cfg):
     assert T > 256 and T >= 40 * tiny_cfg.sliding_window
-    return np.random.default_rng(7).integers(0, tiny_cfg.vocab_size, (R, T))
+    return np.random.default_rng(TOKEN_SEED).integers(0, tiny_cfg.vocab_size, (R, T))
 
 
 @pytest.fixture(scope="module")
 def oracles(original_dir, hf_mxfp4_dir, tokens):
-    """OpenAI's gpt_oss.torch and HF's GptOssForCausalLM (eager, experts dequantized on load), each
-    in bf16 and in fp32: name -> logits [R, T, V] as fp32."""
-    from gpt_oss.torch.model import Transformer
-    from transformers import GptOssForCausalLM, Mxfp4Config
-
-    out = {}
-    with torch.no_grad():
-        openai = Transformer.from_checkpoint(original_dir, device="cpu")
-        assert next(openai.parameters()).dtype == torch.bfloat16  # the reference's own dtype
-        out["OpenAI bf16"] = np.stack([openai(torch.tensor(r)).float().numpy() for r in tokens])
-        openai = openai.float()
-        out["OpenAI fp32"] = np.stack([openai(torch.tensor(r)).numpy() for r in tokens])
-        for label, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-            hf = GptOssForCausalLM.from_pretrained(hf_mxfp4_dir, dtype=dtype, attn_implementation="eager",
-                                                   quantization_config=Mxfp4Config(dequantize=True))
-            out[f"HF {label}"] = hf(torch.tensor(tokens)).logits.float().numpy()
-    return out
+    return factory.bf16_oracle_runs(original_dir, hf_mxfp4_dir, tokens)
 
 
 @pytest.fixture(scope="module")
 def noise(oracles):
-    """What bf16 costs the references themselves: the limit, and sigma for the argmax check."""
-    pairs = {"OpenAI bf16 vs fp32": ("OpenAI bf16", "OpenAI fp32"), "HF bf16 vs fp32": ("HF bf16", "HF fp32"),
-             "OpenAI bf16 vs HF bf16": ("OpenAI bf16", "HF bf16")}
-    errs = {k: rms_rel_err(oracles[a], oracles[b]) for k, (a, b) in pairs.items()}
-    for k, e in errs.items():
+    noise = factory.bf16_noise(oracles)
+    for k, e in noise["pairs"].items():
         print(f"oracles: {k}: e = {e:.3e}")
     # The fp32 oracles agree to ~1e-6 (test_parity.py): the bf16 figures above are bf16's own.
     assert rms_rel_err(oracles["HF fp32"], oracles["OpenAI fp32"]) < 1e-4
-    sigma = max(float(np.sqrt(np.mean((oracles[f"{n} bf16"] - oracles[f"{n} fp32"]) ** 2))) for n in ("OpenAI", "HF"))
-    agree = [float(np.mean(oracles[a].argmax(-1) == oracles[b].argmax(-1))) for a, b in pairs.values()]
-    return {"limit": LIMIT_FACTOR * max(errs.values()), "sigma": sigma, "oracle_argmax": min(agree)}
+    return noise
 
 
 def check_bf16(ours, oracles, noise, label):
-    """The bound of the module docstring; returns the figures (also printed)."""
+    """The figures of the module docstring's bound (printed)."""
     decisive = top2_lead(oracles["OpenAI fp32"]) > noise["sigma"]
     assert 0.5 < decisive.mean() < 1.0  # the split is real: some near-ties, most positions clear
-    out = {}
-    for name, want in oracles.items():
-        e = rms_rel_err(ours, want)
-        same = ours.argmax(-1) == want.argmax(-1)
-        out[name] = (e, float(same[decisive].mean()), float(same.mean()))
+    out = factory.bf16_figures(ours, oracles, noise)
+    for name, (e, at_decisive, everywhere) in out.items():
         print(f"{label} vs {name}: e = {e:.3e} (limit {noise['limit']:.3e}); argmax "
-              f"{out[name][1]:.3f} at {int(decisive.sum())} decisive positions, {out[name][2]:.3f} at all")
+              f"{at_decisive:.3f} at {int(decisive.sum())} decisive positions, {everywhere:.3f} at all")
     return out
 
 

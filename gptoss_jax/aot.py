@@ -315,7 +315,8 @@ def compile_train_step(exp_cfg, target, *, progress: bool = True):
     m = _mesh(target, exp_cfg.mesh)
     lora = sft_lib.lora_config(exp_cfg) if exp_cfg.lora.enabled else None
     build = _model_builder(model_cfg, dtype=mcfg.dtype, experts=mcfg.experts,
-                           kernel=KernelOptions(remat=mcfg.remat, capacity_factor=mcfg.capacity_factor),
+                           kernel=KernelOptions(remat=mcfg.remat, capacity_factor=mcfg.capacity_factor,
+                                                expert_dispatch=mcfg.expert_dispatch),
                            mesh=m, lora=lora)
     graphdef, state = abstract_model(build, m)
     model = nnx.merge(graphdef, state)

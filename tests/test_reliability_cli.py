@@ -124,6 +124,8 @@ CASES = [
      ["model.dtype must be one of bfloat16, float16, float32"]),
     ("model.experts", ["train", "{dir}/ok.yaml", "model.experts=int4", "--print-config"],
      ["model.experts must be one of mxfp4, dense"]),
+    ("model.expert_dispatch", ["train", "{dir}/ok.yaml", "model.expert_dispatch=alltoall", "--print-config"],
+     ["model.expert_dispatch must be one of all_to_all, ragged_all_to_all"]),
     ("model.preset", ["train", "{dir}/ok.yaml", "model.preset=gpt_oss_7b", "--print-config"],
      ["model.preset must be one of"]),
     ("learning rate nan", ["train", "{dir}/ok.yaml", "optim.learning_rate=.nan", "--print-config"],

@@ -102,6 +102,9 @@ class ModelSection:
     # expert parallelism (mesh expert > 1): null = dropless; else buffers sized by this factor of the
     # mean load, overflow dropped and counted (KernelOptions.capacity_factor)
     capacity_factor: float | None = None
+    # expert parallelism: how rows move between devices (KernelOptions.expert_dispatch):
+    # null = by platform; "all_to_all" (fixed-capacity buffers) | "ragged_all_to_all"
+    expert_dispatch: str | None = None
 
     def __post_init__(self):
         if self.checkpoint is not None and (not isinstance(self.checkpoint, str) or not self.checkpoint):
@@ -118,6 +121,8 @@ class ModelSection:
         if self.capacity_factor is not None:
             _need_number(self.capacity_factor, "model.capacity_factor", lambda v: v > 0,
                          "a number > 0 (or null: dropless)")
+        if self.expert_dispatch is not None:
+            _need_choice(self.expert_dispatch, "model.expert_dispatch", ("all_to_all", "ragged_all_to_all"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -118,7 +118,8 @@ def estimate(cfg) -> MemoryEstimate:
 
     def build():
         model = GptOss(model_cfg, rngs=nnx.Rngs(0), dtype=m.dtype, experts=m.experts,
-                       kernel=KernelOptions(remat=m.remat, capacity_factor=m.capacity_factor))
+                       kernel=KernelOptions(remat=m.remat, capacity_factor=m.capacity_factor,
+                                           expert_dispatch=m.expert_dispatch))
         if cfg.lora.enabled:
             lora_lib.add_lora(model, lora_config(cfg))
         return model

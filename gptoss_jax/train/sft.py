@@ -51,7 +51,7 @@ def build_model(cfg: ExperimentConfig, mesh=None, *, adapters: bool = True):
     import gptoss_jax as gj
 
     m = cfg.model
-    kernel = gj.KernelOptions(remat=m.remat, capacity_factor=m.capacity_factor)
+    kernel = gj.KernelOptions(remat=m.remat, capacity_factor=m.capacity_factor, expert_dispatch=m.expert_dispatch)
     if m.checkpoint:
         model = gj.load(m.checkpoint, dtype=m.dtype, experts=m.experts, mesh=mesh, kernel=kernel)
     else:

@@ -122,8 +122,8 @@ def measure_bf16(cfg):
         oracles = factory.bf16_oracle_runs(orig, hf_dir, tokens)
         noise = factory.bf16_noise(oracles)
         model = gj.load(orig)
-        ours = {"forward": factory.bf16_figures(tb._forward(model, tokens), oracles, noise),
-                "cached_decode": factory.bf16_figures(tb._cached_decode(model, cfg, tokens), oracles, noise)}
+        ours = {"forward": factory.bf16_figures(tb.forward_logits(model, tokens), oracles, noise),
+                "cached_decode": factory.bf16_figures(tb.cached_decode_logits(model, cfg, tokens), oracles, noise)}
     print(f"\nbf16 ({tb.R} x {tb.T} tokens; e = ||dlogits|| / ||logits||; limit {factory.BF16_LIMIT_FACTOR} x the "
           f"oracles' largest = {noise['limit']:.3e})")
     for k, e in noise["pairs"].items():

@@ -87,11 +87,11 @@ def assert_within(figures, noise):
         assert everywhere >= noise["oracle_argmax"] - ARGMAX_SLACK, name
 
 
-def _forward(model, tokens):
+def forward_logits(model, tokens):
     return np.asarray(model(tokens).logits, np.float32)
 
 
-def _cached_decode(model, cfg, tokens):
+def cached_decode_logits(model, cfg, tokens):
     """Prefill PROMPT tokens into a bf16 cache, then decode one token per step to T (teacher-forced:
     the next input is the sequence's own token). Logits at every position, [R, T, V]."""
     cache = init_cache(cfg, R, T, jnp.bfloat16)
@@ -113,12 +113,12 @@ def test_default_dtype_is_bf16(original_dir):
 def test_bf16_forward_within_oracle_noise(layout, request, tokens, oracles, noise):
     model = gj.load(request.getfixturevalue(f"{layout}_dir"))  # the default dtype
     assert model.dtype == jnp.bfloat16
-    assert_within(check_bf16(_forward(model, tokens), oracles, noise, f"ours[bf16, {layout}]"), noise)
+    assert_within(check_bf16(forward_logits(model, tokens), oracles, noise, f"ours[bf16, {layout}]"), noise)
 
 
 def test_bf16_cached_decode_within_oracle_noise(original_dir, tiny_cfg, tokens, oracles, noise):
     model = gj.load(original_dir)
-    ours = _cached_decode(model, tiny_cfg, tokens)
+    ours = cached_decode_logits(model, tiny_cfg, tokens)
     assert_within(check_bf16(ours, oracles, noise, "ours[bf16 cached decode]"), noise)
 
 
@@ -141,11 +141,11 @@ def test_bf16_bound_catches_bf16_only_faults(fault, original_dir, tokens, oracle
         monkeypatch.setattr(layers, "rope_cos_sin", _rope_phase_in_bf16)
     else:
         monkeypatch.setattr(attn_lib, "attend", _sinks_dropped_in_bf16(attn_lib.attend))
-    bad = check_bf16(_forward(gj.load(original_dir), tokens), oracles, noise, f"control[{fault}]")
+    bad = check_bf16(forward_logits(gj.load(original_dir), tokens), oracles, noise, f"control[{fault}]")
     for name, (e, decisive, _) in bad.items():
         assert e > noise["limit"] and decisive < ARGMAX_MIN, name
     # The sinks fault is bf16-only by construction: the fp32 run still matches the fp32 oracle,
     # so only a bf16 bound can see it.
     if fault == "sinks dropped in bf16":
-        fp32 = _forward(gj.load(original_dir, dtype="float32"), tokens)
+        fp32 = forward_logits(gj.load(original_dir, dtype="float32"), tokens)
         assert rms_rel_err(fp32, oracles["OpenAI fp32"]) < 1e-4

@@ -302,9 +302,8 @@ def _forward(x, blocks, scales, group_sizes, bias, *, swiglu, bs: MatmulBlockSiz
     ]
     args = [x2, w, s]
     if bias is not None:
-        b = jnp.pad(bias.astype(jnp.float32), ((0, 0), (0, nn * bn - N)))
-        if deinterleave:  # per N tile: [gate columns | up columns], matching the weight rows
-            b = jnp.swapaxes(b.reshape(E, nn, bn // 2, 2), 2, 3).reshape(E, nn * bn)
+        b = bias.astype(jnp.float32)  # with deinterleave in the tile order, matching the weight rows
+        b = to_tiles(b, bn) if deinterleave else jnp.pad(b, ((0, 0), (0, nn * bn - N)))
         args.append(b[:, None, :])
         in_specs.append(pl.BlockSpec((None, 1, bn), lambda n, v, k, tile, exp, *_: (exp[v], 0, n)))
     if swiglu is not None:
@@ -485,7 +484,8 @@ def _mm_tiles(x, blocks, scales, group_sizes, bias, bs, bs_bwd, interpret):
 
 
 def _mm_tiles_fwd(x, blocks, scales, group_sizes, bias, bs, bs_bwd, interpret):
-    return _mm_tiles(x, blocks, scales, group_sizes, bias, bs, bs_bwd, interpret), (x, blocks, scales, group_sizes, bias)
+    res = (x, blocks, scales, group_sizes, bias)
+    return _mm_tiles(*res, bs, bs_bwd, interpret), res
 
 
 def _mm_tiles_bwd(bs, bs_bwd, interpret, res, dy):

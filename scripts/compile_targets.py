@@ -28,7 +28,8 @@ B20, B120 = config.gpt_oss_20b(), config.gpt_oss_120b()
 # every training config in configs/ for real hardware, and the target it is written for
 CONFIG_TARGETS = {"lora_20b_gpu80": "h100", "sft_20b_gpu80": "h100", "grpo_lora_20b_gpu80": "h100",
                   "lora_20b_tpu_v5e_8": "tpu-v5e-8", "sft_20b_tpu_v5e_8": "tpu-v5e-8",
-                  "grpo_lora_20b_tpu_v5e_8": "tpu-v5e-8", "lora_120b_h100x8": "h100x8"}
+                  "grpo_lora_20b_tpu_v5e_8": "tpu-v5e-8", "lora_120b_h100x8": "h100x8",
+                  "lora_120b_gpu80": "h100"}
 
 
 def programs():

@@ -184,3 +184,47 @@ def test_load_onto_a_mesh_reads_only_local_slices(original_dir, monkeypatch):
     assert model.mesh is mesh
     packed = [c for c in calls if len(c[0]) == 4]  # the MXFP4 blocks
     assert packed and all(np.prod(got) * 8 == np.prod(full) for full, got in packed)
+
+
+@pytest.mark.parametrize("mesh_name,adapters", [("fsdp2_tensor2_expert2", False), ("fsdp2_tensor2_expert2", True),
+                                               ("expert8", True)])
+def test_train_state_is_laid_out_as_the_weights(tiny_cfg, tokens, mesh_name, adapters):
+    """The fp32 master copies, both AdamW moments and the state after a step are split across the
+    mesh exactly as the trained variable itself, whether the state is made eagerly or under jit
+    (as `gptoss compile` and a jitted init make it). Control: optax's own init under jit, with
+    nothing saying how to lay the moments out, replicates them on every device."""
+    from gptoss_jax import lora
+    from gptoss_jax.train.step import OptimConfig, make_optimizer, make_trainer, trainable_filter
+
+    mesh = gj.make_mesh(**{**MESHES, "expert8": dict(expert=8)}[mesh_name])
+    model = gj.init(tiny_cfg, seed=0, dtype=jnp.bfloat16, mesh=mesh)
+    if adapters:
+        model = lora.add_lora(model, lora.LoRAConfig(rank=4, alpha=8.0))
+    trainable = trainable_filter(lora=adapters)
+    optimizer = make_optimizer(OptimConfig(total_steps=10, warmup_steps=1))
+    trainer = make_trainer(model, optimizer, trainable=trainable)
+    want = {path: v.sharding for path, v in nnx.to_flat_state(nnx.state(model, trainable))}
+    assert any(not s.is_fully_replicated for s in want.values())
+
+    def laid_out_as_wanted(tree):
+        got = dict(nnx.to_flat_state(tree))
+        return got.keys() == want.keys() and all(
+            got[k].sharding.is_equivalent_to(want[k], got[k].ndim) for k in want)
+
+    batch = {"tokens": jnp.concatenate([tokens] * 4, 0)[:8], "loss_mask": jnp.ones((8, tokens.shape[1]), jnp.float32)}
+    batch = jax.device_put(batch, jax.sharding.NamedSharding(mesh, sharding.batch_spec(mesh, 8)))
+    for state in (trainer.init(model), jax.jit(trainer.init)(model)):
+        adam = state.opt_state[1][0]  # chain(clip, adamw): adamw's ScaleByAdamState
+        for tree in (state.params, adam.mu, adam.nu):
+            assert laid_out_as_wanted(tree)
+        state, metrics = trainer.step(state, batch)
+        assert bool(metrics["finite"])
+        adam = state.opt_state[1][0]
+        for tree in (state.params, adam.mu, adam.nu):
+            assert laid_out_as_wanted(tree)
+
+    # control: the moments optax makes under jit from the same sharded master copies
+    master = jax.jit(trainer.init)(model).params
+    replicated = jax.jit(optimizer.init)(master)[1][0].mu
+    assert not laid_out_as_wanted(replicated)
+    assert all(v.sharding.is_fully_replicated for _, v in nnx.to_flat_state(replicated))

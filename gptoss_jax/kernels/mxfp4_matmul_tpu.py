@@ -427,12 +427,32 @@ def _mm(x, blocks, scales, group_sizes, bias, swiglu, bs, bs_bwd, interpret):
 
 
 def _mm_fwd(x, blocks, scales, group_sizes, bias, swiglu, bs, bs_bwd, interpret):
+    blocks, scales = _tied(blocks, scales, x)
     y = _mm(x, blocks, scales, group_sizes, bias, swiglu, bs, bs_bwd, interpret)
     return y, (x, blocks, scales, group_sizes, bias)
 
 
+def _tied(blocks, scales, activation):
+    """blocks and scales passed through an optimization barrier with an activation, so that what
+    the kernels derive from them is computed no earlier than that activation exists.
+
+    The kernels read the packed weight as [E, Nout, Kin/2] in its row-major tiling; the [E, Nout,
+    G, 16] array lives in another TPU layout, so the reshape is a copy in HBM. The copies depend
+    on the weights alone: in the 20b SFT step on a v5e-8, XLA:TPU scheduled every layer's copy
+    long before that layer's kernel and shared the forward's with the backward, holding 24 copies
+    (3.1 GiB per chip) at the step's peak. Tied to the layer's input (forward) or its output
+    gradient (backward), each copy lives for one kernel call. Only differentiated calls are tied;
+    inference keeps XLA free to place the copy."""
+    # only the weights are taken from the barrier: its outputs share one varying-axes type, which
+    # would change the activation's (shard_map) and so its cotangent's
+    (blocks, scales), _ = jax.lax.optimization_barrier(((blocks, scales), activation))
+    return blocks, scales
+
+
 def _mm_bwd(swiglu, bs, bs_bwd, interpret, res, dy):
     x, blocks, scales, group_sizes, bias = res
+    blocks, scales = _tied(blocks, scales, dy)
+    res = x, blocks, scales, group_sizes, bias
     M, N = x.shape[0], blocks.shape[1]
     if swiglu is None:
         dh, deinterleave = dy.astype(jnp.float32), False
@@ -484,12 +504,15 @@ def _mm_tiles(x, blocks, scales, group_sizes, bias, bs, bs_bwd, interpret):
 
 
 def _mm_tiles_fwd(x, blocks, scales, group_sizes, bias, bs, bs_bwd, interpret):
+    blocks, scales = _tied(blocks, scales, x)
     res = (x, blocks, scales, group_sizes, bias)
     return _mm_tiles(*res, bs, bs_bwd, interpret), res
 
 
 def _mm_tiles_bwd(bs, bs_bwd, interpret, res, dy):
-    return _grads(res, dy.astype(jnp.float32), True, bs, bs_bwd, interpret)
+    x, blocks, scales, group_sizes, bias = res
+    blocks, scales = _tied(blocks, scales, dy)
+    return _grads((x, blocks, scales, group_sizes, bias), dy.astype(jnp.float32), True, bs, bs_bwd, interpret)
 
 
 _mm_tiles.defvjp(_mm_tiles_fwd, _mm_tiles_bwd)

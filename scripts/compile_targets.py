@@ -52,6 +52,10 @@ def programs():
         load_config(os.path.join(CONFIGS, "lora_20b_gpu80.yaml"), ["data.batch_size=1", "data.accum_steps=1",
                                                                    "model.loss_chunk=1024"]),
         "h100", progress=False)))
+    rows.append(("lora_20b_gpu80 r=8 seq 4096 batch 1@h100 loss_chunk 512 (field goal: <= 24 GB)",
+                 lambda: aot.compile_train_step(load_config(os.path.join(CONFIGS, "lora_20b_gpu80.yaml"), [
+                     "data.batch_size=1", "data.accum_steps=1", "model.loss_chunk=512", "lora.rank=8",
+                     "lora.alpha=16"]), "h100", progress=False)))
     for target, mesh in (("h100x8", {"expert": 8}), ("tpu-v5p-8", {"expert": 4}), ("tpu-v6e-8", {"expert": 8})):
         rows.append((f"120b-forward-4096@{target}", lambda t=target, m=mesh: aot.compile_forward(
             B120, t, batch=8, length=4096, mesh=m, progress=False)[1]))

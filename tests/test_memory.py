@@ -46,10 +46,36 @@ def test_lora_and_mesh_split_the_terms():
     assert split.activations == pytest.approx(one.activations / 8)  # the batch over all 8
 
 
+def test_working_set_gathered_tables_and_exchange_terms():
+    """The terms the compiled programs showed the first estimator missing, each where it applies:
+    one layer's expert working set (rows = tokens x top-k on one device; the exchange buffer's rows
+    with an expert axis), the vocabulary tables gathered over fsdp (+ their fp32 gradient when they
+    train), and with an expert axis the received rows of every layer."""
+    c = gj.tiny()
+    D, F, E, k, L, V = c.d_model, c.expert_dim, c.num_experts, c.experts_per_token, c.num_layers, c.vocab_size
+    base = ["model.dtype=bfloat16", "data.seq_len=64", "data.batch_size=8"]
+    one = estimate(load_config(None, base))
+    t = 8 * 64  # tokens of the micro-batch on the one device
+    assert one.layer_backward == t * k * (2 * 2 * F * 4 + D * (2 + 4))
+    assert one.gathered == 0 and one.exchange == 0
+    sft = estimate(load_config(None, base + ["mesh={fsdp: 2, tensor: 2}"]))
+    assert sft.gathered == V / 2 * D * (2 + 4)  # bf16 gathered + fp32 gradient; vocab split by tensor
+    assert estimate(load_config(None, base + ["mesh={fsdp: 2}", "lora.enabled=true"])).gathered == V * D * 2
+    # expert=4: 128 local tokens per device; all_to_all with capacity 2: E x ceil(2 t k / E) rows
+    a2a = estimate(load_config(None, base + ["mesh={expert: 4}", "model.expert_dispatch=all_to_all",
+                                             "model.capacity_factor=2.0"]))
+    rows = E * -(-2 * 128 * k // E)
+    assert a2a.exchange == rows * D * 2 * L
+    assert a2a.layer_backward == rows * (2 * 2 * F * 4 + D * (2 + 4))
+    # the dropless ragged exchange: a receive buffer for every device's rows
+    ragged = estimate(load_config(None, base + ["mesh={expert: 4}"]))
+    assert ragged.exchange == 4 * 128 * k * D * 2 * L
+
+
 @pytest.mark.parametrize("name,device_gib", [("sft_20b_gpu80", 80), ("lora_20b_gpu80", 80),
                                              ("sft_20b_tpu_v5e_8", 16), ("lora_20b_tpu_v5e_8", 16),
                                              ("grpo_lora_20b_gpu80", 80), ("grpo_lora_20b_tpu_v5e_8", 16),
-                                             ("lora_120b_h100x8", 80)])
+                                             ("lora_120b_h100x8", 80), ("lora_120b_gpu80", 80)])
 def test_shipped_20b_configs_fit_their_devices(name, device_gib):
     est = estimate(load_config(os.path.join(CONFIGS, name + ".yaml")))
     assert est.weights > 2**30  # the real 20b shapes, not a tiny stand-in

@@ -14,8 +14,15 @@ Per device, in bytes:
 - RL (`algorithm: grpo | gspo`): micro-batches of the rollout's prompts x group_size rows of
   data.seq_len tokens (prompt + response), the reference copy of what trains (none with LoRA:
   the reference is the base) and the sampler's KV cache for one rollout;
-- the working set of recomputing one layer (remat) and XLA's temporaries are not modelled: keep
-  a margin (the estimate prints the total against the device's memory).
+- the working set of one layer's backward: the expert MLP's rows (per device: tokens x top-k, or
+  the exchange buffer's rows with expert parallelism) with their fp32 gate/up pre-activation and
+  its gradient, and the rows in and out;
+- with an fsdp axis, the vocabulary tables gathered where they are used (compute dtype), plus the
+  fp32 gradient of one before its reduce-scatter when the tables train;
+- with an expert axis, the rows each layer's exchange received, kept until that layer's backward
+  (the compiled programs hold them: `experiments/2026-12-05-compile/README.md`);
+- not modelled: other XLA temporaries and layout copies (on TPU, a relayout copy of the packed
+  down-projection weights); keep a margin (the estimate prints the total against the device).
 """
 
 from __future__ import annotations
@@ -43,11 +50,14 @@ class MemoryEstimate:
     devices: int
     reference: float = 0.0  # RL: the frozen reference copy of what trains (none with LoRA)
     kv_cache: float = 0.0  # RL: the sampler's cache for one rollout batch
+    layer_backward: float = 0.0  # the expert MLP working set of one layer's backward
+    gathered: float = 0.0  # fsdp: the vocabulary tables gathered where used (+ one fp32 gradient)
+    exchange: float = 0.0  # expert parallelism: each layer's received rows, kept for its backward
 
     @property
     def total(self) -> float:
         return (self.weights + self.master + self.optimizer + self.gradients + self.activations + self.logits
-                + self.reference + self.kv_cache)
+                + self.reference + self.kv_cache + self.layer_backward + self.gathered + self.exchange)
 
     def table(self, device_bytes: float | None = None) -> str:
         gib = lambda b: f"{b / 2**30:8.2f} GiB"
@@ -56,6 +66,11 @@ class MemoryEstimate:
                 ("activations kept for backward", self.activations), ("logits (fp32, x3)", self.logits)]
         if self.reference or self.kv_cache:
             rows += [("RL reference (fp32)", self.reference), ("RL sampler KV cache", self.kv_cache)]
+        rows.append(("one layer's backward (experts)", self.layer_backward))
+        if self.gathered:
+            rows.append(("vocabulary tables gathered", self.gathered))
+        if self.exchange:
+            rows.append(("expert exchange, kept per layer", self.exchange))
         lines = [f"per device ({self.devices} device{'s' if self.devices > 1 else ''}); "
                  f"{self.trainable_parameters:,} trainable parameters"]
         lines += [f"  {name:32s}{gib(v)}" for name, v in rows]
@@ -97,6 +112,24 @@ def activation_bytes_per_token(model_cfg, remat: str, dtype_bytes: int) -> float
         moe = D * b + E * 4 + k * (D * b + 2 * F * 4 + F * b + D * 4)  # input, router, rows, h, act, y
         per_layer = norms + attention + moe
     return per_layer * model_cfg.num_layers
+
+
+def expert_rows(model_cfg, tokens: float, mesh_shape, *, dispatch: str | None, capacity_factor) -> float:
+    """Rows one device's expert MLP computes for `tokens` local tokens: tokens x top-k without an
+    expert axis; with one, the exchange's buffer (`expert_parallel`): all_to_all E x C rows, the
+    ragged exchange its receive capacity (dropless: every expert-axis device's rows)."""
+    from gptoss_jax.expert_parallel import capacity, receive_capacity
+
+    E, k = model_cfg.num_experts, model_cfg.experts_per_token
+    ep = mesh_shape["expert"]
+    t = max(1, int(tokens))
+    if ep == 1:
+        return t * k
+    if (dispatch or "ragged_all_to_all") == "all_to_all":
+        return E * (capacity(capacity_factor, t, k, E) if capacity_factor else t)
+    if capacity_factor:
+        return receive_capacity(capacity_factor, t, k, ep, E // ep)
+    return ep * t * min(k, E // ep)
 
 
 def estimate(cfg) -> MemoryEstimate:
@@ -151,5 +184,15 @@ def estimate(cfg) -> MemoryEstimate:
     else:
         tokens_with_logits = tokens
     logits = 3 * tokens_with_logits * model_cfg.vocab_size * 4 / vocab_split
+    D, F = model_cfg.d_model, model_cfg.expert_dim
+    rows = expert_rows(model_cfg, tokens, mesh.shape, dispatch=m.expert_dispatch, capacity_factor=m.capacity_factor)
+    width_split = mesh.shape["tensor"] if F % mesh.shape["tensor"] == 0 else 1
+    # fp32 gate/up pre-activation and its gradient, the rows in (compute dtype) and dx (fp32)
+    layer_backward = rows * (2 * (2 * F // width_split) * 4 + D * (dtype_bytes + 4))
+    gathered = 0.0
+    if mesh.shape["fsdp"] > 1:
+        tables_train = not cfg.lora.enabled
+        gathered = model_cfg.vocab_size / vocab_split * D * (dtype_bytes + (4 if tables_train else 0))
+    exchange = rows * D * dtype_bytes * model_cfg.num_layers if mesh.shape["expert"] > 1 else 0.0
     return MemoryEstimate(weights, fp32_share, 2 * fp32_share, fp32_share, acts, logits, count, devices,
-                          reference, kv_cache)
+                          reference, kv_cache, layer_backward, gathered, exchange)

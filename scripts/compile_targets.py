@@ -30,6 +30,21 @@ CONFIG_TARGETS = {"lora_20b_gpu80": "h100", "sft_20b_gpu80": "h100", "grpo_lora_
                   "lora_20b_tpu_v5e_8": "tpu-v5e-8", "sft_20b_tpu_v5e_8": "tpu-v5e-8",
                   "grpo_lora_20b_tpu_v5e_8": "tpu-v5e-8", "lora_120b_h100x8": "h100x8",
                   "lora_120b_gpu80": "h100"}
+# train-step rows: name -> (config, overrides, target); the configs as shipped, then variants
+TRAIN_ROWS = {f"{name}@{target}": (name, [], target) for name, target in CONFIG_TARGETS.items()}
+TRAIN_ROWS.update({
+    "lora_20b_gpu80 seq 4096 batch 1@h100 chunked loss (field goal: <= 24 GB)":
+        ("lora_20b_gpu80", ["data.batch_size=1", "data.accum_steps=1", "model.loss_chunk=1024"], "h100"),
+    "lora_20b_gpu80 r=8 seq 4096 batch 1@h100 loss_chunk 512 (field goal: <= 24 GB)":
+        ("lora_20b_gpu80", ["data.batch_size=1", "data.accum_steps=1", "model.loss_chunk=512", "lora.rank=8",
+                            "lora.alpha=16"], "h100"),
+    # dropless (capacity_factor null)
+    "120b LoRA step 8x2048@h100x8": ("lora_120b_h100x8", ["model.capacity_factor=null"], "h100x8"),
+    "120b LoRA step 8x2048@tpu-v5p-8": ("lora_120b_h100x8", ["mesh={expert: 4}", "model.capacity_factor=null"],
+                                        "tpu-v5p-8"),
+    "120b LoRA step 1x2048@h100 (field goal: <= 75 GB)":
+        ("lora_120b_h100x8", ["mesh={}", "model.capacity_factor=null", "data.batch_size=1"], "h100"),
+})
 
 
 def programs():
@@ -45,27 +60,12 @@ def programs():
         B20, "tpu-v6e-1", batch=8, length=8192, progress=False)[1]))
     rows.append(("20b-serving-decode-b8@tpu-v6e-1", lambda: aot.compile_decode(
         B20, "tpu-v6e-1", batch=8, context=8192, progress=False)[1]))
-    for name, target in CONFIG_TARGETS.items():
-        rows.append((f"{name}@{target}", lambda n=name, t=target: aot.compile_train_step(
-            load_config(os.path.join(CONFIGS, n + ".yaml")), t, progress=False)))
-    rows.append(("lora_20b_gpu80 seq 4096 batch 1@h100 chunked loss (field goal: <= 24 GB)", lambda: aot.compile_train_step(
-        load_config(os.path.join(CONFIGS, "lora_20b_gpu80.yaml"), ["data.batch_size=1", "data.accum_steps=1",
-                                                                   "model.loss_chunk=1024"]),
-        "h100", progress=False)))
-    rows.append(("lora_20b_gpu80 r=8 seq 4096 batch 1@h100 loss_chunk 512 (field goal: <= 24 GB)",
-                 lambda: aot.compile_train_step(load_config(os.path.join(CONFIGS, "lora_20b_gpu80.yaml"), [
-                     "data.batch_size=1", "data.accum_steps=1", "model.loss_chunk=512", "lora.rank=8",
-                     "lora.alpha=16"]), "h100", progress=False)))
+    for name, (config, overrides, target) in TRAIN_ROWS.items():
+        rows.append((name, lambda c=config, o=overrides, t=target: aot.compile_train_step(
+            load_config(os.path.join(CONFIGS, c + ".yaml"), o), t, progress=False)))
     for target, mesh in (("h100x8", {"expert": 8}), ("tpu-v5p-8", {"expert": 4}), ("tpu-v6e-8", {"expert": 8})):
         rows.append((f"120b-forward-4096@{target}", lambda t=target, m=mesh: aot.compile_forward(
             B120, t, batch=8, length=4096, mesh=m, progress=False)[1]))
-    lora120 = os.path.join(CONFIGS, "lora_120b_h100x8.yaml")  # rows below: dropless (capacity_factor null)
-    rows.append(("120b LoRA step 8x2048@h100x8", lambda: aot.compile_train_step(
-        load_config(lora120, ["model.capacity_factor=null"]), "h100x8", progress=False)))
-    rows.append(("120b LoRA step 8x2048@tpu-v5p-8", lambda: aot.compile_train_step(
-        load_config(lora120, ["mesh={expert: 4}", "model.capacity_factor=null"]), "tpu-v5p-8", progress=False)))
-    rows.append(("120b LoRA step 1x2048@h100 (field goal: <= 75 GB)", lambda: aot.compile_train_step(
-        load_config(lora120, ["mesh={}", "model.capacity_factor=null", "data.batch_size=1"]), "h100", progress=False)))
     return rows
 
 
@@ -117,6 +117,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="experiments/2026-12-05-compile")
     p.add_argument("--only", nargs="*", help="row names (substrings) to run")
     p.add_argument("--docs", action="store_true", help="also regenerate the compiled table in configs/README.md")
+    p.add_argument("--refresh-estimates", action="store_true",
+                   help="compile nothing: recompute the --estimate-memory figure of every train-step row "
+                        "(the estimator changed, the compiled program did not) and regenerate the tables")
     p.add_argument("--tables-only", action="store_true",
                    help="compile nothing: regenerate table.md (and with --docs configs/README.md) from records.json")
     args = p.parse_args(argv)
@@ -127,7 +130,17 @@ def main(argv=None) -> int:
     order = {name: i for i, (name, _) in enumerate(rows)}
     # the table lists the rows this script defines, in its order
     records = sorted((r for r in records if r["row"] in order), key=lambda r: order[r["row"]])
-    if args.tables_only:
+    if args.refresh_estimates:
+        from gptoss_jax.train.memory import estimate
+
+        for r in records:
+            if r["row"] in TRAIN_ROWS and "error" not in r:
+                config, overrides, _ = TRAIN_ROWS[r["row"]]
+                r["estimate_bytes"] = estimate(load_config(os.path.join(CONFIGS, config + ".yaml"), overrides)).total
+                r["estimate_command"] = "python scripts/compile_targets.py --refresh-estimates"
+        with open(path, "w") as f:
+            json.dump(records, f, indent=1)
+    if args.tables_only or args.refresh_estimates:
         rows = []
         with open(os.path.join(args.out, "table.md"), "w") as f:
             f.write(markdown(records))

@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from gptoss_jax import sharding as sharding_lib
+from gptoss_jax.expert_parallel import capacity, receive_capacity
 
 
 @dataclasses.dataclass
@@ -118,8 +119,6 @@ def expert_rows(model_cfg, tokens: float, mesh_shape, *, dispatch: str | None, c
     """Rows one device's expert MLP computes for `tokens` local tokens: tokens x top-k without an
     expert axis; with one, the exchange's buffer (`expert_parallel`): all_to_all E x C rows, the
     ragged exchange its receive capacity (dropless: every expert-axis device's rows)."""
-    from gptoss_jax.expert_parallel import capacity, receive_capacity
-
     E, k = model_cfg.num_experts, model_cfg.experts_per_token
     ep = mesh_shape["expert"]
     t = max(1, int(tokens))

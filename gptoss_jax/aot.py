@@ -182,13 +182,16 @@ def compile_jitted(jitted, args, *, program: str, target, mesh=None, progress: b
         try:
             compiled = lowered.compile()
         except jax.errors.JaxRuntimeError as e:
-            # XLA:TPU refuses a program whose temporaries exceed the HBM: that is a finding
-            # ("does not fit", with the compiler's figure), not a crash
+            # XLA:TPU refuses a program whose memory exceeds the HBM: that is a finding
+            # ("does not fit", with the compiler's figure), not a crash. Two forms: the temporaries
+            # alone, or the whole use ("Used 15.76G of 15.75G hbm"), less the arguments here
+            size = lambda m, i: int(float(m.group(i)) * 1024 ** " KMGT".index(m.group(i + 1)))
             need = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM", str(e))
-            if not need:
+            used = re.search(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm", str(e))
+            if not (need or used):
                 raise
-            temps = int(float(need.group(1)) * 1024 ** " KMGT".index(need.group(2)))
             args_bytes = sum(a.size * a.dtype.itemsize // _split(a) for a in jax.tree.leaves(args))
+            temps = size(need, 1) if need else max(0, size(used, 1) - args_bytes)
             return None, CompileReport(program, target.name, target.num_devices, target.hbm_bytes, args_bytes, 0,
                                        0, temps, time.perf_counter() - t0, {}, {}, None, estimate_bytes,
                                        mesh_shape, [], {}, refused=str(e).splitlines()[0])

@@ -313,3 +313,30 @@ def test_a_program_the_tpu_compiler_refuses_is_reported_as_not_fitting():
     assert compiled is None and not r.fits and "RESOURCE_EXHAUSTED" in r.refused
     assert r.temp_bytes > t.hbm_bytes and r.argument_bytes == 4 * 2**30
     assert "DOES NOT FIT" in r.table()
+
+
+def test_a_refusal_that_states_the_whole_use_is_reported_as_not_fitting():
+    """The other form of XLA:TPU's refusal (seen for the 20b LoRA step with the ragged exchange on a
+    v5e-8): the whole use, "Used 15.76G of 15.75G hbm"; the temporaries are that less the
+    arguments. Any other compile error still raises."""
+    t, s = _one_device("tpu-v5e-8")
+    x = jax.ShapeDtypeStruct((2**28, 4), jnp.float32, sharding=s)  # 4 GiB of arguments
+
+    class Refusing:
+        def __init__(self, message):
+            self.message = message
+
+        def lower(self, *args):
+            return self
+
+        def compile(self):
+            raise jax.errors.JaxRuntimeError(self.message)
+
+    msg = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out of memory "
+           "in memory space hbm. Used 15.76G of 15.75G hbm. Exceeded hbm capacity by 10.93M.")
+    compiled, r = aot.compile_jitted(Refusing(msg), (x,), program="p", target=t, progress=False)
+    assert compiled is None and not r.fits and r.refused.startswith("RESOURCE_EXHAUSTED")
+    assert r.argument_bytes == 4 * 2**30 and r.temp_bytes == int(15.76 * 2**30) - 4 * 2**30
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        aot.compile_jitted(Refusing("INTERNAL: Mosaic failed to compile TPU kernel"), (x,), program="p", target=t,
+                           progress=False)

@@ -307,7 +307,6 @@ def compile_train_step(exp_cfg, target, *, progress: bool = True):
     accumulation over data.accum_steps micro-batches) on the config's mesh of `target`, with the
     config's dtype, experts, remat and LoRA; SFT objective (`algorithm: sft`) or the RL policy
     loss on rollout-shaped batches (`grpo` / `gspo`)."""
-    from gptoss_jax.model import KernelOptions
     from gptoss_jax.train import sft as sft_lib
     from gptoss_jax.train.memory import estimate
     from gptoss_jax.train.step import make_optimizer, make_trainer, trainable_filter
@@ -318,9 +317,7 @@ def compile_train_step(exp_cfg, target, *, progress: bool = True):
     m = _mesh(target, exp_cfg.mesh)
     lora = sft_lib.lora_config(exp_cfg) if exp_cfg.lora.enabled else None
     build = _model_builder(model_cfg, dtype=mcfg.dtype, experts=mcfg.experts,
-                           kernel=KernelOptions(remat=mcfg.remat, capacity_factor=mcfg.capacity_factor,
-                                                expert_dispatch=mcfg.expert_dispatch),
-                           mesh=m, lora=lora)
+                           kernel=sft_lib.kernel_options(exp_cfg), mesh=m, lora=lora)
     graphdef, state = abstract_model(build, m)
     model = nnx.merge(graphdef, state)
     trainable = trainable_filter(lora=exp_cfg.lora.enabled, norms_and_sinks=exp_cfg.lora.train_norms_and_sinks)

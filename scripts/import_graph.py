@@ -74,36 +74,35 @@ def imports(root: str = ROOT) -> dict[str, dict[str, set]]:
     return graph
 
 
+def _shortest_loop(adj, start: str) -> list[str] | None:
+    """The shortest path start -> ... -> start (breadth-first), without the closing start."""
+    prev, frontier = {start: None}, [start]
+    while frontier:
+        nxt = []
+        for u in frontier:
+            for v in adj.get(u, ()):
+                if v == start:
+                    loop = [u]
+                    while prev[loop[-1]] is not None:
+                        loop.append(prev[loop[-1]])
+                    return loop[::-1]
+                if v not in prev:
+                    prev[v] = u
+                    nxt.append(v)
+        frontier = nxt
+    return None
+
+
 def cycles(graph) -> list[list[str]]:
-    """Elementary cycles through the union of top-level and function-level edges (one per
-    strongly connected component's shortest loop through each member, deduplicated)."""
+    """The shortest cycle through each module that lies on one, over the union of top-level and
+    function-level edges, each rotated to start at its smallest name and listed once."""
     adj = {m: sorted(e["top"] | e["function"]) for m, e in graph.items()}
     found = set()
     for start in adj:
-        # breadth-first search back to start: the shortest loop through it
-        prev, frontier = {start: None}, [start]
-        while frontier:
-            nxt = []
-            for u in frontier:
-                for v in adj.get(u, ()):
-                    if v == start:
-                        loop, w = [], u
-                        while w is not None:
-                            loop.append(w)
-                            w = prev[w]
-                        loop = loop[::-1]
-                        i = loop.index(min(loop))
-                        found.add(tuple(loop[i:] + loop[:i]))
-                        nxt = []
-                        frontier = []
-                        break
-                    if v not in prev:
-                        prev[v] = u
-                        nxt.append(v)
-                else:
-                    continue
-                break
-            frontier = nxt
+        loop = _shortest_loop(adj, start)
+        if loop:
+            i = loop.index(min(loop))
+            found.add(tuple(loop[i:] + loop[:i]))
     return [list(c) for c in sorted(found)]
 
 

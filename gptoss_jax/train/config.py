@@ -22,6 +22,7 @@ import yaml
 
 from gptoss_jax import config as model_config_lib
 from gptoss_jax.config import ConfigError, ModelConfig
+from gptoss_jax.expert_parallel import DISPATCH
 from gptoss_jax.lora import TARGETS as LORA_TARGETS
 from gptoss_jax.model import EXPERT_FORMATS, REMAT_POLICIES
 from gptoss_jax.sharding import MESH_AXES
@@ -122,7 +123,7 @@ class ModelSection:
             _need_number(self.capacity_factor, "model.capacity_factor", lambda v: v > 0,
                          "a number > 0 (or null: dropless)")
         if self.expert_dispatch is not None:
-            _need_choice(self.expert_dispatch, "model.expert_dispatch", ("all_to_all", "ragged_all_to_all"))
+            _need_choice(self.expert_dispatch, "model.expert_dispatch", DISPATCH)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -137,8 +137,8 @@ def estimate(cfg) -> MemoryEstimate:
     the config's mesh to its logical axes."""
     from gptoss_jax import lora as lora_lib
     from gptoss_jax.config import ModelConfig
-    from gptoss_jax.model import GptOss, KernelOptions
-    from gptoss_jax.train.sft import lora_config, model_config
+    from gptoss_jax.model import GptOss
+    from gptoss_jax.train.sft import kernel_options, lora_config, model_config
     from gptoss_jax.train.step import trainable_filter
 
     m = cfg.model
@@ -150,8 +150,7 @@ def estimate(cfg) -> MemoryEstimate:
 
     def build():
         model = GptOss(model_cfg, rngs=nnx.Rngs(0), dtype=m.dtype, experts=m.experts,
-                       kernel=KernelOptions(remat=m.remat, capacity_factor=m.capacity_factor,
-                                           expert_dispatch=m.expert_dispatch))
+                       kernel=kernel_options(cfg))
         if cfg.lora.enabled:
             lora_lib.add_lora(model, lora_config(cfg))
         return model

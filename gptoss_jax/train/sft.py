@@ -26,6 +26,7 @@ from gptoss_jax import atomic
 from gptoss_jax import config as model_config
 from gptoss_jax import distributed
 from gptoss_jax import lora as lora_lib
+from gptoss_jax.model import KernelOptions
 from gptoss_jax.train import data as data_lib
 from gptoss_jax.train.checkpoints import Checkpoints
 from gptoss_jax.train.config import ExperimentConfig, to_dict
@@ -51,7 +52,7 @@ def build_model(cfg: ExperimentConfig, mesh=None, *, adapters: bool = True):
     import gptoss_jax as gj
 
     m = cfg.model
-    kernel = gj.KernelOptions(remat=m.remat, capacity_factor=m.capacity_factor, expert_dispatch=m.expert_dispatch)
+    kernel = kernel_options(cfg)
     if m.checkpoint:
         model = gj.load(m.checkpoint, dtype=m.dtype, experts=m.experts, mesh=mesh, kernel=kernel)
     else:
@@ -59,6 +60,12 @@ def build_model(cfg: ExperimentConfig, mesh=None, *, adapters: bool = True):
     if cfg.lora.enabled and adapters:
         lora_lib.add_lora(model, lora_config(cfg), seed=cfg.run.seed)
     return model
+
+
+def kernel_options(cfg: ExperimentConfig):
+    """The model section's execution choices (remat, expert capacity and exchange) as KernelOptions."""
+    m = cfg.model
+    return KernelOptions(remat=m.remat, capacity_factor=m.capacity_factor, expert_dispatch=m.expert_dispatch)
 
 
 def lora_config(cfg: ExperimentConfig) -> lora_lib.LoRAConfig:

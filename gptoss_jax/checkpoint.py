@@ -28,14 +28,11 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from gptoss_jax import atomic, mxfp4
+from gptoss_jax import atomic, hub, mxfp4
 from gptoss_jax.config import ModelConfig
+from gptoss_jax.errors import CheckpointError
 from gptoss_jax.model import EXPERT_FORMATS, GptOss, KernelOptions, PackedWeight, abstract
 from gptoss_jax.safetensors_io import SafetensorsError, open_all, save_file
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not hold exactly the tensors of the model."""
 
 
 class _Dim(int):
@@ -290,6 +287,21 @@ class CheckpointFiles:
     files: tuple[str, ...]
 
 
+def resolve_checkpoint(path_or_id: str | os.PathLike) -> str:
+    """A checkpoint folder for a local path or a hub id (HF layout downloaded when not cached;
+    a cached `original/`-only snapshot is used as it is)."""
+    return hub.resolve(path_or_id, usable=_has_checkpoint, patterns=hub.HF_LAYOUT_PATTERNS,
+                       ignore=hub.ORIGINAL_LAYOUT_PATTERNS + ("metal/*",), what="checkpoint")
+
+
+def _has_checkpoint(folder: str) -> bool:
+    try:
+        find_checkpoint(folder)
+    except CheckpointError:
+        return False
+    return True
+
+
 def find_checkpoint(path: str | os.PathLike) -> CheckpointFiles:
     """Resolve a directory to its layout and tensor files. The HF layout wins when a folder holds
     both (the hub repo root has `original/` beside its own files). A hub id ("openai/gpt-oss-20b")
@@ -297,9 +309,7 @@ def find_checkpoint(path: str | os.PathLike) -> CheckpointFiles:
     (see `gptoss_jax.hub`)."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        from gptoss_jax import hub
-
-        path = hub.resolve_checkpoint(path)
+        path = resolve_checkpoint(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory not found: {path}")
     for root in (path, os.path.join(path, "original")):

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from gptoss_jax import moe as moe_lib
-from gptoss_jax.kernels.mxfp4_matmul import row_experts
+from gptoss_jax.kernels.groups import row_experts
 from gptoss_jax.mxfp4 import BLOCK, MXFP4
 from gptoss_jax.sharding import BATCH_AXES
 

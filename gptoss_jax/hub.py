@@ -18,7 +18,7 @@ import os
 import re
 from typing import Callable, Sequence
 
-from gptoss_jax.checkpoint import CheckpointError
+from gptoss_jax.errors import CheckpointError
 
 # The HF layout of a gpt-oss repo, without its `original/` and `metal/` copies of the weights.
 # Patterns are matched against the whole path in the repo, and `*` crosses "/": every pattern is
@@ -125,23 +125,6 @@ def resolve(path_or_id: str | os.PathLike, *, usable: Callable[[str], bool],
         return snap
     raise HubError(f"{text}: no such local folder, and the Hugging Face cache entry {where} {state}; "
                    f"{reason}. To fix: {fix}")
-
-
-def _has_checkpoint(folder: str) -> bool:
-    from gptoss_jax.checkpoint import find_checkpoint
-
-    try:
-        find_checkpoint(folder)
-    except CheckpointError:
-        return False
-    return True
-
-
-def resolve_checkpoint(path_or_id: str | os.PathLike) -> str:
-    """A checkpoint folder for a local path or a hub id (HF layout downloaded when not cached;
-    a cached `original/`-only snapshot is used as it is)."""
-    return resolve(path_or_id, usable=_has_checkpoint, patterns=HF_LAYOUT_PATTERNS,
-                   ignore=ORIGINAL_LAYOUT_PATTERNS + ("metal/*",), what="checkpoint")
 
 
 def resolve_tokenizer(path_or_id: str | os.PathLike) -> str:

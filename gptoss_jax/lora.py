@@ -23,111 +23,29 @@ Adapters are `LoRAParam`s (a subclass of `nnx.Param`), so `nnx.Param` filters in
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
-import math
 import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from gptoss_jax.moe import Adapter
-
-ATTENTION_TARGETS = ("q", "k", "v", "o")
-EXPERT_TARGETS = ("w1", "w2")  # gate/up [D -> 2F] and down [F -> D] of every expert
-TARGETS = ATTENTION_TARGETS + EXPERT_TARGETS
-
-
-class LoRAParam(nnx.Param):
-    """A trainable low-rank adapter factor."""
-
-
-@dataclasses.dataclass(frozen=True)
-class LoRAConfig:
-    rank: int = 8
-    alpha: float = 16.0
-    targets: tuple[str, ...] = TARGETS
-
-    def __post_init__(self):
-        object.__setattr__(self, "targets", tuple(self.targets))
-        unknown = sorted(set(self.targets) - set(TARGETS))
-        if unknown or not self.targets:
-            raise ValueError(f"LoRA targets must be a non-empty subset of {TARGETS}, got {self.targets}")
-        if not (isinstance(self.rank, int) and self.rank > 0):
-            raise ValueError(f"LoRA rank must be a positive integer, got {self.rank!r}")
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def to_dict(self) -> dict:
-        return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets)}
-
-
-def _declare_adapters(module, shapes: dict, lora: LoRAConfig, dtype, key) -> None:
-    """`a_<t>`, `b_<t>` on `module` for each target t of `shapes` (None where not a target).
-    shapes: {t: (A shape, A logical axes, B shape, B logical axes, fan-in)}.
-    A ~ N(0, 1/fan_in), so x A has the scale of x; B = 0."""
-    for i, (t, (a_shape, a_axes, b_shape, b_axes, fan_in)) in enumerate(shapes.items()):
-        a = b = None
-        if t in lora.targets:
-            a_value = jax.random.normal(jax.random.fold_in(key, i), a_shape, jnp.float32) / math.sqrt(fan_in)
-            a = LoRAParam(a_value.astype(dtype), axes=a_axes, eager_sharding=False)
-            b = LoRAParam(jnp.zeros(b_shape, dtype), axes=b_axes, eager_sharding=False)
-        setattr(module, f"a_{t}", a)
-        setattr(module, f"b_{t}", b)
-
-
-class AttentionLoRA(nnx.Module):
-    """Adapters of q/k/v ([D] -> [heads, H]) and o ([N, H] -> [D])."""
-
-    def __init__(self, cfg, lora: LoRAConfig, *, dtype, key):
-        D, N, K, H, r = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, lora.rank
-        self.scale = lora.scale
-        shapes = {"q": ((D, r), ("embed", None), (r, N, H), (None, "q_heads", "head_dim"), D),
-                  "k": ((D, r), ("embed", None), (r, K, H), (None, "kv_heads", "head_dim"), D),
-                  "v": ((D, r), ("embed", None), (r, K, H), (None, "kv_heads", "head_dim"), D),
-                  "o": ((N, H, r), ("q_heads", "head_dim", None), (r, D), (None, "embed"), N * H)}
-        _declare_adapters(self, shapes, lora, dtype, key)
-
-    def delta(self, target: str, h, spec_in: str, spec_out: str):
-        """scale * (h A) B in fp32 (`target` must have an adapter). spec_in / spec_out: the
-        einsums of h with A and of (h A) with B."""
-        ha = jnp.einsum(spec_in, h, getattr(self, f"a_{target}")[...],
-                        preferred_element_type=jnp.float32).astype(h.dtype)
-        return self.scale * jnp.einsum(spec_out, ha, getattr(self, f"b_{target}")[...],
-                                       preferred_element_type=jnp.float32)
-
-    def delta_available(self, target: str) -> bool:
-        return getattr(self, f"a_{target}") is not None
-
-    def dense_delta(self, target: str):
-        """The update scale * A B as a weight of the base's shape (fp32), for merging."""
-        a, b = getattr(self, f"a_{target}")[...], getattr(self, f"b_{target}")[...]
-        if target == "o":
-            return self.scale * jnp.einsum("NHr,rD->NHD", a.astype(jnp.float32), b.astype(jnp.float32))
-        return self.scale * jnp.einsum("Dr,rKH->DKH", a.astype(jnp.float32), b.astype(jnp.float32))
-
-
-class ExpertLoRA(nnx.Module):
-    """Per-expert adapters: w1 (A [E, D, r], B [E, r, 2F]) and w2 (A [E, F, r], B [E, r, D])."""
-
-    def __init__(self, cfg, lora: LoRAConfig, *, dtype, key):
-        D, E, F, r = cfg.d_model, cfg.num_experts, cfg.expert_dim, lora.rank
-        self.scale = lora.scale
-        shapes = {"w1": ((E, D, r), ("experts", "embed", None), (E, r, 2 * F), ("experts", None, "expert_mlp"), D),
-                  "w2": ((E, F, r), ("experts", "expert_mlp", None), (E, r, D), ("experts", None, "embed"), F)}
-        _declare_adapters(self, shapes, lora, dtype, key)
-
-    def adapter(self, target: str) -> Adapter | None:
-        """(A, scale * B) for `moe.ExpertWeights`, or None."""
-        a = getattr(self, f"a_{target}")
-        if a is None:
-            return None
-        b = getattr(self, f"b_{target}")[...]
-        return Adapter(a[...], (b.astype(jnp.float32) * self.scale).astype(b.dtype))
+from gptoss_jax import sharding
+from gptoss_jax.adapters import (  # noqa: F401  (re-exported: the adapter types belong to the LoRA API)
+    ATTENTION_TARGETS,
+    EXPERT_TARGETS,
+    TARGETS,
+    Adapter,
+    AttentionLoRA,
+    ExpertLoRA,
+    LoRAConfig,
+    LoRAParam,
+)
+from gptoss_jax.model import EXPERT_FORMATS, abstract
+from gptoss_jax.mxfp4 import MXFP4, quantize
+from gptoss_jax.safetensors_io import open_all, save_file
 
 
 # --------------------------------------------------------------------------- on a whole model
@@ -144,8 +62,7 @@ def add_lora(model, lora: LoRAConfig, *, seed: int = 0):
             layer.mlp.lora = ExpertLoRA(model.cfg, lora, dtype=model.dtype, key=jax.random.fold_in(key, 2 * i + 1))
     model.lora_config = lora
     if model.mesh is not None:
-        from gptoss_jax.sharding import shard_model
-        shard_model(model, model.mesh)
+        sharding.shard_model(model, model.mesh)
     return model
 
 
@@ -157,8 +74,6 @@ def merge_lora(model, *, experts: str | None = None):
     """A new model with every adapter folded into its base weight (fp32 sums, then the model's
     dtype) and no adapters. experts: "mxfp4" | "dense" | None (= as the model stores them);
     packed experts are decoded, updated and re-encoded one expert at a time."""
-    from gptoss_jax.model import EXPERT_FORMATS, abstract
-
     experts = experts or model.experts
     if experts not in EXPERT_FORMATS:
         raise ValueError(f"experts must be one of {EXPERT_FORMATS}, got {experts!r}")
@@ -202,8 +117,6 @@ def merge_lora(model, *, experts: str | None = None):
 def _merged_experts(w, adapter, packed: bool, dtype):
     """w: dense [E, in, out] or MXFP4 logical [E, out, in]; adapter: (A [E, in, r], scale*B
     [E, r, out]) or None. One expert at a time (`lax.map`): never more than one decoded expert."""
-    from gptoss_jax.mxfp4 import MXFP4, quantize
-
     def one(args):
         w_e, ad = args
         dense = jnp.swapaxes(w_e.dequantize(jnp.float32), 0, 1) if isinstance(w_e, MXFP4) else w_e.astype(jnp.float32)
@@ -226,10 +139,6 @@ def adapter_state(model) -> dict[str, jax.Array]:
 
 def save_adapters(model, path: str, *, extra: dict | None = None) -> None:
     """adapters.safetensors + adapter_config.json (rank, alpha, targets, and `extra`, e.g. the base)."""
-    import numpy as np
-
-    from gptoss_jax.safetensors_io import save_file
-
     if not has_lora(model):
         raise ValueError("the model has no LoRA adapters to save")
     os.makedirs(path, exist_ok=True)
@@ -242,8 +151,6 @@ def save_adapters(model, path: str, *, extra: dict | None = None) -> None:
 def load_adapters(model, path: str):
     """Attach the adapters saved at `path` to `model` (in place; returns it). Every adapter tensor
     must be present with its shape; unknown tensors are errors."""
-    from gptoss_jax.safetensors_io import open_all
-
     with open(os.path.join(path, ADAPTER_CONFIG)) as f:
         meta = json.load(f)
     cfg = LoRAConfig(rank=meta["rank"], alpha=meta["alpha"], targets=tuple(meta["targets"]))

@@ -28,12 +28,14 @@ from flax import nnx
 
 from gptoss_jax import attention as attn_lib
 from gptoss_jax import cache as cache_lib
+from gptoss_jax import expert_parallel, kernels, targets
 from gptoss_jax import layers
 from gptoss_jax import moe as moe_lib
 from gptoss_jax import sharding as sharding_lib
+from gptoss_jax.adapters import AttentionLoRA, ExpertLoRA, LoRAConfig
 from gptoss_jax.cache import KVCache
 from gptoss_jax.config import ModelConfig
-from gptoss_jax.lora import AttentionLoRA, ExpertLoRA, LoRAConfig
+from gptoss_jax.kernels.attention import default_implementation
 from gptoss_jax.mxfp4 import BLOCK, MXFP4, quantize
 
 EXPERT_FORMATS = ("mxfp4", "dense")
@@ -121,8 +123,6 @@ class Attention(nnx.Module):
         q, k, v = self.qkv(x, rope, eps=eps, mesh=mesh)
         impl = None
         if cache is None and not capture:
-            from gptoss_jax import kernels
-            from gptoss_jax.kernels.attention import default_implementation
             impl = kernel.attention_impl or default_implementation(kernel.platform)
         if impl not in (None, "xla"):
             # The kernels mask by index within segments: equal to the position mask for packed or
@@ -145,8 +145,6 @@ class Attention(nnx.Module):
 def _kernel_attention(q, k, v, sinks, segment_ids, *, window, impl, interpret, mesh):
     """The Pallas attention kernel; on a mesh one call per device on its own rows and heads
     (XLA cannot partition a Pallas call: Mosaic refuses, and a Triton call would be replicated)."""
-    from gptoss_jax import kernels
-
     call = lambda q, k, v, sinks, seg: kernels.attention(q, k, v, sinks, sliding_window=window, segment_ids=seg,
                                                          implementation=impl, interpret=interpret)
     if mesh is None or mesh.size == 1:
@@ -206,8 +204,7 @@ class MoE(nnx.Module):
         B, T, D = x.shape
         h = layers.rms_norm(x, self.norm[...], eps).reshape(B * T, D)
         if mesh is not None and mesh.size > 1:
-            from gptoss_jax.expert_parallel import moe_sharded
-            y, routing, dropped = moe_sharded(
+            y, routing, dropped = expert_parallel.moe_sharded(
                 h, self.router[...], self.router_bias[...], self.expert_weights(), mesh=mesh, k=self.k,
                 alpha=self.alpha, limit=self.limit, dispatch=kernel.expert_dispatch,
                 capacity_factor=kernel.capacity_factor, local_impl=kernel.moe_impl,
@@ -325,8 +322,7 @@ class KernelOptions:
         if self.platform is not None:
             return self
         if mesh is not None:
-            from gptoss_jax.targets import platform_of
-            return dataclasses.replace(self, platform=platform_of(mesh.devices.flat))
+            return dataclasses.replace(self, platform=targets.platform_of(mesh.devices.flat))
         return dataclasses.replace(self, platform=jax.default_backend())
 
 

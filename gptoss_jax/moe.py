@@ -39,14 +39,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptoss_jax.adapters import Adapter
+from gptoss_jax.kernels.groups import row_experts
+from gptoss_jax.kernels.mxfp4_matmul import mxfp4_grouped_matmul
 from gptoss_jax.layers import swiglu
 from gptoss_jax.mxfp4 import MXFP4, gathered_matvec
-
-
-class Adapter(NamedTuple):
-    """A per-expert LoRA update of an expert matrix: x -> (x a_e) b_e, the LoRA scale folded into b."""
-    a: jax.Array  # [E, in, r]
-    b: jax.Array  # [E, r, out]
 
 
 class ExpertWeights(NamedTuple):
@@ -177,10 +174,8 @@ def grouped_mlp(xs, group_sizes, ew: ExpertWeights, *, alpha, limit, mxfp4_impl=
     more than one expert tile at a time and fuses the SwiGLU into the first matmul."""
     dt = xs.dtype
     ragged = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes, preferred_element_type=jnp.float32)
-    from gptoss_jax.kernels.mxfp4_matmul import row_experts
     rows_expert = row_experts(group_sizes, xs.shape[0])  # E for rows past the groups
     if isinstance(ew.w1, MXFP4) and isinstance(ew.w2, MXFP4):
-        from gptoss_jax.kernels.mxfp4_matmul import mxfp4_grouped_matmul
         mm = functools.partial(mxfp4_grouped_matmul, group_sizes=group_sizes,
                                implementation=mxfp4_impl or "xla", interpret=interpret)
         # the adapter's update enters before the SwiGLU (`low_rank`)

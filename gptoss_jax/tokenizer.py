@@ -24,6 +24,8 @@ import os
 import re
 from typing import Iterable, Sequence
 
+from gptoss_jax import hub
+
 O200K_BASE_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
 O200K_BASE_URL = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"
 NUM_ORDINARY = 199998
@@ -356,8 +358,6 @@ def load_tokenizer(path_or_name: str | os.PathLike = "o200k_harmony") -> Tokeniz
         return _load_cached("o200k_harmony")  # e.g. an original/ folder: the model's own encoding
     if os.path.isfile(key):
         return _load_cached(os.path.abspath(key))
-    from gptoss_jax import hub
-
     if hub.is_repo_id(key):  # a hub id: its cached (or downloaded) tokenizer files
         return load_tokenizer(hub.resolve_tokenizer(key))
     raise TokenizerError(f"no tokenizer at {key!r}: give a checkpoint folder, a tokenizer.json, or 'o200k_harmony'")

@@ -12,7 +12,7 @@ import pytest
 from gptoss_jax.attention import attend, attention_mask
 from gptoss_jax.kernels import attention_gpu as ag
 from gptoss_jax.kernels.attention import (FULL, PARTIAL, SKIP, BlockSizes, attention, attention_block_map,
-                                          attention_reference)
+                                          attention_reference, transpose_block_map)
 from tests.factory import rel_err
 
 
@@ -198,7 +198,7 @@ def test_block_map_counts_at_gpt_oss_shape():
 @pytest.mark.parametrize("T,bq,bk,window", [(300, 16, 64, 128), (300, 32, 32, None), (37, 16, 16, 5)])
 def test_transposed_block_map(T, bq, bk, window):
     bm = attention_block_map(T, block_q=bq, block_k=bk, sliding_window=window)
-    tm = ag.transposed_block_map(bm)
+    tm = transpose_block_map(bm)
     fwd = {(i, int(bm.kv_index[i, n])): int(bm.kind[i, n])
            for i in range(len(bm.num_visits)) for n in range(bm.num_visits[i])}
     bwd = [(int(tm.kv_index[j, n]), j, int(tm.kind[j, n]))

@@ -24,7 +24,7 @@ What is notable:
   visit (kv_index), their kind (FULL / PARTIAL) and their number. The kernel loops `fori_loop(0,
   num_visits[i])` reading kv_index, and a FULL tile takes a branch with no positional mask at all
   (with segment ids it still compares segments, which are data). The dK/dV kernel walks the
-  transposed map (`transposed_block_map`): for each KV block, the query blocks that visit it.
+  transposed map (`block_map.transpose_block_map`): for each KV block, the query blocks that visit it.
 * Backward. With p = exp(s - lse) (s scaled scores), D = rowsum(dO * O):
     dV = p^T dO,  dS = p * (dO V^T - D),  dQ = scale dS K,  dK = scale dS^T Q,
   and the sink, a logit with value 0, gets dsink_row = p_sink * (0 - D) = -exp(sink - lse) * D,
@@ -53,7 +53,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from gptoss_jax.kernels.attention import FULL, BlockMap, BlockSizes, attention_block_map, transpose_block_map
+from gptoss_jax.kernels.block_map import FULL, BlockMap, BlockSizes, attention_block_map, transpose_block_map
 
 TILE_ROWS = 128  # default rows (tokens x heads) of a query tile
 DEFAULT_BLOCK_K = 64
@@ -124,11 +124,6 @@ def effective_block_sizes(T: int, G: int, block_sizes: BlockSizes | None) -> tup
     bq = max(min(bq, tp), -(-MIN_DOT // Gp))
     bk = max(min(bk, tp), MIN_DOT)
     return bq, bk
-
-
-def transposed_block_map(bm: BlockMap) -> BlockMap:
-    """For each KV block j, the query blocks that visit it (see `attention.transpose_block_map`)."""
-    return transpose_block_map(bm)
 
 
 def _block_map(cfg: _Config) -> BlockMap:
@@ -365,7 +360,7 @@ def _backward(q, k, v, sinks, segment_ids, o, lse, do, cfg: _Config):
     """Padded-layout backward; returns dq, dk, dv (input dtypes) and dsinks [K*Gp] fp32."""
     B = q.shape[0]
     bm = _block_map(cfg)
-    tm = transposed_block_map(bm)
+    tm = transpose_block_map(bm)
     bq, bk, G, H, Tp = cfg.block_q, cfg.block_k, cfg.Gp, cfg.H, cfg.Tp
     # D_row = sum(dO * O): one fused elementwise reduction, zero on padded rows (dO = 0 there).
     d = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)

@@ -53,7 +53,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from gptoss_jax.kernels.attention import FULL, PARTIAL, BlockMap, BlockSizes, attention_block_map, transpose_block_map
+from gptoss_jax.kernels.block_map import FULL, PARTIAL, BlockMap, BlockSizes, attention_block_map, transpose_block_map
 
 NUM_LANES = 128
 NUM_SUBLANES = 8

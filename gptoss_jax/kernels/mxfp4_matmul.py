@@ -31,30 +31,17 @@ while its rows are multiplied, so no buffer of E*Nout*Kin elements ever exists),
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
-from gptoss_jax.kernels import vma
+from gptoss_jax.kernels import mxfp4_matmul_gpu, mxfp4_matmul_tpu, vma
+from gptoss_jax.kernels.groups import MatmulBlockSizes, row_experts  # noqa: F401  (re-exported)
 from gptoss_jax.layers import swiglu as swiglu_fn
 from gptoss_jax.mxfp4 import BLOCK, MXFP4, dequantize
 
 IMPLEMENTATIONS = ("xla", "pallas_gpu", "pallas_tpu")
-
-
-@dataclasses.dataclass(frozen=True)
-class MatmulBlockSizes:
-    block_m: int = 128  # rows per tile (within one group)
-    block_n: int = 128  # output channels per tile
-    block_k: int = 256  # input channels per tile (a multiple of 32: whole MXFP4 blocks)
-
-
-def row_experts(group_sizes, M: int):
-    """Expert of each row [M] (rows past the last group get E, i.e. 'none')."""
-    ends = jnp.cumsum(group_sizes)
-    return jnp.searchsorted(ends, jnp.arange(M), side="right").astype(jnp.int32)
 
 
 def mxfp4_grouped_matmul_reference(x, blocks, scales, group_sizes, *, bias=None, swiglu=None,
@@ -105,7 +92,6 @@ def mxfp4_grouped_matmul(x, blocks, scales, group_sizes, *, bias=None, swiglu=No
     swiglu = None if swiglu is None else (float(swiglu[0]), float(swiglu[1]))
     if low_rank is not None:
         if implementation == "pallas_tpu" and swiglu is not None:
-            from gptoss_jax.kernels import mxfp4_matmul_tpu
             return mxfp4_matmul_tpu.mxfp4_grouped_matmul(x, blocks, scales, group_sizes, bias=bias, swiglu=swiglu,
                                                          low_rank=low_rank, interpret=interpret,
                                                          block_sizes=block_sizes)
@@ -115,10 +101,7 @@ def mxfp4_grouped_matmul(x, blocks, scales, group_sizes, *, bias=None, swiglu=No
         return (h if swiglu is None else swiglu_fn(h, alpha=swiglu[0], limit=swiglu[1])).astype(x.dtype)
     if implementation == "xla":
         return _xla(x, blocks, scales, group_sizes, bias, swiglu, (block_sizes or MatmulBlockSizes()).block_m)
-    if implementation == "pallas_gpu":
-        from gptoss_jax.kernels import mxfp4_matmul_gpu as impl
-    else:
-        from gptoss_jax.kernels import mxfp4_matmul_tpu as impl
+    impl = mxfp4_matmul_gpu if implementation == "pallas_gpu" else mxfp4_matmul_tpu
     return impl.mxfp4_grouped_matmul(x, blocks, scales, group_sizes, bias=bias, swiglu=swiglu,
                                      interpret=interpret, block_sizes=block_sizes)
 

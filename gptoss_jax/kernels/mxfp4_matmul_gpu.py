@@ -65,7 +65,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from gptoss_jax.kernels import vma
-from gptoss_jax.kernels.mxfp4_matmul import MatmulBlockSizes, row_experts
+from gptoss_jax.kernels.groups import MatmulBlockSizes, row_experts
 from gptoss_jax.mxfp4 import BLOCK
 
 DEFAULT_BLOCK_SIZES = MatmulBlockSizes(block_m=64, block_n=128, block_k=64)

@@ -83,7 +83,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from gptoss_jax.kernels import vma
-from gptoss_jax.kernels.mxfp4_matmul import MatmulBlockSizes, row_experts
+from gptoss_jax.kernels.groups import MatmulBlockSizes, row_experts
 from gptoss_jax.layers import swiglu_halves
 from gptoss_jax.mxfp4 import BLOCK
 

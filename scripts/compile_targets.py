@@ -86,8 +86,11 @@ def markdown(records: list) -> str:
 
 
 def configs_table(records: list) -> str:
-    """The configs' rows: compiled per-device total vs HBM beside --estimate-memory."""
+    """The configs' rows: compiled per-device total vs HBM beside --estimate-memory (and, where
+    `scripts/live_peak.py` read it from a dump, the compiler's peak of live bytes vs the estimate)."""
     gib = lambda b: f"{b / 2**30:.1f}"
+    live = lambda r: (f" (peak live {gib(r['peak_live_bytes'])} GiB: {r['peak_live_bytes'] / r['estimate_bytes']:.2f})"
+                      if r.get("peak_live_bytes") else "")
     lines = ["| config | target | compiled GiB / HBM | fits | --estimate-memory GiB | compiler / estimate |",
              "|---|---|---|---|---|---|"]
     for name, target in CONFIG_TARGETS.items():
@@ -99,7 +102,7 @@ def configs_table(records: list) -> str:
         else:
             lines.append(f"| `{name}.yaml` | {target} | {gib(r['total_bytes'])} / {gib(r['hbm_bytes'])} | "
                          f"{'yes' if r['fits'] else '**no**'} | {gib(r['estimate_bytes'])} | "
-                         f"{r['total_bytes'] / r['estimate_bytes']:.2f} |")
+                         f"{r['total_bytes'] / r['estimate_bytes']:.2f}{live(r)} |")
     return "\n".join(lines) + "\n"
 
 

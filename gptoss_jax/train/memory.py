@@ -21,8 +21,11 @@ Per device, in bytes:
   fp32 gradient of one before its reduce-scatter when the tables train;
 - with an expert axis, the rows each layer's exchange received, kept until that layer's backward
   (the compiled programs hold them: `experiments/2026-12-05-compile/README.md`);
-- not modelled: other XLA temporaries and layout copies (on TPU, a relayout copy of the packed
-  down-projection weights); keep a margin (the estimate prints the total against the device).
+- not modelled: other XLA temporaries and layout copies (on TPU, relayout copies of the packed
+  weights), and the gaps of the compiler's heap layout: this is a count of bytes live together,
+  while `compiled.memory_analysis()` reports what XLA allocates (the 20b SFT step on a v5e-8: peak
+  live 10.02 GiB, estimate 11.28, allocated 14.04; `experiments/2026-12-05-compile/README.md`).
+  Keep a margin, and let `gptoss compile` decide whether a config fits.
 """
 
 from __future__ import annotations

@@ -31,6 +31,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from gptoss_jax import sharding as sharding_lib
 from gptoss_jax import targets as targets_lib
 from gptoss_jax.config import ModelConfig
+from gptoss_jax import lora as lora_lib
+from gptoss_jax.model import GptOss
+from gptoss_jax.model import KernelOptions
+from gptoss_jax.cache import init_cache
+from gptoss_jax.train import sft as sft_lib
+from gptoss_jax.train.memory import estimate
+from gptoss_jax.train.step import make_optimizer, make_trainer, trainable_filter
+from gptoss_jax.train import rl as rl_lib
 
 GIB = 2**30
 
@@ -247,9 +255,6 @@ def _batch_sharding(mesh, batch: int, ndim: int = 2):
 
 
 def _model_builder(cfg: ModelConfig, *, dtype, experts, kernel, mesh, lora=None):
-    from gptoss_jax import lora as lora_lib
-    from gptoss_jax.model import GptOss
-
     def build():
         model = GptOss(cfg, rngs=nnx.Rngs(0), dtype=dtype, experts=experts, kernel=kernel, mesh=mesh)
         if lora is not None:
@@ -263,7 +268,6 @@ def compile_forward(cfg: ModelConfig, target, *, batch: int = 1, length: int = 8
                     dtype=jnp.bfloat16, experts: str = "mxfp4", kernel=None, progress: bool = True):
     """The prefill forward: tokens [batch, length] -> the last position's logits [batch, 1, V]
     (the pass that fills a prompt; all positions' logits would add batch x length x V fp32)."""
-    from gptoss_jax.model import KernelOptions
 
     m = _mesh(target, mesh)
     graphdef, state = abstract_model(_model_builder(cfg, dtype=dtype, experts=experts,
@@ -282,8 +286,6 @@ def compile_decode(cfg: ModelConfig, target, *, batch: int = 1, context: int = 8
                    dtype=jnp.bfloat16, experts: str = "mxfp4", kernel=None, progress: bool = True):
     """One decode step with the KV cache: tokens [batch, 1] + a cache of `context` positions ->
     logits [batch, 1, V] and the updated cache (donated, as the sampler does)."""
-    from gptoss_jax.cache import init_cache
-    from gptoss_jax.model import KernelOptions
 
     m = _mesh(target, mesh)
     graphdef, state = abstract_model(_model_builder(cfg, dtype=dtype, experts=experts,
@@ -307,9 +309,6 @@ def compile_train_step(exp_cfg, target, *, progress: bool = True):
     accumulation over data.accum_steps micro-batches) on the config's mesh of `target`, with the
     config's dtype, experts, remat and LoRA; SFT objective (`algorithm: sft`) or the RL policy
     loss on rollout-shaped batches (`grpo` / `gspo`)."""
-    from gptoss_jax.train import sft as sft_lib
-    from gptoss_jax.train.memory import estimate
-    from gptoss_jax.train.step import make_optimizer, make_trainer, trainable_filter
 
     target = targets_lib.get(target)
     mcfg = exp_cfg.model
@@ -324,7 +323,6 @@ def compile_train_step(exp_cfg, target, *, progress: bool = True):
     if exp_cfg.algorithm == "sft":
         rows, objective = exp_cfg.data.batch_size, None
     else:
-        from gptoss_jax.train import rl as rl_lib
         rows = exp_cfg.rl.prompts_per_step * exp_cfg.rl.group_size
         objective = rl_lib.rl_objective(exp_cfg.algorithm, exp_cfg.rl)
     trainer = make_trainer(model, make_optimizer(exp_cfg.optim), accum_steps=exp_cfg.data.accum_steps,

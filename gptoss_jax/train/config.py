@@ -27,6 +27,7 @@ from gptoss_jax.lora import TARGETS as LORA_TARGETS
 from gptoss_jax.model import EXPERT_FORMATS, REMAT_POLICIES
 from gptoss_jax.sharding import MESH_AXES
 from gptoss_jax.train.step import OptimConfig
+from gptoss_jax.train import rewards as rewards_lib
 
 
 class ConfigKeyError(ValueError):
@@ -214,8 +215,6 @@ class RLSection:
     eval_every: int = 0  # held-out task accuracy every N steps (0: at the start and the end only)
 
     def __post_init__(self):
-        from gptoss_jax.train import rewards as rewards_lib
-
         _need_int(self.group_size, "rl.group_size", 2, "an integer >= 2 (advantages are relative to the group)")
         _need_int(self.prompts_per_step, "rl.prompts_per_step", 1)
         _need_number(self.temperature, "rl.temperature", lambda v: v >= 0, "a finite number >= 0")

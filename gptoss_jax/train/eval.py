@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptoss_jax import harmony
+from gptoss_jax import harmony, sampling
 from gptoss_jax.train.data import Packed
 from gptoss_jax.train.losses import next_token_loss
 
@@ -76,8 +76,7 @@ def task_accuracy(model, tokenizer, conversations: Sequence[Sequence[dict]], *, 
                   batch_size: int = 16, match: Callable[[str | None, str], bool] = exact_match,
                   generate=None, examples: int = 5) -> dict:
     """Greedy answers to the prompts of `conversations`, scored against their reference finals."""
-    if generate is None:
-        from gptoss_jax.sampling import generate
+    generate = generate or sampling.generate
     prompts, refs = zip(*(split_reference(c) for c in conversations))
     correct, shown, right = 0, [], []
     for i in range(0, len(prompts), batch_size):

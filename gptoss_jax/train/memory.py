@@ -40,6 +40,13 @@ from flax import nnx
 
 from gptoss_jax import sharding as sharding_lib
 from gptoss_jax.expert_parallel import capacity, receive_capacity
+from gptoss_jax import lora as lora_lib
+from gptoss_jax.config import ModelConfig
+from gptoss_jax.model import GptOss
+from gptoss_jax.train.sft import kernel_options, lora_config, model_config
+from gptoss_jax.train.step import trainable_filter
+from gptoss_jax.checkpoint import find_checkpoint
+from gptoss_jax.cache import cache_bytes
 
 
 @dataclasses.dataclass
@@ -138,15 +145,9 @@ def estimate(cfg) -> MemoryEstimate:
     """`cfg`: an `ExperimentConfig`. Builds the model abstractly (config.json of the checkpoint,
     or `model.preset` when the checkpoint is not on this machine), adapters included, and applies
     the config's mesh to its logical axes."""
-    from gptoss_jax import lora as lora_lib
-    from gptoss_jax.config import ModelConfig
-    from gptoss_jax.model import GptOss
-    from gptoss_jax.train.sft import kernel_options, lora_config, model_config
-    from gptoss_jax.train.step import trainable_filter
 
     m = cfg.model
     if m.checkpoint and os.path.isdir(m.checkpoint):
-        from gptoss_jax.checkpoint import find_checkpoint
         model_cfg = ModelConfig.from_pretrained(find_checkpoint(m.checkpoint).root)
     else:
         model_cfg = model_config(cfg)
@@ -171,7 +172,6 @@ def estimate(cfg) -> MemoryEstimate:
     if cfg.algorithm == "sft":
         rows = cfg.data.batch_size
     else:  # rollout rows of up to data.seq_len tokens (prompt + response)
-        from gptoss_jax.cache import cache_bytes
 
         rows = cfg.rl.prompts_per_step * cfg.rl.group_size
         reference = 0.0 if cfg.lora.enabled else fp32_share

@@ -20,6 +20,14 @@ import os
 import time
 
 from gptoss_jax.tasks import arithmetic
+from gptoss_jax import harmony
+from gptoss_jax.train.data import parse_conversation
+from gptoss_jax.tokenizer import train_bpe
+import gptoss_jax as gj
+from gptoss_jax.train.config import load_config
+from gptoss_jax.train.metrics import read_metrics
+from gptoss_jax.train.sft import train
+from gptoss_jax.train.sft import load_trained
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstart.yaml")
 
@@ -27,8 +35,6 @@ CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstart.ya
 def _framing_texts(tokenizer_probe) -> list[str]:
     """The harmony framing as plain text pieces (role names, channels, the system message), cut at
     the special tokens of a rendered conversation, so the BPE learns them as few tokens."""
-    from gptoss_jax import harmony
-    from gptoss_jax.train.data import parse_conversation
 
     conv = parse_conversation(arithmetic.conversation(12, 345))
     ids, _ = harmony.render_for_training(conv, tokenizer_probe, auto_drop_analysis=False)
@@ -44,8 +50,6 @@ def _framing_texts(tokenizer_probe) -> list[str]:
 
 
 def build_tokenizer(path: str, *, vocab_size: int = 384):
-    from gptoss_jax.tokenizer import train_bpe
-
     probe = train_bpe(arithmetic.corpus(500), 300)
     texts = list(arithmetic.corpus(4000)) + _framing_texts(probe) * 50
     tok = train_bpe(texts, vocab_size, name="quickstart-bpe")
@@ -55,8 +59,6 @@ def build_tokenizer(path: str, *, vocab_size: int = 384):
 
 def sample_chat(model, tokenizer, problems, *, temperature: float = 0.7, seed: int = 0) -> list[dict]:
     """Answer `problems` [(a, b)] in the chat format; the analysis and final message of each."""
-    import gptoss_jax as gj
-    from gptoss_jax import harmony
 
     convs = [[harmony.system_message(reasoning_effort="low"), harmony.user(f"What is {a} + {b}?")]
              for a, b in problems]
@@ -75,11 +77,6 @@ def sample_chat(model, tokenizer, problems, *, temperature: float = 0.7, seed: i
 def run(out: str = "runs/quickstart", overrides=(), *, train_size: int = 20000, eval_size: int = 500,
         log=print) -> dict:
     import dataclasses
-
-    import gptoss_jax as gj
-    from gptoss_jax.train.config import load_config
-    from gptoss_jax.train.metrics import read_metrics
-    from gptoss_jax.train.sft import train
 
     t0 = time.time()
     data_dir = os.path.join(out, "data")
@@ -101,8 +98,6 @@ def run(out: str = "runs/quickstart", overrides=(), *, train_size: int = 20000, 
     t_train = time.time()
     summary = train(cfg, log=lambda s: log("   " + s))
     train_seconds = time.time() - t_train
-
-    from gptoss_jax.train.sft import load_trained
 
     model = load_trained(cfg)
     held = [tuple(p) for p in sizes["heldout_first"][:4]]

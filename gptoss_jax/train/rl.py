@@ -44,6 +44,9 @@ from gptoss_jax.train.lock import RunLock
 from gptoss_jax.train.losses import group_advantages, grpo_loss, gspo_loss, token_logprobs
 from gptoss_jax.train.metrics import METRICS_FILE, MetricsLog, plot_curves
 from gptoss_jax.train.step import make_optimizer, make_schedule, make_trainer, trainable_filter
+import gptoss_jax as gj
+from gptoss_jax.train.sft import check_token_ids, model_vocab_size
+from gptoss_jax.train.sft import _progress, _write_json, build_model, end_of_step, resume_or_start
 
 DEFAULT_CLIP = {"grpo": 0.2, "gspo": 3e-4}
 PLOTTED = ("reward", "eval_accuracy", "kl", "clip_fraction", "response_length", "entropy")
@@ -132,9 +135,6 @@ def build_batch(prompts, completions, sampler_logp, length: int):
 
 
 def train(cfg: ExperimentConfig, *, log=print) -> dict:
-    import gptoss_jax as gj
-    from gptoss_jax.train.sft import check_token_ids, model_vocab_size
-
     algorithm, rl = cfg.algorithm, cfg.rl
     if algorithm not in DEFAULT_CLIP:
         raise ValueError(f"rl.train runs grpo or gspo, not {algorithm!r}")
@@ -169,9 +169,6 @@ def train(cfg: ExperimentConfig, *, log=print) -> dict:
 
 
 def _train(cfg: ExperimentConfig, mesh, tokenizer, prompts, eval_convs, spec, log) -> dict:
-    import gptoss_jax as gj
-    from gptoss_jax.train.sft import _progress, _write_json, build_model, end_of_step, resume_or_start
-
     algorithm, rl, out = cfg.algorithm, cfg.rl, cfg.run.out_dir
     length = prompts.max_len + rl.max_new_tokens
     length += -length % 16  # one static shape for every step

@@ -23,7 +23,7 @@ import time
 import jax
 
 from gptoss_jax import atomic
-from gptoss_jax import config as model_config
+from gptoss_jax import config as config_lib
 from gptoss_jax import distributed
 from gptoss_jax import lora as lora_lib
 from gptoss_jax.model import KernelOptions
@@ -33,9 +33,13 @@ from gptoss_jax.train.config import ExperimentConfig, to_dict
 from gptoss_jax.train.lock import RunLock
 from gptoss_jax.train.metrics import METRICS_FILE, MetricsLog, plot_curves, truncate_metrics
 from gptoss_jax.train.step import make_optimizer, make_schedule, make_trainer, trainable_filter
+import gptoss_jax as gj
+from gptoss_jax.train.config import from_dict
+from gptoss_jax.config import ModelConfig
+from gptoss_jax.train import eval as eval_lib
 
-PRESETS = {"tiny": model_config.tiny, "gpt_oss_20b": model_config.gpt_oss_20b,
-           "gpt_oss_120b": model_config.gpt_oss_120b}
+PRESETS = {"tiny": config_lib.tiny, "gpt_oss_20b": config_lib.gpt_oss_20b,
+           "gpt_oss_120b": config_lib.gpt_oss_120b}
 
 
 def model_config(cfg: ExperimentConfig):
@@ -49,7 +53,6 @@ def model_config(cfg: ExperimentConfig):
 def build_model(cfg: ExperimentConfig, mesh=None, *, adapters: bool = True):
     """The model a run starts from: `model.checkpoint`, or a random `model.preset` (seeded by
     run.seed); with `lora.enabled` (and `adapters`), fresh adapters attached."""
-    import gptoss_jax as gj
 
     m = cfg.model
     kernel = kernel_options(cfg)
@@ -74,7 +77,6 @@ def lora_config(cfg: ExperimentConfig) -> lora_lib.LoRAConfig:
 
 def load_trained(cfg: ExperimentConfig, mesh=None):
     """The model a finished run wrote: run.out_dir/model, or the base plus run.out_dir/adapters."""
-    import gptoss_jax as gj
 
     out = cfg.run.out_dir
     if cfg.lora.enabled:
@@ -85,8 +87,6 @@ def load_trained(cfg: ExperimentConfig, mesh=None):
 def run_config(run_dir: str) -> ExperimentConfig:
     """The config a run was started with (its config.json), pointed at `run_dir`."""
     import dataclasses
-
-    from gptoss_jax.train.config import from_dict
 
     path = os.path.join(run_dir, "config.json")
     if not os.path.isdir(run_dir):
@@ -127,8 +127,6 @@ def export_hf(cfg: ExperimentConfig, dst: str, *, experts: str | None = None, dt
     `dst` is written whole or not at all (a temporary folder beside it, renamed into place at the
     end). A `dst` that is not empty is refused (FileExistsError) unless `overwrite`; one that is
     (or is inside, or holds) a folder the export reads from is refused (ValueError)."""
-    import gptoss_jax as gj
-    from gptoss_jax import atomic
 
     out, tok = cfg.run.out_dir, cfg.model.tokenizer
     sources = ([os.path.join(out, "adapters")] + ([cfg.model.checkpoint] if cfg.model.checkpoint else [])
@@ -160,7 +158,6 @@ def load_data(cfg: ExperimentConfig, tokenizer, path: str):
 def model_vocab_size(cfg: ExperimentConfig) -> int:
     """The vocab_size of the model a run builds (model.checkpoint's config, or the preset with
     its overrides), read without building it."""
-    from gptoss_jax.config import ModelConfig
 
     if cfg.model.checkpoint:
         return ModelConfig.from_pretrained(cfg.model.checkpoint).vocab_size
@@ -189,8 +186,6 @@ def _progress(total: int, start: int, enabled: bool):
 
 
 def train(cfg: ExperimentConfig, *, log=print) -> dict:
-    import gptoss_jax as gj
-
     distributed.initialize()
     mesh = gj.sharding.mesh_from_config(cfg.mesh) if cfg.mesh else None
     if not cfg.data.train:
@@ -215,8 +210,6 @@ def train(cfg: ExperimentConfig, *, log=print) -> dict:
 
 
 def _train(cfg: ExperimentConfig, mesh, tokenizer, packed, report, log) -> dict:
-    import gptoss_jax as gj
-
     out = cfg.run.out_dir
     model = build_model(cfg, mesh)
     trainable = trainable_filter(lora=cfg.lora.enabled, norms_and_sinks=cfg.lora.train_norms_and_sinks)
@@ -381,7 +374,6 @@ def _truncate_metrics(path: str, step: int, *, log=print) -> None:
 def evaluate(cfg: ExperimentConfig, model, tokenizer, *, log=print) -> dict:
     """Held-out loss / perplexity of `data.eval`, and (with eval.accuracy) greedy task accuracy on
     its final answers; written to run.out_dir/eval.json."""
-    from gptoss_jax.train import eval as eval_lib
 
     packed, report = load_data(cfg, tokenizer, cfg.data.eval)
     results = {"data": report.summary(), **eval_lib.evaluate_loss(model, packed, batch_size=cfg.data.batch_size)}

@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding
 
 from gptoss_jax.model import traced_token_check
 from gptoss_jax.train.losses import chunked_next_token_loss, next_token_loss
+from gptoss_jax.lora import LoRAParam
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +194,6 @@ def make_trainer(model, optimizer: optax.GradientTransformation, *, accum_steps:
 def trainable_filter(*, lora: bool, norms_and_sinks: bool = False):
     """The nnx filter of what trains: the Params (full fine-tuning; packed experts stay frozen),
     or the LoRA adapters, optionally with the norm gains and attention sinks."""
-    from gptoss_jax.lora import LoRAParam
 
     if not lora:
         return nnx.Param

@@ -12,7 +12,9 @@ The sink S_n of query head n is an extra logit in every row's softmax whose prob
 dropped (a virtual key with value 0). It never scales with 1/sqrt(H) or the YaRN factor. A row with
 no visible key therefore outputs 0, not NaN.
 
-`attention_reference` materialises the whole [T, S] score matrix and is the obvious oracle.
+`attention_reference` materialises the whole [T, S] score matrix and is the obvious oracle (the
+kernels' `gptoss_jax.kernels.attention.attention_reference` is it, for their calling convention);
+`softmax_with_sink` is the softmax every path here shares.
 `sliding_attention` is the O(T*W) XLA path for sliding layers: queries are cut into chunks of W and
 each chunk attends to its own and the previous chunk's keys, which hold every key it may see.
 `causal_attention` is the full layers' XLA path: query chunks that attend only to the keys up to
@@ -36,6 +38,19 @@ def attention_mask(q_pos, k_pos, q_seg, k_seg, *, window: int | None, k_valid=No
     return mask
 
 
+def softmax_with_sink(s, sink):
+    """The softmax of masked scores s [..., S] (-inf where masked) with one more logit, the sink
+    [...] (broadcast against s's leading axes), whose probability is set aside.
+
+    Returns (p [..., S], the sink's probability [...]): each row of p plus its sink entry sums to
+    1, and a row with no visible key gives all its mass to the sink (p = 0, not NaN)."""
+    m = jnp.maximum(jnp.max(s, axis=-1), sink)  # finite thanks to the sink
+    p = jnp.exp(s - m[..., None])
+    p_sink = jnp.exp(sink - m)
+    denom = jnp.sum(p, axis=-1) + p_sink
+    return p / denom[..., None], p_sink / denom
+
+
 def attend(q, k, v, sinks, mask, *, scale: float | None = None):
     """Softmax attention with sinks over an explicit mask.
 
@@ -53,22 +68,20 @@ def attend(q, k, v, sinks, mask, *, scale: float | None = None):
     s = jnp.einsum("BKMH,BKSH->BKMS", qg, kt, preferred_element_type=jnp.float32) * scale
     s = jnp.where(mask[:, None, None, :, :], s.reshape(B, K, G, T, S), -jnp.inf)
     sink = sinks.astype(jnp.float32).reshape(1, K, G, 1)  # query head n = K*G index, kv head n // G
-    m = jnp.maximum(jnp.max(s, axis=-1), sink)  # [B, K, G, T], finite thanks to the sink
-    p = jnp.exp(s - m[..., None])
-    p_sink = jnp.exp(sink - m)
-    denom = jnp.sum(p, axis=-1) + p_sink
-    p = p / denom[..., None]
+    p, sink_mass = softmax_with_sink(s, sink)  # [B, K, G, T, S], [B, K, G, T]
     out = jnp.einsum("BKMS,BKSH->BKMH", p.astype(v.dtype).reshape(B, K, G * T, S), vt,
                      preferred_element_type=jnp.float32)
     out = out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
-    sink_mass = (p_sink / denom).transpose(0, 3, 1, 2).reshape(B, T, N)
+    sink_mass = sink_mass.transpose(0, 3, 1, 2).reshape(B, T, N)
     return out.astype(q.dtype), sink_mass
 
 
-def attention_reference(q, k, v, sinks, *, q_pos, k_pos, q_seg, k_seg, window, k_valid=None):
-    """The obviously-right [T, S] path (also the decode path: S is the cache)."""
+def attention_reference(q, k, v, sinks, *, q_pos, k_pos, q_seg, k_seg, window, k_valid=None,
+                        scale: float | None = None):
+    """The obviously-right [T, S] path (also the decode path: S is the cache); `scale` of the
+    scores as in `attend` (default 1/sqrt(H))."""
     mask = attention_mask(q_pos, k_pos, q_seg, k_seg, window=window, k_valid=k_valid)
-    return attend(q, k, v, sinks, mask)
+    return attend(q, k, v, sinks, mask, scale=scale)
 
 
 def sliding_attention(q, k, v, sinks, *, positions, segment_ids, window: int):

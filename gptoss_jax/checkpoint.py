@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from gptoss_jax import atomic, hub, mxfp4
+from gptoss_jax import sharding as sharding_lib
 from gptoss_jax.config import ModelConfig
 from gptoss_jax.errors import CheckpointError
 from gptoss_jax.model import EXPERT_FORMATS, GptOss, KernelOptions, PackedWeight, abstract
@@ -352,7 +353,7 @@ def _target_dtype(var, dtype):
 
 
 def load(path: str | os.PathLike, *, dtype="bfloat16", experts: str | None = None, mesh=None,
-         moe_impl: str | None = None, kernel: KernelOptions | None = None, progress: bool = False) -> GptOss:
+         kernel: KernelOptions | None = None, progress: bool = False) -> GptOss:
     """Build a `GptOss` from a checkpoint directory (HF hub layout or `original/`).
 
     experts: "mxfp4" keeps packed experts packed (default when the checkpoint is packed), "dense"
@@ -413,7 +414,6 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", experts: str | None = Non
 
     shardings = None
     if mesh is not None:
-        from gptoss_jax import sharding as sharding_lib
         shardings = sharding_lib.variable_shardings(state, mesh)
     items = sorted(flat.items(), key=lambda kv: str(kv[0]))
     it = _progress(items, "loading", progress)
@@ -442,7 +442,7 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", experts: str | None = Non
                                   f"{'.'.join(map(str, p))} of shape {list(want)}")
         var.set_value(_place(value, _target_dtype(var, dtype), None if shardings is None else shardings[p]))
     model = nnx.merge(graphdef, state)
-    model.kernel = kernel or KernelOptions(moe_impl=moe_impl)
+    model.kernel = kernel or KernelOptions()
     model.mesh = mesh
     return model
 
@@ -570,6 +570,12 @@ def _progress(items: Sequence, desc: str, enabled: bool):
 
 
 # ---------------------------------------------------------------------------------------- save
+# The hub's quantization_config of MXFP4 checkpoints: what stays unquantized (everything but the
+# experts). Also for scripts and tests that write HF configs by hand.
+MXFP4_MODULES_NOT_CONVERTED = ("model.layers.*.self_attn", "model.layers.*.mlp.router",
+                               "model.embed_tokens", "lm_head")
+
+
 def save_hf(model: GptOss, path: str | os.PathLike, *, dtype="bfloat16",
             max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> None:
     """Write the HF hub layout (config.json, sharded safetensors + index). Packed experts are
@@ -599,10 +605,8 @@ def _write_hf(model: GptOss, path: str, dtype, max_shard_bytes: int) -> None:
     hf_cfg = cfg.to_hf_dict()
     hf_cfg["torch_dtype"] = str(jnp.dtype(dtype))
     if experts == "mxfp4":
-        hf_cfg["quantization_config"] = {
-            "quant_method": "mxfp4",
-            "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
-                                       "model.embed_tokens", "lm_head"]}
+        hf_cfg["quantization_config"] = {"quant_method": "mxfp4",
+                                         "modules_to_not_convert": list(MXFP4_MODULES_NOT_CONVERTED)}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf_cfg, f, indent=2)
     _write_shards(tensors, path, max_shard_bytes)

@@ -20,11 +20,28 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+import gptoss_jax as gj
+from gptoss_jax import aot, atomic, distributed, harmony, inspect, inspect_report, targets
+from gptoss_jax.cache import cache_bytes
+from gptoss_jax.checkpoint import CheckpointError, find_checkpoint
+from gptoss_jax.config import ConfigError, ModelConfig
+from gptoss_jax.host import reexec_with_huge_pages
+from gptoss_jax.safetensors_io import SafetensorsError
+from gptoss_jax.sampling import check_sampling_options, generate
+from gptoss_jax.tokenizer import TokenizerError
+from gptoss_jax.train import memory as train_memory
+from gptoss_jax.train import quickstart, rl, sft
+from gptoss_jax.train.config import PRESETS, check_dtype, load_config, to_dict
 
 
 def _fmt_bytes(n: float) -> str:
@@ -36,8 +53,6 @@ def _fmt_bytes(n: float) -> str:
 
 
 def cmd_info(args) -> int:
-    import gptoss_jax as gj
-
     presets = {"20b": gj.gpt_oss_20b, "120b": gj.gpt_oss_120b}
     names = [args.preset] if args.preset else list(presets)
     for name in names:
@@ -55,8 +70,6 @@ def cmd_info(args) -> int:
 def cmd_convert(args) -> int:
     """The destination is written whole or not at all: the checkpoint and tokenizer go to a
     temporary folder beside it that is renamed into place at the end (see `gptoss_jax.atomic`)."""
-    import gptoss_jax as gj
-    from gptoss_jax import atomic
 
     # checked before the (long) load: dst must not be src, inside it or around it, nor non-empty
     with atomic.folder(args.dst, overwrite=args.overwrite, sources=[args.src]) as tmp:
@@ -71,8 +84,6 @@ def cmd_convert(args) -> int:
 
 
 def _copy_tokenizer(src: str, dst: str) -> None:
-    from gptoss_jax import atomic
-
     for folder in (src, os.path.dirname(os.path.abspath(src))):
         path = os.path.join(folder, "tokenizer.json")
         if os.path.isfile(path):
@@ -99,15 +110,11 @@ def _check_seed(seed, flag: str = "--seed") -> None:
 
 
 def _check_dtype_arg(dtype) -> None:
-    from gptoss_jax.train.config import check_dtype
-
     check_dtype(dtype, "--dtype")
 
 
 def _checkpoint_config(path):
     """A checkpoint's ModelConfig from its config.json alone (no weights read)."""
-    from gptoss_jax.checkpoint import find_checkpoint
-    from gptoss_jax.config import ModelConfig
 
     return ModelConfig.from_pretrained(find_checkpoint(path).root)
 
@@ -132,8 +139,6 @@ def _check_prompt(ids, cfg, max_new_tokens: int) -> None:
 def _check_run_tokenizer(cfg, checkpoint=None) -> None:
     """A run's data are ids of `model.tokenizer`, checked against the vocabulary of the model it
     trains or evaluates (`checkpoint`, model.checkpoint, or the preset with its overrides)."""
-    import gptoss_jax as gj
-    from gptoss_jax.train.config import PRESETS
 
     source = checkpoint or cfg.model.checkpoint
     if source:
@@ -153,8 +158,6 @@ _SAMPLING_FLAGS = {"temperature": "--temperature", "top_p": "--top-p", "top_k": 
 def _load_for_chat(args, check_prompt=None):
     """Options, the checkpoint's config, the tokenizer and `check_prompt(tokenizer, cfg)` are all
     checked before the weights are loaded."""
-    import gptoss_jax as gj
-    from gptoss_jax.sampling import check_sampling_options
 
     _check_dtype_arg(args.dtype)
     mesh_spec = gj.sharding.parse_mesh(args.mesh) if args.mesh else None
@@ -178,8 +181,6 @@ def _sampling_kwargs(args) -> dict:
 def _reply(model, tokenizer, conversation, args, out=None):
     """Generate one assistant turn, streaming the final channel (and analysis if asked) to `out`;
     returns the parsed messages."""
-    from gptoss_jax import harmony
-    from gptoss_jax.sampling import generate
 
     out = out or sys.stdout
     prompt = harmony.render_for_completion(conversation, tokenizer)
@@ -221,8 +222,6 @@ def _reply(model, tokenizer, conversation, args, out=None):
 
 
 def _conversation_start(args) -> list[dict]:
-    from gptoss_jax import harmony
-
     msgs = [harmony.system_message(reasoning_effort=args.reasoning_effort)]
     if args.developer:
         msgs.append(harmony.developer_message(args.developer))
@@ -230,11 +229,6 @@ def _conversation_start(args) -> list[dict]:
 
 
 def cmd_generate(args) -> int:
-    import json
-
-    from gptoss_jax import harmony
-    from gptoss_jax.sampling import generate
-
     if (args.prompt is None) == (args.conversation is None):
         raise ValueError("give exactly one of --prompt or --conversation")
     if args.raw and args.prompt is None:
@@ -270,8 +264,6 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from gptoss_jax import harmony
-
     def check_prompt(tokenizer, cfg):  # the system (and developer) messages every turn starts with
         _check_prompt(harmony.render_for_completion(_conversation_start(args), tokenizer), cfg,
                       args.max_new_tokens)
@@ -296,11 +288,6 @@ def cmd_chat(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    import jax
-    import jax.numpy as jnp
-
-    import gptoss_jax as gj
-
     _need_count(args.new_tokens, "--new-tokens")
     _check_seed(args.seed)
     t0 = time.time()
@@ -338,16 +325,14 @@ def cmd_demo(args) -> int:
 
     print("\n== 4. inside the forward pass (captured intermediates, no hooks)")
     print("   layer  kind     mean sink mass  router entropy  tokens per expert")
-    for i, layer in enumerate(out.intermediates):
-        ids = np.asarray(layer["expert_ids"]).ravel()
-        probs = np.asarray(jax.nn.softmax(layer["router_logits"], axis=-1)).reshape(-1, cfg.num_experts)
-        entropy = float(-(probs * np.log(probs + 1e-12)).sum(-1).mean())
-        load = np.bincount(ids, minlength=cfg.num_experts)
+    sink = inspect.sink_mass(out.intermediates).mean(-1)  # [L]: over tokens, then heads
+    entropy = inspect.routing_entropy(out.intermediates)  # [L] nats
+    load = inspect.expert_counts(out.intermediates, cfg.num_experts)  # [L, E]
+    for i in range(cfg.num_layers):
         kind = "sliding" if cfg.is_sliding(i) else "full"
-        print(f"   {i:5d}  {kind:8s} {float(layer['sink_mass'].mean()):14.3f}  {entropy:14.3f}  {load.tolist()}")
+        print(f"   {i:5d}  {kind:8s} {sink[i]:14.3f}  {entropy[i]:14.3f}  {load[i].tolist()}")
 
     print("\n== 5. generate: both documents as a batch of prompts of different lengths, KV-cached")
-    from gptoss_jax.cache import cache_bytes
     prompts = [[int(t) for t in np.asarray(tokens[0, :lens[0]])], [int(t) for t in np.asarray(tokens[0, lens[0]:])]]
     gen = gj.generate(loaded, None, prompts, max_new_tokens=args.new_tokens, temperature=0, stop_tokens=())
     for i, (p, new) in enumerate(zip(prompts, gen.tokens)):
@@ -360,11 +345,6 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train(args) -> int:
-    import json
-
-    from gptoss_jax.train.config import load_config, to_dict
-    from gptoss_jax.train.sft import train
-
     if args.estimate_memory is not None:
         _need(np.isfinite(args.estimate_memory) and args.estimate_memory >= 0,
               f"--estimate-memory must be a finite number of GiB >= 0, got {args.estimate_memory}")
@@ -373,18 +353,14 @@ def cmd_train(args) -> int:
         print(json.dumps(to_dict(cfg), indent=2))
         return 0
     if args.estimate_memory is not None:
-        from gptoss_jax.train.memory import estimate
-
-        print(estimate(cfg).table(args.estimate_memory * 2**30 if args.estimate_memory else None))
+        print(train_memory.estimate(cfg).table(args.estimate_memory * 2**30 if args.estimate_memory else None))
         return 0
     _check_run_tokenizer(cfg)
     if cfg.algorithm == "sft":
-        summary = train(cfg)
+        summary = sft.train(cfg)
         print(f"done: {summary['steps']} steps, final loss {summary.get('final_loss', float('nan')):.4f}; "
               f"weights in {summary['saved']}")
     else:
-        from gptoss_jax.train import rl
-
         summary = rl.train(cfg)
         print(f"done: {summary['steps']} {cfg.algorithm} steps, held-out accuracy {summary['eval_accuracy']}; "
               f"weights in {summary['saved']}")
@@ -393,24 +369,17 @@ def cmd_train(args) -> int:
 
 def cmd_compile(args) -> int:
     """Compile a config's program for a compile-only target and print the compiler's figures."""
-    import json
-
-    from gptoss_jax import aot, targets
-    from gptoss_jax.train.config import load_config
-    from gptoss_jax.train.sft import model_config
-
     _need_count(args.batch, "--batch")
     _need_count(args.length, "--length", optional=True)
     if not os.environ.get("JAX_PLATFORMS"):  # the host only traces; without a CUDA driver the cuda
-        import jax  # plugin would fail to start as a backend and take the compile-only H100s with it
-
+        # plugin would fail to start as a backend and take the compile-only H100s with it
         jax.config.update("jax_platforms", "cpu")
     target = targets.get(args.target)
     cfg = load_config(args.config, args.overrides)
     if args.program == "train":
         report = aot.compile_train_step(cfg, target)
     else:
-        m, model_cfg = cfg.model, model_config(cfg)
+        m, model_cfg = cfg.model, sft.model_config(cfg)
         kw = dict(batch=args.batch, mesh=cfg.mesh, dtype=m.dtype, experts=m.experts)
         if args.program == "forward":
             report = aot.compile_forward(model_cfg, target, length=args.length or cfg.data.seq_len, **kw)[1]
@@ -424,35 +393,26 @@ def cmd_compile(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import gptoss_jax as gj
-    from gptoss_jax.train.config import load_config
-    from gptoss_jax.train.sft import evaluate, load_trained
-
     cfg = load_config(args.config, args.overrides)
     if not cfg.data.eval:
         raise ValueError("data.eval must name a jsonl file of held-out conversations")
     if not os.path.isfile(cfg.data.eval):
         raise FileNotFoundError(f"data.eval {cfg.data.eval!r} is not a file")
     _check_run_tokenizer(cfg, args.checkpoint)
-    model = gj.load(args.checkpoint, dtype=cfg.model.dtype) if args.checkpoint else load_trained(cfg)
-    evaluate(cfg, model, gj.load_tokenizer(cfg.model.tokenizer))
+    model = gj.load(args.checkpoint, dtype=cfg.model.dtype) if args.checkpoint else sft.load_trained(cfg)
+    sft.evaluate(cfg, model, gj.load_tokenizer(cfg.model.tokenizer))
     print(f"results in {os.path.join(cfg.run.out_dir, 'eval.json')}")
     return 0
 
 
 def cmd_export(args) -> int:
-    from gptoss_jax.train.sft import export_hf, run_config
-
-    export_hf(run_config(args.run_dir), args.dst, experts=args.experts, dtype=args.dtype,
+    sft.export_hf(sft.run_config(args.run_dir), args.dst, experts=args.experts, dtype=args.dtype,
               overwrite=args.overwrite)
     print(f"wrote {args.dst} (HF layout; LoRA adapters, if any, merged)")
     return 0
 
 
 def cmd_inspect(args) -> int:
-    import gptoss_jax as gj
-    from gptoss_jax import inspect, inspect_report
-
     if not args.text and not args.file:
         raise ValueError("give --text and/or --file (a .txt with one document per line, or .jsonl "
                          "with 'text' or 'messages')")
@@ -492,20 +452,15 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_quickstart(args) -> int:
-    from gptoss_jax.train.config import load_config
-    from gptoss_jax.train.quickstart import CONFIG, run
-
     _need_count(args.train_size, "--train-size")
     _need_count(args.eval_size, "--eval-size")
-    load_config(CONFIG, args.overrides)  # bad overrides fail before any data is written
-    run(args.out, args.overrides, train_size=args.train_size, eval_size=args.eval_size)
+    load_config(quickstart.CONFIG, args.overrides)  # bad overrides fail before any data is written
+    quickstart.run(args.out, args.overrides, train_size=args.train_size, eval_size=args.eval_size)
     return 0
 
 
 def main(argv=None) -> int:
     if argv is None:  # the command itself (not a call from Python): huge pages for XLA's host buffers
-        from gptoss_jax.host import reexec_with_huge_pages
-
         reexec_with_huge_pages()
     parser = argparse.ArgumentParser(prog="gptoss", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -614,21 +569,13 @@ def main(argv=None) -> int:
 
 def _run(args) -> int:
     """User errors (bad path, bad checkpoint, prompt too long, bad ids) are one line on stderr."""
-    from gptoss_jax.checkpoint import CheckpointError
-    from gptoss_jax.config import ConfigError
-    from gptoss_jax.safetensors_io import SafetensorsError
-    from gptoss_jax.targets import TargetUnavailable
-    from gptoss_jax.tokenizer import TokenizerError
-
     try:
         if args.command in ("generate", "chat", "convert", "train", "eval", "export", "quickstart", "inspect"):
-            from gptoss_jax import distributed
-
             # a no-op unless launched on several processes (SLURM, Open MPI, TPU pod, JAX_* vars)
             distributed.initialize()
         return args.fn(args)
     except (CheckpointError, ConfigError, SafetensorsError, TokenizerError, ValueError, OSError,
-            FloatingPointError, TargetUnavailable) as e:
+            FloatingPointError, targets.TargetUnavailable) as e:
         print(f"gptoss {args.command}: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
@@ -644,8 +591,6 @@ def _run(args) -> int:
 def _token_id_error(e: BaseException) -> str | None:
     """The message of a `TokenIdError` raised inside a jitted program (JAX re-raises it as a
     JaxRuntimeError whose text ends with the original exception), else None."""
-    import re
-
     found = re.findall(r"TokenIdError: (.+)", str(e))
     return found[-1].strip() if type(e).__name__ == "JaxRuntimeError" and found else None
 

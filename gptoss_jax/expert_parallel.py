@@ -39,21 +39,25 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from gptoss_jax import moe as moe_lib
+from gptoss_jax import plan as plan_lib
+from gptoss_jax import targets
 from gptoss_jax.kernels.groups import row_experts
 from gptoss_jax.mxfp4 import BLOCK, MXFP4
 from gptoss_jax.sharding import BATCH_AXES
 
-DISPATCH = ("all_to_all", "ragged_all_to_all")
-
-
-def default_dispatch(platform: str | None = None) -> str:
-    return "all_to_all" if moe_lib.resolve_platform(platform) == "cpu" else "ragged_all_to_all"
+DISPATCH = plan_lib.DISPATCH
 
 
 class ShardedMoEOutput(NamedTuple):
     out: jax.Array  # [T, D]
     routing: moe_lib.Routing
     dropped: jax.Array  # int32 []: (token, expert) assignments dropped for capacity, whole mesh
+
+
+def _decode_one_at_a_time(ew: moe_lib.ExpertWeights, platform: str) -> bool:
+    """This device's packed experts are too large to decode at once on CPU (`plan.DECODE_AT_ONCE_BYTES`)."""
+    return (platform == "cpu" and isinstance(ew.w1, MXFP4)
+            and 4 * (ew.w1.size + ew.w2.size) > plan_lib.DECODE_AT_ONCE_BYTES)
 
 
 def capacity(capacity_factor: float, tokens: int, k: int, num_experts: int) -> int:
@@ -221,16 +225,17 @@ def moe_sharded(x, router_w, router_b, ew: moe_lib.ExpertWeights, *, mesh: Mesh,
     """x [T, D] (a global array inside jit) -> ShardedMoEOutput. Equal to `moe.moe` on one device
     (exactly so when nothing is dropped).
 
-    dispatch: "all_to_all" | "ragged_all_to_all"; None = by platform (all_to_all on CPU).
+    dispatch: "all_to_all" | "ragged_all_to_all"; None = by platform (`plan.default_dispatch`).
     capacity_factor: None = dropless; else buffers sized by it that may drop rows (counted):
         all_to_all per (device, expert), ragged_all_to_all per receiving device.
     local_impl: how a device computes its experts: "ragged" (grouped matmul; MXFP4 stays packed
         through `mxfp4_impl`) or "buckets" (one batched einsum; the CPU default). With expert=1 any
-        `moe.MOE_IMPLS` name, run on the local tokens (default: `moe.default_moe_impl()`).
+        `moe.MOE_IMPLS` name, run on the local tokens (default: `plan.default_moe_impl`).
     emulate_ragged: run "ragged_all_to_all" through `ragged_all_to_all_emulated` (XLA:CPU).
-    platform: the mesh's devices' platform, which picks the defaults (see `moe.moe`)."""
-    platform = moe_lib.resolve_platform(platform)
-    dispatch = dispatch or default_dispatch(platform)
+    platform: picks the defaults; None = the platform of the mesh's devices (`targets.platform_of`)."""
+    platform = platform or targets.platform_of(mesh.devices.flat)
+    dispatch = dispatch or plan_lib.default_dispatch(platform)
+    mxfp4_impl = mxfp4_impl or plan_lib.default_mxfp4_impl(platform)
     if dispatch not in DISPATCH:
         raise ValueError(f"unknown expert dispatch {dispatch!r}; choose one of {DISPATCH}")
     for name in ("data", "fsdp", "tensor", "expert"):
@@ -246,7 +251,8 @@ def moe_sharded(x, router_w, router_b, ew: moe_lib.ExpertWeights, *, mesh: Mesh,
     xp = jnp.pad(x, ((0, pad), (0, 0)))
     if local_impl is None:  # expert > 1 exchanges fixed-capacity buffers: buckets on CPU
         cpu = platform == "cpu"
-        local_impl = (moe_lib.default_moe_impl(platform=platform) if ep == 1
+        local_impl = (plan_lib.default_moe_impl(T, k, E, large_packed_on_cpu=False, platform=platform,
+                                                per_device=False) if ep == 1
                       else ("buckets" if cpu else "ragged"))
     allowed = moe_lib.MOE_IMPLS if ep == 1 else ("ragged", "buckets")
     if local_impl not in allowed:
@@ -261,14 +267,15 @@ def moe_sharded(x, router_w, router_b, ew: moe_lib.ExpertWeights, *, mesh: Mesh,
             ew_local = ew
         mlp_kw = dict(alpha=alpha, limit=limit)
         if ep == 1:
-            extra = moe_lib.impl_options(local_impl, mxfp4_impl=mxfp4_impl, interpret=interpret,
-                                         platform=platform)
+            extra = plan_lib.moe_options(local_impl, mxfp4_impl=mxfp4_impl, interpret=interpret,
+                                         one_at_a_time=_decode_one_at_a_time(ew_local, platform),
+                                         gathered_decode=platform == "cpu")
             y = moe_lib.MOE_IMPLS[local_impl](x, ew_local, routing, **mlp_kw, **extra).astype(jnp.float32)
             keep = jnp.ones(routing.ids.shape, bool)
             dropped = jnp.zeros((), jnp.int32)
         else:
             grouped = functools.partial(moe_lib.grouped_mlp, ew=ew_local,
-                                        mxfp4_impl=mxfp4_impl or moe_lib.default_mxfp4_impl(platform),
+                                        mxfp4_impl=mxfp4_impl,
                                         interpret=interpret, **mlp_kw)
             if dispatch == "all_to_all":
                 if local_impl == "ragged":
@@ -277,7 +284,8 @@ def moe_sharded(x, router_w, router_b, ew: moe_lib.ExpertWeights, *, mesh: Mesh,
                         sizes = jnp.full((h.shape[0],), n, jnp.int32)
                         return grouped(h.reshape(-1, h.shape[-1]), sizes).reshape(h.shape)
                 else:
-                    local_mlp = functools.partial(moe_lib.bucket_mlp, ew=ew_local, platform=platform, **mlp_kw)
+                    local_mlp = functools.partial(moe_lib.bucket_mlp, ew=ew_local,
+                                                  one_at_a_time=_decode_one_at_a_time(ew_local, platform), **mlp_kw)
                 rows, keep, dropped = _all_to_all_rows(x, valid, routing, ep=ep, num_experts=E,
                                                        capacity_factor=capacity_factor,
                                                        local_mlp=local_mlp)

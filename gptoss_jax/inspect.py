@@ -24,9 +24,12 @@ from typing import Iterable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
 
 from gptoss_jax import attention as attn_lib
-from gptoss_jax import layers
+from gptoss_jax import harmony, layers
+from gptoss_jax.train import data as data_lib
 from gptoss_jax.train.losses import next_token_targets
 
 # ------------------------------------------------------------------------------ routing
@@ -65,6 +68,10 @@ def load_imbalance(load: np.ndarray) -> np.ndarray:
 
 
 def _entropy(p, axis=-1):
+    """Entropy (nats) of the distributions along `axis`; outcomes of probability 0 add nothing.
+    NumPy in float64, or a jax array (traced too, e.g. inside `run_corpus`'s reduction) as is."""
+    if isinstance(p, jax.Array):
+        return -jnp.sum(p * jnp.log(jnp.where(p > 0, p, 1.0)), axis)
     p = np.asarray(p, np.float64)
     return -(p * np.log(np.where(p > 0, p, 1.0))).sum(axis)
 
@@ -139,11 +146,8 @@ def attention_maps(model, intermediates, layer: int, *, positions=None, segment_
     s = jnp.einsum("BTNH,BSNH->BNTS", q.astype(jnp.float32),
                    jnp.repeat(k, G, axis=2).astype(jnp.float32)) * H ** -0.5
     s = jnp.where(mask[:, None], s, -jnp.inf)
-    sinks = attn.sinks[...].astype(jnp.float32)[None, :, None, None]
-    m = jnp.maximum(jnp.max(s, -1, keepdims=True), sinks)
-    p, p_sink = jnp.exp(s - m), jnp.exp(sinks - m)
-    denom = jnp.sum(p, -1, keepdims=True) + p_sink
-    return np.asarray(p / denom), np.asarray((p_sink / denom)[..., 0])
+    probs, sink = attn_lib.softmax_with_sink(s, attn.sinks[...].astype(jnp.float32)[None, :, None])
+    return np.asarray(probs), np.asarray(sink)
 
 
 def _qkv(model, layer: int, x, positions):
@@ -308,52 +312,27 @@ def token_text(tokenizer, token_id: int) -> str:
 def _encode(doc, tokenizer) -> list[int]:
     if isinstance(doc, str):
         return tokenizer.encode(doc)
-    from gptoss_jax import harmony
-    from gptoss_jax.train.data import parse_conversation
-    return harmony.render_conversation(parse_conversation({"messages": doc}), tokenizer,
+    return harmony.render_conversation(data_lib.parse_conversation({"messages": doc}), tokenizer,
                                        auto_drop_analysis=False)
 
 
 def pack_stream(docs: Iterable[list[int]], seq_len: int, batch_size: int, stats: CorpusStats | None = None):
     """Token lists -> batches {tokens, positions, segment_ids} [batch_size, seq_len], filled in
-    order (next fit); a document longer than a row is cut into row-sized pieces."""
-    rows, row = [], []
+    order (`train.data.pack_batches`, next fit); a document longer than a row is cut into
+    row-sized pieces, each packed on its own. Counts documents (and cut ones) into `stats`."""
 
-    def flush():
-        nonlocal row
-        if row:
-            rows.append(row)
-            row = []
+    def pieces():
+        for doc in docs:
+            if not doc:
+                continue
+            if stats is not None:
+                stats.documents += 1
+                stats.split_documents += len(doc) > seq_len
+            for start in range(0, len(doc), seq_len):
+                yield doc[start:start + seq_len], None
 
-    def batch(chunk):
-        b = {k: np.zeros((batch_size, seq_len), np.int32) for k in ("tokens", "positions", "segment_ids")}
-        for r, pieces in enumerate(chunk):
-            at = 0
-            for seg, piece in enumerate(pieces, 1):
-                n = len(piece)
-                b["tokens"][r, at:at + n] = piece
-                b["positions"][r, at:at + n] = np.arange(n)
-                b["segment_ids"][r, at:at + n] = seg
-                at += n
-        return b
-
-    for doc in docs:
-        if not doc:
-            continue
-        if stats is not None:
-            stats.documents += 1
-            stats.split_documents += len(doc) > seq_len
-        for start in range(0, len(doc), seq_len):
-            piece = doc[start:start + seq_len]
-            if sum(map(len, row)) + len(piece) > seq_len:
-                flush()
-            row.append(piece)
-        while len(rows) >= batch_size:
-            yield batch(rows[:batch_size])
-            del rows[:batch_size]
-    flush()
-    if rows:
-        yield batch(rows)
+    for packed in data_lib.pack_batches(pieces(), seq_len, batch_size, fit="next"):
+        yield {k: getattr(packed, k) for k in ("tokens", "positions", "segment_ids")}
 
 
 def _batch_reductions(model, tokens, positions, segment_ids, lens: bool):
@@ -371,8 +350,7 @@ def _batch_reductions(model, tokens, positions, segment_ids, lens: bool):
         onehot = jax.nn.one_hot(layer["expert_ids"], E, dtype=jnp.float32).sum(-2) * w[..., None]
         counts.append(onehot.sum((0, 1)))
         cooc.append(jnp.einsum("BTi,BTj->ij", onehot, onehot))
-        p = jax.nn.softmax(layer["router_logits"], -1)
-        ent.append(jnp.sum(-jnp.sum(p * jnp.log(jnp.maximum(p, 1e-30)), -1) * w))
+        ent.append(jnp.sum(_entropy(jax.nn.softmax(layer["router_logits"], -1)) * w))
         sink.append(jnp.sum(layer["sink_mass"] * w[..., None], (0, 1)))
         if lens:
             top1 = jnp.argmax(unembed(model, layer["residual_out"]), -1)
@@ -387,7 +365,6 @@ def _batch_reductions(model, tokens, positions, segment_ids, lens: bool):
 
 @functools.lru_cache(maxsize=8)
 def _reduction_fn(graphdef, lens: bool):
-    from flax import nnx
     return jax.jit(lambda st, t, p, s: _batch_reductions(nnx.merge(graphdef, st), t, p, s, lens))
 
 
@@ -399,17 +376,12 @@ def run_corpus(model, tokenizer, source, *, seq_len: int = 256, batch_size: int 
     receives and (with `lens`) the logit lens's next-token accuracy per layer, which costs one
     unembedding per layer. Batches are reduced on device; only the routing ids come back to the
     host. Stops after `max_tokens` real tokens if given; `stats` continues an earlier result."""
-    from flax import nnx
-
     cfg = model.cfg
     stats = stats or CorpusStats(cfg.num_layers, cfg.num_experts, cfg.num_heads)
     graphdef, state = nnx.split(model)
     step = _reduction_fn(graphdef, lens)
     docs = (_encode(d, tokenizer) for d in read_corpus(source))
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=max_tokens, unit="tok", desc="inspect")
+    bar = tqdm(total=max_tokens, unit="tok", desc="inspect") if progress else None
     try:
         for b in pack_stream(docs, seq_len, batch_size, stats):
             r = jax.device_get(step(state, b["tokens"], b["positions"], b["segment_ids"]))

@@ -41,19 +41,16 @@ def embed_lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
     return table[tokens]
 
 
-# Up to this many rows of logits, the CPU output head is a multiply-reduce instead of a matmul.
-UNEMBED_ROWS_AS_REDUCTION = 8
-
-
-def unembed(h: jax.Array, w: jax.Array, platform: str | None = None) -> jax.Array:
+def unembed(h: jax.Array, w: jax.Array, *, reduction_rows: int = 0) -> jax.Array:
     """Logits h [..., D] @ w[V, D]^T in fp32 (fp32 products and accumulation).
 
-    With a handful of rows on CPU (decoding, or prefill's last token) the product is written as
-    a fused multiply-reduce over D, which streams the bf16 table once; XLA:CPU's matmul would
-    first convert the whole table to an fp32 copy (2.2 GiB for gpt-oss) and read that instead."""
+    With at most `reduction_rows` rows (the CPU plan: decoding, or prefill's last token) the
+    product is written as a fused multiply-reduce over D, which streams the bf16 table once;
+    XLA:CPU's matmul would first convert the whole table to an fp32 copy (2.2 GiB for gpt-oss)
+    and read that instead (`plan.UNEMBED_ROWS_AS_REDUCTION`)."""
     lead, D = h.shape[:-1], h.shape[-1]
     n = math.prod(lead)
-    if (platform or jax.default_backend()) != "cpu" or n > UNEMBED_ROWS_AS_REDUCTION:
+    if n > reduction_rows:
         return jnp.einsum("...D,VD->...V", h, w, preferred_element_type=jnp.float32)
     rows = h.reshape(n, D).astype(jnp.float32)
     w32 = w.astype(jnp.float32)

@@ -28,15 +28,15 @@ from flax import nnx
 
 from gptoss_jax import attention as attn_lib
 from gptoss_jax import cache as cache_lib
-from gptoss_jax import expert_parallel, kernels, targets
+from gptoss_jax import expert_parallel, kernels
 from gptoss_jax import layers
 from gptoss_jax import moe as moe_lib
 from gptoss_jax import sharding as sharding_lib
 from gptoss_jax.adapters import AttentionLoRA, ExpertLoRA, LoRAConfig
 from gptoss_jax.cache import KVCache
 from gptoss_jax.config import ModelConfig
-from gptoss_jax.kernels.attention import default_implementation
 from gptoss_jax.mxfp4 import BLOCK, MXFP4, quantize
+from gptoss_jax.plan import KernelOptions, Plan
 
 EXPERT_FORMATS = ("mxfp4", "dense")
 
@@ -119,16 +119,14 @@ class Attention(nnx.Module):
         return q, k, proj("v", "BTD,DKH->BTKH")
 
     def __call__(self, x, rope, *, positions, segment_ids, eps, cache=None, valid=None,
-                 kernel=None, capture=False, mesh=None):
+                 plan: Plan, capture=False, mesh=None):
         q, k, v = self.qkv(x, rope, eps=eps, mesh=mesh)
-        impl = None
-        if cache is None and not capture:
-            impl = kernel.attention_impl or default_implementation(kernel.platform)
-        if impl not in (None, "xla"):
+        impl = plan.attention if cache is None and not capture else "xla"
+        if impl != "xla":
             # The kernels mask by index within segments: equal to the position mask for packed or
             # padded rows. They do not report the sink mass, so capture=True stays on XLA.
             out = _kernel_attention(q, k, v, self.sinks[...], segment_ids, window=self.window, impl=impl,
-                                    interpret=kernel.interpret, mesh=mesh)
+                                    interpret=plan.interpret, mesh=mesh)
             sink_mass = None
         elif cache is None:
             out, sink_mass = attn_lib.self_attention(q, k, v, self.sinks[...], positions=positions,
@@ -198,7 +196,7 @@ class MoE(nnx.Module):
             lora1, lora2 = self.lora.adapter("w1"), self.lora.adapter("w2")
         return moe_lib.ExpertWeights(w1, self.b1[...], w2, self.b2[...], lora1, lora2)
 
-    def __call__(self, x, *, eps, kernel: "KernelOptions", mesh=None):
+    def __call__(self, x, *, eps, plan: Plan, mesh=None):
         """-> (out, routing, dropped): `dropped` counts (token, expert) assignments lost to a
         capacity limit (always 0 unless `KernelOptions.capacity_factor` is set on a mesh)."""
         B, T, D = x.shape
@@ -206,15 +204,13 @@ class MoE(nnx.Module):
         if mesh is not None and mesh.size > 1:
             y, routing, dropped = expert_parallel.moe_sharded(
                 h, self.router[...], self.router_bias[...], self.expert_weights(), mesh=mesh, k=self.k,
-                alpha=self.alpha, limit=self.limit, dispatch=kernel.expert_dispatch,
-                capacity_factor=kernel.capacity_factor, local_impl=kernel.moe_impl,
-                mxfp4_impl=kernel.mxfp4_impl, interpret=kernel.interpret,
-                emulate_ragged=kernel.emulate_ragged, platform=kernel.platform)
+                alpha=self.alpha, limit=self.limit, dispatch=plan.expert_dispatch,
+                capacity_factor=plan.capacity_factor, local_impl=plan.moe, mxfp4_impl=plan.mxfp4,
+                interpret=plan.interpret, emulate_ragged=plan.emulate_ragged, platform=plan.platform)
         else:
             y, routing = moe_lib.moe(h, self.router[...], self.router_bias[...], self.expert_weights(),
-                                     k=self.k, alpha=self.alpha, limit=self.limit, impl=kernel.moe_impl,
-                                     mxfp4_impl=kernel.mxfp4_impl, interpret=kernel.interpret,
-                                     platform=kernel.platform)
+                                     k=self.k, alpha=self.alpha, limit=self.limit, impl=plan.moe,
+                                     **plan.moe_options())
             dropped = jnp.zeros((), jnp.int32)
         return y.reshape(B, T, D), routing, dropped
 
@@ -235,16 +231,16 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, layer, dtype=dtype, keys=keys)
         self.mlp = MoE(cfg, dtype=dtype, experts=experts, keys=keys)
 
-    def __call__(self, x, rope, *, positions, segment_ids, eps, kernel: "KernelOptions", capture=False,
+    def __call__(self, x, rope, *, positions, segment_ids, eps, plan: Plan, capture=False,
                  cache=None, valid=None, mesh=None, router_loss=False):
         """-> (out, cache, intermediates or None, load-balancing loss or None)."""
         with jax.named_scope("attention"):
             a, sink_mass, cache = self.attn(x, rope, positions=positions, segment_ids=segment_ids,
-                                            eps=eps, cache=cache, valid=valid, kernel=kernel,
+                                            eps=eps, cache=cache, valid=valid, plan=plan,
                                             capture=capture, mesh=mesh)
         x_mid = x + a
         with jax.named_scope("moe"):
-            m, routing, dropped = self.mlp(x_mid, eps=eps, kernel=kernel, mesh=mesh)
+            m, routing, dropped = self.mlp(x_mid, eps=eps, plan=plan, mesh=mesh)
         out = x_mid + m
         balance = None
         if router_loss:
@@ -270,64 +266,8 @@ class Block(nnx.Module):
         return out, cache, inter, balance
 
 
-@dataclasses.dataclass(frozen=True)
-class KernelOptions:
-    """How the math runs (not what it computes): implementation choices, all numerically equal.
-
-    moe_impl: "ragged" | "chunks" | "buckets" | "gather" | "dense"; None picks by platform and batch
-        size (ragged on GPU/TPU, chunks on CPU, gather for decode-sized batches).
-    attention_impl: "xla" | "pallas_gpu" | "pallas_tpu"; None = by platform (Pallas on GPU/TPU,
-        XLA on CPU). Cached decoding and capture=True always use the XLA path.
-    mxfp4_impl: the packed grouped matmul of the "ragged" MoE path: "xla" | "pallas_gpu" |
-        "pallas_tpu"; None = the platform's Pallas kernel on GPU/TPU, "xla" on CPU.
-    interpret: run Pallas kernels in interpret mode (CPU testing).
-    platform: "cpu" | "gpu" | "tpu", the devices the program is built for; every default above
-        follows it. None = the platform of the model's mesh (`targets.platform_of`), else this
-        host's default backend. So a model on a mesh of compile-only TPU devices
-        (`gptoss_jax.targets`) lowers with the TPU kernels on a CPU host.
-
-    On a mesh (`model.mesh`), the MoE layer is expert-parallel (`gptoss_jax.expert_parallel`):
-    expert_dispatch: "all_to_all" (fixed-capacity buffers; the CPU default) |
-        "ragged_all_to_all" (no padding on the wire; GPU/TPU default); moe_impl then names how each device runs
-        its local experts ("ragged" grouped matmul or "buckets").
-    capacity_factor: None = dropless; else buffers sized by it and the overflow dropped and
-        counted (captured as "dropped"): all_to_all holds ceil(capacity_factor * tokens * k /
-        experts) rows per (device, expert), ragged_all_to_all ceil(capacity_factor * tokens * k)
-        rows per receiving device (dropless it holds expert-axis-size times that at 1.0).
-    emulate_ragged: run ragged_all_to_all through an all-gather emulation (XLA:CPU cannot
-        compile the real collective).
-    remat: what the backward pass recomputes instead of keeping, per layer: "none" (keep every
-        activation), "dots" (keep only the outputs of matmuls without batch dimensions: the
-        projections; recompute the rest), "full" (keep only each layer's input)."""
-
-    moe_impl: str | None = None
-    attention_impl: str | None = None
-    mxfp4_impl: str | None = None
-    interpret: bool = False
-    expert_dispatch: str | None = None
-    capacity_factor: float | None = None
-    emulate_ragged: bool = False
-    remat: str = "none"
-    platform: str | None = None
-
-    def __post_init__(self):
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
-        if self.platform not in (None, "cpu", "gpu", "tpu"):
-            raise ValueError(f"platform must be 'cpu', 'gpu' or 'tpu', got {self.platform!r}")
-
-    def for_mesh(self, mesh) -> "KernelOptions":
-        """These options with `platform` fixed: as given, else the mesh's devices', else this
-        host's backend. Resolved once per call, outside any traced branch."""
-        if self.platform is not None:
-            return self
-        if mesh is not None:
-            return dataclasses.replace(self, platform=targets.platform_of(mesh.devices.flat))
-        return dataclasses.replace(self, platform=jax.default_backend())
-
-
 REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
-                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}  # keys: plan.REMAT
 
 
 def _rematerialized(block: Block, policy):
@@ -349,10 +289,10 @@ class GptOss(nnx.Module):
     expert weights."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.bfloat16, experts: str = "mxfp4",
-                 moe_impl: str | None = None, kernel: KernelOptions | None = None, mesh=None):
+                 kernel: KernelOptions | None = None, mesh=None):
         self.cfg = cfg
         self.dtype = jnp.dtype(dtype)
-        self.kernel = kernel or KernelOptions(moe_impl=moe_impl)
+        self.kernel = kernel or KernelOptions()  # how the math runs: resolved into a `Plan` per call
         self.mesh = mesh  # where the weights live; set by init/load(mesh=...) or sharding.shard_model
         self.lora_config: LoRAConfig | None = None  # set by lora.add_lora
         keys = _Keys(rngs.params())
@@ -365,6 +305,14 @@ class GptOss(nnx.Module):
     @property
     def experts(self) -> str:
         return self.layers[0].mlp.experts
+
+    def plan(self, tokens: int) -> Plan:
+        """How a call on `tokens` rows (batch x length) runs on this model's devices: `self.kernel`
+        with every open choice made (`plan.KernelOptions.resolve`)."""
+        cfg = self.cfg
+        packed = 4 * cfg.num_experts * 3 * cfg.expert_dim * cfg.d_model if self.experts == "mxfp4" else 0
+        return self.kernel.resolve(self.mesh, tokens=tokens, num_experts=cfg.num_experts,
+                                   k=cfg.experts_per_token, packed_bytes=packed)
 
     def __call__(self, tokens, *, positions=None, segment_ids=None, cache: KVCache | None = None,
                  capture=False, logits_at=None, logits_dtype=jnp.float32, router_loss=False,
@@ -411,14 +359,14 @@ class GptOss(nnx.Module):
             x = sharding_lib.constrain(x, ("batch", "length", "act_embed"), self.mesh)
         rope = layers.rope_cos_sin(positions, layers.rope_inv_freq(cfg), cfg.rope_concentration)
         captured, new_layers, balance = [], [], []
-        kernel = self.kernel.for_mesh(self.mesh)
-        policy = REMAT_POLICIES[kernel.remat]
+        plan = self.plan(B * T)
+        policy = REMAT_POLICIES[plan.remat]
         for i, block in enumerate(self.layers):
             with jax.named_scope(f"layer_{i}"):
-                run = block if kernel.remat == "none" or cache is not None else _rematerialized(block, policy)
+                run = block if plan.remat == "none" or cache is not None else _rematerialized(block, policy)
                 x, layer_cache, inter, lb = run(
                     x, rope, positions=positions, segment_ids=segment_ids, eps=cfg.rms_eps,
-                    kernel=kernel, capture=capture,
+                    plan=plan, capture=capture,
                     cache=None if cache is None else cache.layers[i], valid=valid, mesh=self.mesh,
                     router_loss=router_loss)
             captured.append(inter)
@@ -433,7 +381,8 @@ class GptOss(nnx.Module):
             if not head:
                 return ModelOutput(None, cache, captured if capture else None,
                                    jnp.mean(jnp.stack(balance)) if router_loss else None, hidden=h)
-            logits = layers.unembed(h, self.unembed[...], kernel.platform).astype(logits_dtype)
+            logits = layers.unembed(h, self.unembed[...], reduction_rows=plan.unembed_reduction_rows)
+            logits = logits.astype(logits_dtype)
             logits = sharding_lib.constrain(logits, ("batch", "length", "act_vocab"), self.mesh)
         return ModelOutput(logits, cache, captured if capture else None,
                            jnp.mean(jnp.stack(balance)) if router_loss else None)
@@ -559,14 +508,13 @@ def _check_tokens(tokens, vocab_size: int, mesh=None):
 
 # ------------------------------------------------------------------------------- construction
 def init(cfg: ModelConfig, *, seed: int = 0, dtype=jnp.bfloat16, experts: str = "mxfp4",
-         moe_impl: str | None = None, kernel: KernelOptions | None = None, mesh=None) -> GptOss:
+         kernel: KernelOptions | None = None, mesh=None) -> GptOss:
     """A model with random weights (normal(0.02) matrices, zero biases and sinks, unit norms).
 
     With `mesh`, every weight is created already sharded by its logical axes (never whole on one
     device, nor on one host); JAX's partitionable threefry makes the values independent of the
     mesh, so one seed gives the same weights on every mesh."""
-    build = lambda: GptOss(cfg, rngs=nnx.Rngs(seed), dtype=dtype, experts=experts, moe_impl=moe_impl,
-                           kernel=kernel, mesh=mesh)
+    build = lambda: GptOss(cfg, rngs=nnx.Rngs(seed), dtype=dtype, experts=experts, kernel=kernel, mesh=mesh)
     if mesh is None:
         return build()
     graphdef, abstract_state = nnx.split(nnx.eval_shape(build))

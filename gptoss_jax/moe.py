@@ -21,9 +21,10 @@ Five implementations compute the same function:
   largest group (`lax.switch`), so a skewed routing costs up to E/k times the work. The
   expert-parallel CPU path's fixed-capacity buffers use its `bucket_mlp`.
 - `moe_gather`: each (token, slot) gathers its expert's weights (decoding packed ones after the
-  gather; on CPU inside the reduction, `mxfp4.gathered_matvec`). Chosen automatically when
-  2*T*k <= E, i.e. for decode steps, and on CPU for large packed experts up to T*k <= 4E
-  (short prompts).
+  gather; on CPU inside the reduction, `mxfp4.gathered_matvec`). For decode steps.
+
+Which path runs, and with which options, is the model's plan (`gptoss_jax.plan`): chosen once per
+call from the devices and the shapes; nothing here asks which backend it runs on.
 
 On a device mesh the layer runs expert-parallel (`gptoss_jax.expert_parallel`), built from the
 pieces here: `route`, `sort_by_expert`, `grouped_mlp` and `bucket_mlp`.
@@ -205,28 +206,11 @@ def bucket_capacities(num_tokens: int, k: int, num_experts: int) -> tuple[int, .
     return tuple(sorted(caps | {num_tokens}))
 
 
-# Packed experts are decoded all at once (fastest) below this many fp32 bytes, else one at a time.
-DECODE_AT_ONCE_BYTES = 512 * 2**20
-
-
-def resolve_platform(platform: str | None) -> str:
-    """The platform a program is built for: given by the caller's plan (`KernelOptions.platform`,
-    from the target's devices), else the default backend (direct calls on this host)."""
-    return platform or jax.default_backend()
-
-
-def _large_packed_on_cpu(ew: ExpertWeights, platform: str | None = None) -> bool:
-    """Packed experts on CPU whose fp32 decode exceeds `DECODE_AT_ONCE_BYTES` (gpt-oss sizes)."""
-    return (isinstance(ew.w1, MXFP4) and resolve_platform(platform) == "cpu"
-            and 4 * (ew.w1.size + ew.w2.size) > DECODE_AT_ONCE_BYTES)
-
-
-def bucket_mlp(buf, ew: ExpertWeights, *, alpha, limit, platform: str | None = None):
+def bucket_mlp(buf, ew: ExpertWeights, *, alpha, limit, one_at_a_time: bool = False):
     """The expert MLPs on per-expert buckets `buf` [E, C, D] (one batched einsum) -> fp32 [E, C, D].
-    Packed experts on CPU whose decoded fp32 weights would exceed `DECODE_AT_ONCE_BYTES` run one
-    expert at a time (`lax.map`): one expert decoded in memory instead of all E (3.2 GB per
-    gpt-oss-20b layer), at some cost in speed (2.5x on a 16-token gpt-oss-20b prefill here)."""
-    if _large_packed_on_cpu(ew, platform):
+    `one_at_a_time` (packed experts too large to decode at once: `plan.DECODE_AT_ONCE_BYTES`):
+    a `lax.map` over the experts, one expert decoded in memory instead of all E."""
+    if one_at_a_time and isinstance(ew.w1, MXFP4):
         E = ew.b1.shape[0]
         return jax.lax.map(lambda a: _one_expert(a[1], a[0], ew, alpha=alpha, limit=limit),
                            (buf, jnp.arange(E)))
@@ -257,13 +241,13 @@ def bucket_ranks(srt: Sorted):
     return jnp.arange(srt.order.shape[0], dtype=jnp.int32) - starts[srt.experts]
 
 
-def moe_buckets(x, ew: ExpertWeights, routing: Routing, *, alpha, limit, platform: str | None = None):
+def moe_buckets(x, ew: ExpertWeights, routing: Routing, *, alpha, limit, one_at_a_time: bool = False):
     """Per-expert buckets [E, C, D] and one batched einsum; C is the smallest static capacity that
-    holds the largest group, so no token is ever dropped."""
-    return _buckets(x, ew, routing.ids, routing.weights, float(alpha), float(limit), resolve_platform(platform))
+    holds the largest group, so no token is ever dropped (`one_at_a_time`: see `bucket_mlp`)."""
+    return _buckets(x, ew, routing.ids, routing.weights, float(alpha), float(limit), bool(one_at_a_time))
 
 
-def _buckets_at(cap: int, x, ew: ExpertWeights, ids, weights, alpha, limit, platform):
+def _buckets_at(cap: int, x, ew: ExpertWeights, ids, weights, alpha, limit, one_at_a_time):
     """The bucketed MoE at one static capacity `cap` (which must hold the largest group)."""
     T, k = ids.shape
     E = ew.b1.shape[0]
@@ -271,7 +255,7 @@ def _buckets_at(cap: int, x, ew: ExpertWeights, ids, weights, alpha, limit, plat
     slot = srt.experts * cap + bucket_ranks(srt)
     buf = jnp.zeros((E * cap, x.shape[1]), x.dtype).at[slot].set(x[srt.tokens])
     y = bucket_mlp(buf.reshape(E, cap, -1), ew, alpha=alpha, limit=limit,
-                   platform=platform).reshape(E * cap, -1)[slot]
+                   one_at_a_time=one_at_a_time).reshape(E * cap, -1)[slot]
     return _combine(y, srt, Routing(None, ids, weights), x.dtype)
 
 
@@ -287,14 +271,15 @@ def _capacity_choice(ids, num_experts: int):
 # experts themselves (3x the whole layer's backward at 4 capacities); so the backward pass is its
 # own switch over per-capacity VJPs, recomputing the chosen branch's forward.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _buckets(x, ew, ids, weights, alpha, limit, platform):
+def _buckets(x, ew, ids, weights, alpha, limit, one_at_a_time):
     caps, choice = _capacity_choice(ids, ew.b1.shape[0])
-    branches = [functools.partial(_buckets_at, c, alpha=alpha, limit=limit, platform=platform) for c in caps]
+    branches = [functools.partial(_buckets_at, c, alpha=alpha, limit=limit, one_at_a_time=one_at_a_time)
+                for c in caps]
     return jax.lax.switch(choice, branches, x, ew, ids, weights)
 
 
-def _buckets_fwd(x, ew, ids, weights, alpha, limit, platform):
-    return _buckets(x, ew, ids, weights, alpha, limit, platform), (x, ew, ids, weights)
+def _buckets_fwd(x, ew, ids, weights, alpha, limit, one_at_a_time):
+    return _buckets(x, ew, ids, weights, alpha, limit, one_at_a_time), (x, ew, ids, weights)
 
 
 def _float_leaves(ew):
@@ -319,13 +304,13 @@ def _ew_cotangent(ew, float_grads):
         for a, f in zip(jax.tree.leaves(ew), floating)])
 
 
-def _buckets_bwd(alpha, limit, platform, res, dy):
+def _buckets_bwd(alpha, limit, one_at_a_time, res, dy):
     x, ew, ids, weights = res
     float_leaves, _, with_floats = _float_leaves(ew)
 
     def branch(cap):
         def vjp(x, float_leaves, weights, dy):
-            f = lambda x, fl, w: _buckets_at(cap, x, with_floats(fl), ids, w, alpha, limit, platform)
+            f = lambda x, fl, w: _buckets_at(cap, x, with_floats(fl), ids, w, alpha, limit, one_at_a_time)
             return jax.vjp(f, x, float_leaves, weights)[1](dy)
         return vjp
 
@@ -491,15 +476,16 @@ def _take_experts(w, ids):
     return w[ids]
 
 
-def moe_gather(x, ew: ExpertWeights, routing: Routing, *, alpha, limit, platform: str | None = None):
+def moe_gather(x, ew: ExpertWeights, routing: Routing, *, alpha, limit, gathered_decode: bool = False):
     """Gather each (token, slot)'s expert weights and run them as a batch. For decoding, where
-    T*k is far below E, this reads k experts per token instead of all E. On CPU, packed experts
-    are never decoded to memory: `mxfp4.gathered_matvec` decodes them inside the reduction."""
+    T*k is far below E, this reads k experts per token instead of all E. `gathered_decode` (the
+    CPU plan): packed experts are never decoded to memory, `mxfp4.gathered_matvec` decodes them
+    inside the reduction."""
     dt = x.dtype
     T, k = routing.ids.shape
     ids = routing.ids.reshape(-1)
     rows = lambda a, w: jnp.einsum("RI,RIO->RO", a, w, preferred_element_type=jnp.float32)
-    if isinstance(ew.w1, MXFP4) and resolve_platform(platform) == "cpu":
+    if isinstance(ew.w1, MXFP4) and gathered_decode:
         w1, w2 = ew.w1, ew.w2
         mm = lambda a, w: gathered_matvec(a, w, ids) if isinstance(w, MXFP4) else rows(a, w)
     else:
@@ -532,61 +518,11 @@ MOE_IMPLS = {"dense": moe_dense_reference, "ragged": moe_ragged, "buckets": moe_
              "chunks": moe_chunks, "gather": moe_gather}
 
 
-# On CPU, large packed experts (`_large_packed_on_cpu`) take the gather path up to this many
-# (token, slot) rows per expert: there `mxfp4.gathered_matvec` decodes one expert per row inside
-# its reduction, several times cheaper per expert than the bucket path's decode to memory and
-# matmul, which it does for all E. Measured on a 2-layer gpt-oss-20b (full widths), 16-token
-# prefill: 2.2 s gathered, 7.3 s bucketed one expert at a time, 2.9 s bucketed all at once (with
-# 3 GiB of decoded experts). Small experts decode to memory cheaply: on the benchmark config
-# (16 experts of 512 x 1024) batch-8 decoding ran at 132-139 tokens/s with its 32 rows gathered,
-# 178-179 bucketed (scripts/bench.py, experiments/BENCHMARKS.md).
-PACKED_GATHER_ROWS_PER_EXPERT = 4
-
-# On CPU, below this many (token, slot) rows per expert on average the bucket path is used instead
-# of the chunked one: at batch-8 decoding on the benchmark config (32 rows, 16 experts) the loop
-# over the experts' chunks of 8 rows made decoding 1.6-4x slower than buckets (bf16 dense 156 vs
-# 476 tokens/s; MXFP4 42-50 vs 178; scripts/bench.py decode, experiments/BENCHMARKS.md).
-CHUNKS_MIN_ROWS_PER_EXPERT = 16
-
-
-def default_moe_impl(num_tokens: int | None = None, k: int = 1, num_experts: int | None = None,
-                     large_packed_on_cpu: bool = False, platform: str | None = None) -> str:
-    if num_tokens is not None and num_experts is not None:
-        rows = num_tokens * k
-        if 2 * rows <= num_experts or (large_packed_on_cpu and rows <= PACKED_GATHER_ROWS_PER_EXPERT * num_experts):
-            return "gather"  # decode-sized batches: touch only the chosen experts
-    if resolve_platform(platform) != "cpu":
-        return "ragged"
-    if num_tokens is not None and num_experts is not None and num_tokens * k < CHUNKS_MIN_ROWS_PER_EXPERT * num_experts:
-        return "buckets"  # decode-sized batches: a loop over E experts of tiny chunks costs more
-    return "chunks"
-
-
-def default_mxfp4_impl(platform: str | None = None) -> str:
-    """The packed grouped matmul of the "ragged" path: the Pallas kernel of the target's platform."""
-    return {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(resolve_platform(platform), "xla")
-
-
-def impl_options(impl: str, *, mxfp4_impl=None, interpret=False, platform=None) -> dict:
-    """The keyword arguments a `MOE_IMPLS` entry takes beyond (x, ew, routing, alpha, limit)."""
-    if impl == "ragged":
-        return dict(mxfp4_impl=mxfp4_impl or default_mxfp4_impl(platform), interpret=interpret)
-    if impl in ("buckets", "gather"):
-        return dict(platform=resolve_platform(platform))
-    return {}
-
-
-def moe(x, router_w, router_b, ew: ExpertWeights, *, k: int, alpha: float, limit: float,
-        impl: str | None = None, mxfp4_impl: str | None = None, interpret: bool = False,
-        platform: str | None = None):
-    """x [T, D] -> (out [T, D], routing). `mxfp4_impl` picks the packed grouped matmul of the
-    "ragged" path ("xla", "pallas_gpu", "pallas_tpu"; default: the platform's kernel).
-    `platform` ("cpu" | "gpu" | "tpu"): the devices the program is built for (default: this
-    host's backend); it decides the defaults, never the result."""
-    impl = impl or default_moe_impl(x.shape[0], k, router_b.shape[0], _large_packed_on_cpu(ew, platform),
-                                    platform)
+def moe(x, router_w, router_b, ew: ExpertWeights, *, k: int, alpha: float, limit: float, impl: str,
+        **options):
+    """x [T, D] -> (out [T, D], routing) through `MOE_IMPLS[impl]`; `options` are that path's own
+    (see `plan.Plan.moe_options`: the model resolves them from its `KernelOptions`)."""
     if impl not in MOE_IMPLS:
         raise ValueError(f"unknown MoE implementation {impl!r}; choose one of {sorted(MOE_IMPLS)}")
     routing = route(x, router_w, router_b, k)
-    extra = impl_options(impl, mxfp4_impl=mxfp4_impl, interpret=interpret, platform=platform)
-    return MOE_IMPLS[impl](x, ew, routing, alpha=alpha, limit=limit, **extra), routing
+    return MOE_IMPLS[impl](x, ew, routing, alpha=alpha, limit=limit, **options), routing

@@ -181,6 +181,3 @@ def quantize(w) -> MXFP4:
     packed = (code[..., 0] | (code[..., 1] << 4)).astype(jnp.uint8)
     return MXFP4(blocks=packed, scales=biased.astype(jnp.uint8))
 
-
-def is_mxfp4(x) -> bool:
-    return isinstance(x, MXFP4)

@@ -145,6 +145,33 @@ def _prefill_fn(graphdef):
     return prefill
 
 
+def _prefill_chunks(graphdef, state, vocab_size: int, ids: Sequence[Sequence[int]], cache: KVCache,
+                    prefill_chunk: int):
+    B, longest = len(ids), max(len(p) for p in ids)
+    C = min(prefill_chunk, longest)
+    n_chunks = -(-longest // C)
+    prefill_step = _prefill_fn(graphdef)
+    padded = np.zeros((B, n_chunks * C), np.int32)
+    for b, p in enumerate(ids):
+        padded[b, :len(p)] = p
+    lengths = np.array([len(p) for p in ids])
+    logits = jnp.zeros((B, vocab_size), jnp.float32)
+    for c in range(n_chunks):
+        n_valid = np.clip(lengths - c * C, 0, C).astype(np.int32)
+        cache, logits = prefill_step(state, cache, jnp.asarray(padded[:, c * C:(c + 1) * C]),
+                                     jnp.asarray(n_valid), logits)
+    return cache, logits
+
+
+def prefill(model, prompts: Sequence[Sequence[int]], cache: KVCache, *, prefill_chunk: int = 256):
+    """`generate`'s prefill alone, with the same jitted function, chunking and padding: the token-id
+    lists `prompts` (unchecked) written into `cache` (from `init_cache`, one row per prompt).
+    -> (cache, fp32 logits [B, V] at each prompt's last token)."""
+    graphdef, state = nnx.split(model)
+    return _prefill_chunks(graphdef, state, model.cfg.vocab_size, [list(p) for p in prompts], cache,
+                           prefill_chunk)
+
+
 @functools.lru_cache(maxsize=16)
 def _decode_fn(graphdef, params: SamplingParams, stop_ids: tuple[int, ...], block: int, logprobs: bool):
     stop = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
@@ -251,21 +278,10 @@ def generate(model, tokenizer=None, prompts: Sequence = (), *, max_new_tokens: i
     stop_ids = tuple(int(t) for t in stop_tokens)
     block = block or (1 if stream is not None else 16)
     B = len(ids)
-    C = min(prefill_chunk, longest)
-    n_chunks = -(-longest // C)
     cache = init_cache(cfg, B, total, cache_dtype or model.dtype)
 
     graphdef, state = nnx.split(model)
-    prefill = _prefill_fn(graphdef)
-    padded = np.zeros((B, n_chunks * C), np.int32)
-    for b, p in enumerate(ids):
-        padded[b, :len(p)] = p
-    lengths = np.array([len(p) for p in ids])
-    logits = jnp.zeros((B, cfg.vocab_size), jnp.float32)
-    for c in range(n_chunks):
-        n_valid = np.clip(lengths - c * C, 0, C).astype(np.int32)
-        cache, logits = prefill(state, cache, jnp.asarray(padded[:, c * C:(c + 1) * C]),
-                                jnp.asarray(n_valid), logits)
+    cache, logits = _prefill_chunks(graphdef, state, cfg.vocab_size, ids, cache, prefill_chunk)
 
     decode = _decode_fn(graphdef, params, stop_ids, block, logprobs)
     key = jax.random.key(seed)

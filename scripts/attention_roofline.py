@@ -10,34 +10,13 @@ of a KV head (the GQA tile sharing of the kernels). bf16 operands, B = 1.
 """
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from gptoss_jax.config import gpt_oss_20b  # noqa: E402
-from gptoss_jax import host  # noqa: E402
-from gptoss_jax.kernels.attention import attention_block_map  # noqa: E402
+from gptoss_jax import host
+from gptoss_jax.bench.flops import exact_attention_flops, flash_attention_cost
+from gptoss_jax.config import gpt_oss_20b
 
 PEAKS = {"H100 SXM (bf16 dense 989 TFLOP/s, 3.35 TB/s)": (989e12, 3.35e12),
          "TPU v5e (197 TFLOP/s, 819 GB/s)": (197e12, 819e9)}
-
-
-def layer_cost(T, window, block, cfg, skipping=True):
-    N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    bm = attention_block_map(T, block_q=block, block_k=block, sliding_window=window)
-    nq = len(bm.num_visits)
-    visits = bm.total_visits if skipping else nq * nq
-    flops = visits * 4 * block * block * H * N
-    qo_bytes = 2 * nq * block * N * H * 2
-    kv_bytes = visits * 2 * block * K * H * 2
-    return visits, flops, qo_bytes + kv_bytes
-
-
-def exact_flops(T, window, cfg):
-    """FLOPs of the visible (query, key) pairs only."""
-    pairs = sum(min(i + 1, window or T) for i in range(T))
-    return pairs * 4 * cfg.head_dim * cfg.num_heads
 
 
 def main():
@@ -52,10 +31,10 @@ def main():
     for T in (4096, 32768, 131072):
         for name, window in (("sliding", cfg.sliding_window), ("full", None)):
             for skipping in (True, False):
-                visits, flops, nbytes = layer_cost(T, window, args.block, cfg, skipping)
+                visits, flops, nbytes = flash_attention_cost(cfg, T, window, args.block, skipping)
                 times = [max(flops / f, nbytes / b) * 1e6 for f, b in PEAKS.values()]
                 print(f"{T:7d} {name:8s} {'yes' if skipping else 'no':5s} {visits:9d} {flops / 1e9:10.1f} "
-                      f"{exact_flops(T, window, cfg) / 1e9:12.1f} {nbytes / 1e6:9.1f} {flops / nbytes:7.1f}  "
+                      f"{exact_attention_flops(cfg, T, window) / 1e9:12.1f} {nbytes / 1e6:9.1f} {flops / nbytes:7.1f}  "
                       + "  ".join(f"{t:>22.1f}" for t in times))
 
 

@@ -42,7 +42,7 @@ memory, timing and a memory-bandwidth roofline for decoding.
 4. `gj.generate(model, None, [prompt], max_new_tokens=N, temperature=0, stop_tokens=(),
    logprobs=True)` on a random prompt (`--prompt-len`, 16), twice with identical shapes: the
    first compiles prefill and decode, the second is timed (wall). Then generate's prefill alone
-   (the same cached jitted `sampling._prefill_fn`, same shapes: no compilation), timed twice.
+   (`sampling.prefill`: the same cached jitted function, same shapes: no compilation), timed twice.
    prefill = the faster of those; decode time = timed generate wall - prefill (so it holds the N
    decode steps, sampling, and the per-call work of the decode function); decode tokens/s =
    N / decode time. Decoding runs as generate does by default: blocks of 16 steps in one jitted
@@ -61,434 +61,42 @@ memory, timing and a memory-bandwidth roofline for decoding.
 All figures go to `--json` (default OUT/bench_20b.json) and a summary is printed.
 """
 
+
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import json
-import math
+import ctypes
 import os
-import queue
-import shutil
-import struct
 import sys
-import threading
 import time
-import zlib
+import traceback
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_dtypes  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-import gptoss_jax as gj  # noqa: E402
-from gptoss_jax.cache import cache_bytes  # noqa: E402
-from gptoss_jax import host  # noqa: E402
-from gptoss_jax.checkpoint import hf_rules  # noqa: E402
-from gptoss_jax.model import PackedWeight  # noqa: E402
-
-GiB = 2**30
-CHUNK_BYTES = 64 * 2**20
-BF16 = np.dtype(ml_dtypes.bfloat16)
-ST_NAMES = {np.dtype(np.uint8): "U8", BF16: "BF16"}
-INDEX = "model.safetensors.index.json"
-SIDECAR = "random_weights.json"  # how the values were drawn (a changed recipe rewrites)
-
-
-# --------------------------------------------------------------------------------- memory
-def proc_status() -> dict[str, int]:
-    """VmHWM, VmRSS, RssAnon, RssFile, RssShmem in bytes."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"):
-                out[key] = int(rest.split()[0]) * 1024
-    return out
-
-
-def mem_available() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return -1
-
-
-def gib(n) -> str:
-    return f"{n / GiB:.2f} GiB"
-
-
-class MemoryWatch:
-    """Samples /proc every `interval` s: keeps peaks and aborts the process on a limit breach."""
-
-    def __init__(self, report: dict, max_anon: float, min_available: float, interval=0.05):
-        self.report, self.max_anon, self.min_available, self.interval = report, max_anon, min_available, interval
-        self.peak_anon = self.peak_rss = self.peak_file = 0
-        self.min_avail = mem_available()
-        self.phase = "start"
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self):
-        self._thread.start()
-        return self
-
-    def stop(self):
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self):
-        while not self._stop.wait(self.interval):
-            s = proc_status()
-            anon = s.get("RssAnon", 0) + s.get("RssShmem", 0)
-            avail = mem_available()
-            self.peak_anon = max(self.peak_anon, anon)
-            self.peak_rss = max(self.peak_rss, s.get("VmRSS", 0))
-            self.peak_file = max(self.peak_file, s.get("RssFile", 0))
-            self.min_avail = min(self.min_avail, avail)
-            why = None
-            if anon > self.max_anon:
-                why = f"anonymous RSS {gib(anon)} exceeds --max-anon-gib {gib(self.max_anon)}"
-            elif 0 <= avail < self.min_available:
-                why = f"MemAvailable {gib(avail)} fell below --min-available-gib {gib(self.min_available)}"
-            if why:
-                msg = f"\n*** ABORTING during '{self.phase}': {why} (status {s}) ***"
-                print(msg, file=sys.stderr, flush=True)
-                self.report["aborted"] = {"phase": self.phase, "reason": why, "status": s}
-                try:
-                    self.report["memory"]["watch"] = self.peaks()
-                    dump_json(self.report, self.report["json_path"])
-                except Exception:  # noqa: BLE001 - best effort on the way out
-                    pass
-                os._exit(3)
-
-    def peaks(self) -> dict:
-        return {"peak_rss_anon_bytes": self.peak_anon, "peak_vmrss_bytes": self.peak_rss,
-                "peak_rss_file_bytes": self.peak_file, "min_mem_available_bytes": self.min_avail}
+import gptoss_jax as gj
+from gptoss_jax import host
+from gptoss_jax.bench import flops, generation, peaks, records, weights
+from gptoss_jax.bench.memory import GiB, MemoryWatch, aliased_bytes, gib, mem_available, proc_status
 
 
 def dump_json(report: dict, path: str):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2, default=str)
-    os.replace(tmp, path)
+    records.write(report, path, indent=2, default=str)
 
 
-# --------------------------------------------------------------------------- checkpoint plan
-def plan_tensors(cfg: gj.ModelConfig) -> list[tuple[str, tuple[int, ...], np.dtype]]:
-    """(name, shape, dtype) of every tensor of the HF MXFP4 checkpoint, sorted by name: the
-    package's conversion rules' `save` side applied to the abstract model's variables."""
-    model = gj.abstract(cfg, dtype=jnp.bfloat16, experts="mxfp4")
-    rules = {r.path: r for r in hf_rules(cfg, "mxfp4", packed_on_disk=True)}
-    out = []
-    for path, var in nnx.to_flat_state(nnx.state(model)):
-        rule = rules[path]
-        dtype = np.dtype(np.uint8) if isinstance(var, PackedWeight) else BF16
-        dummy = np.broadcast_to(np.zeros((), dtype), tuple(var.get_value().shape))  # no memory
-        disk = rule.save(dummy)
-        out.append((rule.keys[0], tuple(int(d) for d in disk.shape), dtype))
-    return sorted(out)
-
-
-def nbytes(shape, dtype) -> int:
-    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-
-
-def split_shards(tensors, shard_bytes: float):
-    """Contiguous runs of the sorted tensors of about total/n bytes each, n = ceil(total/shard_bytes)."""
-    total = sum(nbytes(s, d) for _, s, d in tensors)
-    n = max(1, math.ceil(total / shard_bytes))
-    target = total / n
-    shards, start = [[] for _ in range(n)], 0
-    for t in tensors:
-        i = min(n - 1, int(start // target))
-        shards[i].append(t)
-        start += nbytes(t[1], t[2])
-    shards = [s for s in shards if s]
-    n = len(shards)
-    names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors" for i in range(n)]
-    return list(zip(names, shards))
-
-
-def shard_header(tensors, align: int) -> bytes:
-    """8-byte little-endian length + JSON header, padded with spaces so that the data section
-    starts at a multiple of `align` bytes (8 = what the safetensors library writes)."""
-    header = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, shape, dtype in tensors:
-        size = nbytes(shape, dtype)
-        header[name] = {"dtype": ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-(8 + len(blob)) % align)
-    return struct.pack("<Q", len(blob)) + blob
-
-
-def hf_config(cfg: gj.ModelConfig) -> dict:
-    d = cfg.to_hf_dict()
-    d["torch_dtype"] = "bfloat16"
-    d["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
-        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
-    return d
-
-
-# ------------------------------------------------------------------------------ random values
-def chunks(name: str, shape, dtype, recipe: dict):
-    """The tensor's bytes as numpy chunks of about CHUNK_BYTES, drawn from a per-tensor seed."""
-    rng = np.random.default_rng([recipe["seed"], zlib.crc32(name.encode())])
-    n = int(np.prod(shape, dtype=np.int64))
-    row = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
-    step = max(1, CHUNK_BYTES // (row * dtype.itemsize)) * row
-    lo, hi = recipe["scales"]
-    for start in range(0, n, step):
-        m = min(step, n - start)
-        if name.endswith("_blocks"):  # two random E2M1 codes per byte
-            yield np.frombuffer(rng.bytes(m), np.uint8)
-        elif name.endswith("_scales"):  # E8M0 exponents near 2^-7
-            yield rng.integers(lo, hi + 1, size=m, dtype=np.uint8)
-        elif name.endswith("layernorm.weight") or name == "model.norm.weight":
-            yield np.ones(m, BF16)
-        elif name.endswith("sinks"):
-            yield rng.standard_normal(m, dtype=np.float32).astype(BF16)
-        else:
-            yield (rng.standard_normal(m, dtype=np.float32) * np.float32(recipe["std"])).astype(BF16)
-
-
-def existing_checkpoint_ok(out: str, shards, config: dict, recipe: dict, align: int) -> tuple[bool, str]:
-    index = os.path.join(out, INDEX)
-    if not os.path.isfile(index):
-        return False, f"no {INDEX}"
-    try:
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        with open(os.path.join(out, "config.json")) as f:
-            if json.load(f) != config:
-                return False, "config.json differs"
-        with open(os.path.join(out, SIDECAR)) as f:
-            if json.load(f) != recipe:
-                return False, f"{SIDECAR} (seed / value recipe) differs"
-    except (OSError, ValueError, KeyError) as e:
-        return False, f"unreadable index/config/recipe ({e})"
-    want_map = {t[0]: name for name, ts in shards for t in ts}
-    if weight_map != want_map:
-        return False, "index weight_map differs"
-    for name, ts in shards:
-        path = os.path.join(out, name)
-        head = shard_header(ts, align)
-        size = len(head) + sum(nbytes(s, d) for _, s, d in ts)
-        if not os.path.isfile(path) or os.path.getsize(path) != size:
-            return False, f"{name} missing or of the wrong size"
-        with open(path, "rb") as f:
-            if f.read(len(head)) != head:
-                return False, f"{name} header differs"
-    return True, "complete"
-
-
-def write_checkpoint(out: str, cfg: gj.ModelConfig, shards, recipe: dict, align: int):
-    from tqdm.auto import tqdm
-
-    os.makedirs(out, exist_ok=True)
-    total = sum(nbytes(s, d) for _, ts in shards for _, s, d in ts)
-    # Space: everything, minus files of the same names that the write replaces, plus headroom.
-    replaced = sum(os.path.getsize(os.path.join(out, n)) for n, _ in shards if os.path.isfile(os.path.join(out, n)))
-    free = shutil.disk_usage(out).free
-    need = total + 512 * 2**20 - replaced
-    if free < need:
-        raise SystemExit(f"error: not enough disk space in {out}: the checkpoint needs {gib(total)} "
-                         f"({gib(need)} more than the files it replaces, with 0.5 GiB headroom), "
-                         f"only {gib(free)} free. Free space or pass --out elsewhere.")
-    # Remove a stale index first: until the new one is written, the folder is not "complete".
-    for stale in (INDEX, SIDECAR):
-        if os.path.exists(os.path.join(out, stale)):
-            os.remove(os.path.join(out, stale))
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(hf_config(cfg), f, indent=2)
-
-    q: queue.Queue = queue.Queue(maxsize=4)  # <= 4 chunks in flight: ~256 MiB
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="writing", smoothing=0.05)
-    errors = []
-
-    def writer():
-        f = None
-        try:
-            while True:
-                item = q.get()
-                if item is None:
-                    return
-                kind, payload = item
-                if kind == "open":
-                    f = open(payload, "wb")
-                elif kind == "head":
-                    f.write(payload)
-                elif kind == "data":
-                    f.write(memoryview(payload.view(np.uint8)))
-                    bar.update(payload.nbytes)
-                elif kind == "close":
-                    tmp, final = payload
-                    f.close()
-                    os.replace(tmp, final)
-                    f = None
-        except BaseException as e:  # noqa: BLE001 - reported by the main thread
-            errors.append(e)
-            while q.get() is not None:  # drain so the producer never blocks
-                pass
-
-    th = threading.Thread(target=writer, daemon=True)
-    th.start()
-    t0 = time.perf_counter()
-    for name, ts in shards:
-        final = os.path.join(out, name)
-        q.put(("open", final + ".tmp"))
-        q.put(("head", shard_header(ts, align)))
-        for key, shape, dtype in ts:
-            written = 0
-            for c in chunks(key, shape, dtype, recipe):
-                if errors:
-                    break
-                q.put(("data", c))
-                written += c.nbytes
-            assert errors or written == nbytes(shape, dtype), (key, written)
-        q.put(("close", (final + ".tmp", final)))
-    q.put(None)
-    th.join()
-    bar.close()
-    if errors:
-        raise SystemExit(f"error: writing the checkpoint failed: {errors[0]!r}")
-    weight_map = {t[0]: name for name, ts in shards for t in ts}
-    with open(os.path.join(out, SIDECAR), "w") as f:
-        json.dump(recipe, f, indent=2)
-    with open(os.path.join(out, INDEX), "w") as f:  # last: marks the folder complete
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    return time.perf_counter() - t0
-
-
-# -------------------------------------------------------------------------------- bandwidth
-def stream_bandwidth(nbytes_: int, repeats: int, threads: int) -> dict:
-    src = np.full(nbytes_, 1, np.uint8)
-    dst = np.zeros(nbytes_, np.uint8)  # both touched: no page faults inside the timing
-    parts = np.array_split(np.arange(nbytes_ // 4096 + 1) * 4096, threads)
-    bounds = [(int(p[0]), min(nbytes_, int(p[-1]) + 4096)) for p in parts if len(p)]
-
-    def best(fn):
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return min(times)
-
-    t1 = best(lambda: np.copyto(dst, src))
-    with concurrent.futures.ThreadPoolExecutor(threads) as ex:
-        def par():
-            list(ex.map(lambda b: np.copyto(dst[b[0]:b[1]], src[b[0]:b[1]]), bounds))
-        tn = best(par)
-    ok = bool(dst[::4096].all())
-    del src, dst
-    bw1, bwn = 2 * nbytes_ / t1, 2 * nbytes_ / tn
-    return {"array_bytes": nbytes_, "repeats": repeats, "threads": threads,
-            "copy_1thread_bytes_per_s": bw1, f"copy_{threads}threads_bytes_per_s": bwn,
-            "bandwidth_bytes_per_s": max(bw1, bwn), "check": ok,
+def stream_bandwidth(nbytes: int, repeats: int, threads: int) -> dict:
+    r = peaks.threaded_copy(nbytes, repeats, threads)
+    return {"array_bytes": nbytes, "repeats": repeats, "threads": threads,
+            "copy_1thread_bytes_per_s": r["one"], f"copy_{threads}threads_bytes_per_s": r["many"],
+            "bandwidth_bytes_per_s": max(r["one"], r["many"]), "check": r["check"],
             "convention": "copy: (bytes read + bytes written) / best time"}
 
 
-# ---------------------------------------------------------------------------- model figures
-def decode_bytes_per_token(model, total_len: int) -> dict:
-    """Bytes of weights (and KV cache) one decode step reads: the whole model except all but
-    one embedding row and all but k of the E experts' tensors per layer."""
-    cfg = model.cfg
-    k, E = cfg.experts_per_token, cfg.num_experts
-    per = {"embed_row": 0, "attention": 0, "router": 0, "experts_k": 0, "norms": 0, "unembed": 0}
-    for path, var in nnx.to_flat_state(nnx.state(model)):
-        v = var.get_value()
-        b = int(np.prod(v.shape)) * v.dtype.itemsize
-        name = str(path[-1])
-        if path == ("embed",):
-            per["embed_row"] += b // v.shape[0]
-        elif path == ("unembed",):
-            per["unembed"] += b
-        elif name in ("w1_blocks", "w1_scales", "w2_blocks", "w2_scales", "b1", "b2", "w1", "w2"):
-            per["experts_k"] += b * k // E
-        elif name in ("router", "router_bias"):
-            per["router"] += b
-        elif name == "norm":
-            per["norms"] += b
-        else:  # q, k, v, o (+ biases), sinks
-            per["attention"] += b
-    kv = cache_bytes(cfg, 1, total_len, model.dtype)
-    weights = sum(per.values())
-    return {"parts": per, "weights": weights, "kv_cache": kv, "total": weights + kv,
-            "expert_bytes_per_layer_k_experts": per["experts_k"] // cfg.num_layers}
-
-
-def aliased_bytes(model, files) -> int:
-    """Bytes of model arrays whose buffer lies inside a mapping of one of the checkpoint files
-    (zero-copy from the memory map)."""
-    files = {os.path.realpath(f) for f in files}
-    ranges = []
-    with open("/proc/self/maps") as f:
-        for line in f:
-            parts = line.split(None, 5)
-            if len(parts) == 6 and os.path.realpath(parts[5].strip()) in files:
-                lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                ranges.append((lo, hi))
-    total = 0
-    for _, var in nnx.to_flat_state(nnx.state(model)):
-        v = var.get_value()
-        try:
-            p = v.unsafe_buffer_pointer()
-        except Exception:  # noqa: BLE001 - sharded or deleted arrays: not aliased here
-            continue
-        if any(lo <= p < hi for lo, hi in ranges):
-            total += int(np.prod(v.shape)) * v.dtype.itemsize
-    return total
-
-
-def run_generate(model, prompt, n_new: int, block: int | None) -> dict:
-    """One `gj.generate` call as the package runs it by default (decode in blocks of `block`
-    steps inside one jitted while-loop; None = generate's default, 16)."""
-    t0 = time.perf_counter()
-    gen = gj.generate(model, None, [prompt], max_new_tokens=n_new, temperature=0, stop_tokens=(),
-                      block=block, logprobs=True)
-    wall = time.perf_counter() - t0
-    lp = np.asarray(gen.logprobs[0], np.float64)
-    return {"wall_s": wall, "tokens": gen.tokens[0], "stop_reason": gen.stop_reason[0],
-            "logprobs_finite": bool(np.all(np.isfinite(lp))),
-            "logprob_min": float(lp.min()), "logprob_max": float(lp.max())}
-
-
-def time_prefill(model, prompt, n_new: int, repeats: int = 2, prefill_chunk: int = 256) -> list[float]:
-    """`generate`'s prefill alone: the same jitted function (`sampling._prefill_fn`, cached per
-    model structure, so generate has already compiled it) on the same shapes and chunking, timed
-    from a fresh cache to logits on the host side."""
-    from gptoss_jax import sampling
-    from gptoss_jax.cache import init_cache
-
-    cfg = model.cfg
-    L = len(prompt)
-    C = min(prefill_chunk, L)
-    n_chunks = -(-L // C)
-    padded = np.zeros((1, n_chunks * C), np.int32)
-    padded[0, :L] = prompt
-    graphdef, state = nnx.split(model)
-    prefill = sampling._prefill_fn(graphdef)
-    times = []
-    for _ in range(repeats):
-        cache = init_cache(cfg, 1, L + n_new, model.dtype)
-        logits = jnp.zeros((1, cfg.vocab_size), jnp.float32)
-        jax.block_until_ready((cache, logits))
-        t = time.perf_counter()
-        for c in range(n_chunks):
-            n_valid = np.clip(np.array([L]) - c * C, 0, C).astype(np.int32)
-            cache, logits = prefill(state, cache, jnp.asarray(padded[:, c * C:(c + 1) * C]),
-                                    jnp.asarray(n_valid), logits)
-        jax.block_until_ready(logits)
-        times.append(time.perf_counter() - t)
-        del cache, logits
-    return times
+def fail(report, json_path, phase, e):
+    tb = traceback.extract_tb(e.__traceback__)[-1]
+    report["error"] = {"phase": phase, "error": repr(e), "where": f"{tb.filename}:{tb.lineno}"}
+    dump_json(report, json_path)
 
 
 def snapshot(report, label):
@@ -535,8 +143,7 @@ def main():
     out = os.path.abspath(args.out)
     json_path = os.path.abspath(args.json or os.path.join(out, "bench_20b.json"))
     cfg = gj.tiny() if args.tiny else gj.gpt_oss_20b()
-    recipe = {"seed": args.seed, "std": args.std, "scales": list(args.scales), "norms": 1.0,
-              "sinks_std": 1.0, "blocks": "uniform bytes", "align": args.align}
+    recipe = weights.recipe(args.seed, args.std, args.scales, args.align)
     report: dict = {"json_path": json_path, "config": "tiny" if args.tiny else "gpt-oss-20b",
                     "checkpoint": out, "recipe": recipe, "memory": {},
                     "machine": {"cpus": os.cpu_count(), "jax": jax.__version__,
@@ -545,32 +152,33 @@ def main():
                                 "backend": jax.default_backend(),
                                 "mem_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}}
     os.makedirs(os.path.dirname(json_path), exist_ok=True)
-    watch = MemoryWatch(report, args.max_anon_gib * GiB, args.min_available_gib * GiB).start()
+    watch = MemoryWatch(report, args.max_anon_gib * GiB, args.min_available_gib * GiB,
+                        save=lambda r: dump_json(r, json_path)).start()
     snapshot(report, "start")
     if os.environ.get("XLA_FLAGS"):
         print(f"XLA_FLAGS={os.environ['XLA_FLAGS']}")
 
     # 1. checkpoint -----------------------------------------------------------------------
-    tensors = plan_tensors(cfg)
-    shards = split_shards(tensors, args.shard_gb * 1e9)
-    total = sum(nbytes(s, d) for _, s, d in tensors)
-    heads = {n: len(shard_header(ts, args.align)) for n, ts in shards}
+    tensors = weights.plan_tensors(cfg)
+    shards = weights.split_shards(tensors, args.shard_gb * 1e9)
+    total = sum(weights.nbytes(s, d) for _, s, d in tensors)
+    heads = {n: len(weights.shard_header(ts, args.align)) for n, ts in shards}
     report["checkpoint_bytes"] = total
-    report["shards"] = [{"file": n, "tensors": len(ts), "bytes": sum(nbytes(s, d) for _, s, d in ts),
+    report["shards"] = [{"file": n, "tensors": len(ts), "bytes": sum(weights.nbytes(s, d) for _, s, d in ts),
                          "data_offset": heads[n], "data_offset_mod_64": heads[n] % 64} for n, ts in shards]
     print(f"checkpoint: {len(tensors)} tensors, {total:,} B ({gib(total)}) in {len(shards)} shards -> {out}")
     for s in report["shards"]:
         print(f"  {s['file']}: {s['tensors']} tensors, {s['bytes'] / 1e9:.2f} GB, data at byte "
               f"{s['data_offset']} ({'64B-aligned' if s['data_offset_mod_64'] == 0 else 'not 64B-aligned'})")
-    ok, why = (False, "--rewrite") if args.rewrite else existing_checkpoint_ok(
-        out, shards, hf_config(cfg), recipe, args.align)
+    ok, why = (False, "--rewrite") if args.rewrite else weights.existing_checkpoint_ok(
+        out, shards, weights.hf_config(cfg), recipe, args.align)
     if ok:
         print(f"reusing the complete checkpoint in {out}")
         report["write_s"] = None
     else:
         print(f"writing ({why})", flush=True)
         watch.phase = "write"
-        report["write_s"] = write_checkpoint(out, cfg, shards, recipe, args.align)
+        report["write_s"] = weights.write_checkpoint(out, cfg, shards, recipe, args.align)
         print(f"wrote {gib(total)} in {report['write_s']:.1f} s "
               f"({total / report['write_s'] / 1e9:.2f} GB/s)")
     snapshot(report, "after write")
@@ -600,10 +208,7 @@ def main():
         model = gj.load(out, progress=True)
         jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
     except Exception as e:  # noqa: BLE001 - reported with its place of origin
-        import traceback
-        tb = traceback.extract_tb(e.__traceback__)[-1]
-        report["error"] = {"phase": "load", "error": repr(e), "where": f"{tb.filename}:{tb.lineno}"}
-        dump_json(report, json_path)
+        fail(report, json_path, "load", e)
         raise
     report["load_s"] = time.perf_counter() - t
     snapshot(report, "after load")
@@ -624,24 +229,20 @@ def main():
         print(f"generate [{label}{' (compiles prefill + decode)' if label == 'warmup' else ''}]: prompt "
               f"{len(prompt)} tokens, {args.new_tokens} new tokens ...", flush=True)
         try:
-            runs[label] = r = run_generate(model, prompt, args.new_tokens, args.block)
+            runs[label] = r = generation.run_generate(model, prompt, args.new_tokens, args.block)
         except Exception as e:  # noqa: BLE001
-            import traceback
-            tb = traceback.extract_tb(e.__traceback__)[-1]
-            report["error"] = {"phase": f"generate {label}", "error": repr(e), "where": f"{tb.filename}:{tb.lineno}"}
-            dump_json(report, json_path)
+            fail(report, json_path, f"generate {label}", e)
             raise
         print(f"  wall {r['wall_s']:.2f} s, tokens {r['tokens']}, logprobs finite: {r['logprobs_finite']}",
               flush=True)
         snapshot(report, f"after generate {label}")
     watch.phase = "prefill alone"
-    prefill_times = time_prefill(model, prompt, args.new_tokens, repeats=args.prefill_repeats)
+    prefill_times = generation.time_prefill(model, prompt, args.new_tokens, repeats=args.prefill_repeats)
     print(f"prefill alone: {', '.join(f'{t:.2f} s' for t in prefill_times)}", flush=True)
     snapshot(report, "after prefill alone")
     # How much of the anonymous RSS is freed memory that glibc keeps (XLA's temporaries): return
     # it to the OS and look again. Done last, so it changes none of the figures above.
     try:
-        import ctypes
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         snapshot(report, "after malloc_trim")
     except OSError:
@@ -656,7 +257,7 @@ def main():
     report["generate"] = runs
 
     # 5. roofline -------------------------------------------------------------------------
-    per_tok = decode_bytes_per_token(model, args.prompt_len + args.new_tokens)
+    per_tok = flops.decode_bytes_per_token(model, args.prompt_len + args.new_tokens)
     bound = bw["bandwidth_bytes_per_s"] / per_tok["total"]
     report["decode_bytes_per_token"] = per_tok
     report["roofline"] = {"bandwidth_bytes_per_s": bw["bandwidth_bytes_per_s"], "bound_tokens_per_s": bound,

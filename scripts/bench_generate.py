@@ -8,28 +8,14 @@ Best of `repeats` after a warm-up (compilation is excluded for us; HF has none).
 """
 
 import argparse
-import os
-import sys
 import tempfile
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import gptoss_jax as gj  # noqa: E402
-from gptoss_jax import host  # noqa: E402
-
-
-def best_time(fn, repeats):
-    fn()  # warm-up (jit compile / allocator)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+import gptoss_jax as gj
+from gptoss_jax import host
+from gptoss_jax.bench import timing
 
 
 def main():
@@ -74,7 +60,7 @@ def main():
         runners = {name: (ours_run(m, 1), ours_run(m, args.new)) for name, m in ours.items()}
         runners["HF transformers (eager)"] = (hf_run(1), hf_run(args.new))
         for name, (one, many) in runners.items():
-            t1, tn = best_time(one, args.repeats), best_time(many, args.repeats)
+            t1, tn = timing.best(one, args.repeats), timing.best(many, args.repeats)
             rows[name] = (B * args.prompt / t1, B * (args.new - 1) / (tn - t1))
             print(f"{name:24s} {B:5d} {rows[name][0]:14.1f} {rows[name][1]:13.1f}", flush=True)
         ref = rows["HF transformers (eager)"]

@@ -11,66 +11,25 @@ Reported: tokens/s as the median over `repeats` timings of `steps` steps each, a
 """
 
 import argparse
-import os
 import statistics
-import sys
 import tempfile
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
+import torch
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from flax import nnx  # noqa: E402
-
-import gptoss_jax as gj  # noqa: E402
-from gptoss_jax import host  # noqa: E402
-from gptoss_jax.train.step import OptimConfig, make_optimizer, make_trainer  # noqa: E402
-
-BENCH_CONFIG = dict(vocab_size=8192, d_model=512, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=64,
-                    num_experts=16, experts_per_token=4, expert_dim=512, sliding_window=128)
-
-
-def training_steps(model, hf, tokens):
-    """One full fine-tuning step each for our model and HF's (a torch module in train mode), on the
-    same [B, T] int32 tokens: (ours_step, hf_step), each returning that step's loss as a float.
-    Both train every weight with global-norm clipping at 1.0 and AdamW (lr 1e-4, no decay)."""
-    opt_cfg = OptimConfig(learning_rate=1e-4, warmup_steps=0, total_steps=10_000, weight_decay=0.0,
-                          b2=0.999, clip_norm=1.0)
-    trainer = make_trainer(model, make_optimizer(opt_cfg))
-    state = [trainer.init(model)]
-    B, T = tokens.shape
-    batch = {"tokens": jnp.asarray(tokens), "loss_mask": jnp.ones((B, T), jnp.int32)}
-
-    def ours_step():
-        state[0], metrics = trainer.step(state[0], batch)
-        return float(jax.block_until_ready(metrics["loss"]))
-
-    torch_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    ids = torch.tensor(tokens, dtype=torch.long)
-
-    def hf_step():
-        loss = hf(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
-        torch_opt.step()
-        torch_opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return ours_step, hf_step
+import gptoss_jax as gj
+from gptoss_jax import host
+from gptoss_jax.bench import timing
+from gptoss_jax.bench.peers import BENCH_CONFIG, training_steps
 
 
 def timed(step, steps, repeats):
+    """Seconds per step: median, min, max over `repeats` timings of `steps` steps (after a warm-up)."""
     step()  # warm-up
-    rates = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(steps):
-            step()
-        rates.append((time.perf_counter() - t) / steps)
-    return statistics.median(rates), min(rates), max(rates)
+    ts = [t / steps for t in timing.seconds(lambda: [step() for _ in range(steps)], repeats, warmup=0)]
+    return statistics.median(ts), min(ts), max(ts)
 
 
 def main():

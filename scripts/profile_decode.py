@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import statistics
 import time
 
 import jax
@@ -39,25 +37,8 @@ import gptoss_jax as gj
 from gptoss_jax import host
 from gptoss_jax import cache as cache_lib
 from gptoss_jax import layers, sampling
-from gptoss_jax.model import KernelOptions
-
-
-def random_model(cfg, seed=0, dtype=jnp.bfloat16, experts="mxfp4"):
-    """The abstract model filled with random values of each leaf's dtype (no fp32 init detour:
-    `gj.init` would quantize fp32 experts, which needs tens of GB at this size)."""
-    model = gj.abstract(cfg, dtype=dtype, experts=experts)
-    rng = np.random.default_rng(seed)
-    for path, var in nnx.to_flat_state(nnx.state(model)):
-        sd, name = var.get_value(), "/".join(map(str, path))
-        if sd.dtype == jnp.uint8:
-            v = (rng.integers(118, 123, sd.shape, dtype=np.uint8) if name.endswith("scales")
-                 else rng.integers(0, 256, sd.shape, dtype=np.uint8))
-        elif "norm" in name:
-            v = np.ones(sd.shape, np.float32)
-        else:
-            v = rng.standard_normal(sd.shape, dtype=np.float32) * (1.0 if "sinks" in name else 0.02)
-        var.set_value(jnp.asarray(v, sd.dtype))
-    return model
+from gptoss_jax.bench import peaks, records, timing, weights
+from gptoss_jax.bench.peers import BENCH_CONFIG
 
 
 def time_loop(step, weights, x, *, steps, repeats):
@@ -68,27 +49,7 @@ def time_loop(step, weights, x, *, steps, repeats):
             return step(w, x)
         return jax.lax.fori_loop(0, steps, body, x)
     f = jax.jit(run)
-    jax.block_until_ready(f(weights, x))
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(f(weights, x))
-        ts.append((time.perf_counter() - t) / steps * 1e3)
-    return statistics.median(ts)
-
-
-def stream_gbs(repeats=5) -> float:
-    """Median of `repeats` jitted a + 1 over 1 GiB into a donated buffer (no page faults), bytes
-    read + written: the bound `scripts/bench.py` uses."""
-    a = jnp.ones((256 * 2**20,), jnp.float32)
-    add = jax.jit(lambda a: a + 1.0, donate_argnums=0)
-    a = jax.block_until_ready(add(a))
-    rates = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a = jax.block_until_ready(add(a))
-        rates.append(2 * a.nbytes / (time.perf_counter() - t) / 1e9)
-    return statistics.median(rates)
+    return timing.median(lambda: f(weights, x), repeats) / steps * 1e3
 
 
 def nbytes(tree) -> int:
@@ -109,24 +70,19 @@ def main():
     p.add_argument("--experts", choices=("mxfp4", "dense"), default="mxfp4")
     args = p.parse_args()
 
-    if args.config == "bench":
-        from profile_prefill import BENCH  # scripts/ is on the path when this runs as a script
-
-        full = gj.tiny(**BENCH)
-    else:
-        full = gj.gpt_oss_20b()
+    full = gj.tiny(**BENCH_CONFIG) if args.config == "bench" else gj.gpt_oss_20b()
     cfg = dataclasses.replace(full, num_layers=2, layer_types=None)  # layer 0 sliding, 1 full
     B, L = args.batch, args.context
     name = "gpt-oss-20b" if args.config == "20b" else "bench config"
     print(f"{name} decode step pieces ({args.dtype}, {args.experts} experts), batch {B}, context {L}; "
           f"{jax.devices()[0].platform}, {jax.local_device_count()} device(s)", flush=True)
-    bw = stream_gbs()
+    bw = peaks.jax_add_stream(2 ** 30, 5, operands=1) / 1e9
     print(f"stream bandwidth (jitted add, donated, read + write, median of 5): {bw:.1f} GB/s", flush=True)
     t = time.perf_counter()
-    model = random_model(cfg, dtype=jnp.dtype(args.dtype), experts=args.experts)
+    model = weights.random_model(cfg, dtype=jnp.dtype(args.dtype), experts=args.experts)
     print(f"random 2-layer model at full width in {time.perf_counter() - t:.0f} s", flush=True)
 
-    kernel = KernelOptions()
+    plan = model.plan(B)  # the model's own choices for a decode step of B rows
     D, E, k = cfg.d_model, cfg.num_experts, cfg.experts_per_token
     x0 = jnp.asarray(np.random.default_rng(1).standard_normal((B, 1, D)) * 0.5, model.dtype)
     positions = jnp.full((B, 1), L, jnp.int32)
@@ -157,7 +113,7 @@ def main():
         def attn_step(w, x, gd=gd, lc=lc):
             a = nnx.merge(gd, w)
             out, _, _ = a(x, rope, positions=positions, segment_ids=seg, eps=cfg.rms_eps, cache=lc,
-                          valid=seg != 0, kernel=kernel)
+                          valid=seg != 0, plan=plan)
             return x + out
         ctx = min(L + 1, lc.k.shape[1])
         ms_a = piece(f"attention ({kind}, {ctx} keys)", attn_step, st, x0,
@@ -167,7 +123,7 @@ def main():
     gd, st = nnx.split(mlp)
 
     def moe_step(w, x):
-        return x + nnx.merge(gd, w)(x, eps=cfg.rms_eps, kernel=kernel)[0]
+        return x + nnx.merge(gd, w)(x, eps=cfg.rms_eps, plan=plan)[0]
     routing_bytes = nbytes([mlp.norm[...], mlp.router[...], mlp.router_bias[...]])
     active = min(E, B * k)  # at batch 8 the union of the chosen experts, at most all of them
     read = routing_bytes + (nbytes(st) - routing_bytes) * active // E
@@ -176,7 +132,7 @@ def main():
     def head_step(w, x):
         norm, table = w
         h = layers.rms_norm(x, norm, cfg.rms_eps)
-        logits = layers.unembed(h, table)
+        logits = layers.unembed(h, table, reduction_rows=plan.unembed_reduction_rows)
         # consumed by a slice: a reduction of the logits in the same step (max, softmax) would be
         # fused into the head's own reduction by XLA:CPU and run ~9x slower; in decoding the
         # logits leave the step through the loop carry, so nothing is fused with them
@@ -203,23 +159,16 @@ def main():
         jax.block_until_ready(out)
     decode(1)
     decode(args.steps)
-    t1 = min(_timed(lambda: decode(1)) for _ in range(args.repeats))
-    tn = min(_timed(lambda: decode(args.steps)) for _ in range(args.repeats))
+    t1 = timing.best(lambda: decode(1), args.repeats, warmup=0)
+    tn = timing.best(lambda: decode(args.steps), args.repeats, warmup=0)
     step2 = (tn - t1) / (args.steps - 1) * 1e3
     pieces2 = ms_embed + sum(ms_layers["attention"]) + 2 * ms_moe + ms_head
     print(f"measured 2-layer decode step (sampling loop): {step2:.1f} ms; sum of its pieces {pieces2:.1f} ms",
           flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(config=args.config, dtype=args.dtype, experts=args.experts, batch=B, context=L,
-                           stream_gbs=bw, pieces=rows, predicted_all_layers_ms=predicted,
-                           measured_2_layer_step_ms=step2, pieces_2_layer_ms=pieces2), f, indent=1)
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
+        records.write(dict(config=args.config, dtype=args.dtype, experts=args.experts, batch=B, context=L,
+                      stream_gbs=bw, pieces=rows, predicted_all_layers_ms=predicted,
+                      measured_2_layer_step_ms=step2, pieces_2_layer_ms=pieces2), args.json)
 
 
 if __name__ == "__main__":

@@ -30,50 +30,26 @@ beside the measured whole: a jitted forward of the model (prefill), or the train
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import gptoss_jax as gj  # noqa: E402
-from gptoss_jax import host  # noqa: E402
-from gptoss_jax import attention as attn_lib  # noqa: E402
-from gptoss_jax import layers  # noqa: E402
-from gptoss_jax import moe as moe_lib  # noqa: E402
-from gptoss_jax.train.losses import next_token_loss  # noqa: E402
-
-# the same numbers as scripts/bench_train.py's BENCH_CONFIG (not imported: that module needs torch)
-BENCH = dict(vocab_size=8192, d_model=512, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=64,
-             num_experts=16, experts_per_token=4, expert_dim=512, sliding_window=128)
+import gptoss_jax as gj
+from gptoss_jax import host
+from gptoss_jax import attention as attn_lib
+from gptoss_jax import layers
+from gptoss_jax import moe as moe_lib
+from gptoss_jax.bench import flops as fm
+from gptoss_jax.bench import peaks, records, timing
+from gptoss_jax.bench.peers import BENCH_CONFIG as BENCH
+from gptoss_jax.train.losses import next_token_loss
 
 
 def median_ms(fn, args, repeats=5):
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(ts)
-
-
-def peak_gflops(dtype, n=2048, repeats=5) -> float:
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
-    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-    return 2 * n**3 / (median_ms(f, (a, a), repeats) * 1e-3) / 1e9
-
-
-def mean_keys(T, window):
-    t = np.arange(1, T + 1)
-    return float(np.mean(t if window is None else np.minimum(t, window)))
+    return 1e3 * timing.median(lambda: fn(*args), repeats)
 
 
 def main():
@@ -91,11 +67,11 @@ def main():
     T = args.seq or (512 if train else 2048)
     dtype = jnp.dtype(args.dtype)
     cfg = gj.tiny(**BENCH)
-    D, N, K, H, V = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
-    E, k, F = cfg.num_experts, cfg.experts_per_token, cfg.expert_dim
+    D, V = cfg.d_model, cfg.vocab_size
+    E, k = cfg.num_experts, cfg.experts_per_token
     print(f"{args.mode}: batch {B} x {T}, {dtype.name}, BENCH config; {jax.devices()[0].platform}, "
           f"{os.cpu_count()} cores", flush=True)
-    peak = peak_gflops(dtype)
+    peak = peaks.jax_matmul(2048, dtype, 5, accumulate=jnp.float32) / 1e9
     print(f"peak matmul ({dtype.name} in, fp32 out, n=2048, median of 5): {peak:.0f} GFLOP/s", flush=True)
 
     model = gj.init(cfg, seed=0, dtype=dtype, experts="dense")
@@ -103,7 +79,7 @@ def main():
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     seg = jnp.ones((B, T), jnp.int32)
     rope = layers.rope_cos_sin(positions, layers.rope_inv_freq(cfg), cfg.rope_concentration)
-    kernel = model.kernel
+    plan = model.plan(B * T)  # the model's own choices for this prefill
     bwd = 3.0 if train else 1.0  # forward + backward = 3x the forward's FLOPs
     rows = []
 
@@ -129,8 +105,8 @@ def main():
     # each piece gets the input it has in the model: the residual stream of a forward on `tokens`
     gd, st = nnx.split(model)
     inter = jax.jit(lambda st, t: nnx.merge(gd, st)(t, capture=True).intermediates)(st, tokens)
-    proj_flops = B * T * (2 * D * (N + 2 * K) * H + 2 * N * H * D)
-    moe_flops = B * T * (2 * D * E + k * (2 * D * 2 * F + 2 * F * D))
+    proj_flops = B * T * fm.projection_flops(cfg)
+    moe_flops = B * T * fm.moe_flops(cfg)
     ms = {}
     for i in range(cfg.num_layers):
         attn, mlp = model.layers[i].attn, model.layers[i].mlp
@@ -138,11 +114,11 @@ def main():
         first = i == min(j for j in range(cfg.num_layers) if cfg.is_sliding(j) == cfg.is_sliding(i))
         x = inter[i]["residual"]
         gd, st = nnx.split(attn)
-        core_flops = B * T * 4 * N * H * mean_keys(T, attn.window)
+        core_flops = B * T * fm.attention_core_flops(cfg, T, attn.window)
 
         def attn_fn(w, x, gd=gd):
             out, _, _ = nnx.merge(gd, w)(x, rope, positions=positions, segment_ids=seg, eps=cfg.rms_eps,
-                                         kernel=kernel)
+                                         plan=plan)
             return out
         ms[f"attention {i}"] = piece(f"layer {i}: attention ({kind})", attn_fn, st, x, proj_flops + core_flops)
         if first:
@@ -167,7 +143,7 @@ def main():
         gd, st = nnx.split(mlp)
 
         def moe_fn(w, x, gd=gd):
-            return nnx.merge(gd, w)(x, eps=cfg.rms_eps, kernel=kernel)[0]
+            return nnx.merge(gd, w)(x, eps=cfg.rms_eps, plan=plan)[0]
         ms[f"moe {i}"] = piece(f"layer {i}: MoE (largest group {largest} of {B * T})", moe_fn, st, x, moe_flops)
         if i == 0 or largest > 2 * B * T * k / E:
             h = layers.rms_norm(x, mlp.norm[...], cfg.rms_eps).reshape(B * T, D)
@@ -182,14 +158,14 @@ def main():
                 def experts_fn(ew, h, r, mlp=mlp, impl=impl):
                     return impl(h, ew, r, alpha=mlp.alpha, limit=mlp.limit)
                 piece(f"  experts only, {name}", experts_fn, mlp.expert_weights(), h,
-                      B * T * k * (2 * D * 2 * F + 2 * F * D), routing)
+                      B * T * fm.expert_flops(cfg), routing)
 
     def head_fn(w, x):
         norm, table = w
-        logits = layers.unembed(layers.rms_norm(x, norm, cfg.rms_eps), table).astype(jnp.float32)
+        logits = layers.unembed(layers.rms_norm(x, norm, cfg.rms_eps), table, reduction_rows=plan.unembed_reduction_rows).astype(jnp.float32)
         return next_token_loss(logits, tokens)[0] if train else logits
     ms["head"] = piece("final norm + unembedding" + (" + loss" if train else ""), head_fn,
-                       (model.norm[...], model.unembed[...]), inter[-1]["residual_out"], B * T * 2 * D * V)
+                       (model.norm[...], model.unembed[...]), inter[-1]["residual_out"], B * T * fm.unembed_flops(cfg))
 
     n_sliding = sum(cfg.is_sliding(i) for i in range(cfg.num_layers))
     total = sum(ms.values())
@@ -213,9 +189,8 @@ def main():
     print(f"sum of pieces for {cfg.num_layers} layers ({n_sliding} sliding): {total:.0f} ms; "
           f"measured {what}: {measured:.0f} ms; {B * T / measured * 1e3:.0f} tokens/s", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(mode=args.mode, batch=B, seq=T, dtype=dtype.name, peak_gflops=peak, pieces=rows,
-                           summed_ms=total, measured_ms=measured), f, indent=1)
+        records.write(dict(mode=args.mode, batch=B, seq=T, dtype=dtype.name, peak_gflops=peak, pieces=rows,
+                      summed_ms=total, measured_ms=measured), args.json)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from gpt_oss.torch import model as ref
 
 from gptoss_jax import attention
 from gptoss_jax.attention import attention_mask, attention_reference, sliding_attention
+from gptoss_jax.kernels.attention import attention_reference as kernel_reference
 
 
 def _qkv(B, T, N, K, H, seed=0):
@@ -54,6 +55,22 @@ def test_sink_math():
     w = 1.0 / (1.0 + np.exp(np.asarray(s) - score))
     np.testing.assert_allclose(np.asarray(out)[0, 0], w[:, None] * np.asarray(v)[0, 0], rtol=1e-5)
     np.testing.assert_allclose(np.asarray(mass)[0, 0], 1 - w, rtol=1e-5)
+
+
+def test_softmax_with_sink_and_the_kernels_reference_adapter():
+    s = jnp.array([[0.5, -jnp.inf, 1.0], [-jnp.inf, -jnp.inf, -jnp.inf]])
+    p, sink = attention.softmax_with_sink(s, jnp.array([0.25, 3.0]))
+    e = np.exp([0.5, 1.0, 0.25])
+    np.testing.assert_allclose(np.asarray(p[0]), [e[0] / e.sum(), 0, e[1] / e.sum()], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(sink), [e[2] / e.sum(), 1.0], rtol=1e-6)
+    assert not np.asarray(p[1]).any()  # no visible key: everything on the sink, no NaN
+    # `kernels.attention_reference` is this module's reference for the kernels' self-attention
+    q, k, v, sk = _qkv(2, 6, 4, 2, 8)
+    pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
+    seg = jnp.array([[1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 1, 1]])
+    want, _ = attention_reference(q, k, v, sk, q_pos=pos, k_pos=pos, q_seg=seg, k_seg=seg, window=2, scale=0.3)
+    got = kernel_reference(q, k, v, sk, sliding_window=2, segment_ids=seg, sm_scale=0.3)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 @pytest.mark.parametrize("window", [0, 8])

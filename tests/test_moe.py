@@ -49,15 +49,15 @@ def _reference(x, dense, b1, b2, router, rb):
 
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("impl", ["dense", "ragged", "chunks", "buckets", "buckets_one_expert_at_a_time", "gather"])
-def test_moe_matches_openai_mlp_block(impl, packed, monkeypatch):
+def test_moe_matches_openai_mlp_block(impl, packed):
+    options = {"ragged": dict(mxfp4_impl="xla"), "gather": dict(gathered_decode=True)}.get(impl, {})
     if impl == "buckets_one_expert_at_a_time":  # the large-model CPU path (packed experts)
-        monkeypatch.setattr(moe, "DECODE_AT_ONCE_BYTES", 0)
-        impl = "buckets"
+        impl, options = "buckets", dict(one_at_a_time=True)
     ew, dense, router, rb = _weights(0, packed)
     x = np.random.default_rng(1).normal(size=(50, D)).astype(np.float32)
     want = _reference(x, dense, ew.b1, ew.b2, router, rb)
     got, routing = jax.jit(lambda x: moe.moe(x, jnp.asarray(router), jnp.asarray(rb), ew, k=K,
-                                             alpha=1.702, limit=7.0, impl=impl))(jnp.asarray(x))
+                                             alpha=1.702, limit=7.0, impl=impl, **options))(jnp.asarray(x))
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     assert len(np.unique(np.asarray(routing.ids))) == E  # every expert used: grouping is exercised
 
@@ -113,16 +113,15 @@ def test_load_balancing_loss_matches_transformers():
     assert float(moe.load_balancing_loss(uniform)) == pytest.approx(K)  # a balanced load scores k
 
 
-def test_one_expert_at_a_time_gradient_equals_dense(monkeypatch):
+def test_one_expert_at_a_time_gradient_equals_dense():
     """The large-model CPU bucket path (packed experts decoded one at a time in a lax.map) has the
     dense reference's input gradient."""
     ew, _, router, rb = _weights(4, True)
     x = jnp.asarray(np.random.default_rng(5).normal(size=(30, D)).astype(np.float32))
-    loss = lambda impl: (lambda x: jnp.sum(jnp.sin(moe.moe(x, jnp.asarray(router), jnp.asarray(rb), ew, k=K,
-                                                              alpha=1.702, limit=7.0, impl=impl)[0])))
+    loss = lambda impl, **o: (lambda x: jnp.sum(jnp.sin(moe.moe(x, jnp.asarray(router), jnp.asarray(rb), ew, k=K,
+                                                                   alpha=1.702, limit=7.0, impl=impl, **o)[0])))
     want = jax.grad(loss("dense"))(x)
-    monkeypatch.setattr(moe, "DECODE_AT_ONCE_BYTES", 0)
-    got = jax.grad(loss("buckets"))(x)
+    got = jax.grad(loss("buckets", one_at_a_time=True))(x)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))
 
 

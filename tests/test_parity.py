@@ -63,7 +63,7 @@ def test_oracles_agree(openai_logits, hf_logits):
 @pytest.mark.parametrize("moe_impl", ["ragged", "chunks"])
 def test_ours_vs_oracles(layout, moe_impl, request, tokens, openai_logits, hf_logits):
     path = request.getfixturevalue(f"{layout}_dir")
-    model = gj.load(path, dtype="float32", moe_impl=moe_impl)
+    model = gj.load(path, dtype="float32", kernel=gj.KernelOptions(moe_impl=moe_impl))
     assert model.experts == ("dense" if layout == "hf_dense" else "mxfp4")
     ours = np.asarray(model(tokens[None]).logits[0])
     oracles = {"OpenAI": openai_logits, "HF": hf_logits}

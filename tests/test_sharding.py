@@ -151,7 +151,7 @@ def test_train_step_equals_single_device(tiny_cfg, tokens, mesh_name, experts):
     results = []
     for mesh in (None, gj.make_mesh(**MESHES[mesh_name])):
         model = gj.init(tiny_cfg, seed=4, dtype=jnp.float32, experts=experts, mesh=mesh,
-                        moe_impl="chunks" if mesh_name == "data8" else None)
+                        kernel=gj.KernelOptions(moe_impl="chunks" if mesh_name == "data8" else None))
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         step = _train_step(graphdef, rest, optimizer)
         new, _, loss, grads = step(params, optimizer.init(params), tokens)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 
 from gptoss_jax import attention as xla_attention
@@ -32,21 +31,22 @@ from gptoss_jax.kernels.block_map import (  # noqa: F401  (re-exported: the publ
 IMPLEMENTATIONS = ("xla", "pallas_gpu", "pallas_tpu")
 
 
-def attention_reference(q, k, v, sinks, *, sliding_window=None, segment_ids=None, sm_scale=None):
-    """The obvious [T, T] computation in fp32 (returns q's dtype)."""
+def _positions_and_segments(q, segment_ids):
+    """Self-attention's positions (token i at position i of its row) and segment ids (default:
+    one segment per row), [B, T] int32 each."""
     B, T = q.shape[:2]
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids
-    mask = xla_attention.attention_mask(pos, pos, seg, seg, window=sliding_window)
-    out, _ = xla_attention.attend(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
-                                  sinks, mask, scale=sm_scale)
+    return pos, jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids
+
+
+def attention_reference(q, k, v, sinks, *, sliding_window=None, segment_ids=None, sm_scale=None):
+    """The obvious [T, T] computation in fp32 (returns q's dtype): `gptoss_jax.attention`'s
+    `attention_reference` under this module's calling convention."""
+    pos, seg = _positions_and_segments(q, segment_ids)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    out, _ = xla_attention.attention_reference(*f32, sinks, q_pos=pos, k_pos=pos, q_seg=seg, k_seg=seg,
+                                               window=sliding_window, scale=sm_scale)
     return out.astype(q.dtype)
-
-
-def default_implementation(platform: str | None = None) -> str:
-    """The kernel for a platform ("cpu" | "gpu" | "tpu"; default: this host's backend)."""
-    platform = platform or jax.default_backend()
-    return {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform, "xla")
 
 
 def _check(q, k, v, sinks, segment_ids):
@@ -62,19 +62,16 @@ def _check(q, k, v, sinks, segment_ids):
 
 
 def attention(q, k, v, sinks, *, sliding_window: int | None = None, segment_ids=None, sm_scale=None,
-              implementation: str | None = None, interpret: bool = False,
+              implementation: str = "xla", interpret: bool = False,
               block_sizes: BlockSizes | None = None):
     """Self-attention with sinks; see the module docstring. Differentiable in q, k, v and sinks."""
     _check(q, k, v, sinks, segment_ids)
-    implementation = implementation or default_implementation()
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r}; choose from {IMPLEMENTATIONS}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
     if implementation == "xla":
-        B, T = q.shape[:2]
-        pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids
+        pos, seg = _positions_and_segments(q, segment_ids)
         if sm_scale is not None:  # the XLA path scales by 1/sqrt(H); fold any other scale into q
             q = (q.astype(jnp.float32) * (sm_scale * math.sqrt(q.shape[-1]))).astype(q.dtype)
         out, _ = xla_attention.self_attention(q, k, v, sinks, positions=pos, segment_ids=seg,

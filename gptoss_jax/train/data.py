@@ -11,9 +11,10 @@ Malformed lines (not UTF-8, not JSON, not a conversation, a message on a channel
 message does not declare: analysis, commentary, final by default) are reported with their file
 and line number and skipped (or fatal with `strict=True`); a file that leaves nothing to train on
 is an error that says why (`no_data_error`).
-Packing places whole examples into rows of `seq_len` tokens in order (first fit); each example
-gets its own segment id and positions from 0, so attention never crosses documents. Examples
-longer than a row are never truncated: they are counted and left out (or fatal with `strict`).
+Packing places whole examples into rows of `seq_len` tokens in order (`pack_rows`: first fit
+for training, next fit for streams such as `inspect.run_corpus`); each example gets its own
+segment id and positions from 0, so attention never crosses documents. Examples longer than a row
+are never truncated: they are counted and left out (or fatal with `strict`).
 Batches are a pure function of (seed, step), so a resumed run reads exactly what it would have.
 """
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -165,40 +166,93 @@ def tokenize(conversations: Iterable, tokenizer, *, keep_analysis: bool = True,
     return out
 
 
-def pack(examples: Sequence[tuple[Sequence[int], Sequence[int]]], seq_len: int, *, strict: bool = False,
-         report: DataReport | None = None) -> Packed:
-    """First-fit packing in order: each row is filled with whole examples while they fit."""
+FITS = ("first", "next")
+
+
+def pack_rows(examples: Iterable[tuple[Sequence[int], Sequence[int] | None]], seq_len: int, *,
+              fit: str = "first") -> Iterator[list[tuple]]:
+    """The packing itself: whole (tokens, mask) examples of at most `seq_len` tokens placed, in
+    order, into rows of `seq_len` tokens; yields each row as the list of its examples.
+
+    `fit="first"` (first fit): an example goes into the first row with room for it, so a short
+    example can fill a gap an earlier long one left; rows are final only once every example is
+    placed, so they all come at the end. `fit="next"` (next fit): an example goes into the
+    current row or, when it does not fit there, closes it and starts the next; each row comes as
+    soon as it is closed, so a stream of any length is packed in constant memory."""
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
     rows: list[list[tuple]] = []
     room: list[int] = []
-    for i, (tokens, mask) in enumerate(examples):
-        if len(tokens) != len(mask):
-            raise DataError(f"example {i}: {len(tokens)} tokens but {len(mask)} mask entries")
-        if len(tokens) > seq_len:
-            if strict:
-                raise DataError(f"example {i} has {len(tokens)} tokens, more than a row of {seq_len}")
-            if report is not None:
-                report.too_long += 1
-            continue
+    for example in examples:
+        n = len(example[0])
+        if n > seq_len:
+            raise ValueError(f"an example of {n} tokens does not fit a row of {seq_len}")
+        if fit == "next" and room and n > room[-1]:
+            room.pop()
+            yield rows.pop()
         for r, free in enumerate(room):
-            if len(tokens) <= free:
-                rows[r].append((tokens, mask))
-                room[r] -= len(tokens)
+            if n <= free:
+                rows[r].append(example)
+                room[r] -= n
                 break
         else:
-            rows.append([(tokens, mask)])
-            room.append(seq_len - len(tokens))
-    shape = (len(rows), seq_len)
+            rows.append([example])
+            room.append(seq_len - n)
+    yield from rows
+
+
+def layout(rows: Sequence[Sequence[tuple]], seq_len: int, num_rows: int | None = None) -> Packed:
+    """Rows of (tokens, mask) examples (`pack_rows`) as arrays [num_rows (default: one per row),
+    seq_len]: each example gets the next segment id of its row and positions from 0; the rest is
+    padding (all zeros). A mask of None leaves the example's loss mask at 0."""
+    shape = (len(rows) if num_rows is None else num_rows, seq_len)
     packed = Packed(*(np.zeros(shape, np.int32) for _ in range(4)))
     for r, row in enumerate(rows):
         at = 0
         for seg, (tokens, mask) in enumerate(row, 1):
             n = len(tokens)
             packed.tokens[r, at:at + n] = tokens
-            packed.loss_mask[r, at:at + n] = mask
+            if mask is not None:
+                packed.loss_mask[r, at:at + n] = mask
             packed.segment_ids[r, at:at + n] = seg
             packed.positions[r, at:at + n] = np.arange(n)
             at += n
     return packed
+
+
+def pack(examples: Sequence[tuple[Sequence[int], Sequence[int]]], seq_len: int, *, strict: bool = False,
+         report: DataReport | None = None, fit: str = "first") -> Packed:
+    """Pack training examples (tokens, loss mask) into rows (`pack_rows`; first fit by default).
+    An example longer than a row is counted in `report.too_long` and left out, or an error with
+    `strict`."""
+
+    def checked():
+        for i, (tokens, mask) in enumerate(examples):
+            if len(tokens) != len(mask):
+                raise DataError(f"example {i}: {len(tokens)} tokens but {len(mask)} mask entries")
+            if len(tokens) > seq_len:
+                if strict:
+                    raise DataError(f"example {i} has {len(tokens)} tokens, more than a row of {seq_len}")
+                if report is not None:
+                    report.too_long += 1
+                continue
+            yield tokens, mask
+
+    return layout(list(pack_rows(checked(), seq_len, fit=fit)), seq_len)
+
+
+def pack_batches(examples: Iterable[tuple[Sequence[int], Sequence[int] | None]], seq_len: int,
+                 batch_size: int, *, fit: str = "next") -> Iterator[Packed]:
+    """Streamed packing: `Packed` batches of `batch_size` rows (`pack_rows`, next fit by default),
+    each as soon as its rows are complete; the last one is filled up with padding rows."""
+    rows = []
+    for row in pack_rows(examples, seq_len, fit=fit):
+        rows.append(row)
+        if len(rows) == batch_size:
+            yield layout(rows, seq_len)
+            rows = []
+    if rows:
+        yield layout(rows, seq_len, batch_size)
 
 
 def batch_at(packed: Packed, step: int, batch_size: int, *, seed: int = 0) -> dict[str, np.ndarray]:

@@ -1,0 +1,194 @@
+"""How the model's math runs: the options a user gives, and the plan resolved from them once.
+
+    model = gj.load(path, kernel=gj.KernelOptions(remat="full"))   # options: None = "pick for me"
+    plan = model.kernel.resolve(model.mesh, tokens=B * T, cfg=model.cfg, packed=True)
+
+`KernelOptions` is what a user or a config sets; any field left None is chosen here. `resolve`
+turns it into a `Plan` with every choice made, from the devices the program is built for (the
+mesh's devices: a mesh of compile-only TPU devices plans for TPU on a CPU host) and the shapes of
+the call. `GptOss.__call__` resolves once, at its top, and every layer reads the plan; nothing
+below it asks which backend it runs on. Every choice computes the same function; they differ in
+speed and memory, and the thresholds below are measured (figures in `experiments/`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from gptoss_jax import targets
+
+PLATFORMS = ("cpu", "gpu", "tpu")
+ATTENTION_IMPLS = ("xla", "pallas_gpu", "pallas_tpu")
+MXFP4_IMPLS = ("xla", "pallas_gpu", "pallas_tpu")
+MOE_IMPLS = ("dense", "ragged", "buckets", "chunks", "gather")
+DISPATCH = ("all_to_all", "ragged_all_to_all")
+REMAT = ("none", "dots", "full")
+
+# -------------------------------------------------------------------- measured thresholds (CPU)
+# Packed experts whose fp32 decode exceeds this many bytes are decoded one expert at a time on CPU
+# (the bucket path's `lax.map`; the gather path decodes inside its reduction): 3.2 GB per
+# gpt-oss-20b layer at once, against 2.5x slower one at a time on a 16-token 20b prefill.
+DECODE_AT_ONCE_BYTES = 512 * 2**20
+# Large packed experts on CPU take the gather path up to this many (token, slot) rows per expert:
+# a 16-token 2-layer gpt-oss-20b prefill ran 2.2 s gathered, 7.3 s bucketed one expert at a time,
+# 2.9 s bucketed all at once (with 3 GiB of decoded experts); experiments/BENCHMARKS.md.
+PACKED_GATHER_ROWS_PER_EXPERT = 4
+# Below this many (token, slot) rows per expert on average, buckets instead of chunks on CPU:
+# batch-8 decoding on the benchmark config ran 1.6-4x slower through the chunk loop
+# (scripts/bench.py decode, experiments/BENCHMARKS.md).
+CHUNKS_MIN_ROWS_PER_EXPERT = 16
+# Up to this many rows of logits, the CPU output head is a multiply-reduce over the bf16 table
+# instead of a matmul that first converts the table to fp32 (`layers.unembed`).
+UNEMBED_ROWS_AS_REDUCTION = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelOptions:
+    """How the math runs (not what it computes); None fields are chosen by `resolve`.
+
+    moe_impl: "ragged" | "chunks" | "buckets" | "gather" | "dense" (`moe.MOE_IMPLS`); None picks
+        by platform and batch size (ragged on GPU/TPU, chunks on CPU, gather for decode-sized
+        batches).
+    attention_impl: "xla" | "pallas_gpu" | "pallas_tpu"; None = Pallas on GPU/TPU, XLA on CPU.
+        Cached decoding and capture=True always use the XLA path.
+    mxfp4_impl: the packed grouped matmul of the "ragged" MoE path: "xla" | "pallas_gpu" |
+        "pallas_tpu"; None = the platform's Pallas kernel on GPU/TPU, "xla" on CPU.
+    interpret: run Pallas kernels in interpret mode (CPU testing).
+    platform: "cpu" | "gpu" | "tpu", the devices the program is built for; every default above
+        follows it. None = the platform of the model's mesh (`targets.platform_of`), else this
+        host's default backend.
+
+    On a mesh (`model.mesh`), the MoE layer is expert-parallel (`gptoss_jax.expert_parallel`):
+    expert_dispatch: "all_to_all" (fixed-capacity buffers; the CPU default) | "ragged_all_to_all"
+        (no padding on the wire; GPU/TPU default); moe_impl then names how each device runs its
+        local experts ("ragged" grouped matmul or "buckets").
+    capacity_factor: None = dropless; else buffers sized by it and the overflow dropped and
+        counted (captured as "dropped"): all_to_all holds ceil(capacity_factor * tokens * k /
+        experts) rows per (device, expert), ragged_all_to_all ceil(capacity_factor * tokens * k)
+        rows per receiving device (dropless it holds expert-axis-size times that at 1.0).
+    emulate_ragged: run ragged_all_to_all through an all-gather emulation (XLA:CPU cannot compile
+        the real collective).
+    remat: what the backward pass recomputes instead of keeping, per layer: "none" (keep every
+        activation), "dots" (keep only the outputs of matmuls without batch dimensions: the
+        projections), "full" (keep only each layer's input)."""
+
+    moe_impl: str | None = None
+    attention_impl: str | None = None
+    mxfp4_impl: str | None = None
+    interpret: bool = False
+    expert_dispatch: str | None = None
+    capacity_factor: float | None = None
+    emulate_ragged: bool = False
+    remat: str = "none"
+    platform: str | None = None
+
+    def __post_init__(self):
+        for name, allowed in (("moe_impl", MOE_IMPLS), ("attention_impl", ATTENTION_IMPLS),
+                              ("mxfp4_impl", MXFP4_IMPLS), ("expert_dispatch", DISPATCH), ("platform", PLATFORMS)):
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.remat not in REMAT:
+            raise ValueError(f"remat must be one of {REMAT}, got {self.remat!r}")
+
+    def platform_for(self, mesh) -> str:
+        """The platform: as given, else the mesh's devices', else this host's default backend."""
+        if self.platform is not None:
+            return self.platform
+        if mesh is not None:
+            return targets.platform_of(mesh.devices.flat)
+        return jax.default_backend()
+
+    def resolve(self, mesh, *, tokens: int, num_experts: int, k: int, packed_bytes: int = 0) -> Plan:
+        """Every choice made for a call of `tokens` rows on `mesh` (None: one device).
+        packed_bytes: one layer's packed expert weights decoded to fp32 (0 for dense experts)."""
+        platform = self.platform_for(mesh)
+        cpu = platform == "cpu"
+        large_packed_on_cpu = cpu and packed_bytes > DECODE_AT_ONCE_BYTES
+        expert_axis = mesh.shape.get("expert", 1) if mesh is not None else 1
+        sharded = mesh is not None and mesh.size > 1
+        moe = self.moe_impl
+        if moe is None:
+            if sharded and expert_axis > 1:  # devices exchange fixed-capacity buffers: buckets on CPU
+                moe = "buckets" if cpu else "ragged"
+            else:
+                moe = default_moe_impl(tokens, k, num_experts, large_packed_on_cpu=large_packed_on_cpu,
+                                       platform=platform, per_device=not sharded)
+        return Plan(
+            platform=platform,
+            attention=self.attention_impl or default_attention_impl(platform),
+            mxfp4=self.mxfp4_impl or default_mxfp4_impl(platform),
+            moe=moe,
+            decode_one_expert_at_a_time=large_packed_on_cpu,
+            gathered_decode=cpu,
+            unembed_reduction_rows=UNEMBED_ROWS_AS_REDUCTION if cpu else 0,
+            interpret=self.interpret,
+            expert_dispatch=self.expert_dispatch or default_dispatch(platform),
+            capacity_factor=self.capacity_factor,
+            emulate_ragged=self.emulate_ragged,
+            remat=self.remat,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Every implementation choice of one model call, made (`KernelOptions.resolve`)."""
+
+    platform: str
+    attention: str  # Pallas kernel or XLA for uncached attention
+    mxfp4: str  # the packed grouped matmul of the ragged MoE path
+    moe: str  # the MoE path (on an expert-parallel mesh: how each device runs its experts)
+    decode_one_expert_at_a_time: bool  # buckets: large packed experts decoded one at a time
+    gathered_decode: bool  # gather: packed experts decoded inside the reduction (CPU)
+    unembed_reduction_rows: int  # up to this many rows, the output head is a multiply-reduce
+    interpret: bool
+    expert_dispatch: str
+    capacity_factor: float | None
+    emulate_ragged: bool
+    remat: str
+
+    def moe_options(self, impl: str | None = None) -> dict:
+        """The keyword arguments `moe.MOE_IMPLS[impl]` takes beyond (x, ew, routing, alpha, limit)."""
+        return moe_options(impl or self.moe, mxfp4_impl=self.mxfp4, interpret=self.interpret,
+                           one_at_a_time=self.decode_one_expert_at_a_time, gathered_decode=self.gathered_decode)
+
+
+def moe_options(impl: str, *, mxfp4_impl: str, interpret: bool, one_at_a_time: bool, gathered_decode: bool) -> dict:
+    """Each MoE path's own keyword arguments, from the choices that concern it."""
+    if impl == "ragged":
+        return dict(mxfp4_impl=mxfp4_impl, interpret=interpret)
+    if impl == "buckets":
+        return dict(one_at_a_time=one_at_a_time)
+    if impl == "gather":
+        return dict(gathered_decode=gathered_decode)
+    return {}
+
+
+def default_attention_impl(platform: str) -> str:
+    return {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform, "xla")
+
+
+def default_mxfp4_impl(platform: str) -> str:
+    """The packed grouped matmul of the "ragged" path: the Pallas kernel of the platform."""
+    return {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform, "xla")
+
+
+def default_dispatch(platform: str) -> str:
+    return "all_to_all" if platform == "cpu" else "ragged_all_to_all"
+
+
+def default_moe_impl(tokens: int, k: int, num_experts: int, *, large_packed_on_cpu: bool, platform: str,
+                     per_device: bool = True) -> str:
+    """per_device=False: the tokens are split over a mesh (no expert axis), the rows per device
+    are not known here: the platform's bulk path."""
+    rows = tokens * k
+    if per_device and (2 * rows <= num_experts
+                       or (large_packed_on_cpu and rows <= PACKED_GATHER_ROWS_PER_EXPERT * num_experts)):
+        return "gather"  # decode-sized batches: touch only the chosen experts
+    if platform != "cpu":
+        return "ragged"
+    if per_device and rows < CHUNKS_MIN_ROWS_PER_EXPERT * num_experts:
+        return "buckets"  # decode-sized batches: a loop over E experts of tiny chunks costs more
+    return "chunks"

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gptoss_jax.layers import LowRank
+
 
 class Adapter(NamedTuple):
     """A per-expert LoRA update of an expert matrix: x -> (x a_e) b_e, the LoRA scale folded into b."""
@@ -84,16 +86,10 @@ class AttentionLoRA(nnx.Module):
                   "o": ((N, H, r), ("q_heads", "head_dim", None), (r, D), (None, "embed"), N * H)}
         _declare_adapters(self, shapes, lora, dtype, key)
 
-    def delta(self, target: str, h, spec_in: str, spec_out: str):
-        """scale * (h A) B in fp32 (`target` must have an adapter). spec_in / spec_out: the
-        einsums of h with A and of (h A) with B."""
-        ha = jnp.einsum(spec_in, h, getattr(self, f"a_{target}")[...],
-                        preferred_element_type=jnp.float32).astype(h.dtype)
-        return self.scale * jnp.einsum(spec_out, ha, getattr(self, f"b_{target}")[...],
-                                       preferred_element_type=jnp.float32)
-
-    def delta_available(self, target: str) -> bool:
-        return getattr(self, f"a_{target}") is not None
+    def adapter(self, target: str) -> LowRank | None:
+        """The adapter of `target` for `layers.linear`, or None."""
+        a = getattr(self, f"a_{target}")
+        return None if a is None else LowRank(a[...], getattr(self, f"b_{target}")[...], self.scale)
 
     def dense_delta(self, target: str):
         """The update scale * A B as a weight of the base's shape (fp32), for merging."""

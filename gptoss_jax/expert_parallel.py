@@ -110,8 +110,9 @@ def ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, outpu
     return output.at[dest.reshape(-1)].set(rows.reshape((-1,) + operand.shape[1:]), mode="drop")
 
 
-def _all_to_all_rows(x, valid, routing, *, ep, num_experts, capacity_factor, local_mlp):
-    """Per-slot expert outputs [t, k, D] (zero where dropped), kept mask [t, k], local drops."""
+def _all_to_all_rows(x, valid, routing, ew, *, ep, num_experts, capacity_factor, local_mlp):
+    """Per-slot expert outputs [t, k, D] (zero where dropped), kept mask [t, k], local drops.
+    local_mlp(h [E_loc, n, D], ew) runs this device's experts on their received rows."""
     t, D = x.shape
     k = routing.ids.shape[1]
     E, E_loc = num_experts, num_experts // ep
@@ -120,27 +121,25 @@ def _all_to_all_rows(x, valid, routing, *, ep, num_experts, capacity_factor, loc
     rank = moe_lib.bucket_ranks(srt)
     real = srt.experts < E
 
-    def run(cap: int):
-        def branch(_):
-            keep = real & (rank < cap)
-            slot = jnp.where(keep, srt.experts * cap + rank, E * cap)
-            buf = jnp.zeros((E * cap, D), x.dtype).at[slot].set(x[srt.tokens], mode="drop")
-            recv = jax.lax.all_to_all(buf.reshape(ep, E_loc * cap, D), "expert", 0, 0, tiled=True)
-            h = recv.reshape(ep, E_loc, cap, D).transpose(1, 0, 2, 3).reshape(E_loc, ep * cap, D)
-            y = local_mlp(h).astype(x.dtype)
-            back = y.reshape(E_loc, ep, cap, D).transpose(1, 0, 2, 3).reshape(ep, E_loc * cap, D)
-            ret = jax.lax.all_to_all(back, "expert", 0, 0, tiled=True).reshape(E * cap, D)
-            rows = jnp.where(keep[:, None], ret[jnp.minimum(slot, E * cap - 1)], 0)
-            return rows.astype(jnp.float32), keep
-        return branch
+    def run(cap: int, x, ew, experts, tokens, rank, real):
+        keep = real & (rank < cap)
+        slot = jnp.where(keep, experts * cap + rank, E * cap)
+        buf = jnp.zeros((E * cap, D), x.dtype).at[slot].set(x[tokens], mode="drop")
+        recv = jax.lax.all_to_all(buf.reshape(ep, E_loc * cap, D), "expert", 0, 0, tiled=True)
+        h = recv.reshape(ep, E_loc, cap, D).transpose(1, 0, 2, 3).reshape(E_loc, ep * cap, D)
+        y = local_mlp(h, ew).astype(x.dtype)
+        back = y.reshape(E_loc, ep, cap, D).transpose(1, 0, 2, 3).reshape(ep, E_loc * cap, D)
+        ret = jax.lax.all_to_all(back, "expert", 0, 0, tiled=True).reshape(E * cap, D)
+        rows = jnp.where(keep[:, None], ret[jnp.minimum(slot, E * cap - 1)], 0)
+        return rows.astype(jnp.float32), keep
 
+    operands = (x, ew, srt.experts, srt.tokens, rank, real)
     if capacity_factor is None:
         caps = moe_lib.bucket_capacities(t, k, E)
         need = jax.lax.pmax(jnp.max(srt.group_sizes[:E]), "expert")  # every peer takes one branch
-        choice = jnp.searchsorted(jnp.asarray(caps), need)
-        rows, keep = jax.lax.switch(choice, [run(c) for c in caps], None)
+        rows, keep = moe_lib.capacity_switch(run, caps, jnp.searchsorted(jnp.asarray(caps), need), *operands)
     else:
-        rows, keep = run(capacity(capacity_factor, t, k, E))(None)
+        rows, keep = run(capacity(capacity_factor, t, k, E), *operands)
     dropped = jnp.sum(real & ~keep, dtype=jnp.int32)
     y = jnp.zeros_like(rows).at[srt.order].set(rows).reshape(t, k, D)
     keep = jnp.zeros_like(keep).at[srt.order].set(keep).reshape(t, k)
@@ -274,25 +273,21 @@ def moe_sharded(x, router_w, router_b, ew: moe_lib.ExpertWeights, *, mesh: Mesh,
             keep = jnp.ones(routing.ids.shape, bool)
             dropped = jnp.zeros((), jnp.int32)
         else:
-            grouped = functools.partial(moe_lib.grouped_mlp, ew=ew_local,
-                                        mxfp4_impl=mxfp4_impl,
-                                        interpret=interpret, **mlp_kw)
+            grouped = functools.partial(moe_lib.grouped_mlp, mxfp4_impl=mxfp4_impl, interpret=interpret, **mlp_kw)
             if dispatch == "all_to_all":
                 if local_impl == "ragged":
-                    def local_mlp(h):  # [E_loc, n, D]: equal groups through the grouped matmul
-                        n = h.shape[1]
-                        sizes = jnp.full((h.shape[0],), n, jnp.int32)
-                        return grouped(h.reshape(-1, h.shape[-1]), sizes).reshape(h.shape)
+                    def local_mlp(h, ew):  # [E_loc, n, D]: equal groups through the grouped matmul
+                        sizes = jnp.full((h.shape[0],), h.shape[1], jnp.int32)
+                        return grouped(h.reshape(-1, h.shape[-1]), sizes, ew).reshape(h.shape)
                 else:
-                    local_mlp = functools.partial(moe_lib.bucket_mlp, ew=ew_local,
-                                                  one_at_a_time=_decode_one_at_a_time(ew_local, platform), **mlp_kw)
-                rows, keep, dropped = _all_to_all_rows(x, valid, routing, ep=ep, num_experts=E,
-                                                       capacity_factor=capacity_factor,
-                                                       local_mlp=local_mlp)
+                    local_mlp = functools.partial(moe_lib.bucket_mlp, one_at_a_time=_decode_one_at_a_time(
+                        ew_local, platform), **mlp_kw)
+                rows, keep, dropped = _all_to_all_rows(x, valid, routing, ew_local, ep=ep, num_experts=E,
+                                                       capacity_factor=capacity_factor, local_mlp=local_mlp)
             else:
                 rows, keep, dropped = _ragged_rows(x, valid, routing, ep=ep, num_experts=E,
-                                                   grouped=grouped, emulate=emulate_ragged,
-                                                   capacity_factor=capacity_factor)
+                                                   grouped=functools.partial(grouped, ew=ew_local),
+                                                   emulate=emulate_ragged, capacity_factor=capacity_factor)
             y = jnp.einsum("TkD,Tk->TD", rows, routing.weights)
         if tp > 1:
             y = jax.lax.psum(y, "tensor")

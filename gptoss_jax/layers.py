@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,32 @@ def embed_lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
         bits = jax.lax.bitcast_convert_type(table, jnp.uint16)[tokens]
         return jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
     return table[tokens]
+
+
+class LowRank(NamedTuple):
+    """A low-rank update beside a frozen weight (a LoRA adapter): x -> scale * (x a) b, with `a`
+    over the weight's contracted axes then r, and `b` over r then the weight's other axes."""
+    a: jax.Array
+    b: jax.Array
+    scale: float
+
+
+def linear(x, w, spec: str, *, adapter: LowRank | None = None) -> jax.Array:
+    """einsum(spec, x, w) with fp32 accumulation, plus an adapter's scale * (x a) b (fp32; x a is
+    rounded to x's dtype, as a separate matmul would). The adapter's two einsums follow from
+    `spec`: "BTD,DNH->BTNH" gives "BTD,Dr->BTr" and "BTr,rNH->BTNH"."""
+    y = jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
+    if adapter is None:
+        return y
+    ins, out = spec.split("->")
+    xs, ws = ins.split(",")
+    contracted = "".join(c for c in ws if c in xs and c not in out)
+    kept_x = "".join(c for c in xs if c not in contracted)
+    kept_w = "".join(c for c in ws if c not in contracted)
+    r = next(c for c in "rRzZ" if c not in spec)  # a subscript the spec does not use
+    xa = jnp.einsum(f"{xs},{contracted}{r}->{kept_x}{r}", x, adapter.a, preferred_element_type=jnp.float32)
+    return y + adapter.scale * jnp.einsum(f"{kept_x}{r},{r}{kept_w}->{out}", xa.astype(x.dtype), adapter.b,
+                                          preferred_element_type=jnp.float32)
 
 
 def unembed(h: jax.Array, w: jax.Array, *, reduction_rows: int = 0) -> jax.Array:

@@ -77,7 +77,7 @@ def merge_lora(model, *, experts: str | None = None):
     experts = experts or model.experts
     if experts not in EXPERT_FORMATS:
         raise ValueError(f"experts must be one of {EXPERT_FORMATS}, got {experts!r}")
-    target = abstract(model.cfg, dtype=model.dtype, experts=experts)
+    target = abstract(model.cfg, dtype=model.dtype, experts=experts, kernel=model.kernel, mesh=model.mesh)
     graphdef, state = nnx.split(target)
     source = dict(nnx.to_flat_state(nnx.state(model)))
     layers = {}
@@ -85,8 +85,7 @@ def merge_lora(model, *, experts: str | None = None):
         value = source[path].get_value() if path in source else None  # None: experts, filled below
         if len(path) == 4 and path[0] == "layers":
             layer, module, name = model.layers[path[1]], path[2], path[3]
-            if module == "attn" and name in ATTENTION_TARGETS and layer.attn.lora is not None \
-                    and layer.attn.lora.delta_available(name):
+            if module == "attn" and name in ATTENTION_TARGETS and layer.attn.adapter(name) is not None:
                 value = (value.astype(jnp.float32) + layer.attn.lora.dense_delta(name)).astype(value.dtype)
             elif module == "mlp" and name in ("w1", "w2", "w1_blocks", "w2_blocks", "w1_scales", "w2_scales"):
                 layers.setdefault(path[1], {})[name] = var
@@ -108,9 +107,7 @@ def merge_lora(model, *, experts: str | None = None):
                 vars_[f"{t}_scales"].set_value(merged.scales)
             else:
                 vars_[t].set_value(merged)
-    merged_model = nnx.merge(graphdef, state)
-    merged_model.kernel, merged_model.mesh = model.kernel, model.mesh
-    return merged_model
+    return nnx.merge(graphdef, state)
 
 
 @functools.partial(jax.jit, static_argnames=("packed", "dtype"))

@@ -101,15 +101,16 @@ class Attention(nnx.Module):
         self.sinks = _declare(keys, (N,), ("q_heads",), jnp.float32, _zeros)
         self.lora: AttentionLoRA | None = nnx.data(None)  # adapters, attached by lora.add_lora
 
+    def adapter(self, name: str):
+        return None if self.lora is None else self.lora.adapter(name)
+
     def qkv(self, x, rope, *, eps, mesh=None):
         """Residual input x [B, T, D] -> rotated q [B, T, N, H], rotated k and v [B, T, K, H]."""
         cos, sin = rope
         h = layers.rms_norm(x, self.norm[...], eps)
 
         def proj(name, spec):
-            y = jnp.einsum(spec, h, getattr(self, name)[...], preferred_element_type=jnp.float32)
-            if self.lora is not None and self.lora.delta_available(name):
-                y = y + self.lora.delta(name, h, "BTD,Dr->BTr", "BTr,rKH->BTKH")
+            y = layers.linear(h, getattr(self, name)[...], spec, adapter=self.adapter(name))
             y = (y + getattr(self, name + "_bias")[...].astype(jnp.float32)).astype(x.dtype)
             # batch over the batch axes and heads over tensor, both at once
             return sharding_lib.constrain(y, ("batch", "length", "act_heads", None), mesh)
@@ -134,9 +135,7 @@ class Attention(nnx.Module):
         else:
             out, sink_mass, cache = cache_lib.update_and_attend(cache, q, k, v, self.sinks[...],
                                                                 positions=positions, valid=valid)
-        o = jnp.einsum("BTNH,NHD->BTD", out, self.o[...], preferred_element_type=jnp.float32)
-        if self.lora is not None and self.lora.delta_available("o"):
-            o = o + self.lora.delta("o", out, "BTNH,NHr->BTr", "BTr,rD->BTD")
+        o = layers.linear(out, self.o[...], "BTNH,NHD->BTD", adapter=self.adapter("o"))
         return (o + self.o_bias[...].astype(jnp.float32)).astype(x.dtype), sink_mass, cache
 
 
@@ -528,9 +527,11 @@ def init(cfg: ModelConfig, *, seed: int = 0, dtype=jnp.bfloat16, experts: str = 
     return nnx.merge(graphdef, abstract_state)
 
 
-def abstract(cfg: ModelConfig, *, dtype=jnp.bfloat16, experts: str = "mxfp4") -> GptOss:
+def abstract(cfg: ModelConfig, *, dtype=jnp.bfloat16, experts: str = "mxfp4", kernel: KernelOptions | None = None,
+             mesh=None) -> GptOss:
     """The model with `jax.ShapeDtypeStruct` leaves: no memory, for shapes, counts and loading."""
-    return nnx.eval_shape(lambda: GptOss(cfg, rngs=nnx.Rngs(0), dtype=dtype, experts=experts))
+    return nnx.eval_shape(lambda: GptOss(cfg, rngs=nnx.Rngs(0), dtype=dtype, experts=experts, kernel=kernel,
+                                         mesh=mesh))
 
 
 def parameter_count(model: GptOss) -> int:

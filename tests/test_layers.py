@@ -124,3 +124,23 @@ def test_embed_lookup_is_exact_for_bf16_and_fp32():
         got = layers.embed_lookup(table, tokens)
         assert got.dtype == dtype
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(table, np.float32)[np.asarray(tokens)])
+
+
+@pytest.mark.parametrize("spec,x_shape,w_shape,a_shape,b_shape", [
+    ("BTD,DNH->BTNH", (2, 3, 8), (8, 4, 5), (8, 2), (2, 4, 5)),  # q/k/v: one contracted axis
+    ("BTNH,NHD->BTD", (2, 3, 4, 5), (4, 5, 8), (4, 5, 2), (2, 8)),  # o: two contracted axes
+])
+def test_linear_with_a_low_rank_adapter_equals_numpy(spec, x_shape, w_shape, a_shape, b_shape):
+    rng = np.random.default_rng(2)
+    x, w, a, b = (rng.normal(size=s).astype(np.float32) for s in (x_shape, w_shape, a_shape, b_shape))
+    nd = len(a_shape) - 1  # contracted axes
+    flat = lambda t, lead: t.reshape(int(np.prod(t.shape[:lead])), -1)
+    xm = flat(x.astype(np.float64), x.ndim - nd)
+    base = xm @ flat(w.astype(np.float64), nd)
+    delta = 0.5 * (xm @ flat(a.astype(np.float64), nd)) @ b.reshape(b.shape[0], -1)
+    out_shape = x_shape[:x.ndim - nd] + w_shape[nd:]
+    plain = layers.linear(jnp.asarray(x), jnp.asarray(w), spec)
+    got = layers.linear(jnp.asarray(x), jnp.asarray(w), spec, adapter=layers.LowRank(jnp.asarray(a), jnp.asarray(b), 0.5))
+    np.testing.assert_allclose(np.asarray(plain), base.reshape(out_shape), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got), (base + delta).reshape(out_shape), rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(got) - np.asarray(plain)).max() > 1e-2  # control: the adapter changes the output

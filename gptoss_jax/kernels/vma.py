@@ -26,8 +26,8 @@ def union(*operands) -> frozenset:
 
 
 def varying_like(init, *operands):
-    """`init` (e.g. zeros for a loop carry) varying over the operands' axes."""
-    axes = union(*operands)
+    """`init` (e.g. zeros for a loop carry) varying over the operands' axes as well as its own."""
+    axes = union(*operands) - vma(init)
     return jax.lax.pcast(init, tuple(sorted(axes)), to="varying") if axes else init
 
 

@@ -30,6 +30,8 @@ run: setup
 TEST_WORKERS ?= 2
 
 test: setup-test
+	$(PY) -m ruff check
+	$(PY) -m ruff format --check
 	$(HUGE_PAGES) $(PY) -m pytest -q tests -n $(TEST_WORKERS) --dist loadfile
 
 clean:

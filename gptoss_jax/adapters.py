@@ -25,6 +25,7 @@ from gptoss_jax.layers import LowRank
 
 class Adapter(NamedTuple):
     """A per-expert LoRA update of an expert matrix: x -> (x a_e) b_e, the LoRA scale folded into b."""
+
     a: jax.Array  # [E, in, r]
     b: jax.Array  # [E, r, out]
 
@@ -80,10 +81,12 @@ class AttentionLoRA(nnx.Module):
     def __init__(self, cfg, lora: LoRAConfig, *, dtype, key):
         D, N, K, H, r = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, lora.rank
         self.scale = lora.scale
-        shapes = {"q": ((D, r), ("embed", None), (r, N, H), (None, "q_heads", "head_dim"), D),
-                  "k": ((D, r), ("embed", None), (r, K, H), (None, "kv_heads", "head_dim"), D),
-                  "v": ((D, r), ("embed", None), (r, K, H), (None, "kv_heads", "head_dim"), D),
-                  "o": ((N, H, r), ("q_heads", "head_dim", None), (r, D), (None, "embed"), N * H)}
+        shapes = {
+            "q": ((D, r), ("embed", None), (r, N, H), (None, "q_heads", "head_dim"), D),
+            "k": ((D, r), ("embed", None), (r, K, H), (None, "kv_heads", "head_dim"), D),
+            "v": ((D, r), ("embed", None), (r, K, H), (None, "kv_heads", "head_dim"), D),
+            "o": ((N, H, r), ("q_heads", "head_dim", None), (r, D), (None, "embed"), N * H),
+        }
         _declare_adapters(self, shapes, lora, dtype, key)
 
     def adapter(self, target: str) -> LowRank | None:
@@ -105,8 +108,10 @@ class ExpertLoRA(nnx.Module):
     def __init__(self, cfg, lora: LoRAConfig, *, dtype, key):
         D, E, F, r = cfg.d_model, cfg.num_experts, cfg.expert_dim, lora.rank
         self.scale = lora.scale
-        shapes = {"w1": ((E, D, r), ("experts", "embed", None), (E, r, 2 * F), ("experts", None, "expert_mlp"), D),
-                  "w2": ((E, F, r), ("experts", "expert_mlp", None), (E, r, D), ("experts", None, "embed"), F)}
+        shapes = {
+            "w1": ((E, D, r), ("experts", "embed", None), (E, r, 2 * F), ("experts", None, "expert_mlp"), D),
+            "w2": ((E, F, r), ("experts", "expert_mlp", None), (E, r, D), ("experts", None, "embed"), F),
+        }
         _declare_adapters(self, shapes, lora, dtype, key)
 
     def adapter(self, target: str) -> Adapter | None:

@@ -26,19 +26,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from gptoss_jax import lora as lora_lib
 from gptoss_jax import sharding as sharding_lib
 from gptoss_jax import targets as targets_lib
-from gptoss_jax.config import ModelConfig
-from gptoss_jax import lora as lora_lib
-from gptoss_jax.model import GptOss
-from gptoss_jax.model import KernelOptions
 from gptoss_jax.cache import init_cache
+from gptoss_jax.config import ModelConfig
+from gptoss_jax.model import GptOss, KernelOptions
+from gptoss_jax.train import rl as rl_lib
 from gptoss_jax.train import sft as sft_lib
 from gptoss_jax.train.memory import estimate
 from gptoss_jax.train.step import make_optimizer, make_trainer, trainable_filter
-from gptoss_jax.train import rl as rl_lib
 
 GIB = 2**30
 
@@ -81,16 +81,20 @@ class CompileReport:
     def table(self) -> str:
         gib = lambda b: f"{b / GIB:8.2f} GiB"
         mesh = ", ".join(f"{k}={v}" for k, v in self.mesh.items() if v > 1) or "one device"
-        lines = [f"{self.program} on {self.target} ({self.devices} device{'s' * (self.devices > 1)}; mesh {mesh}); "
-                 f"compiled in {self.compile_seconds:.1f} s",
-                 f"  per device: arguments {gib(self.argument_bytes)}, outputs {gib(self.output_bytes)}, "
-                 f"aliased {gib(self.alias_bytes)}, temporaries {gib(self.temp_bytes)}",
-                 f"  total {gib(self.total_bytes)} of {gib(self.hbm_bytes)} HBM "
-                 f"({self.total_bytes / self.hbm_bytes:.0%}): {'fits' if self.fits else 'DOES NOT FIT'}"]
+        lines = [
+            f"{self.program} on {self.target} ({self.devices} device{'s' * (self.devices > 1)}; mesh {mesh}); "
+            f"compiled in {self.compile_seconds:.1f} s",
+            f"  per device: arguments {gib(self.argument_bytes)}, outputs {gib(self.output_bytes)}, "
+            f"aliased {gib(self.alias_bytes)}, temporaries {gib(self.temp_bytes)}",
+            f"  total {gib(self.total_bytes)} of {gib(self.hbm_bytes)} HBM "
+            f"({self.total_bytes / self.hbm_bytes:.0%}): {'fits' if self.fits else 'DOES NOT FIT'}",
+        ]
         if self.refused:
             lines.insert(1, f"  the compiler refused it: {self.refused}")
-            lines[2] = f"  per device: arguments {gib(self.argument_bytes)} (from their shardings), temporaries " \
-                       f"{gib(self.temp_bytes)} (from the refusal)"
+            lines[2] = (
+                f"  per device: arguments {gib(self.argument_bytes)} (from their shardings), temporaries "
+                f"{gib(self.temp_bytes)} (from the refusal)"
+            )
         if self.estimate_bytes:
             ratio = self.total_bytes / self.estimate_bytes
             lines.append(f"  --estimate-memory {gib(self.estimate_bytes)} (compiler / estimate = {ratio:.2f})")
@@ -129,8 +133,21 @@ def _custom_calls(hlo: str) -> tuple[dict, dict, dict]:
 
 
 _BUFFER = re.compile(r"\b([a-z0-9]+)\[([0-9,]*)\]")
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
-          "s64": 8, "u64": 8, "f64": 8}
+_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "bf16": 2,
+    "f16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+}
 
 
 def largest_arrays(hlo: str, n: int = 5) -> list:
@@ -146,7 +163,9 @@ def largest_arrays(hlo: str, n: int = 5) -> list:
             continue
         if skip or "=" not in line:
             continue
-        result = line.split("=", 1)[1].split("(", 1)[0] if " = (" not in line else line.split(" = ", 1)[1].split(")", 1)[0]
+        result = (
+            line.split("=", 1)[1].split("(", 1)[0] if " = (" not in line else line.split(" = ", 1)[1].split(")", 1)[0]
+        )
         for dt, dims in _BUFFER.findall(result):
             if dt in _BYTES:
                 shape = [int(d) for d in dims.split(",") if d]
@@ -168,6 +187,7 @@ class _Progress:
                 while not self.stop.wait(1.0):
                     sys.stderr.write(f"\rcompiling {self.what} ... {time.time() - t0:.0f} s")
                     sys.stderr.flush()
+
             self.thread = threading.Thread(target=tick, daemon=True)
             self.thread.start()
         return self
@@ -179,8 +199,9 @@ class _Progress:
             sys.stderr.write("\r" + " " * 60 + "\r")
 
 
-def compile_jitted(jitted, args, *, program: str, target, mesh=None, progress: bool = True,
-                   estimate_bytes=None) -> tuple:
+def compile_jitted(
+    jitted, args, *, program: str, target, mesh=None, progress: bool = True, estimate_bytes=None
+) -> tuple:
     """Lower and compile `jitted` for the abstract `args`; -> (compiled, CompileReport)."""
     target = targets_lib.get(target)
     mesh_shape = dict(mesh.shape) if mesh is not None else {}
@@ -200,9 +221,25 @@ def compile_jitted(jitted, args, *, program: str, target, mesh=None, progress: b
                 raise
             args_bytes = sum(a.size * a.dtype.itemsize // _split(a) for a in jax.tree.leaves(args))
             temps = size(need, 1) if need else max(0, size(used, 1) - args_bytes)
-            return None, CompileReport(program, target.name, target.num_devices, target.hbm_bytes, args_bytes, 0,
-                                       0, temps, time.perf_counter() - t0, {}, {}, None, estimate_bytes,
-                                       mesh_shape, [], {}, refused=str(e).splitlines()[0])
+            return None, CompileReport(
+                program,
+                target.name,
+                target.num_devices,
+                target.hbm_bytes,
+                args_bytes,
+                0,
+                0,
+                temps,
+                time.perf_counter() - t0,
+                {},
+                {},
+                None,
+                estimate_bytes,
+                mesh_shape,
+                [],
+                {},
+                refused=str(e).splitlines()[0],
+            )
         seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     hlo = compiled.as_text()
@@ -210,10 +247,24 @@ def compile_jitted(jitted, args, *, program: str, target, mesh=None, progress: b
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) and cost else cost
     flops = float(cost.get("flops", 0.0)) if isinstance(cost, dict) else None
-    report = CompileReport(program, target.name, target.num_devices, target.hbm_bytes,
-                           mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
-                           mem.temp_size_in_bytes, seconds, kernels, calls, flops or None, estimate_bytes,
-                           mesh_shape, largest_arrays(hlo), vmem)
+    report = CompileReport(
+        program,
+        target.name,
+        target.num_devices,
+        target.hbm_bytes,
+        mem.argument_size_in_bytes,
+        mem.output_size_in_bytes,
+        mem.alias_size_in_bytes,
+        mem.temp_size_in_bytes,
+        seconds,
+        kernels,
+        calls,
+        flops or None,
+        estimate_bytes,
+        mesh_shape,
+        largest_arrays(hlo),
+        vmem,
+    )
     return compiled, report
 
 
@@ -260,48 +311,78 @@ def _model_builder(cfg: ModelConfig, *, dtype, experts, kernel, mesh, lora=None)
         if lora is not None:
             lora_lib.add_lora(model, lora)
         return model
+
     return build
 
 
 # ------------------------------------------------------------------------------ the programs
-def compile_forward(cfg: ModelConfig, target, *, batch: int = 1, length: int = 8192, mesh=None,
-                    dtype=jnp.bfloat16, experts: str = "mxfp4", kernel=None, progress: bool = True):
+def compile_forward(
+    cfg: ModelConfig,
+    target,
+    *,
+    batch: int = 1,
+    length: int = 8192,
+    mesh=None,
+    dtype=jnp.bfloat16,
+    experts: str = "mxfp4",
+    kernel=None,
+    progress: bool = True,
+):
     """The prefill forward: tokens [batch, length] -> the last position's logits [batch, 1, V]
     (the pass that fills a prompt; all positions' logits would add batch x length x V fp32)."""
 
     m = _mesh(target, mesh)
-    graphdef, state = abstract_model(_model_builder(cfg, dtype=dtype, experts=experts,
-                                                    kernel=kernel or KernelOptions(), mesh=m), m)
+    graphdef, state = abstract_model(
+        _model_builder(cfg, dtype=dtype, experts=experts, kernel=kernel or KernelOptions(), mesh=m), m
+    )
     tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=_batch_sharding(m, batch))
 
     def forward(state, tokens):
         last = jnp.full((tokens.shape[0],), tokens.shape[1] - 1, jnp.int32)
         return nnx.merge(graphdef, state)(tokens, logits_at=last).logits
 
-    return compile_jitted(jax.jit(forward), (state, tokens), program=f"forward {batch}x{length}",
-                          target=target, mesh=m, progress=progress)
+    return compile_jitted(
+        jax.jit(forward), (state, tokens), program=f"forward {batch}x{length}", target=target, mesh=m, progress=progress
+    )
 
 
-def compile_decode(cfg: ModelConfig, target, *, batch: int = 1, context: int = 8192, mesh=None,
-                   dtype=jnp.bfloat16, experts: str = "mxfp4", kernel=None, progress: bool = True):
+def compile_decode(
+    cfg: ModelConfig,
+    target,
+    *,
+    batch: int = 1,
+    context: int = 8192,
+    mesh=None,
+    dtype=jnp.bfloat16,
+    experts: str = "mxfp4",
+    kernel=None,
+    progress: bool = True,
+):
     """One decode step with the KV cache: tokens [batch, 1] + a cache of `context` positions ->
     logits [batch, 1, V] and the updated cache (donated, as the sampler does)."""
 
     m = _mesh(target, mesh)
-    graphdef, state = abstract_model(_model_builder(cfg, dtype=dtype, experts=experts,
-                                                    kernel=kernel or KernelOptions(), mesh=m), m)
+    graphdef, state = abstract_model(
+        _model_builder(cfg, dtype=dtype, experts=experts, kernel=kernel or KernelOptions(), mesh=m), m
+    )
     cache = jax.eval_shape(lambda: init_cache(cfg, batch, context, dtype))
-    cache = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
-                                                        sharding=_batch_sharding(m, batch, a.ndim)), cache)
+    cache = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=_batch_sharding(m, batch, a.ndim)), cache
+    )
     tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=_batch_sharding(m, batch))
 
     def step(state, cache, tokens):
         out = nnx.merge(graphdef, state)(tokens, cache=cache)
         return out.logits, out.cache
 
-    return compile_jitted(jax.jit(step, donate_argnums=(1,)), (state, cache, tokens),
-                          program=f"decode step {batch}x1 (cache {context})", target=target, mesh=m,
-                          progress=progress)
+    return compile_jitted(
+        jax.jit(step, donate_argnums=(1,)),
+        (state, cache, tokens),
+        program=f"decode step {batch}x1 (cache {context})",
+        target=target,
+        mesh=m,
+        progress=progress,
+    )
 
 
 def compile_train_step(exp_cfg, target, *, progress: bool = True):
@@ -315,8 +396,9 @@ def compile_train_step(exp_cfg, target, *, progress: bool = True):
     model_cfg = sft_lib.model_config(exp_cfg)
     m = _mesh(target, exp_cfg.mesh)
     lora = sft_lib.lora_config(exp_cfg) if exp_cfg.lora.enabled else None
-    build = _model_builder(model_cfg, dtype=mcfg.dtype, experts=mcfg.experts,
-                           kernel=sft_lib.kernel_options(exp_cfg), mesh=m, lora=lora)
+    build = _model_builder(
+        model_cfg, dtype=mcfg.dtype, experts=mcfg.experts, kernel=sft_lib.kernel_options(exp_cfg), mesh=m, lora=lora
+    )
     graphdef, state = abstract_model(build, m)
     model = nnx.merge(graphdef, state)
     trainable = trainable_filter(lora=exp_cfg.lora.enabled, norms_and_sinks=exp_cfg.lora.train_norms_and_sinks)
@@ -325,29 +407,58 @@ def compile_train_step(exp_cfg, target, *, progress: bool = True):
     else:
         rows = exp_cfg.rl.prompts_per_step * exp_cfg.rl.group_size
         objective = rl_lib.rl_objective(exp_cfg.algorithm, exp_cfg.rl)
-    trainer = make_trainer(model, make_optimizer(exp_cfg.optim), accum_steps=exp_cfg.data.accum_steps,
-                           trainable=trainable, router_aux_loss=exp_cfg.optim.router_aux_loss, objective=objective,
-                           loss_chunk=mcfg.loss_chunk)
+    trainer = make_trainer(
+        model,
+        make_optimizer(exp_cfg.optim),
+        accum_steps=exp_cfg.data.accum_steps,
+        trainable=trainable,
+        router_aux_loss=exp_cfg.optim.router_aux_loss,
+        objective=objective,
+        loss_chunk=mcfg.loss_chunk,
+    )
     # The state's layout is what jit gives the initial state from the sharded model, as in a run.
     init = jax.jit(trainer.init).lower(model).compile()
-    state_struct = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                jax.eval_shape(trainer.init, model), init.output_shardings)
+    state_struct = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        jax.eval_shape(trainer.init, model),
+        init.output_shardings,
+    )
     T = exp_cfg.data.seq_len  # RL: prompt + response rows of up to seq_len tokens
     if objective is None:  # packed rows, as train.data makes them
         shapes = {k: ((rows, T), jnp.int32) for k in ("tokens", "loss_mask", "segment_ids", "positions")}
     else:  # a rollout batch, as rl.build_batch makes it
-        shapes = {"tokens": ((rows, T), jnp.int32), "segment_ids": ((rows, T), jnp.int32),
-                  "mask": ((rows, T - 1), jnp.float32), "old_logp": ((rows, T - 1), jnp.float32),
-                  "advantages": ((rows,), jnp.float32)}
+        shapes = {
+            "tokens": ((rows, T), jnp.int32),
+            "segment_ids": ((rows, T), jnp.int32),
+            "mask": ((rows, T - 1), jnp.float32),
+            "old_logp": ((rows, T - 1), jnp.float32),
+            "advantages": ((rows,), jnp.float32),
+        }
         if exp_cfg.rl.kl_coef > 0:
             shapes["ref_logp"] = ((rows, T - 1), jnp.float32)
-    batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=_batch_sharding(m, rows, len(shape)))
-             for k, (shape, dt) in shapes.items()}
+    batch = {
+        k: jax.ShapeDtypeStruct(shape, dt, sharding=_batch_sharding(m, rows, len(shape)))
+        for k, (shape, dt) in shapes.items()
+    }
     est = estimate(exp_cfg).total
     name = f"train step ({exp_cfg.algorithm}{', LoRA' if lora else ''}, {rows}x{T}, accum {exp_cfg.data.accum_steps})"
-    return compile_jitted(trainer.step_fn, (state_struct, batch, trainer.frozen), program=name, target=target, mesh=m,
-                          progress=progress, estimate_bytes=est)[1]
+    return compile_jitted(
+        trainer.step_fn,
+        (state_struct, batch, trainer.frozen),
+        program=name,
+        target=target,
+        mesh=m,
+        progress=progress,
+        estimate_bytes=est,
+    )[1]
 
 
-__all__ = ["CompileReport", "compile_jitted", "compile_forward", "compile_decode", "compile_train_step",
-           "abstract_model", "largest_arrays"]
+__all__ = [
+    "CompileReport",
+    "compile_jitted",
+    "compile_forward",
+    "compile_decode",
+    "compile_train_step",
+    "abstract_model",
+    "largest_arrays",
+]

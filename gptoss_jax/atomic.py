@@ -30,7 +30,7 @@ import re
 import secrets
 import shutil
 import socket
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 _PATTERN = re.compile(r"^\.(?P<name>.+)\.gptoss-(?P<kind>tmp|old)-(?P<host>\w*)-(?P<pid>\d+)-(?P<token>[0-9a-f]{8})$")
 
@@ -135,11 +135,13 @@ def check_separate(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     if same:
         raise ValueError(f"the destination {os.fspath(dst)} is the source itself; write to another folder")
     if os.path.commonpath([a, b]) == a:
-        raise ValueError(f"the destination {os.fspath(dst)} is inside the source {os.fspath(src)}; "
-                         "write to a folder outside it")
+        raise ValueError(
+            f"the destination {os.fspath(dst)} is inside the source {os.fspath(src)}; write to a folder outside it"
+        )
     if os.path.commonpath([a, b]) == b:
-        raise ValueError(f"the source {os.fspath(src)} is inside the destination {os.fspath(dst)}; "
-                         "write to a folder outside it")
+        raise ValueError(
+            f"the source {os.fspath(src)} is inside the destination {os.fspath(dst)}; write to a folder outside it"
+        )
 
 
 def _not_empty(path: str) -> bool:
@@ -148,8 +150,9 @@ def _not_empty(path: str) -> bool:
 
 
 @contextlib.contextmanager
-def folder(dst: str | os.PathLike, *, overwrite: bool = False,
-           sources: Iterable[str | os.PathLike] = ()) -> Iterator[str]:
+def folder(
+    dst: str | os.PathLike, *, overwrite: bool = False, sources: Iterable[str | os.PathLike] = ()
+) -> Iterator[str]:
     """Yield an empty temporary folder beside `dst`; on a normal exit it becomes `dst`, on an
     exception it is removed and `dst` is untouched.
 
@@ -169,8 +172,10 @@ def folder(dst: str | os.PathLike, *, overwrite: bool = False,
         if not os.path.isdir(target):
             raise FileExistsError(f"{shown} exists and is not a folder")
         if not overwrite and _not_empty(target):
-            raise FileExistsError(f"{shown} is not empty; refusing to write over it "
-                                  "(overwrite=True / --overwrite replaces it once the new one is complete)")
+            raise FileExistsError(
+                f"{shown} is not empty; refusing to write over it "
+                "(overwrite=True / --overwrite replaces it once the new one is complete)"
+            )
     tmp = _sibling(target, "tmp")
     os.mkdir(tmp)
     try:

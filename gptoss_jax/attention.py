@@ -60,7 +60,7 @@ def attend(q, k, v, sinks, mask, *, scale: float | None = None):
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     G = N // K
-    scale = H ** -0.5 if scale is None else scale
+    scale = H**-0.5 if scale is None else scale
     # The G query heads of a KV head as one [G*T, H] matrix: a plain batched matmul over (B, K),
     # which XLA:CPU runs 2-3x faster (forward and backward) than the 5-D einsum of the same product.
     qg = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
@@ -69,15 +69,17 @@ def attend(q, k, v, sinks, mask, *, scale: float | None = None):
     s = jnp.where(mask[:, None, None, :, :], s.reshape(B, K, G, T, S), -jnp.inf)
     sink = sinks.astype(jnp.float32).reshape(1, K, G, 1)  # query head n = K*G index, kv head n // G
     p, sink_mass = softmax_with_sink(s, sink)  # [B, K, G, T, S], [B, K, G, T]
-    out = jnp.einsum("BKMS,BKSH->BKMH", p.astype(v.dtype).reshape(B, K, G * T, S), vt,
-                     preferred_element_type=jnp.float32)
+    out = jnp.einsum(
+        "BKMS,BKSH->BKMH", p.astype(v.dtype).reshape(B, K, G * T, S), vt, preferred_element_type=jnp.float32
+    )
     out = out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
     sink_mass = sink_mass.transpose(0, 3, 1, 2).reshape(B, T, N)
     return out.astype(q.dtype), sink_mass
 
 
-def attention_reference(q, k, v, sinks, *, q_pos, k_pos, q_seg, k_seg, window, k_valid=None,
-                        scale: float | None = None):
+def attention_reference(
+    q, k, v, sinks, *, q_pos, k_pos, q_seg, k_seg, window, k_valid=None, scale: float | None = None
+):
     """The obviously-right [T, S] path (also the decode path: S is the cache); `scale` of the
     scores as in `attend` (default 1/sqrt(H))."""
     mask = attention_mask(q_pos, k_pos, q_seg, k_seg, window=window, k_valid=k_valid)
@@ -93,8 +95,9 @@ def sliding_attention(q, k, v, sinks, *, positions, segment_ids, window: int):
     B, T, N, H = q.shape
     C = window
     if T <= C:
-        return attention_reference(q, k, v, sinks, q_pos=positions, k_pos=positions,
-                                   q_seg=segment_ids, k_seg=segment_ids, window=window)
+        return attention_reference(
+            q, k, v, sinks, q_pos=positions, k_pos=positions, q_seg=segment_ids, k_seg=segment_ids, window=window
+        )
     n = -(-T // C)
     pad = n * C - T
 
@@ -113,8 +116,7 @@ def sliding_attention(q, k, v, sinks, *, positions, segment_ids, window: int):
     kvalid = with_previous(chunks(jnp.ones((B, T), bool), False))
 
     flat = lambda x: x.reshape(B * n, *x.shape[2:])  # chunks become batch rows
-    mask = attention_mask(flat(qpos), flat(kpos), flat(qseg), flat(kseg), window=window,
-                          k_valid=flat(kvalid))
+    mask = attention_mask(flat(qpos), flat(kpos), flat(qseg), flat(kseg), window=window, k_valid=flat(kvalid))
     out, sink_mass = attend(flat(qc), flat(kc), flat(vc), sinks, mask)
     out = out.reshape(B, n * C, N, H)[:, :T]
     sink_mass = sink_mass.reshape(B, n * C, N)[:, :T]
@@ -142,9 +144,17 @@ def causal_attention(q, k, v, sinks, *, positions, segment_ids):
     outs, masses = [], []
     for start in range(0, T, C):
         end = min(start + C, T)
-        o, m = attention_reference(q[:, start:end], k[:, :end], v[:, :end], sinks,
-                                   q_pos=positions[:, start:end], k_pos=positions[:, :end],
-                                   q_seg=segment_ids[:, start:end], k_seg=segment_ids[:, :end], window=None)
+        o, m = attention_reference(
+            q[:, start:end],
+            k[:, :end],
+            v[:, :end],
+            sinks,
+            q_pos=positions[:, start:end],
+            k_pos=positions[:, :end],
+            q_seg=segment_ids[:, start:end],
+            k_seg=segment_ids[:, :end],
+            window=None,
+        )
         outs.append(o)
         masses.append(m)
     if len(outs) == 1:
@@ -156,6 +166,5 @@ def self_attention(q, k, v, sinks, *, positions, segment_ids, window: int | None
     """Training/prefill self-attention on the XLA path: chunked for sliding layers (O(T W)),
     causal chunks without the upper triangle for full layers."""
     if window is not None:
-        return sliding_attention(q, k, v, sinks, positions=positions, segment_ids=segment_ids,
-                                 window=window)
+        return sliding_attention(q, k, v, sinks, positions=positions, segment_ids=segment_ids, window=window)
     return causal_attention(q, k, v, sinks, positions=positions, segment_ids=segment_ids)

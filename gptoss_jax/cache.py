@@ -57,8 +57,9 @@ def init_cache(cfg: ModelConfig, batch: int, max_length: int, dtype=jnp.bfloat16
         window = cfg.sliding_window if cfg.is_sliding(i) else None
         size = min(window, max_length) if window is not None else max_length
         shape = (batch, size, cfg.num_kv_heads, cfg.head_dim)
-        layers.append(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                                 jnp.full((batch, size), -1, jnp.int32), window))
+        layers.append(
+            LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.full((batch, size), -1, jnp.int32), window)
+        )
     return KVCache(layers, jnp.zeros((batch,), jnp.int32))
 
 
@@ -83,20 +84,48 @@ def update_and_attend(layer: LayerCache, q, k, v, sinks, *, positions, valid):
     ones = jnp.ones((B, 1), jnp.int32)
     if layer.window is None:
         slots = jnp.where(valid, positions, S)
-        layer = LayerCache(_scatter_rows(layer.k, slots, k), _scatter_rows(layer.v, slots, v),
-                           _scatter_rows(layer.pos, slots, positions), None)
-        out, mass = attention_reference(q, layer.k, layer.v, sinks, q_pos=positions, k_pos=layer.pos,
-                                        q_seg=ones, k_seg=ones, window=None, k_valid=layer.pos >= 0)
+        layer = LayerCache(
+            _scatter_rows(layer.k, slots, k),
+            _scatter_rows(layer.v, slots, v),
+            _scatter_rows(layer.pos, slots, positions),
+            None,
+        )
+        out, mass = attention_reference(
+            q,
+            layer.k,
+            layer.v,
+            sinks,
+            q_pos=positions,
+            k_pos=layer.pos,
+            q_seg=ones,
+            k_seg=ones,
+            window=None,
+            k_valid=layer.pos >= 0,
+        )
         return out, mass, layer
     k_all = jnp.concatenate([layer.k, k], axis=1)
     v_all = jnp.concatenate([layer.v, v], axis=1)
     pos_all = jnp.concatenate([layer.pos, jnp.where(valid, positions, -1)], axis=1)
-    out, mass = attention_reference(q, k_all, v_all, sinks, q_pos=positions, k_pos=pos_all,
-                                    q_seg=ones, k_seg=ones, window=layer.window, k_valid=pos_all >= 0)
+    out, mass = attention_reference(
+        q,
+        k_all,
+        v_all,
+        sinks,
+        q_pos=positions,
+        k_pos=pos_all,
+        q_seg=ones,
+        k_seg=ones,
+        window=layer.window,
+        k_valid=pos_all >= 0,
+    )
     # Keep only the last S valid new tokens: their slots are distinct, so the scatter is exact.
     n_valid = jnp.sum(valid, axis=1, keepdims=True)
     keep = valid & (n_valid - 1 - jnp.arange(T)[None, :] < S)
     slots = jnp.where(keep, positions % S, S)
-    new = LayerCache(_scatter_rows(layer.k, slots, k), _scatter_rows(layer.v, slots, v),
-                     _scatter_rows(layer.pos, slots, positions), layer.window)
+    new = LayerCache(
+        _scatter_rows(layer.k, slots, k),
+        _scatter_rows(layer.v, slots, v),
+        _scatter_rows(layer.pos, slots, positions),
+        layer.window,
+    )
     return out, mass, new

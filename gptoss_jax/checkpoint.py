@@ -20,7 +20,7 @@ import dataclasses
 import glob
 import json
 import os
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +45,7 @@ class _Dim(int):
         self.text, self.keys = text, dict(keys or {})
         return self
 
-    def _op(self, other, value: int, fmt: str) -> "_Dim":
+    def _op(self, other, value: int, fmt: str) -> _Dim:
         return _Dim(value, fmt.format(self.text, _dim_text(other)), {**self.keys, **getattr(other, "keys", {})})
 
     def __mul__(self, other):
@@ -78,14 +78,19 @@ class _ConfigDims:
 
 def _config_dims(cfg: ModelConfig, layout: str) -> _ConfigDims:
     """The config.json entries tensor shapes derive from, under the key names of `layout`."""
+
     def dim(value, key):
         return _Dim(value, key, {key: value})
 
-    return _ConfigDims(V=dim(cfg.vocab_size, "vocab_size"), D=dim(cfg.d_model, "hidden_size"),
-                       N=dim(cfg.num_heads, "num_attention_heads"), K=dim(cfg.num_kv_heads, "num_key_value_heads"),
-                       H=dim(cfg.head_dim, "head_dim"),
-                       E=dim(cfg.num_experts, "num_experts" if layout == "original" else "num_local_experts"),
-                       F=dim(cfg.expert_dim, "intermediate_size"))
+    return _ConfigDims(
+        V=dim(cfg.vocab_size, "vocab_size"),
+        D=dim(cfg.d_model, "hidden_size"),
+        N=dim(cfg.num_heads, "num_attention_heads"),
+        K=dim(cfg.num_kv_heads, "num_key_value_heads"),
+        H=dim(cfg.head_dim, "head_dim"),
+        E=dim(cfg.num_experts, "num_experts" if layout == "original" else "num_local_experts"),
+        F=dim(cfg.expert_dim, "intermediate_size"),
+    )
 
 
 FLOAT, E2M1, E8M0 = "float", "e2m1", "e8m0"  # what a checkpoint tensor holds: floats, MXFP4 blocks, scales
@@ -95,6 +100,7 @@ FLOAT, E2M1, E8M0 = "float", "e2m1", "e8m0"  # what a checkpoint tensor holds: f
 class Expect:
     """What one checkpoint tensor must look like on disk, before any transform: its shape (in
     `_Dim`s where config.json decides it) and what it holds (FLOAT, or E2M1 / E8M0 bytes)."""
+
     shape: tuple
     kind: str = FLOAT
 
@@ -142,17 +148,37 @@ def hf_rules(cfg: ModelConfig, experts: str, packed_on_disk: bool) -> list[Rule]
         rules += [
             Rule(a + ("norm",), (p + "input_layernorm.weight",), _same, _same, _floats(d.D)),
             Rule(a + ("q",), (sa + "q_proj.weight",), _heads_in(N, H), _heads_out, _floats(d.N * d.H, d.D)),
-            Rule(a + ("q_bias",), (sa + "q_proj.bias",), lambda b: b.reshape(N, H), lambda b: b.reshape(-1),
-                 _floats(d.N * d.H)),
+            Rule(
+                a + ("q_bias",),
+                (sa + "q_proj.bias",),
+                lambda b: b.reshape(N, H),
+                lambda b: b.reshape(-1),
+                _floats(d.N * d.H),
+            ),
             Rule(a + ("k",), (sa + "k_proj.weight",), _heads_in(K, H), _heads_out, _floats(d.K * d.H, d.D)),
-            Rule(a + ("k_bias",), (sa + "k_proj.bias",), lambda b: b.reshape(K, H), lambda b: b.reshape(-1),
-                 _floats(d.K * d.H)),
+            Rule(
+                a + ("k_bias",),
+                (sa + "k_proj.bias",),
+                lambda b: b.reshape(K, H),
+                lambda b: b.reshape(-1),
+                _floats(d.K * d.H),
+            ),
             Rule(a + ("v",), (sa + "v_proj.weight",), _heads_in(K, H), _heads_out, _floats(d.K * d.H, d.D)),
-            Rule(a + ("v_bias",), (sa + "v_proj.bias",), lambda b: b.reshape(K, H), lambda b: b.reshape(-1),
-                 _floats(d.K * d.H)),
+            Rule(
+                a + ("v_bias",),
+                (sa + "v_proj.bias",),
+                lambda b: b.reshape(K, H),
+                lambda b: b.reshape(-1),
+                _floats(d.K * d.H),
+            ),
             # o_proj [D, N*H] -> [N, H, D]
-            Rule(a + ("o",), (sa + "o_proj.weight",), lambda w: w.T.reshape(N, H, D),
-                 lambda w: w.reshape(N * H, D).T, _floats(d.D, d.N * d.H)),
+            Rule(
+                a + ("o",),
+                (sa + "o_proj.weight",),
+                lambda w: w.T.reshape(N, H, D),
+                lambda w: w.reshape(N * H, D).T,
+                _floats(d.D, d.N * d.H),
+            ),
             Rule(a + ("o_bias",), (sa + "o_proj.bias",), _same, _same, _floats(d.D)),
             Rule(a + ("sinks",), (sa + "sinks",), _same, _same, _floats(d.N)),
             Rule(m + ("norm",), (p + "post_attention_layernorm.weight",), _same, _same, _floats(d.D)),
@@ -162,10 +188,17 @@ def hf_rules(cfg: ModelConfig, experts: str, packed_on_disk: bool) -> list[Rule]
             Rule(m + ("b2",), (p + "mlp.experts.down_proj_bias",), _same, _same, _floats(d.E, d.D)),
         ]
         ex = p + "mlp.experts."
-        rules += _expert_rules(m, experts, packed_on_disk, d,
-                               packed=((ex + "gate_up_proj_blocks", ex + "gate_up_proj_scales"),
-                                       (ex + "down_proj_blocks", ex + "down_proj_scales")),
-                               dense=(ex + "gate_up_proj", ex + "down_proj"))
+        rules += _expert_rules(
+            m,
+            experts,
+            packed_on_disk,
+            d,
+            packed=(
+                (ex + "gate_up_proj_blocks", ex + "gate_up_proj_scales"),
+                (ex + "down_proj_blocks", ex + "down_proj_scales"),
+            ),
+            dense=(ex + "gate_up_proj", ex + "down_proj"),
+        )
     return rules
 
 
@@ -189,8 +222,9 @@ def original_rules(cfg: ModelConfig, experts: str) -> list[Rule]:
             Rule(a + ("k",), (qkv_w,), _rows(q_end, k_end, _heads_in(K, H)), expect=_floats(qkv, d.D)),
             Rule(a + ("k_bias",), (qkv_b,), _rows(q_end, k_end, lambda x: x.reshape(K, H)), expect=_floats(qkv)),
             Rule(a + ("v",), (qkv_w,), _rows(k_end, k_end + K * H, _heads_in(K, H)), expect=_floats(qkv, d.D)),
-            Rule(a + ("v_bias",), (qkv_b,), _rows(k_end, k_end + K * H, lambda x: x.reshape(K, H)),
-                 expect=_floats(qkv)),
+            Rule(
+                a + ("v_bias",), (qkv_b,), _rows(k_end, k_end + K * H, lambda x: x.reshape(K, H)), expect=_floats(qkv)
+            ),
             Rule(a + ("o",), (b + "attn.out.weight",), lambda w: w.T.reshape(N, H, D), expect=_floats(d.D, d.N * d.H)),
             Rule(a + ("o_bias",), (b + "attn.out.bias",), _same, expect=_floats(d.D)),
             Rule(a + ("sinks",), (b + "attn.sinks",), _same, expect=_floats(d.N)),
@@ -200,10 +234,17 @@ def original_rules(cfg: ModelConfig, experts: str) -> list[Rule]:
             Rule(m + ("b1",), (b + "mlp.mlp1_bias",), _same, expect=_floats(d.E, 2 * d.F)),
             Rule(m + ("b2",), (b + "mlp.mlp2_bias",), _same, expect=_floats(d.E, d.D)),
         ]
-        rules += _expert_rules(m, experts, True, d,
-                               packed=((b + "mlp.mlp1_weight.blocks", b + "mlp.mlp1_weight.scales"),
-                                       (b + "mlp.mlp2_weight.blocks", b + "mlp.mlp2_weight.scales")),
-                               dense=None)
+        rules += _expert_rules(
+            m,
+            experts,
+            True,
+            d,
+            packed=(
+                (b + "mlp.mlp1_weight.blocks", b + "mlp.mlp1_weight.scales"),
+                (b + "mlp.mlp2_weight.blocks", b + "mlp.mlp2_weight.scales"),
+            ),
+            dense=None,
+        )
     return rules
 
 
@@ -231,13 +272,30 @@ def native_rules(state, cfg: ModelConfig | None = None) -> list[Rule]:
 def _native_shapes(cfg: ModelConfig) -> dict[str, tuple]:
     d = _config_dims(cfg, "native")
     D, N, K, H, E, F, B = d.D, d.N, d.K, d.H, d.E, d.F, mxfp4.BLOCK
-    return {"embed": (d.V, D), "unembed": (d.V, D), "norm": (D,),
-            "q": (D, N, H), "q_bias": (N, H), "k": (D, K, H), "k_bias": (K, H), "v": (D, K, H),
-            "v_bias": (K, H), "o": (N, H, D), "o_bias": (D,), "sinks": (N,),
-            "router": (D, E), "router_bias": (E,), "b1": (E, 2 * F), "b2": (E, D),
-            "w1": (E, D, 2 * F), "w2": (E, F, D),
-            "w1_blocks": (E, 2 * F, D // B, B // 2), "w1_scales": (E, 2 * F, D // B),
-            "w2_blocks": (E, D, F // B, B // 2), "w2_scales": (E, D, F // B)}
+    return {
+        "embed": (d.V, D),
+        "unembed": (d.V, D),
+        "norm": (D,),
+        "q": (D, N, H),
+        "q_bias": (N, H),
+        "k": (D, K, H),
+        "k_bias": (K, H),
+        "v": (D, K, H),
+        "v_bias": (K, H),
+        "o": (N, H, D),
+        "o_bias": (D,),
+        "sinks": (N,),
+        "router": (D, E),
+        "router_bias": (E,),
+        "b1": (E, 2 * F),
+        "b2": (E, D),
+        "w1": (E, D, 2 * F),
+        "w2": (E, F, D),
+        "w1_blocks": (E, 2 * F, D // B, B // 2),
+        "w1_scales": (E, 2 * F, D // B),
+        "w2_blocks": (E, D, F // B, B // 2),
+        "w2_scales": (E, D, F // B),
+    }
 
 
 def _expert_rules(m, experts, packed_on_disk, d: _ConfigDims, *, packed, dense) -> list[Rule]:
@@ -247,18 +305,26 @@ def _expert_rules(m, experts, packed_on_disk, d: _ConfigDims, *, packed, dense) 
     w1_packed = (Expect((d.E, 2 * d.F, d.D // B, B // 2), E2M1), Expect((d.E, 2 * d.F, d.D // B), E8M0))
     w2_packed = (Expect((d.E, d.D, d.F // B, B // 2), E2M1), Expect((d.E, d.D, d.F // B), E8M0))
     if packed_on_disk and experts == "mxfp4":  # bytes copied as they are
-        return [Rule(m + ("w1_blocks",), (w1b,), _same, _same, w1_packed[:1]),
-                Rule(m + ("w1_scales",), (w1s,), _same, _same, w1_packed[1:]),
-                Rule(m + ("w2_blocks",), (w2b,), _same, _same, w2_packed[:1]),
-                Rule(m + ("w2_scales",), (w2s,), _same, _same, w2_packed[1:])]
+        return [
+            Rule(m + ("w1_blocks",), (w1b,), _same, _same, w1_packed[:1]),
+            Rule(m + ("w1_scales",), (w1s,), _same, _same, w1_packed[1:]),
+            Rule(m + ("w2_blocks",), (w2b,), _same, _same, w2_packed[:1]),
+            Rule(m + ("w2_scales",), (w2s,), _same, _same, w2_packed[1:]),
+        ]
     if packed_on_disk:  # explicit dequantize-on-load: [E, out, in] -> [E, in, out]
-        return [Rule(m + ("w1",), (w1b, w1s), _dequantized, expect=w1_packed),
-                Rule(m + ("w2",), (w2b, w2s), _dequantized, expect=w2_packed)]
+        return [
+            Rule(m + ("w1",), (w1b, w1s), _dequantized, expect=w1_packed),
+            Rule(m + ("w2",), (w2b, w2s), _dequantized, expect=w2_packed),
+        ]
     if experts == "mxfp4":
-        raise CheckpointError("this checkpoint stores dense (dequantized) experts; load it with "
-                              "experts='dense' (quantizing on load would silently change the weights)")
-    return [Rule(m + ("w1",), (dense[0],), _same, _same, _floats(d.E, d.D, 2 * d.F)),
-            Rule(m + ("w2",), (dense[1],), _same, _same, _floats(d.E, d.F, d.D))]
+        raise CheckpointError(
+            "this checkpoint stores dense (dequantized) experts; load it with "
+            "experts='dense' (quantizing on load would silently change the weights)"
+        )
+    return [
+        Rule(m + ("w1",), (dense[0],), _same, _same, _floats(d.E, d.D, 2 * d.F)),
+        Rule(m + ("w2",), (dense[1],), _same, _same, _floats(d.E, d.F, d.D)),
+    ]
 
 
 class _DecodeOverflow(ValueError):
@@ -291,8 +357,13 @@ class CheckpointFiles:
 def resolve_checkpoint(path_or_id: str | os.PathLike) -> str:
     """A checkpoint folder for a local path or a hub id (HF layout downloaded when not cached;
     a cached `original/`-only snapshot is used as it is)."""
-    return hub.resolve(path_or_id, usable=_has_checkpoint, patterns=hub.HF_LAYOUT_PATTERNS,
-                       ignore=hub.ORIGINAL_LAYOUT_PATTERNS + ("metal/*",), what="checkpoint")
+    return hub.resolve(
+        path_or_id,
+        usable=_has_checkpoint,
+        patterns=hub.HF_LAYOUT_PATTERNS,
+        ignore=hub.ORIGINAL_LAYOUT_PATTERNS + ("metal/*",),
+        what="checkpoint",
+    )
 
 
 def _has_checkpoint(folder: str) -> bool:
@@ -322,8 +393,7 @@ def find_checkpoint(path: str | os.PathLike) -> CheckpointFiles:
                 cfg_json = json.load(f)
             except json.JSONDecodeError as e:
                 raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from None
-        layout = ("native" if NATIVE_FORMAT_KEY in cfg_json else
-                  "hf" if "model_type" in cfg_json else "original")
+        layout = "native" if NATIVE_FORMAT_KEY in cfg_json else "hf" if "model_type" in cfg_json else "original"
         index = os.path.join(root, "model.safetensors.index.json")
         if os.path.isfile(index):
             with open(index) as f:
@@ -352,8 +422,15 @@ def _target_dtype(var, dtype):
     return np.dtype(dtype)
 
 
-def load(path: str | os.PathLike, *, dtype="bfloat16", experts: str | None = None, mesh=None,
-         kernel: KernelOptions | None = None, progress: bool = False) -> GptOss:
+def load(
+    path: str | os.PathLike,
+    *,
+    dtype="bfloat16",
+    experts: str | None = None,
+    mesh=None,
+    kernel: KernelOptions | None = None,
+    progress: bool = False,
+) -> GptOss:
     """Build a `GptOss` from a checkpoint directory (HF hub layout or `original/`).
 
     experts: "mxfp4" keeps packed experts packed (default when the checkpoint is packed), "dense"
@@ -382,8 +459,10 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", experts: str | None = Non
     if experts not in EXPERT_FORMATS:
         raise ValueError(f"experts must be one of {EXPERT_FORMATS}, got {experts!r}")
     if ck.layout == "native" and experts != stored:
-        raise CheckpointError(f"{ck.root} stores {stored} experts; the native layout loads them as stored "
-                              "(convert through the HF layout to change the expert format)")
+        raise CheckpointError(
+            f"{ck.root} stores {stored} experts; the native layout loads them as stored "
+            "(convert through the HF layout to change the expert format)"
+        )
     dtype = jnp.dtype(dtype)
     model = abstract(cfg, dtype=dtype, experts=experts)
     graphdef, state = nnx.split(model)
@@ -402,13 +481,17 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", experts: str | None = Non
     needed = {k for r in rules for k in r.keys}
     missing = sorted(needed - set(where))
     if missing:
-        raise CheckpointError(f"{ck.root}: missing tensor(s) {missing[:8]}"
-                              + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+        raise CheckpointError(
+            f"{ck.root}: missing tensor(s) {missing[:8]}"
+            + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        )
     unknown = sorted(set(where) - needed)
     if unknown:
-        raise CheckpointError(f"{ck.root}: unknown tensor(s) {unknown[:8]}"
-                              + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
-                              + f" for a {ck.layout} gpt-oss checkpoint of this config")
+        raise CheckpointError(
+            f"{ck.root}: unknown tensor(s) {unknown[:8]}"
+            + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
+            + f" for a {ck.layout} gpt-oss checkpoint of this config"
+        )
     expected = _expected_tensors(rules)
     _check_headers(expected, where)  # shapes and dtypes from the headers: before reading any data
 
@@ -434,12 +517,14 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", experts: str | None = Non
             raise CheckpointError(
                 f"tensor {blocks} (in {os.path.basename(where[blocks].path)}) decodes to {e.value} at "
                 f"[expert, out, in] {e.index} (scale byte {e.scale} in {scales}): beyond the float32 range, "
-                "so it cannot be dequantized; the scales are likely corrupt (re-download the checkpoint)") from None
+                "so it cannot be dequantized; the scales are likely corrupt (re-download the checkpoint)"
+            ) from None
         want = tuple(var.get_value().shape)
         if tuple(value.shape) != want:
             shapes = ", ".join(f"{k} {list(where[k].shape(k))}" for k in rule.keys)
-            raise CheckpointError(f"tensor {shapes} does not fit model variable "
-                                  f"{'.'.join(map(str, p))} of shape {list(want)}")
+            raise CheckpointError(
+                f"tensor {shapes} does not fit model variable {'.'.join(map(str, p))} of shape {list(want)}"
+            )
         var.set_value(_place(value, _target_dtype(var, dtype), None if shardings is None else shardings[p]))
     model = nnx.merge(graphdef, state)
     model.kernel = kernel or KernelOptions()
@@ -454,7 +539,8 @@ def _place(value, dtype: np.dtype, sharding):
     if sharding is None:
         return jax.device_put(np.asarray(value).astype(dtype, copy=False))
     return jax.make_array_from_callback(
-        tuple(value.shape), sharding, lambda index: np.ascontiguousarray(value[index], dtype=dtype))
+        tuple(value.shape), sharding, lambda index: np.ascontiguousarray(value[index], dtype=dtype)
+    )
 
 
 def _check_disk_dtype(key: str, dtype: np.dtype, kind: str) -> None:
@@ -492,8 +578,10 @@ def _check_headers(expected: dict[str, tuple[Expect, tuple]], where) -> None:
     key = wrong[0]
     exp, var_path = expected[key]
     found, want = tuple(where[key].shape(key)), [int(x) for x in exp.shape]
-    msg = (f"tensor {key} {list(found)} does not fit model variable {'.'.join(map(str, var_path))} "
-           f"(in {os.path.basename(where[key].path)}): expected shape {want}")
+    msg = (
+        f"tensor {key} {list(found)} does not fit model variable {'.'.join(map(str, var_path))} "
+        f"(in {os.path.basename(where[key].path)}): expected shape {want}"
+    )
     if any(isinstance(x, _Dim) for x in exp.shape):
         msg += f" = [{', '.join(_dim_text(x) for x in exp.shape)}]"
     if len(found) == len(want) and sorted(found) == sorted(want):
@@ -504,8 +592,11 @@ def _check_headers(expected: dict[str, tuple[Expect, tuple]], where) -> None:
             if len(found) != len(want) or found[i] != int(x):
                 keys.update(getattr(x, "keys", {}))
         if keys:
-            msg += ("; config.json has " + ", ".join(f"{k}={v}" for k, v in keys.items())
-                    + ", which does not match this tensor (a config.json of another model?)")
+            msg += (
+                "; config.json has "
+                + ", ".join(f"{k}={v}" for k, v in keys.items())
+                + ", which does not match this tensor (a config.json of another model?)"
+            )
     if len(wrong) > 1:
         msg += f"; {len(wrong) - 1} more tensor(s) do not fit either"
     raise CheckpointError(msg)
@@ -513,8 +604,11 @@ def _check_headers(expected: dict[str, tuple[Expect, tuple]], where) -> None:
 
 _CHUNK = 1 << 18  # elements per step of the value checks: stays in cache, no big temporaries
 # a float dtype -> (unsigned int of its width, its exponent field): all ones means inf or NaN
-_EXPONENT = {np.dtype(ml_dtypes.bfloat16): (np.uint16, 0x7F80), np.dtype(np.float16): (np.uint16, 0x7C00),
-             np.dtype(np.float32): (np.uint32, 0x7F800000)}
+_EXPONENT = {
+    np.dtype(ml_dtypes.bfloat16): (np.uint16, 0x7F80),
+    np.dtype(np.float16): (np.uint16, 0x7C00),
+    np.dtype(np.float32): (np.uint32, 0x7F800000),
+}
 
 
 def _first_nonfinite(arr: np.ndarray) -> int | None:
@@ -524,8 +618,8 @@ def _first_nonfinite(arr: np.ndarray) -> int | None:
     flat = arr.reshape(-1).view(uint)
     buf = np.empty(min(flat.size, _CHUNK), uint)
     for start in range(0, flat.size, _CHUNK):
-        part = flat[start:start + _CHUNK]
-        out = np.bitwise_and(part, mask, out=buf[:part.size])
+        part = flat[start : start + _CHUNK]
+        out = np.bitwise_and(part, mask, out=buf[: part.size])
         if out.max() == mask:
             return start + int(np.argmax(out == mask))
     return None
@@ -545,7 +639,8 @@ def _check_values(key: str, file: str, arr: np.ndarray, kind: str) -> None:
         raise CheckpointError(
             f"{where} holds scale byte 255 (NaN in the OCP MX E8M0 format) at index {idx} (expert {idx[0]})"
             + (f" and {more} more place(s)" if more else "")
-            + ": expected bytes 0..254; the file is corrupt (re-download or re-export the checkpoint)")
+            + ": expected bytes 0..254; the file is corrupt (re-download or re-export the checkpoint)"
+        )
     first = _first_nonfinite(arr)
     if first is None:
         return
@@ -556,7 +651,8 @@ def _check_values(key: str, file: str, arr: np.ndarray, kind: str) -> None:
         f"{where} holds {float(arr.reshape(-1)[first])} at index {idx}"
         + (f" and {more} more non-finite value(s)" if more else "")
         + ": expected finite weights; the file is corrupt or was saved from a diverged model "
-        "(re-download or re-export it)")
+        "(re-download or re-export it)"
+    )
 
 
 def _progress(items: Sequence, desc: str, enabled: bool):
@@ -572,12 +668,17 @@ def _progress(items: Sequence, desc: str, enabled: bool):
 # ---------------------------------------------------------------------------------------- save
 # The hub's quantization_config of MXFP4 checkpoints: what stays unquantized (everything but the
 # experts). Also for scripts and tests that write HF configs by hand.
-MXFP4_MODULES_NOT_CONVERTED = ("model.layers.*.self_attn", "model.layers.*.mlp.router",
-                               "model.embed_tokens", "lm_head")
+MXFP4_MODULES_NOT_CONVERTED = ("model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head")
 
 
-def save_hf(model: GptOss, path: str | os.PathLike, *, dtype="bfloat16",
-            max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> None:
+def save_hf(
+    model: GptOss,
+    path: str | os.PathLike,
+    *,
+    dtype="bfloat16",
+    max_shard_bytes: int = 5 * 2**30,
+    overwrite: bool = False,
+) -> None:
     """Write the HF hub layout (config.json, sharded safetensors + index). Packed experts are
     written as MXFP4 blocks/scales with the hub's quantization_config; dense ones as the
     dequantized variant. Floats are written in `dtype` (bf16, as the hub files).
@@ -605,15 +706,18 @@ def _write_hf(model: GptOss, path: str, dtype, max_shard_bytes: int) -> None:
     hf_cfg = cfg.to_hf_dict()
     hf_cfg["torch_dtype"] = str(jnp.dtype(dtype))
     if experts == "mxfp4":
-        hf_cfg["quantization_config"] = {"quant_method": "mxfp4",
-                                         "modules_to_not_convert": list(MXFP4_MODULES_NOT_CONVERTED)}
+        hf_cfg["quantization_config"] = {
+            "quant_method": "mxfp4",
+            "modules_to_not_convert": list(MXFP4_MODULES_NOT_CONVERTED),
+        }
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf_cfg, f, indent=2)
     _write_shards(tensors, path, max_shard_bytes)
 
 
-def save_native(model: GptOss, path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30,
-                overwrite: bool = False) -> None:
+def save_native(
+    model: GptOss, path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False
+) -> None:
     """Write this package's own layout: variables as they are (same dtypes, same layouts), so
     `load` only memory-maps and transfers. config.json is the HF config plus a format marker.
     Written whole or not at all, and `overwrite` as in `save_hf`."""
@@ -622,8 +726,9 @@ def save_native(model: GptOss, path: str | os.PathLike, *, max_shard_bytes: int 
 
 
 def _write_native(model: GptOss, path: str, max_shard_bytes: int) -> None:
-    tensors = {".".join(map(str, p)): np.asarray(jax.device_get(v.get_value()))
-               for p, v in nnx.to_flat_state(nnx.state(model))}
+    tensors = {
+        ".".join(map(str, p)): np.asarray(jax.device_get(v.get_value())) for p, v in nnx.to_flat_state(nnx.state(model))
+    }
     cfg_json = dict(model.cfg.to_hf_dict(), **{NATIVE_FORMAT_KEY: 1, "experts": model.experts})
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg_json, f, indent=2)
@@ -642,8 +747,7 @@ def _write_shards(tensors: dict[str, np.ndarray], path: str, max_shard_bytes: in
     shards.append(current)
     weight_map = {}
     for i, shard in enumerate(shards):
-        name = (f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1
-                else "model.safetensors")
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else "model.safetensors"
         save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
         weight_map.update({k: name for k in shard})
     if len(shards) > 1:

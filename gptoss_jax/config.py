@@ -88,31 +88,59 @@ class ModelConfig:
             if not cond:
                 raise ConfigError(f"invalid ModelConfig: {msg}")
 
-        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
-                     "head_dim", "num_experts", "experts_per_token", "expert_dim",
-                     "sliding_window", "rope_original_context", "max_position"):
+        for name in (
+            "vocab_size",
+            "d_model",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "num_experts",
+            "experts_per_token",
+            "expert_dim",
+            "sliding_window",
+            "rope_original_context",
+            "max_position",
+        ):
             value = getattr(self, name)
             need(isinstance(value, int) and value > 0, f"{name} must be a positive int, got {value!r}")
-        for name in ("rope_theta", "rope_factor", "rope_beta_fast", "rope_beta_slow", "rms_eps",
-                     "swiglu_limit", "swiglu_alpha"):
+        for name in (
+            "rope_theta",
+            "rope_factor",
+            "rope_beta_fast",
+            "rope_beta_slow",
+            "rms_eps",
+            "swiglu_limit",
+            "swiglu_alpha",
+        ):
             value = getattr(self, name)
-            need(isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value),
-                 f"{name} must be a finite number, got {value!r}")
+            need(
+                isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value),
+                f"{name} must be a finite number, got {value!r}",
+            )
         need(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
         need(isinstance(self.rope_truncate, bool), f"rope_truncate must be true or false, got {self.rope_truncate!r}")
-        need(self.num_heads % self.num_kv_heads == 0,
-             f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
+        need(
+            self.num_heads % self.num_kv_heads == 0,
+            f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})",
+        )
         need(self.head_dim % 2 == 0, f"head_dim ({self.head_dim}) must be even for the half-split RoPE")
-        need(self.experts_per_token <= self.num_experts,
-             f"experts_per_token ({self.experts_per_token}) exceeds num_experts ({self.num_experts})")
+        need(
+            self.experts_per_token <= self.num_experts,
+            f"experts_per_token ({self.experts_per_token}) exceeds num_experts ({self.num_experts})",
+        )
         need(self.rms_eps > 0, f"rms_eps must be positive, got {self.rms_eps}")
         need(self.swiglu_limit > 0, f"swiglu_limit must be positive, got {self.swiglu_limit}")
         need(self.rope_factor >= 1.0, f"rope_factor must be >= 1, got {self.rope_factor}")
-        need(self.rope_beta_fast > self.rope_beta_slow > 0,
-             f"need rope_beta_fast > rope_beta_slow > 0, got {self.rope_beta_fast}, {self.rope_beta_slow}")
+        need(
+            self.rope_beta_fast > self.rope_beta_slow > 0,
+            f"need rope_beta_fast > rope_beta_slow > 0, got {self.rope_beta_fast}, {self.rope_beta_slow}",
+        )
         if self.layer_types is not None:
-            need(len(self.layer_types) == self.num_layers,
-                 f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+            need(
+                len(self.layer_types) == self.num_layers,
+                f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers",
+            )
             bad = sorted(set(self.layer_types) - {SLIDING, FULL})
             need(not bad, f"unknown layer types {bad}; expected {SLIDING!r} or {FULL!r}")
 
@@ -123,9 +151,10 @@ class ModelConfig:
             if value % 32:
                 raise ConfigError(
                     f"invalid ModelConfig for MXFP4 experts: {name} ({value}) must be a multiple of 32 "
-                    "(one MXFP4 block is 32 values along the contraction axis)")
+                    "(one MXFP4 block is 32 values along the contraction axis)"
+                )
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         fields = [f.name for f in dataclasses.fields(self)]
         unknown = sorted(set(changes) - set(fields))
         if unknown:
@@ -180,7 +209,8 @@ class ModelConfig:
     def to_original_dict(self) -> dict[str, Any]:
         """The reference `original/config.json` (keys of gpt_oss.torch.model.ModelConfig)."""
         if self.layer_types is not None and any(
-                self.layer_types[i] != (SLIDING if i % 2 == 0 else FULL) for i in range(self.num_layers)):
+            self.layer_types[i] != (SLIDING if i % 2 == 0 else FULL) for i in range(self.num_layers)
+        ):
             raise ConfigError("the original/ config format cannot express a custom layer_types pattern")
         return {
             "num_hidden_layers": self.num_layers,
@@ -202,7 +232,7 @@ class ModelConfig:
         }
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
         if d.get("model_type") not in (None, "gpt_oss"):
             raise ConfigError(f"config.json has model_type {d.get('model_type')!r}, expected 'gpt_oss'")
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
@@ -235,8 +265,9 @@ class ModelConfig:
             layer_types=layer_types,
             rope_theta=float(theta),
             rope_factor=float(rope.get("factor", 1.0)),
-            rope_original_context=int(rope.get("original_max_position_embeddings",
-                                               d.get("initial_context_length", 4096))),
+            rope_original_context=int(
+                rope.get("original_max_position_embeddings", d.get("initial_context_length", 4096))
+            ),
             rope_beta_fast=float(rope.get("beta_fast", 32.0)),
             rope_beta_slow=float(rope.get("beta_slow", 1.0)),
             # transformers treats a missing `truncate` as True; gpt-oss always sets false.
@@ -248,7 +279,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_original_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_original_dict(cls, d: dict[str, Any]) -> ModelConfig:
         try:
             ctx = int(d.get("initial_context_length", 4096))
             factor = float(d.get("rope_scaling_factor", 1.0))
@@ -276,7 +307,7 @@ class ModelConfig:
             raise ConfigError(f"original/config.json lacks or mistypes a required key: {e}") from None
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "ModelConfig":
+    def from_pretrained(cls, path: str | os.PathLike) -> ModelConfig:
         """Read a checkpoint directory: HF hub layout, its `original/` folder, or a config file."""
         path = os.fspath(path)
         if os.path.isfile(path):
@@ -289,7 +320,7 @@ class ModelConfig:
         raise ConfigError(f"{path} holds neither config.json nor original/config.json")
 
     @classmethod
-    def _from_file(cls, file: str) -> "ModelConfig":
+    def _from_file(cls, file: str) -> ModelConfig:
         try:
             with open(file) as f:
                 d = json.load(f)
@@ -317,7 +348,17 @@ def gpt_oss_120b() -> ModelConfig:
 def tiny(**overrides: Any) -> ModelConfig:
     """A small model with every structural feature of the real one (GQA, E > k, both layer kinds,
     YaRN with the real constants, a window shorter than test sequences, MXFP4-compatible widths)."""
-    base = dict(vocab_size=512, d_model=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
-                num_experts=8, experts_per_token=2, expert_dim=64, sliding_window=8)
+    base = dict(
+        vocab_size=512,
+        d_model=64,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        num_experts=8,
+        experts_per_token=2,
+        expert_dim=64,
+        sliding_window=8,
+    )
     base.update(overrides)
     return ModelConfig(**base)

@@ -11,7 +11,7 @@ a checkpoint onto the mesh reads on each host only the slices its devices hold.
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -31,13 +31,20 @@ def launched_on_several_processes(env: Mapping[str, str] | None = None) -> bool:
         except ValueError:
             return False
 
-    return bool(env.get("JAX_COORDINATOR_ADDRESS")) or any(
-        more_than_one(v) for v in ("JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
-                                   "PMI_SIZE")) or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+    return (
+        bool(env.get("JAX_COORDINATOR_ADDRESS"))
+        or any(more_than_one(v) for v in ("JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"))
+        or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+    )
 
 
-def initialize(*, coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, force: bool = False) -> bool:
+def initialize(
+    *,
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    force: bool = False,
+) -> bool:
     """Join the other processes of this run when there are any (or when `force`); returns whether
     `jax.distributed` is now initialized. Safe to call twice. Explicit arguments win over
     JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, which win over the cluster's
@@ -55,8 +62,9 @@ def initialize(*, coordinator_address: str | None = None, num_processes: int | N
     if _platform() == "cpu":
         # XLA:CPU needs a collectives backend to talk across processes.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
     return True
 
 
@@ -78,8 +86,7 @@ def host_rows(mesh: Mesh, global_batch_size: int, rules=sharding_lib.DEFAULT_RUL
     return np.array(sorted(rows), dtype=np.int64)
 
 
-def global_batch(local: np.ndarray, mesh: Mesh, global_batch_size: int,
-                 rules=sharding_lib.DEFAULT_RULES) -> jax.Array:
+def global_batch(local: np.ndarray, mesh: Mesh, global_batch_size: int, rules=sharding_lib.DEFAULT_RULES) -> jax.Array:
     """A global [global_batch_size, ...] array from this process's rows (`host_rows` order),
     split over the mesh's batch axes."""
     local = np.asarray(local)
@@ -87,8 +94,9 @@ def global_batch(local: np.ndarray, mesh: Mesh, global_batch_size: int,
     if local.shape[0] != want:
         raise ValueError(f"this process holds {want} of the {global_batch_size} rows, got {local.shape[0]}")
     spec = sharding_lib.batch_spec(mesh, global_batch_size, rules)
-    return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local,
-                                                  (global_batch_size,) + local.shape[1:])
+    return jax.make_array_from_process_local_data(
+        NamedSharding(mesh, spec), local, (global_batch_size,) + local.shape[1:]
+    )
 
 
 def to_host(x: jax.Array) -> np.ndarray:

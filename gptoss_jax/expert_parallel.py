@@ -20,8 +20,9 @@ Two dispatch strategies, one interface:
   default, so each device's receive buffer (and every activation of its local experts) is sized
   for the worst case, all ep devices' rows: ep times the mean load. With `capacity_factor` the
   buffer holds ceil(capacity_factor * t * k) rows and the overflow is dropped and counted (for
-  120b on eight H100s the dropless buffers do not fit; see configs/README.md). For GPU and TPU; XLA:CPU cannot compile it, so on CPU it is tested through an emulation
-  with the documented semantics (`ragged_all_to_all_emulated`) and lowered for cuda and tpu.
+  120b on eight H100s the dropless buffers do not fit; see configs/README.md). For GPU and TPU;
+  XLA:CPU cannot compile it, so on CPU it is tested through an emulation with the documented
+  semantics (`ragged_all_to_all_emulated`) and lowered for cuda and tpu.
 
 Weights are stored as the sharding rules say (`gptoss_jax.sharding`); the in-specs here give the
 layout this computation needs (experts over `expert`, F over `tensor`, everything else whole), so
@@ -36,7 +37,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from gptoss_jax import moe as moe_lib
 from gptoss_jax import plan as plan_lib
@@ -56,8 +58,9 @@ class ShardedMoEOutput(NamedTuple):
 
 def _decode_one_at_a_time(ew: moe_lib.ExpertWeights, platform: str) -> bool:
     """This device's packed experts are too large to decode at once on CPU (`plan.DECODE_AT_ONCE_BYTES`)."""
-    return (platform == "cpu" and isinstance(ew.w1, MXFP4)
-            and 4 * (ew.w1.size + ew.w2.size) > plan_lib.DECODE_AT_ONCE_BYTES)
+    return (
+        platform == "cpu" and isinstance(ew.w1, MXFP4) and 4 * (ew.w1.size + ew.w2.size) > plan_lib.DECODE_AT_ONCE_BYTES
+    )
 
 
 def capacity(capacity_factor: float, tokens: int, k: int, num_experts: int) -> int:
@@ -89,13 +92,14 @@ def _check_divisible(ew: moe_lib.ExpertWeights, ep: int, tp: int) -> None:
         raise ValueError(f"mesh axis expert={ep} must divide the {E} experts")
     unit = BLOCK if isinstance(ew.w1, MXFP4) else 1  # packed F is split in whole 32-wide blocks
     if F % (unit * tp):
-        raise ValueError(f"mesh axis tensor={tp} must divide the expert width {F}"
-                         + (f" in whole MXFP4 blocks ({F // BLOCK} blocks)" if unit > 1 else "")
-                         + "; give those devices to another mesh axis")
+        raise ValueError(
+            f"mesh axis tensor={tp} must divide the expert width {F}"
+            + (f" in whole MXFP4 blocks ({F // BLOCK} blocks)" if unit > 1 else "")
+            + "; give those devices to another mesh axis"
+        )
 
 
-def ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, output_offsets,
-                               recv_sizes, *, axis_name):
+def ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name):
     """`jax.lax.ragged_all_to_all` (one slice per peer) from an all-gather and a scatter: the same
     result, ep times the traffic. It lets the ragged dispatch run, and be checked, on XLA:CPU."""
     del recv_sizes  # implied by the senders' sizes
@@ -179,8 +183,11 @@ def _ragged_rows(x, valid, routing, *, ep, num_experts, grouped, emulate, capaci
     t, D = x.shape
     k = routing.ids.shape[1]
     E, E_loc = num_experts, num_experts // ep
-    exchange = (functools.partial(ragged_all_to_all_emulated, axis_name="expert") if emulate else
-                functools.partial(jax.lax.ragged_all_to_all, axis_name="expert"))
+    exchange = (
+        functools.partial(ragged_all_to_all_emulated, axis_name="expert")
+        if emulate
+        else functools.partial(jax.lax.ragged_all_to_all, axis_name="expert")
+    )
     ids = jnp.where(valid[:, None], routing.ids, E).reshape(-1)
     order = jnp.argsort(ids, stable=True)
     xs = x[order // k]
@@ -217,10 +224,24 @@ def _ragged_rows(x, valid, routing, *, ep, num_experts, grouped, emulate, capaci
     return rows, keep, dropped
 
 
-def moe_sharded(x, router_w, router_b, ew: moe_lib.ExpertWeights, *, mesh: Mesh, k: int, alpha: float,
-                limit: float, dispatch: str | None = None, capacity_factor: float | None = None,
-                local_impl: str | None = None, mxfp4_impl: str | None = None, interpret: bool = False,
-                emulate_ragged: bool = False, platform: str | None = None) -> ShardedMoEOutput:
+def moe_sharded(
+    x,
+    router_w,
+    router_b,
+    ew: moe_lib.ExpertWeights,
+    *,
+    mesh: Mesh,
+    k: int,
+    alpha: float,
+    limit: float,
+    dispatch: str | None = None,
+    capacity_factor: float | None = None,
+    local_impl: str | None = None,
+    mxfp4_impl: str | None = None,
+    interpret: bool = False,
+    emulate_ragged: bool = False,
+    platform: str | None = None,
+) -> ShardedMoEOutput:
     """x [T, D] (a global array inside jit) -> ShardedMoEOutput. Equal to `moe.moe` on one device
     (exactly so when nothing is dropped).
 
@@ -250,13 +271,17 @@ def moe_sharded(x, router_w, router_b, ew: moe_lib.ExpertWeights, *, mesh: Mesh,
     xp = jnp.pad(x, ((0, pad), (0, 0)))
     if local_impl is None:  # expert > 1 exchanges fixed-capacity buffers: buckets on CPU
         cpu = platform == "cpu"
-        local_impl = (plan_lib.default_moe_impl(T, k, E, large_packed_on_cpu=False, platform=platform,
-                                                per_device=False) if ep == 1
-                      else ("buckets" if cpu else "ragged"))
+        local_impl = (
+            plan_lib.default_moe_impl(T, k, E, large_packed_on_cpu=False, platform=platform, per_device=False)
+            if ep == 1
+            else ("buckets" if cpu else "ragged")
+        )
     allowed = moe_lib.MOE_IMPLS if ep == 1 else ("ragged", "buckets")
     if local_impl not in allowed:
-        raise ValueError(f"local expert implementation {local_impl!r} is not one of {sorted(allowed)}"
-                         + (" (with expert > 1)" if ep > 1 else ""))
+        raise ValueError(
+            f"local expert implementation {local_impl!r} is not one of {sorted(allowed)}"
+            + (" (with expert > 1)" if ep > 1 else "")
+        )
 
     def body(x, valid, rw, rb, ew):
         routing = moe_lib.route(x, rw, rb, k)
@@ -266,9 +291,13 @@ def moe_sharded(x, router_w, router_b, ew: moe_lib.ExpertWeights, *, mesh: Mesh,
             ew_local = ew
         mlp_kw = dict(alpha=alpha, limit=limit)
         if ep == 1:
-            extra = plan_lib.moe_options(local_impl, mxfp4_impl=mxfp4_impl, interpret=interpret,
-                                         one_at_a_time=_decode_one_at_a_time(ew_local, platform),
-                                         gathered_decode=platform == "cpu")
+            extra = plan_lib.moe_options(
+                local_impl,
+                mxfp4_impl=mxfp4_impl,
+                interpret=interpret,
+                one_at_a_time=_decode_one_at_a_time(ew_local, platform),
+                gathered_decode=platform == "cpu",
+            )
             y = moe_lib.MOE_IMPLS[local_impl](x, ew_local, routing, **mlp_kw, **extra).astype(jnp.float32)
             keep = jnp.ones(routing.ids.shape, bool)
             dropped = jnp.zeros((), jnp.int32)
@@ -276,18 +305,35 @@ def moe_sharded(x, router_w, router_b, ew: moe_lib.ExpertWeights, *, mesh: Mesh,
             grouped = functools.partial(moe_lib.grouped_mlp, mxfp4_impl=mxfp4_impl, interpret=interpret, **mlp_kw)
             if dispatch == "all_to_all":
                 if local_impl == "ragged":
+
                     def local_mlp(h, ew):  # [E_loc, n, D]: equal groups through the grouped matmul
                         sizes = jnp.full((h.shape[0],), h.shape[1], jnp.int32)
                         return grouped(h.reshape(-1, h.shape[-1]), sizes, ew).reshape(h.shape)
                 else:
-                    local_mlp = functools.partial(moe_lib.bucket_mlp, one_at_a_time=_decode_one_at_a_time(
-                        ew_local, platform), **mlp_kw)
-                rows, keep, dropped = _all_to_all_rows(x, valid, routing, ew_local, ep=ep, num_experts=E,
-                                                       capacity_factor=capacity_factor, local_mlp=local_mlp)
+                    local_mlp = functools.partial(
+                        moe_lib.bucket_mlp, one_at_a_time=_decode_one_at_a_time(ew_local, platform), **mlp_kw
+                    )
+                rows, keep, dropped = _all_to_all_rows(
+                    x,
+                    valid,
+                    routing,
+                    ew_local,
+                    ep=ep,
+                    num_experts=E,
+                    capacity_factor=capacity_factor,
+                    local_mlp=local_mlp,
+                )
             else:
-                rows, keep, dropped = _ragged_rows(x, valid, routing, ep=ep, num_experts=E,
-                                                   grouped=functools.partial(grouped, ew=ew_local),
-                                                   emulate=emulate_ragged, capacity_factor=capacity_factor)
+                rows, keep, dropped = _ragged_rows(
+                    x,
+                    valid,
+                    routing,
+                    ep=ep,
+                    num_experts=E,
+                    grouped=functools.partial(grouped, ew=ew_local),
+                    emulate=emulate_ragged,
+                    capacity_factor=capacity_factor,
+                )
             y = jnp.einsum("TkD,Tk->TD", rows, routing.weights)
         if tp > 1:
             y = jax.lax.psum(y, "tensor")
@@ -299,9 +345,9 @@ def moe_sharded(x, router_w, router_b, ew: moe_lib.ExpertWeights, *, mesh: Mesh,
 
     tok = P(BATCH_AXES)
     spec_routing = moe_lib.Routing(tok, tok, tok)
-    fn = jax.shard_map(body, mesh=mesh,
-                       in_specs=(tok, tok, P(), P(), _expert_specs(ew, tp)),
-                       out_specs=(tok, spec_routing, P()))
+    fn = jax.shard_map(
+        body, mesh=mesh, in_specs=(tok, tok, P(), P(), _expert_specs(ew, tp)), out_specs=(tok, spec_routing, P())
+    )
     y, routing, dropped = fn(xp, valid, router_w, router_b, ew)
     if pad:
         y = y[:T]
@@ -310,8 +356,9 @@ def moe_sharded(x, router_w, router_b, ew: moe_lib.ExpertWeights, *, mesh: Mesh,
 
 
 # ------------------------------------------------------------------------ communication volume
-def communication_per_token(cfg, mesh_shape: dict, *, dispatch: str = "ragged_all_to_all",
-                            capacity_factor: float = 1.0, dtype_bytes: int = 2) -> dict:
+def communication_per_token(
+    cfg, mesh_shape: dict, *, dispatch: str = "ragged_all_to_all", capacity_factor: float = 1.0, dtype_bytes: int = 2
+) -> dict:
     """Bytes one device sends per local token in one MoE layer's forward, from the shapes alone.
 
     Routing is taken as uniform, so a fraction (ep - 1) / ep of the rows leaves the device.
@@ -324,8 +371,12 @@ def communication_per_token(cfg, mesh_shape: dict, *, dispatch: str = "ragged_al
     k, D = cfg.experts_per_token, cfg.d_model
     rows = k if dispatch == "ragged_all_to_all" else capacity_factor * k
     one_way = (ep - 1) / ep * rows * D * dtype_bytes
-    return {"dispatch": one_way, "combine": one_way, "tensor_psum": 2 * (tp - 1) / tp * D * 4,
-            "total": 2 * one_way + 2 * (tp - 1) / tp * D * 4}
+    return {
+        "dispatch": one_way,
+        "combine": one_way,
+        "tensor_psum": 2 * (tp - 1) / tp * D * 4,
+        "total": 2 * one_way + 2 * (tp - 1) / tp * D * 4,
+    }
 
 
 def fsdp_gather_bytes(cfg, mesh_shape: dict) -> float:

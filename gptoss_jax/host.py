@@ -49,8 +49,12 @@ def reexec_with_huge_pages() -> None:
     """Restart this process (same interpreter, options and arguments) with the tunable set, unless
     it is set already, the C library is not glibc, or `GPTOSS_HUGE_PAGES=0`. Call it first thing in
     a program's entry point, before any work: nothing of the current process survives."""
-    if (sys.platform != "linux" or os.environ.get(OPT_OUT) == "0" or huge_pages_requested()
-            or platform.libc_ver()[0] != "glibc"):
+    if (
+        sys.platform != "linux"
+        or os.environ.get(OPT_OUT) == "0"
+        or huge_pages_requested()
+        or platform.libc_ver()[0] != "glibc"
+    ):
         return
     argv = list(getattr(sys, "orig_argv", sys.argv))
     if not argv or (len(argv) == 1 and sys.argv[0] == ""):  # an interactive interpreter: leave it

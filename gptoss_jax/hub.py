@@ -16,16 +16,23 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from gptoss_jax.errors import CheckpointError
 
 # The HF layout of a gpt-oss repo, without its `original/` and `metal/` copies of the weights.
 # Patterns are matched against the whole path in the repo, and `*` crosses "/": every pattern is
 # anchored at a root-level name so none of them reaches into a subfolder.
-HF_LAYOUT_PATTERNS = ("config.json", "generation_config.json", "model.safetensors.index.json",
-                      "model*.safetensors", "tokenizer.json", "tokenizer_config.json",
-                      "special_tokens_map.json", "chat_template.jinja")
+HF_LAYOUT_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors.index.json",
+    "model*.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 ORIGINAL_LAYOUT_PATTERNS = ("original/*",)
 TOKENIZER_PATTERNS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -37,7 +44,7 @@ class HubError(CheckpointError, OSError):
 
 
 def is_repo_id(text: str) -> bool:
-    """"owner/name" as the hub spells repo ids (not "./x", "/x", "a/b/c", "a/.."...)."""
+    """ "owner/name" as the hub spells repo ids (not "./x", "/x", "a/b/c", "a/.."...)."""
     return bool(_REPO_ID.match(text)) and ".." not in text and not text.endswith(".")
 
 
@@ -82,13 +89,20 @@ def offline() -> bool:
 def _download(repo_id: str, cache: str, patterns: Sequence[str], ignore: Sequence[str]) -> str:
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(repo_id, cache_dir=cache, allow_patterns=list(patterns),
-                             ignore_patterns=list(ignore) or None)
+    return snapshot_download(
+        repo_id, cache_dir=cache, allow_patterns=list(patterns), ignore_patterns=list(ignore) or None
+    )
 
 
-def resolve(path_or_id: str | os.PathLike, *, usable: Callable[[str], bool],
-            patterns: Sequence[str], ignore: Sequence[str] = (), what: str = "checkpoint",
-            accept_partial: bool = False) -> str:
+def resolve(
+    path_or_id: str | os.PathLike,
+    *,
+    usable: Callable[[str], bool],
+    patterns: Sequence[str],
+    ignore: Sequence[str] = (),
+    what: str = "checkpoint",
+    accept_partial: bool = False,
+) -> str:
     """A local path (returned as given when it exists or does not look like a hub id), or the
     cache snapshot folder of a hub id: the cached one when `usable(snapshot)`, else one
     downloaded with `patterns`. `accept_partial`: an unusable cached snapshot is still returned
@@ -101,8 +115,10 @@ def resolve(path_or_id: str | os.PathLike, *, usable: Callable[[str], bool],
     if snap is not None and usable(snap):
         return snap
     where = repo_folder(text, cache)
-    fix = (f"download it with `hf download {text}` (or `huggingface-cli download {text}`) where the "
-           f"network is reachable, set HF_HUB_CACHE to the cache that holds it, or give the {what} folder")
+    fix = (
+        f"download it with `hf download {text}` (or `huggingface-cli download {text}`) where the "
+        f"network is reachable, set HF_HUB_CACHE to the cache that holds it, or give the {what} folder"
+    )
     state = "is incomplete" if snap is not None else "is not there"
     if offline():
         reason = "HF_HUB_OFFLINE is set, so nothing is downloaded"
@@ -123,13 +139,19 @@ def resolve(path_or_id: str | os.PathLike, *, usable: Callable[[str], bool],
                 reason = f"the downloaded snapshot {got} does not hold a usable {what}"
     if snap is not None and accept_partial:
         return snap
-    raise HubError(f"{text}: no such local folder, and the Hugging Face cache entry {where} {state}; "
-                   f"{reason}. To fix: {fix}")
+    raise HubError(
+        f"{text}: no such local folder, and the Hugging Face cache entry {where} {state}; {reason}. To fix: {fix}"
+    )
 
 
 def resolve_tokenizer(path_or_id: str | os.PathLike) -> str:
     """A folder holding a hub id's tokenizer files (only those are downloaded when not cached).
     A cached snapshot without tokenizer.json (an `original/`-only download) is still returned when
     nothing can be downloaded: the tokenizer loader falls back to o200k_harmony for it."""
-    return resolve(path_or_id, usable=lambda d: os.path.isfile(os.path.join(d, "tokenizer.json")),
-                   patterns=TOKENIZER_PATTERNS, what="tokenizer", accept_partial=True)
+    return resolve(
+        path_or_id,
+        usable=lambda d: os.path.isfile(os.path.join(d, "tokenizer.json")),
+        patterns=TOKENIZER_PATTERNS,
+        what="tokenizer",
+        accept_partial=True,
+    )

@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,8 +44,10 @@ def stacked(intermediates, key: str) -> np.ndarray:
     if not intermediates:
         raise ValueError("no intermediates: run the model with capture=True")
     if key not in intermediates[0]:
-        raise KeyError(f"{key!r} was not captured; keys are {sorted(intermediates[0])}"
-                       + (" (expert_out needs capture='experts')" if key == "expert_out" else ""))
+        raise KeyError(
+            f"{key!r} was not captured; keys are {sorted(intermediates[0])}"
+            + (" (expert_out needs capture='experts')" if key == "expert_out" else "")
+        )
     return np.stack([np.asarray(layer[key]) for layer in intermediates])
 
 
@@ -97,8 +99,9 @@ def expert_cooccurrence(intermediates, num_experts: int, mask=None) -> np.ndarra
     return out
 
 
-def token_expert_table(tokens, intermediates, tokenizer=None, *, row: int = 0,
-                       layers_: Sequence[int] | None = None) -> list[dict]:
+def token_expert_table(
+    tokens, intermediates, tokenizer=None, *, row: int = 0, layers_: Sequence[int] | None = None
+) -> list[dict]:
     """One record per token of batch row `row`: its text, and per layer the chosen experts (best
     first) with their weights."""
     tokens = np.asarray(tokens)[row]
@@ -143,8 +146,7 @@ def attention_maps(model, intermediates, layer: int, *, positions=None, segment_
     mask = attn_lib.attention_mask(positions, positions, segment_ids, segment_ids, window=attn.window)
     N, H = q.shape[2], q.shape[3]
     G = N // k.shape[2]
-    s = jnp.einsum("BTNH,BSNH->BNTS", q.astype(jnp.float32),
-                   jnp.repeat(k, G, axis=2).astype(jnp.float32)) * H ** -0.5
+    s = jnp.einsum("BTNH,BSNH->BNTS", q.astype(jnp.float32), jnp.repeat(k, G, axis=2).astype(jnp.float32)) * H**-0.5
     s = jnp.where(mask[:, None], s, -jnp.inf)
     probs, sink = attn_lib.softmax_with_sink(s, attn.sinks[...].astype(jnp.float32)[None, :, None])
     return np.asarray(probs), np.asarray(sink)
@@ -183,8 +185,9 @@ def unembed(model, x):
     return jnp.einsum("...D,VD->...V", h, model.unembed[...], preferred_element_type=jnp.float32)
 
 
-def logit_lens(model, intermediates, *, layers_: Sequence[int] | None = None,
-               where: str = "residual_out") -> np.ndarray:
+def logit_lens(
+    model, intermediates, *, layers_: Sequence[int] | None = None, where: str = "residual_out"
+) -> np.ndarray:
     """[L', B, T, V]: what each layer's residual stream (`where`: "residual" entering the layer,
     "residual_mid" after attention, "residual_out" leaving it) predicts through the model's head.
     The last layer's "residual_out" gives exactly the model's logits."""
@@ -228,8 +231,13 @@ class CorpusStats:
 
     def __post_init__(self):
         L, E, N = self.num_layers, self.num_experts, self.num_heads
-        for name, shape in (("expert_counts", (L, E)), ("cooccurrence", (L, E, E)),
-                            ("entropy_sum", (L,)), ("sink_sum", (L, N)), ("lens_hits", (L,))):
+        for name, shape in (
+            ("expert_counts", (L, E)),
+            ("cooccurrence", (L, E, E)),
+            ("entropy_sum", (L,)),
+            ("sink_sum", (L, N)),
+            ("lens_hits", (L,)),
+        ):
             if getattr(self, name) is None:
                 setattr(self, name, np.zeros(shape, np.float64 if "sum" in name else np.int64))
         if self.token_experts is None:
@@ -261,15 +269,16 @@ class CorpusStats:
     def to_json(self, tokenizer=None, top: int = 8) -> dict:
         L, E = self.num_layers, self.num_experts
         return {
-            "tokens": self.tokens, "documents": self.documents, "split_documents": self.split_documents,
+            "tokens": self.tokens,
+            "documents": self.documents,
+            "split_documents": self.split_documents,
             "expert_load": np.round(self.expert_load, 5).tolist(),
             "load_imbalance": np.round(load_imbalance(self.expert_load), 4).tolist(),
             "routing_entropy": np.round(self.routing_entropy, 5).tolist(),
             "max_routing_entropy": float(np.log(E)),
             "sink_mass": np.round(self.sink_mass, 5).tolist(),
             "lens_accuracy": np.round(self.lens_accuracy, 5).tolist() if self.lens_targets else None,
-            "top_tokens": {f"{l}/{e}": self.top_tokens(l, e, top, tokenizer)
-                           for l in range(L) for e in range(E)},
+            "top_tokens": {f"{l}/{e}": self.top_tokens(l, e, top, tokenizer) for l in range(L) for e in range(E)},
         }
 
 
@@ -312,8 +321,9 @@ def token_text(tokenizer, token_id: int) -> str:
 def _encode(doc, tokenizer) -> list[int]:
     if isinstance(doc, str):
         return tokenizer.encode(doc)
-    return harmony.render_conversation(data_lib.parse_conversation({"messages": doc}), tokenizer,
-                                       auto_drop_analysis=False)
+    return harmony.render_conversation(
+        data_lib.parse_conversation({"messages": doc}), tokenizer, auto_drop_analysis=False
+    )
 
 
 def pack_stream(docs: Iterable[list[int]], seq_len: int, batch_size: int, stats: CorpusStats | None = None):
@@ -329,7 +339,7 @@ def pack_stream(docs: Iterable[list[int]], seq_len: int, batch_size: int, stats:
                 stats.documents += 1
                 stats.split_documents += len(doc) > seq_len
             for start in range(0, len(doc), seq_len):
-                yield doc[start:start + seq_len], None
+                yield doc[start : start + seq_len], None
 
     for packed in data_lib.pack_batches(pieces(), seq_len, batch_size, fit="next"):
         yield {k: getattr(packed, k) for k in ("tokens", "positions", "segment_ids")}
@@ -358,9 +368,15 @@ def _batch_reductions(model, tokens, positions, segment_ids, lens: bool):
         else:
             hits.append(jnp.zeros((), jnp.int32))
         ids.append(layer["expert_ids"])
-    return dict(counts=jnp.stack(counts), cooc=jnp.stack(cooc), entropy=jnp.stack(ent),
-                sink=jnp.stack(sink), hits=jnp.stack(hits), targets=jnp.sum(has_next),
-                ids=jnp.stack(ids))
+    return dict(
+        counts=jnp.stack(counts),
+        cooc=jnp.stack(cooc),
+        entropy=jnp.stack(ent),
+        sink=jnp.stack(sink),
+        hits=jnp.stack(hits),
+        targets=jnp.sum(has_next),
+        ids=jnp.stack(ids),
+    )
 
 
 @functools.lru_cache(maxsize=8)
@@ -368,9 +384,18 @@ def _reduction_fn(graphdef, lens: bool):
     return jax.jit(lambda st, t, p, s: _batch_reductions(nnx.merge(graphdef, st), t, p, s, lens))
 
 
-def run_corpus(model, tokenizer, source, *, seq_len: int = 256, batch_size: int = 8,
-               max_tokens: int | None = None, lens: bool = True, progress: bool = True,
-               stats: CorpusStats | None = None) -> CorpusStats:
+def run_corpus(
+    model,
+    tokenizer,
+    source,
+    *,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+    lens: bool = True,
+    progress: bool = True,
+    stats: CorpusStats | None = None,
+) -> CorpusStats:
     """Stream a corpus (see `read_corpus`) through the model with capture on and accumulate
     expert load, co-occurrence, routing entropy, per-head sink mass, the tokens each expert
     receives and (with `lens`) the logit lens's next-token accuracy per layer, which costs one
@@ -410,7 +435,23 @@ def run_corpus(model, tokenizer, source, *, seq_len: int = 256, batch_size: int 
     return stats
 
 
-__all__ = ["stacked", "expert_counts", "expert_load", "load_imbalance", "routing_entropy",
-           "expert_cooccurrence", "token_expert_table", "sink_mass", "attention_maps",
-           "attention_entropy", "attention_distance", "unembed", "logit_lens", "logit_lens_top",
-           "CorpusStats", "read_corpus", "pack_stream", "run_corpus"]
+__all__ = [
+    "stacked",
+    "expert_counts",
+    "expert_load",
+    "load_imbalance",
+    "routing_entropy",
+    "expert_cooccurrence",
+    "token_expert_table",
+    "sink_mass",
+    "attention_maps",
+    "attention_entropy",
+    "attention_distance",
+    "unembed",
+    "logit_lens",
+    "logit_lens_top",
+    "CorpusStats",
+    "read_corpus",
+    "pack_stream",
+    "run_corpus",
+]

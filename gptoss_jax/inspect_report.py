@@ -29,8 +29,9 @@ def text_table(model, tokenizer, text: str) -> dict:
     return {"text": text, "tokens": table}
 
 
-def write(out_dir: str, model, stats: inspect.CorpusStats, tokenizer, *, text: dict | None = None,
-          source: str = "") -> dict:
+def write(
+    out_dir: str, model, stats: inspect.CorpusStats, tokenizer, *, text: dict | None = None, source: str = ""
+) -> dict:
     """report.json + expert_load.png, sink_mass.png, layers.png in `out_dir`; returns the paths."""
     import matplotlib
 
@@ -61,10 +62,24 @@ def write(out_dir: str, model, stats: inspect.CorpusStats, tokenizer, *, text: d
         fig.savefig(paths[name], dpi=110)
         plt.close(fig)
 
-    heatmap("expert_load", stats.expert_load * cfg.num_experts, cfg.num_experts, "expert",
-            f"expert load / uniform share ({stats.tokens:,} tokens)", cmap="viridis")
-    heatmap("sink_mass", stats.sink_mass, cfg.num_heads, "query head", "mean attention mass on the sink",
-            cmap="magma", vmin=0, vmax=1)
+    heatmap(
+        "expert_load",
+        stats.expert_load * cfg.num_experts,
+        cfg.num_experts,
+        "expert",
+        f"expert load / uniform share ({stats.tokens:,} tokens)",
+        cmap="viridis",
+    )
+    heatmap(
+        "sink_mass",
+        stats.sink_mass,
+        cfg.num_heads,
+        "query head",
+        "mean attention mass on the sink",
+        cmap="magma",
+        vmin=0,
+        vmax=1,
+    )
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     x = np.arange(cfg.num_layers)
@@ -74,8 +89,12 @@ def write(out_dir: str, model, stats: inspect.CorpusStats, tokenizer, *, text: d
     axes[0].legend()
     if stats.lens_targets:
         axes[1].plot(x, stats.lens_accuracy, "o-")
-    axes[1].set(xlabel="layer", ylabel="top-1 = next token", ylim=(0, 1),
-                title="logit lens accuracy" + ("" if stats.lens_targets else " (not computed)"))
+    axes[1].set(
+        xlabel="layer",
+        ylabel="top-1 = next token",
+        ylim=(0, 1),
+        title="logit lens accuracy" + ("" if stats.lens_targets else " (not computed)"),
+    )
     fig.tight_layout()
     paths["layers"] = os.path.join(out_dir, "layers.png")
     fig.savefig(paths["layers"], dpi=110)

@@ -45,6 +45,7 @@ def embed_lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
 class LowRank(NamedTuple):
     """A low-rank update beside a frozen weight (a LoRA adapter): x -> scale * (x a) b, with `a`
     over the weight's contracted axes then r, and `b` over r then the weight's other axes."""
+
     a: jax.Array
     b: jax.Array
     scale: float
@@ -64,8 +65,9 @@ def linear(x, w, spec: str, *, adapter: LowRank | None = None) -> jax.Array:
     kept_w = "".join(c for c in ws if c not in contracted)
     r = next(c for c in "rRzZ" if c not in spec)  # a subscript the spec does not use
     xa = jnp.einsum(f"{xs},{contracted}{r}->{kept_x}{r}", x, adapter.a, preferred_element_type=jnp.float32)
-    return y + adapter.scale * jnp.einsum(f"{kept_x}{r},{r}{kept_w}->{out}", xa.astype(x.dtype), adapter.b,
-                                          preferred_element_type=jnp.float32)
+    return y + adapter.scale * jnp.einsum(
+        f"{kept_x}{r},{r}{kept_w}->{out}", xa.astype(x.dtype), adapter.b, preferred_element_type=jnp.float32
+    )
 
 
 def unembed(h: jax.Array, w: jax.Array, *, reduction_rows: int = 0) -> jax.Array:
@@ -111,18 +113,54 @@ def yarn_correction_range(cfg: ModelConfig) -> tuple[float, float]:
 # visible at positions near 1e5.
 _RELEASED_ROPE = (64, 150000.0, 32.0, 4096, 32.0, 1.0, False)
 _RELEASED_INV_FREQ_BITS = (
-    0x3f800000, 0x3f306535, 0x3ef316a2, 0x3ea77faa, 0x3e66d3fa, 0x3e1f0cfd, 0x3ddb2f9f, 0x3d970764,
-    0x3d502194, 0x3d01ddd5, 0x3c9e646f, 0x3c3dec94, 0x3bdea840, 0x3b7cfe14, 0x3b093803, 0x3a89f778,
-    0x39ef543c, 0x390799b9, 0x3820adc6, 0x37dd6dfc, 0x37989328, 0x375242fa, 0x3710e12c, 0x36c7a82b,
-    0x3689928c, 0x363d9647, 0x3602a245, 0x35b40668, 0x35781728, 0x352af200, 0x34eb93eb, 0x34a252d3)
+    0x3F800000,
+    0x3F306535,
+    0x3EF316A2,
+    0x3EA77FAA,
+    0x3E66D3FA,
+    0x3E1F0CFD,
+    0x3DDB2F9F,
+    0x3D970764,
+    0x3D502194,
+    0x3D01DDD5,
+    0x3C9E646F,
+    0x3C3DEC94,
+    0x3BDEA840,
+    0x3B7CFE14,
+    0x3B093803,
+    0x3A89F778,
+    0x39EF543C,
+    0x390799B9,
+    0x3820ADC6,
+    0x37DD6DFC,
+    0x37989328,
+    0x375242FA,
+    0x3710E12C,
+    0x36C7A82B,
+    0x3689928C,
+    0x363D9647,
+    0x3602A245,
+    0x35B40668,
+    0x35781728,
+    0x352AF200,
+    0x34EB93EB,
+    0x34A252D3,
+)
 
 
 @functools.lru_cache(maxsize=32)
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     """fp32 inverse frequencies [H/2] in the references' float32 operation order. Bitwise equal to
     the references for the released RoPE settings; otherwise within an ulp (pow rounding)."""
-    key = (cfg.head_dim, cfg.rope_theta, cfg.rope_factor, cfg.rope_original_context,
-           cfg.rope_beta_fast, cfg.rope_beta_slow, cfg.rope_truncate)
+    key = (
+        cfg.head_dim,
+        cfg.rope_theta,
+        cfg.rope_factor,
+        cfg.rope_original_context,
+        cfg.rope_beta_fast,
+        cfg.rope_beta_slow,
+        cfg.rope_truncate,
+    )
     if key == _RELEASED_ROPE:
         inv = np.array(_RELEASED_INV_FREQ_BITS, dtype=np.uint32).view(np.float32)
         inv.flags.writeable = False  # cached and shared

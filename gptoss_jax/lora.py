@@ -114,6 +114,7 @@ def merge_lora(model, *, experts: str | None = None):
 def _merged_experts(w, adapter, packed: bool, dtype):
     """w: dense [E, in, out] or MXFP4 logical [E, out, in]; adapter: (A [E, in, r], scale*B
     [E, r, out]) or None. One expert at a time (`lax.map`): never more than one decoded expert."""
+
     def one(args):
         w_e, ad = args
         dense = jnp.swapaxes(w_e.dequantize(jnp.float32), 0, 1) if isinstance(w_e, MXFP4) else w_e.astype(jnp.float32)
@@ -161,8 +162,9 @@ def load_adapters(model, path: str):
     for key, var in flat.items():
         value = where[key].get(key)
         if tuple(value.shape) != tuple(var.get_value().shape):
-            raise ValueError(f"{path}: adapter {key} has shape {list(value.shape)}, the model "
-                             f"expects {list(var.get_value().shape)}")
+            raise ValueError(
+                f"{path}: adapter {key} has shape {list(value.shape)}, the model expects {list(var.get_value().shape)}"
+            )
         var.set_value(jax.device_put(value.astype(var.get_value().dtype), var.get_value().sharding))
     nnx.update(model, state)
     return model

@@ -28,8 +28,7 @@ from flax import nnx
 
 from gptoss_jax import attention as attn_lib
 from gptoss_jax import cache as cache_lib
-from gptoss_jax import expert_parallel, kernels
-from gptoss_jax import layers
+from gptoss_jax import expert_parallel, kernels, layers
 from gptoss_jax import moe as moe_lib
 from gptoss_jax import sharding as sharding_lib
 from gptoss_jax.adapters import AttentionLoRA, ExpertLoRA, LoRAConfig
@@ -119,22 +118,34 @@ class Attention(nnx.Module):
         k = layers.apply_rope(proj("k", "BTD,DKH->BTKH"), cos, sin)
         return q, k, proj("v", "BTD,DKH->BTKH")
 
-    def __call__(self, x, rope, *, positions, segment_ids, eps, cache=None, valid=None,
-                 plan: Plan, capture=False, mesh=None):
+    def __call__(
+        self, x, rope, *, positions, segment_ids, eps, cache=None, valid=None, plan: Plan, capture=False, mesh=None
+    ):
         q, k, v = self.qkv(x, rope, eps=eps, mesh=mesh)
         impl = plan.attention if cache is None and not capture else "xla"
         if impl != "xla":
             # The kernels mask by index within segments: equal to the position mask for packed or
             # padded rows. They do not report the sink mass, so capture=True stays on XLA.
-            out = _kernel_attention(q, k, v, self.sinks[...], segment_ids, window=self.window, impl=impl,
-                                    interpret=plan.interpret, mesh=mesh)
+            out = _kernel_attention(
+                q,
+                k,
+                v,
+                self.sinks[...],
+                segment_ids,
+                window=self.window,
+                impl=impl,
+                interpret=plan.interpret,
+                mesh=mesh,
+            )
             sink_mass = None
         elif cache is None:
-            out, sink_mass = attn_lib.self_attention(q, k, v, self.sinks[...], positions=positions,
-                                                     segment_ids=segment_ids, window=self.window)
+            out, sink_mass = attn_lib.self_attention(
+                q, k, v, self.sinks[...], positions=positions, segment_ids=segment_ids, window=self.window
+            )
         else:
-            out, sink_mass, cache = cache_lib.update_and_attend(cache, q, k, v, self.sinks[...],
-                                                                positions=positions, valid=valid)
+            out, sink_mass, cache = cache_lib.update_and_attend(
+                cache, q, k, v, self.sinks[...], positions=positions, valid=valid
+            )
         o = layers.linear(out, self.o[...], "BTNH,NHD->BTD", adapter=self.adapter("o"))
         return (o + self.o_bias[...].astype(jnp.float32)).astype(x.dtype), sink_mass, cache
 
@@ -142,8 +153,9 @@ class Attention(nnx.Module):
 def _kernel_attention(q, k, v, sinks, segment_ids, *, window, impl, interpret, mesh):
     """The Pallas attention kernel; on a mesh one call per device on its own rows and heads
     (XLA cannot partition a Pallas call: Mosaic refuses, and a Triton call would be replicated)."""
-    call = lambda q, k, v, sinks, seg: kernels.attention(q, k, v, sinks, sliding_window=window, segment_ids=seg,
-                                                         implementation=impl, interpret=interpret)
+    call = lambda q, k, v, sinks, seg: kernels.attention(
+        q, k, v, sinks, sliding_window=window, segment_ids=seg, implementation=impl, interpret=interpret
+    )
     if mesh is None or mesh.size == 1:
         return call(q, k, v, sinks, segment_ids)
     axes = ("batch", None, "act_heads", None)
@@ -151,8 +163,13 @@ def _kernel_attention(q, k, v, sinks, segment_ids, *, window, impl, interpret, m
     if q_spec[2] != k_spec[2]:  # query and kv heads must split alike, or the groups would not align
         q_spec = k_spec = jax.sharding.PartitionSpec(q_spec[0], None, None, None)
     P = jax.sharding.PartitionSpec
-    fn = jax.shard_map(call, mesh=mesh, in_specs=(q_spec, k_spec, k_spec, P(q_spec[2]), P(q_spec[0], None)),
-                       out_specs=q_spec, check_vma=False)
+    fn = jax.shard_map(
+        call,
+        mesh=mesh,
+        in_specs=(q_spec, k_spec, k_spec, P(q_spec[2]), P(q_spec[0], None)),
+        out_specs=q_spec,
+        check_vma=False,
+    )
     return fn(q, k, v, sinks, segment_ids)
 
 
@@ -202,14 +219,34 @@ class MoE(nnx.Module):
         h = layers.rms_norm(x, self.norm[...], eps).reshape(B * T, D)
         if mesh is not None and mesh.size > 1:
             y, routing, dropped = expert_parallel.moe_sharded(
-                h, self.router[...], self.router_bias[...], self.expert_weights(), mesh=mesh, k=self.k,
-                alpha=self.alpha, limit=self.limit, dispatch=plan.expert_dispatch,
-                capacity_factor=plan.capacity_factor, local_impl=plan.moe, mxfp4_impl=plan.mxfp4,
-                interpret=plan.interpret, emulate_ragged=plan.emulate_ragged, platform=plan.platform)
+                h,
+                self.router[...],
+                self.router_bias[...],
+                self.expert_weights(),
+                mesh=mesh,
+                k=self.k,
+                alpha=self.alpha,
+                limit=self.limit,
+                dispatch=plan.expert_dispatch,
+                capacity_factor=plan.capacity_factor,
+                local_impl=plan.moe,
+                mxfp4_impl=plan.mxfp4,
+                interpret=plan.interpret,
+                emulate_ragged=plan.emulate_ragged,
+                platform=plan.platform,
+            )
         else:
-            y, routing = moe_lib.moe(h, self.router[...], self.router_bias[...], self.expert_weights(),
-                                     k=self.k, alpha=self.alpha, limit=self.limit, impl=plan.moe,
-                                     **plan.moe_options())
+            y, routing = moe_lib.moe(
+                h,
+                self.router[...],
+                self.router_bias[...],
+                self.expert_weights(),
+                k=self.k,
+                alpha=self.alpha,
+                limit=self.limit,
+                impl=plan.moe,
+                **plan.moe_options(),
+            )
             dropped = jnp.zeros((), jnp.int32)
         return y.reshape(B, T, D), routing, dropped
 
@@ -230,13 +267,35 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, layer, dtype=dtype, keys=keys)
         self.mlp = MoE(cfg, dtype=dtype, experts=experts, keys=keys)
 
-    def __call__(self, x, rope, *, positions, segment_ids, eps, plan: Plan, capture=False,
-                 cache=None, valid=None, mesh=None, router_loss=False):
+    def __call__(
+        self,
+        x,
+        rope,
+        *,
+        positions,
+        segment_ids,
+        eps,
+        plan: Plan,
+        capture=False,
+        cache=None,
+        valid=None,
+        mesh=None,
+        router_loss=False,
+    ):
         """-> (out, cache, intermediates or None, load-balancing loss or None)."""
         with jax.named_scope("attention"):
-            a, sink_mass, cache = self.attn(x, rope, positions=positions, segment_ids=segment_ids,
-                                            eps=eps, cache=cache, valid=valid, plan=plan,
-                                            capture=capture, mesh=mesh)
+            a, sink_mass, cache = self.attn(
+                x,
+                rope,
+                positions=positions,
+                segment_ids=segment_ids,
+                eps=eps,
+                cache=cache,
+                valid=valid,
+                plan=plan,
+                capture=capture,
+                mesh=mesh,
+            )
         x_mid = x + a
         with jax.named_scope("moe"):
             m, routing, dropped = self.mlp(x_mid, eps=eps, plan=plan, mesh=mesh)
@@ -265,8 +324,11 @@ class Block(nnx.Module):
         return out, cache, inter, balance
 
 
-REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
-                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}  # keys: plan.REMAT
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}  # keys: plan.REMAT
 
 
 def _rematerialized(block: Block, policy):
@@ -275,11 +337,13 @@ def _rematerialized(block: Block, policy):
 
     @functools.partial(jax.checkpoint, policy=policy, static_argnums=(5,))
     def run(state, x, rope, positions, segment_ids, kw):
-        return nnx.merge(graphdef, state)(x, rope, positions=positions, segment_ids=segment_ids,
-                                          valid=segment_ids != 0, **dict(kw))
+        return nnx.merge(graphdef, state)(
+            x, rope, positions=positions, segment_ids=segment_ids, valid=segment_ids != 0, **dict(kw)
+        )
 
     return lambda x, rope, *, positions, segment_ids, valid, **kw: run(
-        state, x, rope, positions, segment_ids, tuple(sorted(kw.items())))
+        state, x, rope, positions, segment_ids, tuple(sorted(kw.items()))
+    )
 
 
 class GptOss(nnx.Module):
@@ -287,8 +351,16 @@ class GptOss(nnx.Module):
     the parity mode); norm gains and sinks are always fp32. `experts` picks packed MXFP4 or dense
     expert weights."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.bfloat16, experts: str = "mxfp4",
-                 kernel: KernelOptions | None = None, mesh=None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.bfloat16,
+        experts: str = "mxfp4",
+        kernel: KernelOptions | None = None,
+        mesh=None,
+    ):
         self.cfg = cfg
         self.dtype = jnp.dtype(dtype)
         self.kernel = kernel or KernelOptions()  # how the math runs: resolved into a `Plan` per call
@@ -296,8 +368,7 @@ class GptOss(nnx.Module):
         self.lora_config: LoRAConfig | None = None  # set by lora.add_lora
         keys = _Keys(rngs.params())
         self.embed = _declare(keys, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), dtype, _normal())
-        self.layers = nnx.List([Block(cfg, i, dtype=dtype, experts=experts, keys=keys)
-                                for i in range(cfg.num_layers)])
+        self.layers = nnx.List([Block(cfg, i, dtype=dtype, experts=experts, keys=keys) for i in range(cfg.num_layers)])
         self.norm = _declare(keys, (cfg.d_model,), ("embed",), jnp.float32, _ones)
         self.unembed = _declare(keys, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), dtype, _normal())
 
@@ -310,12 +381,23 @@ class GptOss(nnx.Module):
         with every open choice made (`plan.KernelOptions.resolve`)."""
         cfg = self.cfg
         packed = 4 * cfg.num_experts * 3 * cfg.expert_dim * cfg.d_model if self.experts == "mxfp4" else 0
-        return self.kernel.resolve(self.mesh, tokens=tokens, num_experts=cfg.num_experts,
-                                   k=cfg.experts_per_token, packed_bytes=packed)
+        return self.kernel.resolve(
+            self.mesh, tokens=tokens, num_experts=cfg.num_experts, k=cfg.experts_per_token, packed_bytes=packed
+        )
 
-    def __call__(self, tokens, *, positions=None, segment_ids=None, cache: KVCache | None = None,
-                 capture=False, logits_at=None, logits_dtype=jnp.float32, router_loss=False,
-                 head: bool = True) -> ModelOutput:
+    def __call__(
+        self,
+        tokens,
+        *,
+        positions=None,
+        segment_ids=None,
+        cache: KVCache | None = None,
+        capture=False,
+        logits_at=None,
+        logits_dtype=jnp.float32,
+        router_loss=False,
+        head: bool = True,
+    ) -> ModelOutput:
         """tokens [B, T] int, ids in [0, vocab_size): others raise `TokenIdError`, on the host for a
             concrete array and from inside the program under jit (on a mesh or a TPU they are
             logged; see `traced_token_check`).
@@ -364,10 +446,18 @@ class GptOss(nnx.Module):
             with jax.named_scope(f"layer_{i}"):
                 run = block if plan.remat == "none" or cache is not None else _rematerialized(block, policy)
                 x, layer_cache, inter, lb = run(
-                    x, rope, positions=positions, segment_ids=segment_ids, eps=cfg.rms_eps,
-                    plan=plan, capture=capture,
-                    cache=None if cache is None else cache.layers[i], valid=valid, mesh=self.mesh,
-                    router_loss=router_loss)
+                    x,
+                    rope,
+                    positions=positions,
+                    segment_ids=segment_ids,
+                    eps=cfg.rms_eps,
+                    plan=plan,
+                    capture=capture,
+                    cache=None if cache is None else cache.layers[i],
+                    valid=valid,
+                    mesh=self.mesh,
+                    router_loss=router_loss,
+                )
             captured.append(inter)
             new_layers.append(layer_cache)
             balance.append(lb)
@@ -378,13 +468,19 @@ class GptOss(nnx.Module):
                 x = jnp.take_along_axis(x, jnp.asarray(logits_at)[:, None, None], axis=1)
             h = layers.rms_norm(x, self.norm[...], cfg.rms_eps)
             if not head:
-                return ModelOutput(None, cache, captured if capture else None,
-                                   jnp.mean(jnp.stack(balance)) if router_loss else None, hidden=h)
+                return ModelOutput(
+                    None,
+                    cache,
+                    captured if capture else None,
+                    jnp.mean(jnp.stack(balance)) if router_loss else None,
+                    hidden=h,
+                )
             logits = layers.unembed(h, self.unembed[...], reduction_rows=plan.unembed_reduction_rows)
             logits = logits.astype(logits_dtype)
             logits = sharding_lib.constrain(logits, ("batch", "length", "act_vocab"), self.mesh)
-        return ModelOutput(logits, cache, captured if capture else None,
-                           jnp.mean(jnp.stack(balance)) if router_loss else None)
+        return ModelOutput(
+            logits, cache, captured if capture else None, jnp.mean(jnp.stack(balance)) if router_loss else None
+        )
 
 
 class TokenIdError(ValueError):
@@ -435,8 +531,9 @@ def _log_bad_token_range(lo, hi, *, vocab_size: int) -> None:
     lo, hi = int(np.min(lo)), int(np.max(hi))
     if lo < 0 or hi >= vocab_size:
         logging.getLogger(__name__).error(
-            "%s (this jitted forward runs on a mesh or a TPU, where it cannot stop: the embedding "
-            "clamped them)", _token_range_message(lo, hi, vocab_size))
+            "%s (this jitted forward runs on a mesh or a TPU, where it cannot stop: the embedding clamped them)",
+            _token_range_message(lo, hi, vocab_size),
+        )
 
 
 def _backend_present(platform: str) -> bool:
@@ -448,10 +545,12 @@ def _backend_present(platform: str) -> bool:
 
 def _traced_token_range_check(tokens, vocab_size: int, sharded: bool) -> None:
     """Adds the in-program check to the traced computation (see `traced_token_check`)."""
+
     def callback(fn, partitioned: bool):
         def branch(lo, hi):
             jax.debug.callback(functools.partial(fn, vocab_size=vocab_size), lo, hi, partitioned=partitioned)
             return jnp.zeros((), jnp.int32)
+
         return branch
 
     def skip(lo, hi):
@@ -467,8 +566,14 @@ def _traced_token_range_check(tokens, vocab_size: int, sharded: bool) -> None:
     raising = logged if sharded else callback(_raise_on_bad_token_range, True)
     gpu = raising if _backend_present("gpu") else skip
     jax.lax.platform_dependent(
-        jnp.min(tokens), jnp.max(tokens), cpu=raising if _backend_present("cpu") else skip, cuda=gpu,
-        rocm=gpu, tpu=logged if _backend_present("tpu") else skip, default=skip)
+        jnp.min(tokens),
+        jnp.max(tokens),
+        cpu=raising if _backend_present("cpu") else skip,
+        cuda=gpu,
+        rocm=gpu,
+        tpu=logged if _backend_present("tpu") else skip,
+        default=skip,
+    )
 
 
 class _QuietTokenIdErrors(logging.Filter):
@@ -506,8 +611,15 @@ def _check_tokens(tokens, vocab_size: int, mesh=None):
 
 
 # ------------------------------------------------------------------------------- construction
-def init(cfg: ModelConfig, *, seed: int = 0, dtype=jnp.bfloat16, experts: str = "mxfp4",
-         kernel: KernelOptions | None = None, mesh=None) -> GptOss:
+def init(
+    cfg: ModelConfig,
+    *,
+    seed: int = 0,
+    dtype=jnp.bfloat16,
+    experts: str = "mxfp4",
+    kernel: KernelOptions | None = None,
+    mesh=None,
+) -> GptOss:
     """A model with random weights (normal(0.02) matrices, zero biases and sinks, unit norms).
 
     With `mesh`, every weight is created already sharded by its logical axes (never whole on one
@@ -519,19 +631,21 @@ def init(cfg: ModelConfig, *, seed: int = 0, dtype=jnp.bfloat16, experts: str = 
     graphdef, abstract_state = nnx.split(nnx.eval_shape(build))
     paths = [p for p, _ in nnx.to_flat_state(abstract_state)]
     shardings = sharding_lib.variable_shardings(abstract_state, mesh)
-    make = jax.jit(lambda: [v.get_value() for _, v in nnx.to_flat_state(nnx.split(build())[1])],
-                   out_shardings=[shardings[p] for p in paths])
+    make = jax.jit(
+        lambda: [v.get_value() for _, v in nnx.to_flat_state(nnx.split(build())[1])],
+        out_shardings=[shardings[p] for p in paths],
+    )
     values = dict(zip(paths, make()))
     for p, var in nnx.to_flat_state(abstract_state):
         var.set_value(values[p])
     return nnx.merge(graphdef, abstract_state)
 
 
-def abstract(cfg: ModelConfig, *, dtype=jnp.bfloat16, experts: str = "mxfp4", kernel: KernelOptions | None = None,
-             mesh=None) -> GptOss:
+def abstract(
+    cfg: ModelConfig, *, dtype=jnp.bfloat16, experts: str = "mxfp4", kernel: KernelOptions | None = None, mesh=None
+) -> GptOss:
     """The model with `jax.ShapeDtypeStruct` leaves: no memory, for shapes, counts and loading."""
-    return nnx.eval_shape(lambda: GptOss(cfg, rngs=nnx.Rngs(0), dtype=dtype, experts=experts, kernel=kernel,
-                                         mesh=mesh))
+    return nnx.eval_shape(lambda: GptOss(cfg, rngs=nnx.Rngs(0), dtype=dtype, experts=experts, kernel=kernel, mesh=mesh))
 
 
 def parameter_count(model: GptOss) -> int:
@@ -548,9 +662,20 @@ def parameter_count(model: GptOss) -> int:
 
 def parameter_bytes(model: GptOss) -> int:
     """Bytes the parameters occupy as stored (packed experts at about 4.25 bits per weight)."""
-    return sum(int(np.prod(v.get_value().shape)) * jnp.dtype(v.get_value().dtype).itemsize
-               for _, v in nnx.to_flat_state(nnx.state(model)))
+    return sum(
+        int(np.prod(v.get_value().shape)) * jnp.dtype(v.get_value().dtype).itemsize
+        for _, v in nnx.to_flat_state(nnx.state(model))
+    )
 
 
-__all__ = ["GptOss", "ModelOutput", "PackedWeight", "init", "abstract", "parameter_count",
-           "parameter_bytes", "EXPERT_FORMATS", "BLOCK"]
+__all__ = [
+    "GptOss",
+    "ModelOutput",
+    "PackedWeight",
+    "init",
+    "abstract",
+    "parameter_count",
+    "parameter_bytes",
+    "EXPERT_FORMATS",
+    "BLOCK",
+]

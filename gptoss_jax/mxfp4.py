@@ -22,8 +22,9 @@ import numpy as np
 BLOCK = 32  # values per shared scale
 SCALE_BIAS = 127
 # E2M1 code -> value. Bit 3 is the sign; codes 0..7 are the magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6.
-E2M1_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
-                        -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], dtype=np.float32)
+E2M1_VALUES = np.array(
+    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], dtype=np.float32
+)
 _E2M1_MAX_EXP = 2  # 6 = 1.5 * 2**2
 
 
@@ -40,8 +41,10 @@ class MXFP4:
         # Pytree transformations rebuild the node with placeholder leaves; only check real arrays.
         if hasattr(b, "shape") and hasattr(s, "shape"):
             if b.shape[:-1] != s.shape or b.shape[-1] != BLOCK // 2:
-                raise ValueError(f"MXFP4 blocks {tuple(b.shape)} and scales {tuple(s.shape)} do not fit: "
-                                 f"need blocks [..., G, {BLOCK // 2}] and scales [..., G]")
+                raise ValueError(
+                    f"MXFP4 blocks {tuple(b.shape)} and scales {tuple(s.shape)} do not fit: "
+                    f"need blocks [..., G, {BLOCK // 2}] and scales [..., G]"
+                )
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -123,8 +126,10 @@ def gathered_matvec(x, t: MXFP4, ids, *, rows: int | None = None) -> jax.Array:
     E, O, I = t.shape
     R = x.shape[0]
     if x.shape != (R, I) or ids.shape != (R,):
-        raise ValueError(f"gathered_matvec: x {tuple(x.shape)} and ids {tuple(ids.shape)} do not fit "
-                         f"matrices [{E}, {O}, {I}] (need x [R, {I}], ids [R])")
+        raise ValueError(
+            f"gathered_matvec: x {tuple(x.shape)} and ids {tuple(ids.shape)} do not fit "
+            f"matrices [{E}, {O}, {I}] (need x [R, {I}], ids [R])"
+        )
     G = I // BLOCK
     xr = x.astype(jnp.float32).reshape(R, 1, G, BLOCK // 2, 2)  # [R, 1, G, 16, (even, odd)]
     n = _chunk_rows(O, rows or max(1, CHUNK_VALUES // I))
@@ -180,4 +185,3 @@ def quantize(w) -> MXFP4:
     code = code.reshape(*code.shape[:-1], BLOCK // 2, 2)
     packed = (code[..., 0] | (code[..., 1] << 4)).astype(jnp.uint8)
     return MXFP4(blocks=packed, scales=biased.astype(jnp.uint8))
-

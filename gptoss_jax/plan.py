@@ -85,8 +85,13 @@ class KernelOptions:
     platform: str | None = None
 
     def __post_init__(self):
-        for name, allowed in (("moe_impl", MOE_IMPLS), ("attention_impl", ATTENTION_IMPLS),
-                              ("mxfp4_impl", MXFP4_IMPLS), ("expert_dispatch", DISPATCH), ("platform", PLATFORMS)):
+        for name, allowed in (
+            ("moe_impl", MOE_IMPLS),
+            ("attention_impl", ATTENTION_IMPLS),
+            ("mxfp4_impl", MXFP4_IMPLS),
+            ("expert_dispatch", DISPATCH),
+            ("platform", PLATFORMS),
+        ):
             value = getattr(self, name)
             if value is not None and value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -114,8 +119,14 @@ class KernelOptions:
             if sharded and expert_axis > 1:  # devices exchange fixed-capacity buffers: buckets on CPU
                 moe = "buckets" if cpu else "ragged"
             else:
-                moe = default_moe_impl(tokens, k, num_experts, large_packed_on_cpu=large_packed_on_cpu,
-                                       platform=platform, per_device=not sharded)
+                moe = default_moe_impl(
+                    tokens,
+                    k,
+                    num_experts,
+                    large_packed_on_cpu=large_packed_on_cpu,
+                    platform=platform,
+                    per_device=not sharded,
+                )
         return Plan(
             platform=platform,
             attention=self.attention_impl or default_attention_impl(platform),
@@ -151,8 +162,13 @@ class Plan:
 
     def moe_options(self, impl: str | None = None) -> dict:
         """The keyword arguments `moe.MOE_IMPLS[impl]` takes beyond (x, ew, routing, alpha, limit)."""
-        return moe_options(impl or self.moe, mxfp4_impl=self.mxfp4, interpret=self.interpret,
-                           one_at_a_time=self.decode_one_expert_at_a_time, gathered_decode=self.gathered_decode)
+        return moe_options(
+            impl or self.moe,
+            mxfp4_impl=self.mxfp4,
+            interpret=self.interpret,
+            one_at_a_time=self.decode_one_expert_at_a_time,
+            gathered_decode=self.gathered_decode,
+        )
 
 
 def moe_options(impl: str, *, mxfp4_impl: str, interpret: bool, one_at_a_time: bool, gathered_decode: bool) -> dict:
@@ -179,13 +195,15 @@ def default_dispatch(platform: str) -> str:
     return "all_to_all" if platform == "cpu" else "ragged_all_to_all"
 
 
-def default_moe_impl(tokens: int, k: int, num_experts: int, *, large_packed_on_cpu: bool, platform: str,
-                     per_device: bool = True) -> str:
+def default_moe_impl(
+    tokens: int, k: int, num_experts: int, *, large_packed_on_cpu: bool, platform: str, per_device: bool = True
+) -> str:
     """per_device=False: the tokens are split over a mesh (no expert axis), the rows per device
     are not known here: the platform's bulk path."""
     rows = tokens * k
-    if per_device and (2 * rows <= num_experts
-                       or (large_packed_on_cpu and rows <= PACKED_GATHER_ROWS_PER_EXPERT * num_experts)):
+    if per_device and (
+        2 * rows <= num_experts or (large_packed_on_cpu and rows <= PACKED_GATHER_ROWS_PER_EXPERT * num_experts)
+    ):
         return "gather"  # decode-sized batches: touch only the chosen experts
     if platform != "cpu":
         return "ragged"

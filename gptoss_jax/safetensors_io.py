@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -20,10 +20,18 @@ import numpy as np
 from gptoss_jax import atomic
 
 DTYPES = {
-    "BOOL": np.dtype(np.bool_), "U8": np.dtype(np.uint8), "I8": np.dtype(np.int8),
-    "I16": np.dtype(np.int16), "U16": np.dtype(np.uint16), "I32": np.dtype(np.int32),
-    "U32": np.dtype(np.uint32), "I64": np.dtype(np.int64), "U64": np.dtype(np.uint64),
-    "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16), "F32": np.dtype(np.float32),
+    "BOOL": np.dtype(np.bool_),
+    "U8": np.dtype(np.uint8),
+    "I8": np.dtype(np.int8),
+    "I16": np.dtype(np.int16),
+    "U16": np.dtype(np.uint16),
+    "I32": np.dtype(np.int32),
+    "U32": np.dtype(np.uint32),
+    "I64": np.dtype(np.int64),
+    "U64": np.dtype(np.uint64),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F32": np.dtype(np.float32),
     "F64": np.dtype(np.float64),
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
@@ -46,8 +54,9 @@ class SafetensorsFile:
                     raise SafetensorsError(f"{self.path}: file too short for a safetensors header")
                 (n,) = struct.unpack("<Q", head)
                 if n > size - 8:
-                    raise SafetensorsError(f"{self.path}: header length {n} exceeds the file size {size} "
-                                           "(truncated file?)")
+                    raise SafetensorsError(
+                        f"{self.path}: header length {n} exceeds the file size {size} (truncated file?)"
+                    )
                 header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise SafetensorsError(f"{self.path}: header is not valid JSON ({e})") from None
@@ -64,19 +73,24 @@ class SafetensorsFile:
                 shape = tuple(int(d) for d in info["shape"])
                 start, end = (int(o) for o in info["data_offsets"])
             except (KeyError, TypeError, ValueError):
-                raise SafetensorsError(f"{self.path}: tensor {key!r} has a malformed or unsupported "
-                                       f"header entry {info!r}") from None
+                raise SafetensorsError(
+                    f"{self.path}: tensor {key!r} has a malformed or unsupported header entry {info!r}"
+                ) from None
             if end > data_size:
-                raise SafetensorsError(f"{self.path}: tensor {key!r} ends at byte {end} of the data "
-                                       f"section but the file holds only {data_size} (truncated file?)")
+                raise SafetensorsError(
+                    f"{self.path}: tensor {key!r} ends at byte {end} of the data "
+                    f"section but the file holds only {data_size} (truncated file?)"
+                )
             if end - start != int(np.prod(shape)) * dtype.itemsize or start < 0:
-                raise SafetensorsError(f"{self.path}: tensor {key!r} spans {end - start} bytes, "
-                                       f"but {info['dtype']}{list(shape)} needs "
-                                       f"{int(np.prod(shape)) * dtype.itemsize}")
+                raise SafetensorsError(
+                    f"{self.path}: tensor {key!r} spans {end - start} bytes, "
+                    f"but {info['dtype']}{list(shape)} needs "
+                    f"{int(np.prod(shape)) * dtype.itemsize}"
+                )
             self._entries[key] = (dtype, shape, start, end)
             spans.append((start, end, key))
         spans.sort()
-        for (s0, e0, k0), (s1, e1, k1) in zip(spans, spans[1:]):
+        for (_, e0, k0), (s1, _, k1) in zip(spans, spans[1:]):
             if s1 < e0:
                 raise SafetensorsError(f"{self.path}: tensors {k0!r} and {k1!r} overlap")
         self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r") if data_size else None
@@ -98,12 +112,13 @@ class SafetensorsFile:
         dtype, shape, start, end = self._entries[key]
         if end == start:
             return np.zeros(shape, dtype)
-        raw = self._mmap[self._base + start:self._base + end]
+        raw = self._mmap[self._base + start : self._base + end]
         return raw.view(dtype).reshape(shape)
 
 
-def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
-              metadata: Mapping[str, str] | None = None) -> None:
+def save_file(
+    tensors: Mapping[str, np.ndarray], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+) -> None:
     """Write tensors (numpy arrays, bf16 as ml_dtypes) in key order, 8-byte aligned header."""
     header: dict = {}
     if metadata:
@@ -114,8 +129,11 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
         arr = np.ascontiguousarray(tensors[key])
         if arr.dtype not in _NAMES:
             raise SafetensorsError(f"tensor {key!r}: dtype {arr.dtype} cannot be stored in safetensors")
-        header[key] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape),
-                       "data_offsets": [offset, offset + arr.nbytes]}
+        header[key] = {
+            "dtype": _NAMES[arr.dtype],
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + arr.nbytes],
+        }
         offset += arr.nbytes
         arrays.append(arr)
     blob = json.dumps(header, separators=(",", ":")).encode()

@@ -17,18 +17,18 @@ import functools
 import math
 import numbers
 import operator
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gptoss_jax import harmony
 from gptoss_jax.cache import KVCache, init_cache
 from gptoss_jax.distributed import to_host
-from gptoss_jax.model import traced_token_check
-from gptoss_jax import harmony
 from gptoss_jax.harmony import STOP_TOKENS_ASSISTANT as ASSISTANT_STOP_TOKENS  # <|return|>, <|call|>
+from gptoss_jax.model import traced_token_check
 
 
 def _real(value) -> float | None:
@@ -48,12 +48,21 @@ def _integer(value) -> int | None:
     return int(value)
 
 
-def check_sampling_options(*, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=None, seed=None,
-                           vocab_size: int | None = None, names: Mapping[str, str] | None = None) -> None:
+def check_sampling_options(
+    *,
+    temperature=1.0,
+    top_p=1.0,
+    top_k=0,
+    max_new_tokens=None,
+    seed=None,
+    vocab_size: int | None = None,
+    names: Mapping[str, str] | None = None,
+) -> None:
     """Raise ValueError for a sampling setting that cannot mean what it says: a temperature that is
     not a finite number >= 0 (nan would sample token 0 forever), top_p outside (0, 1], top_k not an
     integer in [0, vocab_size], max_new_tokens below 1, a seed outside [0, 2**63). Options left
     None are not checked; `names` spells them in the messages (the CLI passes its flags)."""
+
     def name(key):
         return (names or {}).get(key, key)
 
@@ -142,24 +151,25 @@ def _prefill_fn(graphdef):
             out = model(tokens, segment_ids=seg, cache=cache, logits_at=idx)
         logits = jnp.where((n_valid > 0)[:, None], out.logits[:, 0], last_logits)
         return out.cache, logits
+
     return prefill
 
 
-def _prefill_chunks(graphdef, state, vocab_size: int, ids: Sequence[Sequence[int]], cache: KVCache,
-                    prefill_chunk: int):
+def _prefill_chunks(graphdef, state, vocab_size: int, ids: Sequence[Sequence[int]], cache: KVCache, prefill_chunk: int):
     B, longest = len(ids), max(len(p) for p in ids)
     C = min(prefill_chunk, longest)
     n_chunks = -(-longest // C)
     prefill_step = _prefill_fn(graphdef)
     padded = np.zeros((B, n_chunks * C), np.int32)
     for b, p in enumerate(ids):
-        padded[b, :len(p)] = p
+        padded[b, : len(p)] = p
     lengths = np.array([len(p) for p in ids])
     logits = jnp.zeros((B, vocab_size), jnp.float32)
     for c in range(n_chunks):
         n_valid = np.clip(lengths - c * C, 0, C).astype(np.int32)
-        cache, logits = prefill_step(state, cache, jnp.asarray(padded[:, c * C:(c + 1) * C]),
-                                     jnp.asarray(n_valid), logits)
+        cache, logits = prefill_step(
+            state, cache, jnp.asarray(padded[:, c * C : (c + 1) * C]), jnp.asarray(n_valid), logits
+        )
     return cache, logits
 
 
@@ -168,8 +178,7 @@ def prefill(model, prompts: Sequence[Sequence[int]], cache: KVCache, *, prefill_
     lists `prompts` (unchecked) written into `cache` (from `init_cache`, one row per prompt).
     -> (cache, fp32 logits [B, V] at each prompt's last token)."""
     graphdef, state = nnx.split(model)
-    return _prefill_chunks(graphdef, state, model.cfg.vocab_size, [list(p) for p in prompts], cache,
-                           prefill_chunk)
+    return _prefill_chunks(graphdef, state, model.cfg.vocab_size, [list(p) for p in prompts], cache, prefill_chunk)
 
 
 @functools.lru_cache(maxsize=16)
@@ -194,8 +203,9 @@ def _decode_fn(graphdef, params: SamplingParams, stop_ids: tuple[int, ...], bloc
             active = ~done
             out_tokens = out_tokens.at[:, i].set(jnp.where(active, tok, -1))
             if logprobs:
-                lp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1),
-                                         tok[:, None], axis=-1)[:, 0]
+                lp = jnp.take_along_axis(
+                    jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), tok[:, None], axis=-1
+                )[:, 0]
                 out_logprobs = out_logprobs.at[:, i].set(lp)
             produced = produced + active
             done = done | (active & jnp.isin(tok, stop)) | (produced >= limit)
@@ -207,21 +217,35 @@ def _decode_fn(graphdef, params: SamplingParams, stop_ids: tuple[int, ...], bloc
             # every row steps (fixed shapes); finished rows feed padding that is never cached.
             # The sampled ids lie in [0, vocab_size) by construction: no in-program id check.
             with traced_token_check(False):
-                step = step_model(jnp.where(active, tok, 0)[:, None],
-                                  segment_ids=active[:, None].astype(jnp.int32), cache=cache)
+                step = step_model(
+                    jnp.where(active, tok, 0)[:, None], segment_ids=active[:, None].astype(jnp.int32), cache=cache
+                )
             return i + 1, step.cache, step.logits[:, 0], done, produced, out_tokens, out_logprobs, key
 
         carry = (jnp.int32(0), cache, logits, done, produced, out_tokens, out_logprobs, key)
         _, cache, logits, done, produced, out_tokens, out_logprobs, key = jax.lax.while_loop(cond, body, carry)
         return cache, logits, key, done, produced, out_tokens, out_logprobs
+
     return decode
 
 
-def generate(model, tokenizer=None, prompts: Sequence = (), *, max_new_tokens: int = 256,
-             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-             stop_tokens: Sequence[int] | None = None, stream: Callable[[int, list[int]], None] | None = None,
-             prefill_chunk: int = 256, block: int | None = None, cache_dtype=None,
-             logprobs: bool = False) -> Generation:
+def generate(
+    model,
+    tokenizer=None,
+    prompts: Sequence = (),
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    stop_tokens: Sequence[int] | None = None,
+    stream: Callable[[int, list[int]], None] | None = None,
+    prefill_chunk: int = 256,
+    block: int | None = None,
+    cache_dtype=None,
+    logprobs: bool = False,
+) -> Generation:
     """Generate continuations for a batch of prompts.
 
     prompts: token-id lists, or strings (encoded with `tokenizer`, no special-token parsing).
@@ -249,32 +273,41 @@ def generate(model, tokenizer=None, prompts: Sequence = (), *, max_new_tokens: i
         try:
             p = [operator.index(t) for t in p]
         except TypeError:
-            raise ValueError(f"prompt {i} must be a string or a sequence of integer token ids, got "
-                             f"{type(p).__name__} {str(p)[:60]}") from None
+            raise ValueError(
+                f"prompt {i} must be a string or a sequence of integer token ids, got {type(p).__name__} {str(p)[:60]}"
+            ) from None
         if not p:
             raise ValueError(f"prompt {i} is empty")
         bad = [t for t in p if not 0 <= t < cfg.vocab_size]
         if bad:
             raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {cfg.vocab_size}): {bad[:5]}")
         ids.append(p)
-    check_sampling_options(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
-                           seed=seed, vocab_size=cfg.vocab_size)
+    check_sampling_options(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        vocab_size=cfg.vocab_size,
+    )
     for what, value in (("prefill_chunk", prefill_chunk), ("block", block)):
         if value is not None and (_integer(value) is None or value < 1):
             raise ValueError(f"{what} must be an integer >= 1, got {value!r}")
     longest = max(len(p) for p in ids)
     total = longest + max_new_tokens
     if total > cfg.max_position:
-        raise ValueError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the context "
-                         f"of {cfg.max_position} tokens")
+        raise ValueError(
+            f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the context of {cfg.max_position} tokens"
+        )
     params = SamplingParams(temperature, top_p, top_k)
     if stop_tokens is None:  # the tokenizer's own ids (a small trained BPE numbers them its way)
         stop_tokens = harmony.stop_tokens(tokenizer) if tokenizer is not None else ASSISTANT_STOP_TOKENS
     else:
         bad = [t for t in stop_tokens if _integer(t) is None or not 0 <= t < cfg.vocab_size]
         if bad:
-            raise ValueError(f"stop_tokens outside the vocabulary [0, {cfg.vocab_size}) can never be sampled: "
-                             f"{bad[:5]}")
+            raise ValueError(
+                f"stop_tokens outside the vocabulary [0, {cfg.vocab_size}) can never be sampled: {bad[:5]}"
+            )
     stop_ids = tuple(int(t) for t in stop_tokens)
     block = block or (1 if stream is not None else 16)
     B = len(ids)

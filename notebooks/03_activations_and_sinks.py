@@ -39,14 +39,15 @@ os.makedirs(FIGURES, exist_ok=True)
 if CHECKPOINT:
     model = gj.load(CHECKPOINT, dtype="float32")
 else:
-    model = gj.init(gj.tiny(vocab_size=201088, num_layers=6, num_heads=8, sliding_window=16), seed=0,
-                    dtype=jnp.float32)
+    model = gj.init(gj.tiny(vocab_size=201088, num_layers=6, num_heads=8, sliding_window=16), seed=0, dtype=jnp.float32)
     for i, layer in enumerate(model.layers):  # stand-in for learned sinks: N(0, 2) logits
         layer.attn.sinks.set_value(2.0 * jax.random.normal(jax.random.key(i), layer.attn.sinks.shape))
 cfg = model.cfg
 tokenizer = gj.load_tokenizer(CHECKPOINT or "o200k_harmony")
-text = ("The old lighthouse keeper climbed the stairs every evening, lit the lamp, and wrote one line "
-        "in his log about the weather, the ships, and the birds that rested on the rail.")
+text = (
+    "The old lighthouse keeper climbed the stairs every evening, lit the lamp, and wrote one line "
+    "in his log about the weather, the ships, and the birds that rested on the rail."
+)
 tokens = jnp.asarray([tokenizer.encode(text)])
 T = tokens.shape[1]
 out = jax.jit(lambda m, t: m(t, capture=True))(model, tokens)
@@ -60,8 +61,10 @@ print(f"{T} tokens, {cfg.num_layers} layers, {cfg.num_heads} query heads")
 # %%
 rms = lambda x: float(jnp.sqrt(jnp.mean(jnp.square(x))))
 for l, layer in enumerate(inter):
-    print(f"layer {l}: residual {rms(layer['residual']):.4f}  + attention {rms(layer['attn_out']):.4f}"
-          f"  + MoE {rms(layer['mlp_out']):.4f}  -> {rms(layer['residual_out']):.4f}")
+    print(
+        f"layer {l}: residual {rms(layer['residual']):.4f}  + attention {rms(layer['attn_out']):.4f}"
+        f"  + MoE {rms(layer['mlp_out']):.4f}  -> {rms(layer['residual_out']):.4f}"
+    )
 
 # %% [markdown]
 # ## Sink mass per head, sliding vs full
@@ -106,8 +109,10 @@ agree = [(lens[l, 0].argmax(-1) == lens[-1, 0].argmax(-1)).mean() for l in range
 print("share of positions whose lens top-1 equals the final top-1, per layer:", np.round(agree, 3))
 ids, p = inspect.logit_lens_top(model, inter, k=1)
 t = T // 2
-print(f"token {t} {tokenizer.decode([int(tokens[0, t])])!r}: lens top-1 per layer",
-      [tokenizer.decode([int(i)]) for i in ids[:, 0, t, 0]])
+print(
+    f"token {t} {tokenizer.decode([int(tokens[0, t])])!r}: lens top-1 per layer",
+    [tokenizer.decode([int(i)]) for i in ids[:, 0, t, 0]],
+)
 
 fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
 im = axes[0].imshow(sinks, aspect="auto", cmap="magma", vmin=0, vmax=1)

@@ -53,14 +53,18 @@ def dense_map(bm, num_kv_blocks):
 # %%
 real = gj.gpt_oss_20b()
 T, B = 8192, 128
-maps = {name: attention_block_map(T, block_q=B, block_k=B, sliding_window=w)
-        for name, w in (("sliding", real.sliding_window), ("full", None))}
+maps = {
+    name: attention_block_map(T, block_q=B, block_k=B, sliding_window=w)
+    for name, w in (("sliding", real.sliding_window), ("full", None))
+}
 nblocks = T // B
 for name, bm in maps.items():
     m = dense_map(bm, nblocks)
-    print(f"{name:7s}: {bm.total_visits:5d} of {nblocks * nblocks} tiles visited "
-          f"({bm.total_visits / (nblocks * nblocks):.1%}); full {int((m == FULL).sum())}, "
-          f"partial {int((m == PARTIAL).sum())}; at most {int(bm.num_visits.max())} per query block")
+    print(
+        f"{name:7s}: {bm.total_visits:5d} of {nblocks * nblocks} tiles visited "
+        f"({bm.total_visits / (nblocks * nblocks):.1%}); full {int((m == FULL).sum())}, "
+        f"partial {int((m == PARTIAL).sum())}; at most {int(bm.num_visits.max())} per query block"
+    )
 
 # %% [markdown]
 # Growth with length: tiles visited at 4k, 8k, 16k, 32k tokens.
@@ -77,8 +81,11 @@ T_small, B_small = 1024, 64
 for ax, (name, w) in zip(axes[:2], (("sliding", real.sliding_window), ("full", None))):
     bm = attention_block_map(T_small, block_q=B_small, block_k=B_small, sliding_window=w)
     ax.imshow(dense_map(bm, T_small // B_small), cmap=cmap, vmin=0, vmax=2)
-    ax.set(xlabel="key block", ylabel="query block",
-           title=f"{name}, T={T_small}, tiles {B_small}: {bm.total_visits} visited\n(blue full, orange partial)")
+    ax.set(
+        xlabel="key block",
+        ylabel="query block",
+        title=f"{name}, T={T_small}, tiles {B_small}: {bm.total_visits} visited\n(blue full, orange partial)",
+    )
 
 # %% [markdown]
 # ## On a model: no probability outside the visited tiles
@@ -100,8 +107,10 @@ bm = attention_block_map(Tm, block_q=bq, block_k=bq, sliding_window=cfg.sliding_
 visited = dense_map(bm, Tm // bq) > 0
 mass = probs[0].sum(0).reshape(Tm // bq, bq, Tm // bq, bq).sum((1, 3))  # per tile, all heads
 assert mass[~visited].max() == 0, "attention mass in a skipped tile"
-print(f"layer {layer}: {int(visited.sum())} of {visited.size} tiles visited hold all "
-      f"{mass.sum():.1f} units of key mass (and {mass[~visited].sum():.1f} outside)")
+print(
+    f"layer {layer}: {int(visited.sum())} of {visited.size} tiles visited hold all "
+    f"{mass.sum():.1f} units of key mass (and {mass[~visited].sum():.1f} outside)"
+)
 axes[2].imshow(np.log10(probs[0].mean(0) + 1e-6), cmap="viridis")
 for i in range(Tm // bq + 1):
     axes[2].axhline(i * bq - 0.5, color="w", lw=0.3)
@@ -119,8 +128,16 @@ fig.savefig(os.path.join(FIGURES, "04_block_map.png"), dpi=110)
 q, k, v = inspect._qkv(model, layer, out.intermediates[layer]["residual"], jnp.arange(Tm)[None])
 sinks_ = model.layers[layer].attn.sinks[...]
 ref = kernels.attention(q, k, v, sinks_, sliding_window=cfg.sliding_window, implementation="xla")
-ker = kernels.attention(q, k, v, sinks_, sliding_window=cfg.sliding_window, implementation="pallas_gpu",
-                        interpret=True, block_sizes=kernels.BlockSizes(bq, bq))
+ker = kernels.attention(
+    q,
+    k,
+    v,
+    sinks_,
+    sliding_window=cfg.sliding_window,
+    implementation="pallas_gpu",
+    interpret=True,
+    block_sizes=kernels.BlockSizes(bq, bq),
+)
 err = float(jnp.max(jnp.abs(ker - ref)) / jnp.max(jnp.abs(ref)))
 print(f"Pallas (GPU kernel, interpreted) vs XLA: max relative difference {err:.2e}")
 assert err < 1e-4

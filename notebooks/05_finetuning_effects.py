@@ -33,8 +33,8 @@ import numpy as np
 
 import gptoss_jax as gj
 from gptoss_jax import harmony, inspect
-from gptoss_jax.train import data as data_lib
 from gptoss_jax.tasks import arithmetic
+from gptoss_jax.train import data as data_lib
 from gptoss_jax.train import quickstart, sft
 from gptoss_jax.train.config import load_config
 
@@ -48,11 +48,21 @@ if not os.path.isfile(os.path.join(RUN, "config.json")):
     print(f"no run at {RUN}: a 50-step quickstart SFT in {out}")
     arithmetic.write_splits(f"{out}/train.jsonl", f"{out}/eval.jsonl", train_size=2000, eval_size=64)
     vocab = quickstart.build_tokenizer(f"{out}/tokenizer.json").vocab_size
-    short = load_config(quickstart.CONFIG, [
-        "run.steps=50", "optim.total_steps=50", "optim.warmup_steps=10", "eval.accuracy=false",
-        "run.progress=false", f"model.overrides.vocab_size={vocab}",
-        f"data.train={out}/train.jsonl", f"data.eval={out}/eval.jsonl",
-        f"model.tokenizer={out}/tokenizer.json", f"run.out_dir={out}/sft"])
+    short = load_config(
+        quickstart.CONFIG,
+        [
+            "run.steps=50",
+            "optim.total_steps=50",
+            "optim.warmup_steps=10",
+            "eval.accuracy=false",
+            "run.progress=false",
+            f"model.overrides.vocab_size={vocab}",
+            f"data.train={out}/train.jsonl",
+            f"data.eval={out}/eval.jsonl",
+            f"model.tokenizer={out}/tokenizer.json",
+            f"run.out_dir={out}/sft",
+        ],
+    )
     sft.train(short, log=lambda s: None)
     RUN = os.path.join(out, "sft")
 cfg = sft.run_config(RUN)
@@ -61,8 +71,10 @@ after = sft.load_trained(cfg)
 tokenizer = gj.load_tokenizer(cfg.model.tokenizer or "o200k_harmony")
 mc = after.cfg
 E, L = mc.num_experts, mc.num_layers
-print(f"run {RUN}: {cfg.run.steps} steps of {cfg.data.batch_size} x {cfg.data.seq_len} tokens; "
-      f"{L} layers, {E} experts top-{mc.experts_per_token}")
+print(
+    f"run {RUN}: {cfg.run.steps} steps of {cfg.data.batch_size} x {cfg.data.seq_len} tokens; "
+    f"{L} layers, {E} experts top-{mc.experts_per_token}"
+)
 
 # %% [markdown]
 # ## The held-out conversations, packed
@@ -73,8 +85,12 @@ conversations, _ = data_lib.read_jsonl(cfg.data.eval, reasoning_effort=cfg.data.
 docs = [harmony.render_conversation(c, tokenizer, auto_drop_analysis=False) for c in conversations[:64]]
 batch = next(inspect.pack_stream(iter(docs), 512, 8))
 mask = batch["segment_ids"] != 0
-run = lambda m: m(jnp.asarray(batch["tokens"]), positions=jnp.asarray(batch["positions"]),
-                  segment_ids=jnp.asarray(batch["segment_ids"]), capture=True).intermediates
+run = lambda m: m(
+    jnp.asarray(batch["tokens"]),
+    positions=jnp.asarray(batch["positions"]),
+    segment_ids=jnp.asarray(batch["segment_ids"]),
+    capture=True,
+).intermediates
 inter = {"before": run(before), "after": run(after)}
 print(f"{int(mask.sum())} tokens in {len(docs)} conversations")
 
@@ -85,9 +101,11 @@ print(f"{int(mask.sum())} tokens in {len(docs)} conversations")
 load = {k: inspect.expert_load(v, E, mask) for k, v in inter.items()}
 entropy = {k: inspect.routing_entropy(v, mask) for k, v in inter.items()}
 for l in range(L):
-    print(f"layer {l}: imbalance {inspect.load_imbalance(load['before'])[l]:.2f} -> "
-          f"{inspect.load_imbalance(load['after'])[l]:.2f}, router entropy {entropy['before'][l]:.3f} -> "
-          f"{entropy['after'][l]:.3f} nats (max {np.log(E):.3f})")
+    print(
+        f"layer {l}: imbalance {inspect.load_imbalance(load['before'])[l]:.2f} -> "
+        f"{inspect.load_imbalance(load['after'])[l]:.2f}, router entropy {entropy['before'][l]:.3f} -> "
+        f"{entropy['after'][l]:.3f} nats (max {np.log(E):.3f})"
+    )
 
 # %% [markdown]
 # ## Tokens that changed their top expert
@@ -101,6 +119,7 @@ print("share of tokens whose top-1 expert changed, per layer:", np.round(changed
 # ## Did experts specialize by kind of token?
 # Mutual information between the token's kind (digit / harmony special / other) and its top-1
 # expert, in bits: 0 when routing ignores the kind, up to log2(3) when the kind decides the expert.
+
 
 # %%
 def kind_of(t):

@@ -67,7 +67,6 @@ Time limits: a case whose predicted single run exceeds `--cap` seconds, or whose
 and a warm-up longer than the cap is reported as the single sample; each row says so.
 """
 
-
 from __future__ import annotations
 
 import argparse
@@ -84,7 +83,7 @@ from gptoss_jax.bench import peaks, peers, records
 from gptoss_jax.bench.memory import mem_available
 from gptoss_jax.bench.suite import SECTIONS, Suite
 
-GiB = 2 ** 30
+GiB = 2**30
 T0 = time.perf_counter()
 
 
@@ -97,15 +96,28 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small repeats, T up to 2048, no 131k (~2-3 min)")
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
-    ap.add_argument("--json", default=None,
-                    help="write every figure to this JSON record (with its command, UTC date and CPU)")
+    ap.add_argument(
+        "--json", default=None, help="write every figure to this JSON record (with its command, UTC date and CPU)"
+    )
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per figure (default 3, quick 2)")
-    ap.add_argument("--cap", type=float, default=None,
-                    help="skip a case whose predicted single run exceeds this many seconds (default 90, quick 10)")
-    ap.add_argument("--budget", type=float, default=None,
-                    help="seconds of timed runs per case before repeats are cut (to >= 2) (default 40, quick 6)")
-    ap.add_argument("--torch-threads", type=int, default=None,
-                    help="torch.set_num_threads for HF and the reference (default: torch's own, one per core)")
+    ap.add_argument(
+        "--cap",
+        type=float,
+        default=None,
+        help="skip a case whose predicted single run exceeds this many seconds (default 90, quick 10)",
+    )
+    ap.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds of timed runs per case before repeats are cut (to >= 2) (default 40, quick 6)",
+    )
+    ap.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads for HF and the reference (default: torch's own, one per core)",
+    )
     ap.add_argument("--scaling-dtypes", default="float32", help="dtypes of the scaling section, e.g. float32,bfloat16")
     args = ap.parse_args()
     only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -127,16 +139,28 @@ def main():
     results = {}
     suite = Suite(args, peers.Models(gj.tiny(**peers.BENCH_CONFIG)), results, log)
     suite.t0 = T0
-    results.update(provenance=records.provenance(), config=peers.BENCH_CONFIG, args=vars(args), env={
-        "jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-        "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "machine": platform.processor() or
-        platform.machine(), "jax_backend": jax.default_backend(),
-        "huge_pages": host.huge_pages_requested()})
+    results.update(
+        provenance=records.provenance(),
+        config=peers.BENCH_CONFIG,
+        args=vars(args),
+        env={
+            "jax": jax.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            "machine": platform.processor() or platform.machine(),
+            "jax_backend": jax.default_backend(),
+            "huge_pages": host.huge_pages_requested(),
+        },
+    )
     log(f"config: {peers.BENCH_CONFIG}")
-    log(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
+    log(
+        f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, {os.cpu_count()} CPUs, "
         f"{mem_available(default=8 * GiB) / GiB:.1f} GiB free, malloc huge pages "
-        f"{'on' if host.huge_pages_requested() else 'off'}; sections {','.join(only)}{' (quick)' if args.quick else ''}")
+        f"{'on' if host.huge_pages_requested() else 'off'}; sections {','.join(only)}{' (quick)' if args.quick else ''}"
+    )
     if "bounds" in only:
         log(f"\n== bounds: machine peaks {suite.elapsed()}")
         results["bounds"] = peaks.bounds(args.quick, log)
@@ -144,8 +168,10 @@ def main():
         log(f"\n== bounds not selected: measuring them quickly for the % columns {suite.elapsed()}")
         results["bounds"] = peaks.bounds(True, lambda *a: None)
         pk = suite.peaks
-        log(f"  fp32 {pk['float32'] / 1e9:.1f} GFLOP/s, bf16 {pk['bfloat16'] / 1e9:.1f} GFLOP/s, "
-            f"{pk['bandwidth'] / 1e9:.2f} GB/s")
+        log(
+            f"  fp32 {pk['float32'] / 1e9:.1f} GFLOP/s, bf16 {pk['bfloat16'] / 1e9:.1f} GFLOP/s, "
+            f"{pk['bandwidth'] / 1e9:.2f} GB/s"
+        )
     suite.save()
     for sec in SECTIONS[1:]:
         if sec not in only:
@@ -158,7 +184,9 @@ def main():
         suite.save()
     results["wall_seconds"] = time.perf_counter() - suite.t0
     suite.save()
-    log(f"\ndone in {time.perf_counter() - suite.t0:.0f} s" + (f"; figures written to {args.json}" if args.json else ""))
+    log(
+        f"\ndone in {time.perf_counter() - suite.t0:.0f} s" + (f"; figures written to {args.json}" if args.json else "")
+    )
 
 
 if __name__ == "__main__":

@@ -28,16 +28,29 @@ def main():
     args = ap.parse_args()
     from transformers import GptOssForCausalLM, Mxfp4Config
 
-    cfg = gj.tiny(vocab_size=8192, d_model=256, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=32,
-                  num_experts=16, experts_per_token=4, expert_dim=256, sliding_window=128)
+    cfg = gj.tiny(
+        vocab_size=8192,
+        d_model=256,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=32,
+        num_experts=16,
+        experts_per_token=4,
+        expert_dim=256,
+        sliding_window=128,
+    )
     print(f"config: {cfg}")
     print(f"torch {torch.__version__} threads={torch.get_num_threads()}; prompt={args.prompt} new={args.new}")
     with tempfile.TemporaryDirectory() as d:
         gj.save_hf(gj.init(cfg, seed=0), d)  # MXFP4 experts, bf16 rest: the hub's layout
-        ours = {"ours (mxfp4 experts)": gj.load(d, dtype="float32"),
-                "ours (dense experts)": gj.load(d, dtype="float32", experts="dense")}
-        hf = GptOssForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="eager",
-                                               quantization_config=Mxfp4Config(dequantize=True)).eval()
+        ours = {
+            "ours (mxfp4 experts)": gj.load(d, dtype="float32"),
+            "ours (dense experts)": gj.load(d, dtype="float32", experts="dense"),
+        }
+        hf = GptOssForCausalLM.from_pretrained(
+            d, dtype=torch.float32, attn_implementation="eager", quantization_config=Mxfp4Config(dequantize=True)
+        ).eval()
     rng = np.random.default_rng(0)
     print(f"{'impl':24s} {'batch':>5s} {'prefill tok/s':>14s} {'decode tok/s':>13s}")
     for B in args.batch:
@@ -45,16 +58,31 @@ def main():
         rows = {}
 
         def ours_run(model, n):
-            return lambda: gj.generate(model, None, prompts.tolist(), max_new_tokens=n, temperature=0,
-                                       stop_tokens=(), prefill_chunk=args.prompt, block=16)
+            return lambda: gj.generate(
+                model,
+                None,
+                prompts.tolist(),
+                max_new_tokens=n,
+                temperature=0,
+                stop_tokens=(),
+                prefill_chunk=args.prompt,
+                block=16,
+            )
 
         def hf_run(n):
             ids = torch.tensor(prompts)
 
             def run():
                 with torch.no_grad():
-                    hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                do_sample=False, pad_token_id=0)
+                    hf.generate(
+                        ids,
+                        attention_mask=torch.ones_like(ids),
+                        max_new_tokens=n,
+                        min_new_tokens=n,
+                        do_sample=False,
+                        pad_token_id=0,
+                    )
+
             return run
 
         runners = {name: (ours_run(m, 1), ours_run(m, args.new)) for name, m in ours.items()}
@@ -65,8 +93,10 @@ def main():
             print(f"{name:24s} {B:5d} {rows[name][0]:14.1f} {rows[name][1]:13.1f}", flush=True)
         ref = rows["HF transformers (eager)"]
         for name in ours:
-            print(f"  ratio {name} / HF at batch {B}: prefill {rows[name][0] / ref[0]:.2f}x, "
-                  f"decode {rows[name][1] / ref[1]:.2f}x")
+            print(
+                f"  ratio {name} / HF at batch {B}: prefill {rows[name][0] / ref[0]:.2f}x, "
+                f"decode {rows[name][1] / ref[1]:.2f}x"
+            )
 
 
 if __name__ == "__main__":

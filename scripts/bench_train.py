@@ -45,8 +45,10 @@ def main():
     cfg = gj.tiny(**BENCH_CONFIG)
     B, T = args.batch, args.seq
     print(f"config: {BENCH_CONFIG}")
-    print(f"jax {jax.__version__}, torch {torch.__version__} threads={torch.get_num_threads()}; "
-          f"batch {B} x {T} tokens, fp32, AdamW + clip 1.0, every weight trained")
+    print(
+        f"jax {jax.__version__}, torch {torch.__version__} threads={torch.get_num_threads()}; "
+        f"batch {B} x {T} tokens, fp32, AdamW + clip 1.0, every weight trained"
+    )
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T)).astype(np.int32)
     with tempfile.TemporaryDirectory() as d:
         model = gj.init(cfg, seed=0, dtype="float32", experts="dense")

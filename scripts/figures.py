@@ -54,7 +54,7 @@ GOALS = {
     "train_pct_of_bound": 60,
     "decode_pct_of_bound": 60,
     "prefill_vs_hf": {2048: 3, 8192: 10},  # T -> ours / HF eager at least this
-    "sliding_time_per_x4_tokens": 4.5,     # x4 tokens -> at most this much time
+    "sliding_time_per_x4_tokens": 4.5,  # x4 tokens -> at most this much time
 }
 
 OPEN = re.compile(r"<!-- figures:([\w-]+)[^>]*-->")
@@ -86,7 +86,7 @@ def ms(seconds: float) -> str:
 
 
 def gib(nbytes: float) -> str:
-    return f"{nbytes / 2 ** 30:.2f} GiB"
+    return f"{nbytes / 2**30:.2f} GiB"
 
 
 # a line that markdown would read as the start of a list, heading, quote or table row
@@ -96,8 +96,7 @@ _BLOCK_START = re.compile(r"([-+*] |\d+[.)] |#|>|\|)")
 def para(text: str, indent: str = "") -> str:
     """A paragraph wrapped at 100 columns like the hand-written text around it, never breaking
     where the next line would start another markdown block."""
-    lines = textwrap.wrap(text, 100, subsequent_indent=indent, break_long_words=False,
-                          break_on_hyphens=False)
+    lines = textwrap.wrap(text, 100, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False)
     out = lines[:1]
     for line in lines[1:]:
         if _BLOCK_START.match(line.strip()):
@@ -128,8 +127,11 @@ def load_records(root: str = ROOT) -> dict:
 
 def rows(record: dict, section: str, impl: str, **key) -> dict:
     """The one row of `section` measured for `impl` (a prefix of its name) with these keys."""
-    found = [r for r in record.get(section, []) if r.get("impl", "").startswith(impl)
-             and all(r.get(k) == v for k, v in key.items())]
+    found = [
+        r
+        for r in record.get(section, [])
+        if r.get("impl", "").startswith(impl) and all(r.get(k) == v for k, v in key.items())
+    ]
     if len(found) != 1:
         raise KeyError(f"{section}: {len(found)} rows for {impl!r} {key}")
     return found[0]
@@ -161,13 +163,15 @@ def prefill_Ts(record: dict) -> list:
 
 def scaling_points(record: dict, layer: str) -> dict:
     """T -> row of the fp32 scaling section for one layer kind (measured or skipped)."""
-    return {r["T"]: r for r in record["scaling"] if r.get("layer") == layer and r.get("dtype") == "float32"
-            and "T" in r}
+    return {
+        r["T"]: r for r in record["scaling"] if r.get("layer") == layer and r.get("dtype") == "float32" and "T" in r
+    }
 
 
 def scaling_exponent(record: dict, layer: str) -> dict:
-    [fit] = [r for r in record["scaling"] if r.get("layer") == layer and r.get("dtype") == "float32"
-             and "exponent" in r]
+    [fit] = [
+        r for r in record["scaling"] if r.get("layer") == layer and r.get("dtype") == "float32" and "exponent" in r
+    ]
     return fit
 
 
@@ -183,8 +187,12 @@ def sliding_x4_ratios(record: dict) -> list:
 # bf16 has its own row (`bf16_row`), from the record's "bfloat16" section.
 PARITY_ROWS = (
     ("float32", "ours_vs_openai", "logits vs OpenAI `gpt_oss.torch` (fp32)", "checkpoints"),
-    ("float32", "ours_vs_hf", "logits vs HF `GptOssForCausalLM` (eager, fp32)",
-     "the same checkpoints in the HF layout, MXFP4 dequantized on load"),
+    (
+        "float32",
+        "ours_vs_hf",
+        "logits vs HF `GptOssForCausalLM` (eager, fp32)",
+        "the same checkpoints in the HF layout, MXFP4 dequantized on load",
+    ),
     ("float32", "hf_vs_openai", "HF vs OpenAI (the oracles themselves)", "the same checkpoints"),
 )
 
@@ -196,10 +204,12 @@ def parity_row(par: dict, dtype: str, pair: str, check: str, how: str) -> str:
     sec, cfg = par[dtype], par["config"]
     if how == "checkpoints":
         T, window = par["args"]["tokens"], cfg["sliding_window"]
-        how = (f"tiny random checkpoints ({cfg['num_layers']} layers, GQA {cfg['num_heads']}:"
-               f"{cfg['num_kv_heads']}, {cfg['num_experts']} experts top-{cfg['experts_per_token']}), T = {T} "
-               f"({T // window} windows of {window}), {len(sec['seeds'])} seeds; `scripts/parity_report.py`, "
-               f"`experiments/2026-12-05-parity/`")
+        how = (
+            f"tiny random checkpoints ({cfg['num_layers']} layers, GQA {cfg['num_heads']}:"
+            f"{cfg['num_kv_heads']}, {cfg['num_experts']} experts top-{cfg['experts_per_token']}), T = {T} "
+            f"({T // window} windows of {window}), {len(sec['seeds'])} seeds; `scripts/parity_report.py`, "
+            f"`experiments/2026-12-05-parity/`"
+        )
     figure = f"≤ {sci(sec['worst'][pair])}"
     if pair == next(p for d, p, _, _ in PARITY_ROWS if d == dtype):
         figure = f"max\\|Δ\\|/max\\|logit\\| {figure} (the tests' limit {sci(sec['test_limit'])})"
@@ -215,12 +225,14 @@ def bf16_row(par: dict) -> str:
     sec = par["bfloat16"]
     pairs = sec["oracle_pairs"]
     own = ", ".join(f"{k} {v:.3f}" for k, v in pairs.items())
-    return (f"| logits in bf16, the default (forward and cached decode) vs both oracles in bf16 and in fp32 | "
-            f"{sec['rows']} x {sec['tokens']} tokens on the seed-0 checkpoint; e = ‖Δ‖₂/‖logits‖₂ "
-            f"over all logits; limit {sec['limit_factor']:g}x the oracles' own bf16 error ({own}); "
-            f"`tests/test_parity_bf16.py`, `experiments/2026-12-05-parity/` | e ≤ {sec['worst']:.3f} "
-            f"(limit {sec['limit']:.3f}); argmax agrees on ≥ {100 * sec['argmax_decisive_min']:.1f}% of the "
-            f"positions whose fp32 lead exceeds the oracles' bf16 noise (limit {100 * sec['argmax_min']:.0f}%) |")
+    return (
+        f"| logits in bf16, the default (forward and cached decode) vs both oracles in bf16 and in fp32 | "
+        f"{sec['rows']} x {sec['tokens']} tokens on the seed-0 checkpoint; e = ‖Δ‖₂/‖logits‖₂ "
+        f"over all logits; limit {sec['limit_factor']:g}x the oracles' own bf16 error ({own}); "
+        f"`tests/test_parity_bf16.py`, `experiments/2026-12-05-parity/` | e ≤ {sec['worst']:.3f} "
+        f"(limit {sec['limit']:.3f}); argmax agrees on ≥ {100 * sec['argmax_decisive_min']:.1f}% of the "
+        f"positions whose fp32 lead exceeds the oracles' bf16 noise (limit {100 * sec['argmax_min']:.0f}%) |"
+    )
 
 
 def render_checked_measured(rec: dict) -> str:
@@ -228,8 +240,9 @@ def render_checked_measured(rec: dict) -> str:
     par, pt, comp = rec["parity"], rec["prefill_train"], rec["compile"]
     ours_t, hf_t = rows(pt, "train", "ours"), rows(pt, "train", "HF")
     fits = [r for r in comp if r["fits"]]
-    miss = "; ".join(f"not: {r['row']}, {gib(r['total_bytes'])} of {gib(r['hbm_bytes'])}"
-                     for r in comp if not r["fits"])
+    miss = "; ".join(
+        f"not: {r['row']}, {gib(r['total_bytes'])} of {gib(r['hbm_bytes'])}" for r in comp if not r["fits"]
+    )
     lines = ["| check | how | figure |", "|---|---|---|"]
     lines += [parity_row(par, *row) for row in PARITY_ROWS]
     lines.append(bf16_row(par))
@@ -252,8 +265,10 @@ def render_bench_summary(rec: dict) -> str:
     Ts = prefill_Ts(pt)
     pre = [rows(pt, "prefill", ours("float32", "dense", "prefill"), T=T) for T in Ts]
     hf = [rows(pt, "prefill", "HF", T=T) for T in Ts]
-    dec = {B: (rows(ds, "decode", ours("float32", "dense", "decode"), batch=B), rows(ds, "decode", "HF", batch=B))
-           for B in (1, 8)}
+    dec = {
+        B: (rows(ds, "decode", ours("float32", "dense", "decode"), batch=B), rows(ds, "decode", "HF", batch=B))
+        for B in (1, 8)
+    }
     ours_t, hf_t = rows(pt, "train", "ours"), rows(pt, "train", "HF")
     fit = scaling_exponent(ds, "sliding")
     goals = goal_status(rec)
@@ -278,12 +293,15 @@ def render_bench_records(rec: dict) -> str:
         r = rec[name]
         p, b = r["provenance"], r["bounds"]
         mm, bw = b["matmul"], b["bandwidth"]
-        out.append(para(
-            f"- `{os.path.basename(RECORDS[name][0])}`: `{p['command']}`, {p['date_utc']}, "
-            f"{r['wall_seconds']:.0f} s; {cpu(r)}. Bounds: fp32 {mm['float32']['bound'] / 1e9:.0f} GFLOP/s "
-            f"({mm['float32']['bound_from']}), bf16 {mm['bfloat16']['bound'] / 1e9:.0f} GFLOP/s "
-            f"({mm['bfloat16']['bound_from']}), stream {bw['bound'] / 1e9:.1f} GB/s ({bw['bound_from']}).",
-            indent="  "))
+        out.append(
+            para(
+                f"- `{os.path.basename(RECORDS[name][0])}`: `{p['command']}`, {p['date_utc']}, "
+                f"{r['wall_seconds']:.0f} s; {cpu(r)}. Bounds: fp32 {mm['float32']['bound'] / 1e9:.0f} GFLOP/s "
+                f"({mm['float32']['bound_from']}), bf16 {mm['bfloat16']['bound'] / 1e9:.0f} GFLOP/s "
+                f"({mm['bfloat16']['bound_from']}), stream {bw['bound'] / 1e9:.1f} GB/s ({bw['bound_from']}).",
+                indent="  ",
+            )
+        )
     return "\n".join(out)
 
 
@@ -307,37 +325,49 @@ def render_bench_table(rec: dict) -> str:
         for i, (dt, ex) in enumerate(VARIANTS):
             found = [r for r in pt["prefill"] if r["impl"] == ours(dt, ex, "prefill") and r["T"] == T]
             if found:
-                lines.append(bench_row(f"prefill T={T}, {variant_label(dt, ex)}", found[0], h, i == 0,
-                                       " tok/s" if i == 0 else ""))
+                lines.append(
+                    bench_row(
+                        f"prefill T={T}, {variant_label(dt, ex)}", found[0], h, i == 0, " tok/s" if i == 0 else ""
+                    )
+                )
     o, h = rows(pt, "train", "ours"), rows(pt, "train", "HF")
-    lines.append(f"| train step {o['batch']} x {o['T']}, fp32 (AdamW, clip) | {rate(median(o))} tok/s "
-                 f"({o['seconds']['median']:.2f} s) | {rate(median(h))} (HF + torch autograd) | "
-                 f"{ratio(median(o) / median(h))} | {pct(of_bound(o))} of {rate(o['bound_tokens_per_s'])} "
-                 f"(HF {pct(of_bound(h))}) |")
+    lines.append(
+        f"| train step {o['batch']} x {o['T']}, fp32 (AdamW, clip) | {rate(median(o))} tok/s "
+        f"({o['seconds']['median']:.2f} s) | {rate(median(h))} (HF + torch autograd) | "
+        f"{ratio(median(o) / median(h))} | {pct(of_bound(o))} of {rate(o['bound_tokens_per_s'])} "
+        f"(HF {pct(of_bound(h))}) |"
+    )
     for B in (1, 8):
         h = rows(ds, "decode", "HF", batch=B)
         for i, (dt, ex) in enumerate(VARIANTS):
             o = rows(ds, "decode", ours(dt, ex, "decode"), batch=B)
-            lines.append(bench_row(f"decode batch {B}, {variant_label(dt, ex)}", o, h, i == 0,
-                                   " tok/s" if i == 0 else ""))
+            lines.append(
+                bench_row(f"decode batch {B}, {variant_label(dt, ex)}", o, h, i == 0, " tok/s" if i == 0 else "")
+            )
     ref = [r for r in pt["prefill"] if r["impl"].startswith("OpenAI")]
     measured = [r for r in ref if "skipped" not in r]
-    ref_txt = "; ".join(f"{rate(median(r))} tok/s at T = {r['T']} "
-                        f"({ratio(median(r) / median(rows(pt, 'prefill', 'HF', T=r['T'])))} HF)" for r in measured)
+    ref_txt = "; ".join(
+        f"{rate(median(r))} tok/s at T = {r['T']} ({ratio(median(r) / median(rows(pt, 'prefill', 'HF', T=r['T'])))} HF)"
+        for r in measured
+    )
     skipped = "; ".join(f"T = {r['T']} skipped: {r['skipped']}" for r in ref if "skipped" in r)
     dref = [r for r in ds["decode"] if r["impl"].startswith("OpenAI")]
-    dref_txt = "; ".join(f"batch {r['batch']} " + (f"skipped: {r['skipped']}" if "skipped" in r
-                                                   else f"{rate(median(r))} tok/s") for r in dref)
+    dref_txt = "; ".join(
+        f"batch {r['batch']} " + (f"skipped: {r['skipped']}" if "skipped" in r else f"{rate(median(r))} tok/s")
+        for r in dref
+    )
     losses = {r["impl"].split()[0]: r["first_loss"] for r in pt["train"]}
     wc = pt["weights_check"]
     lines += [
         "",
-        para(f"OpenAI's reference (`gpt_oss.torch`, fp32) in prefill: {ref_txt or 'not measured'}"
-        + (f"; {skipped}" if skipped else "")
-        + f"; in decoding: {dref_txt}. "
-        f"First-step training loss ours {losses['ours']:.6f}, HF {losses['HF']:.6f}. The same weights in "
-        f"every implementation (logits at T = {wc['T']}, max|Δ|/max|logit|): ours-HF {sci(wc['ours_vs_hf'])}, "
-        f"ours-OpenAI {sci(wc['ours_vs_openai'])}, HF-OpenAI {sci(wc['hf_vs_openai'])}."),
+        para(
+            f"OpenAI's reference (`gpt_oss.torch`, fp32) in prefill: {ref_txt or 'not measured'}"
+            + (f"; {skipped}" if skipped else "")
+            + f"; in decoding: {dref_txt}. "
+            f"First-step training loss ours {losses['ours']:.6f}, HF {losses['HF']:.6f}. The same weights in "
+            f"every implementation (logits at T = {wc['T']}, max|Δ|/max|logit|): ours-HF {sci(wc['ours_vs_hf'])}, "
+            f"ours-OpenAI {sci(wc['ours_vs_openai'])}, HF-OpenAI {sci(wc['hf_vs_openai'])}."
+        ),
     ]
     return "\n".join(lines)
 
@@ -348,8 +378,8 @@ def scaling_cell(r: dict | None) -> str:
     if "skipped" in r:
         return f"skipped: {r['skipped']}"
     cell = f"{ms(r['seconds']['median'])} ({pct(r['pct_of_bound'])} of bound"
-    if r.get("xla_bytes") and r["xla_bytes"] >= 2 ** 30:
-        cell += f"; {r['xla_bytes'] / 2 ** 30:.1f} GiB of XLA buffers"
+    if r.get("xla_bytes") and r["xla_bytes"] >= 2**30:
+        cell += f"; {r['xla_bytes'] / 2**30:.1f} GiB of XLA buffers"
     if r.get("note"):
         cell += f"; {r['note']}"
     return cell + ")"
@@ -364,9 +394,14 @@ def render_bench_scaling(rec: dict) -> str:
         lines.append(f"| {T:,} | {scaling_cell(sliding.get(T))} | {scaling_cell(full.get(T))} |")
     s, f = scaling_exponent(ds, "sliding"), scaling_exponent(ds, "full")
     steps = ", ".join(f"x{r:.2f} ({a:,} -> {b:,})" for a, b, r in sliding_x4_ratios(ds))
-    lines += ["", para(f"Sliding layer: x4 T -> {steps} the time; fitted exponent {s['exponent']:.2f} over "
-                       f"T = {s['T_range'][0]:,}..{s['T_range'][1]:,}. Full layer: exponent {f['exponent']:.2f} "
-                       f"over T = {f['T_range'][0]:,}..{f['T_range'][1]:,}.")]
+    lines += [
+        "",
+        para(
+            f"Sliding layer: x4 T -> {steps} the time; fitted exponent {s['exponent']:.2f} over "
+            f"T = {s['T_range'][0]:,}..{s['T_range'][1]:,}. Full layer: exponent {f['exponent']:.2f} "
+            f"over T = {f['T_range'][0]:,}..{f['T_range'][1]:,}."
+        ),
+    ]
     return "\n".join(lines)
 
 
@@ -378,27 +413,42 @@ def goal_status(rec: dict) -> list:
     hf = {T: rows(pt, "prefill", "HF", T=T) for T in prefill_Ts(pt)}
     g = GOALS["prefill_pct_of_bound"]
     for T, r in pre.items():
-        out.append((f"prefill at T = {T} ≥ {g}% of the FLOP bound", of_bound(r) >= g,
-                    f"{pct(of_bound(r))} (fp32 dense)"))
+        out.append(
+            (f"prefill at T = {T} ≥ {g}% of the FLOP bound", of_bound(r) >= g, f"{pct(of_bound(r))} (fp32 dense)")
+        )
     for T, want in GOALS["prefill_vs_hf"].items():
         if T in pre:
             x = median(pre[T]) / median(hf[T])
             out.append((f"prefill at T = {T} ≥ {want}x HF", x >= want, ratio(x)))
     g = GOALS["train_pct_of_bound"]
     o, h = rows(pt, "train", "ours"), rows(pt, "train", "HF")
-    out.append((f"training ≥ {g}% of the FLOP bound", of_bound(o) >= g,
-                f"{pct(of_bound(o))} ({ratio(median(o) / median(h))} HF; HF {pct(of_bound(h))})"))
+    out.append(
+        (
+            f"training ≥ {g}% of the FLOP bound",
+            of_bound(o) >= g,
+            f"{pct(of_bound(o))} ({ratio(median(o) / median(h))} HF; HF {pct(of_bound(h))})",
+        )
+    )
     g = GOALS["decode_pct_of_bound"]
     for B in (1, 8):
         d = rows(ds, "decode", ours("float32", "dense", "decode"), batch=B)
         packed = [rows(ds, "decode", ours(dt, "mxfp4", "decode"), batch=B) for dt in ("float32", "bfloat16")]
-        out.append((f"decoding at batch {B} ≥ {g}% of the bandwidth bound", of_bound(d) >= g,
-                    f"{pct(of_bound(d))} (fp32 dense); MXFP4 {' / '.join(pct(of_bound(p)) for p in packed)} "
-                    f"(fp32 / bf16)"))
+        out.append(
+            (
+                f"decoding at batch {B} ≥ {g}% of the bandwidth bound",
+                of_bound(d) >= g,
+                f"{pct(of_bound(d))} (fp32 dense); MXFP4 {' / '.join(pct(of_bound(p)) for p in packed)} (fp32 / bf16)",
+            )
+        )
     g = GOALS["sliding_time_per_x4_tokens"]
     steps = sliding_x4_ratios(ds)
-    out.append((f"sliding layer linear (x4 T -> ≤ x{g} time)", bool(steps) and all(r <= g for *_, r in steps),
-                ", ".join(f"x{r:.2f} ({a:,} -> {b:,})" for a, b, r in steps)))
+    out.append(
+        (
+            f"sliding layer linear (x4 T -> ≤ x{g} time)",
+            bool(steps) and all(r <= g for *_, r in steps),
+            ", ".join(f"x{r:.2f} ({a:,} -> {b:,})" for a, b, r in steps),
+        )
+    )
     return out
 
 
@@ -491,8 +541,14 @@ def main(argv=None) -> int:
     if args.check:
         for p in problems:
             print(p)
-        print("figures: " + ("differ from their records (run python scripts/figures.py)" if problems
-                             else "every generated block matches its records"))
+        print(
+            "figures: "
+            + (
+                "differ from their records (run python scripts/figures.py)"
+                if problems
+                else "every generated block matches its records"
+            )
+        )
         return 1 if problems else 0
     for doc, text in new_texts.items():
         with open(os.path.join(args.root, doc), "w") as f:

@@ -68,6 +68,7 @@ def imports(root: str = ROOT) -> dict[str, dict[str, set]]:
                     t = t if t in mods else _resolve(t, 0, mod, is_pkg, mods) if t else None
                     if t and t != mod and t.split(".")[0] == PACKAGE:
                         edges["function" if in_function else "top"].add(t)
+
         visit(tree, False)
         edges["function"] -= edges["top"]
         graph[mod] = edges
@@ -109,17 +110,22 @@ def cycles(graph) -> list[list[str]]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--check", action="store_true", help="exit 1 on a cycle or a function-level package import")
+    p.add_argument("--root", default=ROOT, help="the folder holding the package (default: this checkout)")
     args = p.parse_args(argv)
-    graph = imports()
+    graph = imports(args.root)
     n_fn = 0
     for mod in sorted(graph):
         e = graph[mod]
         n_fn += len(e["function"])
-        print(f"{mod}: {', '.join(sorted(e['top'])) or '-'}"
-              + (f"  | inside functions: {', '.join(sorted(e['function']))}" if e["function"] else ""))
+        print(
+            f"{mod}: {', '.join(sorted(e['top'])) or '-'}"
+            + (f"  | inside functions: {', '.join(sorted(e['function']))}" if e["function"] else "")
+        )
     loops = cycles(graph)
-    print(f"\n{len(graph)} modules, {sum(len(e['top']) for e in graph.values())} module-level edges, "
-          f"{n_fn} function-level edges, {len(loops)} cycles")
+    print(
+        f"\n{len(graph)} modules, {sum(len(e['top']) for e in graph.values())} module-level edges, "
+        f"{n_fn} function-level edges, {len(loops)} cycles"
+    )
     for c in loops:
         print("  cycle: " + " -> ".join(c + [c[0]]))
     return 1 if args.check and (loops or n_fn) else 0

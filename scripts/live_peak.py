@@ -57,8 +57,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="experiments/2026-12-05-compile")
     args = p.parse_args(argv)
     figures = read(args.dump, args.module)
-    gib = lambda b: f"{b / 2 ** 30:.2f} GiB"
-    print(f"peak live {gib(figures['peak_live_bytes'])}; heap laid out {gib(figures['heap_bytes']) if figures['heap_bytes'] else '?'}")
+    gib = lambda b: f"{b / 2**30:.2f} GiB"
+    heap = gib(figures["heap_bytes"]) if figures["heap_bytes"] else "?"
+    print(f"peak live {gib(figures['peak_live_bytes'])}; heap laid out {heap}")
     if args.row:
         path = os.path.join(args.out, "records.json")
         records = json.load(open(path))

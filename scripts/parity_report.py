@@ -29,9 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 import gptoss_jax as gj  # noqa: E402
-from provenance import provenance  # noqa: E402
 from tests import factory  # noqa: E402
 from tests.test_parity import TOL  # noqa: E402  (the tests' limit, recorded beside the figures)
 
@@ -43,21 +43,23 @@ def rel(a, b):
 
 
 def write_record(path, args, cfg, rows, bf16=None):
-    seeds = [dict(zip(("seed",) + PAIRS + ("argmax_ours_eq_openai", "argmax_ours_eq_hf", "max_abs_logit"), r))
-             for r in rows]
+    seeds = [
+        dict(zip(("seed",) + PAIRS + ("argmax_ours_eq_openai", "argmax_ours_eq_hf", "max_abs_logit"), r)) for r in rows
+    ]
     record = {
         "provenance": provenance(),
         "args": vars(args),
         "config": dataclasses.asdict(cfg),
-        "versions": {name: importlib.metadata.version(name)
-                     for name in ("jax", "torch", "transformers", "gpt-oss")},
+        "versions": {name: importlib.metadata.version(name) for name in ("jax", "torch", "transformers", "gpt-oss")},
         "float32": {
             "metric": "max|dlogit| / max|logit|, fp32, T tokens of one sequence",
             "test_limit": TOL,
             "seeds": seeds,
             "worst": {k: max(s[k] for s in seeds) for k in PAIRS},
-            "argmax_agreement_min": {"openai": min(s["argmax_ours_eq_openai"] for s in seeds),
-                                     "hf": min(s["argmax_ours_eq_hf"] for s in seeds)},
+            "argmax_agreement_min": {
+                "openai": min(s["argmax_ours_eq_openai"] for s in seeds),
+                "hf": min(s["argmax_ours_eq_hf"] for s in seeds),
+            },
         },
     }
     if bf16 is not None:
@@ -84,19 +86,37 @@ def main():
     for seed in range(args.seeds):
         with tempfile.TemporaryDirectory() as d:
             orig = factory.write_original(os.path.join(d, "original"), cfg, seed)
-            hf_dir = factory.write_hf(os.path.join(d, "hf"), factory.original_to_hf(
-                factory.original_tensors(cfg, seed), cfg), factory.hf_config_dict(cfg, mxfp4=True))
+            hf_dir = factory.write_hf(
+                os.path.join(d, "hf"),
+                factory.original_to_hf(factory.original_tensors(cfg, seed), cfg),
+                factory.hf_config_dict(cfg, mxfp4=True),
+            )
             toks = np.random.default_rng(seed).integers(0, cfg.vocab_size, args.tokens)
             with torch.no_grad():
                 ref = Transformer.from_checkpoint(orig, device="cpu").float()(torch.tensor(toks)).numpy()
-                hf = GptOssForCausalLM.from_pretrained(
-                    hf_dir, dtype=torch.float32, attn_implementation="eager",
-                    quantization_config=Mxfp4Config(dequantize=True))(torch.tensor(toks)[None]).logits[0].numpy()
+                hf = (
+                    GptOssForCausalLM.from_pretrained(
+                        hf_dir,
+                        dtype=torch.float32,
+                        attn_implementation="eager",
+                        quantization_config=Mxfp4Config(dequantize=True),
+                    )(torch.tensor(toks)[None])
+                    .logits[0]
+                    .numpy()
+                )
             ours_o = np.asarray(gj.load(orig, dtype="float32")(toks[None]).logits[0])
             ours_h = np.asarray(gj.load(hf_dir, dtype="float32")(toks[None]).logits[0])
-            rows.append((seed, rel(ours_o, ref), rel(ours_h, hf), rel(hf, ref),
-                         float((ours_o.argmax(-1) == ref.argmax(-1)).mean()),
-                         float((ours_h.argmax(-1) == hf.argmax(-1)).mean()), float(np.abs(ref).max())))
+            rows.append(
+                (
+                    seed,
+                    rel(ours_o, ref),
+                    rel(ours_h, hf),
+                    rel(hf, ref),
+                    float((ours_o.argmax(-1) == ref.argmax(-1)).mean()),
+                    float((ours_h.argmax(-1) == hf.argmax(-1)).mean()),
+                    float(np.abs(ref).max()),
+                )
+            )
     print("seed  ours(original) vs OpenAI  ours(hf) vs HF  HF vs OpenAI  argmax=OpenAI  argmax=HF  max|logit|")
     for r in rows:
         print(f"{r[0]:4d}  {r[1]:24.2e}  {r[2]:14.2e}  {r[3]:12.2e}  {r[4]:13.3f}  {r[5]:9.3f}  {r[6]:10.3f}")
@@ -116,28 +136,46 @@ def measure_bf16(cfg):
 
     with tempfile.TemporaryDirectory() as d:
         orig = factory.write_original(os.path.join(d, "original"), cfg, 0)
-        hf_dir = factory.write_hf(os.path.join(d, "hf"), factory.original_to_hf(factory.original_tensors(cfg, 0), cfg),
-                                  factory.hf_config_dict(cfg, mxfp4=True))
+        hf_dir = factory.write_hf(
+            os.path.join(d, "hf"),
+            factory.original_to_hf(factory.original_tensors(cfg, 0), cfg),
+            factory.hf_config_dict(cfg, mxfp4=True),
+        )
         tokens = np.random.default_rng(tb.TOKEN_SEED).integers(0, cfg.vocab_size, (tb.R, tb.T))
         oracles = factory.bf16_oracle_runs(orig, hf_dir, tokens)
         noise = factory.bf16_noise(oracles)
         model = gj.load(orig)
-        ours = {"forward": factory.bf16_figures(tb.forward_logits(model, tokens), oracles, noise),
-                "cached_decode": factory.bf16_figures(tb.cached_decode_logits(model, cfg, tokens), oracles, noise)}
-    print(f"\nbf16 ({tb.R} x {tb.T} tokens; e = ||dlogits|| / ||logits||; limit {factory.BF16_LIMIT_FACTOR} x the "
-          f"oracles' largest = {noise['limit']:.3e})")
+        ours = {
+            "forward": factory.bf16_figures(tb.forward_logits(model, tokens), oracles, noise),
+            "cached_decode": factory.bf16_figures(tb.cached_decode_logits(model, cfg, tokens), oracles, noise),
+        }
+    print(
+        f"\nbf16 ({tb.R} x {tb.T} tokens; e = ||dlogits|| / ||logits||; limit {factory.BF16_LIMIT_FACTOR} x the "
+        f"oracles' largest = {noise['limit']:.3e})"
+    )
     for k, e in noise["pairs"].items():
         print(f"  oracles {k}: {e:.3e}")
     for what, figs in ours.items():
         for name, (e, decisive, everywhere) in figs.items():
-            print(f"  ours {what} vs {name}: {e:.3e}; argmax {decisive:.3f} (decisive positions), {everywhere:.3f} (all)")
-    return {"metric": "||ours - oracle||_2 / ||oracle||_2 over all logits", "rows": tb.R, "tokens": tb.T,
-            "limit_factor": factory.BF16_LIMIT_FACTOR, "limit": noise["limit"], "oracle_pairs": noise["pairs"],
-            "oracle_argmax_pairs": noise["oracle_argmax_pairs"], "argmax_min": tb.ARGMAX_MIN,
-            "ours": {what: {name: {"e": e, "argmax_decisive": a, "argmax_all": b} for name, (e, a, b) in figs.items()}
-                     for what, figs in ours.items()},
-            "worst": max(e for figs in ours.values() for e, _, _ in figs.values()),
-            "argmax_decisive_min": min(a for figs in ours.values() for _, a, _ in figs.values())}
+            print(
+                f"  ours {what} vs {name}: {e:.3e}; argmax {decisive:.3f} (decisive positions), {everywhere:.3f} (all)"
+            )
+    return {
+        "metric": "||ours - oracle||_2 / ||oracle||_2 over all logits",
+        "rows": tb.R,
+        "tokens": tb.T,
+        "limit_factor": factory.BF16_LIMIT_FACTOR,
+        "limit": noise["limit"],
+        "oracle_pairs": noise["pairs"],
+        "oracle_argmax_pairs": noise["oracle_argmax_pairs"],
+        "argmax_min": tb.ARGMAX_MIN,
+        "ours": {
+            what: {name: {"e": e, "argmax_decisive": a, "argmax_all": b} for name, (e, a, b) in figs.items()}
+            for what, figs in ours.items()
+        },
+        "worst": max(e for figs in ours.values() for e, _, _ in figs.values()),
+        "argmax_decisive_min": min(a for figs in ours.values() for _, a, _ in figs.values()),
+    }
 
 
 if __name__ == "__main__":

@@ -34,20 +34,22 @@ import numpy as np
 from flax import nnx
 
 import gptoss_jax as gj
-from gptoss_jax import host
 from gptoss_jax import cache as cache_lib
-from gptoss_jax import layers, sampling
+from gptoss_jax import host, layers, sampling
 from gptoss_jax.bench import peaks, records, timing, weights
 from gptoss_jax.bench.peers import BENCH_CONFIG
 
 
 def time_loop(step, weights, x, *, steps, repeats):
     """ms per iteration of `x = step(weights, x)` run `steps` times in one jitted fori_loop."""
+
     def run(weights, x):
         def body(i, x):
             w, x = jax.lax.optimization_barrier((weights, x))  # (XLA sees through a fori_loop's i)
             return step(w, x)
+
         return jax.lax.fori_loop(0, steps, body, x)
+
     f = jax.jit(run)
     return timing.median(lambda: f(weights, x), repeats) / steps * 1e3
 
@@ -64,8 +66,12 @@ def main():
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None)
-    p.add_argument("--config", choices=("20b", "bench"), default="20b",
-                   help="bench: scripts/bench.py's small config (4 layers, d_model 512, 16 experts top-4)")
+    p.add_argument(
+        "--config",
+        choices=("20b", "bench"),
+        default="20b",
+        help="bench: scripts/bench.py's small config (4 layers, d_model 512, 16 experts top-4)",
+    )
     p.add_argument("--dtype", default="bfloat16", help="weights' dtype (experts too when --experts dense)")
     p.add_argument("--experts", choices=("mxfp4", "dense"), default="mxfp4")
     args = p.parse_args()
@@ -74,9 +80,12 @@ def main():
     cfg = dataclasses.replace(full, num_layers=2, layer_types=None)  # layer 0 sliding, 1 full
     B, L = args.batch, args.context
     name = "gpt-oss-20b" if args.config == "20b" else "bench config"
-    print(f"{name} decode step pieces ({args.dtype}, {args.experts} experts), batch {B}, context {L}; "
-          f"{jax.devices()[0].platform}, {jax.local_device_count()} device(s)", flush=True)
-    bw = peaks.jax_add_stream(2 ** 30, 5, operands=1) / 1e9
+    print(
+        f"{name} decode step pieces ({args.dtype}, {args.experts} experts), batch {B}, context {L}; "
+        f"{jax.devices()[0].platform}, {jax.local_device_count()} device(s)",
+        flush=True,
+    )
+    bw = peaks.jax_add_stream(2**30, 5, operands=1) / 1e9
     print(f"stream bandwidth (jitted add, donated, read + write, median of 5): {bw:.1f} GB/s", flush=True)
     t = time.perf_counter()
     model = weights.random_model(cfg, dtype=jnp.dtype(args.dtype), experts=args.experts)
@@ -96,13 +105,20 @@ def main():
         ms = time_loop(step, weights, x, steps=args.steps, repeats=args.repeats)
         gbs = read / (ms * 1e-3) / 1e9
         rows.append(dict(piece=name, ms=ms, bytes=read, gbs=gbs, of_bandwidth=gbs / bw))
-        print(f"  {name:34s} {ms:8.2f} ms  reads {read / 1e6:8.1f} MB  {gbs:6.1f} GB/s  "
-              f"{100 * gbs / bw:5.1f}% of stream", flush=True)
+        print(
+            f"  {name:34s} {ms:8.2f} ms  reads {read / 1e6:8.1f} MB  {gbs:6.1f} GB/s  {100 * gbs / bw:5.1f}% of stream",
+            flush=True,
+        )
         return ms
 
     tok = jnp.zeros((B, 1), jnp.int32)
-    ms_embed = piece("embedding rows", lambda w, x: x + layers.embed_lookup(w, tok + jnp.int32(x[0, 0, 0] > 9)),
-                     model.embed[...], x0, B * D * 2)
+    ms_embed = piece(
+        "embedding rows",
+        lambda w, x: x + layers.embed_lookup(w, tok + jnp.int32(x[0, 0, 0] > 9)),
+        model.embed[...],
+        x0,
+        B * D * 2,
+    )
 
     ms_layers = {}
     for i, kind in ((0, "sliding"), (1, "full")):
@@ -112,18 +128,26 @@ def main():
 
         def attn_step(w, x, gd=gd, lc=lc):
             a = nnx.merge(gd, w)
-            out, _, _ = a(x, rope, positions=positions, segment_ids=seg, eps=cfg.rms_eps, cache=lc,
-                          valid=seg != 0, plan=plan)
+            out, _, _ = a(
+                x, rope, positions=positions, segment_ids=seg, eps=cfg.rms_eps, cache=lc, valid=seg != 0, plan=plan
+            )
             return x + out
+
         ctx = min(L + 1, lc.k.shape[1])
-        ms_a = piece(f"attention ({kind}, {ctx} keys)", attn_step, st, x0,
-                     nbytes(st) + 2 * B * ctx * cfg.num_kv_heads * cfg.head_dim * 2)
+        ms_a = piece(
+            f"attention ({kind}, {ctx} keys)",
+            attn_step,
+            st,
+            x0,
+            nbytes(st) + 2 * B * ctx * cfg.num_kv_heads * cfg.head_dim * 2,
+        )
         ms_layers.setdefault("attention", []).append(ms_a)
     mlp = model.layers[0].mlp
     gd, st = nnx.split(mlp)
 
     def moe_step(w, x):
         return x + nnx.merge(gd, w)(x, eps=cfg.rms_eps, plan=plan)[0]
+
     routing_bytes = nbytes([mlp.norm[...], mlp.router[...], mlp.router_bias[...]])
     active = min(E, B * k)  # at batch 8 the union of the chosen experts, at most all of them
     read = routing_bytes + (nbytes(st) - routing_bytes) * active // E
@@ -137,16 +161,25 @@ def main():
         # fused into the head's own reduction by XLA:CPU and run ~9x slower; in decoding the
         # logits leave the step through the loop carry, so nothing is fused with them
         return x + (logits[..., :D] * 1e-3).astype(x.dtype)
-    ms_head = piece("final norm + unembedding", head_step, (model.norm[...], model.unembed[...]), x0,
-                    nbytes(model.unembed[...]))
+
+    ms_head = piece(
+        "final norm + unembedding", head_step, (model.norm[...], model.unembed[...]), x0, nbytes(model.unembed[...])
+    )
 
     n_sliding = sum(full.is_sliding(i) for i in range(full.num_layers))
     per_layer_attn = dict(zip(("sliding", "full"), ms_layers["attention"]))
-    predicted = (ms_embed + n_sliding * per_layer_attn["sliding"]
-                 + (full.num_layers - n_sliding) * per_layer_attn["full"]
-                 + full.num_layers * ms_moe + ms_head)
-    print(f"sum for {full.num_layers} layers ({n_sliding} sliding): {predicted:.0f} ms per step "
-          f"= {1e3 * B / predicted:.2f} tokens/s", flush=True)
+    predicted = (
+        ms_embed
+        + n_sliding * per_layer_attn["sliding"]
+        + (full.num_layers - n_sliding) * per_layer_attn["full"]
+        + full.num_layers * ms_moe
+        + ms_head
+    )
+    print(
+        f"sum for {full.num_layers} layers ({n_sliding} sliding): {predicted:.0f} ms per step "
+        f"= {1e3 * B / predicted:.2f} tokens/s",
+        flush=True,
+    )
 
     # a real decode step of the 2-layer model through gptoss_jax.sampling's jitted loop
     graphdef, state = nnx.split(model)
@@ -157,18 +190,32 @@ def main():
     def decode(n):
         out = dec(state, cache, logits, *common, jnp.full((B,), n, jnp.int32))
         jax.block_until_ready(out)
+
     decode(1)
     decode(args.steps)
     t1 = timing.best(lambda: decode(1), args.repeats, warmup=0)
     tn = timing.best(lambda: decode(args.steps), args.repeats, warmup=0)
     step2 = (tn - t1) / (args.steps - 1) * 1e3
     pieces2 = ms_embed + sum(ms_layers["attention"]) + 2 * ms_moe + ms_head
-    print(f"measured 2-layer decode step (sampling loop): {step2:.1f} ms; sum of its pieces {pieces2:.1f} ms",
-          flush=True)
+    print(
+        f"measured 2-layer decode step (sampling loop): {step2:.1f} ms; sum of its pieces {pieces2:.1f} ms", flush=True
+    )
     if args.json:
-        records.write(dict(config=args.config, dtype=args.dtype, experts=args.experts, batch=B, context=L,
-                      stream_gbs=bw, pieces=rows, predicted_all_layers_ms=predicted,
-                      measured_2_layer_step_ms=step2, pieces_2_layer_ms=pieces2), args.json)
+        records.write(
+            dict(
+                config=args.config,
+                dtype=args.dtype,
+                experts=args.experts,
+                batch=B,
+                context=L,
+                stream_gbs=bw,
+                pieces=rows,
+                predicted_all_layers_ms=predicted,
+                measured_2_layer_step_ms=step2,
+                pieces_2_layer_ms=pieces2,
+            ),
+            args.json,
+        )
 
 
 if __name__ == "__main__":

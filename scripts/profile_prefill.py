@@ -38,9 +38,8 @@ import numpy as np
 from flax import nnx
 
 import gptoss_jax as gj
-from gptoss_jax import host
 from gptoss_jax import attention as attn_lib
-from gptoss_jax import layers
+from gptoss_jax import host, layers
 from gptoss_jax import moe as moe_lib
 from gptoss_jax.bench import flops as fm
 from gptoss_jax.bench import peaks, records, timing
@@ -69,8 +68,11 @@ def main():
     cfg = gj.tiny(**BENCH)
     D, V = cfg.d_model, cfg.vocab_size
     E, k = cfg.num_experts, cfg.experts_per_token
-    print(f"{args.mode}: batch {B} x {T}, {dtype.name}, BENCH config; {jax.devices()[0].platform}, "
-          f"{os.cpu_count()} cores", flush=True)
+    print(
+        f"{args.mode}: batch {B} x {T}, {dtype.name}, BENCH config; {jax.devices()[0].platform}, "
+        f"{os.cpu_count()} cores",
+        flush=True,
+    )
     peak = peaks.jax_matmul(2048, dtype, 5, accumulate=jnp.float32) / 1e9
     print(f"peak matmul ({dtype.name} in, fp32 out, n=2048, median of 5): {peak:.0f} GFLOP/s", flush=True)
 
@@ -92,6 +94,7 @@ def main():
             def run(w, x, ct, *extra):
                 out, vjp = jax.vjp(lambda w, x: f(w, x, *extra), w, x)
                 return vjp(ct.astype(out.dtype))
+
             ms = median_ms(jax.jit(run), (weights, x, ct) + extra, args.repeats)
         else:
             ms = median_ms(jax.jit(f), (weights, x) + extra, args.repeats)
@@ -117,23 +120,25 @@ def main():
         core_flops = B * T * fm.attention_core_flops(cfg, T, attn.window)
 
         def attn_fn(w, x, gd=gd):
-            out, _, _ = nnx.merge(gd, w)(x, rope, positions=positions, segment_ids=seg, eps=cfg.rms_eps,
-                                         plan=plan)
+            out, _, _ = nnx.merge(gd, w)(x, rope, positions=positions, segment_ids=seg, eps=cfg.rms_eps, plan=plan)
             return out
+
         ms[f"attention {i}"] = piece(f"layer {i}: attention ({kind})", attn_fn, st, x, proj_flops + core_flops)
         if first:
+
             def proj_fn(w, x, gd=gd):
                 a = nnx.merge(gd, w)
                 q, kk, v = a.qkv(x, rope, eps=cfg.rms_eps)
                 o = jnp.einsum("BTNH,NHD->BTD", q, a.o[...], preferred_element_type=jnp.float32)
                 return (o + (kk.sum() + v.sum()) * 1e-9).astype(x.dtype)
+
             piece("  projections only", proj_fn, st, x, proj_flops)
             q, kk, v = jax.jit(lambda st, x: nnx.merge(gd, st).qkv(x, rope, eps=cfg.rms_eps))(st, x)
 
             def core_fn(w, q, window=attn.window):
                 sinks, kk, v = w
-                return attn_lib.self_attention(q, kk, v, sinks, positions=positions, segment_ids=seg,
-                                               window=window)[0]
+                return attn_lib.self_attention(q, kk, v, sinks, positions=positions, segment_ids=seg, window=window)[0]
+
             piece("  attention core only", core_fn, (attn.sinks[...], kk, v), q, core_flops)
 
         x = inter[i]["residual_mid"]
@@ -144,33 +149,53 @@ def main():
 
         def moe_fn(w, x, gd=gd):
             return nnx.merge(gd, w)(x, eps=cfg.rms_eps, plan=plan)[0]
+
         ms[f"moe {i}"] = piece(f"layer {i}: MoE (largest group {largest} of {B * T})", moe_fn, st, x, moe_flops)
         if i == 0 or largest > 2 * B * T * k / E:
             h = layers.rms_norm(x, mlp.norm[...], cfg.rms_eps).reshape(B * T, D)
             if i == 0:
+
                 def route_fn(w, h):
                     r = moe_lib.route(h, w[0], w[1], k)
                     return r.weights + r.ids * 0
+
                 piece("  routing only", route_fn, (mlp.router[...], mlp.router_bias[...]), h, B * T * 2 * D * E)
             routing = moe_lib.route(h, mlp.router[...], mlp.router_bias[...], k)
             m = moe_lib.chunk_rows(B * T * k, E)
             for name, impl in ((f"chunks of {m} rows", moe_lib.moe_chunks), (f"buckets of {cap}", moe_lib.moe_buckets)):
+
                 def experts_fn(ew, h, r, mlp=mlp, impl=impl):
                     return impl(h, ew, r, alpha=mlp.alpha, limit=mlp.limit)
-                piece(f"  experts only, {name}", experts_fn, mlp.expert_weights(), h,
-                      B * T * fm.expert_flops(cfg), routing)
+
+                piece(
+                    f"  experts only, {name}",
+                    experts_fn,
+                    mlp.expert_weights(),
+                    h,
+                    B * T * fm.expert_flops(cfg),
+                    routing,
+                )
 
     def head_fn(w, x):
         norm, table = w
-        logits = layers.unembed(layers.rms_norm(x, norm, cfg.rms_eps), table, reduction_rows=plan.unembed_reduction_rows).astype(jnp.float32)
+        logits = layers.unembed(
+            layers.rms_norm(x, norm, cfg.rms_eps), table, reduction_rows=plan.unembed_reduction_rows
+        ).astype(jnp.float32)
         return next_token_loss(logits, tokens)[0] if train else logits
-    ms["head"] = piece("final norm + unembedding" + (" + loss" if train else ""), head_fn,
-                       (model.norm[...], model.unembed[...]), inter[-1]["residual_out"], B * T * fm.unembed_flops(cfg))
+
+    ms["head"] = piece(
+        "final norm + unembedding" + (" + loss" if train else ""),
+        head_fn,
+        (model.norm[...], model.unembed[...]),
+        inter[-1]["residual_out"],
+        B * T * fm.unembed_flops(cfg),
+    )
 
     n_sliding = sum(cfg.is_sliding(i) for i in range(cfg.num_layers))
     total = sum(ms.values())
     if train:
         from gptoss_jax.train.step import OptimConfig, make_optimizer, make_trainer
+
         opt = make_optimizer(OptimConfig(learning_rate=1e-4, warmup_steps=0, total_steps=10_000))
         trainer = make_trainer(model, opt)
         state = [trainer.init(model)]
@@ -179,6 +204,7 @@ def main():
         def whole():
             state[0], metrics = trainer.step(state[0], batch)
             return metrics["loss"]
+
         measured = median_ms(lambda: whole(), (), args.repeats)
         what = "training step (trainer.step: forward, backward, clip, AdamW)"
     else:
@@ -186,11 +212,25 @@ def main():
         fwd = jax.jit(lambda st, t: nnx.merge(gd, st)(t).logits)
         measured = median_ms(fwd, (st, tokens), args.repeats)
         what = "model forward (all logits)"
-    print(f"sum of pieces for {cfg.num_layers} layers ({n_sliding} sliding): {total:.0f} ms; "
-          f"measured {what}: {measured:.0f} ms; {B * T / measured * 1e3:.0f} tokens/s", flush=True)
+    print(
+        f"sum of pieces for {cfg.num_layers} layers ({n_sliding} sliding): {total:.0f} ms; "
+        f"measured {what}: {measured:.0f} ms; {B * T / measured * 1e3:.0f} tokens/s",
+        flush=True,
+    )
     if args.json:
-        records.write(dict(mode=args.mode, batch=B, seq=T, dtype=dtype.name, peak_gflops=peak, pieces=rows,
-                      summed_ms=total, measured_ms=measured), args.json)
+        records.write(
+            dict(
+                mode=args.mode,
+                batch=B,
+                seq=T,
+                dtype=dtype.name,
+                peak_gflops=peak,
+                pieces=rows,
+                summed_ms=total,
+                measured_ms=measured,
+            ),
+            args.json,
+        )
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gptoss_jax.tasks import arithmetic  # noqa: E402
 from gptoss_jax import host  # noqa: E402
+from gptoss_jax.tasks import arithmetic  # noqa: E402
 from gptoss_jax.train.config import load_config  # noqa: E402
 from gptoss_jax.train.metrics import read_metrics  # noqa: E402
 
@@ -45,8 +45,9 @@ def main():
         quickstart.run(qs)
     os.makedirs(args.out, exist_ok=True)
     prompts = os.path.join(args.out, "rl_prompts.jsonl")
-    seen = (arithmetic.read_problems(os.path.join(qs, "data", "train.jsonl"))
-            + arithmetic.read_problems(os.path.join(qs, "data", "eval.jsonl")))
+    seen = arithmetic.read_problems(os.path.join(qs, "data", "train.jsonl")) + arithmetic.read_problems(
+        os.path.join(qs, "data", "eval.jsonl")
+    )
     arithmetic.write_problems(prompts, 4000, seed=2_000_003, exclude=seen)
     print(f"== {prompts}: 4000 fresh problems, none of the {len(set(seen))} the SFT run trained or is scored on")
 
@@ -55,24 +56,42 @@ def main():
     for algorithm in args.algorithms:
         for seed in args.seeds:
             out = os.path.join(args.out, f"{algorithm}_seed{seed}")
-            cfg = load_config(CONFIG, [
-                f"algorithm={algorithm}", f"run.seed={seed}", f"run.steps={args.steps}",
-                f"optim.total_steps={args.steps}", f"model.checkpoint={qs}/sft/model",
-                f"model.tokenizer={qs}/tokenizer.json", f"data.train={prompts}",
-                f"data.eval={qs}/data/eval.jsonl", f"run.out_dir={out}", "run.progress=false"])
+            cfg = load_config(
+                CONFIG,
+                [
+                    f"algorithm={algorithm}",
+                    f"run.seed={seed}",
+                    f"run.steps={args.steps}",
+                    f"optim.total_steps={args.steps}",
+                    f"model.checkpoint={qs}/sft/model",
+                    f"model.tokenizer={qs}/tokenizer.json",
+                    f"data.train={prompts}",
+                    f"data.eval={qs}/data/eval.jsonl",
+                    f"run.out_dir={out}",
+                    "run.progress=false",
+                ],
+            )
             t = time.time()
             summary = rl.train(cfg, log=lambda s: print("   " + s))
             acc = summary["eval_accuracy"]
             with open(os.path.join(out, "eval_right.json")) as f:
                 right = json.load(f)
             base, final = right["0"], right[str(args.steps)]
-            row = {"algorithm": algorithm, "seed": seed, "before": acc["0"], "after": acc[str(args.steps)],
-                   "fixed": sum(1 for b, a in zip(base, final) if a and not b),
-                   "broken": sum(1 for b, a in zip(base, final) if b and not a),
-                   "seconds": round(time.time() - t, 1), "metrics": read_metrics(os.path.join(out, "metrics.jsonl"))}
+            row = {
+                "algorithm": algorithm,
+                "seed": seed,
+                "before": acc["0"],
+                "after": acc[str(args.steps)],
+                "fixed": sum(1 for b, a in zip(base, final) if a and not b),
+                "broken": sum(1 for b, a in zip(base, final) if b and not a),
+                "seconds": round(time.time() - t, 1),
+                "metrics": read_metrics(os.path.join(out, "metrics.jsonl")),
+            }
             results.append(row)
-            print(f"== {algorithm} seed {seed}: held-out accuracy {row['before']:.3f} -> {row['after']:.3f} "
-                  f"({row['seconds']:.0f} s)")
+            print(
+                f"== {algorithm} seed {seed}: held-out accuracy {row['before']:.3f} -> {row['after']:.3f} "
+                f"({row['seconds']:.0f} s)"
+            )
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     report(results, args, time.time() - t0)
@@ -85,16 +104,22 @@ def report(results, args, seconds):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    lines = ["| algorithm | seed | held-out accuracy before | after | change | problems fixed / broken | run time |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| algorithm | seed | held-out accuracy before | after | change | problems fixed / broken | run time |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        lines.append(f"| {r['algorithm']} | {r['seed']} | {r['before']:.3f} | {r['after']:.3f} | "
-                     f"{100 * (r['after'] - r['before']):+.1f} pts | {r['fixed']} / {r['broken']} | {r['seconds']:.0f} s |")
+        lines.append(
+            f"| {r['algorithm']} | {r['seed']} | {r['before']:.3f} | {r['after']:.3f} | "
+            f"{100 * (r['after'] - r['before']):+.1f} pts | {r['fixed']} / {r['broken']} | {r['seconds']:.0f} s |"
+        )
     for algorithm in args.algorithms:
         after = np.array([r["after"] for r in results if r["algorithm"] == algorithm])
         before = results[0]["before"]
-        lines.append(f"\n{algorithm}: after {after.mean():.3f} (min {after.min():.3f}, max {after.max():.3f}, "
-                     f"spread {after.max() - after.min():.3f}) vs before {before:.3f} over seeds {args.seeds}")
+        lines.append(
+            f"\n{algorithm}: after {after.mean():.3f} (min {after.min():.3f}, max {after.max():.3f}, "
+            f"spread {after.max() - after.min():.3f}) vs before {before:.3f} over seeds {args.seeds}"
+        )
     lines.append(f"\nall runs: {seconds:.0f} s")
     text = "\n".join(lines)
     print(text)

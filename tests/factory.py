@@ -33,8 +33,11 @@ def original_tensors(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
 
     D, E, F, V = cfg.d_model, cfg.num_experts, cfg.expert_dim, cfg.vocab_size
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
-    t = {"embedding.weight": normal((V, D), 1.0), "norm.scale": normal((D,), 0.1, 1.0),
-         "unembedding.weight": normal((V, D), 0.2)}
+    t = {
+        "embedding.weight": normal((V, D), 1.0),
+        "norm.scale": normal((D,), 0.1, 1.0),
+        "unembedding.weight": normal((V, D), 0.2),
+    }
     for n in range(cfg.num_layers):
         b = f"block.{n}."
         t[b + "attn.norm.scale"] = normal((D,), 0.1, 1.0)
@@ -65,8 +68,15 @@ def write_original(path: str, cfg: ModelConfig, seed: int = 0) -> str:
 def hf_config_dict(cfg: ModelConfig, *, mxfp4: bool) -> dict:
     d = cfg.to_hf_dict()
     if mxfp4:
-        d["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
-            "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+        d["quantization_config"] = {
+            "quant_method": "mxfp4",
+            "modules_to_not_convert": [
+                "model.layers.*.self_attn",
+                "model.layers.*.mlp.router",
+                "model.embed_tokens",
+                "lm_head",
+            ],
+        }
     return d
 
 
@@ -74,8 +84,11 @@ def original_to_hf(t: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
     """The key map of transformers' convert_gpt_oss_weights_to_hf (qkv split, renames; expert
     bytes untouched)."""
     qe, ke = cfg.q_dim, cfg.q_dim + cfg.kv_dim
-    out = {"model.embed_tokens.weight": t["embedding.weight"], "model.norm.weight": t["norm.scale"],
-           "lm_head.weight": t["unembedding.weight"]}
+    out = {
+        "model.embed_tokens.weight": t["embedding.weight"],
+        "model.norm.weight": t["norm.scale"],
+        "lm_head.weight": t["unembedding.weight"],
+    }
     for n in range(cfg.num_layers):
         b, p = f"block.{n}.", f"model.layers.{n}."
         for suffix in ("weight", "bias"):
@@ -184,8 +197,9 @@ def bf16_oracle_runs(original_dir: str, hf_dir: str, tokens) -> dict:
         openai = openai.float()
         out["OpenAI fp32"] = np.stack([openai(torch.tensor(r)).numpy() for r in tokens])
         for label, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-            hf = GptOssForCausalLM.from_pretrained(hf_dir, dtype=dtype, attn_implementation="eager",
-                                                   quantization_config=Mxfp4Config(dequantize=True))
+            hf = GptOssForCausalLM.from_pretrained(
+                hf_dir, dtype=dtype, attn_implementation="eager", quantization_config=Mxfp4Config(dequantize=True)
+            )
             out[f"HF {label}"] = hf(torch.tensor(np.asarray(tokens))).logits.float().numpy()
     return out
 
@@ -194,13 +208,21 @@ def bf16_noise(oracles: dict) -> dict:
     """What bf16 costs the references themselves: each pair's rms_rel_err, the limit
     (BF16_LIMIT_FACTOR x the largest), sigma (RMS of bf16 - fp32 logits, the larger oracle) and the
     oracles' lowest argmax agreement among those pairs."""
-    pairs = {"OpenAI bf16 vs fp32": ("OpenAI bf16", "OpenAI fp32"), "HF bf16 vs fp32": ("HF bf16", "HF fp32"),
-             "OpenAI bf16 vs HF bf16": ("OpenAI bf16", "HF bf16")}
+    pairs = {
+        "OpenAI bf16 vs fp32": ("OpenAI bf16", "OpenAI fp32"),
+        "HF bf16 vs fp32": ("HF bf16", "HF fp32"),
+        "OpenAI bf16 vs HF bf16": ("OpenAI bf16", "HF bf16"),
+    }
     errs = {k: rms_rel_err(oracles[a], oracles[b]) for k, (a, b) in pairs.items()}
     sigma = max(float(np.sqrt(np.mean((oracles[f"{n} bf16"] - oracles[f"{n} fp32"]) ** 2))) for n in ("OpenAI", "HF"))
     agree = {k: float(np.mean(oracles[a].argmax(-1) == oracles[b].argmax(-1))) for k, (a, b) in pairs.items()}
-    return {"pairs": errs, "limit": BF16_LIMIT_FACTOR * max(errs.values()), "sigma": sigma,
-            "oracle_argmax": min(agree.values()), "oracle_argmax_pairs": agree}
+    return {
+        "pairs": errs,
+        "limit": BF16_LIMIT_FACTOR * max(errs.values()),
+        "sigma": sigma,
+        "oracle_argmax": min(agree.values()),
+        "oracle_argmax_pairs": agree,
+    }
 
 
 def bf16_figures(ours, oracles: dict, noise: dict) -> dict:

@@ -44,13 +44,17 @@ def main(ckpt, tokens_path, out_dir):
     me = jax.process_index()
     blocks = model.layers[0].mlp.w1_blocks[...]
     arrays = [v.get_value() for _, v in nnx.to_flat_state(nnx.state(model))]
-    info = {"process_count": jax.process_count(), "device_count": jax.device_count(),
-            "local_devices": jax.local_device_count(), "rows": rows.tolist(),
-            "local_block_bytes": sum(s.data.nbytes for s in blocks.addressable_shards),
-            "global_block_bytes": blocks.nbytes,
-            "local_model_bytes": sum(local_bytes(a) for a in arrays),
-            "global_model_bytes": sum(a.nbytes for a in arrays),
-            "generated": gen.tokens}
+    info = {
+        "process_count": jax.process_count(),
+        "device_count": jax.device_count(),
+        "local_devices": jax.local_device_count(),
+        "rows": rows.tolist(),
+        "local_block_bytes": sum(s.data.nbytes for s in blocks.addressable_shards),
+        "global_block_bytes": blocks.nbytes,
+        "local_model_bytes": sum(local_bytes(a) for a in arrays),
+        "global_model_bytes": sum(a.nbytes for a in arrays),
+        "generated": gen.tokens,
+    }
     with open(os.path.join(out_dir, f"info{me}.json"), "w") as f:
         json.dump(info, f)
     np.save(os.path.join(out_dir, f"logits{me}.npy"), full)

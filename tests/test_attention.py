@@ -23,14 +23,17 @@ def test_sliding_mask_literal():
     pos = jnp.arange(6)[None]
     seg = jnp.ones((1, 6), jnp.int32)
     m = np.asarray(attention_mask(pos, pos, seg, seg, window=3))[0].astype(int)
-    assert m.tolist() == [[1, 0, 0, 0, 0, 0],
-                          [1, 1, 0, 0, 0, 0],
-                          [1, 1, 1, 0, 0, 0],
-                          [0, 1, 1, 1, 0, 0],
-                          [0, 0, 1, 1, 1, 0],
-                          [0, 0, 0, 1, 1, 1]]
-    m128 = np.asarray(attention_mask(jnp.arange(400)[None], jnp.arange(400)[None],
-                                     jnp.ones((1, 400)), jnp.ones((1, 400)), window=128))[0]
+    assert m.tolist() == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [0, 1, 1, 1, 0, 0],
+        [0, 0, 1, 1, 1, 0],
+        [0, 0, 0, 1, 1, 1],
+    ]
+    m128 = np.asarray(
+        attention_mask(jnp.arange(400)[None], jnp.arange(400)[None], jnp.ones((1, 400)), jnp.ones((1, 400)), window=128)
+    )[0]
     assert m128.sum(-1).tolist() == [min(i + 1, 128) for i in range(400)]  # W keys incl. itself
 
 
@@ -38,19 +41,36 @@ def test_segments_literal():
     pos = jnp.array([[0, 1, 2, 0, 1]])
     seg = jnp.array([[1, 1, 1, 2, 2]])
     m = np.asarray(attention_mask(pos, pos, seg, seg, window=None))[0].astype(int)
-    assert m.tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0],
-                          [0, 0, 0, 1, 0], [0, 0, 0, 1, 1]]
+    assert m.tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 1]]
 
 
 def test_sink_math():
     q, k, v, s = _qkv(1, 1, 2, 1, 4)
     # all keys masked -> the sink takes all the mass and the output is exactly 0
-    out, mass = attention_reference(q, k, v, s, q_pos=jnp.zeros((1, 1)), k_pos=jnp.zeros((1, 1)),
-                                    q_seg=jnp.ones((1, 1)), k_seg=jnp.zeros((1, 1)), window=None)
+    out, mass = attention_reference(
+        q,
+        k,
+        v,
+        s,
+        q_pos=jnp.zeros((1, 1)),
+        k_pos=jnp.zeros((1, 1)),
+        q_seg=jnp.ones((1, 1)),
+        k_seg=jnp.zeros((1, 1)),
+        window=None,
+    )
     assert np.all(np.asarray(out) == 0) and np.allclose(np.asarray(mass), 1.0)
     # one visible key: weight = 1 / (1 + exp(S - s)), no scaling of the sink
-    out, mass = attention_reference(q, k, v, s, q_pos=jnp.zeros((1, 1)), k_pos=jnp.zeros((1, 1)),
-                                    q_seg=jnp.ones((1, 1)), k_seg=jnp.ones((1, 1)), window=None)
+    out, mass = attention_reference(
+        q,
+        k,
+        v,
+        s,
+        q_pos=jnp.zeros((1, 1)),
+        k_pos=jnp.zeros((1, 1)),
+        q_seg=jnp.ones((1, 1)),
+        k_seg=jnp.ones((1, 1)),
+        window=None,
+    )
     score = np.einsum("nh,h->n", np.asarray(q)[0, 0], np.asarray(k)[0, 0, 0]) / 2.0
     w = 1.0 / (1.0 + np.exp(np.asarray(s) - score))
     np.testing.assert_allclose(np.asarray(out)[0, 0], w[:, None] * np.asarray(v)[0, 0], rtol=1e-5)
@@ -77,12 +97,16 @@ def test_softmax_with_sink_and_the_kernels_reference_adapter():
 def test_reference_matches_openai_sdpa(window):
     T, N, K, H = 37, 8, 2, 16
     q, k, v, s = _qkv(1, T, N, K, H, seed=3)
-    want = ref.sdpa(torch.tensor(np.asarray(q)[0]).reshape(T, K, N // K, H),
-                    torch.tensor(np.asarray(k)[0]), torch.tensor(np.asarray(v)[0]),
-                    torch.tensor(np.asarray(s)), H ** -0.5, window).numpy()
+    want = ref.sdpa(
+        torch.tensor(np.asarray(q)[0]).reshape(T, K, N // K, H),
+        torch.tensor(np.asarray(k)[0]),
+        torch.tensor(np.asarray(v)[0]),
+        torch.tensor(np.asarray(s)),
+        H**-0.5,
+        window,
+    ).numpy()
     pos, seg = jnp.arange(T)[None], jnp.ones((1, T))
-    out, _ = attention_reference(q, k, v, s, q_pos=pos, k_pos=pos, q_seg=seg, k_seg=seg,
-                                 window=window or None)
+    out, _ = attention_reference(q, k, v, s, q_pos=pos, k_pos=pos, q_seg=seg, k_seg=seg, window=window or None)
     np.testing.assert_allclose(np.asarray(out)[0].reshape(T, -1), want, rtol=1e-5, atol=1e-5)
 
 
@@ -92,14 +116,12 @@ def test_chunked_sliding_equals_reference(T, window):
     q, k, v, s = _qkv(B, T, N, K, H, seed=T)
     # batch row 0: one document; row 1: three packed documents with restarting positions
     cut1, cut2 = T // 3, (2 * T) // 3
-    seg = jnp.stack([jnp.ones(T, jnp.int32),
-                     jnp.array([1] * cut1 + [2] * (cut2 - cut1) + [3] * (T - cut2))])
-    pos = jnp.stack([jnp.arange(T),
-                     jnp.concatenate([jnp.arange(cut1), jnp.arange(cut2 - cut1), jnp.arange(T - cut2)])])
-    want, want_mass = attention_reference(q, k, v, s, q_pos=pos, k_pos=pos, q_seg=seg, k_seg=seg,
-                                          window=window)
+    seg = jnp.stack([jnp.ones(T, jnp.int32), jnp.array([1] * cut1 + [2] * (cut2 - cut1) + [3] * (T - cut2))])
+    pos = jnp.stack([jnp.arange(T), jnp.concatenate([jnp.arange(cut1), jnp.arange(cut2 - cut1), jnp.arange(T - cut2)])])
+    want, want_mass = attention_reference(q, k, v, s, q_pos=pos, k_pos=pos, q_seg=seg, k_seg=seg, window=window)
     got, got_mass = jax.jit(sliding_attention, static_argnames="window")(
-        q, k, v, s, positions=pos, segment_ids=seg, window=window)
+        q, k, v, s, positions=pos, segment_ids=seg, window=window
+    )
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(got_mass), np.asarray(want_mass), rtol=1e-5, atol=1e-6)
 
@@ -110,8 +132,9 @@ def test_chunked_sliding_is_linear_in_T():
     for T in (256, 1024):
         q, k, v, s = _qkv(B, T, N, K, H)
         pos, seg = jnp.arange(T)[None], jnp.ones((1, T), jnp.int32)
-        jaxpr = jax.make_jaxpr(lambda q, k, v, s: sliding_attention(
-            q, k, v, s, positions=pos, segment_ids=seg, window=W))(q, k, v, s)
+        jaxpr = jax.make_jaxpr(
+            lambda q, k, v, s: sliding_attention(q, k, v, s, positions=pos, segment_ids=seg, window=W)
+        )(q, k, v, s)
         biggest = max(int(np.prod(var.aval.shape)) for eqn in jaxpr.eqns for var in eqn.outvars)
         assert biggest <= T * N * 2 * W * 2  # scores are [T/W chunks, N, W, 2W]
 
@@ -125,10 +148,8 @@ def test_causal_chunks_equal_reference(T, monkeypatch):
     B, N, K, H = 2, 4, 2, 8
     q, k, v, s = _qkv(B, T, N, K, H, seed=T + 1)
     cut1, cut2 = T // 3, (2 * T) // 3
-    seg = jnp.stack([jnp.ones(T, jnp.int32),
-                     jnp.array([1] * cut1 + [2] * (cut2 - cut1) + [3] * (T - cut2))])
-    pos = jnp.stack([jnp.arange(T),
-                     jnp.concatenate([jnp.arange(cut1), jnp.arange(cut2 - cut1), jnp.arange(T - cut2)])])
+    seg = jnp.stack([jnp.ones(T, jnp.int32), jnp.array([1] * cut1 + [2] * (cut2 - cut1) + [3] * (T - cut2))])
+    pos = jnp.stack([jnp.arange(T), jnp.concatenate([jnp.arange(cut1), jnp.arange(cut2 - cut1), jnp.arange(T - cut2)])])
     ref = lambda q, k, v: attention_reference(q, k, v, s, q_pos=pos, k_pos=pos, q_seg=seg, k_seg=seg, window=None)
     new = lambda q, k, v: attention.causal_attention(q, k, v, s, positions=pos, segment_ids=seg)
     for w, g in zip(ref(q, k, v), jax.jit(new)(q, k, v)):

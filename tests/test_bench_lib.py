@@ -68,10 +68,14 @@ def test_forward_flops_of_one_layer_by_hand(layer):
     E, k, F, V = 8, 2, 64, 512
     assert (cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (D, N, K, H)
     assert (cfg.num_experts, cfg.experts_per_token, cfg.expert_dim, cfg.vocab_size) == (E, k, F, V)
-    per_token = (2 * D * N * H + 2 * D * K * H * 2 + 2 * N * H * D  # q, k and v, out
-                 + 2 * D * E                                        # router
-                 + k * (2 * D * 2 * F + 2 * F * D)                  # k experts: gate/up, down
-                 + 2 * D * V)                                       # unembedding
+    per_token = (
+        2 * D * N * H
+        + 2 * D * K * H * 2
+        + 2 * N * H * D  # q, k and v, out
+        + 2 * D * E  # router
+        + k * (2 * D * 2 * F + 2 * F * D)  # k experts: gate/up, down
+        + 2 * D * V
+    )  # unembedding
     keys = [1, 2, 3, 4] if layer == FULL else [1, 2, 2, 2]  # window 2 on the sliding layer
     by_hand = per_token + sum(2 * 2 * N * H * n for n in keys) / T  # QK^T and PV per visible key
     assert flops.forward_flops_per_token(cfg, T) == pytest.approx(by_hand)
@@ -125,7 +129,7 @@ def test_shard_header_is_the_safetensors_header_at_alignment_8(tmp_path):
     path = tmp_path / "x.safetensors"
     safetensors_io.save_file(arrays, path, metadata={"format": "pt"})
     head = weights.shard_header([(k, v.shape, v.dtype) for k, v in sorted(arrays.items())], align=8)
-    assert path.read_bytes()[:len(head)] == head
+    assert path.read_bytes()[: len(head)] == head
     assert len(weights.shard_header([("a", (3, 5), np.dtype(np.uint8))], align=64)) % 64 == 0
 
 

@@ -78,7 +78,9 @@ def test_truncated_file(original_dir, tmp_path):
     size = os.path.getsize(path)
     with open(path, "r+b") as f:
         f.truncate(size - 1000)
-    with pytest.raises(gj.CheckpointError, match=r"model.safetensors: tensor '.*' ends at byte .* \(truncated file\?\)"):
+    with pytest.raises(
+        gj.CheckpointError, match=r"model.safetensors: tensor '.*' ends at byte .* \(truncated file\?\)"
+    ):
         gj.load(ck)
 
 
@@ -100,8 +102,11 @@ def test_index_names_a_missing_file(hf_mxfp4_dir, tmp_path):
 
 def test_packed_tensor_with_wrong_dtype(original_dir, tmp_path):
     ck = _copy(original_dir, tmp_path)
-    _edit(ck, "model.safetensors", lambda t: t.update(
-        {"block.0.mlp.mlp1_weight.scales": t["block.0.mlp.mlp1_weight.scales"].to(torch.int32)}))
+    _edit(
+        ck,
+        "model.safetensors",
+        lambda t: t.update({"block.0.mlp.mlp1_weight.scales": t["block.0.mlp.mlp1_weight.scales"].to(torch.int32)}),
+    )
     with pytest.raises(gj.CheckpointError, match="block.0.mlp.mlp1_weight.scales must be stored as U8"):
         gj.load(ck)
 

@@ -27,18 +27,47 @@ def test_help_for_every_command(capsys):
 
 
 def test_generate_raw_matches_library(full_vocab_ckpt, tokenizer, capsys):
-    assert main(["generate", str(full_vocab_ckpt), "--raw", "--prompt", "Once upon a time",
-                 "--max-new-tokens", "6", "--temperature", "0"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(full_vocab_ckpt),
+                "--raw",
+                "--prompt",
+                "Once upon a time",
+                "--max-new-tokens",
+                "6",
+                "--temperature",
+                "0",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     model = gj.load(full_vocab_ckpt)
-    want = gj.generate(model, tokenizer, ["Once upon a time"], max_new_tokens=6, temperature=0,
-                       stop_tokens=(tokenizer.token_id("<|endoftext|>"),))
+    want = gj.generate(
+        model,
+        tokenizer,
+        ["Once upon a time"],
+        max_new_tokens=6,
+        temperature=0,
+        stop_tokens=(tokenizer.token_id("<|endoftext|>"),),
+    )
     assert printed.rstrip("\n") == tokenizer.decode(want.tokens[0])
 
 
 def test_generate_on_a_mesh_matches_one_device(full_vocab_ckpt, capsys):
-    args = ["generate", str(full_vocab_ckpt), "--raw", "--prompt", "Once upon a time",
-            "--max-new-tokens", "5", "--temperature", "0"]
+    args = [
+        "generate",
+        str(full_vocab_ckpt),
+        "--raw",
+        "--prompt",
+        "Once upon a time",
+        "--max-new-tokens",
+        "5",
+        "--temperature",
+        "0",
+    ]
     assert main(args) == 0
     one = capsys.readouterr().out
     assert main(args + ["--mesh", "data=2,expert=4"]) == 0
@@ -48,8 +77,23 @@ def test_generate_on_a_mesh_matches_one_device(full_vocab_ckpt, capsys):
 
 
 def test_generate_harmony_prompt_and_conversation_file(full_vocab_ckpt, tmp_path, capsys):
-    assert main(["generate", str(full_vocab_ckpt), "--prompt", "What is 2+2?", "--reasoning-effort", "low",
-                 "--max-new-tokens", "5", "--temperature", "0"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(full_vocab_ckpt),
+                "--prompt",
+                "What is 2+2?",
+                "--reasoning-effort",
+                "low",
+                "--max-new-tokens",
+                "5",
+                "--temperature",
+                "0",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     # a random model writes no valid header; its text is shown with the parser's flag, not lost
     assert "[not valid harmony" in out and "[stopped at --max-new-tokens]" in out
@@ -96,9 +140,26 @@ def test_user_errors_are_one_line(full_vocab_ckpt, original_dir, tmp_path, capsy
 def test_quickstart_small(tmp_path, capsys):
     """The README's main job end to end at toy size: data, tokenizer, SFT, eval, samples, report."""
     out = tmp_path / "qs"
-    assert main(["quickstart", "--out", str(out), "--train-size", "48", "--eval-size", "6", "run.steps=2",
-                 "optim.warmup_steps=1", "optim.total_steps=2", "eval.limit=3", "eval.max_new_tokens=4",
-                 "run.progress=false"]) == 0
+    assert (
+        main(
+            [
+                "quickstart",
+                "--out",
+                str(out),
+                "--train-size",
+                "48",
+                "--eval-size",
+                "6",
+                "run.steps=2",
+                "optim.warmup_steps=1",
+                "optim.total_steps=2",
+                "eval.limit=3",
+                "eval.max_new_tokens=4",
+                "run.progress=false",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["heldout_scored"] == 3 and len(summary["samples"]) == 4
     assert summary["data"]["train"] == 48 and summary["vocab_size"] == 384

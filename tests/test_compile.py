@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from gptoss_jax import aot, config, targets
 from gptoss_jax.kernels.attention import attention as kernel_attention
@@ -67,8 +68,9 @@ def test_attention_kernel_compiles_forward_and_backward(target, T, window):
     seg = jax.ShapeDtypeStruct((1, T), jnp.int32, sharding=s)
 
     def loss(q, k, v, sinks, seg):
-        out = kernel_attention(q, k, v, sinks, sliding_window=window, implementation=_impl(target),
-                                      segment_ids=seg if segmented else None)
+        out = kernel_attention(
+            q, k, v, sinks, sliding_window=window, implementation=_impl(target), segment_ids=seg if segmented else None
+        )
         return out.astype(jnp.float32).sum()
 
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
@@ -96,8 +98,9 @@ def test_mxfp4_grouped_matmul_compiles_forward_and_input_grad(target, E, N, swig
     bias = jax.ShapeDtypeStruct((E, N), jnp.bfloat16, sharding=s)
 
     def loss(x, blocks, scales, sizes, bias):
-        y = mxfp4_grouped_matmul(x, blocks, scales, sizes, bias=bias, swiglu=(1.702, 7.0) if swiglu else None,
-                                 implementation=_impl(target))
+        y = mxfp4_grouped_matmul(
+            x, blocks, scales, sizes, bias=bias, swiglu=(1.702, 7.0) if swiglu else None, implementation=_impl(target)
+        )
         return y.astype(jnp.float32).sum()
 
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 4)))
@@ -107,8 +110,9 @@ def test_mxfp4_grouped_matmul_compiles_forward_and_input_grad(target, E, N, swig
     if t.platform == "tpu":  # forward (recompute) and dX kernels each count 2 M N K
         assert report.flops >= 2 * 2 * M * N * K, report.flops
     # the packed weight is never decoded whole: no float array as large as the expert matrices
-    assert all(b < E * N * K * 2 for b, shape in report.largest_arrays if not shape.startswith("u8")), \
+    assert all(b < E * N * K * 2 for b, shape in report.largest_arrays if not shape.startswith("u8")), (
         report.largest_arrays
+    )
 
 
 # The LoRA update of the gate/up projection enters before the SwiGLU. Adding it to the kernel's
@@ -150,13 +154,19 @@ def _compile_in_child(variant: str, limit_gb: float, timeout_s: float = 300):
     import time
 
     env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1")
-    child = subprocess.Popen([sys.executable, "-c", _LOW_RANK_PROGRAM, variant], stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, env=env, cwd=os.path.dirname(CONFIGS), text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _LOW_RANK_PROGRAM, variant],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=os.path.dirname(CONFIGS),
+        text=True,
+    )
     peak, start = 0.0, time.monotonic()
     while child.poll() is None:
         try:
             with open(f"/proc/{child.pid}/status") as f:
-                rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 2 ** 20
+                rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 2**20
             peak = max(peak, rss)
         except (OSError, StopIteration):
             pass
@@ -185,8 +195,16 @@ def test_lora_gate_up_control_lanes_separated_in_xla_exceed_the_host_limit():
 # ------------------------------------------------------------------- the plan follows the target
 def _small():
     # kernel-friendly shapes (head_dim 64, widths in whole 128-lane tiles), two layers: one sliding
-    return config.gpt_oss_20b().replace(num_layers=2, d_model=512, num_heads=8, num_kv_heads=2,
-                                        num_experts=8, experts_per_token=2, expert_dim=512, vocab_size=2048)
+    return config.gpt_oss_20b().replace(
+        num_layers=2,
+        d_model=512,
+        num_heads=8,
+        num_kv_heads=2,
+        num_experts=8,
+        experts_per_token=2,
+        expert_dim=512,
+        vocab_size=2048,
+    )
 
 
 @pytest.mark.parametrize("target,mesh", [("tpu-v5e-8", {"expert": 8}), ("h100", {})])
@@ -210,8 +228,12 @@ def test_control_on_the_cpu_host_no_kernels():
     from flax import nnx
 
     graphdef, state = nnx.split(model)
-    hlo = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t).logits).lower(
-        state, jnp.zeros((1, 256), jnp.int32)).compile().as_text()
+    hlo = (
+        jax.jit(lambda s, t: nnx.merge(graphdef, s)(t).logits)
+        .lower(state, jnp.zeros((1, 256), jnp.int32))
+        .compile()
+        .as_text()
+    )
     kernels, calls, _ = aot._custom_calls(hlo)
     assert not kernels and "tpu_custom_call" not in calls
 
@@ -262,8 +284,7 @@ def test_120b_lora_receive_capacity_bounds_the_expert_activations():
     path = os.path.join(CONFIGS, "lora_120b_h100x8.yaml")
     two = ["model.overrides={num_layers: 2}"]
     capped = aot.compile_train_step(load_config(path, two), "h100x8", progress=False)
-    dropless = aot.compile_train_step(load_config(path, two + ["model.capacity_factor=null"]), "h100x8",
-                                      progress=False)
+    dropless = aot.compile_train_step(load_config(path, two + ["model.capacity_factor=null"]), "h100x8", progress=False)
     assert capped.fits and capped.devices == 8, capped.table()
     rows = 8 * 2048 * 4  # the dropless receive buffer: 8 GPUs x 2048 tokens x top-4
     assert any(f"[{rows}," in shape for _, shape in dropless.largest_arrays), dropless.largest_arrays
@@ -276,8 +297,10 @@ def test_120b_lora_receive_capacity_bounds_the_expert_activations():
 
 
 # ----------------------------------------------------------------------------- gptoss compile
-SMALL = ("model.overrides={num_layers: 2, d_model: 512, num_heads: 8, num_kv_heads: 2, num_experts: 8, "
-         "experts_per_token: 2, expert_dim: 512, vocab_size: 2048}")
+SMALL = (
+    "model.overrides={num_layers: 2, d_model: 512, num_heads: 8, num_kv_heads: 2, num_experts: 8, "
+    "experts_per_token: 2, expert_dim: 512, vocab_size: 2048}"
+)
 
 
 def test_gptoss_compile_command_reports_a_train_step(tmp_path, capsys):
@@ -286,8 +309,20 @@ def test_gptoss_compile_command_reports_a_train_step(tmp_path, capsys):
     from gptoss_jax.cli import main
 
     out = tmp_path / "report.json"
-    rc = main(["compile", os.path.join(CONFIGS, "sft_example.yaml"), "--target", "h100", "--json", str(out),
-               "model.preset=gpt_oss_20b", SMALL, "data.seq_len=256", "data.batch_size=2"])
+    rc = main(
+        [
+            "compile",
+            os.path.join(CONFIGS, "sft_example.yaml"),
+            "--target",
+            "h100",
+            "--json",
+            str(out),
+            "model.preset=gpt_oss_20b",
+            SMALL,
+            "data.seq_len=256",
+            "data.batch_size=2",
+        ]
+    )
     text = capsys.readouterr().out
     assert rc == 0 and "fits" in text and "--estimate-memory" in text, text
     report = json.loads(out.read_text())
@@ -308,8 +343,9 @@ def test_a_program_the_tpu_compiler_refuses_is_reported_as_not_fitting():
     compiler's figure instead of raising (a 40 GiB sort on one 32 GiB v6e chip)."""
     t, s = _one_device("tpu-v6e-1")
     x = jax.ShapeDtypeStruct((2**28, 4), jnp.float32, sharding=s)  # 4 GiB
-    compiled, r = aot.compile_jitted(jax.jit(lambda x: jnp.sort(jnp.tile(x, (1, 10)), axis=0).sum()), (x,),
-                                     program="sort", target=t, progress=False)
+    compiled, r = aot.compile_jitted(
+        jax.jit(lambda x: jnp.sort(jnp.tile(x, (1, 10)), axis=0).sum()), (x,), program="sort", target=t, progress=False
+    )
     assert compiled is None and not r.fits and "RESOURCE_EXHAUSTED" in r.refused
     assert r.temp_bytes > t.hbm_bytes and r.argument_bytes == 4 * 2**30
     assert "DOES NOT FIT" in r.table()
@@ -332,11 +368,14 @@ def test_a_refusal_that_states_the_whole_use_is_reported_as_not_fitting():
         def compile(self):
             raise jax.errors.JaxRuntimeError(self.message)
 
-    msg = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out of memory "
-           "in memory space hbm. Used 15.76G of 15.75G hbm. Exceeded hbm capacity by 10.93M.")
+    msg = (
+        "RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out of memory "
+        "in memory space hbm. Used 15.76G of 15.75G hbm. Exceeded hbm capacity by 10.93M."
+    )
     compiled, r = aot.compile_jitted(Refusing(msg), (x,), program="p", target=t, progress=False)
     assert compiled is None and not r.fits and r.refused.startswith("RESOURCE_EXHAUSTED")
     assert r.argument_bytes == 4 * 2**30 and r.temp_bytes == int(15.76 * 2**30) - 4 * 2**30
     with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
-        aot.compile_jitted(Refusing("INTERNAL: Mosaic failed to compile TPU kernel"), (x,), program="p", target=t,
-                           progress=False)
+        aot.compile_jitted(
+            Refusing("INTERNAL: Mosaic failed to compile TPU kernel"), (x,), program="p", target=t, progress=False
+        )

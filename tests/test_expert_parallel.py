@@ -39,8 +39,9 @@ def reference(x, rw, rb, ew, keep=None):
 
 
 def sharded(x, rw, rb, ew, mesh, **kw):
-    fn = jax.jit(lambda x, rw, rb, ew: ep_lib.moe_sharded(x, rw, rb, ew, mesh=mesh, k=K, alpha=ALPHA,
-                                                          limit=LIMIT, **kw))
+    fn = jax.jit(
+        lambda x, rw, rb, ew: ep_lib.moe_sharded(x, rw, rb, ew, mesh=mesh, k=K, alpha=ALPHA, limit=LIMIT, **kw)
+    )
     return fn(x, rw, rb, ew)
 
 
@@ -54,8 +55,9 @@ def rel(a, b):
 def test_expert_parallel_equals_single_device(layer, experts, dispatch, shape):
     x, rw, rb, ews = layer
     want, routing = reference(x, rw, rb, ews[experts])
-    out = sharded(x, rw, rb, ews[experts], gj.make_mesh(**shape), dispatch=dispatch,
-                  emulate_ragged=True)  # XLA:CPU cannot compile the real ragged_all_to_all
+    out = sharded(
+        x, rw, rb, ews[experts], gj.make_mesh(**shape), dispatch=dispatch, emulate_ragged=True
+    )  # XLA:CPU cannot compile the real ragged_all_to_all
     assert rel(out.out, want) <= 1e-5
     np.testing.assert_array_equal(np.asarray(out.routing.ids), np.asarray(routing.ids))
     assert int(out.dropped) == 0
@@ -74,8 +76,7 @@ def test_the_dispatch_really_crosses_devices(layer):
     program), and gradients flow through it."""
     x, rw, rb, ews = layer
     mesh = gj.make_mesh(data=2, expert=4)
-    f = lambda x, rw: ep_lib.moe_sharded(x, rw, rb, ews["mxfp4"], mesh=mesh, k=K, alpha=ALPHA,
-                                         limit=LIMIT).out
+    f = lambda x, rw: ep_lib.moe_sharded(x, rw, rb, ews["mxfp4"], mesh=mesh, k=K, alpha=ALPHA, limit=LIMIT).out
     hlo = jax.jit(f).lower(x, rw).as_text()
     assert hlo.count("all_to_all") >= 2
     loss = lambda fn: (lambda x, rw: jnp.sum(jnp.sin(fn(x, rw))))
@@ -140,8 +141,16 @@ def test_bad_meshes_are_clear_errors(layer):
     with pytest.raises(ValueError, match="tensor=4 must divide the expert width 64 in whole MXFP4 blocks"):
         sharded(x, rw, rb, ews["mxfp4"], gj.make_mesh(tensor=4, expert=2))
     with pytest.raises(ValueError, match="capacity_factor must be > 0"):
-        sharded(x, rw, rb, ews["dense"], gj.make_mesh(expert=8), dispatch="ragged_all_to_all",
-                capacity_factor=0.0, emulate_ragged=True)
+        sharded(
+            x,
+            rw,
+            rb,
+            ews["dense"],
+            gj.make_mesh(expert=8),
+            dispatch="ragged_all_to_all",
+            capacity_factor=0.0,
+            emulate_ragged=True,
+        )
     with pytest.raises(ValueError, match=r"local expert implementation 'gather' .* \(with expert > 1\)"):
         sharded(x, rw, rb, ews["dense"], gj.make_mesh(expert=8), local_impl="gather")
     with pytest.raises(ValueError, match="unknown expert dispatch"):
@@ -151,8 +160,7 @@ def test_bad_meshes_are_clear_errors(layer):
 def test_model_reports_drops(tiny_cfg):
     mesh = gj.make_mesh(data=2, expert=4)
     tokens = np.random.RandomState(1).randint(0, tiny_cfg.vocab_size, (8, 16))
-    model = gj.init(tiny_cfg, seed=0, dtype=jnp.float32, mesh=mesh,
-                    kernel=gj.KernelOptions(capacity_factor=0.5))
+    model = gj.init(tiny_cfg, seed=0, dtype=jnp.float32, mesh=mesh, kernel=gj.KernelOptions(capacity_factor=0.5))
     graphdef, state = nnx.split(model)
     inter = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t, capture=True).intermediates)(state, tokens)
     dropped = [int(layer["dropped"]) for layer in inter]
@@ -170,8 +178,11 @@ def test_ragged_dispatch_lowers_at_20b_shapes(platform, verified_triton_modules)
     s = jax.ShapeDtypeStruct
     u8, bf = jnp.uint8, jnp.bfloat16
     ew = moe_lib.ExpertWeights(
-        gj.MXFP4(s((Em, 2 * Fm, Dm // 32, 16), u8), s((Em, 2 * Fm, Dm // 32), u8)), s((Em, 2 * Fm), bf),
-        gj.MXFP4(s((Em, Dm, Fm // 32, 16), u8), s((Em, Dm, Fm // 32), u8)), s((Em, Dm), bf))
+        gj.MXFP4(s((Em, 2 * Fm, Dm // 32, 16), u8), s((Em, 2 * Fm, Dm // 32), u8)),
+        s((Em, 2 * Fm), bf),
+        gj.MXFP4(s((Em, Dm, Fm // 32, 16), u8), s((Em, Dm, Fm // 32), u8)),
+        s((Em, Dm), bf),
+    )
     args = (s((4096, Dm), bf), s((Dm, Em), bf), s((Em,), bf), ew)
     kernel = {"cuda": "pallas_gpu", "tpu": "pallas_tpu"}[platform]
     # the local experts through the XLA grouped matmul, then through the platform's Pallas kernel
@@ -179,10 +190,19 @@ def test_ragged_dispatch_lowers_at_20b_shapes(platform, verified_triton_modules)
         mesh = gj.make_mesh(**shape)
 
         def f(x, rw, rb, ew):
-            return ep_lib.moe_sharded(x, rw, rb, ew, mesh=mesh, k=cfg.experts_per_token,
-                                      alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit,
-                                      dispatch="ragged_all_to_all", local_impl="ragged",
-                                      mxfp4_impl=mxfp4_impl).out
+            return ep_lib.moe_sharded(
+                x,
+                rw,
+                rb,
+                ew,
+                mesh=mesh,
+                k=cfg.experts_per_token,
+                alpha=cfg.swiglu_alpha,
+                limit=cfg.swiglu_limit,
+                dispatch="ragged_all_to_all",
+                local_impl="ragged",
+                mxfp4_impl=mxfp4_impl,
+            ).out
 
         grad = jax.grad(lambda x, rw, rb, ew: jnp.sum(f(x, rw, rb, ew).astype(jnp.float32)), argnums=(0, 1))
         for fn in (f, grad):
@@ -200,8 +220,9 @@ def test_communication_formula_matches_the_program(layer, tiny_cfg):
     x, rw, rb, ews = layer
     shape = dict(data=2, expert=4)
     mesh = gj.make_mesh(**shape)
-    f = lambda x: ep_lib.moe_sharded(x, rw, rb, ews["dense"], mesh=mesh, k=K, alpha=ALPHA, limit=LIMIT,
-                                     capacity_factor=2.0).out
+    f = lambda x: ep_lib.moe_sharded(
+        x, rw, rb, ews["dense"], mesh=mesh, k=K, alpha=ALPHA, limit=LIMIT, capacity_factor=2.0
+    ).out
     hlo = jax.jit(f).lower(x).as_text()
     buffers = re.findall(r'"stablehlo.all_to_all".*\(tensor<([0-9x]+)xf32>\)', hlo)
     assert len(buffers) == 2
@@ -247,8 +268,9 @@ def test_ragged_receive_capacity_drops_are_counted_exactly(layer, factor, shape)
     ids = np.asarray(moe_lib.route(x, rw, rb, K).ids)
     keep = _expected_ragged_drops(ids, shards, ep, rows)
     assert (~keep).sum() > 0  # the factor really forces drops
-    out = sharded(x, rw, rb, ews["mxfp4"], mesh, dispatch="ragged_all_to_all", emulate_ragged=True,
-                  capacity_factor=factor)
+    out = sharded(
+        x, rw, rb, ews["mxfp4"], mesh, dispatch="ragged_all_to_all", emulate_ragged=True, capacity_factor=factor
+    )
     assert int(out.dropped) == int((~keep).sum())
     want, _ = reference(x, rw, rb, ews["mxfp4"], keep=jnp.asarray(keep, jnp.float32))
     assert rel(out.out, want) <= 1e-5
@@ -257,7 +279,6 @@ def test_ragged_receive_capacity_drops_are_counted_exactly(layer, factor, shape)
 def test_generous_ragged_capacity_equals_dropless(layer):
     x, rw, rb, ews = layer
     mesh = gj.make_mesh(data=2, expert=4)
-    out = sharded(x, rw, rb, ews["dense"], mesh, dispatch="ragged_all_to_all", emulate_ragged=True,
-                  capacity_factor=4.0)
+    out = sharded(x, rw, rb, ews["dense"], mesh, dispatch="ragged_all_to_all", emulate_ragged=True, capacity_factor=4.0)
     assert int(out.dropped) == 0
     assert rel(out.out, reference(x, rw, rb, ews["dense"])[0]) <= 1e-5

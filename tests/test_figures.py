@@ -54,7 +54,7 @@ def test_check_names_a_block_with_one_digit_edited(tmp_path, capsys):
     doc, text, start, end = block_text(root, "bench-summary")
     m = re.search(r"\d", text[start:end])
     i = start + m.start()
-    edited = text[:i] + str((int(text[i]) + 1) % 10) + text[i + 1:]
+    edited = text[:i] + str((int(text[i]) + 1) % 10) + text[i + 1 :]
     with open(os.path.join(root, doc), "w") as f:
         f.write(edited)
     capsys.readouterr()
@@ -104,8 +104,9 @@ def test_each_record_exists_and_carries_command_date_cpu(name):
         record = json.load(f)
     if name == "compile":  # rows written before provenance existed: each names its own command
         assert not has_provenance  # (the table script's, or the `gptoss compile` line that wrote the row)
-        assert record and all(r["command"].startswith(("python scripts/compile_targets.py", "gptoss compile "))
-                              for r in record)
+        assert record and all(
+            r["command"].startswith(("python scripts/compile_targets.py", "gptoss compile ")) for r in record
+        )
         return
     assert has_provenance
     p = record["provenance"]

@@ -52,7 +52,7 @@ def test_chunked_prefill_equals_single_chunk(model, tiny_cfg):
     outs = []
     step = jax.jit(lambda m, t, c: m(t, cache=c))
     for c in range(0, 23, 5):  # chunks of 5 < W = 8, last one partial
-        o = step(model, toks[:, c:c + 5], cache)
+        o = step(model, toks[:, c : c + 5], cache)
         cache = o.cache
         outs.append(np.asarray(o.logits))
     assert rel_err(np.concatenate(outs, axis=1), full) <= 1e-5
@@ -62,8 +62,7 @@ def test_greedy_generate_equals_repeated_full_forwards(model, tiny_cfg):
     rng = np.random.default_rng(2)
     prompts = [list(rng.integers(0, tiny_cfg.vocab_size, n)) for n in (13, 4, 9)]
     n_new = 20
-    g = generate(model, None, prompts, max_new_tokens=n_new, temperature=0, stop_tokens=(),
-                 prefill_chunk=8)
+    g = generate(model, None, prompts, max_new_tokens=n_new, temperature=0, stop_tokens=(), prefill_chunk=8)
     assert g.stop_reason == ["length"] * 3
     # Oracle: the full forward without a cache, re-run on the whole sequence for every new token.
     # Padded to one length (causal: padding after the last token cannot change its logits) so
@@ -75,7 +74,7 @@ def test_greedy_generate_equals_repeated_full_forwards(model, tiny_cfg):
         for _ in range(n_new):
             padded = np.array([seq + [0] * (L - len(seq))])
             seq.append(int(np.argmax(np.asarray(full(model, padded, np.array([len(seq) - 1]))[0]))))
-        assert g.tokens[b] == seq[len(p):]
+        assert g.tokens[b] == seq[len(p) :]
 
 
 def test_stop_tokens_and_streaming(model, tiny_cfg):
@@ -83,10 +82,17 @@ def test_stop_tokens_and_streaming(model, tiny_cfg):
     free = generate(model, None, prompts, max_new_tokens=6, temperature=0, stop_tokens=())
     stop_at = free.tokens[0][2]  # the third greedy token of row 0 becomes a stop token
     streamed = {0: [], 1: []}
-    g = generate(model, None, prompts, max_new_tokens=6, temperature=0, stop_tokens=(stop_at,),
-                 stream=lambda row, toks: streamed[row].extend(toks))
+    g = generate(
+        model,
+        None,
+        prompts,
+        max_new_tokens=6,
+        temperature=0,
+        stop_tokens=(stop_at,),
+        stream=lambda row, toks: streamed[row].extend(toks),
+    )
     first = free.tokens[0].index(stop_at)
-    assert g.tokens[0] == free.tokens[0][:first + 1] and g.stop_reason[0] == "stop"
+    assert g.tokens[0] == free.tokens[0][: first + 1] and g.stop_reason[0] == "stop"
     assert streamed == {0: g.tokens[0], 1: g.tokens[1]}
     # <|end|> (200007) ends analysis messages mid-turn: it must not stop an assistant turn
     assert ASSISTANT_STOP_TOKENS == (200002, 200012)
@@ -99,7 +105,8 @@ def test_sampling_rules():
     assert int(sample(logits, key, SamplingParams(temperature=1.0, top_k=1))[0]) == 0
     assert int(sample(logits, key, SamplingParams(temperature=1.0, top_p=0.4))[0]) == 0
     draws = jax.vmap(lambda k: sample(logits, k, SamplingParams(temperature=1.0, top_p=0.8))[0])(
-        jax.random.split(key, 4000))
+        jax.random.split(key, 4000)
+    )
     freq = np.bincount(np.asarray(draws), minlength=4) / 4000
     # top_p=0.8 keeps {0.5, 0.3} (the mass before 0.15 is already 0.8): renormalised 0.625/0.375
     np.testing.assert_allclose(freq, [0.625, 0.375, 0, 0], atol=0.03)
@@ -128,8 +135,10 @@ def test_cache_memory_20b():
     cfg = gj.gpt_oss_20b()
     ours = cache_bytes(cfg, 1, 131072)
     naive = cfg.num_layers * 2 * 131072 * cfg.num_kv_heads * cfg.head_dim * 2  # bf16 K and V
-    print(f"gpt-oss-20b KV cache at 131,072 tokens: {ours / 2**30:.3f} GiB (full-length on every layer: "
-          f"{naive / 2**30:.3f} GiB, ratio {ours / naive:.4f})")
+    print(
+        f"gpt-oss-20b KV cache at 131,072 tokens: {ours / 2**30:.3f} GiB (full-length on every layer: "
+        f"{naive / 2**30:.3f} GiB, ratio {ours / naive:.4f})"
+    )
     assert 0.5 <= ours / naive < 0.51
 
 
@@ -145,8 +154,15 @@ def test_large_weights_are_not_hoisted_out_of_the_decode_loop(tiny_cfg, monkeypa
     m = gj.init(tiny_cfg, seed=0, dtype=jnp.bfloat16, experts="dense")
     graphdef, state = nnx.split(m)
     cache = init_cache(tiny_cfg, 1, 16, m.dtype)
-    args = (state, cache, jnp.zeros((1, tiny_cfg.vocab_size), jnp.float32), jax.random.key(0),
-            jnp.zeros((1,), bool), jnp.zeros((1,), jnp.int32), jnp.full((1,), 4, jnp.int32))
+    args = (
+        state,
+        cache,
+        jnp.zeros((1, tiny_cfg.vocab_size), jnp.float32),
+        jax.random.key(0),
+        jnp.zeros((1,), bool),
+        jnp.zeros((1,), jnp.int32),
+        jnp.full((1,), 4, jnp.int32),
+    )
     params = SamplingParams(0.0, 1.0, 0)
     build = sampling._decode_fn.__wrapped__  # uncached: the flag is read when tracing
     temp, tokens = {}, {}

@@ -19,22 +19,34 @@ from gptoss_jax.train import rewards as rewards_lib
 
 FLAGS = ("malformed", "incomplete", "warnings")
 
-WELL_FORMED = ("<|channel|>analysis<|message|>2 + 2 is basic.<|end|>"
-               "<|start|>assistant<|channel|>final<|message|>4<|return|>")
+WELL_FORMED = (
+    "<|channel|>analysis<|message|>2 + 2 is basic.<|end|><|start|>assistant<|channel|>final<|message|>4<|return|>"
+)
 
 # (name, completion text after "<|start|>assistant", parser kwargs, {flag key: words expected})
 ACCEPTED = [
-    ("stop stripped", WELL_FORMED[:-len("<|return|>")], {}, {"incomplete": "truncated"}),
+    ("stop stripped", WELL_FORMED[: -len("<|return|>")], {}, {"incomplete": "truncated"}),
     ("stop stripped, final only", "<|channel|>final<|message|>4", {}, {"incomplete": "truncated"}),
-    ("call stripped", '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city":"SF"}',
-     {}, {"incomplete": "truncated"}),
+    (
+        "call stripped",
+        '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city":"SF"}',
+        {},
+        {"incomplete": "truncated"},
+    ),
     ("no channel", "<|message|>4<|return|>", {}, {"warnings": "missing channel"}),
-    ("no channel, stop stripped", "<|message|>4", {},
-     {"warnings": "missing channel", "incomplete": "truncated"}),
-    ("recipient outside known namespaces", "<|channel|>commentary to=shell.exec<|message|>ls<|call|>", {},
-     {"warnings": "unknown recipient 'shell.exec'"}),
-    ("recipient not a declared tool", "<|channel|>commentary to=functions.nope<|message|>{}<|call|>",
-     {"tools": ["functions.get_weather"]}, {"warnings": "'functions.nope' is not a declared tool"}),
+    ("no channel, stop stripped", "<|message|>4", {}, {"warnings": "missing channel", "incomplete": "truncated"}),
+    (
+        "recipient outside known namespaces",
+        "<|channel|>commentary to=shell.exec<|message|>ls<|call|>",
+        {},
+        {"warnings": "unknown recipient 'shell.exec'"},
+    ),
+    (
+        "recipient not a declared tool",
+        "<|channel|>commentary to=functions.nope<|message|>{}<|call|>",
+        {"tools": ["functions.get_weather"]},
+        {"warnings": "'functions.nope' is not a declared tool"},
+    ),
 ]
 
 REJECTED = [  # openai-harmony raises in both modes; ours keeps the text, flagged malformed
@@ -112,13 +124,16 @@ def completion_tokens(harmony_encoding, text, strip_stop):
     return tokens[:-1] if strip_stop else tokens
 
 
-@pytest.mark.parametrize("text,strip_stop,correct", [
-    (WELL_FORMED, False, True),  # control: well formed
-    (WELL_FORMED, True, True),  # the server stripped <|return|>
-    (WELL_FORMED.replace(">4<", ">5<"), True, False),  # control: stripped and wrong
-    ("<|channel|>analysis<|message|>hmm<|end|><|start|>assistant<|channel|>final", False, False),  # malformed
-    ("<|message|>4<|return|>", False, False),  # no channel: accepted, but not a final answer
-])
+@pytest.mark.parametrize(
+    "text,strip_stop,correct",
+    [
+        (WELL_FORMED, False, True),  # control: well formed
+        (WELL_FORMED, True, True),  # the server stripped <|return|>
+        (WELL_FORMED.replace(">4<", ">5<"), True, False),  # control: stripped and wrong
+        ("<|channel|>analysis<|message|>hmm<|end|><|start|>assistant<|channel|>final", False, False),  # malformed
+        ("<|message|>4<|return|>", False, False),  # no channel: accepted, but not a final answer
+    ],
+)
 def test_task_accuracy_counts_stripped_stop(text, strip_stop, correct, tokenizer, harmony_encoding):
     tokens = completion_tokens(harmony_encoding, text, strip_stop)
     prompts = []
@@ -133,21 +148,26 @@ def test_task_accuracy_counts_stripped_stop(text, strip_stop, correct, tokenizer
     assert (result["examples"][0]["answer"] == "4") == correct
 
 
-@pytest.mark.parametrize("text,strip_stop,reason,expected", [
-    # sampling stopped on <|return|>: the tokens carry it (control) or it was stripped
-    (WELL_FORMED, False, "stop", {"exact_match": 1.0, "numeric_match": 1.0, "format": 1.0}),
-    (WELL_FORMED, True, "stop", {"exact_match": 1.0, "numeric_match": 1.0, "format": 0.0}),
-    (WELL_FORMED.replace(">4<", ">5<"), True, "stop", {"exact_match": 0.0, "numeric_match": 0.0, "format": 0.0}),
-    # cut at the length limit inside the final message: the answer may be cut short, not rewarded
-    (WELL_FORMED, True, "length", {"exact_match": 0.0, "numeric_match": 0.0, "format": 0.0}),
-    ("<|message|>4<|return|>", False, "stop", {"exact_match": 0.0, "numeric_match": 0.0, "format": 0.0}),
-])
+@pytest.mark.parametrize(
+    "text,strip_stop,reason,expected",
+    [
+        # sampling stopped on <|return|>: the tokens carry it (control) or it was stripped
+        (WELL_FORMED, False, "stop", {"exact_match": 1.0, "numeric_match": 1.0, "format": 1.0}),
+        (WELL_FORMED, True, "stop", {"exact_match": 1.0, "numeric_match": 1.0, "format": 0.0}),
+        (WELL_FORMED.replace(">4<", ">5<"), True, "stop", {"exact_match": 0.0, "numeric_match": 0.0, "format": 0.0}),
+        # cut at the length limit inside the final message: the answer may be cut short, not rewarded
+        (WELL_FORMED, True, "length", {"exact_match": 0.0, "numeric_match": 0.0, "format": 0.0}),
+        ("<|message|>4<|return|>", False, "stop", {"exact_match": 0.0, "numeric_match": 0.0, "format": 0.0}),
+    ],
+)
 def test_rl_rewards_count_stripped_stop(text, strip_stop, reason, expected, tokenizer, harmony_encoding):
     tokens = completion_tokens(harmony_encoding, text, strip_stop)
     gen = Generation([tokens], [reason], [0])
     # as train/rl.py builds them
-    completions = [rewards_lib.Completion(H.parse_completion(t, tokenizer), len(t), r == "stop")
-                   for t, r in zip(gen.tokens, gen.stop_reason)]
+    completions = [
+        rewards_lib.Completion(H.parse_completion(t, tokenizer), len(t), r == "stop")
+        for t, r in zip(gen.tokens, gen.stop_reason)
+    ]
     spec = rewards_lib.from_config({name: 1.0 for name in expected})
     total, parts, errors = rewards_lib.score(completions, ["4"], spec)
     assert {name: values[0] for name, values in parts.items()} == expected

@@ -27,8 +27,9 @@ def _run(code, *args, **env_changes):
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host.OPT_OUT)}
     env.update(env_changes)
     env["PYTHONPATH"] = ROOT
-    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
-                          timeout=120, check=True).stdout
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=120, check=True
+    ).stdout
 
 
 RESTART = """
@@ -72,10 +73,13 @@ def _thp_mode():
         return None
 
 
-@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc"
-                    or tuple(int(v) for v in platform.libc_ver()[1].split(".")[:2]) < (2, 35)
-                    or _thp_mode() not in ("madvise", "always"),
-                    reason="needs glibc >= 2.35 and transparent huge pages in madvise/always mode")
+@pytest.mark.skipif(
+    sys.platform != "linux"
+    or platform.libc_ver()[0] != "glibc"
+    or tuple(int(v) for v in platform.libc_ver()[1].split(".")[:2]) < (2, 35)
+    or _thp_mode() not in ("madvise", "always"),
+    reason="needs glibc >= 2.35 and transparent huge pages in madvise/always mode",
+)
 def test_the_tunable_cuts_page_faults_of_xla_results():
     pages = 128 * 1024 * 1024 // 4096
     small = float(_run(FAULTS, GPTOSS_HUGE_PAGES="0", JAX_PLATFORMS="cpu"))

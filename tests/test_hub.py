@@ -17,7 +17,6 @@ import gptoss_jax as gj
 from gptoss_jax import hub
 from gptoss_jax.checkpoint import find_checkpoint
 from gptoss_jax.cli import main
-
 from tests import factory
 
 REPO = "openai/gpt-oss-20b"
@@ -25,11 +24,24 @@ COMMIT = "6cee5e81ee83917806bbde320786a8fb61efebee"
 
 # the files of the real openai/gpt-oss-20b repo
 REAL_REPO_FILES = (
-    ".gitattributes", "LICENSE", "README.md", "USAGE_POLICY", "chat_template.jinja", "config.json",
-    "generation_config.json", "model-00000-of-00002.safetensors", "model-00001-of-00002.safetensors",
-    "model-00002-of-00002.safetensors", "model.safetensors.index.json", "special_tokens_map.json",
-    "tokenizer.json", "tokenizer_config.json", "original/config.json", "original/dtypes.json",
-    "original/model.safetensors", "metal/model.bin",
+    ".gitattributes",
+    "LICENSE",
+    "README.md",
+    "USAGE_POLICY",
+    "chat_template.jinja",
+    "config.json",
+    "generation_config.json",
+    "model-00000-of-00002.safetensors",
+    "model-00001-of-00002.safetensors",
+    "model-00002-of-00002.safetensors",
+    "model.safetensors.index.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "original/config.json",
+    "original/dtypes.json",
+    "original/model.safetensors",
+    "metal/model.bin",
 )
 
 
@@ -181,8 +193,9 @@ def test_local_folder_named_like_an_id_wins(cache, remote_repo, original_dir):
 def test_generate_by_id_through_the_cli(cache, remote_repo, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     add_snapshot(cache["dir"], REPO, remote_repo)
-    assert main(["generate", REPO, "--raw", "--prompt", "hello world", "--max-new-tokens", "2",
-                 "--dtype", "float32"]) == 0
+    assert (
+        main(["generate", REPO, "--raw", "--prompt", "hello world", "--max-new-tokens", "2", "--dtype", "float32"]) == 0
+    )
     assert "error" not in capsys.readouterr().err
     assert cache["calls"] == []
 
@@ -240,12 +253,23 @@ class FakeHub:
     def select(files, allow, ignore):
         allow = [allow] if isinstance(allow, str) else allow
         ignore = [ignore] if isinstance(ignore, str) else (ignore or [])
-        return [f for f in files if (allow is None or any(fnmatch.fnmatchcase(f, p) for p in allow))
-                and not any(fnmatch.fnmatchcase(f, p) for p in ignore)]
+        return [
+            f
+            for f in files
+            if (allow is None or any(fnmatch.fnmatchcase(f, p) for p in allow))
+            and not any(fnmatch.fnmatchcase(f, p) for p in ignore)
+        ]
 
     def __call__(self, repo_id, *, cache_dir=None, allow_patterns=None, ignore_patterns=None, **kwargs):
-        self.calls.append(dict(repo_id=repo_id, cache_dir=cache_dir, allow_patterns=allow_patterns,
-                               ignore_patterns=ignore_patterns, **kwargs))
+        self.calls.append(
+            dict(
+                repo_id=repo_id,
+                cache_dir=cache_dir,
+                allow_patterns=allow_patterns,
+                ignore_patterns=ignore_patterns,
+                **kwargs,
+            )
+        )
         files = self.select(_repo_files(self.remote), allow_patterns, ignore_patterns)
         return add_snapshot(cache_dir, repo_id, self.remote, files=files)
 
@@ -262,8 +286,14 @@ def test_download_fetches_the_hf_layout_only(cache, remote_repo, hf_mxfp4_dir, m
     # on the real repo's file list: every HF layout file, nothing of original/ or metal/
     got = set(fake.select(REAL_REPO_FILES, call["allow_patterns"], call["ignore_patterns"]))
     assert not any(f.startswith(("original/", "metal/")) for f in got)
-    assert {"config.json", "model.safetensors.index.json", "tokenizer.json", "model-00000-of-00002.safetensors",
-            "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"} <= got
+    assert {
+        "config.json",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "model-00000-of-00002.safetensors",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    } <= got
     # the allow patterns alone, too, stay out of original/ (so the ignore list is a second guard)
     assert not any(f.startswith("original/") for f in fake.select(REAL_REPO_FILES, call["allow_patterns"], None))
     snap = hub.cached_snapshot(REPO)

@@ -72,6 +72,7 @@ def test_weighted_expert_outputs_reproduce_the_moe_output(captured, tiny_cfg):
 
 def test_expert_outputs_on_dense_experts_and_lora(tiny_cfg):
     from gptoss_jax import lora
+
     model = gj.init(tiny_cfg, seed=3, dtype=jnp.float32, experts="dense")
     lora.add_lora(model, lora.LoRAConfig(rank=2, targets=("w1", "w2")), seed=1)
     for layer in model.layers:  # nonzero B so the adapters change the experts
@@ -116,8 +117,9 @@ def test_sinks_differ_between_heads_and_layers(model, captured, packed_batch):
     seg = np.asarray(packed_batch[2])
     sinks = inspect.sink_mass(captured.intermediates, mask=seg != 0)
     assert sinks.shape == (4, 4) and np.all((sinks > 0) & (sinks < 1))
-    probs, sink = inspect.attention_maps(model, captured.intermediates, 0,
-                                         positions=packed_batch[1], segment_ids=packed_batch[2])
+    probs, sink = inspect.attention_maps(
+        model, captured.intermediates, 0, positions=packed_batch[1], segment_ids=packed_batch[2]
+    )
     ent = inspect.attention_entropy(probs, sink)
     assert ent.shape == (2, 4, 24)
     assert np.all(ent >= 0) and np.all(ent <= np.log(24 + 1) + 1e-6)
@@ -176,8 +178,12 @@ def test_run_corpus_equals_the_direct_statistics(model, tokenizer, tmp_path, tin
     counts = np.zeros((4, tiny_cfg.num_experts), np.int64)
     sink, hits, targets = np.zeros((4, tiny_cfg.num_heads)), np.zeros(4), 0
     for b in inspect.pack_stream(iter(docs), 32, 2):
-        out = model(jnp.asarray(b["tokens"]), positions=jnp.asarray(b["positions"]),
-                    segment_ids=jnp.asarray(b["segment_ids"]), capture=True)
+        out = model(
+            jnp.asarray(b["tokens"]),
+            positions=jnp.asarray(b["positions"]),
+            segment_ids=jnp.asarray(b["segment_ids"]),
+            capture=True,
+        )
         m = b["segment_ids"] != 0
         counts += inspect.expert_counts(out.intermediates, tiny_cfg.num_experts, m)
         sink += inspect.sink_mass(out.intermediates, m) * m.sum()
@@ -211,15 +217,34 @@ def test_read_corpus_errors(tmp_path):
 def test_inspect_cli_writes_a_report(original_dir, tmp_path, tiny_cfg):
     from gptoss_jax.cli import main
     from gptoss_jax.tokenizer import train_bpe
+
     doc = "hello world, this is a document about 12 experts"
     tok = train_bpe([doc] * 3, vocab_size=300)
     tok.hf.save(str(tmp_path / "tokenizer.json"))
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n".join([doc] * 5))
     out = tmp_path / "report"
-    assert main(["inspect", str(original_dir), "--file", str(corpus), "--text", "hello world",
-                 "--out", str(out), "--seq-len", "32", "--batch-size", "2",
-                 "--tokenizer", str(tmp_path / "tokenizer.json")]) == 0
+    assert (
+        main(
+            [
+                "inspect",
+                str(original_dir),
+                "--file",
+                str(corpus),
+                "--text",
+                "hello world",
+                "--out",
+                str(out),
+                "--seq-len",
+                "32",
+                "--batch-size",
+                "2",
+                "--tokenizer",
+                str(tmp_path / "tokenizer.json"),
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["corpus"]["tokens"] == 5 * len(tok.encode(doc)) + len(tok.encode("hello world"))
     assert len(report["corpus"]["routing_entropy"]) == tiny_cfg.num_layers

@@ -11,8 +11,16 @@ import pytest
 
 from gptoss_jax.attention import attend, attention_mask
 from gptoss_jax.kernels import attention_gpu as ag
-from gptoss_jax.kernels.attention import (FULL, PARTIAL, SKIP, BlockSizes, attention, attention_block_map,
-                                          attention_reference, transpose_block_map)
+from gptoss_jax.kernels.attention import (
+    FULL,
+    PARTIAL,
+    SKIP,
+    BlockSizes,
+    attention,
+    attention_block_map,
+    attention_reference,
+    transpose_block_map,
+)
 from tests.factory import rel_err
 
 
@@ -23,8 +31,7 @@ def _inputs(B, T, N, K, H, dtype=jnp.float32, seed=0, sink_shift=0.0):
     v = rng.normal(size=(B, T, K, H)).astype(np.float32)
     s = (rng.normal(size=(N,)) + sink_shift).astype(np.float32)
     ct = rng.normal(size=(B, T, N, H)).astype(np.float32)  # the output cotangent dO
-    return (jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(s),
-            jnp.asarray(ct))
+    return (jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(s), jnp.asarray(ct))
 
 
 def _segments(B, T, starts):
@@ -60,8 +67,7 @@ def test_forward_and_gradients_fp32(window, G, T, starts, bs):
     seg = None if starts is None else _segments(B, T, starts)
 
     def kern(q, k, v, s):
-        return ag.attention(q, k, v, s, sliding_window=window, segment_ids=seg, interpret=True,
-                            block_sizes=bs)
+        return ag.attention(q, k, v, s, sliding_window=window, segment_ids=seg, interpret=True, block_sizes=bs)
 
     def ref(q, k, v, s):
         return attention_reference(q, k, v, s, sliding_window=window, segment_ids=seg)
@@ -74,8 +80,9 @@ def test_forward_and_gradients_fp32(window, G, T, starts, bs):
         assert rel_err(g, g_r) <= 1e-4, (name, rel_err(g, g_r))
 
 
-@pytest.mark.parametrize("window,G,T,starts", [(128, 8, 300, [[70], [201, 250]]), (None, 1, 37, None),
-                                               (5, 8, 256, [[100], []])])
+@pytest.mark.parametrize(
+    "window,G,T,starts", [(128, 8, 300, [[70], [201, 250]]), (None, 1, 37, None), (5, 8, 256, [[100], []])]
+)
 def test_forward_bf16(window, G, T, starts):
     B, K, H = 2, 1, 64
     N = K * G
@@ -90,8 +97,17 @@ def test_forward_bf16(window, G, T, starts):
 def test_dispatch_reaches_kernel():
     """`kernels.attention(implementation="pallas_gpu")` is this kernel, with sm_scale honoured."""
     q, k, v, s, _ = _inputs(1, 37, 4, 2, 16, seed=3)
-    a = attention(q, k, v, s, sliding_window=5, sm_scale=0.3, implementation="pallas_gpu", interpret=True,
-                  block_sizes=BlockSizes(16, 16))
+    a = attention(
+        q,
+        k,
+        v,
+        s,
+        sliding_window=5,
+        sm_scale=0.3,
+        implementation="pallas_gpu",
+        interpret=True,
+        block_sizes=BlockSizes(16, 16),
+    )
     b = attention_reference(q, k, v, s, sliding_window=5, sm_scale=0.3)
     assert rel_err(a, b) <= 1e-5
 
@@ -119,8 +135,9 @@ def test_fully_masked_rows_output_zero():
     B, T, N, K, H = 1, 37, 4, 2, 16
     q, k, v, s, _ = _inputs(B, T, N, K, H, seed=7)
     for window, seg in ((1, None), (None, jnp.zeros((B, T), jnp.int32))):
-        cfg = ag._config(q, k, seg, sliding_window=window, sm_scale=None, interpret=True,
-                         block_sizes=BlockSizes(16, 16))
+        cfg = ag._config(
+            q, k, seg, sliding_window=window, sm_scale=None, interpret=True, block_sizes=BlockSizes(16, 16)
+        )
         assert cfg.Tp == 48
         o, lse = ag._forward(*ag._pad_in(q, k, v, s, seg, cfg), cfg)
         o, lse = np.asarray(o), np.asarray(lse)
@@ -134,8 +151,7 @@ def test_sink_only_limit():
     and every gradient -> 0, in agreement with the reference (which does the same at +60)."""
     B, T, N, K, H = 1, 37, 4, 2, 16
     q, k, v, s, ct = _inputs(B, T, N, K, H, seed=8, sink_shift=60.0)
-    f = lambda q, k, v, s: ag.attention(q, k, v, s, sliding_window=5, interpret=True,
-                                        block_sizes=BlockSizes(16, 16))
+    f = lambda q, k, v, s: ag.attention(q, k, v, s, sliding_window=5, interpret=True, block_sizes=BlockSizes(16, 16))
     out, vjp = jax.vjp(f, q, k, v, s)
     out_r, vjp_r = jax.vjp(lambda *a: attention_reference(*a, sliding_window=5), q, k, v, s)
     assert np.max(np.abs(np.asarray(out))) < 1e-15
@@ -154,22 +170,31 @@ def _brute_force_visits(T, bq, bk, window):
     """From the dense mask: per query block, {kv block: FULL/PARTIAL} for blocks holding any visible
     pair; FULL iff every (real query, real key) pair is visible and the block is not past T."""
     pos = np.arange(T)
-    m = (pos[None, :] <= pos[:, None])
+    m = pos[None, :] <= pos[:, None]
     if window is not None:
         m &= (pos[:, None] - pos[None, :]) < window
     out = []
     for i in range(math.ceil(T / bq)):
         row = {}
         for j in range(math.ceil(T / bk)):
-            tile = m[i * bq:(i + 1) * bq, j * bk:(j + 1) * bk]
+            tile = m[i * bq : (i + 1) * bq, j * bk : (j + 1) * bk]
             if tile.any():
                 row[j] = FULL if tile.all() and (j + 1) * bk <= T else PARTIAL
         out.append(row)
     return out
 
 
-@pytest.mark.parametrize("T,bq,bk,window", [(300, 16, 16, 5), (300, 64, 64, 128), (257, 32, 32, None),
-                                            (300, 16, 64, 128), (37, 16, 16, 1), (8192, 64, 64, 128)])
+@pytest.mark.parametrize(
+    "T,bq,bk,window",
+    [
+        (300, 16, 16, 5),
+        (300, 64, 64, 128),
+        (257, 32, 32, None),
+        (300, 16, 64, 128),
+        (37, 16, 16, 1),
+        (8192, 64, 64, 128),
+    ],
+)
 def test_block_map_matches_mask(T, bq, bk, window):
     bm = attention_block_map(T, block_q=bq, block_k=bk, sliding_window=window)
     if T <= 300:
@@ -199,30 +224,38 @@ def test_block_map_counts_at_gpt_oss_shape():
 def test_transposed_block_map(T, bq, bk, window):
     bm = attention_block_map(T, block_q=bq, block_k=bk, sliding_window=window)
     tm = transpose_block_map(bm)
-    fwd = {(i, int(bm.kv_index[i, n])): int(bm.kind[i, n])
-           for i in range(len(bm.num_visits)) for n in range(bm.num_visits[i])}
-    bwd = [(int(tm.kv_index[j, n]), j, int(tm.kind[j, n]))
-           for j in range(len(tm.num_visits)) for n in range(tm.num_visits[j])]
+    fwd = {
+        (i, int(bm.kv_index[i, n])): int(bm.kind[i, n])
+        for i in range(len(bm.num_visits))
+        for n in range(bm.num_visits[i])
+    }
+    bwd = [
+        (int(tm.kv_index[j, n]), j, int(tm.kind[j, n]))
+        for j in range(len(tm.num_visits))
+        for n in range(tm.num_visits[j])
+    ]
     assert len(bwd) == len(fwd) == bm.total_visits == tm.total_visits  # each pair exactly once
     assert {(i, j): kd for i, j, kd in bwd} == fwd
     assert len(tm.num_visits) == math.ceil(T / bk)
 
 
-@pytest.mark.parametrize("window,G,T,bs,expect_bounds", [
-    (128, 8, 300, None, None),  # the default (16-token, 64-key) tiles
-    (128, 1, 300, BlockSizes(64, 64), [1, 2, 3, 3, 3]),  # ceil(127/64)+1 = 3
-    (None, 1, 256, BlockSizes(32, 32), list(range(1, 9))),  # causal triangle
-])
+@pytest.mark.parametrize(
+    "window,G,T,bs,expect_bounds",
+    [
+        (128, 8, 300, None, None),  # the default (16-token, 64-key) tiles
+        (128, 1, 300, BlockSizes(64, 64), [1, 2, 3, 3, 3]),  # ceil(127/64)+1 = 3
+        (None, 1, 256, BlockSizes(32, 32), list(range(1, 9))),  # causal triangle
+    ],
+)
 def test_kernel_consumes_block_map(window, G, T, bs, expect_bounds):
     """The forward kernel's own counters: each program processes exactly num_visits[i] KV tiles of
     its query block, of which exactly the FULL ones take the mask-free branch."""
     B, K, H = 2, 1, 16
     q, k, v, s, _ = _inputs(B, T, K * G, K, H, seed=11)
-    out, visits, full, bm = ag.forward_visit_counts(q, k, v, s, sliding_window=window, interpret=True,
-                                                    block_sizes=bs)
+    out, visits, full, bm = ag.forward_visit_counts(q, k, v, s, sliding_window=window, interpret=True, block_sizes=bs)
     assert visits.shape == (B, K, len(bm.num_visits))
     np.testing.assert_array_equal(visits, np.broadcast_to(bm.num_visits, visits.shape))
-    n_full = np.array([(bm.kind[i, :bm.num_visits[i]] == FULL).sum() for i in range(len(bm.num_visits))])
+    n_full = np.array([(bm.kind[i, : bm.num_visits[i]] == FULL).sum() for i in range(len(bm.num_visits))])
     np.testing.assert_array_equal(full, np.broadcast_to(n_full, full.shape))
     assert n_full.sum() > 0 and visits.sum() == B * K * bm.total_visits
     if expect_bounds is not None:
@@ -242,8 +275,12 @@ def test_kernel_consumes_block_map(window, G, T, bs, expect_bounds):
 def test_lowers_to_triton_for_cuda(window, verified_triton_modules):
     B, T, N, K, H = 1, 8192, 64, 8, 64
     sds = jax.ShapeDtypeStruct
-    args = (sds((B, T, N, H), jnp.bfloat16), sds((B, T, K, H), jnp.bfloat16),
-            sds((B, T, K, H), jnp.bfloat16), sds((N,), jnp.float32))
+    args = (
+        sds((B, T, N, H), jnp.bfloat16),
+        sds((B, T, K, H), jnp.bfloat16),
+        sds((B, T, K, H), jnp.bfloat16),
+        sds((N,), jnp.float32),
+    )
 
     def f(q, k, v, s):
         return ag.attention(q, k, v, s, sliding_window=window)
@@ -253,8 +290,7 @@ def test_lowers_to_triton_for_cuda(window, verified_triton_modules):
 
     fwd = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert fwd.count("__gpu$xla.gpu.triton") == 1 and "mosaic_gpu" not in fwd
-    bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(*args).lower(
-        lowering_platforms=("cuda",)).as_text()
+    bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert bwd.count("__gpu$xla.gpu.triton") == 3 and "mosaic_gpu" not in bwd  # fwd, dq, dk/dv
     assert verified_triton_modules == [True] * 4
 
@@ -263,8 +299,11 @@ def test_lowering_check_has_teeth():
     """Control for the test above: head_dim 48 gives non-power-of-two tiles, which the Triton
     lowering rejects; so a successful lowering is evidence, not a formality."""
     sds = jax.ShapeDtypeStruct
-    args = (sds((1, 256, 8, 48), jnp.bfloat16), sds((1, 256, 1, 48), jnp.bfloat16),
-            sds((1, 256, 1, 48), jnp.bfloat16), sds((8,), jnp.float32))
+    args = (
+        sds((1, 256, 8, 48), jnp.bfloat16),
+        sds((1, 256, 1, 48), jnp.bfloat16),
+        sds((1, 256, 1, 48), jnp.bfloat16),
+        sds((8,), jnp.float32),
+    )
     with pytest.raises(ValueError, match="power of 2"):
-        jax.jit(lambda *a: ag.attention(*a, sliding_window=128)).trace(*args).lower(
-            lowering_platforms=("cuda",))
+        jax.jit(lambda *a: ag.attention(*a, sliding_window=128)).trace(*args).lower(lowering_platforms=("cuda",))

@@ -18,8 +18,8 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from gptoss_jax.kernels import attention_tpu as at
-from gptoss_jax.kernels.attention import attention as dispatch_attention
 from gptoss_jax.kernels.attention import FULL, PARTIAL, SKIP, BlockSizes, attention_block_map, attention_reference
+from gptoss_jax.kernels.attention import attention as dispatch_attention
 
 FWD_TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 GRAD_TOL = 1e-4
@@ -43,9 +43,11 @@ def make_inputs(B, T, K, G, H=64, dtype=jnp.float32, seed=0):
 
 def out_and_grads(f, q, k, v, sinks, cot):
     """f(q, k, v, sinks) and the gradients of sum(f * cot) w.r.t. q, k, v, sinks, in one compiled call."""
+
     def run(q, k, v, sinks, cot):
         out, vjp = jax.vjp(f, q, k, v, sinks)
         return out, vjp(cot.astype(out.dtype))
+
     return jax.jit(run)(q, k, v, sinks, cot)
 
 
@@ -80,8 +82,9 @@ def test_forward_and_gradients_fp32(B, T, K, G, W, bounds, blocks, scale):
     bs = BlockSizes(*blocks)
 
     def kernel(q, k, v, s):
-        return at.attention(q, k, v, s, sliding_window=W, segment_ids=seg, sm_scale=scale, interpret=True,
-                            block_sizes=bs)
+        return at.attention(
+            q, k, v, s, sliding_window=W, segment_ids=seg, sm_scale=scale, interpret=True, block_sizes=bs
+        )
 
     def ref(q, k, v, s):
         return attention_reference(q, k, v, s, sliding_window=W, segment_ids=seg, sm_scale=scale)
@@ -95,17 +98,21 @@ def test_forward_and_gradients_fp32(B, T, K, G, W, bounds, blocks, scale):
         assert rel(a, b) <= GRAD_TOL, (name, rel(a, b))
 
 
-@pytest.mark.parametrize("T,K,G,W,bounds", [
-    pytest.param(300, 2, 8, 128, [(50, 200)], id="T300-W128-G8-seg"),
-    pytest.param(256, 2, 1, None, None, id="T256-full-G1"),
-])
+@pytest.mark.parametrize(
+    "T,K,G,W,bounds",
+    [
+        pytest.param(300, 2, 8, 128, [(50, 200)], id="T300-W128-G8-seg"),
+        pytest.param(256, 2, 1, None, None, id="T256-full-G1"),
+    ],
+)
 def test_forward_bf16(T, K, G, W, bounds):
     q, k, v, sinks, _ = make_inputs(1, T, K, G, dtype=jnp.bfloat16, seed=1)
     seg = None if bounds is None else segments(1, T, bounds)
     out = at.attention(q, k, v, sinks, sliding_window=W, segment_ids=seg, interpret=True)
     # fp32 math on the bf16 inputs
-    r = jax.jit(attention_reference, static_argnames="sliding_window")(q, k, v, sinks, sliding_window=W,
-                                                                       segment_ids=seg)
+    r = jax.jit(attention_reference, static_argnames="sliding_window")(
+        q, k, v, sinks, sliding_window=W, segment_ids=seg
+    )
     assert out.dtype == jnp.bfloat16
     assert rel(out, r.astype(jnp.float32)) <= FWD_TOL[jnp.bfloat16], rel(out, r)
 
@@ -115,11 +122,13 @@ def test_gradients_bf16():
     tolerance as for the forward."""
     q, k, v, sinks, cot = make_inputs(1, 300, 2, 8, dtype=jnp.bfloat16, seed=1)
     seg = segments(1, 300, [(50, 200)])
-    _, g = out_and_grads(lambda *a: at.attention(*a, sliding_window=128, segment_ids=seg, interpret=True),
-                         q, k, v, sinks, cot)
+    _, g = out_and_grads(
+        lambda *a: at.attention(*a, sliding_window=128, segment_ids=seg, interpret=True), q, k, v, sinks, cot
+    )
     f32 = lambda x: x.astype(jnp.float32)
-    _, gr = out_and_grads(lambda *a: attention_reference(*a, sliding_window=128, segment_ids=seg),
-                          f32(q), f32(k), f32(v), sinks, cot)
+    _, gr = out_and_grads(
+        lambda *a: attention_reference(*a, sliding_window=128, segment_ids=seg), f32(q), f32(k), f32(v), sinks, cot
+    )
     for name, a, b in zip(("dq", "dk", "dv", "dsinks"), g, gr):
         assert a.dtype == (jnp.float32 if name == "dsinks" else jnp.bfloat16), name
         assert rel(a, b) <= FWD_TOL[jnp.bfloat16], (name, rel(a, b))
@@ -128,10 +137,20 @@ def test_gradients_bf16():
 def test_dispatch_pallas_tpu():
     q, k, v, sinks, _ = make_inputs(1, 37, 2, 4)
     seg = segments(1, 37, [(20,)])
-    out = dispatch_attention(q, k, v, sinks, sliding_window=5, segment_ids=seg, implementation="pallas_tpu",
-                             interpret=True, block_sizes=BlockSizes(16, 16))
-    r = jax.jit(attention_reference, static_argnames="sliding_window")(q, k, v, sinks, sliding_window=5,
-                                                                       segment_ids=seg)
+    out = dispatch_attention(
+        q,
+        k,
+        v,
+        sinks,
+        sliding_window=5,
+        segment_ids=seg,
+        implementation="pallas_tpu",
+        interpret=True,
+        block_sizes=BlockSizes(16, 16),
+    )
+    r = jax.jit(attention_reference, static_argnames="sliding_window")(
+        q, k, v, sinks, sliding_window=5, segment_ids=seg
+    )
     assert rel(out, r) <= FWD_TOL[jnp.float32]
 
 
@@ -156,6 +175,7 @@ def test_tpu_faithful_interpreter():
 # no value and no scaling -- the same definition as ours; q must be pre-scaled)
 # ---------------------------------------------------------------------------------------------
 
+
 def splash_attention(q, k, v, sinks, *, window, segment_ids):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
@@ -166,28 +186,35 @@ def splash_attention(q, k, v, sinks, *, window, segment_ids):
     else:  # key j visible iff i - (W - 1) <= j <= i
         head_mask = sm.LocalMask((T, T), window_size=(window - 1, 0), offset=0)
     mask = sm.MultiHeadMask([head_mask] * N)
-    kernel = sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1, interpret=True,
-                                block_sizes=sk.BlockSizes(block_q=128, block_kv=128, block_kv_compute=128))
+    kernel = sk.make_splash_mha(
+        mask,
+        head_shards=1,
+        q_seq_shards=1,
+        interpret=True,
+        block_sizes=sk.BlockSizes(block_q=128, block_kv=128, block_kv_compute=128),
+    )
 
     def one(q, k, v, seg):  # q [N, T, H], k/v [K, T, H]
         ids = None if seg is None else sk.SegmentIds(q=seg, kv=seg)
         return kernel(q, k, v, ids, sinks)
 
-    qs = (q.astype(jnp.float32) * H ** -0.5).astype(q.dtype).transpose(0, 2, 1, 3)
+    qs = (q.astype(jnp.float32) * H**-0.5).astype(q.dtype).transpose(0, 2, 1, 3)
     out = jax.vmap(one)(qs, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), segment_ids)
     return out.transpose(0, 2, 1, 3)
 
 
-@pytest.mark.parametrize("W,bounds", [pytest.param(None, None, id="causal"),
-                                      pytest.param(128, [(70, 190)], id="sliding128-seg")])
+@pytest.mark.parametrize(
+    "W,bounds", [pytest.param(None, None, id="causal"), pytest.param(128, [(70, 190)], id="sliding128-seg")]
+)
 def test_forward_matches_splash(W, bounds):
     B, T, K, G = 1, 256, 2, 4
     q, k, v, sinks, _ = make_inputs(B, T, K, G, seed=2)
     seg = None if bounds is None else segments(B, T, bounds)
     ours = at.attention(q, k, v, sinks, sliding_window=W, segment_ids=seg, interpret=True)
     theirs = splash_attention(q, k, v, sinks, window=W, segment_ids=seg)
-    r = jax.jit(attention_reference, static_argnames="sliding_window")(q, k, v, sinks, sliding_window=W,
-                                                                       segment_ids=seg)
+    r = jax.jit(attention_reference, static_argnames="sliding_window")(
+        q, k, v, sinks, sliding_window=W, segment_ids=seg
+    )
     assert rel(theirs, r) <= FWD_TOL[jnp.float32], rel(theirs, r)  # same sink definition as ours
     assert rel(ours, theirs) <= FWD_TOL[jnp.float32], rel(ours, theirs)
 
@@ -195,6 +222,7 @@ def test_forward_matches_splash(W, bounds):
 # ---------------------------------------------------------------------------------------------
 # Block sparsity: the visit map, and that the kernels are launched with exactly that map
 # ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("T", [1, 37, 256, 300, 8192])
 @pytest.mark.parametrize("block", [16, 128])
@@ -210,7 +238,7 @@ def test_sliding_visit_bound(T, block, W):
         assert bm.num_visits[i] == bound
     # Visits are contiguous, end at the diagonal block and cover every visible (query, key) pair.
     for i in range(nq):
-        ks = bm.kv_index[i, :bm.num_visits[i]]
+        ks = bm.kv_index[i, : bm.num_visits[i]]
         assert ks[-1] == i and np.all(np.diff(ks) == 1)
         first_query = i * block
         assert ks[0] == max(0, first_query - W + 1) // block
@@ -223,12 +251,12 @@ def test_full_visits_causal_triangle(T, block):
     np.testing.assert_array_equal(bm.num_visits, np.arange(1, nq + 1))
     assert bm.total_visits == nq * (nq + 1) // 2
     for i in range(nq):
-        np.testing.assert_array_equal(bm.kv_index[i, :i + 1], np.arange(i + 1))
+        np.testing.assert_array_equal(bm.kv_index[i, : i + 1], np.arange(i + 1))
         assert np.all(bm.kind[i, :i] == FULL)  # strictly below the diagonal: no mask needed
         last_full = (i + 1) * block <= T
         assert bm.kind[i, i] == PARTIAL or not last_full
-        assert np.all(bm.kind[i, i + 1:] == SKIP)
-        assert np.all(bm.kv_index[i, i + 1:] == i)  # padding repeats the last block: no new DMA
+        assert np.all(bm.kind[i, i + 1 :] == SKIP)
+        assert np.all(bm.kv_index[i, i + 1 :] == i)  # padding repeats the last block: no new DMA
 
 
 def _pallas_calls(closed):
@@ -239,8 +267,10 @@ def _pallas_calls(closed):
         for e in jaxpr.eqns:
             if e.primitive.name == "pallas_call":
                 gm = e.params["grid_mapping"]
-                vals = [np.asarray(v.val) if hasattr(v, "val") else np.asarray(env[v])
-                        for v in e.invars[:gm.num_index_operands]]
+                vals = [
+                    np.asarray(v.val) if hasattr(v, "val") else np.asarray(env[v])
+                    for v in e.invars[: gm.num_index_operands]
+                ]
                 found.append((tuple(gm.grid), vals))
             for p in e.params.values():
                 if isinstance(p, jax.extend.core.ClosedJaxpr):
@@ -262,8 +292,12 @@ def test_kernels_launch_with_the_block_map(W):
     and (B, K, KV blocks, max visitors), and their scalar-prefetched visit lists are exactly
     `attention_block_map` (and its transpose)."""
     B, T, N, K, H = 1, 8192, 64, 8, 64
-    args = [jax.ShapeDtypeStruct((B, T, N, H), jnp.bfloat16), jax.ShapeDtypeStruct((B, T, K, H), jnp.bfloat16),
-            jax.ShapeDtypeStruct((B, T, K, H), jnp.bfloat16), jax.ShapeDtypeStruct((N,), jnp.float32)]
+    args = [
+        jax.ShapeDtypeStruct((B, T, N, H), jnp.bfloat16),
+        jax.ShapeDtypeStruct((B, T, K, H), jnp.bfloat16),
+        jax.ShapeDtypeStruct((B, T, K, H), jnp.bfloat16),
+        jax.ShapeDtypeStruct((N,), jnp.float32),
+    ]
     loss = lambda q, k, v, s: jnp.sum(at.attention(q, k, v, s, sliding_window=W).astype(jnp.float32))
     calls = _pallas_calls(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(*args))
     assert len(calls) == 3  # forward, dq, dk/dv
@@ -274,16 +308,20 @@ def test_kernels_launch_with_the_block_map(W):
     assert bm.kv_index.shape == (nq, width)
     fwd_like = [c for c in calls if np.array_equal(c[1][0], bm.kv_index.reshape(-1))]
     assert len(fwd_like) == 2  # forward and dq
-    for grid, (kv_index, kind) in fwd_like:
+    for grid, (_, kind) in fwd_like:
         assert grid == (B, K, nq, width)
         np.testing.assert_array_equal(kind, bm.kind.reshape(-1))
-    (grid, (q_index, q_kind)), = [c for c in calls if not any(c is f for f in fwd_like)]
+    ((grid, (q_index, q_kind)),) = [c for c in calls if not any(c is f for f in fwd_like)]
     # Transposed map: KV block j is visited by the query blocks i whose list contains j, with the same kind.
     pairs = {(i, int(bm.kv_index[i, n])): int(bm.kind[i, n]) for i in range(nq) for n in range(bm.num_visits[i])}
     q_index, q_kind = q_index.reshape(nk, -1), q_kind.reshape(nk, -1)
     assert grid == (B, K, nk, q_index.shape[1])
-    seen = {(int(q_index[j, n]), j): int(q_kind[j, n]) for j in range(nk) for n in range(q_index.shape[1])
-            if q_kind[j, n] != SKIP}
+    seen = {
+        (int(q_index[j, n]), j): int(q_kind[j, n])
+        for j in range(nk)
+        for n in range(q_index.shape[1])
+        if q_kind[j, n] != SKIP
+    }
     assert seen == pairs
     assert q_index.shape[1] == (2 if W == 128 else nk)
     assert int(np.sum(q_kind != SKIP)) == bm.total_visits
@@ -293,12 +331,17 @@ def test_kernels_launch_with_the_block_map(W):
 # Lowering for the real target at gpt-oss shapes (lower only; Mosaic verifies the kernels)
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("segmented", [False, True], ids=["noseg", "seg"])
 @pytest.mark.parametrize("W", [128, None], ids=["sliding128", "full"])
 def test_lowers_for_tpu_at_gpt_oss_shapes(W, segmented):
     B, T, N, K, H = 1, 8192, 64, 8, 64
-    args = [jax.ShapeDtypeStruct((B, T, N, H), jnp.bfloat16), jax.ShapeDtypeStruct((B, T, K, H), jnp.bfloat16),
-            jax.ShapeDtypeStruct((B, T, K, H), jnp.bfloat16), jax.ShapeDtypeStruct((N,), jnp.float32)]
+    args = [
+        jax.ShapeDtypeStruct((B, T, N, H), jnp.bfloat16),
+        jax.ShapeDtypeStruct((B, T, K, H), jnp.bfloat16),
+        jax.ShapeDtypeStruct((B, T, K, H), jnp.bfloat16),
+        jax.ShapeDtypeStruct((N,), jnp.float32),
+    ]
     if segmented:
         args.append(jax.ShapeDtypeStruct((B, T), jnp.int32))
 

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from gptoss_jax.kernels import mxfp4_matmul_gpu as mg
-from gptoss_jax.kernels.mxfp4_matmul import (MatmulBlockSizes, mxfp4_grouped_matmul,
-                                             mxfp4_grouped_matmul_reference)
+from gptoss_jax.kernels.mxfp4_matmul import MatmulBlockSizes, mxfp4_grouped_matmul, mxfp4_grouped_matmul_reference
 from gptoss_jax.mxfp4 import MXFP4, dequantize
 from tests.factory import grouped_mxfp4_case, rel_err
 
@@ -22,7 +21,8 @@ _case = functools.partial(grouped_mxfp4_case, E=5, N=80, K=96, M=70, sizes=(0, 2
 
 def _kernel(**kw):
     return lambda x, blocks, scales, sizes, bias=None, swiglu=None: mg.mxfp4_grouped_matmul(
-        x, blocks, scales, sizes, bias=bias, swiglu=swiglu, interpret=True, **kw)
+        x, blocks, scales, sizes, bias=bias, swiglu=swiglu, interpret=True, **kw
+    )
 
 
 SMALL = MatmulBlockSizes(16, 32, 64)  # M=70, Nout=80 (40 after swiglu), Kin=96: every edge partial
@@ -74,9 +74,17 @@ def test_matmul_with_identity_rows_reads_back_the_decoded_weight():
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("M,bm,sizes", [(70, 16, (0, 20, 33, 0, 7)), (70, 16, (0, 0, 70, 0, 0)),
-                                        (64, 16, (16, 16, 16, 16)), (100, 32, (1, 1, 1, 1, 1, 1, 1)),
-                                        (37, 64, (0, 5, 0, 0)), (130, 16, (3, 40, 0, 17, 33, 0, 0, 20))])
+@pytest.mark.parametrize(
+    "M,bm,sizes",
+    [
+        (70, 16, (0, 20, 33, 0, 7)),
+        (70, 16, (0, 0, 70, 0, 0)),
+        (64, 16, (16, 16, 16, 16)),
+        (100, 32, (1, 1, 1, 1, 1, 1, 1)),
+        (37, 64, (0, 5, 0, 0)),
+        (130, 16, (3, 40, 0, 17, 33, 0, 0, 20)),
+    ],
+)
 def test_group_tiles_cover_every_row_once(M, bm, sizes):
     """Every row is in exactly one visit, of its own expert (E for rows past the groups), inside
     that visit's m tile; the static visit count cdiv(M, bm) + E is enough."""
@@ -98,9 +106,11 @@ def test_group_tiles_cover_every_row_once(M, bm, sizes):
 # Forward and gradients against the reference (interpret mode)
 # ------------------------------------------------------------------------------------------------
 
-GROUPS = [(0, 20, 33, 0, 7),  # empty first and last experts, sum 60 < M=70
-          (0, 0, 70, 0, 0),  # one expert takes everything
-          (25, 0, 0, 0, 45)]
+GROUPS = [
+    (0, 20, 33, 0, 7),  # empty first and last experts, sum 60 < M=70
+    (0, 0, 70, 0, 0),  # one expert takes everything
+    (25, 0, 0, 0, 45),
+]
 
 
 @pytest.mark.parametrize("swiglu", [None, SWIGLU])
@@ -121,8 +131,7 @@ def test_forward_fp32(sizes, with_bias, swiglu):
 def test_forward_bf16(swiglu):
     x, blocks, scales, sizes, bias = _case(dtype=jnp.bfloat16, seed=1)
     got = _kernel(block_sizes=SMALL)(x, blocks, scales, sizes, bias=bias, swiglu=swiglu)
-    want = mxfp4_grouped_matmul_reference(x.astype(jnp.float32), blocks, scales, sizes, bias=bias,
-                                          swiglu=swiglu)
+    want = mxfp4_grouped_matmul_reference(x.astype(jnp.float32), blocks, scales, sizes, bias=bias, swiglu=swiglu)
     assert got.dtype == jnp.bfloat16 and rel_err(got, want) <= 1e-2
 
 
@@ -157,8 +166,7 @@ def test_gradients_fp32(sizes, swiglu):
 def test_gradient_without_bias_and_integer_cotangents():
     x, blocks, scales, sizes, _ = _case(seed=3)
     ct = jnp.asarray(np.random.default_rng(4).normal(size=(70, 40)), jnp.float32)
-    f = lambda x, b, s, g: mg.mxfp4_grouped_matmul(x, b, s, g, swiglu=SWIGLU, interpret=True,
-                                                   block_sizes=SMALL)
+    f = lambda x, b, s, g: mg.mxfp4_grouped_matmul(x, b, s, g, swiglu=SWIGLU, interpret=True, block_sizes=SMALL)
     _, vjp = jax.vjp(f, x, blocks, scales, sizes)
     dx, db, ds, dg = vjp(ct)
     _, vjp_r = jax.vjp(lambda x: mxfp4_grouped_matmul_reference(x, blocks, scales, sizes, swiglu=SWIGLU), x)
@@ -183,8 +191,17 @@ def test_gpt_oss_k_edge():
 
 def test_dispatch_reaches_kernel():
     x, blocks, scales, sizes, bias = _case()
-    got = mxfp4_grouped_matmul(x, blocks, scales, sizes, bias=bias, swiglu=SWIGLU,
-                               implementation="pallas_gpu", interpret=True, block_sizes=SMALL)
+    got = mxfp4_grouped_matmul(
+        x,
+        blocks,
+        scales,
+        sizes,
+        bias=bias,
+        swiglu=SWIGLU,
+        implementation="pallas_gpu",
+        interpret=True,
+        block_sizes=SMALL,
+    )
     want = mxfp4_grouped_matmul_reference(x, blocks, scales, sizes, bias=bias, swiglu=SWIGLU)
     assert rel_err(got, want) <= 1e-5
 
@@ -210,12 +227,16 @@ def _lower(fn, *args):
 def test_lowers_to_triton_for_cuda(N, swiglu, verified_triton_modules):
     E, K, M = 32, 2880, 16384
     sds = jax.ShapeDtypeStruct
-    args = (sds((M, K), jnp.bfloat16), sds((E, N, K // 32, 16), jnp.uint8), sds((E, N, K // 32), jnp.uint8),
-            sds((E,), jnp.int32), sds((E, N), jnp.bfloat16))
+    args = (
+        sds((M, K), jnp.bfloat16),
+        sds((E, N, K // 32, 16), jnp.uint8),
+        sds((E, N, K // 32), jnp.uint8),
+        sds((E,), jnp.int32),
+        sds((E, N), jnp.bfloat16),
+    )
 
     def f(x, blocks, scales, sizes, bias):
-        return mxfp4_grouped_matmul(x, blocks, scales, sizes, bias=bias, swiglu=swiglu,
-                                    implementation="pallas_gpu")
+        return mxfp4_grouped_matmul(x, blocks, scales, sizes, bias=bias, swiglu=swiglu, implementation="pallas_gpu")
 
     def loss(*a):
         return jnp.sum(f(*a).astype(jnp.float32))
@@ -234,10 +255,25 @@ def test_lowering_check_has_teeth():
     past the block-size check is rejected by the Triton lowering."""
     sds = jax.ShapeDtypeStruct
     E, N, K, M = 2, 64, 192, 32
-    cfg = mg._Config(M=M, Kin=K, Nout=N, E=E, block_m=16, block_n=32, block_k=96, swiglu=None,
-                     has_bias=False, dtype="bfloat16", interpret=False)
-    args = (sds((M, K), jnp.bfloat16), sds((E, N, K // 32, 16), jnp.uint8), sds((E, N, K // 32), jnp.uint8),
-            sds((E,), jnp.int32))
+    cfg = mg._Config(
+        M=M,
+        Kin=K,
+        Nout=N,
+        E=E,
+        block_m=16,
+        block_n=32,
+        block_k=96,
+        swiglu=None,
+        has_bias=False,
+        dtype="bfloat16",
+        interpret=False,
+    )
+    args = (
+        sds((M, K), jnp.bfloat16),
+        sds((E, N, K // 32, 16), jnp.uint8),
+        sds((E, N, K // 32), jnp.uint8),
+        sds((E,), jnp.int32),
+    )
 
     def f(x, blocks, scales, sizes):
         return mg._forward(x, blocks, scales, mg.group_tiles(sizes, M, 16), None, cfg)
@@ -253,8 +289,9 @@ def test_model_with_kernel_moe_matches_xla(original_dir, monkeypatch):
     """The tiny model (packed MXFP4 experts, ragged MoE path) with this kernel (interpret mode) in
     place of the XLA grouped matmul: loss and the gradient w.r.t. the expert biases and the
     attention weights feeding the experts."""
-    import gptoss_jax as gj
     from flax import nnx
+
+    import gptoss_jax as gj
 
     modes = []
     forward = mg._forward

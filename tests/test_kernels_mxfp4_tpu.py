@@ -43,8 +43,10 @@ def make(E, N, K, M, sizes, dtype=jnp.float32, seed=0, scale_range=(118, 126)):
 # Decode
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("N,K,bn,bk", [(80, 160, 32, 64), (64, 2880, 64, 512), (48, 96, 48, 96)],
-                         ids=["partialNK", "kin2880", "full"])
+
+@pytest.mark.parametrize(
+    "N,K,bn,bk", [(80, 160, 32, 64), (64, 2880, 64, 512), (48, 96, 48, 96)], ids=["partialNK", "kin2880", "full"]
+)
 def test_in_kernel_decode_is_bitwise_the_reference(N, K, bn, bk):
     # Every scale whose results are normal floats (2..252), every byte value.
     _, blocks, scales, _, _ = make(2, N, K, 1, [1, 0], scale_range=(2, 253), seed=1)
@@ -59,8 +61,10 @@ def test_in_kernel_decode_is_bitwise_the_reference(N, K, bn, bk):
 # Group metadata
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("sizes,M,bm", [((0, 17, 0, 25, 9, 0), 60, 16), ((0, 0, 0), 20, 8),
-                                        ((8, 8, 16), 32, 8), ((3, 0, 40, 1), 44, 16)])
+
+@pytest.mark.parametrize(
+    "sizes,M,bm", [((0, 17, 0, 25, 9, 0), 60, 16), ((0, 0, 0), 20, 8), ((8, 8, 16), 32, 8), ((3, 0, 40, 1), 44, 16)]
+)
 def test_group_metadata_visits_every_overlapping_tile_group_pair_once(sizes, M, bm):
     (tile, expert, lo, hi, first, decode), nv = mt.group_metadata(jnp.asarray(sizes, jnp.int32), M, bm)
     tile, expert, lo, hi, first, decode = map(np.asarray, (tile, expert, lo, hi, first, decode))
@@ -68,8 +72,7 @@ def test_group_metadata_visits_every_overlapping_tile_group_pair_once(sizes, M, 
     tiles_m = -(-M // bm)
     assert len(tile) == tiles_m + len(sizes) and nv <= len(tile)
     starts = np.cumsum(sizes) - np.asarray(sizes)
-    want = [(t, e) for e, (s, g) in enumerate(zip(starts, sizes)) if g
-            for t in range(s // bm, (s + g - 1) // bm + 1)]
+    want = [(t, e) for e, (s, g) in enumerate(zip(starts, sizes)) if g for t in range(s // bm, (s + g - 1) // bm + 1)]
     got = [(int(tile[v]), int(expert[v])) for v in range(nv) if hi[v] > lo[v]]
     assert got == want
     for v in range(nv):
@@ -99,8 +102,7 @@ SMALL = BS(16, 32, 64)
 def test_forward_fp32(swiglu, use_bias):
     x, blocks, scales, sizes, bias = make(**CASE)
     bias = bias if use_bias else None
-    got = mt.mxfp4_grouped_matmul(x, blocks, scales, sizes, bias=bias, swiglu=swiglu, interpret=True,
-                                  block_sizes=SMALL)
+    got = mt.mxfp4_grouped_matmul(x, blocks, scales, sizes, bias=bias, swiglu=swiglu, interpret=True, block_sizes=SMALL)
     want = reference(x, blocks, scales, sizes, bias=bias, swiglu=swiglu)
     assert got.shape == want.shape and got.dtype == jnp.float32
     assert rel(got, want) <= 1e-5
@@ -109,16 +111,26 @@ def test_forward_fp32(swiglu, use_bias):
 
 def test_forward_bf16_through_the_dispatcher():
     x, blocks, scales, sizes, bias = make(**CASE, dtype=jnp.bfloat16)
-    got = dispatch(x, blocks, scales, sizes, bias=bias, swiglu=SWIGLU, implementation="pallas_tpu",
-                   interpret=True, block_sizes=SMALL)
+    got = dispatch(
+        x,
+        blocks,
+        scales,
+        sizes,
+        bias=bias,
+        swiglu=SWIGLU,
+        implementation="pallas_tpu",
+        interpret=True,
+        block_sizes=SMALL,
+    )
     want = reference(x.astype(jnp.float32), blocks, scales, sizes, bias=bias, swiglu=SWIGLU)
     assert got.dtype == jnp.bfloat16 and rel(got, want) <= 1e-2
 
 
 def test_all_experts_empty_gives_zeros():
     x, blocks, scales, _, bias = make(3, 32, 64, 20, (0, 0, 0))
-    got = mt.mxfp4_grouped_matmul(x, blocks, scales, jnp.zeros(3, jnp.int32), bias=bias, interpret=True,
-                                  block_sizes=BS(8, 32, 32))
+    got = mt.mxfp4_grouped_matmul(
+        x, blocks, scales, jnp.zeros(3, jnp.int32), bias=bias, interpret=True, block_sizes=BS(8, 32, 32)
+    )
     assert got.shape == (20, 32) and np.all(np.asarray(got) == 0)
 
 
@@ -126,8 +138,9 @@ def test_kin_2880_the_90_group_k_edge():
     """Kin = 2880 with the default block_k = 512: 6 K tiles, the last one 320 channels short."""
     x, blocks, scales, sizes, bias = make(E=3, N=64, K=2880, M=40, sizes=(15, 0, 22), seed=3)
     for swiglu in (None, SWIGLU):
-        got = mt.mxfp4_grouped_matmul(x, blocks, scales, sizes, bias=bias, swiglu=swiglu, interpret=True,
-                                      block_sizes=BS(16, 32, 512))
+        got = mt.mxfp4_grouped_matmul(
+            x, blocks, scales, sizes, bias=bias, swiglu=swiglu, interpret=True, block_sizes=BS(16, 32, 512)
+        )
         want = reference(x, blocks, scales, sizes, bias=bias, swiglu=swiglu)
         assert rel(got, want) <= 1e-5, swiglu
 
@@ -137,8 +150,9 @@ def test_tpu_faithful_interpreter():
     reads as NaN and races are detected, so reading scratch before writing it would show."""
     x, blocks, scales, sizes, bias = make(3, 32, 64, 24, (0, 13, 7))
     ip = pltpu.InterpretParams(uninitialized_memory="nan", detect_races=True)
-    got = mt.mxfp4_grouped_matmul(x, blocks, scales, sizes, bias=bias, swiglu=SWIGLU, interpret=ip,
-                                  block_sizes=BS(8, 16, 32))
+    got = mt.mxfp4_grouped_matmul(
+        x, blocks, scales, sizes, bias=bias, swiglu=SWIGLU, interpret=ip, block_sizes=BS(8, 16, 32)
+    )
     want = reference(x, blocks, scales, sizes, bias=bias, swiglu=SWIGLU)
     assert rel(got, want) <= 1e-5
 
@@ -146,6 +160,7 @@ def test_tpu_faithful_interpreter():
 # ---------------------------------------------------------------------------------------------
 # Gradients
 # ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("swiglu", [None, SWIGLU], ids=["plain", "swiglu"])
 def test_input_and_bias_gradients(swiglu):
@@ -176,11 +191,11 @@ def test_low_rank_update_before_the_swiglu():
     x, blocks, scales, sizes, bias, a, b = _low_rank_case()
 
     def loss(fn):
-        return lambda x, bias, a, b: jnp.sum(jnp.sin(fn(x, blocks, scales, sizes, bias=bias, swiglu=SWIGLU,
-                                                        low_rank=(a, b))))
+        return lambda x, bias, a, b: jnp.sum(
+            jnp.sin(fn(x, blocks, scales, sizes, bias=bias, swiglu=SWIGLU, low_rank=(a, b)))
+        )
 
-    kernel = lambda *args, **kw: dispatch(*args, **kw, implementation="pallas_tpu", interpret=True,
-                                          block_sizes=SMALL)
+    kernel = lambda *args, **kw: dispatch(*args, **kw, implementation="pallas_tpu", interpret=True, block_sizes=SMALL)
     got = kernel(x, blocks, scales, sizes, bias=bias, swiglu=SWIGLU, low_rank=(a, b))
     want = reference(x, blocks, scales, sizes, bias=bias, swiglu=SWIGLU, low_rank=(a, b))
     assert got.shape == (CASE["M"], CASE["N"] // 2) and rel(got, want) <= 1e-5
@@ -199,10 +214,21 @@ def test_low_rank_control_untiled_factor(monkeypatch):
     # Control: b left in the checkpoint's interleaved column order (not permuted to the kernel's
     # tile order) adds each gate's update to the wrong column, which the comparison catches.
     x, blocks, scales, sizes, bias, a, b = _low_rank_case(R=5)  # a new shape: traced afresh
-    monkeypatch.setattr(mt, "to_tiles", lambda cols, bn: jnp.pad(cols, ((0, 0), (0, -(-cols.shape[1] // bn) * bn
-                                                                                  - cols.shape[1]))))
-    got = dispatch(x, blocks, scales, sizes, bias=bias, swiglu=SWIGLU, low_rank=(a, b), implementation="pallas_tpu",
-                   interpret=True, block_sizes=SMALL)
+    monkeypatch.setattr(
+        mt, "to_tiles", lambda cols, bn: jnp.pad(cols, ((0, 0), (0, -(-cols.shape[1] // bn) * bn - cols.shape[1])))
+    )
+    got = dispatch(
+        x,
+        blocks,
+        scales,
+        sizes,
+        bias=bias,
+        swiglu=SWIGLU,
+        low_rank=(a, b),
+        implementation="pallas_tpu",
+        interpret=True,
+        block_sizes=SMALL,
+    )
     want = reference(x, blocks, scales, sizes, bias=bias, swiglu=SWIGLU, low_rank=(a, b))
     assert rel(got, want) > 1e-2
 
@@ -217,12 +243,17 @@ def test_low_rank_shapes_are_checked():
 # Lowering for the real target at gpt-oss-20b shapes (lower only)
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("N,swiglu", [(5760, SWIGLU), (2880, None)], ids=["mlp1_swiglu", "mlp2"])
 def test_lowers_for_tpu_at_20b_shapes(N, swiglu):
     E, K, M = 32, 2880, 16384
-    args = [jax.ShapeDtypeStruct((M, K), jnp.bfloat16), jax.ShapeDtypeStruct((E, N, K // 32, 16), jnp.uint8),
-            jax.ShapeDtypeStruct((E, N, K // 32), jnp.uint8), jax.ShapeDtypeStruct((E,), jnp.int32),
-            jax.ShapeDtypeStruct((E, N), jnp.float32)]
+    args = [
+        jax.ShapeDtypeStruct((M, K), jnp.bfloat16),
+        jax.ShapeDtypeStruct((E, N, K // 32, 16), jnp.uint8),
+        jax.ShapeDtypeStruct((E, N, K // 32), jnp.uint8),
+        jax.ShapeDtypeStruct((E,), jnp.int32),
+        jax.ShapeDtypeStruct((E, N), jnp.float32),
+    ]
 
     def f(x, blocks, scales, sizes, bias):
         return mt.mxfp4_grouped_matmul(x, blocks, scales, sizes, bias=bias, swiglu=swiglu)

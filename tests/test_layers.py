@@ -17,10 +17,15 @@ SPEC_INV_FREQ_BITS = """3f800000 3f306535 3ef316a2 3ea77faa 3e66d3fa 3e1f0cfd 3d
 
 
 def _ref_inv_freq(cfg):
-    rope = ref.RotaryEmbedding(cfg.head_dim, cfg.rope_theta, torch.float32,
-                               initial_context_length=cfg.rope_original_context,
-                               scaling_factor=cfg.rope_factor, ntk_alpha=cfg.rope_beta_slow,
-                               ntk_beta=cfg.rope_beta_fast)
+    rope = ref.RotaryEmbedding(
+        cfg.head_dim,
+        cfg.rope_theta,
+        torch.float32,
+        initial_context_length=cfg.rope_original_context,
+        scaling_factor=cfg.rope_factor,
+        ntk_alpha=cfg.rope_beta_slow,
+        ntk_beta=cfg.rope_beta_fast,
+    )
     conc, inv = rope._compute_concentration_and_inv_freq()
     return conc, inv.numpy()
 
@@ -83,8 +88,9 @@ def test_rms_norm_matches_reference_and_multiplies_gain_in_fp32():
         norm.scale.copy_(torch.from_numpy(g))
         want = norm(torch.from_numpy(x)).numpy()
         want_bf16 = norm(torch.from_numpy(x).bfloat16()).float().numpy()
-    np.testing.assert_allclose(np.asarray(layers.rms_norm(jnp.asarray(x), jnp.asarray(g), 1e-5)), want,
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(layers.rms_norm(jnp.asarray(x), jnp.asarray(g), 1e-5)), want, rtol=1e-6, atol=1e-6
+    )
     got_bf16 = layers.rms_norm(jnp.asarray(x, jnp.bfloat16), jnp.asarray(g), 1e-5)
     assert got_bf16.dtype == jnp.bfloat16
     # identical roundings: fp32 math and gain, one cast at the end
@@ -126,10 +132,13 @@ def test_embed_lookup_is_exact_for_bf16_and_fp32():
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(table, np.float32)[np.asarray(tokens)])
 
 
-@pytest.mark.parametrize("spec,x_shape,w_shape,a_shape,b_shape", [
-    ("BTD,DNH->BTNH", (2, 3, 8), (8, 4, 5), (8, 2), (2, 4, 5)),  # q/k/v: one contracted axis
-    ("BTNH,NHD->BTD", (2, 3, 4, 5), (4, 5, 8), (4, 5, 2), (2, 8)),  # o: two contracted axes
-])
+@pytest.mark.parametrize(
+    "spec,x_shape,w_shape,a_shape,b_shape",
+    [
+        ("BTD,DNH->BTNH", (2, 3, 8), (8, 4, 5), (8, 2), (2, 4, 5)),  # q/k/v: one contracted axis
+        ("BTNH,NHD->BTD", (2, 3, 4, 5), (4, 5, 8), (4, 5, 2), (2, 8)),  # o: two contracted axes
+    ],
+)
 def test_linear_with_a_low_rank_adapter_equals_numpy(spec, x_shape, w_shape, a_shape, b_shape):
     rng = np.random.default_rng(2)
     x, w, a, b = (rng.normal(size=s).astype(np.float32) for s in (x_shape, w_shape, a_shape, b_shape))
@@ -138,9 +147,11 @@ def test_linear_with_a_low_rank_adapter_equals_numpy(spec, x_shape, w_shape, a_s
     xm = flat(x.astype(np.float64), x.ndim - nd)
     base = xm @ flat(w.astype(np.float64), nd)
     delta = 0.5 * (xm @ flat(a.astype(np.float64), nd)) @ b.reshape(b.shape[0], -1)
-    out_shape = x_shape[:x.ndim - nd] + w_shape[nd:]
+    out_shape = x_shape[: x.ndim - nd] + w_shape[nd:]
     plain = layers.linear(jnp.asarray(x), jnp.asarray(w), spec)
-    got = layers.linear(jnp.asarray(x), jnp.asarray(w), spec, adapter=layers.LowRank(jnp.asarray(a), jnp.asarray(b), 0.5))
+    got = layers.linear(
+        jnp.asarray(x), jnp.asarray(w), spec, adapter=layers.LowRank(jnp.asarray(a), jnp.asarray(b), 0.5)
+    )
     np.testing.assert_allclose(np.asarray(plain), base.reshape(out_shape), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(got), (base + delta).reshape(out_shape), rtol=1e-5, atol=1e-5)
     assert np.abs(np.asarray(got) - np.asarray(plain)).max() > 1e-2  # control: the adapter changes the output

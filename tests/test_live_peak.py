@@ -6,7 +6,8 @@ import os
 import pytest
 
 _spec = importlib.util.spec_from_file_location(
-    "live_peak", os.path.join(os.path.dirname(__file__), "..", "scripts", "live_peak.py"))
+    "live_peak", os.path.join(os.path.dirname(__file__), "..", "scripts", "live_peak.py")
+)
 live_peak = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(live_peak)
 

@@ -56,8 +56,9 @@ def test_config_errors():
 
 @pytest.mark.parametrize("experts", ["mxfp4", "dense"])
 def test_every_moe_dispatch_computes_the_same_adapted_model(original_dir, experts):
-    m = _randomize_adapters(lora.add_lora(gj.load(original_dir, dtype="float32", experts=experts),
-                                          lora.LoRAConfig(rank=4, alpha=8.0)))
+    m = _randomize_adapters(
+        lora.add_lora(gj.load(original_dir, dtype="float32", experts=experts), lora.LoRAConfig(rank=4, alpha=8.0))
+    )
     outs = {}
     for impl in ("dense", "ragged", "chunks", "buckets", "gather"):
         m.kernel = gj.KernelOptions(moe_impl=impl)
@@ -105,14 +106,14 @@ def test_adapters_round_trip_through_files(lora_model, original_dir, tmp_path):
 
 def _batch(n=4, T=24, seed=0):
     r = np.random.default_rng(seed)
-    return {"tokens": jnp.asarray(r.integers(0, 512, (n, T)), jnp.int32),
-            "loss_mask": jnp.ones((n, T), jnp.int32)}
+    return {"tokens": jnp.asarray(r.integers(0, 512, (n, T)), jnp.int32), "loss_mask": jnp.ones((n, T), jnp.int32)}
 
 
 def test_training_moves_only_the_adapters(original_dir):
     model = lora.add_lora(gj.load(original_dir, dtype="float32"), lora.LoRAConfig(rank=4, alpha=8.0))
-    frozen_before = {p: np.asarray(v.get_value()) for p, v in
-                     nnx.to_flat_state(nnx.state(model, nnx.Not(lora.LoRAParam)))}
+    frozen_before = {
+        p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Not(lora.LoRAParam)))
+    }
     opt = make_optimizer(OptimConfig(learning_rate=1e-2, warmup_steps=1, total_steps=50, weight_decay=0.0))
     trainer = make_trainer(model, opt, trainable=trainable_filter(lora=True))
     state = trainer.init(model)
@@ -146,8 +147,9 @@ def test_expert_parallel_lora_equals_one_device(original_dir):
     want = np.asarray(ref(TOKENS).logits)
     for axes in ({"fsdp": 2, "tensor": 2, "expert": 2},):  # experts split, and their width (partial sums)
         mesh = gj.make_mesh(**axes)
-        m = _randomize_adapters(lora.add_lora(gj.load(original_dir, dtype="float32", mesh=mesh),
-                                              lora.LoRAConfig(rank=4, alpha=8.0)))
+        m = _randomize_adapters(
+            lora.add_lora(gj.load(original_dir, dtype="float32", mesh=mesh), lora.LoRAConfig(rank=4, alpha=8.0))
+        )
         got = nnx.jit(lambda m, t: m(t).logits)(m, jnp.asarray(TOKENS))
         assert rel_err(got, want) <= 1e-5, axes
 
@@ -157,5 +159,6 @@ def test_expert_parallel_lora_equals_one_device(original_dir):
         grads = nnx.jit(nnx.grad(loss, argnums=nnx.DiffState(0, lora.LoRAParam)))(m)
         want_grads = nnx.grad(loss, argnums=nnx.DiffState(0, lora.LoRAParam))(ref)
         for (p, g), (_, w) in zip(nnx.to_flat_state(grads), nnx.to_flat_state(want_grads)):
-            np.testing.assert_allclose(np.asarray(g.get_value()), np.asarray(w.get_value()),
-                                       rtol=1e-4, atol=1e-6, err_msg=f"{axes} {p}")
+            np.testing.assert_allclose(
+                np.asarray(g.get_value()), np.asarray(w.get_value()), rtol=1e-4, atol=1e-6, err_msg=f"{axes} {p}"
+            )

@@ -7,8 +7,7 @@ from flax import nnx
 import gptoss_jax as gj
 
 
-@pytest.mark.parametrize("preset, count", [(gj.gpt_oss_20b, 20_914_757_184),
-                                           (gj.gpt_oss_120b, 116_829_156_672)])
+@pytest.mark.parametrize("preset, count", [(gj.gpt_oss_20b, 20_914_757_184), (gj.gpt_oss_120b, 116_829_156_672)])
 @pytest.mark.parametrize("experts", ["mxfp4", "dense"])
 def test_full_size_parameter_counts(preset, count, experts):
     model = gj.abstract(preset(), experts=experts)
@@ -29,8 +28,9 @@ def test_20b_packed_bytes():
 def test_full_size_forward_shapes():
     model = gj.abstract(gj.gpt_oss_20b())
     graphdef, state = nnx.split(model)
-    out = jax.eval_shape(lambda s, t: nnx.merge(graphdef, s)(t).logits, state,
-                         jax.ShapeDtypeStruct((1, 300), jnp.int32))
+    out = jax.eval_shape(
+        lambda s, t: nnx.merge(graphdef, s)(t).logits, state, jax.ShapeDtypeStruct((1, 300), jnp.int32)
+    )
     assert out.shape == (1, 300, 201088) and out.dtype == jnp.float32
 
 
@@ -38,9 +38,11 @@ def test_packed_sequences_equal_separate_runs(tiny_cfg):
     model = gj.init(tiny_cfg, seed=1, dtype=jnp.float32)
     rng = np.random.default_rng(0)
     a, b = rng.integers(0, tiny_cfg.vocab_size, 19), rng.integers(0, tiny_cfg.vocab_size, 13)
-    packed = model(jnp.asarray(np.concatenate([a, b]))[None],
-                   positions=jnp.asarray(np.concatenate([np.arange(19), np.arange(13)]))[None],
-                   segment_ids=jnp.asarray([1] * 19 + [2] * 13)[None]).logits[0]
+    packed = model(
+        jnp.asarray(np.concatenate([a, b]))[None],
+        positions=jnp.asarray(np.concatenate([np.arange(19), np.arange(13)]))[None],
+        segment_ids=jnp.asarray([1] * 19 + [2] * 13)[None],
+    ).logits[0]
     la = model(jnp.asarray(a)[None]).logits[0]
     lb = model(jnp.asarray(b)[None]).logits[0]
     np.testing.assert_allclose(np.asarray(packed), np.concatenate([la, lb]), rtol=1e-5, atol=1e-5)

@@ -56,8 +56,11 @@ def test_moe_matches_openai_mlp_block(impl, packed):
     ew, dense, router, rb = _weights(0, packed)
     x = np.random.default_rng(1).normal(size=(50, D)).astype(np.float32)
     want = _reference(x, dense, ew.b1, ew.b2, router, rb)
-    got, routing = jax.jit(lambda x: moe.moe(x, jnp.asarray(router), jnp.asarray(rb), ew, k=K,
-                                             alpha=1.702, limit=7.0, impl=impl, **options))(jnp.asarray(x))
+    got, routing = jax.jit(
+        lambda x: moe.moe(
+            x, jnp.asarray(router), jnp.asarray(rb), ew, k=K, alpha=1.702, limit=7.0, impl=impl, **options
+        )
+    )(jnp.asarray(x))
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     assert len(np.unique(np.asarray(routing.ids))) == E  # every expert used: grouping is exercised
 
@@ -66,8 +69,7 @@ def test_routing_is_topk_then_softmax():
     logits = jnp.array([[1.0, 3.0, 2.0, -1.0]])
     r = moe.route(jnp.ones((1, 1)), logits, jnp.zeros(4), 2)  # x @ w = the logits above
     assert r.ids.tolist() == [[1, 2]]
-    np.testing.assert_allclose(np.asarray(r.weights), [[np.exp(1) / (np.exp(1) + 1), 1 / (np.exp(1) + 1)]],
-                               rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(r.weights), [[np.exp(1) / (np.exp(1) + 1), 1 / (np.exp(1) + 1)]], rtol=1e-6)
 
 
 @pytest.mark.parametrize("impl", ["buckets", "chunks"])
@@ -90,8 +92,7 @@ def test_dropless_under_skewed_routing(impl):
 def test_unknown_impl():
     ew, _, router, rb = _weights(0, False)
     with pytest.raises(ValueError, match="unknown MoE implementation 'fast'"):
-        moe.moe(jnp.zeros((2, D)), jnp.asarray(router), jnp.asarray(rb), ew, k=K, alpha=1.7,
-                limit=7.0, impl="fast")
+        moe.moe(jnp.zeros((2, D)), jnp.asarray(router), jnp.asarray(rb), ew, k=K, alpha=1.7, limit=7.0, impl="fast")
 
 
 def test_load_balancing_loss_matches_transformers():
@@ -118,8 +119,13 @@ def test_one_expert_at_a_time_gradient_equals_dense():
     dense reference's input gradient."""
     ew, _, router, rb = _weights(4, True)
     x = jnp.asarray(np.random.default_rng(5).normal(size=(30, D)).astype(np.float32))
-    loss = lambda impl, **o: (lambda x: jnp.sum(jnp.sin(moe.moe(x, jnp.asarray(router), jnp.asarray(rb), ew, k=K,
-                                                                   alpha=1.702, limit=7.0, impl=impl, **o)[0])))
+    loss = lambda impl, **o: (
+        lambda x: jnp.sum(
+            jnp.sin(
+                moe.moe(x, jnp.asarray(router), jnp.asarray(rb), ew, k=K, alpha=1.702, limit=7.0, impl=impl, **o)[0]
+            )
+        )
+    )
     want = jax.grad(loss("dense"))(x)
     got = jax.grad(loss("buckets", one_at_a_time=True))(x)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))
@@ -134,10 +140,16 @@ def test_chunks_gradients_equal_dense(packed, skewed):
     chunks; packed blocks get no gradient."""
     ew, _, router, rb = _weights(6, packed)
     rng = np.random.default_rng(7)
-    ew = ew._replace(lora1=moe.Adapter(jnp.asarray(rng.normal(size=(E, D, 2)) * 0.1, jnp.float32),
-                                       jnp.asarray(rng.normal(size=(E, 2, 2 * F)) * 0.1, jnp.float32)),
-                     lora2=moe.Adapter(jnp.asarray(rng.normal(size=(E, F, 2)) * 0.1, jnp.float32),
-                                       jnp.asarray(rng.normal(size=(E, 2, D)) * 0.1, jnp.float32)))
+    ew = ew._replace(
+        lora1=moe.Adapter(
+            jnp.asarray(rng.normal(size=(E, D, 2)) * 0.1, jnp.float32),
+            jnp.asarray(rng.normal(size=(E, 2, 2 * F)) * 0.1, jnp.float32),
+        ),
+        lora2=moe.Adapter(
+            jnp.asarray(rng.normal(size=(E, F, 2)) * 0.1, jnp.float32),
+            jnp.asarray(rng.normal(size=(E, 2, D)) * 0.1, jnp.float32),
+        ),
+    )
     if skewed:
         rb = np.where(np.arange(E) < K, 100.0, -100.0).astype(np.float32)
     x = jnp.asarray(rng.normal(size=(30, D)).astype(np.float32))
@@ -150,6 +162,7 @@ def test_chunks_gradients_equal_dense(packed, skewed):
             else:
                 y = moe.moe_chunks(x, ew, routing, alpha=1.702, limit=7.0, chunk=8)
             return jnp.sum(jnp.sin(y))
+
         return jax.jit(jax.grad(f, argnums=(0, 1), allow_int=True))
 
     want, got = loss("dense")(x, ew), loss("chunks")(x, ew)

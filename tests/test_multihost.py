@@ -1,7 +1,7 @@
 """Two real processes (4 fake CPU devices each, joined by jax.distributed over loopback with the
-gloo collectives) run the model on one fsdp=2 x expert=4 mesh (fsdp across the processes): each loads only its own slices of
-the checkpoint and its own rows of the batch; the gathered logits equal one device's, and so
-does greedy generation."""
+gloo collectives) run the model on one fsdp=2 x expert=4 mesh (fsdp across the processes): each
+loads only its own slices of the checkpoint and its own rows of the batch; the gathered logits
+equal one device's, and so does greedy generation."""
 
 import json
 import os
@@ -31,14 +31,30 @@ def test_two_processes_equal_one_device(original_dir, tiny_cfg, tmp_path):
     port = _free_port()
     procs = []
     for pid in range(2):
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-                   JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid),
-                   PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
-        procs.append(subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "multihost_worker.py"), original_dir,
-             str(tmp_path / "tokens.npy"), str(tmp_path)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        env = dict(
+            os.environ,
+            XLA_FLAGS="--xla_force_host_platform_device_count=4",
+            JAX_PLATFORMS="cpu",
+            JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+            JAX_NUM_PROCESSES="2",
+            JAX_PROCESS_ID=str(pid),
+            PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]),
+        )
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    os.path.join(HERE, "multihost_worker.py"),
+                    original_dir,
+                    str(tmp_path / "tokens.npy"),
+                    str(tmp_path),
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = []
     for p in procs:
         try:
@@ -61,8 +77,10 @@ def test_two_processes_equal_one_device(original_dir, tiny_cfg, tmp_path):
         assert info["local_model_bytes"] < 0.6 * info["global_model_bytes"]
         got = np.load(tmp_path / f"logits{i}.npy")
         err = float(np.abs(got - want).max() / np.abs(want).max())
-        print(f"process {i}: rows {info['rows']}, max|diff|/max|logit| = {err:.2e}, holds "
-              f"{info['local_model_bytes']:,} of {info['global_model_bytes']:,} model bytes")
+        print(
+            f"process {i}: rows {info['rows']}, max|diff|/max|logit| = {err:.2e}, holds "
+            f"{info['local_model_bytes']:,} of {info['global_model_bytes']:,} model bytes"
+        )
         assert err <= 1e-5
     prompts = [[int(t) for t in row[: 6 + 3 * i]] for i, row in enumerate(tokens)]
     want_gen = gj.generate(model, None, prompts, max_new_tokens=5, temperature=0, stop_tokens=())
@@ -73,8 +91,14 @@ def test_two_processes_equal_one_device(original_dir, tiny_cfg, tmp_path):
 
 
 def test_single_process_is_not_initialized(monkeypatch):
-    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
-                "PMI_SIZE", "TPU_WORKER_HOSTNAMES"):
+    for var in (
+        "JAX_COORDINATOR_ADDRESS",
+        "JAX_NUM_PROCESSES",
+        "SLURM_NTASKS",
+        "OMPI_COMM_WORLD_SIZE",
+        "PMI_SIZE",
+        "TPU_WORKER_HOSTNAMES",
+    ):
         monkeypatch.delenv(var, raising=False)
     assert not distributed.launched_on_several_processes()
     assert distributed.initialize() is False

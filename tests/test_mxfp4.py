@@ -8,8 +8,24 @@ from gptoss_jax.mxfp4 import MXFP4, dequantize_np, quantize
 
 
 def test_e2m1_table_literal():
-    assert mxfp4.E2M1_VALUES.tolist() == [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
-                                          -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
+    assert mxfp4.E2M1_VALUES.tolist() == [
+        0.0,
+        0.5,
+        1.0,
+        1.5,
+        2.0,
+        3.0,
+        4.0,
+        6.0,
+        -0.0,
+        -0.5,
+        -1.0,
+        -1.5,
+        -2.0,
+        -3.0,
+        -4.0,
+        -6.0,
+    ]
     assert np.signbit(mxfp4.E2M1_VALUES[8])  # code 8 is -0
 
 
@@ -78,12 +94,15 @@ def test_decode_all_256_scales_against_openai_reference(dtype):
     """
     tdt, jdt = {"float32": (torch.float32, jnp.float32), "bfloat16": (torch.bfloat16, jnp.bfloat16)}[dtype]
     ref = openai_decode(ALL_BLOCKS, ALL_SCALES, tdt).reshape(256, -1)
-    ours = np.asarray(MXFP4(jnp.asarray(ALL_BLOCKS), jnp.asarray(ALL_SCALES)).dequantize(jdt),
-                      np.float32).reshape(256, -1)
+    ours = np.asarray(MXFP4(jnp.asarray(ALL_BLOCKS), jnp.asarray(ALL_SCALES)).dequantize(jdt), np.float32).reshape(
+        256, -1
+    )
     assert ours.shape == ref.shape == (256, 512)
     with np.errstate(over="ignore"):  # scale 255 overflows to inf, as in the reference
-        exact_np = same_values(dequantize_np(ALL_BLOCKS, ALL_SCALES).reshape(256, -1),
-                               openai_decode(ALL_BLOCKS, ALL_SCALES).reshape(256, -1))
+        exact_np = same_values(
+            dequantize_np(ALL_BLOCKS, ALL_SCALES).reshape(256, -1),
+            openai_decode(ALL_BLOCKS, ALL_SCALES).reshape(256, -1),
+        )
     assert exact_np.all()
 
     exact = same_values(ours, ref)
@@ -99,13 +118,13 @@ def test_decode_all_256_scales_against_openai_reference(dtype):
     row = ALL_BLOCKS[255, 0]  # the first block holds bytes 0..15: low nibble = code 0..15
     ref255 = ref[255].reshape(16, 32)[0, 0::2]
     low = ours[255].reshape(16, 32)[0, 0::2]
-    want = np.array([0.0, 2.0 ** 127] + [np.inf] * 6 + [-0.0, -(2.0 ** 127)] + [-np.inf] * 6, np.float32)
+    want = np.array([0.0, 2.0**127] + [np.inf] * 6 + [-0.0, -(2.0**127)] + [-np.inf] * 6, np.float32)
     assert row.tolist() == list(range(16))
     assert same_values(low, want).all() and same_values(ref255, want).all()
     # scale 0 (2**-127): element 2b is byte b's low nibble, so elements 2, 4, 8 are codes 1, 2, 4:
     # 0.5 -> 2**-128 and 1 -> 2**-127 are subnormal, 2 -> 2**-126 is the smallest normal
-    assert ref[0, 2] == 2.0 ** -128 and ref[0, 4] == 2.0 ** -127
-    assert ref[0, 8] == ours[0, 8] == 2.0 ** -126
+    assert ref[0, 2] == 2.0**-128 and ref[0, 4] == 2.0**-127
+    assert ref[0, 8] == ours[0, 8] == 2.0**-126
 
 
 def test_all_scales_comparison_catches_wrong_decoders():
@@ -265,16 +284,16 @@ def test_gathered_matvec_equals_numpy_decode_then_dot(rows):
     scales = rng.integers(110, 140, (E, O, I // 32), dtype=np.uint8)
     x = rng.standard_normal((R, I)).astype(np.float32)
     ids = np.array([4, 0, 0, 2, 3, 4], np.int32)
-    y = mxfp4.gathered_matvec(jnp.asarray(x), MXFP4(jnp.asarray(blocks), jnp.asarray(scales)),
-                              jnp.asarray(ids), rows=rows)
+    y = mxfp4.gathered_matvec(
+        jnp.asarray(x), MXFP4(jnp.asarray(blocks), jnp.asarray(scales)), jnp.asarray(ids), rows=rows
+    )
     w = dequantize_np(blocks, scales).astype(np.float64)  # [E, O, I]
     want = np.einsum("ROI,RI->RO", w[ids], x.astype(np.float64))
     assert y.dtype == jnp.float32 and y.shape == (R, O)
     scale = np.abs(w[ids]).sum(-1) * np.abs(x).max()  # bound on the terms' magnitude per output
     np.testing.assert_array_less(np.abs(np.asarray(y, np.float64) - want), 1e-6 * scale + 1e-30)
     with pytest.raises(ValueError, match="do not fit"):
-        mxfp4.gathered_matvec(jnp.asarray(x[:, :64]), MXFP4(jnp.asarray(blocks), jnp.asarray(scales)),
-                              jnp.asarray(ids))
+        mxfp4.gathered_matvec(jnp.asarray(x[:, :64]), MXFP4(jnp.asarray(blocks), jnp.asarray(scales)), jnp.asarray(ids))
 
 
 def test_kernels_package_exports_the_grouped_matmul():
@@ -299,8 +318,12 @@ def test_kernels_package_exports_the_grouped_matmul():
     bias = rng.standard_normal((E, N)).astype(np.float32)
     x = rng.standard_normal((M, K)).astype(np.float32)
     sizes = np.array([3, 0, 4], np.int32)
-    y = np.asarray(mxfp4_grouped_matmul(jnp.asarray(x), jnp.asarray(blocks), jnp.asarray(scales),
-                                        jnp.asarray(sizes), bias=jnp.asarray(bias)), np.float64)
+    y = np.asarray(
+        mxfp4_grouped_matmul(
+            jnp.asarray(x), jnp.asarray(blocks), jnp.asarray(scales), jnp.asarray(sizes), bias=jnp.asarray(bias)
+        ),
+        np.float64,
+    )
     w = dequantize_np(blocks, scales).astype(np.float64)
     expert = np.repeat(np.arange(E), sizes)
     want = np.einsum("mk,mnk->mn", x.astype(np.float64), w[expert]) + bias[expert]
@@ -309,9 +332,11 @@ def test_kernels_package_exports_the_grouped_matmul():
     assert np.abs(y - wrong).max() > 1e-2  # control: the wrong grouping is told apart
 
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    code = ("import gptoss_jax as gj, sys; "
-            "assert 'gptoss_jax.kernels' in sys.modules and 'kernels' in gj.__all__; "
-            "assert gj.kernels.mxfp4_grouped_matmul.__name__ == 'mxfp4_grouped_matmul'; "
-            "assert 'mxfp4_grouped_matmul' in gj.kernels.__all__; print('ok')")
+    code = (
+        "import gptoss_jax as gj, sys; "
+        "assert 'gptoss_jax.kernels' in sys.modules and 'kernels' in gj.__all__; "
+        "assert gj.kernels.mxfp4_grouped_matmul.__name__ == 'mxfp4_grouped_matmul'; "
+        "assert 'mxfp4_grouped_matmul' in gj.kernels.__all__; print('ok')"
+    )
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]

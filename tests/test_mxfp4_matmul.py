@@ -14,7 +14,6 @@ from gptoss_jax.kernels.mxfp4_matmul import mxfp4_grouped_matmul, mxfp4_grouped_
 from gptoss_jax.mxfp4 import dequantize_np
 from tests.factory import grouped_mxfp4_case, rel_err
 
-
 _case = functools.partial(grouped_mxfp4_case, E=5, N=96, K=64, M=70, sizes=(20, 0, 33, 7, 6))
 
 
@@ -23,7 +22,7 @@ def test_matches_a_numpy_loop():
     w = dequantize_np(np.asarray(blocks), np.asarray(scales))
     want, start = np.zeros((x.shape[0], w.shape[1])), 0
     for e, g in enumerate(np.asarray(sizes)):  # rows past sum(sizes) stay 0
-        want[start:start + g] = np.asarray(x)[start:start + g] @ w[e].T + np.asarray(bias)[e]
+        want[start : start + g] = np.asarray(x)[start : start + g] @ w[e].T + np.asarray(bias)[e]
         start += g
     assert rel_err(mxfp4_grouped_matmul(x, blocks, scales, sizes, bias=bias), want) <= 1e-5
 
@@ -52,8 +51,10 @@ def test_bf16_inputs():
 
 
 def _largest_buffer(hlo: str) -> int:
-    sizes = [int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
-             for dims in re.findall(r"\b(?:f32|bf16|f16|u8|s32)\[([0-9,]*)\]", hlo)]
+    sizes = [
+        int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
+        for dims in re.findall(r"\b(?:f32|bf16|f16|u8|s32)\[([0-9,]*)\]", hlo)
+    ]
     return max(sizes)
 
 
@@ -89,7 +90,9 @@ def test_20b_memory_account():
     cfg = gj.gpt_oss_20b()
     experts = cfg.num_layers * cfg.num_experts * 3 * cfg.d_model * cfg.expert_dim  # 2F*D + D*F weights
     packed_experts = experts // 2 + experts // 32  # 4 bits + one scale byte per 32 weights
-    print(f"20b parameters: {packed:,} B packed ({packed / 1e9:.2f} GB, {packed / 2**30:.2f} GiB); "
-          f"bf16-dequantized equivalent {dense:,} B ({dense / 1e9:.2f} GB); experts packed {packed_experts / 1e9:.2f} GB")
+    print(
+        f"20b parameters: {packed:,} B packed ({packed / 1e9:.2f} GB, {packed / 2**30:.2f} GiB); "
+        f"bf16-dequantized equivalent {dense:,} B ({dense / 1e9:.2f} GB); experts packed {packed_experts / 1e9:.2f} GB"
+    )
     assert packed == dense - 2 * experts + packed_experts
     assert packed / 2**30 <= 13.0

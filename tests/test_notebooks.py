@@ -14,13 +14,17 @@ NOTEBOOKS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "note
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_notebook_runs(path, tmp_path, offline_tiktoken):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("XLA_FLAGS", "GPTOSS_CHECKPOINT", "GPTOSS_CORPUS", "GPTOSS_RUN")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("XLA_FLAGS", "GPTOSS_CHECKPOINT", "GPTOSS_CORPUS", "GPTOSS_RUN")
+    }
     env["GPTOSS_FIGURES"] = str(tmp_path / "figures")
     env["MPLBACKEND"] = "Agg"
     # cwd = tmp_path: nothing of a local `runs/` is picked up; outputs land there
-    done = subprocess.run([sys.executable, os.path.abspath(path)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, os.path.abspath(path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    )
     assert done.returncode == 0, f"{os.path.basename(path)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     prefix = os.path.basename(path)[:2]
     figures = glob.glob(str(tmp_path / "figures" / f"{prefix}_*.png"))
@@ -29,5 +33,10 @@ def test_notebook_runs(path, tmp_path, offline_tiktoken):
 
 def test_notebooks_found():
     names = [os.path.basename(p) for p in NOTEBOOKS]
-    assert names == ["01_model_tour.py", "02_expert_routing.py", "03_activations_and_sinks.py",
-                     "04_block_sparse_attention.py", "05_finetuning_effects.py"]
+    assert names == [
+        "01_model_tour.py",
+        "02_expert_routing.py",
+        "03_activations_and_sinks.py",
+        "04_block_sparse_attention.py",
+        "05_finetuning_effects.py",
+    ]

@@ -103,8 +103,9 @@ def openai_model(original_dir):
 def _hf_model(path):
     from transformers import GptOssForCausalLM, Mxfp4Config
 
-    return GptOssForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager",
-                                             quantization_config=Mxfp4Config(dequantize=True))
+    return GptOssForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager", quantization_config=Mxfp4Config(dequantize=True)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -210,8 +211,15 @@ def test_right_padded_cached_decode_vs_oracles(original_dir, tiny_cfg, rows, row
 def hd64_cfg():
     cfg = gj.tiny(head_dim=64)
     ref = gj.gpt_oss_20b()
-    for field in ("head_dim", "rope_theta", "rope_factor", "rope_beta_fast", "rope_beta_slow",
-                  "rope_original_context", "rope_truncate"):
+    for field in (
+        "head_dim",
+        "rope_theta",
+        "rope_factor",
+        "rope_beta_fast",
+        "rope_beta_slow",
+        "rope_original_context",
+        "rope_truncate",
+    ):
         assert getattr(cfg, field) == getattr(ref, field), field
     return cfg
 
@@ -220,9 +228,11 @@ def hd64_cfg():
 def hd64_dirs(tmp_path_factory, hd64_cfg):
     base = tmp_path_factory.mktemp("hd64")
     original = factory.write_original(str(base / "original"), hd64_cfg, seed=4)
-    hf = factory.write_hf(str(base / "hf_mxfp4"),
-                          factory.original_to_hf(factory.original_tensors(hd64_cfg, 4), hd64_cfg),
-                          factory.hf_config_dict(hd64_cfg, mxfp4=True))
+    hf = factory.write_hf(
+        str(base / "hf_mxfp4"),
+        factory.original_to_hf(factory.original_tensors(hd64_cfg, 4), hd64_cfg),
+        factory.hf_config_dict(hd64_cfg, mxfp4=True),
+    )
     return original, hf
 
 

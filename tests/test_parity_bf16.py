@@ -75,8 +75,10 @@ def check_bf16(ours, oracles, noise, label):
     assert 0.5 < decisive.mean() < 1.0  # the split is real: some near-ties, most positions clear
     out = factory.bf16_figures(ours, oracles, noise)
     for name, (e, at_decisive, everywhere) in out.items():
-        print(f"{label} vs {name}: e = {e:.3e} (limit {noise['limit']:.3e}); argmax "
-              f"{at_decisive:.3f} at {int(decisive.sum())} decisive positions, {everywhere:.3f} at all")
+        print(
+            f"{label} vs {name}: e = {e:.3e} (limit {noise['limit']:.3e}); argmax "
+            f"{at_decisive:.3f} at {int(decisive.sum())} decisive positions, {everywhere:.3f} at all"
+        )
     return out
 
 
@@ -99,7 +101,7 @@ def cached_decode_logits(model, cfg, tokens):
     out = call(model, tokens[:, :PROMPT], cache)
     got, cache = [np.asarray(out.logits, np.float32)], out.cache
     for t in range(PROMPT, T):
-        out = call(model, tokens[:, t:t + 1], cache)
+        out = call(model, tokens[:, t : t + 1], cache)
         got.append(np.asarray(out.logits, np.float32))
         cache = out.cache
     return np.concatenate(got, axis=1)
@@ -132,6 +134,7 @@ def _sinks_dropped_in_bf16(attend):
         if q.dtype == jnp.bfloat16:
             sinks = jnp.full_like(sinks, -1e9)
         return attend(q, k, v, sinks, mask, scale=scale)
+
     return patched
 
 

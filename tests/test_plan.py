@@ -24,7 +24,11 @@ def test_cpu_choices_follow_the_shapes():
     assert resolve(4096, BIG_PACKED).decode_one_expert_at_a_time and not resolve(4096).decode_one_expert_at_a_time
     p = resolve(4096)
     assert (p.attention, p.mxfp4, p.expert_dispatch, p.unembed_reduction_rows) == (
-        "xla", "xla", "all_to_all", plan.UNEMBED_ROWS_AS_REDUCTION)
+        "xla",
+        "xla",
+        "all_to_all",
+        plan.UNEMBED_ROWS_AS_REDUCTION,
+    )
     assert p.moe_options("gather") == {"gathered_decode": True}
 
 
@@ -36,7 +40,8 @@ def test_accelerator_choices(platform, kernel):
     assert p.moe_options() == {"mxfp4_impl": kernel, "interpret": False}
     # what the user set is kept
     q = gj.KernelOptions(platform=platform, moe_impl="buckets", attention_impl="xla").resolve(
-        None, tokens=4096, num_experts=E, k=K)
+        None, tokens=4096, num_experts=E, k=K
+    )
     assert (q.moe, q.attention) == ("buckets", "xla")
 
 
@@ -52,8 +57,13 @@ def test_platform_comes_from_the_mesh_devices():
 
 
 def test_bad_options_are_refused():
-    for bad in (dict(moe_impl="fast"), dict(attention_impl="cuda"), dict(platform="metal"), dict(remat="some"),
-                dict(expert_dispatch="gather")):
+    for bad in (
+        dict(moe_impl="fast"),
+        dict(attention_impl="cuda"),
+        dict(platform="metal"),
+        dict(remat="some"),
+        dict(expert_dispatch="gather"),
+    ):
         with pytest.raises(ValueError, match="must be one of"):
             gj.KernelOptions(**bad)
 
@@ -80,5 +90,6 @@ def test_model_call_uses_one_plan():
     assert p.moe == "buckets" and p.platform == "cpu"
     assert model.plan(1).moe == "buckets"  # the user's choice is not overridden by the shapes
     assert gj.init(gj.tiny(), seed=0).plan(1).moe == "gather"  # control: left open, decode gathers
-    assert isinstance(jax.eval_shape(lambda t: model(t).logits, jax.ShapeDtypeStruct((1, 8), "int32")),
-                      jax.ShapeDtypeStruct)
+    assert isinstance(
+        jax.eval_shape(lambda t: model(t).logits, jax.ShapeDtypeStruct((1, 8), "int32")), jax.ShapeDtypeStruct
+    )

@@ -64,6 +64,7 @@ def _set(index, value):
     def fn(t):
         t[index] = value
         return t
+
     return fn
 
 
@@ -76,16 +77,26 @@ def _error(path, **kw) -> str:
 
 
 # ------------------------------------------------------------------------------ shapes (issue 1)
-@pytest.mark.parametrize("layout,key,variable,expect", [
-    # k_proj [K*H, D] = [32, 64] stored as [64, 32]: used to load scrambled (reshape to (n, h, -1))
-    ("hf", "model.layers.1.self_attn.k_proj.weight", "layers.1.attn.k",
-     "[32, 64] = [num_key_value_heads*head_dim, hidden_size]"),
-    ("original", "block.1.mlp.gate.weight", "layers.1.mlp.router", "[8, 64] = [num_experts, hidden_size]"),
-    ("hf_dense", "model.layers.0.mlp.experts.down_proj", "layers.0.mlp.w2",
-     "[8, 64, 64] = [num_local_experts, intermediate_size, hidden_size]"),
-    ("native", "layers.1.attn.k", "layers.1.attn.k",
-     "[64, 2, 16] = [hidden_size, num_key_value_heads, head_dim]"),
-])
+@pytest.mark.parametrize(
+    "layout,key,variable,expect",
+    [
+        # k_proj [K*H, D] = [32, 64] stored as [64, 32]: used to load scrambled (reshape to (n, h, -1))
+        (
+            "hf",
+            "model.layers.1.self_attn.k_proj.weight",
+            "layers.1.attn.k",
+            "[32, 64] = [num_key_value_heads*head_dim, hidden_size]",
+        ),
+        ("original", "block.1.mlp.gate.weight", "layers.1.mlp.router", "[8, 64] = [num_experts, hidden_size]"),
+        (
+            "hf_dense",
+            "model.layers.0.mlp.experts.down_proj",
+            "layers.0.mlp.w2",
+            "[8, 64, 64] = [num_local_experts, intermediate_size, hidden_size]",
+        ),
+        ("native", "layers.1.attn.k", "layers.1.attn.k", "[64, 2, 16] = [hidden_size, num_key_value_heads, head_dim]"),
+    ],
+)
 def test_transposed_tensor_is_refused(layouts, tmp_path, layout, key, variable, expect):
     ck = _copy(layouts[layout], tmp_path)
     # 2-d: transposed; [E, F, D] with F == D: the expert axis swapped in; [D, K, H]: reversed
@@ -105,11 +116,13 @@ def test_square_tensor_transposed_is_not_refused(hf_mxfp4_dir, tmp_path):
     want = load_file(str(ck / _file_of(ck, "model.layers.0.self_attn.o_proj.weight")))
     np.testing.assert_array_equal(
         np.asarray(model.layers[0].attn.o[...]).reshape(64, 64).T,
-        want["model.layers.0.self_attn.o_proj.weight"].float().numpy())
+        want["model.layers.0.self_attn.o_proj.weight"].float().numpy(),
+    )
 
 
 def test_untouched_checkpoints_load(layouts):
     """Control: every layout loads as written, all finite, and the layouts give the same weights."""
+
     def weights(path, **kw):
         return {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(gj.load(path, **kw)))}
 
@@ -133,19 +146,38 @@ def test_float_tensor_stored_as_bytes_is_refused(hf_mxfp4_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------- head counts (issue 3)
-@pytest.mark.parametrize("layout,changes,tensor,names", [
-    ("hf", {"num_attention_heads": 8}, "model.layers.0.self_attn.q_proj.weight",
-     "num_attention_heads=8, head_dim=16"),
-    ("hf", {"head_dim": 24}, "model.layers.0.self_attn.q_proj.weight", "num_attention_heads=4, head_dim=24"),
-    ("hf", {"num_key_value_heads": 4}, "model.layers.0.self_attn.k_proj.weight",
-     "num_key_value_heads=4, head_dim=16"),
-    # N*H and K*H unchanged (2*32, 1*32 vs 4*16, 2*16): only the sinks show the head count
-    ("original", {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32}, "block.0.attn.sinks",
-     "num_attention_heads=2"),
-    ("original", {"num_key_value_heads": 4}, "block.0.attn.qkv.weight",
-     "num_attention_heads=4, num_key_value_heads=4, head_dim=16"),
-    ("native", {"num_attention_heads": 8}, "layers.0.attn.o", "num_attention_heads=8"),
-])
+@pytest.mark.parametrize(
+    "layout,changes,tensor,names",
+    [
+        (
+            "hf",
+            {"num_attention_heads": 8},
+            "model.layers.0.self_attn.q_proj.weight",
+            "num_attention_heads=8, head_dim=16",
+        ),
+        ("hf", {"head_dim": 24}, "model.layers.0.self_attn.q_proj.weight", "num_attention_heads=4, head_dim=24"),
+        (
+            "hf",
+            {"num_key_value_heads": 4},
+            "model.layers.0.self_attn.k_proj.weight",
+            "num_key_value_heads=4, head_dim=16",
+        ),
+        # N*H and K*H unchanged (2*32, 1*32 vs 4*16, 2*16): only the sinks show the head count
+        (
+            "original",
+            {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32},
+            "block.0.attn.sinks",
+            "num_attention_heads=2",
+        ),
+        (
+            "original",
+            {"num_key_value_heads": 4},
+            "block.0.attn.qkv.weight",
+            "num_attention_heads=4, num_key_value_heads=4, head_dim=16",
+        ),
+        ("native", {"num_attention_heads": 8}, "layers.0.attn.o", "num_attention_heads=8"),
+    ],
+)
 def test_head_count_that_does_not_fit_the_tensors(layouts, tmp_path, layout, changes, tensor, names):
     ck = _copy(layouts[layout], tmp_path)
     _edit_config(ck, **changes)
@@ -158,29 +190,37 @@ def test_head_count_that_does_not_fit_the_tensors(layouts, tmp_path, layout, cha
 
 
 # ------------------------------------------------------------------ non-finite values (issue 2)
-@pytest.mark.parametrize("layout,key,experts", [
-    ("hf", "model.layers.2.mlp.experts.gate_up_proj_scales", None),
-    ("hf", "model.layers.2.mlp.experts.down_proj_scales", "dense"),
-    ("original", "block.0.mlp.mlp2_weight.scales", None),
-    ("original", "block.3.mlp.mlp1_weight.scales", "dense"),
-    ("native", "layers.2.mlp.w1_scales", None),
-])
+@pytest.mark.parametrize(
+    "layout,key,experts",
+    [
+        ("hf", "model.layers.2.mlp.experts.gate_up_proj_scales", None),
+        ("hf", "model.layers.2.mlp.experts.down_proj_scales", "dense"),
+        ("original", "block.0.mlp.mlp2_weight.scales", None),
+        ("original", "block.3.mlp.mlp1_weight.scales", "dense"),
+        ("native", "layers.2.mlp.w1_scales", None),
+    ],
+)
 def test_scale_byte_255_is_refused(layouts, tmp_path, layout, key, experts):
     ck = _copy(layouts[layout], tmp_path)
     name = _edit_tensor(ck, key, _set((3, 5, 1), 255))
     msg = _error(ck, experts=experts)
-    assert (f"tensor {key} (in {name}) holds scale byte 255 (NaN in the OCP MX E8M0 format) "
-            "at index [3, 5, 1] (expert 3): expected bytes 0..254") in msg
+    assert (
+        f"tensor {key} (in {name}) holds scale byte 255 (NaN in the OCP MX E8M0 format) "
+        "at index [3, 5, 1] (expert 3): expected bytes 0..254"
+    ) in msg
 
 
-@pytest.mark.parametrize("layout,key,index,value,shown", [
-    ("hf", "model.layers.0.self_attn.q_proj.weight", (3, 7), float("nan"), "nan at index [3, 7]"),
-    ("hf", "model.embed_tokens.weight", (300, 1), float("inf"), "inf at index [300, 1]"),
-    ("hf_dense", "model.layers.1.mlp.experts.gate_up_proj", (2, 3, 4), float("-inf"), "-inf at index [2, 3, 4]"),
-    ("original", "block.2.attn.qkv.weight", (70, 0), float("nan"), "nan at index [70, 0]"),
-    ("original", "norm.scale", (63,), float("inf"), "inf at index [63]"),
-    ("native", "layers.3.attn.sinks", (1,), float("nan"), "nan at index [1]"),  # stored fp32
-])
+@pytest.mark.parametrize(
+    "layout,key,index,value,shown",
+    [
+        ("hf", "model.layers.0.self_attn.q_proj.weight", (3, 7), float("nan"), "nan at index [3, 7]"),
+        ("hf", "model.embed_tokens.weight", (300, 1), float("inf"), "inf at index [300, 1]"),
+        ("hf_dense", "model.layers.1.mlp.experts.gate_up_proj", (2, 3, 4), float("-inf"), "-inf at index [2, 3, 4]"),
+        ("original", "block.2.attn.qkv.weight", (70, 0), float("nan"), "nan at index [70, 0]"),
+        ("original", "norm.scale", (63,), float("inf"), "inf at index [63]"),
+        ("native", "layers.3.attn.sinks", (1,), float("nan"), "nan at index [1]"),  # stored fp32
+    ],
+)
 def test_non_finite_float_is_refused(layouts, tmp_path, layout, key, index, value, shown):
     ck = _copy(layouts[layout], tmp_path)
     name = _edit_tensor(ck, key, _set(index, value))
@@ -269,8 +309,11 @@ def test_cli_generate_refuses_nan_weights(full_vocab_dir, tmp_path, capsys):
     assert main(["generate", str(ck), *args]) == 2
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err and captured.out.strip() == ""
-    assert captured.err.strip().splitlines()[-1].startswith(
-        "gptoss generate: error: tensor model.layers.0.self_attn.q_proj.weight")
+    assert (
+        captured.err.strip()
+        .splitlines()[-1]
+        .startswith("gptoss generate: error: tensor model.layers.0.self_attn.q_proj.weight")
+    )
 
 
 def test_cli_convert_refuses_a_transposed_tensor(hf_mxfp4_dir, tmp_path, capsys):
@@ -279,5 +322,8 @@ def test_cli_convert_refuses_a_transposed_tensor(hf_mxfp4_dir, tmp_path, capsys)
     assert main(["convert", str(ck), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith(
-        "gptoss convert: error: tensor model.layers.1.self_attn.k_proj.weight [64, 32] does not fit")
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith("gptoss convert: error: tensor model.layers.1.self_attn.k_proj.weight [64, 32] does not fit")
+    )

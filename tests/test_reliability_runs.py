@@ -20,8 +20,10 @@ from gptoss_jax.train import lock as lock_lib
 from gptoss_jax.train import metrics as metrics_lib
 
 # a 2-layer gpt-oss small enough that a run compiles in seconds on a CPU
-SMALL = "{vocab_size: %d, num_layers: 2, d_model: 32, num_heads: 2, num_kv_heads: 1, head_dim: 16, num_experts: 4, " \
-        "experts_per_token: 2, expert_dim: 32}"
+SMALL = (
+    "{vocab_size: %d, num_layers: 2, d_model: 32, num_heads: 2, num_kv_heads: 1, head_dim: 16, num_experts: 4, "
+    "experts_per_token: 2, expert_dim: 32}"
+)
 LOCK_PY = lock_lib.__file__
 
 
@@ -39,11 +41,27 @@ def setup(tmp_path_factory):
 
 def _args(setup, out, *extra, vocab=None, data=None):
     d = setup["dir"]
-    return ["train", "-", f"model.overrides={SMALL % (vocab or setup['vocab'])}", "model.dtype=float32",
-            "model.experts=dense", f"model.tokenizer={d / 'tokenizer.json'}", f"data.train={data or d / 'train.jsonl'}",
-            "data.seq_len=256", "data.batch_size=2", "optim.warmup_steps=1", "optim.total_steps=4",
-            f"run.out_dir={out}", "run.steps=2", "run.save_every=1", "run.log_every=1", "run.progress=false",
-            "run.tensorboard=false", "run.plots=false", *extra]
+    return [
+        "train",
+        "-",
+        f"model.overrides={SMALL % (vocab or setup['vocab'])}",
+        "model.dtype=float32",
+        "model.experts=dense",
+        f"model.tokenizer={d / 'tokenizer.json'}",
+        f"data.train={data or d / 'train.jsonl'}",
+        "data.seq_len=256",
+        "data.batch_size=2",
+        "optim.warmup_steps=1",
+        "optim.total_steps=4",
+        f"run.out_dir={out}",
+        "run.steps=2",
+        "run.save_every=1",
+        "run.log_every=1",
+        "run.progress=false",
+        "run.tensorboard=false",
+        "run.plots=false",
+        *extra,
+    ]
 
 
 RL = ["algorithm=grpo", "rl.group_size=2", "rl.prompts_per_step=1", "rl.max_new_tokens=4", "eval.max_new_tokens=4"]
@@ -234,8 +252,9 @@ def test_resume_compares_paths_as_the_files_they_name(setup, tmp_path, monkeypat
 
 # ------------------------------------------------------------------------- data and vocabulary
 @pytest.mark.parametrize("algorithm", ["sft", "grpo"])
-def test_token_ids_outside_the_vocabulary_are_refused_before_training(setup, tmp_path, capsys, empty_yaml,
-                                                                      no_model, algorithm):
+def test_token_ids_outside_the_vocabulary_are_refused_before_training(
+    setup, tmp_path, capsys, empty_yaml, no_model, algorithm
+):
     """Before: every step NaN, blamed on the learning rate, or with few steps an untrained model
     saved and exit 0. `gptoss train` refuses the tokenizer; `train()` itself the data's ids."""
     from gptoss_jax.train import rl, sft
@@ -280,41 +299,49 @@ def _write(path, lines):
 @pytest.mark.parametrize("case", ["empty", "bad_json", "unknown_channel", "all_filtered"])
 def test_unusable_data_is_one_error_naming_the_file(setup, tmp_path, capsys, empty_yaml, no_model, case, algorithm):
     user = {"role": "user", "content": "What is 1 + 1?"}
-    lines = {"empty": [],
-             "bad_json": ['{"messages": [{"role": "user", "content": "What is 1 + 1?"}'],
-             "unknown_channel": [json.dumps({"messages": [user, {"role": "assistant", "channel": "secret",
-                                                                 "content": "2"}]})],
-             "all_filtered": [json.dumps({"messages": [{"role": "robot", "content": "x"}]}), ""]}[case]
+    lines = {
+        "empty": [],
+        "bad_json": ['{"messages": [{"role": "user", "content": "What is 1 + 1?"}'],
+        "unknown_channel": [
+            json.dumps({"messages": [user, {"role": "assistant", "channel": "secret", "content": "2"}]})
+        ],
+        "all_filtered": [json.dumps({"messages": [{"role": "robot", "content": "x"}]}), ""],
+    }[case]
     data = _write(tmp_path / "d.jsonl", lines)
     out = tmp_path / "run"
     extra = RL if algorithm == "grpo" else []
     code, _, err = _train(_args(setup, out, *extra, data=data), capsys, empty_config=empty_yaml)
     line = _one_line_error(code, err)
     assert str(data) in line
-    want = {"empty": "holds no conversations (the file is empty)",
-            "bad_json": f"{data}:1: not valid JSON",
-            "unknown_channel": f"{data}:1: message 1: channel 'secret' is not one of analysis, commentary, final",
-            "all_filtered": f"{data}:1: message 0: role 'robot' is not one of"}[case]
+    want = {
+        "empty": "holds no conversations (the file is empty)",
+        "bad_json": f"{data}:1: not valid JSON",
+        "unknown_channel": f"{data}:1: message 1: channel 'secret' is not one of analysis, commentary, final",
+        "all_filtered": f"{data}:1: message 0: role 'robot' is not one of",
+    }[case]
     assert want in line
     assert not out.exists()
 
 
-def test_strict_data_names_the_bad_line_and_channels_follow_the_system_message(setup, tmp_path, capsys, empty_yaml,
-                                                                                no_model):
+def test_strict_data_names_the_bad_line_and_channels_follow_the_system_message(
+    setup, tmp_path, capsys, empty_yaml, no_model
+):
     from gptoss_jax import harmony
     from gptoss_jax.train import data as data_lib
 
     good = (setup["dir"] / "train.jsonl").read_text().splitlines()
     path = _write(tmp_path / "d.jsonl", good[:3] + ["{oops"] + good[3:6])
-    code, _, err = _train(_args(setup, tmp_path / "run", "data.strict=true", data=path), capsys,
-                          empty_config=empty_yaml)
+    code, _, err = _train(
+        _args(setup, tmp_path / "run", "data.strict=true", data=path), capsys, empty_config=empty_yaml
+    )
     assert f"{path}:4: not valid JSON" in _one_line_error(code, err)
     convs, report = data_lib.read_jsonl(str(path))  # not strict: reported and left out
     assert len(convs) == 6 and report.malformed[0].startswith(f"{path}:4: ") and report.line_numbers[3] == 5
     # a system message may declare its own channels; the default three otherwise
     custom = [harmony.system_message().copy(), harmony.assistant("x", channel="secret")]
-    custom[0]["content"] = [dict(custom[0]["content"][0], channel_config={"valid_channels": ["secret"],
-                                                                          "channel_required": True})]
+    custom[0]["content"] = [
+        dict(custom[0]["content"][0], channel_config={"valid_channels": ["secret"], "channel_required": True})
+    ]
     assert data_lib.parse_conversation({"messages": custom})[1]["channel"] == "secret"
     for channel in ("analysis", "commentary", "final"):
         data_lib.parse_conversation([harmony.user("q"), harmony.assistant("a", channel=channel)])
@@ -327,11 +354,13 @@ def test_export_of_a_checkpoint_folder_says_what_it_is(finished_run, tmp_path, c
     from gptoss_jax.train.sft import run_config
 
     run = finished_run["dir"]
-    line = _one_line_error(cli.main(["export", str(run / "model"), str(tmp_path / "hf")]), capsys.readouterr().err,
-                           "export")
+    line = _one_line_error(
+        cli.main(["export", str(run / "model"), str(tmp_path / "hf")]), capsys.readouterr().err, "export"
+    )
     assert f"{run / 'model'} is a model checkpoint, not a training run folder" in line and "gptoss convert" in line
-    line = _one_line_error(cli.main(["export", str(run / "checkpoints" / "1"), str(tmp_path / "hf")]),
-                           capsys.readouterr().err, "export")
+    line = _one_line_error(
+        cli.main(["export", str(run / "checkpoints" / "1"), str(tmp_path / "hf")]), capsys.readouterr().err, "export"
+    )
     assert "is a training checkpoint inside the run folder" in line and f"give {run}" in line
     assert not (tmp_path / "hf").exists()
     assert run_config(str(run)).run.out_dir == str(run)  # control: the run folder itself
@@ -367,8 +396,13 @@ def test_a_checkpoint_save_that_runs_out_of_space(setup, tmp_path, capsys, empty
     argv = _args(setup, out)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the package under test, in the child too
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, str(script), argv[0], str(empty_yaml), *argv[2:]], capture_output=True,
-                          text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script), argv[0], str(empty_yaml), *argv[2:]],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -398,9 +432,12 @@ def test_a_save_that_cannot_fit_is_not_started(tmp_path, monkeypatch):
         ckpts.wait()
         usage = collections.namedtuple("usage", "total used free")
         monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 1024))
-        with pytest.raises(checkpoints.CheckpointSaveError, match=r"not enough free space for the checkpoint of "
-                                                                  r"step 2 .*1.0 KiB free.*last complete "
-                                                                  r"checkpoint is step 1"):
+        with pytest.raises(
+            checkpoints.CheckpointSaveError,
+            match=r"not enough free space for the checkpoint of "
+            r"step 2 .*1.0 KiB free.*last complete "
+            r"checkpoint is step 1",
+        ):
             ckpts.save(2, state, {"step": 2})
         assert sorted(os.listdir(tmp_path / "c")) == ["1"]
         monkeypatch.undo()  # control: with room, it saves

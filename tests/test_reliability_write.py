@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -61,8 +60,9 @@ def _hf(model, path, **kw):
 
 
 def _one_error_line(capsys, *match):
-    err = [line for line in capsys.readouterr().err.strip().splitlines()
-           if not line.startswith("loading:")]  # the progress bar of the load before the write
+    err = [
+        line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("loading:")
+    ]  # the progress bar of the load before the write
     assert len(err) == 1 and "Traceback" not in err[0], err
     for m in match:
         assert m in err[0], err
@@ -102,9 +102,13 @@ def test_convert_onto_its_source_is_refused(models, tmp_path, capsys):
     assert len([n for n in os.listdir(src) if n.endswith(".safetensors")]) > 1  # the hub's 20b is sharded too
     before = _files(src)
     os.symlink(src, tmp_path / "link")
-    cases = [(str(src), "is the source itself"), (str(src) + "/.", "is the source itself"),
-             (str(tmp_path / "link"), "is the source itself"), (str(src / "sub"), "inside the source"),
-             (str(tmp_path), "inside the destination")]
+    cases = [
+        (str(src), "is the source itself"),
+        (str(src) + "/.", "is the source itself"),
+        (str(tmp_path / "link"), "is the source itself"),
+        (str(src / "sub"), "inside the source"),
+        (str(tmp_path), "inside the destination"),
+    ]
     for dst, match in cases:
         for extra in ([], ["--overwrite"]):
             assert main(["convert", str(src), dst] + extra) == 2, (dst, extra)
@@ -177,8 +181,13 @@ def test_a_killed_writer_leaves_the_old_checkpoint_and_the_next_run_cleans_up(mo
         before[kind] = _files(dsts[kind])
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     for kind, source in kinds.items():
-        procs[kind] = subprocess.Popen([sys.executable, str(script), kind, str(source), str(dsts[kind])],
-                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        procs[kind] = subprocess.Popen(
+            [sys.executable, str(script), kind, str(source), str(dsts[kind])],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
     for kind, proc in procs.items():
         lines = []
         for line in proc.stdout:  # ends at READY, or when the writer exits without getting there
@@ -226,9 +235,11 @@ def test_an_exception_mid_write_removes_the_temporary(models, tmp_path, monkeypa
     dst = _hf(models[2], tmp_path / "dst")
     before = _files(dst)
     monkeypatch.setattr(checkpoint, "save_file", second_shard_fails)
-    for write in (lambda: _hf(models[1], dst, overwrite=True),
-                  lambda: gj.save_native(models[1], dst, max_shard_bytes=SHARD, overwrite=True),
-                  lambda: _hf(models[1], tmp_path / "new")):
+    for write in (
+        lambda: _hf(models[1], dst, overwrite=True),
+        lambda: gj.save_native(models[1], dst, max_shard_bytes=SHARD, overwrite=True),
+        lambda: _hf(models[1], tmp_path / "new"),
+    ):
         calls.clear()
         with pytest.raises(KeyboardInterrupt):
             write()
@@ -242,11 +253,13 @@ def test_stale_temporaries_only_of_dead_writers_on_this_host(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     host = atomic._host()
-    names = {"dead": f".ck.gptoss-tmp-{host}-{dead.pid}-0123abcd",
-             "dead_file": f".tokenizer.json.gptoss-tmp-{host}-{dead.pid}-89abcdef",
-             "alive": f".ck.gptoss-tmp-{host}-{os.getppid()}-0123abcd",
-             "other_host": f".ck.gptoss-tmp-{host}x-{dead.pid}-0123abcd",
-             "not_ours": ".ck.tmp-123"}
+    names = {
+        "dead": f".ck.gptoss-tmp-{host}-{dead.pid}-0123abcd",
+        "dead_file": f".tokenizer.json.gptoss-tmp-{host}-{dead.pid}-89abcdef",
+        "alive": f".ck.gptoss-tmp-{host}-{os.getppid()}-0123abcd",
+        "other_host": f".ck.gptoss-tmp-{host}x-{dead.pid}-0123abcd",
+        "not_ours": ".ck.tmp-123",
+    }
     for key, name in names.items():
         if key == "dead_file":
             (tmp_path / name).write_text("partial")
@@ -291,7 +304,7 @@ class _LimitedFile:
     def write(self, data):
         n = len(data)
         if n > self._disk.room:
-            self._f.write(bytes(data)[:self._disk.room])
+            self._f.write(bytes(data)[: self._disk.room])
             self._disk.room = 0
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         self._disk.room -= n

@@ -31,7 +31,7 @@ def test_group_advantages_by_hand():
 
 def test_k3_by_hand():
     # policy p = .5, reference q = .25: q/p - log(q/p) - 1 = .5 + ln 2 - 1
-    assert float(kl_k3(jnp.float32(LN(.5)), jnp.float32(LN(.25)))) == pytest.approx(0.5 + LN(2) - 1, rel=1e-6)
+    assert float(kl_k3(jnp.float32(LN(0.5)), jnp.float32(LN(0.25)))) == pytest.approx(0.5 + LN(2) - 1, rel=1e-6)
     assert float(kl_k3(jnp.float32(-1.3), jnp.float32(-1.3))) == 0.0
 
 
@@ -85,11 +85,15 @@ def test_on_policy_first_step_is_minus_the_mean_advantage(which):
     if which == "gspo":
         loss, m = gspo_loss(logp, logp, adv, mask, **kw)
     else:
-        loss, m = grpo_loss(logp, logp, adv, mask, aggregate="sequence" if which.endswith("sequence") else "token", **kw)
+        loss, m = grpo_loss(
+            logp, logp, adv, mask, aggregate="sequence" if which.endswith("sequence") else "token", **kw
+        )
     assert float(m["ratio"]) == 1.0 and float(m["kl"]) == 0.0 and float(m["clip_fraction"]) == 0.0
     assert float(loss) == pytest.approx(-float(jnp.mean(adv)), abs=1e-6)
     # and its gradient is the policy gradient: -mean_i A_i * mean_t d logp_it
-    g = jax.grad(lambda lp: (gspo_loss if which == "gspo" else grpo_loss)(lp, jax.lax.stop_gradient(lp), adv, mask)[0])(logp)
+    g = jax.grad(lambda lp: (gspo_loss if which == "gspo" else grpo_loss)(lp, jax.lax.stop_gradient(lp), adv, mask)[0])(
+        logp
+    )
     np.testing.assert_allclose(np.asarray(g), -np.asarray(adv)[:, None] / (4 * 6) * np.ones((4, 6)), rtol=1e-5)
 
 
@@ -113,8 +117,9 @@ def test_rewards():
     assert R.format_valid(_completion("a", None), "") == 0.0  # no final answer
     assert R.format_valid(_completion("a", "11", stopped=False), "") == 0.0  # cut at the length limit
     assert R.length_penalty(good, "") == -10.0
-    total, parts, errors = R.score([good, _completion(None, "12")], ["11", "11"],
-                                   R.from_config({"exact_match": 1.0, "format": 0.5}))
+    total, parts, errors = R.score(
+        [good, _completion(None, "12")], ["11", "11"], R.from_config({"exact_match": 1.0, "format": 0.5})
+    )
     assert total == [1.5, 0.5] and parts["exact_match"] == [1.0, 0.0] and errors == {"exact_match": 0, "format": 0}
     with pytest.raises(ValueError, match="unknown reward"):
         R.from_config({"exactmatch": 1.0})
@@ -128,8 +133,9 @@ def test_a_raising_reward_scores_zero_and_is_counted():
         return 2.0
 
     try:
-        total, parts, errors = R.score([_completion(None, "boom"), _completion(None, "ok")], ["", ""],
-                                       R.from_config({"flaky_for_test": 1.0}))
+        total, parts, errors = R.score(
+            [_completion(None, "boom"), _completion(None, "ok")], ["", ""], R.from_config({"flaky_for_test": 1.0})
+        )
         assert parts["flaky_for_test"] == [0.0, 2.0] and errors == {"flaky_for_test": 1} and total == [0.0, 2.0]
     finally:
         del R.REGISTRY["flaky_for_test"]
@@ -139,12 +145,11 @@ def test_a_raising_reward_scores_zero_and_is_counted():
 def test_sampler_logprobs_equal_the_training_forward(tiny_cfg):
     model = gj.init(tiny_cfg, seed=3, dtype=jnp.float32)
     prompts = [[5, 9, 2, 7], [11, 3]]
-    gen = gj.generate(model, None, prompts, max_new_tokens=12, temperature=1.0, seed=4, stop_tokens=(),
-                      logprobs=True)
+    gen = gj.generate(model, None, prompts, max_new_tokens=12, temperature=1.0, seed=4, stop_tokens=(), logprobs=True)
     for p, toks, lps in zip(prompts, gen.tokens, gen.logprobs):
         row = jnp.asarray([p + toks])
         lp, _ = token_logprobs(model(row).logits, row)
-        np.testing.assert_allclose(np.asarray(lp[0, len(p) - 1:]), lps, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(lp[0, len(p) - 1 :]), lps, rtol=1e-5, atol=1e-5)
 
 
 def test_lora_reference_is_the_base(tiny_cfg):
@@ -182,12 +187,29 @@ def _rl_config(d, out, steps, algorithm="grpo"):
 
 def _rl_overrides(d, out, steps, algorithm="grpo"):
     return [
-        f"algorithm={algorithm}", f"model.checkpoint={d / 'm'}", "model.dtype=float32", "model.experts=dense",
-        f"model.tokenizer={d / 'tokenizer.json'}", f"data.train={d / 'train.jsonl'}", f"data.eval={d / 'eval.jsonl'}",
-        "optim.learning_rate=1e-3", "optim.warmup_steps=1", "optim.total_steps=10", "rl.group_size=4",
-        "rl.prompts_per_step=2", "rl.max_new_tokens=12", "rl.updates_per_rollout=2", "rl.kl_coef=0.1",
-        "rl.rewards={exact_match: 1.0, format: 0.1, length_penalty: 0.01}", f"run.out_dir={out}",
-        f"run.steps={steps}", "run.save_every=2", "run.log_every=1", "run.progress=false", "eval.max_new_tokens=8"]
+        f"algorithm={algorithm}",
+        f"model.checkpoint={d / 'm'}",
+        "model.dtype=float32",
+        "model.experts=dense",
+        f"model.tokenizer={d / 'tokenizer.json'}",
+        f"data.train={d / 'train.jsonl'}",
+        f"data.eval={d / 'eval.jsonl'}",
+        "optim.learning_rate=1e-3",
+        "optim.warmup_steps=1",
+        "optim.total_steps=10",
+        "rl.group_size=4",
+        "rl.prompts_per_step=2",
+        "rl.max_new_tokens=12",
+        "rl.updates_per_rollout=2",
+        "rl.kl_coef=0.1",
+        "rl.rewards={exact_match: 1.0, format: 0.1, length_penalty: 0.01}",
+        f"run.out_dir={out}",
+        f"run.steps={steps}",
+        "run.save_every=2",
+        "run.log_every=1",
+        "run.progress=false",
+        "eval.max_new_tokens=8",
+    ]
 
 
 def test_grpo_run_metrics_and_exact_resume(rl_setup, tmp_path):
@@ -202,8 +224,20 @@ def test_grpo_run_metrics_and_exact_resume(rl_setup, tmp_path):
     records = [json.loads(l) for l in open(tmp_path / "a" / "metrics.jsonl")]
     assert records[0] == {"step": 0, "eval_accuracy": straight["eval_accuracy"]["0"]}
     last = records[-1]
-    for key in ("reward", "reward_std", "reward_exact_match", "reward_format", "reward_length_penalty", "kl",
-                "clip_fraction", "ratio", "entropy", "response_length", "logprob_diff", "eval_accuracy"):
+    for key in (
+        "reward",
+        "reward_std",
+        "reward_exact_match",
+        "reward_format",
+        "reward_length_penalty",
+        "kl",
+        "clip_fraction",
+        "ratio",
+        "entropy",
+        "response_length",
+        "logprob_diff",
+        "eval_accuracy",
+    ):
         assert key in last, key
     assert all(r["logprob_diff"] < 1e-4 for r in records[1:])  # sampler == training forward
     assert last["kl"] > 0  # two updates per rollout: the policy has left the reference
@@ -229,9 +263,19 @@ def test_grpo_sigkill_resumes_at_its_checkpoint(rl_setup, tmp_path):
     (tmp_path / "empty.yaml").write_text("")
 
     def launch(name):
-        return subprocess.Popen([sys.executable, "-m", "gptoss_jax.cli", "train", str(tmp_path / "empty.yaml"),
-                                 *_rl_overrides(rl_setup, tmp_path / name, 6)],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gptoss_jax.cli",
+                "train",
+                str(tmp_path / "empty.yaml"),
+                *_rl_overrides(rl_setup, tmp_path / name, 6),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
     straight, killed = launch("straight"), launch("killed")
     at, killed_lines = kill_at_checkpoint(killed, tmp_path / "killed", 2)  # steps 3..6 still to come

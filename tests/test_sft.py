@@ -45,9 +45,17 @@ def arithmetic_jsonl(tmp_path_factory):
     with open(path, "w") as f:
         for _ in range(24):
             a, b = r.randint(0, 99), r.randint(0, 99)
-            f.write(json.dumps({"messages": [
-                {"role": "user", "content": f"{a}+{b}"},
-                {"role": "assistant", "content": str(a + b), "thinking": f"add {a} and {b}"}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"{a}+{b}"},
+                            {"role": "assistant", "content": str(a + b), "thinking": f"add {a} and {b}"},
+                        ]
+                    }
+                )
+                + "\n"
+            )
     return str(path)
 
 
@@ -66,8 +74,12 @@ def test_config_types_and_unknown_keys(tmp_path, arithmetic_jsonl):
 
 
 def _launch(cfg_path):
-    return subprocess.Popen([sys.executable, "-m", "gptoss_jax.cli", "train", str(cfg_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "gptoss_jax.cli", "train", str(cfg_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _weights(out_dir):
@@ -119,8 +131,8 @@ def assert_resumed_at(at, stdout, killed_lines, final_lines, steps):
     assert logged == list(steps), logged
     kept = [line for line in killed_lines if json.loads(line)["step"] <= at]
     assert [json.loads(line)["step"] for line in kept] == [s for s in steps if s <= at]
-    assert final_lines[:len(kept)] == kept, "the records before the checkpoint were written again"
-    assert [json.loads(line)["step"] for line in final_lines[len(kept):]] == [s for s in steps if s > at]
+    assert final_lines[: len(kept)] == kept, "the records before the checkpoint were written again"
+    assert [json.loads(line)["step"] for line in final_lines[len(kept) :]] == [s for s in steps if s > at]
 
 
 def test_sigkill_and_resume_is_exact(tmp_path, arithmetic_jsonl):
@@ -179,12 +191,29 @@ def test_lora_run_adapters_export_and_eval(tmp_path):
     base = tmp_path / "base"
     gj.save_native(gj.init(gj.tiny(vocab_size=tok.vocab_size), seed=1, dtype="float32"), str(base))
     arithmetic.write_splits(str(tmp_path / "train.jsonl"), str(tmp_path / "eval.jsonl"), train_size=40, eval_size=4)
-    cfg = load_config(None, [
-        f"model.checkpoint={base}", "model.dtype=float32", f"model.tokenizer={tmp_path / 'tokenizer.json'}",
-        f"data.train={tmp_path / 'train.jsonl'}", f"data.eval={tmp_path / 'eval.jsonl'}", "data.seq_len=256",
-        "data.batch_size=4", "optim.warmup_steps=1", "optim.total_steps=4", "optim.learning_rate=1e-2",
-        "lora.enabled=true", "lora.rank=4", "lora.targets=q,v,w1,w2", f"run.out_dir={tmp_path / 'run'}",
-        "run.steps=4", "run.log_every=1", "run.progress=false", "eval.max_new_tokens=8"])
+    cfg = load_config(
+        None,
+        [
+            f"model.checkpoint={base}",
+            "model.dtype=float32",
+            f"model.tokenizer={tmp_path / 'tokenizer.json'}",
+            f"data.train={tmp_path / 'train.jsonl'}",
+            f"data.eval={tmp_path / 'eval.jsonl'}",
+            "data.seq_len=256",
+            "data.batch_size=4",
+            "optim.warmup_steps=1",
+            "optim.total_steps=4",
+            "optim.learning_rate=1e-2",
+            "lora.enabled=true",
+            "lora.rank=4",
+            "lora.targets=q,v,w1,w2",
+            f"run.out_dir={tmp_path / 'run'}",
+            "run.steps=4",
+            "run.log_every=1",
+            "run.progress=false",
+            "eval.max_new_tokens=8",
+        ],
+    )
     summary = train(cfg, log=lambda s: None)
     run = tmp_path / "run"
     assert sorted(os.listdir(run / "adapters")) == ["adapter_config.json", "adapters.safetensors"]
@@ -194,8 +223,7 @@ def test_lora_run_adapters_export_and_eval(tmp_path):
     assert summary["eval"]["task"]["total"] == 4
     trained = load_trained(run_config(str(run)))
     assert trained.lora_config.targets == ("q", "v", "w1", "w2") and trained.experts == "mxfp4"
-    assert summary["trainable_parameters"] == sum(
-        v.get_value().size for _, v in nnx_flat(trained, lora.LoRAParam))
+    assert summary["trainable_parameters"] == sum(v.get_value().size for _, v in nnx_flat(trained, lora.LoRAParam))
 
     assert cli.main(["export", str(run), str(tmp_path / "hf"), "--experts", "dense", "--dtype", "float32"]) == 0
     exported = gj.load(str(tmp_path / "hf"), dtype="float32")

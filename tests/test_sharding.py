@@ -85,8 +85,10 @@ def tokens(tiny_cfg):
 
 @pytest.fixture(scope="module")
 def single_device_logits(tiny_cfg, tokens):
-    return {e: np.asarray(_forward(gj.init(tiny_cfg, seed=3, dtype=jnp.float32, experts=e), tokens))
-            for e in ("mxfp4", "dense")}
+    return {
+        e: np.asarray(_forward(gj.init(tiny_cfg, seed=3, dtype=jnp.float32, experts=e), tokens))
+        for e in ("mxfp4", "dense")
+    }
 
 
 @pytest.mark.parametrize("experts", ["mxfp4", "dense"])
@@ -107,8 +109,9 @@ def test_same_seed_same_weights_on_every_mesh(tiny_cfg):
         sharded = nnx.to_flat_state(nnx.state(gj.init(tiny_cfg, seed=5, mesh=gj.make_mesh(**shape))))
         assert [p for p, _ in sharded] == [p for p, _ in plain]
         for (path, vs), (_, vp) in zip(sharded, plain):
-            np.testing.assert_array_equal(np.asarray(vs.get_value()), np.asarray(vp.get_value()),
-                                          err_msg=f"{shape} {path}")
+            np.testing.assert_array_equal(
+                np.asarray(vs.get_value()), np.asarray(vp.get_value()), err_msg=f"{shape} {path}"
+            )
 
 
 def test_weights_are_placed_by_the_rules(tiny_cfg):
@@ -138,10 +141,15 @@ def _train_step(graphdef, rest, optimizer):
     return step
 
 
-@pytest.mark.parametrize("mesh_name,experts", [("data8", "dense"),  # the chunked MoE's backward in shard_map
-                                                ("data2_expert4", "mxfp4"),
-                                                ("fsdp2_tensor2_expert2", "mxfp4"),
-                                                ("fsdp2_tensor2_expert2", "dense")])
+@pytest.mark.parametrize(
+    "mesh_name,experts",
+    [
+        ("data8", "dense"),  # the chunked MoE's backward in shard_map
+        ("data2_expert4", "mxfp4"),
+        ("fsdp2_tensor2_expert2", "mxfp4"),
+        ("fsdp2_tensor2_expert2", "dense"),
+    ],
+)
 def test_train_step_equals_single_device(tiny_cfg, tokens, mesh_name, experts):
     """Loss and gradients of the packed-base model (only nnx.Params train), and the weights after
     one optimizer step. The step is SGD with momentum and weight decay: its update is linear in the
@@ -150,8 +158,14 @@ def test_train_step_equals_single_device(tiny_cfg, tokens, mesh_name, experts):
     optimizer = optax.chain(optax.add_decayed_weights(0.1), optax.sgd(0.1, momentum=0.9))
     results = []
     for mesh in (None, gj.make_mesh(**MESHES[mesh_name])):
-        model = gj.init(tiny_cfg, seed=4, dtype=jnp.float32, experts=experts, mesh=mesh,
-                        kernel=gj.KernelOptions(moe_impl="chunks" if mesh_name == "data8" else None))
+        model = gj.init(
+            tiny_cfg,
+            seed=4,
+            dtype=jnp.float32,
+            experts=experts,
+            mesh=mesh,
+            kernel=gj.KernelOptions(moe_impl="chunks" if mesh_name == "data8" else None),
+        )
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         step = _train_step(graphdef, rest, optimizer)
         new, _, loss, grads = step(params, optimizer.init(params), tokens)
@@ -176,6 +190,7 @@ def test_load_onto_a_mesh_reads_only_local_slices(original_dir, monkeypatch):
             out = cb(index)
             calls.append((shape, out.shape))
             return out
+
         return original(shape, sharding_, counted, *a, **kw)
 
     monkeypatch.setattr(jax, "make_array_from_callback", spy)
@@ -186,8 +201,9 @@ def test_load_onto_a_mesh_reads_only_local_slices(original_dir, monkeypatch):
     assert packed and all(np.prod(got) * 8 == np.prod(full) for full, got in packed)
 
 
-@pytest.mark.parametrize("mesh_name,adapters", [("fsdp2_tensor2_expert2", False), ("fsdp2_tensor2_expert2", True),
-                                               ("expert8", True)])
+@pytest.mark.parametrize(
+    "mesh_name,adapters", [("fsdp2_tensor2_expert2", False), ("fsdp2_tensor2_expert2", True), ("expert8", True)]
+)
 def test_train_state_is_laid_out_as_the_weights(tiny_cfg, tokens, mesh_name, adapters):
     """The fp32 master copies, both AdamW moments and the state after a step are split across the
     mesh exactly as the trained variable itself, whether the state is made eagerly or under jit
@@ -208,8 +224,7 @@ def test_train_state_is_laid_out_as_the_weights(tiny_cfg, tokens, mesh_name, ada
 
     def laid_out_as_wanted(tree):
         got = dict(nnx.to_flat_state(tree))
-        return got.keys() == want.keys() and all(
-            got[k].sharding.is_equivalent_to(want[k], got[k].ndim) for k in want)
+        return got.keys() == want.keys() and all(got[k].sharding.is_equivalent_to(want[k], got[k].ndim) for k in want)
 
     batch = {"tokens": jnp.concatenate([tokens] * 4, 0)[:8], "loss_mask": jnp.ones((8, tokens.shape[1]), jnp.float32)}
     batch = jax.device_put(batch, jax.sharding.NamedSharding(mesh, sharding.batch_spec(mesh, 8)))

@@ -2,8 +2,14 @@ import os
 
 import pytest
 
-from gptoss_jax.tokenizer import (NAMED_SPECIALS, VOCAB_SIZE, TokenizerError, load_tokenizer,
-                                  read_o200k_base, special_tokens)
+from gptoss_jax.tokenizer import (
+    NAMED_SPECIALS,
+    VOCAB_SIZE,
+    TokenizerError,
+    load_tokenizer,
+    read_o200k_base,
+    special_tokens,
+)
 
 CORPUS = [
     "Hello, world!",
@@ -64,7 +70,8 @@ def test_ids_equal_tiktoken_o200k_harmony(tokenizer):
 def test_ids_equal_openai_harmony_encoding(tokenizer, harmony_encoding):
     for text in CORPUS:
         assert tokenizer.encode(text, disallowed_special=()) == harmony_encoding.encode(
-            text, allowed_special=set(), disallowed_special=()), text
+            text, allowed_special=set(), disallowed_special=()
+        ), text
     assert tokenizer.decode([200018]) == harmony_encoding.decode_utf8([200018])
 
 
@@ -108,8 +115,14 @@ SPECIAL_TEXTS = [
     "\ud83d\ude00<|end|>\ud800",  # a surrogate pair and a lone surrogate around a special
 ]
 SPECIAL_SETTINGS = [  # (allowed_special, disallowed_special), as tiktoken spells them
-    (set(), "all"), ("all", "all"), ({"<|end|>"}, "all"), (set(), ()), ({"<|end|>"}, ()),
-    (set(), {"<|start|>"}), ("all", ()), ({"<|endofprompt|>", "<|start|>"}, "all"),
+    (set(), "all"),
+    ("all", "all"),
+    ({"<|end|>"}, "all"),
+    (set(), ()),
+    ({"<|end|>"}, ()),
+    (set(), {"<|start|>"}),
+    ("all", ()),
+    ({"<|endofprompt|>", "<|start|>"}, "all"),
 ]
 
 
@@ -132,14 +145,18 @@ def test_special_token_text_as_tiktoken(tokenizer, tiktoken_harmony):
     enc = tiktoken_harmony
     raised = 0
     for allowed, disallowed in SPECIAL_SETTINGS:
-        want = [outcome(lambda: enc.encode(t, allowed_special=allowed, disallowed_special=disallowed))
-                for t in SPECIAL_TEXTS]
-        got = [outcome(lambda: tokenizer.encode(t, allowed_special=allowed, disallowed_special=disallowed))
-               for t in SPECIAL_TEXTS]
+        want = [
+            outcome(lambda: enc.encode(t, allowed_special=allowed, disallowed_special=disallowed))
+            for t in SPECIAL_TEXTS
+        ]
+        got = [
+            outcome(lambda: tokenizer.encode(t, allowed_special=allowed, disallowed_special=disallowed))
+            for t in SPECIAL_TEXTS
+        ]
         assert got == want, (allowed, disallowed)
-        assert outcome(lambda: tokenizer.encode_batch(SPECIAL_TEXTS, allowed_special=allowed,
-                                                      disallowed_special=disallowed)) == (
-            "ValueError" if "ValueError" in want else want)
+        assert outcome(
+            lambda: tokenizer.encode_batch(SPECIAL_TEXTS, allowed_special=allowed, disallowed_special=disallowed)
+        ) == ("ValueError" if "ValueError" in want else want)
         raised += want.count("ValueError")
     assert raised > 10
     # the default is tiktoken's: special-token text raises, naming the token
@@ -178,8 +195,24 @@ FUZZ_POOLS = {
     "digits": "0123456789٠١٢٣٤٥٦٧٨٩１２３²³½ⅫⅧ",
     "punct": "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~«»—–…¿¡§¶•“”‘’",
     "contractions": ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", "'LL", "'Re", "’s"],
-    "space": [" ", "  ", "\t", "\n", "\r", "\r\n", "\n\n", "\u00a0", "\u3000", "\u2028", "\x0b", "\x0c",
-              "\u2009", "\u200b", "\u180e", "\x85"],
+    "space": [
+        " ",
+        "  ",
+        "\t",
+        "\n",
+        "\r",
+        "\r\n",
+        "\n\n",
+        "\u00a0",
+        "\u3000",
+        "\u2028",
+        "\x0b",
+        "\x0c",
+        "\u2009",
+        "\u200b",
+        "\u180e",
+        "\x85",
+    ],
     "latin": "àáâãäåæçèéêëìíîïðñòóôõöøùúûüýþÿßœŒÆǅǈǋʰʲˆ",
     "greek_cyrillic": "αβγδεζηθλμπσςωΩΣΔжзийклмнопрстЖЗИЙ",
     "rtl": "אבגדהוזחטיעפצקרשתابتثجحخدذرزسشصضطظعغفقكلمنهوي",
@@ -254,8 +287,10 @@ def test_fuzz_against_tiktoken(tokenizer, tiktoken_harmony):
         assert back == want == enc.decode(ids), ascii(s)
     assert tokenizer.encode_batch(texts, disallowed_special=()) == [enc.encode(s, disallowed_special=()) for s in texts]
     elapsed = time.perf_counter() - start
-    print(f"tokenizer fuzz: {len(texts)} strings, {lone} with surrogates UTF-8 cannot hold, "
-          f"{raised} rejected by default for special-token text, {elapsed:.1f} s")
+    print(
+        f"tokenizer fuzz: {len(texts)} strings, {lone} with surrogates UTF-8 cannot hold, "
+        f"{raised} rejected by default for special-token text, {elapsed:.1f} s"
+    )
     assert 200 < lone < 1000 and 200 < raised < 1000
     assert elapsed < 30
 

@@ -15,7 +15,8 @@ from flax import nnx
 
 import gptoss_jax as gj
 from gptoss_jax import harmony, moe
-from gptoss_jax.train import data, step as step_lib
+from gptoss_jax.train import data
+from gptoss_jax.train import step as step_lib
 from gptoss_jax.train.losses import chunked_next_token_loss, next_token_loss
 
 
@@ -26,19 +27,38 @@ def _write_jsonl(path, lines):
 
 
 def test_both_conversation_shapes_and_malformed_lines(tmp_path, tokenizer):
-    chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
-                         {"role": "assistant", "content": "4", "thinking": "Two plus two."}]}
-    native = {"messages": [harmony.system_message(reasoning_effort="high"), harmony.user("hi"),
-                           harmony.assistant("hello")]}
-    path = _write_jsonl(tmp_path / "d.jsonl", [json.dumps(chat), "{not json", json.dumps(native), "",
-                                               json.dumps({"messages": [{"role": "robot", "content": "x"}]})])
+    chat = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4", "thinking": "Two plus two."},
+        ]
+    }
+    native = {
+        "messages": [harmony.system_message(reasoning_effort="high"), harmony.user("hi"), harmony.assistant("hello")]
+    }
+    path = _write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            json.dumps(chat),
+            "{not json",
+            json.dumps(native),
+            "",
+            json.dumps({"messages": [{"role": "robot", "content": "x"}]}),
+        ],
+    )
     convs, report = data.read_jsonl(path)
     assert report.lines == 4 and report.conversations == 2
     assert [r.split(": ")[0] for r in report.malformed] == [f"{path}:2", f"{path}:5"]
-    want = harmony.normalize_conversation([
-        harmony.system_message(reasoning_effort="low"), harmony.developer_message("Be brief."),
-        harmony.user("2+2?"), harmony.assistant("Two plus two.", channel="analysis"),
-        harmony.assistant("4", channel="final")])
+    want = harmony.normalize_conversation(
+        [
+            harmony.system_message(reasoning_effort="low"),
+            harmony.developer_message("Be brief."),
+            harmony.user("2+2?"),
+            harmony.assistant("Two plus two.", channel="analysis"),
+            harmony.assistant("4", channel="final"),
+        ]
+    )
     assert convs[0] == want
     assert convs[1] == harmony.normalize_conversation(native)
     with pytest.raises(data.DataError, match=r"d\.jsonl:2: "):
@@ -46,8 +66,13 @@ def test_both_conversation_shapes_and_malformed_lines(tmp_path, tokenizer):
 
 
 def test_packing_keeps_examples_whole_and_apart():
-    ex = [([1] * 5, [0, 0, 1, 1, 1]), ([2] * 3, [0, 1, 1]), ([3] * 9, [1] * 9), ([4] * 4, [0, 0, 0, 1]),
-          ([5] * 2, [1, 1])]
+    ex = [
+        ([1] * 5, [0, 0, 1, 1, 1]),
+        ([2] * 3, [0, 1, 1]),
+        ([3] * 9, [1] * 9),
+        ([4] * 4, [0, 0, 0, 1]),
+        ([5] * 2, [1, 1]),
+    ]
     report = data.DataReport()
     packed = data.pack(ex, 8, report=report)
     assert report.too_long == 1  # the 9-token example: counted, never truncated
@@ -75,9 +100,11 @@ def test_batches_are_a_function_of_the_step():
     other = np.concatenate([data.batch_at(packed, s, 4, seed=2)["tokens"][:, 0] for s in range(5)])
     assert sorted(other[:10]) == list(range(1, 11)) and list(other) != list(seen)
     # the same batches in a fresh process with another hash seed: resuming elsewhere is exact
-    code = ("import numpy as np; from gptoss_jax.train import data; "
-            "p = data.pack([([i + 1] * 3, [0, 1, 1]) for i in range(10)], 3); "
-            "print(np.concatenate([data.batch_at(p, s, 4, seed=1)['tokens'][:, 0] for s in range(5)]).tolist())")
+    code = (
+        "import numpy as np; from gptoss_jax.train import data; "
+        "p = data.pack([([i + 1] * 3, [0, 1, 1]) for i in range(10)], 3); "
+        "print(np.concatenate([data.batch_at(p, s, 4, seed=1)['tokens'][:, 0] for s in range(5)]).tolist())"
+    )
     env = dict(os.environ, PYTHONHASHSEED="12345", JAX_PLATFORMS="cpu")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -239,15 +266,33 @@ def test_task_accuracy_scores_the_parsed_final_answer(tokenizer):
     from gptoss_jax.sampling import Generation
     from gptoss_jax.train import eval as eval_lib
 
-    convs = [harmony.normalize_conversation([
-        harmony.system_message(reasoning_effort="low"), harmony.user(f"{a}+{a}"),
-        harmony.assistant(f"double {a}", channel="analysis"), harmony.assistant(str(2 * a))]) for a in range(6)]
+    convs = [
+        harmony.normalize_conversation(
+            [
+                harmony.system_message(reasoning_effort="low"),
+                harmony.user(f"{a}+{a}"),
+                harmony.assistant(f"double {a}", channel="analysis"),
+                harmony.assistant(str(2 * a)),
+            ]
+        )
+        for a in range(6)
+    ]
     tid = tokenizer.token_id
 
     def completion(analysis, final):
-        return ([tid("<|channel|>")] + tokenizer.encode("analysis") + [tid("<|message|>")] + tokenizer.encode(analysis)
-                + [tid("<|end|>"), tid("<|start|>")] + tokenizer.encode("assistant") + [tid("<|channel|>")]
-                + tokenizer.encode("final") + [tid("<|message|>")] + tokenizer.encode(final) + [tid("<|return|>")])
+        return (
+            [tid("<|channel|>")]
+            + tokenizer.encode("analysis")
+            + [tid("<|message|>")]
+            + tokenizer.encode(analysis)
+            + [tid("<|end|>"), tid("<|start|>")]
+            + tokenizer.encode("assistant")
+            + [tid("<|channel|>")]
+            + tokenizer.encode("final")
+            + [tid("<|message|>")]
+            + tokenizer.encode(final)
+            + [tid("<|return|>")]
+        )
 
     def fake_generate(model, tok, prompts, **kw):
         # the prompt must end by opening the assistant turn; answers by a % 3: right, wrong, no final
@@ -255,8 +300,13 @@ def test_task_accuracy_scores_the_parsed_final_answer(tokenizer):
         outs = []
         for p in prompts:
             a = int(tokenizer.decode(p).split("<|message|>")[-1].split("+")[0])
-            outs.append(completion("x", str(2 * a)) if a % 3 == 0 else
-                        completion("x", str(2 * a + 1)) if a % 3 == 1 else tokenizer.encode("garbage"))
+            outs.append(
+                completion("x", str(2 * a))
+                if a % 3 == 0
+                else completion("x", str(2 * a + 1))
+                if a % 3 == 1
+                else tokenizer.encode("garbage")
+            )
         return Generation(outs, ["stop"] * len(outs), [len(p) for p in prompts])
 
     res = eval_lib.task_accuracy(None, tokenizer, convs, generate=fake_generate, batch_size=4)
@@ -285,17 +335,21 @@ def test_remat_changes_memory_not_gradients(tiny_cfg, remat):
 
     tokens = jnp.asarray(np.random.RandomState(7).randint(0, tiny_cfg.vocab_size, (2, 40)), jnp.int32)
     plain, params = _loss(gj.init(tiny_cfg, seed=8, dtype=jnp.float32, experts="dense"))
-    remade, _ = _loss(gj.init(tiny_cfg, seed=8, dtype=jnp.float32, experts="dense",
-                              kernel=gj.KernelOptions(remat=remat)))
+    remade, _ = _loss(
+        gj.init(tiny_cfg, seed=8, dtype=jnp.float32, experts="dense", kernel=gj.KernelOptions(remat=remat))
+    )
     g_plain = jax.jit(jax.grad(plain))(params, tokens, 0.0)
     g_remat = jax.jit(jax.grad(remade))(params, tokens, 0.0)
     for (p, a), (_, b) in zip(nnx.to_flat_state(g_plain), nnx.to_flat_state(g_remat)):
-        np.testing.assert_allclose(np.asarray(b.get_value()), np.asarray(a.get_value()), rtol=1e-5, atol=1e-7,
-                                   err_msg=str(p))
+        np.testing.assert_allclose(
+            np.asarray(b.get_value()), np.asarray(a.get_value()), rtol=1e-5, atol=1e-7, err_msg=str(p)
+        )
     # what the backward pass keeps from the forward pass (beyond the inputs): less with remat
-    kept = lambda f: sum(np.prod(aval.shape) * aval.dtype.itemsize
-                         for aval, why in saved_residuals(lambda p: f(p, tokens, 0.0), params)
-                         if "argument" not in why)
+    kept = lambda f: sum(
+        np.prod(aval.shape) * aval.dtype.itemsize
+        for aval, why in saved_residuals(lambda p: f(p, tokens, 0.0), params)
+        if "argument" not in why
+    )
     assert kept(remade) < 0.6 * kept(plain), (kept(remade), kept(plain))
     with pytest.raises(ValueError, match="remat must be one of"):
         gj.KernelOptions(remat="some")
@@ -306,9 +360,18 @@ def test_router_aux_loss_enters_the_step(tiny_cfg):
     model = gj.init(tiny_cfg, seed=10, dtype=jnp.float32)
     out = nnx.jit(lambda m, t: m(t, router_loss=True))(model, tokens)
     captured = nnx.jit(lambda m, t: m(t, capture=True).intermediates)(model, tokens)
-    per_layer = [float(moe.load_balancing_loss(moe.Routing(i["router_logits"].reshape(-1, tiny_cfg.num_experts),
-                                                           i["expert_ids"].reshape(-1, tiny_cfg.experts_per_token),
-                                                           i["expert_weights"]))) for i in captured]
+    per_layer = [
+        float(
+            moe.load_balancing_loss(
+                moe.Routing(
+                    i["router_logits"].reshape(-1, tiny_cfg.num_experts),
+                    i["expert_ids"].reshape(-1, tiny_cfg.experts_per_token),
+                    i["expert_weights"],
+                )
+            )
+        )
+        for i in captured
+    ]
     assert float(out.router_loss) == pytest.approx(np.mean(per_layer), rel=1e-5)
     # the coefficient reaches the router's gradient
     loss, params = _loss(model)

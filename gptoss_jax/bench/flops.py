@@ -59,14 +59,16 @@ def unembed_flops(cfg) -> float:
 
 def forward_flops_per_token(cfg, T: int, *, all_logits: bool = True) -> float:
     """Useful FLOPs per token of a length-T forward (batch-independent)."""
-    attn = sum(attention_core_flops(cfg, T, cfg.sliding_window if cfg.is_sliding(i) else None)
-               for i in range(cfg.num_layers))
+    attn = sum(
+        attention_core_flops(cfg, T, cfg.sliding_window if cfg.is_sliding(i) else None) for i in range(cfg.num_layers)
+    )
     unembed = unembed_flops(cfg) * (1 if all_logits else 1 / T)
     return cfg.num_layers * (projection_flops(cfg) + moe_flops(cfg)) + attn + unembed
 
 
-def decode_bytes_per_step(cfg, *, batch: int, prompt: int, new: int, weight_bytes: int,
-                          experts: str, cache_bytes: int) -> float:
+def decode_bytes_per_step(
+    cfg, *, batch: int, prompt: int, new: int, weight_bytes: int, experts: str, cache_bytes: int
+) -> float:
     """Bytes one decode step of `batch` rows must read, averaged over steps 1 .. new-1 after a
     `prompt`-token prefill: weights at `weight_bytes` each (norms and sinks fp32), MXFP4 experts
     at 1/2 + 1/32 byte per weight, min(E, batch*k) experts per layer, the cache's K/V rows."""
@@ -82,10 +84,14 @@ def decode_bytes_per_step(cfg, *, batch: int, prompt: int, new: int, weight_byte
         per_expert = n / 2 + n / 32 + (2 * F + D) * w
     n_experts = min(E, batch * k)
     # decode steps j = 1 .. new-1 attend to prompt + j keys (capped at W on sliding layers)
-    ctx = {win: statistics.fmean(min(prompt + j, win or 1 << 60) for j in range(1, new))
-           for win in (None, cfg.sliding_window)}
-    kv = sum(2 * K * H * cache_bytes * batch * ctx[cfg.sliding_window if cfg.is_sliding(i) else None]
-             for i in range(cfg.num_layers))
+    ctx = {
+        win: statistics.fmean(min(prompt + j, win or 1 << 60) for j in range(1, new))
+        for win in (None, cfg.sliding_window)
+    }
+    kv = sum(
+        2 * K * H * cache_bytes * batch * ctx[cfg.sliding_window if cfg.is_sliding(i) else None]
+        for i in range(cfg.num_layers)
+    )
     head = V * D * w + D * 4 + batch * D * w  # unembedding, final norm, embedding rows
     return cfg.num_layers * (attn + router + n_experts * per_expert) + kv + head
 
@@ -118,8 +124,13 @@ def decode_bytes_per_token(model, total_len: int) -> dict:
             per["attention"] += b
     kv = cache_bytes(cfg, 1, total_len, model.dtype)
     weights = sum(per.values())
-    return {"parts": per, "weights": weights, "kv_cache": kv, "total": weights + kv,
-            "expert_bytes_per_layer_k_experts": per["experts_k"] // cfg.num_layers}
+    return {
+        "parts": per,
+        "weights": weights,
+        "kv_cache": kv,
+        "total": weights + kv,
+        "expert_bytes_per_layer_k_experts": per["experts_k"] // cfg.num_layers,
+    }
 
 
 def flash_attention_cost(cfg, T: int, window: int | None, block: int, skipping: bool = True):

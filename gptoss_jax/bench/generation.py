@@ -21,13 +21,19 @@ def run_generate(model, prompt, n_new: int, block: int | None) -> dict:
     """One greedy `gj.generate` call (decode in blocks of `block` steps inside one jitted
     while-loop; None = generate's default, 16), with logprobs."""
     t0 = time.perf_counter()
-    gen = gj.generate(model, None, [prompt], max_new_tokens=n_new, temperature=0, stop_tokens=(),
-                      block=block, logprobs=True)
+    gen = gj.generate(
+        model, None, [prompt], max_new_tokens=n_new, temperature=0, stop_tokens=(), block=block, logprobs=True
+    )
     wall = time.perf_counter() - t0
     lp = np.asarray(gen.logprobs[0], np.float64)
-    return {"wall_s": wall, "tokens": gen.tokens[0], "stop_reason": gen.stop_reason[0],
-            "logprobs_finite": bool(np.all(np.isfinite(lp))),
-            "logprob_min": float(lp.min()), "logprob_max": float(lp.max())}
+    return {
+        "wall_s": wall,
+        "tokens": gen.tokens[0],
+        "stop_reason": gen.stop_reason[0],
+        "logprobs_finite": bool(np.all(np.isfinite(lp))),
+        "logprob_min": float(lp.min()),
+        "logprob_max": float(lp.max()),
+    }
 
 
 def time_prefill(model, prompt, n_new: int, repeats: int = 2, prefill_chunk: int = 256) -> list[float]:

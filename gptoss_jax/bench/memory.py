@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from flax import nnx
 
-GiB = 2 ** 30
+GiB = 2**30
 STATUS_KEYS = ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem")
 
 
@@ -50,8 +50,9 @@ class MemoryWatch:
     `max_anon` bytes, MemAvailable below `min_available`) records why in `report["aborted"]`,
     calls `save(report)` and exits the process with status 3."""
 
-    def __init__(self, report: dict, max_anon: float, min_available: float, save: Callable[[dict], None],
-                 interval: float = 0.05):
+    def __init__(
+        self, report: dict, max_anon: float, min_available: float, save: Callable[[dict], None], interval: float = 0.05
+    ):
         self.report, self.max_anon, self.min_available, self.interval = report, max_anon, min_available, interval
         self.save = save
         self.peak_anon = self.peak_rss = self.peak_file = 0
@@ -96,8 +97,12 @@ class MemoryWatch:
                 os._exit(3)
 
     def peaks(self) -> dict:
-        return {"peak_rss_anon_bytes": self.peak_anon, "peak_vmrss_bytes": self.peak_rss,
-                "peak_rss_file_bytes": self.peak_file, "min_mem_available_bytes": self.min_avail}
+        return {
+            "peak_rss_anon_bytes": self.peak_anon,
+            "peak_vmrss_bytes": self.peak_rss,
+            "peak_rss_file_bytes": self.peak_file,
+            "min_mem_available_bytes": self.min_avail,
+        }
 
 
 def aliased_bytes(model, files) -> int:

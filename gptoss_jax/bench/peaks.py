@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +20,22 @@ import numpy as np
 from gptoss_jax.bench import timing
 
 # instruction-set flags that decide how fast XLA and torch run matmuls on a CPU
-ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
-             "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "avx_vnni")
+ISA_FLAGS = (
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+    "avx_vnni",
+)
 
 
 def _torch():
@@ -46,7 +60,7 @@ def jax_matmul(n: int, dtype, repeats: int, accumulate=None) -> float:
     a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
     b = jnp.asarray(np.random.default_rng(1).standard_normal((n, n)), dtype)
     f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=accumulate))
-    return 2 * n ** 3 / timing.median(lambda: f(a, b), repeats)
+    return 2 * n**3 / timing.median(lambda: f(a, b), repeats)
 
 
 def torch_matmul(n: int, dtype: str, repeats: int) -> float:
@@ -54,7 +68,7 @@ def torch_matmul(n: int, dtype: str, repeats: int) -> float:
     torch = _torch()
     a = torch.randn(n, n).to(getattr(torch, dtype))
     b = torch.randn(n, n).to(getattr(torch, dtype))
-    return 2 * n ** 3 / timing.median(lambda: torch.mm(a, b), repeats)
+    return 2 * n**3 / timing.median(lambda: torch.mm(a, b), repeats)
 
 
 # --------------------------------------------------------------------------------- bandwidth
@@ -74,6 +88,7 @@ def jax_add_stream(nbytes: int, repeats: int, operands: int = 2) -> float:
     def step():
         box[0] = add(box[0], y)
         return box[0]
+
     return stream_rate(step, (operands + 1) * n * 4, repeats)
 
 
@@ -84,8 +99,10 @@ def host_streams(nbytes: int, repeats: int, torch=None) -> dict:
     a = np.random.default_rng(0).standard_normal(n, dtype=np.float32)
     b = np.ones(n, np.float32)
     c = np.empty(n, np.float32)
-    bw = {"numpy copy (1 thread)": stream_rate(lambda: np.copyto(c, a), 2 * nbytes, repeats),
-          "numpy add (1 thread)": stream_rate(lambda: np.add(a, b, out=c), 3 * nbytes, repeats)}
+    bw = {
+        "numpy copy (1 thread)": stream_rate(lambda: np.copyto(c, a), 2 * nbytes, repeats),
+        "numpy add (1 thread)": stream_rate(lambda: np.add(a, b, out=c), 3 * nbytes, repeats),
+    }
     if torch is not None:
         ta, tb, tc = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(c)
         threads = torch.get_num_threads()
@@ -103,8 +120,10 @@ def threaded_copy(nbytes: int, repeats: int, threads: int) -> dict:
     bounds = [(int(p[0]), min(nbytes, int(p[-1]) + 4096)) for p in parts if len(p)]
     one = stream_rate(lambda: np.copyto(dst, src), 2 * nbytes, repeats, reduce=timing.best, warmup=0)
     with concurrent.futures.ThreadPoolExecutor(threads) as ex:
+
         def par():
-            list(ex.map(lambda b: np.copyto(dst[b[0]:b[1]], src[b[0]:b[1]]), bounds))
+            list(ex.map(lambda b: np.copyto(dst[b[0] : b[1]], src[b[0] : b[1]]), bounds))
+
         many = stream_rate(par, 2 * nbytes, repeats, reduce=timing.best, warmup=0)
     return {"one": one, "many": many, "check": bool(dst[::4096].all())}
 
@@ -118,7 +137,7 @@ def bounds(quick: bool, say: Callable = print) -> dict:
     reps = 3 if quick else 5
     torch = _torch() if has_torch() else None
     out = {"matmul": {}, "bandwidth": {}}
-    say("  peak matmul (square n x n, median of %d; GFLOP/s = 2n^3 / s):" % reps)
+    say(f"  peak matmul (square n x n, median of {reps}; GFLOP/s = 2n^3 / s):")
     for name, dt in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16)):
         variants = {"jax": {}, "torch": {}}
         torch_ok = torch is not None
@@ -128,7 +147,7 @@ def bounds(quick: bool, say: Callable = print) -> dict:
                 variants["torch"]["torch.mm n=512 (larger sizes skipped: too slow)"] = rate
                 torch_ok = False
         for n in sizes:
-            for acc in ([None] if dt == jnp.float32 else [None, jnp.float32]):  # bf16 out, fp32 out
+            for acc in [None] if dt == jnp.float32 else [None, jnp.float32]:  # bf16 out, fp32 out
                 tag = f"jnp.dot n={n}" + ("" if acc is None else " ->f32")
                 variants["jax"][tag] = jax_matmul(n, dt, reps, acc)
             if torch_ok:
@@ -138,16 +157,24 @@ def bounds(quick: bool, say: Callable = print) -> dict:
         best = {lib: max(v.items(), key=lambda kv: kv[1]) for lib, v in variants.items()}
         lib = max(best, key=lambda k: best[k][1])
         every = {**variants["jax"], **variants["torch"]}
-        out["matmul"][name] = {"jax": best["jax"][1], "jax_case": best["jax"][0], "torch": best["torch"][1],
-                               "torch_case": best["torch"][0], "bound": best[lib][1],
-                               "bound_from": f"{lib} ({best[lib][0]})", "all": every}
-        say(f"    {name:9s} jax {best['jax'][1] / 1e9:7.1f} GFLOP/s ({best['jax'][0]})   torch "
+        out["matmul"][name] = {
+            "jax": best["jax"][1],
+            "jax_case": best["jax"][0],
+            "torch": best["torch"][1],
+            "torch_case": best["torch"][0],
+            "bound": best[lib][1],
+            "bound_from": f"{lib} ({best[lib][0]})",
+            "all": every,
+        }
+        say(
+            f"    {name:9s} jax {best['jax'][1] / 1e9:7.1f} GFLOP/s ({best['jax'][0]})   torch "
             f"{best['torch'][1] / 1e9:7.1f} GFLOP/s ({best['torch'][0]})   -> bound "
-            f"{best[lib][1] / 1e9:.1f} GFLOP/s [{lib}]")
+            f"{best[lib][1] / 1e9:.1f} GFLOP/s [{lib}]"
+        )
         say("      all: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in every.items()))
 
-    nbytes = (256 if quick else 1024) * 2 ** 20
-    say(f"  stream bandwidth ({nbytes // 2 ** 20} MiB fp32 arrays, bytes read + written, median of {reps}):")
+    nbytes = (256 if quick else 1024) * 2**20
+    say(f"  stream bandwidth ({nbytes // 2**20} MiB fp32 arrays, bytes read + written, median of {reps}):")
     bw = host_streams(nbytes, reps, torch)
     bw["jax add (jit, donated)"] = jax_add_stream(nbytes, reps)
     for k, v in bw.items():
@@ -161,8 +188,11 @@ def bounds(quick: bool, say: Callable = print) -> dict:
 def peaks_of(bounds_record: dict) -> dict:
     """{"float32", "bfloat16": FLOP/s, "bandwidth": bytes/s} of a `bounds()` record."""
     m = bounds_record["matmul"]
-    return {"float32": m["float32"]["bound"], "bfloat16": m["bfloat16"]["bound"],
-            "bandwidth": bounds_record["bandwidth"]["bound"]}
+    return {
+        "float32": m["float32"]["bound"],
+        "bfloat16": m["bfloat16"]["bound"],
+        "bandwidth": bounds_record["bandwidth"]["bound"],
+    }
 
 
 # ---------------------------------------------------------------------------------------- CPU

@@ -22,19 +22,31 @@ from safetensors import safe_open
 import gptoss_jax as gj
 from gptoss_jax.train.step import OptimConfig, make_optimizer, make_trainer
 
-GiB = 2 ** 30
+GiB = 2**30
 
 # the small config of the CPU benchmarks (scripts/bench.py, bench_train.py, profile_*.py)
-BENCH_CONFIG = dict(vocab_size=8192, d_model=512, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=64,
-                    num_experts=16, experts_per_token=4, expert_dim=512, sliding_window=128)
+BENCH_CONFIG = dict(
+    vocab_size=8192,
+    d_model=512,
+    num_layers=4,
+    num_heads=8,
+    num_kv_heads=2,
+    head_dim=64,
+    num_experts=16,
+    experts_per_token=4,
+    expert_dim=512,
+    sliding_window=128,
+)
 
 
 def require_torch():
     try:
         import torch
     except ImportError as e:
-        raise ImportError("comparing with HF transformers / OpenAI's reference needs the test extras "
-                          "(torch, transformers, gpt_oss: `make setup-test`)") from e
+        raise ImportError(
+            "comparing with HF transformers / OpenAI's reference needs the test extras "
+            "(torch, transformers, gpt_oss: `make setup-test`)"
+        ) from e
     return torch
 
 
@@ -86,8 +98,11 @@ class Models:
                 if fn.endswith(".safetensors"):
                     with safe_open(os.path.join(self.hub(), fn), framework="pt") as f:
                         hub.update({k: f.get_tensor(k) for k in f.keys()})
-            t = {"embedding.weight": hub["model.embed_tokens.weight"], "norm.scale": hub["model.norm.weight"],
-                 "unembedding.weight": hub["lm_head.weight"]}
+            t = {
+                "embedding.weight": hub["model.embed_tokens.weight"],
+                "norm.scale": hub["model.norm.weight"],
+                "unembedding.weight": hub["lm_head.weight"],
+            }
             for n in range(self.cfg.num_layers):
                 p, b = f"model.layers.{n}.", f"block.{n}."
                 sa, ex = p + "self_attn.", p + "mlp.experts."
@@ -143,8 +158,9 @@ def training_steps(model, hf, tokens):
     same [B, T] int32 tokens: (ours_step, hf_step), each returning that step's loss as a float.
     Both train every weight with global-norm clipping at 1.0 and AdamW (lr 1e-4, no decay)."""
     torch = require_torch()
-    opt_cfg = OptimConfig(learning_rate=1e-4, warmup_steps=0, total_steps=10_000, weight_decay=0.0,
-                          b2=0.999, clip_norm=1.0)
+    opt_cfg = OptimConfig(
+        learning_rate=1e-4, warmup_steps=0, total_steps=10_000, weight_decay=0.0, b2=0.999, clip_norm=1.0
+    )
     trainer = make_trainer(model, make_optimizer(opt_cfg))
     state = [trainer.init(model)]
     B, T = tokens.shape

@@ -34,7 +34,7 @@ def provenance() -> dict:
     """{"command", "date_utc", "cpu", "environment"} for a record written now."""
     return {
         "command": command_line(),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "cpu": cpu_info(),
         "environment": {k: os.environ[k] for k in ENV_KEYS if k in os.environ},
     }

@@ -24,7 +24,7 @@ from gptoss_jax.bench.memory import mem_available
 from gptoss_jax.bench.peaks import peaks_of
 from gptoss_jax.config import FULL, SLIDING
 
-GiB = 2 ** 30
+GiB = 2**30
 SECTIONS = ("bounds", "prefill", "decode", "train", "scaling")
 
 
@@ -51,11 +51,11 @@ class Suite:
     def check_memory(self, need_bytes, how):
         free = mem_available(default=8 * GiB) - 2 * GiB  # keep 2 GiB for everything else
         if need_bytes is not None and need_bytes > free:
-            raise Skip(f"needs ~{need_bytes / GiB:.1f} GiB ({how}), {max(free, 0) / GiB:.1f} GiB free beyond a "
-                       "2 GiB margin")
+            raise Skip(
+                f"needs ~{need_bytes / GiB:.1f} GiB ({how}), {max(free, 0) / GiB:.1f} GiB free beyond a 2 GiB margin"
+            )
 
-    def report(self, section, name, *, rates=None, seconds=None, bound=None, hf=None, extra="", skipped=None,
-               **key):
+    def report(self, section, name, *, rates=None, seconds=None, bound=None, hf=None, extra="", skipped=None, **key):
         """Print one row and record it. rates: tokens/s per repeat; hf: HF's median rate, or
         "self" for HF's own row."""
         rec = {"section": section, "impl": name, **key}
@@ -92,8 +92,10 @@ class Suite:
         pk = self.peaks
         Ts = [512, 2048] if args.quick else [512, 2048, 8192]
         reps = args.repeats
-        self.log(f"\n== prefill: batch 1, full logits [B, T, V], compile excluded; median [min-max] of {reps} "
-                 f"{self.elapsed()}")
+        self.log(
+            f"\n== prefill: batch 1, full logits [B, T, V], compile excluded; median [min-max] of {reps} "
+            f"{self.elapsed()}"
+        )
         hf, ref = models.hf(), models.openai()
         # same weights everywhere: logits of the three fp32 implementations at a short length
         Tc = cfg.sliding_window + 32  # longer than a window: sliding layers drop keys
@@ -110,10 +112,18 @@ class Suite:
 
         def rel(a, b):
             return float(np.abs(a - b).max() / np.abs(b).max())
-        check = {"T": Tc, "ours_vs_hf": rel(ours, hf_l), "ours_vs_openai": rel(ours, ref_l), "hf_vs_openai": rel(hf_l, ref_l)}
+
+        check = {
+            "T": Tc,
+            "ours_vs_hf": rel(ours, hf_l),
+            "ours_vs_openai": rel(ours, ref_l),
+            "hf_vs_openai": rel(hf_l, ref_l),
+        }
         self.results["weights_check"] = check
-        self.log(f"  weights check at T={Tc} (max|dlogit|/max|logit|, fp32): ours-HF {check['ours_vs_hf']:.1e}, "
-                 f"ours-OpenAI {check['ours_vs_openai']:.1e}, HF-OpenAI {check['hf_vs_openai']:.1e}")
+        self.log(
+            f"  weights check at T={Tc} (max|dlogit|/max|logit|, fp32): ours-HF {check['ours_vs_hf']:.1e}, "
+            f"ours-OpenAI {check['ours_vs_openai']:.1e}, HF-OpenAI {check['hf_vs_openai']:.1e}"
+        )
 
         variants = [("float32", "dense"), ("bfloat16", "dense"), ("float32", "mxfp4"), ("bfloat16", "mxfp4")]
         if args.quick:
@@ -121,14 +131,24 @@ class Suite:
         for T in Ts:
             tokens = np.random.default_rng(T).integers(0, cfg.vocab_size, (1, T))
             flops = forward_flops_per_token(cfg, T)
-            self.log(f"  -- T={T}: {flops / 1e6:.1f} MFLOP/token (useful), bound fp32 {pk['float32'] / flops:.0f}, "
-                     f"bf16 {pk['bfloat16'] / flops:.0f} tok/s")
+            self.log(
+                f"  -- T={T}: {flops / 1e6:.1f} MFLOP/token (useful), bound fp32 {pk['float32'] / flops:.0f}, "
+                f"bf16 {pk['bfloat16'] / flops:.0f} tok/s"
+            )
             hf_rate = [None]
 
             def row(name, dtype, ts, info):
-                rec = self.report("prefill", name, rates=[T / t for t in ts], seconds=ts, bound=pk[dtype] / flops,
-                                  hf=hf_rate[0], T=T, extra=(f"  (compile {info['compile_s']:.1f} s)" if "compile_s" in info
-                                                             else "") + (f"  ({info['note']})" if info.get("note") else ""))
+                rec = self.report(
+                    "prefill",
+                    name,
+                    rates=[T / t for t in ts],
+                    seconds=ts,
+                    bound=pk[dtype] / flops,
+                    hf=hf_rate[0],
+                    T=T,
+                    extra=(f"  (compile {info['compile_s']:.1f} s)" if "compile_s" in info else "")
+                    + (f"  ({info['note']})" if info.get("note") else ""),
+                )
                 rec.update(flops_per_token=flops, **info)
                 return rec
 
@@ -150,11 +170,12 @@ class Suite:
 
             def hf_run():
                 with torch.no_grad():
-                    hf(input_ids=ids, use_cache=False).logits
+                    return hf(input_ids=ids, use_cache=False).logits
 
             def ref_run():
                 with torch.no_grad():
                     ref(ids1)
+
             hf_rate[0] = "self"
             rec = peer("HF transformers (eager, fp32)", "HF", hf_run, peers.eager_attention_bytes(cfg, T))
             hf_rate[0] = rec["tokens_per_s"]["median"] if rec else None
@@ -183,8 +204,10 @@ class Suite:
         pk = self.peaks
         P, n = 32, (32 if args.quick else 256)
         reps = args.repeats
-        self.log(f"\n== decode: greedy, prompt {P}, {n} new tokens; rate = B*(new-1)/(t(new)-min t(1)), "
-                 f"median [min-max] of {reps} {self.elapsed()}")
+        self.log(
+            f"\n== decode: greedy, prompt {P}, {n} new tokens; rate = B*(new-1)/(t(new)-min t(1)), "
+            f"median [min-max] of {reps} {self.elapsed()}"
+        )
         variants = [("float32", "dense"), ("float32", "mxfp4"), ("bfloat16", "dense"), ("bfloat16", "mxfp4")]
         if args.quick:
             variants = [("float32", "dense")]
@@ -192,8 +215,10 @@ class Suite:
         ref = models.openai()
         for B in (1, 8):
             prompts = np.random.default_rng(B).integers(0, cfg.vocab_size, (B, P))
-            self.log(f"  -- batch {B}: experts read per layer per step min(E, B*k) = "
-                     f"{min(cfg.num_experts, B * cfg.experts_per_token)}")
+            self.log(
+                f"  -- batch {B}: experts read per layer per step min(E, B*k) = "
+                f"{min(cfg.num_experts, B * cfg.experts_per_token)}"
+            )
             hf_rate = [None]
 
             def measure(name, make, wbytes, experts, cbytes):
@@ -207,10 +232,18 @@ class Suite:
                     t1s.append(timing.once(one))
                 pairs = [tn - min(t1s) for tn in tns]
                 rates = [B * (n - 1) / d for d in pairs]
-                byt = decode_bytes_per_step(cfg, batch=B, prompt=P, new=n, weight_bytes=wbytes, experts=experts,
-                                            cache_bytes=cbytes)
-                rec = self.report("decode", name, rates=rates, bound=B * pk["bandwidth"] / byt, hf=hf_rate[0],
-                                  extra=f"  ({byt / 1e6:.1f} MB/step)", batch=B)
+                byt = decode_bytes_per_step(
+                    cfg, batch=B, prompt=P, new=n, weight_bytes=wbytes, experts=experts, cache_bytes=cbytes
+                )
+                rec = self.report(
+                    "decode",
+                    name,
+                    rates=rates,
+                    bound=B * pk["bandwidth"] / byt,
+                    hf=hf_rate[0],
+                    extra=f"  ({byt / 1e6:.1f} MB/step)",
+                    batch=B,
+                )
                 rec.update(bytes_per_step=byt, seconds_new_minus_one=timing.stats(pairs), seconds_one=timing.stats(t1s))
                 return rec
 
@@ -219,29 +252,45 @@ class Suite:
             def make_hf(k):
                 def run():
                     with torch.no_grad():
-                        hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k, min_new_tokens=k,
-                                    do_sample=False, pad_token_id=0)
+                        hf.generate(
+                            ids,
+                            attention_mask=torch.ones_like(ids),
+                            max_new_tokens=k,
+                            min_new_tokens=k,
+                            do_sample=False,
+                            pad_token_id=0,
+                        )
+
                 return run
+
             hf_rate[0] = "self"
             rec = measure("HF transformers generate (fp32)", make_hf, 4, "dense", 4)
             hf_rate[0] = rec["tokens_per_s"]["median"]
 
             name = "OpenAI ref (no KV cache, fp32)"
             if B == 1:
+
                 def make_ref(k):  # the reference's own TokenGenerator loop: no KV cache, re-forward
                     def run():
                         toks = prompts[0].tolist()
                         with torch.no_grad():
                             for _ in range(k):
                                 toks.append(int(ref(torch.tensor(toks, dtype=torch.int32))[-1].argmax()))
+
                     return run
+
                 one = make_ref(1)
                 one()
                 t_f = timing.once(one)  # one forward over the prompt; step j re-reads P + j tokens
                 p = sum(t_f * (P + j) / P for j in range(n))
                 if p > args.cap:
-                    self.report("decode", name, skipped=f"re-forwards the whole sequence per token: predicted {p:.0f} s "
-                                f"for {n} tokens > cap {args.cap:.0f} s", batch=B)
+                    self.report(
+                        "decode",
+                        name,
+                        skipped=f"re-forwards the whole sequence per token: predicted {p:.0f} s "
+                        f"for {n} tokens > cap {args.cap:.0f} s",
+                        batch=B,
+                    )
                 else:
                     measure(name, make_ref, 4, "dense", 4)
             else:
@@ -251,8 +300,10 @@ class Suite:
                 model = models.ours(dtype, experts)
 
                 def make(k, model=model):
-                    return lambda: gj.generate(model, None, prompts.tolist(), max_new_tokens=k, temperature=0,
-                                               stop_tokens=(), prefill_chunk=P)
+                    return lambda: gj.generate(
+                        model, None, prompts.tolist(), max_new_tokens=k, temperature=0, stop_tokens=(), prefill_chunk=P
+                    )
+
                 w = 4 if dtype == "float32" else 2
                 measure(f"ours ({'fp32' if w == 4 else 'bf16'}, {experts})", make, w, experts, w)
             self.save()
@@ -264,8 +315,10 @@ class Suite:
         pk = self.peaks
         B, T = (1, 256) if args.quick else (4, 512)
         steps, reps = (1, 2) if args.quick else (2, args.repeats)
-        self.log(f"\n== train: fp32, batch {B} x {T}, AdamW + clip 1.0, every weight (dense experts) trained; "
-                 f"median [min-max] of {reps} x {steps} steps {self.elapsed()}")
+        self.log(
+            f"\n== train: fp32, batch {B} x {T}, AdamW + clip 1.0, every weight (dense experts) trained; "
+            f"median [min-max] of {reps} x {steps} steps {self.elapsed()}"
+        )
         tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T)).astype(np.int32)
         model = models.ours("float32", "dense")
         hf = models.hf(train=True)  # a fresh copy: training changes its weights
@@ -285,8 +338,17 @@ class Suite:
             res[name] = times
         hf_rate = statistics.median(B * T / t for t in res["HF transformers + torch (fp32)"])
         for name, times in res.items():
-            rec = self.report("train", name, rates=[B * T / t for t in times], seconds=times, bound=bound, hf=hf_rate,
-                              extra=f"  (step {statistics.median(times):.2f} s)", batch=B, T=T)
+            rec = self.report(
+                "train",
+                name,
+                rates=[B * T / t for t in times],
+                seconds=times,
+                bound=bound,
+                hf=hf_rate,
+                extra=f"  (step {statistics.median(times):.2f} s)",
+                batch=B,
+                T=T,
+            )
             rec["flops_per_token"] = flops
             rec["first_loss"] = first if name.startswith("ours") else first_hf
             if name.startswith("ours"):
@@ -299,8 +361,10 @@ class Suite:
         pk = self.peaks
         Ts = [512, 1024, 2048] if args.quick else [2048, 4096, 8192, 16384, 32768]
         reps = 2 if args.quick else args.repeats
-        self.log(f"\n== scaling: ONE layer (1-layer model, last-token logits), ours XLA path, batch 1; median "
-                 f"[min-max] of {reps} {self.elapsed()}")
+        self.log(
+            f"\n== scaling: ONE layer (1-layer model, last-token logits), ours XLA path, batch 1; median "
+            f"[min-max] of {reps} {self.elapsed()}"
+        )
         self.results["scaling"] = []
         for dtype in args.scaling_dtypes:
             for kind, lt in (("sliding", SLIDING), ("full", FULL)):
@@ -320,7 +384,9 @@ class Suite:
                         # XLA's own figure once let a 16k full layer start that was then OOM-killed; a
                         # full layer also needs at least one query chunk's fp32 scores and probabilities
                         floor = 3 * cfg1.num_heads * attention.causal_chunk(T) * T * 4 if kind == "full" else 0
-                        self.check_memory(max(need or 0, floor), "XLA buffer assignment, or a full layer's chunk of scores")
+                        self.check_memory(
+                            max(need or 0, floor), "XLA buffer assignment, or a full layer's chunk of scores"
+                        )
                         tok = jnp.asarray(np.random.default_rng(T).integers(0, cfg1.vocab_size, (1, T)), jnp.int32)
                         ts, note = timing.capped(lambda: run(tok), reps, args.cap, args.budget)
                         if note:
@@ -337,12 +403,20 @@ class Suite:
                         r = st["median"] / pts[-1][1]
                         ratio = f"  x{r:.2f} per x{T // pts[-1][0]} T"
                         rec["ratio_to_previous"] = r
-                    rec.update(seconds=st, tokens_per_s=T / st["median"], compile_s=comp, bound_tokens_per_s=bound,
-                               pct_of_bound=100 * T / st["median"] / bound, xla_bytes=need)
-                    self.log(f"    T={T:6d}  {st['median'] * 1e3:9.1f} ms [{st['min'] * 1e3:.1f}-{st['max'] * 1e3:.1f}]"
-                             f"  {T / st['median']:8.0f} tok/s  {100 * T / st['median'] / bound:5.1f}% of bound"
-                             f"{ratio}  (XLA buffers {need / GiB if need else float('nan'):.2f} GiB, compile {comp:.1f} s"
-                             f"{'; ' + note if note else ''})")
+                    rec.update(
+                        seconds=st,
+                        tokens_per_s=T / st["median"],
+                        compile_s=comp,
+                        bound_tokens_per_s=bound,
+                        pct_of_bound=100 * T / st["median"] / bound,
+                        xla_bytes=need,
+                    )
+                    self.log(
+                        f"    T={T:6d}  {st['median'] * 1e3:9.1f} ms [{st['min'] * 1e3:.1f}-{st['max'] * 1e3:.1f}]"
+                        f"  {T / st['median']:8.0f} tok/s  {100 * T / st['median'] / bound:5.1f}% of bound"
+                        f"{ratio}  (XLA buffers {need / GiB if need else float('nan'):.2f} GiB, compile {comp:.1f} s"
+                        f"{'; ' + note if note else ''})"
+                    )
                     pts.append((T, st["median"]))
                     prev = (T, st["median"])
                     self.results["scaling"].append(rec)
@@ -350,7 +424,8 @@ class Suite:
                     x, y = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
                     slope = float(np.polyfit(x, y, 1)[0])
                     self.log(f"    fitted exponent: time ~ T^{slope:.2f} over T = {pts[0][0]}..{pts[-1][0]}")
-                    self.results["scaling"].append({"layer": kind, "dtype": dtype, "exponent": slope,
-                                               "T_range": [pts[0][0], pts[-1][0]]})
+                    self.results["scaling"].append(
+                        {"layer": kind, "dtype": dtype, "exponent": slope, "T_range": [pts[0][0], pts[-1][0]]}
+                    )
                 del model
         self.save()

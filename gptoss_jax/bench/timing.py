@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 
@@ -40,8 +40,9 @@ def best(fn: Callable, repeats: int, *, warmup: int = 1, clock: Clock = time.per
     return min(seconds(fn, repeats, warmup=warmup, clock=clock))
 
 
-def capped(fn: Callable, repeats: int, cap: float, budget: float,
-           clock: Clock = time.perf_counter) -> tuple[list[float], str]:
+def capped(
+    fn: Callable, repeats: int, cap: float, budget: float, clock: Clock = time.perf_counter
+) -> tuple[list[float], str]:
     """A timed warm-up, then `repeats` timed calls, fewer (but at least 2) when they would take
     more than `budget` seconds. A warm-up longer than `cap` is itself the one sample (for code
     with nothing to compile). -> (seconds per call, a note saying what was cut, or "")."""

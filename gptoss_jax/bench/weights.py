@@ -37,7 +37,7 @@ from gptoss_jax import model as model_lib
 from gptoss_jax.checkpoint import MXFP4_MODULES_NOT_CONVERTED, hf_rules
 from gptoss_jax.safetensors_io import DTYPES
 
-CHUNK_BYTES = 64 * 2 ** 20
+CHUNK_BYTES = 64 * 2**20
 BF16 = np.dtype(ml_dtypes.bfloat16)
 INDEX = "model.safetensors.index.json"
 SIDECAR = "random_weights.json"  # how the values were drawn (a changed recipe rewrites)
@@ -46,8 +46,15 @@ ST_NAMES = {v: k for k, v in DTYPES.items()}
 
 def recipe(seed: int = 0, std: float = 0.02, scales=(118, 122), align: int = 64) -> dict:
     """The value recipe, as recorded beside a checkpoint (random_weights.json)."""
-    return {"seed": seed, "std": std, "scales": list(scales), "norms": 1.0, "sinks_std": 1.0,
-            "blocks": "uniform bytes", "align": align}
+    return {
+        "seed": seed,
+        "std": std,
+        "scales": list(scales),
+        "norms": 1.0,
+        "sinks_std": 1.0,
+        "blocks": "uniform bytes",
+        "align": align,
+    }
 
 
 def nbytes(shape, dtype) -> int:
@@ -93,7 +100,7 @@ def random_array(name: str, shape, dtype, rec: dict) -> np.ndarray:
     out = np.empty(int(np.prod(shape, dtype=np.int64)), np.dtype(dtype))
     start = 0
     for c in chunks(name, shape, dtype, rec):
-        out[start:start + c.size] = c
+        out[start : start + c.size] = c
         start += c.size
     return out.reshape(shape)
 
@@ -148,8 +155,11 @@ def shard_header(tensors, align: int) -> bytes:
     offset = 0
     for name, shape, dtype in tensors:
         size = nbytes(shape, dtype)
-        header[name] = {"dtype": ST_NAMES[np.dtype(dtype)], "shape": list(shape),
-                        "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": ST_NAMES[np.dtype(dtype)],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-(8 + len(blob)) % align)
@@ -160,8 +170,7 @@ def hf_config(cfg) -> dict:
     """config.json as `save_hf` writes it for MXFP4 experts in bf16."""
     d = cfg.to_hf_dict()
     d["torch_dtype"] = "bfloat16"
-    d["quantization_config"] = {"quant_method": "mxfp4",
-                                "modules_to_not_convert": list(MXFP4_MODULES_NOT_CONVERTED)}
+    d["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": list(MXFP4_MODULES_NOT_CONVERTED)}
     return d
 
 
@@ -205,11 +214,13 @@ def write_checkpoint(out: str, cfg, shards, rec: dict, align: int, progress: boo
     # space: everything, minus files of the same names that the write replaces, plus headroom
     replaced = sum(os.path.getsize(os.path.join(out, n)) for n, _ in shards if os.path.isfile(os.path.join(out, n)))
     free = shutil.disk_usage(out).free
-    need = total + 512 * 2 ** 20 - replaced
+    need = total + 512 * 2**20 - replaced
     if free < need:
-        raise SystemExit(f"error: not enough disk space in {out}: the checkpoint needs {total / 2 ** 30:.2f} GiB "
-                         f"({need / 2 ** 30:.2f} GiB more than the files it replaces, with 0.5 GiB headroom), "
-                         f"only {free / 2 ** 30:.2f} GiB free. Free space or pass --out elsewhere.")
+        raise SystemExit(
+            f"error: not enough disk space in {out}: the checkpoint needs {total / 2**30:.2f} GiB "
+            f"({need / 2**30:.2f} GiB more than the files it replaces, with 0.5 GiB headroom), "
+            f"only {free / 2**30:.2f} GiB free. Free space or pass --out elsewhere."
+        )
     for stale in (INDEX, SIDECAR):  # until the new index is written, the folder is not "complete"
         if os.path.exists(os.path.join(out, stale)):
             os.remove(os.path.join(out, stale))
@@ -217,8 +228,9 @@ def write_checkpoint(out: str, cfg, shards, rec: dict, align: int, progress: boo
         json.dump(hf_config(cfg), f, indent=2)
 
     q: queue.Queue = queue.Queue(maxsize=4)
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="writing", smoothing=0.05,
-               disable=not progress)
+    bar = tqdm(
+        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="writing", smoothing=0.05, disable=not progress
+    )
     errors = []
 
     def writer():
@@ -264,6 +276,9 @@ def write_checkpoint(out: str, cfg, shards, rec: dict, align: int, progress: boo
     with open(os.path.join(out, SIDECAR), "w") as f:
         json.dump(rec, f, indent=2)
     with open(os.path.join(out, INDEX), "w") as f:  # last: marks the folder complete
-        json.dump({"metadata": {"total_size": total},
-                   "weight_map": {t[0]: name for name, ts in shards for t in ts}}, f, indent=2)
+        json.dump(
+            {"metadata": {"total_size": total}, "weight_map": {t[0]: name for name, ts in shards for t in ts}},
+            f,
+            indent=2,
+        )
     return time.perf_counter() - t0

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import enum
 import json
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 # <|return|> and <|call|>: where sampling an assistant turn stops. Not <|end|>: the model emits it
 # between its own analysis and final messages.
@@ -40,7 +41,14 @@ KNOWN_NAMESPACES = ("functions", "browser", "python")
 _EFFORTS = {"low": "Low", "medium": "Medium", "high": "High"}
 
 START, END, MESSAGE, CHANNEL, CONSTRAIN, RETURN, CALL = (
-    "<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>", "<|return|>", "<|call|>")
+    "<|start|>",
+    "<|end|>",
+    "<|message|>",
+    "<|channel|>",
+    "<|constrain|>",
+    "<|return|>",
+    "<|call|>",
+)
 
 
 def stop_tokens(tokenizer, *, include_end: bool = False) -> tuple[int, ...]:
@@ -61,8 +69,7 @@ def _effort(value, where: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or value.lower() not in _EFFORTS:
-        raise ValueError(f"{where}: reasoning_effort must be one of low, medium, high "
-                         f"(any case), got {value!r}")
+        raise ValueError(f"{where}: reasoning_effort must be one of low, medium, high (any case), got {value!r}")
     return _EFFORTS[value.lower()]
 
 
@@ -115,8 +122,11 @@ def _normalize_namespaces(tools: Any, where: str) -> dict | None:
         entries = ns.get("tools")
         if entries is None:
             raise ValueError(f"{where}: tool namespace {key!r} is missing field 'tools'")
-        out[key] = {"name": name, "description": _opt_str(ns, "description", where),
-                    "tools": [_normalize_tool(t, f"{where}, namespace {key!r}") for t in entries]}
+        out[key] = {
+            "name": name,
+            "description": _opt_str(ns, "description", where),
+            "tools": [_normalize_tool(t, f"{where}, namespace {key!r}") for t in entries],
+        }
     return out
 
 
@@ -136,33 +146,40 @@ def _normalize_part(part: Any, role: str, where: str) -> dict:
         if role != "system":
             raise ValueError(f"{where}: system_content may only appear in a system message, not {role}")
         # Missing keys: openai-harmony's pydantic defaults (what SystemContent.from_dict gives).
-        channel_config = part.get("channel_config", {"valid_channels": list(DEFAULT_CHANNELS),
-                                                     "channel_required": True})
+        channel_config = part.get(
+            "channel_config", {"valid_channels": list(DEFAULT_CHANNELS), "channel_required": True}
+        )
         if channel_config is not None:
             if not isinstance(channel_config, Mapping) or not isinstance(
-                    channel_config.get("valid_channels"), (list, tuple)):
+                channel_config.get("valid_channels"), (list, tuple)
+            ):
                 raise ValueError(f"{where}: channel_config needs a list 'valid_channels'")
-            channel_config = {"valid_channels": [str(c) for c in channel_config["valid_channels"]],
-                              "channel_required": bool(channel_config.get("channel_required", False))}
+            channel_config = {
+                "valid_channels": [str(c) for c in channel_config["valid_channels"]],
+                "channel_required": bool(channel_config.get("channel_required", False)),
+            }
         return {
             "type": "system_content",
-            "model_identity": _check_str(part.get("model_identity", DEFAULT_MODEL_IDENTITY),
-                                         "model_identity", where),
+            "model_identity": _check_str(part.get("model_identity", DEFAULT_MODEL_IDENTITY), "model_identity", where),
             "reasoning_effort": _effort(part.get("reasoning_effort", "medium"), where),
             "conversation_start_date": _opt_str(part, "conversation_start_date", where),
-            "knowledge_cutoff": _check_str(part.get("knowledge_cutoff", DEFAULT_KNOWLEDGE_CUTOFF),
-                                           "knowledge_cutoff", where),
+            "knowledge_cutoff": _check_str(
+                part.get("knowledge_cutoff", DEFAULT_KNOWLEDGE_CUTOFF), "knowledge_cutoff", where
+            ),
             "channel_config": channel_config,
             "tools": _normalize_namespaces(part.get("tools"), where),
         }
     if kind == "developer_content":
         if role != "developer":
             raise ValueError(f"{where}: developer_content may only appear in a developer message, not {role}")
-        return {"type": "developer_content",
-                "instructions": _opt_str(part, "instructions", where),
-                "tools": _normalize_namespaces(part.get("tools"), where)}
-    raise ValueError(f"{where}: unknown content part type {kind!r} "
-                     "(expected text, system_content or developer_content)")
+        return {
+            "type": "developer_content",
+            "instructions": _opt_str(part, "instructions", where),
+            "tools": _normalize_namespaces(part.get("tools"), where),
+        }
+    raise ValueError(
+        f"{where}: unknown content part type {kind!r} (expected text, system_content or developer_content)"
+    )
 
 
 def _normalize_message(msg: Any, index: int) -> dict:
@@ -186,8 +203,11 @@ def _normalize_message(msg: Any, index: int) -> dict:
         content = [content]
     if not isinstance(content, (list, tuple)):
         raise ValueError(f"{where}: field 'content' must be a string or a list of parts")
-    out = {"role": role, "name": name,
-           "content": [_normalize_part(p, role, f"{where}, content[{j}]") for j, p in enumerate(content)]}
+    out = {
+        "role": role,
+        "name": name,
+        "content": [_normalize_part(p, role, f"{where}, content[{j}]") for j, p in enumerate(content)],
+    }
     for key in ("channel", "recipient", "content_type"):
         value = _opt_str(msg, key, where)
         if value is not None:
@@ -209,15 +229,18 @@ def normalize_conversation(conversation: Any) -> list[dict]:
 
 
 # ============================================================================ builders
-def system_message(*, model_identity: str | None = DEFAULT_MODEL_IDENTITY,
-                   knowledge_cutoff: str | None = DEFAULT_KNOWLEDGE_CUTOFF,
-                   current_date: str | None = None,
-                   reasoning_effort: str | None = "medium",
-                   channels: Sequence[str] | None = DEFAULT_CHANNELS,
-                   channel_required: bool = True,
-                   browser_tool: bool = False,
-                   python_tool: bool = False,
-                   tools: Sequence[Mapping] | Mapping | None = None) -> dict:
+def system_message(
+    *,
+    model_identity: str | None = DEFAULT_MODEL_IDENTITY,
+    knowledge_cutoff: str | None = DEFAULT_KNOWLEDGE_CUTOFF,
+    current_date: str | None = None,
+    reasoning_effort: str | None = "medium",
+    channels: Sequence[str] | None = DEFAULT_CHANNELS,
+    channel_required: bool = True,
+    browser_tool: bool = False,
+    python_tool: bool = False,
+    tools: Sequence[Mapping] | Mapping | None = None,
+) -> dict:
     """A system message with openai-harmony's `SystemContent` (every key written; None = omitted).
 
     `tools` adds built-in tool namespaces ({"name", "description", "tools": [...]}, a list or a
@@ -243,23 +266,27 @@ def system_message(*, model_identity: str | None = DEFAULT_MODEL_IDENTITY,
         "reasoning_effort": _effort(reasoning_effort, "system_message"),
         "conversation_start_date": current_date,
         "knowledge_cutoff": knowledge_cutoff,
-        "channel_config": None if channels is None else {"valid_channels": list(channels),
-                                                         "channel_required": bool(channel_required)},
+        "channel_config": None
+        if channels is None
+        else {"valid_channels": list(channels), "channel_required": bool(channel_required)},
         "tools": _normalize_namespaces(namespaces, "system_message") if namespaces else None,
     }
     return {"role": "system", "name": None, "content": [content]}
 
 
-def developer_message(instructions: str | None = None,
-                      tools: Sequence[Mapping] | None = None) -> dict:
+def developer_message(instructions: str | None = None, tools: Sequence[Mapping] | None = None) -> dict:
     """A developer message: `# Instructions` plus function tools
     ([{"name", "description", "parameters": JSON schema}], or OpenAI's {"type": "function",
     "function": {...}} wrapper) in the `functions` namespace."""
     content: dict = {"type": "developer_content", "instructions": instructions, "tools": None}
     if tools:
-        content["tools"] = {"functions": {
-            "name": "functions", "description": None,
-            "tools": [_normalize_tool(t, f"developer_message, tools[{i}]") for i, t in enumerate(tools)]}}
+        content["tools"] = {
+            "functions": {
+                "name": "functions",
+                "description": None,
+                "tools": [_normalize_tool(t, f"developer_message, tools[{i}]") for i, t in enumerate(tools)],
+            }
+        }
     return {"role": "developer", "name": None, "content": [content]}
 
 
@@ -277,13 +304,19 @@ def user(text: str, *, name: str | None = None) -> dict:
     return _text_message("user", text, name=name)
 
 
-def assistant(text: str, channel: str | None = "final", recipient: str | None = None,
-              content_type: str | None = None) -> dict:
+def assistant(
+    text: str, channel: str | None = "final", recipient: str | None = None, content_type: str | None = None
+) -> dict:
     return _text_message("assistant", text, channel=channel, recipient=recipient, content_type=content_type)
 
 
-def tool_call(recipient: str, arguments: str | Mapping, *, channel: str = "commentary",
-              content_type: str | None = "<|constrain|>json") -> dict:
+def tool_call(
+    recipient: str,
+    arguments: str | Mapping,
+    *,
+    channel: str = "commentary",
+    content_type: str | None = "<|constrain|>json",
+) -> dict:
     """An assistant tool call, e.g. `tool_call("functions.get_weather", {"location": "SF"})`."""
     if not isinstance(arguments, str):
         arguments = json.dumps(arguments)
@@ -305,6 +338,8 @@ def builtin_tool_namespace(name: str) -> dict:
     try:
         from openai_harmony import ToolNamespaceConfig
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ValueError(f"the {name} tool definition comes from openai-harmony; install it or pass "
-                         "the namespace dict via system_message(tools=...)") from e
+        raise ValueError(
+            f"the {name} tool definition comes from openai-harmony; install it or pass "
+            "the namespace dict via system_message(tools=...)"
+        ) from e
     return getattr(ToolNamespaceConfig, name)().model_dump()

@@ -24,11 +24,21 @@ from __future__ import annotations
 
 import codecs
 import re
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
-from .messages import (CALL, CHANNEL, CONSTRAIN, DEFAULT_CHANNELS, END, KNOWN_NAMESPACES, MESSAGE, RETURN,
-                       ROLES, START, _plain)
-
+from .messages import (
+    CALL,
+    CHANNEL,
+    CONSTRAIN,
+    DEFAULT_CHANNELS,
+    END,
+    KNOWN_NAMESPACES,
+    MESSAGE,
+    RETURN,
+    ROLES,
+    START,
+    _plain,
+)
 
 _ASCII_WS = re.compile(r"[ \t\n\x0c\r]+")  # Rust's split_ascii_whitespace
 
@@ -50,10 +60,15 @@ class StreamParser:
     when given, a recipient that is none of them (nor a role or `all`) gets a warning.
     """
 
-    def __init__(self, tokenizer, role: str | None = "assistant", *,
-                 namespaces: Sequence[str] = KNOWN_NAMESPACES,
-                 channels: Sequence[str] | None = DEFAULT_CHANNELS,
-                 tools: Iterable[str] | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        role: str | None = "assistant",
+        *,
+        namespaces: Sequence[str] = KNOWN_NAMESPACES,
+        channels: Sequence[str] | None = DEFAULT_CHANNELS,
+        tools: Iterable[str] | None = None,
+    ):
         role = _plain(role)
         if role is not None and role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)} or None, got {role!r}")
@@ -63,8 +78,7 @@ class StreamParser:
         self.tools = None if tools is None else frozenset(tools)
         self.messages: list[dict] = []
         self.tokens: list[int] = []
-        self._ids = {name: tokenizer.token_id(name)
-                     for name in (START, END, MESSAGE, CHANNEL, CONSTRAIN, RETURN, CALL)}
+        self._ids = {name: tokenizer.token_id(name) for name in (START, END, MESSAGE, CHANNEL, CONSTRAIN, RETURN, CALL)}
         self._stops = {self._ids[END], self._ids[RETURN], self._ids[CALL]}
         self._default_role = role or "assistant"
         self._role_hint = role  # the role of the next header when the prompt already wrote it
@@ -97,13 +111,15 @@ class StreamParser:
         elif self._state == "header":
             if token == ids[MESSAGE]:
                 self._parsed = self._parse_header(self._header, self._role_hint)
-                self._state, self._decoder, self._content = "content", \
-                    codecs.getincrementaldecoder("utf-8")(errors="replace"), []
+                self._state, self._decoder, self._content = (
+                    "content",
+                    codecs.getincrementaldecoder("utf-8")(errors="replace"),
+                    [],
+                )
             elif token == ids[START] and not self._header and not self._problems:
                 self._begin_header(None)  # a repeated <|start|> before any header text loses nothing
             elif token in self._stops or token == ids[START]:
-                done.append(self._header_only_message(
-                    f"header ended by {self._name(token)} without <|message|>"))
+                done.append(self._header_only_message(f"header ended by {self._name(token)} without <|message|>"))
                 if token == ids[START]:
                     self._begin_header(None)
             else:
@@ -143,13 +159,26 @@ class StreamParser:
         (without an incomplete UTF-8 character), or None between messages."""
         if self._state == "content":
             p = self._parsed
-            return {"role": p["role"], "name": p["name"], "channel": p["channel"],
-                    "recipient": p["recipient"], "content_type": p["content_type"],
-                    "content": "".join(self._content), "state": "content"}
+            return {
+                "role": p["role"],
+                "name": p["name"],
+                "channel": p["channel"],
+                "recipient": p["recipient"],
+                "content_type": p["content_type"],
+                "content": "".join(self._content),
+                "state": "content",
+            }
         if self._state == "header":
-            return {"role": self._role_hint, "name": None, "channel": None, "recipient": None,
-                    "content_type": None, "content": "", "state": "header",
-                    "header": self.tokenizer.decode(self._header)}
+            return {
+                "role": self._role_hint,
+                "name": None,
+                "channel": None,
+                "recipient": None,
+                "content_type": None,
+                "content": "",
+                "state": "header",
+                "header": self.tokenizer.decode(self._header),
+            }
         return None
 
     # ------------------------------------------------------------------ internals
@@ -207,8 +236,7 @@ class StreamParser:
         pieces.append(self.tokenizer.decode(run))
         return "".join(pieces)
 
-    def _parse_header(self, tokens: Sequence[int], role_hint: str | None, *,
-                      leftover_is_content: bool = False) -> dict:
+    def _parse_header(self, tokens: Sequence[int], role_hint: str | None, *, leftover_is_content: bool = False) -> dict:
         """openai-harmony's header grammar: `{role|tool name} [to=R]<|channel|>{C} [to=R] [type]`,
         plus checks it does not make: stray text (problems), missing channel and unknown
         recipient (warnings: openai-harmony accepts those)."""
@@ -218,7 +246,7 @@ class StreamParser:
         channel = None
         at = text.find(CHANNEL)
         if at >= 0:
-            after = text[at + len(CHANNEL):]
+            after = text[at + len(CHANNEL) :]
             match = re.search(r"[\s<]", after)
             end = match.start() if match else len(after)
             channel = after[:end] or None
@@ -264,16 +292,23 @@ class StreamParser:
             consumed += 1
 
         # Words before <|channel|> other than the role and to=... are stray text.
-        stray = [w for w in _ASCII_WS.split(before_channel.replace(CONSTRAIN, " " + CONSTRAIN)) if w
-                 and w != role and w != name and w != f"{role}:{name}" and not w.startswith("to=")
-                 and not w.startswith(CONSTRAIN)]
+        stray = [
+            w
+            for w in _ASCII_WS.split(before_channel.replace(CONSTRAIN, " " + CONSTRAIN))
+            if w
+            and w != role
+            and w != name
+            and w != f"{role}:{name}"
+            and not w.startswith("to=")
+            and not w.startswith(CONSTRAIN)
+        ]
         if at >= 0 and stray and not leftover_is_content:
             problems.append(f"unexpected text before <|channel|>: {' '.join(stray)!r}")
 
         recipient = content_type = None
         leftover = ""
         if leftover_is_content:
-            leftover = re.sub(r"^(?:[^ \t\n\x0c\r]+[ \t\n\x0c\r]*){%d}" % consumed, "", as_content)
+            leftover = re.sub(rf"^(?:[^ \t\n\x0c\r]+[ \t\n\x0c\r]*){{{consumed}}}", "", as_content)
         elif parts:
             count = len(parts)
             last = parts.pop()
@@ -297,9 +332,16 @@ class StreamParser:
             warnings.append(f"unknown recipient {recipient!r}")
         elif recipient is not None and not self._declared_recipient(recipient):
             warnings.append(f"recipient {recipient!r} is not a declared tool")
-        return {"role": role, "name": name, "channel": channel, "recipient": recipient,
-                "content_type": content_type, "problems": problems, "warnings": warnings,
-                "leftover": leftover}
+        return {
+            "role": role,
+            "name": name,
+            "channel": channel,
+            "recipient": recipient,
+            "content_type": content_type,
+            "problems": problems,
+            "warnings": warnings,
+            "leftover": leftover,
+        }
 
     def _known_recipient(self, recipient: str) -> bool:
         if recipient in ROLES or recipient == "all":

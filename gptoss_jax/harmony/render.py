@@ -20,10 +20,21 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
-from .messages import (CALL, CHANNEL, CONSTRAIN, END, MESSAGE, RETURN, ROLES, START, _normalize_message,
-                       _plain, normalize_conversation)
+from .messages import (
+    CALL,
+    CHANNEL,
+    CONSTRAIN,
+    END,
+    MESSAGE,
+    RETURN,
+    ROLES,
+    START,
+    _normalize_message,
+    _plain,
+    normalize_conversation,
+)
 from .schema import _tools_section
 
 
@@ -95,7 +106,7 @@ def _render_normalized(msg: Mapping, tokenizer, has_function_tools: bool) -> lis
         if content_type.startswith(CONSTRAIN):
             out += tokenizer.encode(" ", disallowed_special=())
             out.append(tid(CONSTRAIN))
-            out += tokenizer.encode(content_type[len(CONSTRAIN):], disallowed_special=())
+            out += tokenizer.encode(content_type[len(CONSTRAIN) :], disallowed_special=())
         else:
             out += tokenizer.encode(f" {content_type}", disallowed_special=())
     out.append(tid(MESSAGE))
@@ -126,15 +137,15 @@ def _kept_messages(messages: list[dict], auto_drop_analysis: bool) -> list[dict]
     if not auto_drop_analysis:
         return messages
     last_assistant_is_final = next(
-        (m.get("channel") == "final" for m in reversed(messages) if m["role"] == "assistant"), False)
+        (m.get("channel") == "final" for m in reversed(messages) if m["role"] == "assistant"), False
+    )
     first_final = next((i for i, m in enumerate(messages) if m.get("channel") == "final"), None)
     if not last_assistant_is_final or first_final is None:
         return messages
     return [m for i, m in enumerate(messages) if not (i < first_final and m.get("channel") == "analysis")]
 
 
-def _render_all(conversation, tokenizer, auto_drop_analysis: bool
-                ) -> tuple[list[dict], list[dict], list[list[int]]]:
+def _render_all(conversation, tokenizer, auto_drop_analysis: bool) -> tuple[list[dict], list[dict], list[list[int]]]:
     """(all messages, the kept ones, the tokens of each kept one)."""
     messages = normalize_conversation(conversation)
     has_tools = _has_function_tools(messages)  # over all messages, dropped ones included
@@ -148,8 +159,9 @@ def render_conversation(conversation, tokenizer, *, auto_drop_analysis: bool = T
     return [t for piece in pieces for t in piece]
 
 
-def render_for_completion(conversation, tokenizer, next_role: str = "assistant", *,
-                          auto_drop_analysis: bool = True) -> list[int]:
+def render_for_completion(
+    conversation, tokenizer, next_role: str = "assistant", *, auto_drop_analysis: bool = True
+) -> list[int]:
     """The prompt for sampling the next turn: the conversation then `<|start|>{next_role}`."""
     next_role = _plain(next_role)
     if next_role not in ROLES:
@@ -158,8 +170,7 @@ def render_for_completion(conversation, tokenizer, next_role: str = "assistant",
     return tokens + [tokenizer.token_id(START)] + tokenizer.encode(next_role, disallowed_special=())
 
 
-def render_for_training(conversation, tokenizer, *, auto_drop_analysis: bool = True
-                        ) -> tuple[list[int], list[int]]:
+def render_for_training(conversation, tokenizer, *, auto_drop_analysis: bool = True) -> tuple[list[int], list[int]]:
     """Tokens and a 0/1 loss mask for supervised training.
 
     Tokens equal openai-harmony's `render_conversation_for_training`: the conversation rendered

@@ -13,8 +13,9 @@ TypeScript-like tool definitions.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from decimal import Decimal
-from typing import Any, Mapping
+from typing import Any
 
 
 def _rust_lines(text: str) -> list[str]:
@@ -68,8 +69,11 @@ def _json_display(value) -> str:
     if isinstance(value, str):
         return json.dumps(value, ensure_ascii=False)
     if isinstance(value, Mapping):
-        return "{" + ",".join(f"{json.dumps(str(k), ensure_ascii=False)}:{_json_display(v)}"
-                              for k, v in value.items()) + "}"
+        return (
+            "{"
+            + ",".join(f"{json.dumps(str(k), ensure_ascii=False)}:{_json_display(v)}" for k, v in value.items())
+            + "}"
+        )
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(_json_display(v) for v in value) + "]"
     return json.dumps(value, ensure_ascii=False)
@@ -201,8 +205,9 @@ def _one_of_property(key: str, prop: Mapping, variants: list, optional: str, ind
     out.append(f"{indent}{key}{optional}:\n")
     for i, variant in enumerate(variants):
         type_str = _nullable(variant, json_schema_to_typescript(variant, indent + "   "))
-        comments = _variant_comments(variant, skip_description=(i == 0 and above),
-                                     property_description=prop_description)
+        comments = _variant_comments(
+            variant, skip_description=(i == 0 and above), property_description=prop_description
+        )
         out.append(f"{indent} | {type_str}{comments}\n")
     out.append(f"{indent},\n")
     return "".join(out)
@@ -221,8 +226,9 @@ def _tools_section(namespaces: Mapping) -> str:
             for tool in ns["tools"]:
                 lines.extend(f"// {line}" for line in _rust_lines(tool["description"]))
                 if tool.get("parameters") is not None:
-                    lines.append(f"type {tool['name']} = (_: "
-                                 f"{json_schema_to_typescript(tool['parameters'], '')}) => any;\n")
+                    lines.append(
+                        f"type {tool['name']} = (_: {json_schema_to_typescript(tool['parameters'], '')}) => any;\n"
+                    )
                 else:
                     lines.append(f"type {tool['name']} = () => any;\n")
             lines.append(f"}} // namespace {ns['name']}")

@@ -26,7 +26,14 @@ import jax.numpy as jnp
 from gptoss_jax import attention as xla_attention
 from gptoss_jax.kernels import attention_gpu, attention_tpu
 from gptoss_jax.kernels.block_map import (  # noqa: F401  (re-exported: the public names of the map)
-    FULL, PARTIAL, SKIP, BlockMap, BlockSizes, attention_block_map, transpose_block_map)
+    FULL,
+    PARTIAL,
+    SKIP,
+    BlockMap,
+    BlockSizes,
+    attention_block_map,
+    transpose_block_map,
+)
 
 IMPLEMENTATIONS = ("xla", "pallas_gpu", "pallas_tpu")
 
@@ -44,8 +51,9 @@ def attention_reference(q, k, v, sinks, *, sliding_window=None, segment_ids=None
     `attention_reference` under this module's calling convention."""
     pos, seg = _positions_and_segments(q, segment_ids)
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    out, _ = xla_attention.attention_reference(*f32, sinks, q_pos=pos, k_pos=pos, q_seg=seg, k_seg=seg,
-                                               window=sliding_window, scale=sm_scale)
+    out, _ = xla_attention.attention_reference(
+        *f32, sinks, q_pos=pos, k_pos=pos, q_seg=seg, k_seg=seg, window=sliding_window, scale=sm_scale
+    )
     return out.astype(q.dtype)
 
 
@@ -61,9 +69,19 @@ def _check(q, k, v, sinks, segment_ids):
         raise ValueError(f"segment_ids must have shape ({B}, {T}), got {segment_ids.shape}")
 
 
-def attention(q, k, v, sinks, *, sliding_window: int | None = None, segment_ids=None, sm_scale=None,
-              implementation: str = "xla", interpret: bool = False,
-              block_sizes: BlockSizes | None = None):
+def attention(
+    q,
+    k,
+    v,
+    sinks,
+    *,
+    sliding_window: int | None = None,
+    segment_ids=None,
+    sm_scale=None,
+    implementation: str = "xla",
+    interpret: bool = False,
+    block_sizes: BlockSizes | None = None,
+):
     """Self-attention with sinks; see the module docstring. Differentiable in q, k, v and sinks."""
     _check(q, k, v, sinks, segment_ids)
     if implementation not in IMPLEMENTATIONS:
@@ -74,11 +92,28 @@ def attention(q, k, v, sinks, *, sliding_window: int | None = None, segment_ids=
         pos, seg = _positions_and_segments(q, segment_ids)
         if sm_scale is not None:  # the XLA path scales by 1/sqrt(H); fold any other scale into q
             q = (q.astype(jnp.float32) * (sm_scale * math.sqrt(q.shape[-1]))).astype(q.dtype)
-        out, _ = xla_attention.self_attention(q, k, v, sinks, positions=pos, segment_ids=seg,
-                                              window=sliding_window)
+        out, _ = xla_attention.self_attention(q, k, v, sinks, positions=pos, segment_ids=seg, window=sliding_window)
         return out
     if implementation == "pallas_gpu":
-        return attention_gpu.attention(q, k, v, sinks, sliding_window=sliding_window, segment_ids=segment_ids,
-                                       sm_scale=sm_scale, interpret=interpret, block_sizes=block_sizes)
-    return attention_tpu.attention(q, k, v, sinks, sliding_window=sliding_window, segment_ids=segment_ids,
-                                   sm_scale=sm_scale, interpret=interpret, block_sizes=block_sizes)
+        return attention_gpu.attention(
+            q,
+            k,
+            v,
+            sinks,
+            sliding_window=sliding_window,
+            segment_ids=segment_ids,
+            sm_scale=sm_scale,
+            interpret=interpret,
+            block_sizes=block_sizes,
+        )
+    return attention_tpu.attention(
+        q,
+        k,
+        v,
+        sinks,
+        sliding_window=sliding_window,
+        segment_ids=segment_ids,
+        sm_scale=sm_scale,
+        interpret=interpret,
+        block_sizes=block_sizes,
+    )

@@ -127,8 +127,7 @@ def effective_block_sizes(T: int, G: int, block_sizes: BlockSizes | None) -> tup
 
 
 def _block_map(cfg: _Config) -> BlockMap:
-    return attention_block_map(cfg.T, block_q=cfg.block_q, block_k=cfg.block_k,
-                               sliding_window=cfg.window)
+    return attention_block_map(cfg.T, block_q=cfg.block_q, block_k=cfg.block_k, sliding_window=cfg.window)
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,8 +147,7 @@ def _head_rows(x, bq: int, G: int):
 
 def _scores(q, k, cfg: _Config):
     """q [R, H] . k [bk, H]^T -> [R, bk] fp32, scaled."""
-    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=cfg.precision,
-                        preferred_element_type=jnp.float32)
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=cfg.precision, preferred_element_type=jnp.float32)
     return s * cfg.sm_scale
 
 
@@ -172,13 +170,16 @@ def _masked(s, is_full, cfg: _Config, **kw):
     """The mask of one tile as a branch on its kind: FULL tiles never compute the positional mask
     (and are returned untouched without segment ids). Only this select sits under the branch; the
     loads and dots stay at loop level, where Triton can pipeline them."""
-    return lax.cond(is_full, lambda s: _mask(s, positional=False, cfg=cfg, **kw),
-                    lambda s: _mask(s, positional=True, cfg=cfg, **kw), s)
+    return lax.cond(
+        is_full,
+        lambda s: _mask(s, positional=False, cfg=cfg, **kw),
+        lambda s: _mask(s, positional=True, cfg=cfg, **kw),
+        s,
+    )
 
 
 def _dot(a, b, dims, cfg):
-    return lax.dot_general(a, b, (dims, ((), ())), precision=cfg.precision,
-                           preferred_element_type=jnp.float32)
+    return lax.dot_general(a, b, (dims, ((), ())), precision=cfg.precision, preferred_element_type=jnp.float32)
 
 
 def _visit_loop(nv, kind_ref, tile, carry, count: bool):
@@ -260,22 +261,27 @@ def _forward(q, k, v, sinks, segment_ids, cfg: _Config, count: bool = False):
         pl.BlockSpec((None, Tp, None, H), lambda b, h, i: (b, 0, h, 0)),  # v
         pl.BlockSpec((G,), lambda b, h, i: (h,)),  # sinks
     ]
-    args = [jnp.asarray(bm.kv_index), jnp.asarray(bm.kind), jnp.asarray(bm.num_visits[:, None]),
-            q, k, v, sinks]
+    args = [jnp.asarray(bm.kv_index), jnp.asarray(bm.kind), jnp.asarray(bm.num_visits[:, None]), q, k, v, sinks]
     if cfg.has_seg:
-        in_specs += [pl.BlockSpec((None, bq), lambda b, h, i: (b, i)),
-                     pl.BlockSpec((None, Tp), lambda b, h, i: (b, 0))]
+        in_specs += [pl.BlockSpec((None, bq), lambda b, h, i: (b, i)), pl.BlockSpec((None, Tp), lambda b, h, i: (b, 0))]
         args += [segment_ids, segment_ids]
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(q.shape[:3], jnp.float32)]
-    out_specs = [pl.BlockSpec((None, bq, G, H), lambda b, h, i: (b, i, h, 0)),
-                 pl.BlockSpec((None, bq, G), lambda b, h, i: (b, i, h))]
+    out_specs = [
+        pl.BlockSpec((None, bq, G, H), lambda b, h, i: (b, i, h, 0)),
+        pl.BlockSpec((None, bq, G), lambda b, h, i: (b, i, h)),
+    ]
     if count:
         out_shape.append(jax.ShapeDtypeStruct((B, cfg.K, cfg.nq, 1, 2), jnp.int32))
         out_specs.append(pl.BlockSpec((None, None, None, 1, 2), lambda b, h, i: (b, h, i, 0, 0)))
     return pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg, count=count),
-        grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        compiler_params=cfg.compiler_params(), interpret=cfg.interpret, name="attention_sink_fwd",
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=cfg.compiler_params(),
+        interpret=cfg.interpret,
+        name="attention_sink_fwd",
     )(*args)
 
 
@@ -313,8 +319,9 @@ def _dq_kernel(*refs, cfg: _Config):
         ds = p * (dp - d[:, None])
         return dq + _dot(ds.astype(k.dtype), k, ((1,), (0,)), cfg)
 
-    dq = _visit_loop(nv_ref[0], kind_ref, lambda n, c, full: (tile(n, c[0], full),),
-                     (jnp.zeros((R, H), jnp.float32),), count=False)[0]
+    dq = _visit_loop(
+        nv_ref[0], kind_ref, lambda n, c, full: (tile(n, c[0], full),), (jnp.zeros((R, H), jnp.float32),), count=False
+    )[0]
     dq_ref[...] = (dq * cfg.sm_scale).astype(dq_ref.dtype).reshape(bq, G, H)
     dsink_ref[...] = (-jnp.exp(sink - lse) * d).reshape(bq, G)
 
@@ -374,18 +381,38 @@ def _backward(q, k, v, sinks, segment_ids, o, lse, do, cfg: _Config):
         pl.BlockSpec((None, w), lambda b, h, i: (i, 0)),
         pl.BlockSpec((None, w), lambda b, h, i: (i, 0)),
         pl.BlockSpec((None, 1), lambda b, h, i: (i, 0)),
-        q_spec, kv_full, kv_full, pl.BlockSpec((G,), lambda b, h, i: (h,)), q_spec, row_spec, row_spec,
+        q_spec,
+        kv_full,
+        kv_full,
+        pl.BlockSpec((G,), lambda b, h, i: (h,)),
+        q_spec,
+        row_spec,
+        row_spec,
     ]
     if cfg.has_seg:
-        in_specs += [pl.BlockSpec((None, bq), lambda b, h, i: (b, i)),
-                     pl.BlockSpec((None, Tp), lambda b, h, i: (b, 0))]
+        in_specs += [pl.BlockSpec((None, bq), lambda b, h, i: (b, i)), pl.BlockSpec((None, Tp), lambda b, h, i: (b, 0))]
     dq, dsink_rows = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
-        grid=(B, cfg.K, cfg.nq), in_specs=in_specs, out_specs=[q_spec, row_spec],
+        grid=(B, cfg.K, cfg.nq),
+        in_specs=in_specs,
+        out_specs=[q_spec, row_spec],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(q.shape[:3], jnp.float32)],
-        compiler_params=cfg.compiler_params(), interpret=cfg.interpret, name="attention_sink_bwd_dq",
-    )(jnp.asarray(bm.kv_index), jnp.asarray(bm.kind), jnp.asarray(bm.num_visits[:, None]),
-      q, k, v, sinks, do, lse, d, *seg_args)
+        compiler_params=cfg.compiler_params(),
+        interpret=cfg.interpret,
+        name="attention_sink_bwd_dq",
+    )(
+        jnp.asarray(bm.kv_index),
+        jnp.asarray(bm.kind),
+        jnp.asarray(bm.num_visits[:, None]),
+        q,
+        k,
+        v,
+        sinks,
+        do,
+        lse,
+        d,
+        *seg_args,
+    )
 
     w = tm.kv_index.shape[1]
     kv_spec = pl.BlockSpec((None, bk, None, H), lambda b, h, j: (b, j, h, 0))
@@ -395,19 +422,37 @@ def _backward(q, k, v, sinks, segment_ids, o, lse, do, cfg: _Config):
         pl.BlockSpec((None, w), lambda b, h, j: (j, 0)),
         pl.BlockSpec((None, w), lambda b, h, j: (j, 0)),
         pl.BlockSpec((None, 1), lambda b, h, j: (j, 0)),
-        q_full, kv_spec, kv_spec, q_full, rows_full, rows_full,
+        q_full,
+        kv_spec,
+        kv_spec,
+        q_full,
+        rows_full,
+        rows_full,
     ]
     if cfg.has_seg:
-        in_specs += [pl.BlockSpec((None, Tp), lambda b, h, j: (b, 0)),
-                     pl.BlockSpec((None, bk), lambda b, h, j: (b, j))]
+        in_specs += [pl.BlockSpec((None, Tp), lambda b, h, j: (b, 0)), pl.BlockSpec((None, bk), lambda b, h, j: (b, j))]
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, cfg=cfg),
-        grid=(B, cfg.K, cfg.nk), in_specs=in_specs, out_specs=[kv_spec, kv_spec],
+        grid=(B, cfg.K, cfg.nk),
+        in_specs=in_specs,
+        out_specs=[kv_spec, kv_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=cfg.compiler_params(), interpret=cfg.interpret, name="attention_sink_bwd_dkdv",
-    )(jnp.asarray(tm.kv_index), jnp.asarray(tm.kind), jnp.asarray(tm.num_visits[:, None]),
-      q, k, v, do, lse, d, *seg_args)
-    dsinks = jnp.sum(dsink_rows[:, :cfg.T], axis=(0, 1))
+        compiler_params=cfg.compiler_params(),
+        interpret=cfg.interpret,
+        name="attention_sink_bwd_dkdv",
+    )(
+        jnp.asarray(tm.kv_index),
+        jnp.asarray(tm.kind),
+        jnp.asarray(tm.num_visits[:, None]),
+        q,
+        k,
+        v,
+        do,
+        lse,
+        d,
+        *seg_args,
+    )
+    dsinks = jnp.sum(dsink_rows[:, : cfg.T], axis=(0, 1))
     return dq, dk, dv, dsinks
 
 
@@ -435,7 +480,7 @@ def _pad_in(q, k, v, sinks, segment_ids, cfg: _Config):
 def _unpad_heads(x, cfg: _Config):
     """[B, Tp, K*Gp, ...] -> [B, T, N, ...]"""
     B = x.shape[0]
-    x = x[:, :cfg.T].reshape(B, cfg.T, cfg.K, cfg.Gp, *x.shape[3:])[:, :, :, :cfg.G]
+    x = x[:, : cfg.T].reshape(B, cfg.T, cfg.K, cfg.Gp, *x.shape[3:])[:, :, :, : cfg.G]
     return x.reshape(B, cfg.T, cfg.K * cfg.G, *x.shape[4:])
 
 
@@ -465,9 +510,9 @@ def _attention_bwd(cfg: _Config, res, dout):
     op, dop = _pad_rows(out, cfg), _pad_rows(dout.astype(q.dtype), cfg)
     dq, dk, dv, dsinks = _backward(qp, kp, vp, sp, segp, op, lse, dop, cfg)
     dq = _unpad_heads(dq, cfg)
-    dsinks = dsinks.reshape(cfg.K, cfg.Gp)[:, :cfg.G].reshape(-1).astype(sinks.dtype)
+    dsinks = dsinks.reshape(cfg.K, cfg.Gp)[:, : cfg.G].reshape(-1).astype(sinks.dtype)
     dseg = None if segment_ids is None else np.zeros(segment_ids.shape, jax.dtypes.float0)
-    return dq, dk[:, :cfg.T], dv[:, :cfg.T], dsinks, dseg
+    return dq, dk[:, : cfg.T], dv[:, : cfg.T], dsinks, dseg
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -479,34 +524,70 @@ def _config(q, k, segment_ids, *, sliding_window, sm_scale, interpret, block_siz
     G = N // K
     bq, bk = effective_block_sizes(T, G, block_sizes)
     Tp = -(-T // max(bq, bk)) * max(bq, bk)
-    scale = float(H ** -0.5 if sm_scale is None else sm_scale)
-    return _Config(T=T, Tp=Tp, K=K, G=G, Gp=_next_pow2(G), H=H, block_q=bq, block_k=bk,
-                   window=None if sliding_window is None else int(sliding_window), sm_scale=scale,
-                   has_seg=segment_ids is not None, fp32=jnp.dtype(q.dtype) == jnp.float32,
-                   interpret=bool(interpret))
+    scale = float(H**-0.5 if sm_scale is None else sm_scale)
+    return _Config(
+        T=T,
+        Tp=Tp,
+        K=K,
+        G=G,
+        Gp=_next_pow2(G),
+        H=H,
+        block_q=bq,
+        block_k=bk,
+        window=None if sliding_window is None else int(sliding_window),
+        sm_scale=scale,
+        has_seg=segment_ids is not None,
+        fp32=jnp.dtype(q.dtype) == jnp.float32,
+        interpret=bool(interpret),
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("sliding_window", "sm_scale", "interpret", "block_sizes"))
-def attention(q, k, v, sinks, *, sliding_window: int | None = None, segment_ids=None, sm_scale=None,
-              interpret: bool = False, block_sizes: BlockSizes | None = None):
+def attention(
+    q,
+    k,
+    v,
+    sinks,
+    *,
+    sliding_window: int | None = None,
+    segment_ids=None,
+    sm_scale=None,
+    interpret: bool = False,
+    block_sizes: BlockSizes | None = None,
+):
     """Self-attention with sinks (see the module docstring); differentiable in q, k, v, sinks.
     `block_sizes.block_q` counts query tokens (a tile holds block_q * G rows)."""
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
-    cfg = _config(q, k, segment_ids, sliding_window=sliding_window, sm_scale=sm_scale,
-                  interpret=interpret, block_sizes=block_sizes)
+    cfg = _config(
+        q,
+        k,
+        segment_ids,
+        sliding_window=sliding_window,
+        sm_scale=sm_scale,
+        interpret=interpret,
+        block_sizes=block_sizes,
+    )
     return _attention(q, k, v, sinks, segment_ids, cfg)
 
 
-def forward_visit_counts(q, k, v, sinks, *, sliding_window=None, segment_ids=None, sm_scale=None,
-                         interpret=True, block_sizes=None):
+def forward_visit_counts(
+    q, k, v, sinks, *, sliding_window=None, segment_ids=None, sm_scale=None, interpret=True, block_sizes=None
+):
     """Runs the forward kernel with its visit counters on and returns (out, visits, full_visits,
     block_map): visits/full_visits [B, K, num_q_blocks] are the KV tiles each program actually
     processed (all / FULL branch), block_map the map it was given. For tests and tuning."""
-    cfg = _config(q, k, segment_ids, sliding_window=sliding_window, sm_scale=sm_scale,
-                  interpret=interpret, block_sizes=block_sizes)
+    cfg = _config(
+        q,
+        k,
+        segment_ids,
+        sliding_window=sliding_window,
+        sm_scale=sm_scale,
+        interpret=interpret,
+        block_sizes=block_sizes,
+    )
     qp, kp, vp, sp, segp = _pad_in(q, k, v, sinks, segment_ids, cfg)
     o, _, counts = _forward(qp, kp, vp, sp, segp, cfg, count=True)
     counts = np.asarray(counts)[:, :, :, 0]

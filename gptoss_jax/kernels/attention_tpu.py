@@ -67,12 +67,15 @@ def _dot(a, b, dims):
     would otherwise request)."""
     precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else lax.Precision.DEFAULT
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
 _NT = (((1,), (1,)), ((), ()))  # [m, k] @ [n, k]^T
 
 
 # ----------------------------------------------------------------------------------------------
 # Visit plan (trace-time numpy)
 # ----------------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class VisitPlan:
@@ -146,6 +149,7 @@ class _Cfg:
 # Masks (inside kernels)
 # ----------------------------------------------------------------------------------------------
 
+
 def _stack(x, G: int, axis: int):
     """G copies of a tile side by side along `axis` (a tile-aligned concatenation for Mosaic, used
     instead of jnp.tile, whose intermediate reshapes insert unit dims in the tiled dimensions)."""
@@ -198,8 +202,8 @@ def _dispatch_visit(kind, visit):
 # Forward kernel
 # ----------------------------------------------------------------------------------------------
 
-def _fwd_kernel(kv_index_ref, kind_ref, q_ref, k_ref, v_ref, sinks_ref, *refs, cfg: _Cfg,
-                width: int, segmented: bool):
+
+def _fwd_kernel(kv_index_ref, kind_ref, q_ref, k_ref, v_ref, sinks_ref, *refs, cfg: _Cfg, width: int, segmented: bool):
     if segmented:
         qseg_ref, kseg_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr = refs
     else:
@@ -288,13 +292,16 @@ def _row_stats_unlayout(x, cfg: _Cfg):
     return x.reshape(B, K, nq, cfg.G, cfg.block_q).transpose(0, 1, 3, 2, 4).reshape(B, K, cfg.G, cfg.Tq)
 
 
-def _cost(cfg: "_Cfg", B: int, K: int, H: int, matmuls: int, *arrays) -> pl.CostEstimate:
+def _cost(cfg: _Cfg, B: int, K: int, H: int, matmuls: int, *arrays) -> pl.CostEstimate:
     """What XLA's cost analysis should count for a kernel over the visited tiles: `matmuls`
     [G bq, H] x [H, bk]-sized products per visited (query tile, key tile) pair, one exp per score,
     and every operand and result read or written once."""
     pairs = B * K * cfg.plan.fwd.total_visits * cfg.rows * cfg.block_k
-    return pl.CostEstimate(flops=2 * H * pairs * matmuls, transcendentals=pairs,
-                           bytes_accessed=sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(arrays)))
+    return pl.CostEstimate(
+        flops=2 * H * pairs * matmuls,
+        transcendentals=pairs,
+        bytes_accessed=sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(arrays)),
+    )
 
 
 def _compiler_params(n_parallel: int):
@@ -313,28 +320,41 @@ def _forward(cfg: _Cfg, q5, k4, v4, sinks, seg):
     def kv_map(b, h, i, n, kv_ref, kind_ref):
         return b, h, kv_ref[i * width + n], 0
 
-    in_specs = [pl.BlockSpec((None, None, G, bq, H), q_map),
-                pl.BlockSpec((None, None, bk, H), kv_map),
-                pl.BlockSpec((None, None, bk, H), kv_map),
-                pl.BlockSpec(memory_space=pltpu.SMEM)]
+    in_specs = [
+        pl.BlockSpec((None, None, G, bq, H), q_map),
+        pl.BlockSpec((None, None, bk, H), kv_map),
+        pl.BlockSpec((None, None, bk, H), kv_map),
+        pl.BlockSpec(memory_space=pltpu.SMEM),
+    ]
     args = [q5, k4, v4, sinks.astype(jnp.float32)]
     if seg is not None:
-        in_specs += [pl.BlockSpec((None, bq, NUM_LANES), lambda b, h, i, n, kv_ref, kind_ref: (b, i, 0)),
-                     pl.BlockSpec((None, NUM_SUBLANES, bk),
-                                  lambda b, h, i, n, kv_ref, kind_ref: (b, 0, kv_ref[i * width + n]))]
+        in_specs += [
+            pl.BlockSpec((None, bq, NUM_LANES), lambda b, h, i, n, kv_ref, kind_ref: (b, i, 0)),
+            pl.BlockSpec((None, NUM_SUBLANES, bk), lambda b, h, i, n, kv_ref, kind_ref: (b, 0, kv_ref[i * width + n])),
+        ]
         args += [seg["q_col"], seg["k_row"]]
-    out_specs = [pl.BlockSpec((None, None, G, bq, H), q_map),
-                 pl.BlockSpec((None, None, None, 1, R), lambda b, h, i, n, kv_ref, kind_ref: (b, h, i, 0, 0))]
-    out_shape = [jax.ShapeDtypeStruct(q5.shape, q5.dtype),
-                 jax.ShapeDtypeStruct((B, K, plan.num_q_blocks, 1, R), jnp.float32)]
+    out_specs = [
+        pl.BlockSpec((None, None, G, bq, H), q_map),
+        pl.BlockSpec((None, None, None, 1, R), lambda b, h, i, n, kv_ref, kind_ref: (b, h, i, 0, 0)),
+    ]
+    out_shape = [
+        jax.ShapeDtypeStruct(q5.shape, q5.dtype),
+        jax.ShapeDtypeStruct((B, K, plan.num_q_blocks, 1, R), jnp.float32),
+    ]
     kernel = functools.partial(_fwd_kernel, cfg=cfg, width=width, segmented=seg is not None)
     o5, lse = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2, grid=(B, K, plan.num_q_blocks, width), in_specs=in_specs,
+            num_scalar_prefetch=2,
+            grid=(B, K, plan.num_q_blocks, width),
+            in_specs=in_specs,
             out_specs=out_specs,
-            scratch_shapes=[pltpu.VMEM((R, NUM_LANES), jnp.float32), pltpu.VMEM((R, NUM_LANES), jnp.float32),
-                            pltpu.VMEM((R, H), jnp.float32)]),
+            scratch_shapes=[
+                pltpu.VMEM((R, NUM_LANES), jnp.float32),
+                pltpu.VMEM((R, NUM_LANES), jnp.float32),
+                pltpu.VMEM((R, H), jnp.float32),
+            ],
+        ),
         out_shape=out_shape,
         compiler_params=_compiler_params(3),
         interpret=cfg.interpret,
@@ -348,8 +368,10 @@ def _forward(cfg: _Cfg, q5, k4, v4, sinks, seg):
 # Backward kernels
 # ----------------------------------------------------------------------------------------------
 
-def _dq_kernel(kv_index_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, *refs, cfg: _Cfg,
-               width: int, segmented: bool):
+
+def _dq_kernel(
+    kv_index_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, *refs, cfg: _Cfg, width: int, segmented: bool
+):
     if segmented:
         qseg_ref, kseg_ref, dq_ref, acc_scr = refs
     else:
@@ -384,8 +406,9 @@ def _dq_kernel(kv_index_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, d_r
         dq_ref[...] = (acc_scr[...] * cfg.scale).reshape(G, bq, H).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_index_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, *refs, cfg: _Cfg,
-                width: int, segmented: bool):
+def _dkv_kernel(
+    q_index_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, *refs, cfg: _Cfg, width: int, segmented: bool
+):
     if segmented:
         qseg_ref, kseg_ref, dk_ref, dv_ref, dk_scr, dv_scr = refs
     else:
@@ -433,7 +456,6 @@ def _backward(cfg: _Cfg, q5, k4, v4, seg, o5, lse, do5):
     d5 = jnp.sum(do5.astype(jnp.float32) * o5.astype(jnp.float32), axis=-1)  # [B, K, G, Tq]
     d = _row_stats_layout(d5, cfg)
 
-
     # ---- dq: same grid and visit list as the forward
     wq = plan.max_visits
 
@@ -446,24 +468,30 @@ def _backward(cfg: _Cfg, q5, k4, v4, seg, o5, lse, do5):
     def stat_map(b, h, i, n, idx_ref, kind_ref):
         return b, h, i, 0, 0
 
-    in_specs = [pl.BlockSpec((None, None, G, bq, H), q_map),
-                pl.BlockSpec((None, None, bk, H), kv_map),
-                pl.BlockSpec((None, None, bk, H), kv_map),
-                pl.BlockSpec((None, None, G, bq, H), q_map),
-                pl.BlockSpec((None, None, None, 1, R), stat_map),
-                pl.BlockSpec((None, None, None, 1, R), stat_map)]
+    in_specs = [
+        pl.BlockSpec((None, None, G, bq, H), q_map),
+        pl.BlockSpec((None, None, bk, H), kv_map),
+        pl.BlockSpec((None, None, bk, H), kv_map),
+        pl.BlockSpec((None, None, G, bq, H), q_map),
+        pl.BlockSpec((None, None, None, 1, R), stat_map),
+        pl.BlockSpec((None, None, None, 1, R), stat_map),
+    ]
     args = [q5, k4, v4, do5, lse, d]
     if seg is not None:
-        in_specs += [pl.BlockSpec((None, bq, NUM_LANES), lambda b, h, i, n, idx_ref, kind_ref: (b, i, 0)),
-                     pl.BlockSpec((None, NUM_SUBLANES, bk),
-                                  lambda b, h, i, n, idx_ref, kind_ref: (b, 0, idx_ref[i * wq + n]))]
+        in_specs += [
+            pl.BlockSpec((None, bq, NUM_LANES), lambda b, h, i, n, idx_ref, kind_ref: (b, i, 0)),
+            pl.BlockSpec((None, NUM_SUBLANES, bk), lambda b, h, i, n, idx_ref, kind_ref: (b, 0, idx_ref[i * wq + n])),
+        ]
         args += [seg["q_col"], seg["k_row"]]
     dq5 = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg, width=wq, segmented=seg is not None),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2, grid=(B, K, nq, wq), in_specs=in_specs,
+            num_scalar_prefetch=2,
+            grid=(B, K, nq, wq),
+            in_specs=in_specs,
             out_specs=pl.BlockSpec((None, None, G, bq, H), q_map),
-            scratch_shapes=[pltpu.VMEM((R, H), jnp.float32)]),
+            scratch_shapes=[pltpu.VMEM((R, H), jnp.float32)],
+        ),
         out_shape=jax.ShapeDtypeStruct(q5.shape, q5.dtype),
         compiler_params=_compiler_params(3),
         interpret=cfg.interpret,
@@ -483,24 +511,30 @@ def _backward(cfg: _Cfg, q5, k4, v4, seg, o5, lse, do5):
     def statt_map(b, h, j, n, idx_ref, kind_ref):
         return b, h, idx_ref[j * wk + n], 0, 0
 
-    in_specs = [pl.BlockSpec((None, None, G, bq, H), qt_map),
-                pl.BlockSpec((None, None, bk, H), kt_map),
-                pl.BlockSpec((None, None, bk, H), kt_map),
-                pl.BlockSpec((None, None, G, bq, H), qt_map),
-                pl.BlockSpec((None, None, None, 1, R), statt_map),
-                pl.BlockSpec((None, None, None, 1, R), statt_map)]
+    in_specs = [
+        pl.BlockSpec((None, None, G, bq, H), qt_map),
+        pl.BlockSpec((None, None, bk, H), kt_map),
+        pl.BlockSpec((None, None, bk, H), kt_map),
+        pl.BlockSpec((None, None, G, bq, H), qt_map),
+        pl.BlockSpec((None, None, None, 1, R), statt_map),
+        pl.BlockSpec((None, None, None, 1, R), statt_map),
+    ]
     args = [q5, k4, v4, do5, lse, d]
     if seg is not None:
-        in_specs += [pl.BlockSpec((None, NUM_SUBLANES, bq),
-                                  lambda b, h, j, n, idx_ref, kind_ref: (b, 0, idx_ref[j * wk + n])),
-                     pl.BlockSpec((None, bk, NUM_LANES), lambda b, h, j, n, idx_ref, kind_ref: (b, j, 0))]
+        in_specs += [
+            pl.BlockSpec((None, NUM_SUBLANES, bq), lambda b, h, j, n, idx_ref, kind_ref: (b, 0, idx_ref[j * wk + n])),
+            pl.BlockSpec((None, bk, NUM_LANES), lambda b, h, j, n, idx_ref, kind_ref: (b, j, 0)),
+        ]
         args += [seg["q_row"], seg["k_col"]]
     dk4, dv4 = pl.pallas_call(
         functools.partial(_dkv_kernel, cfg=cfg, width=wk, segmented=seg is not None),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2, grid=(B, K, nk, wk), in_specs=in_specs,
+            num_scalar_prefetch=2,
+            grid=(B, K, nk, wk),
+            in_specs=in_specs,
             out_specs=[pl.BlockSpec((None, None, bk, H), kt_map), pl.BlockSpec((None, None, bk, H), kt_map)],
-            scratch_shapes=[pltpu.VMEM((bk, H), jnp.float32), pltpu.VMEM((bk, H), jnp.float32)]),
+            scratch_shapes=[pltpu.VMEM((bk, H), jnp.float32), pltpu.VMEM((bk, H), jnp.float32)],
+        ),
         out_shape=[jax.ShapeDtypeStruct(k4.shape, k4.dtype), jax.ShapeDtypeStruct(v4.shape, v4.dtype)],
         compiler_params=_compiler_params(3),
         interpret=cfg.interpret,
@@ -513,6 +547,7 @@ def _backward(cfg: _Cfg, q5, k4, v4, seg, o5, lse, do5):
 # ----------------------------------------------------------------------------------------------
 # custom_vjp and public wrapper
 # ----------------------------------------------------------------------------------------------
+
 
 def _prepare(cfg: _Cfg, q, k, v, segment_ids):
     K = k.shape[2]
@@ -559,13 +594,24 @@ def _check_blocks(bq: int, bk: int, interpret) -> None:
         return
     for name, b in (("block_q", bq), ("block_k", bk)):
         if b % NUM_LANES:
-            raise ValueError(f"{name}={b} must be a multiple of {NUM_LANES} for Mosaic (TPU); "
-                             "any size works with interpret=True")
+            raise ValueError(
+                f"{name}={b} must be a multiple of {NUM_LANES} for Mosaic (TPU); any size works with interpret=True"
+            )
 
 
 @functools.partial(jax.jit, static_argnames=("sliding_window", "sm_scale", "interpret", "block_sizes"))
-def attention(q, k, v, sinks, *, sliding_window: int | None = None, segment_ids=None,
-              sm_scale: float | None = None, interpret=False, block_sizes: BlockSizes | None = None):
+def attention(
+    q,
+    k,
+    v,
+    sinks,
+    *,
+    sliding_window: int | None = None,
+    segment_ids=None,
+    sm_scale: float | None = None,
+    interpret=False,
+    block_sizes: BlockSizes | None = None,
+):
     """Block-sparse flash attention with sinks (see the module docstring). Differentiable in q, k,
     v and sinks. `interpret`: False (Mosaic), True (Pallas interpret mode, runs anywhere) or a
     `pltpu.InterpretParams` (the TPU-faithful interpreter)."""
@@ -581,7 +627,15 @@ def attention(q, k, v, sinks, *, sliding_window: int | None = None, segment_ids=
         raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
     bs = block_sizes or BlockSizes()
     _check_blocks(bs.block_q, bs.block_k, interpret)
-    scale = float(H ** -0.5 if sm_scale is None else sm_scale)
-    cfg = _Cfg(T=T, G=N // K, H=H, block_q=bs.block_q, block_k=bs.block_k, window=sliding_window,
-               scale=scale, interpret=interpret)
+    scale = float(H**-0.5 if sm_scale is None else sm_scale)
+    cfg = _Cfg(
+        T=T,
+        G=N // K,
+        H=H,
+        block_q=bs.block_q,
+        block_k=bs.block_k,
+        window=sliding_window,
+        scale=scale,
+        interpret=interpret,
+    )
     return _attention(cfg, q, k, v, sinks, segment_ids)

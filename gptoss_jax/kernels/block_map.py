@@ -45,8 +45,9 @@ class BlockMap:
         return int(self.num_visits.sum())
 
 
-def attention_block_map(T: int, *, block_q: int, block_k: int, sliding_window: int | None = None,
-                        S: int | None = None) -> BlockMap:
+def attention_block_map(
+    T: int, *, block_q: int, block_k: int, sliding_window: int | None = None, S: int | None = None
+) -> BlockMap:
     """Which KV blocks each query block visits under the causal (+ window) mask, from positions
     alone; segment masks are data and are applied inside PARTIAL and FULL tiles alike."""
     S = T if S is None else S
@@ -77,7 +78,7 @@ def _pack(rows: list[list[tuple[int, int]]], block_q: int, block_k: int) -> Bloc
         for n, (j, kd) in enumerate(visits):
             index[i, n], kind[i, n] = j, kd
         if visits:
-            index[i, len(visits):] = visits[-1][0]
+            index[i, len(visits) :] = visits[-1][0]
     return BlockMap(index, kind, np.array([len(r) for r in rows], np.int32), block_q, block_k)
 
 

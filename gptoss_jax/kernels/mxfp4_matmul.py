@@ -44,8 +44,7 @@ from gptoss_jax.mxfp4 import BLOCK, MXFP4, dequantize
 IMPLEMENTATIONS = ("xla", "pallas_gpu", "pallas_tpu")
 
 
-def mxfp4_grouped_matmul_reference(x, blocks, scales, group_sizes, *, bias=None, swiglu=None,
-                                   low_rank=None):
+def mxfp4_grouped_matmul_reference(x, blocks, scales, group_sizes, *, bias=None, swiglu=None, low_rank=None):
     """Decode every expert, then `jax.lax.ragged_dot` (obvious, memory-hungry: tests only)."""
     w = jnp.swapaxes(dequantize(MXFP4(blocks, scales), jnp.float32), 1, 2)  # [E, Kin, Nout]
     y = jax.lax.ragged_dot(x.astype(jnp.float32), w, group_sizes, preferred_element_type=jnp.float32)
@@ -54,8 +53,9 @@ def mxfp4_grouped_matmul_reference(x, blocks, scales, group_sizes, *, bias=None,
         b = jnp.concatenate([bias.astype(jnp.float32), jnp.zeros((1, bias.shape[1]), jnp.float32)])
         y = y + b[e]
     if low_rank is not None:
-        y = y.astype(x.dtype).astype(jnp.float32) + jnp.dot(low_rank[0].astype(jnp.float32),
-                                                            low_rank[1].astype(jnp.float32))
+        y = y.astype(x.dtype).astype(jnp.float32) + jnp.dot(
+            low_rank[0].astype(jnp.float32), low_rank[1].astype(jnp.float32)
+        )
     if swiglu is not None:
         y = swiglu_fn(y, alpha=swiglu[0], limit=swiglu[1])
     return y.astype(x.dtype)
@@ -63,8 +63,10 @@ def mxfp4_grouped_matmul_reference(x, blocks, scales, group_sizes, *, bias=None,
 
 def _check(x, blocks, scales, group_sizes, bias, swiglu, low_rank=None):
     if x.ndim != 2 or blocks.ndim != 4 or blocks.shape[-1] != BLOCK // 2 or scales.shape != blocks.shape[:-1]:
-        raise ValueError(f"need x [M, Kin], blocks [E, Nout, Kin/32, 16], scales [E, Nout, Kin/32]; got "
-                         f"x{tuple(x.shape)} blocks{tuple(blocks.shape)} scales{tuple(scales.shape)}")
+        raise ValueError(
+            f"need x [M, Kin], blocks [E, Nout, Kin/32, 16], scales [E, Nout, Kin/32]; got "
+            f"x{tuple(x.shape)} blocks{tuple(blocks.shape)} scales{tuple(scales.shape)}"
+        )
     E, N, G, _ = blocks.shape
     if x.shape[1] != G * BLOCK:
         raise ValueError(f"x has {x.shape[1]} input channels, the packed weight {G * BLOCK}")
@@ -79,31 +81,60 @@ def _check(x, blocks, scales, group_sizes, bias, swiglu, low_rank=None):
     if low_rank is not None:
         a, b = low_rank
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != x.shape[0] or b.shape != (a.shape[1], N):
-            raise ValueError(f"low_rank must be (a [M, R], b [R, Nout]) with M = {x.shape[0]}, Nout = {N}; got "
-                             f"a{tuple(a.shape)} b{tuple(b.shape)}")
+            raise ValueError(
+                f"low_rank must be (a [M, R], b [R, Nout]) with M = {x.shape[0]}, Nout = {N}; got "
+                f"a{tuple(a.shape)} b{tuple(b.shape)}"
+            )
 
 
-def mxfp4_grouped_matmul(x, blocks, scales, group_sizes, *, bias=None, swiglu=None, low_rank=None,
-                         implementation: str = "xla", interpret: bool = False,
-                         block_sizes: MatmulBlockSizes | None = None):
+def mxfp4_grouped_matmul(
+    x,
+    blocks,
+    scales,
+    group_sizes,
+    *,
+    bias=None,
+    swiglu=None,
+    low_rank=None,
+    implementation: str = "xla",
+    interpret: bool = False,
+    block_sizes: MatmulBlockSizes | None = None,
+):
     _check(x, blocks, scales, group_sizes, bias, swiglu, low_rank)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown implementation {implementation!r}; choose from {IMPLEMENTATIONS}")
     swiglu = None if swiglu is None else (float(swiglu[0]), float(swiglu[1]))
     if low_rank is not None:
         if implementation == "pallas_tpu" and swiglu is not None:
-            return mxfp4_matmul_tpu.mxfp4_grouped_matmul(x, blocks, scales, group_sizes, bias=bias, swiglu=swiglu,
-                                                         low_rank=low_rank, interpret=interpret,
-                                                         block_sizes=block_sizes)
-        h = mxfp4_grouped_matmul(x, blocks, scales, group_sizes, bias=bias, implementation=implementation,
-                                 interpret=interpret, block_sizes=block_sizes).astype(jnp.float32)
+            return mxfp4_matmul_tpu.mxfp4_grouped_matmul(
+                x,
+                blocks,
+                scales,
+                group_sizes,
+                bias=bias,
+                swiglu=swiglu,
+                low_rank=low_rank,
+                interpret=interpret,
+                block_sizes=block_sizes,
+            )
+        h = mxfp4_grouped_matmul(
+            x,
+            blocks,
+            scales,
+            group_sizes,
+            bias=bias,
+            implementation=implementation,
+            interpret=interpret,
+            block_sizes=block_sizes,
+        ).astype(jnp.float32)
         h = h + jnp.dot(low_rank[0], low_rank[1], preferred_element_type=jnp.float32)
         return (h if swiglu is None else swiglu_fn(h, alpha=swiglu[0], limit=swiglu[1])).astype(x.dtype)
     if implementation == "xla":
         return _xla(x, blocks, scales, group_sizes, bias, swiglu, (block_sizes or MatmulBlockSizes()).block_m)
     impl = mxfp4_matmul_gpu if implementation == "pallas_gpu" else mxfp4_matmul_tpu
-    return impl.mxfp4_grouped_matmul(x, blocks, scales, group_sizes, bias=bias, swiglu=swiglu,
-                                     interpret=interpret, block_sizes=block_sizes)
+    return impl.mxfp4_grouped_matmul(
+        x, blocks, scales, group_sizes, bias=bias, swiglu=swiglu, interpret=interpret, block_sizes=block_sizes
+    )
 
 
 # ------------------------------------------------------------------------------------ XLA path

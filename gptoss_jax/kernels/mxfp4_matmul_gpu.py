@@ -155,8 +155,19 @@ def _config(x, blocks, group_sizes, bias, swiglu, interpret, block_sizes) -> _Co
     M, Kin = x.shape
     bm, bn, bk = effective_block_sizes(M, Kin, Nout, swiglu, block_sizes)
     sw = None if swiglu is None else (float(swiglu[0]), float(swiglu[1]))
-    return _Config(M=M, Kin=Kin, Nout=Nout, E=E, block_m=bm, block_n=bn, block_k=bk, swiglu=sw,
-                   has_bias=bias is not None, dtype=jnp.dtype(x.dtype).name, interpret=bool(interpret))
+    return _Config(
+        M=M,
+        Kin=Kin,
+        Nout=Nout,
+        E=E,
+        block_m=bm,
+        block_n=bn,
+        block_k=bk,
+        swiglu=sw,
+        has_bias=bias is not None,
+        dtype=jnp.dtype(x.dtype).name,
+        interpret=bool(interpret),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,8 +197,9 @@ def group_tiles(group_sizes, M: int, block_m: int):
     lo = jnp.maximum(starts[g], tile * block_m)
     hi = jnp.minimum(ends[g], tile * block_m + block_m)
     zero = jnp.zeros_like(v)
-    return jnp.stack([jnp.where(valid, g, E), jnp.where(valid, tile, zero),
-                      jnp.where(valid, lo, zero), jnp.where(valid, hi, zero)]).astype(jnp.int32)
+    return jnp.stack(
+        [jnp.where(valid, g, E), jnp.where(valid, tile, zero), jnp.where(valid, lo, zero), jnp.where(valid, hi, zero)]
+    ).astype(jnp.int32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,10 +246,14 @@ def _load_weight(b_ref, s_ref, e, row0, part, k0, rows: int, cols: int, n_rows: 
     row_ok = (r < n_rows)[:, None]
     packed = plgpu.load(
         b_ref.at[e, pl.ds(row0, rows), part, pl.ds(pl.multiple_of(k0 // 2, cols // 2), cols // 2)],
-        mask=row_ok & (kb < Kin // 2)[None, :], other=0)
+        mask=row_ok & (kb < Kin // 2)[None, :],
+        other=0,
+    )
     sc = plgpu.load(
         s_ref.at[e, pl.ds(row0, rows), part, pl.ds(k0 // BLOCK, cols // BLOCK)],
-        mask=row_ok & (ks < Kin // BLOCK)[None, :], other=127)
+        mask=row_ok & (ks < Kin // BLOCK)[None, :],
+        other=127,
+    )
     return decode_tile(packed, sc, dtype)
 
 
@@ -295,8 +311,11 @@ def _fwd_kernel(*refs, cfg: _Config, mode: str):
     def body(kk, accs):
         k0 = kk * bk
         kcols = k0 + _iota(bk)
-        x = plgpu.load(x_ref.at[pl.ds(m0, bm), pl.ds(pl.multiple_of(k0, bk), bk)],
-                       mask=row_ok[:, None] & (kcols < cfg.Kin)[None, :], other=0)
+        x = plgpu.load(
+            x_ref.at[pl.ds(m0, bm), pl.ds(pl.multiple_of(k0, bk), bk)],
+            mask=row_ok[:, None] & (kcols < cfg.Kin)[None, :],
+            other=0,
+        )
         out = []
         for p, acc in enumerate(accs):
             w = _load_weight(b_ref, s_ref, ec, n0, p, k0, bnp, bk, n_rows, cfg.Kin, dtype)
@@ -307,8 +326,11 @@ def _fwd_kernel(*refs, cfg: _Config, mode: str):
     accs = lax.fori_loop(0, nk, body, accs)
     if cfg.has_bias:
         b_ok = col_ok & (e < cfg.E)
-        accs = tuple(acc + plgpu.load(bias_ref.at[ec, pl.ds(n0, bnp), jnp.int32(p)], mask=b_ok, other=0)
-                     .astype(jnp.float32)[None, :] for p, acc in enumerate(accs))
+        accs = tuple(
+            acc
+            + plgpu.load(bias_ref.at[ec, pl.ds(n0, bnp), jnp.int32(p)], mask=b_ok, other=0).astype(jnp.float32)[None, :]
+            for p, acc in enumerate(accs)
+        )
     mask = row_ok[:, None] & col_ok[None, :]
     out_idx = (pl.ds(m0, bm), pl.ds(n0, bnp))
     if mode == "out":
@@ -338,9 +360,11 @@ def _forward(x, blocks, scales, meta, bias, cfg: _Config, *, mode: str = "out", 
         out_shape = vma.out_struct((cfg.M, cfg.Nout // 2, 2), jnp.float32, *args)
     out = pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg, mode=mode),
-        grid=(cfg.n_tiles, cfg.visits), out_shape=out_shape,
+        grid=(cfg.n_tiles, cfg.visits),
+        out_shape=out_shape,
         compiler_params=cfg.compiler_params(cfg.block_m * cfg.block_n),
-        interpret=cfg.interpret, name=f"mxfp4_grouped_matmul_{mode}",
+        interpret=cfg.interpret,
+        name=f"mxfp4_grouped_matmul_{mode}",
     )(*args)
     return out if mode == "out" else out.reshape(cfg.M, cfg.Nout)
 
@@ -366,14 +390,20 @@ def _dx_kernel(meta_ref, dh_ref, b_ref, s_ref, dx_ref, *, cfg: _Config):
     def body(jn, acc):
         n0 = jn * bn
         ncols = n0 + _iota(bn)
-        dh = plgpu.load(dh_ref.at[pl.ds(m0, bm), pl.ds(pl.multiple_of(n0, bn), bn)],
-                        mask=row_ok[:, None] & (ncols < cfg.Nout)[None, :], other=0).astype(dtype)
+        dh = plgpu.load(
+            dh_ref.at[pl.ds(m0, bm), pl.ds(pl.multiple_of(n0, bn), bn)],
+            mask=row_ok[:, None] & (ncols < cfg.Nout)[None, :],
+            other=0,
+        ).astype(dtype)
         w = _load_weight(b_ref, s_ref, ec, n0, 0, k0, bn, bk, cfg.Nout, cfg.Kin, dtype)  # [bn, bk]
         return acc + plgpu.dot(dh, w, precision=cfg.precision)
 
     acc = lax.fori_loop(0, nn, body, jnp.zeros((bm, bk), jnp.float32))
-    plgpu.store(dx_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], acc.astype(dx_ref.dtype),
-                mask=row_ok[:, None] & (kcols < cfg.Kin)[None, :])
+    plgpu.store(
+        dx_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)],
+        acc.astype(dx_ref.dtype),
+        mask=row_ok[:, None] & (kcols < cfg.Kin)[None, :],
+    )
 
 
 def _input_grad(dh, blocks, scales, meta, cfg: _Config):
@@ -385,7 +415,8 @@ def _input_grad(dh, blocks, scales, meta, cfg: _Config):
         grid=(cfg.k_tiles, cfg.visits),
         out_shape=vma.out_struct((cfg.M, cfg.Kin), jnp.dtype(cfg.dtype), meta, dh, b4, s4),
         compiler_params=cfg.compiler_params(cfg.block_m * cfg.block_k),
-        interpret=cfg.interpret, name="mxfp4_grouped_matmul_dx",
+        interpret=cfg.interpret,
+        name="mxfp4_grouped_matmul_dx",
     )(meta, dh, b4, s4)
 
 
@@ -429,8 +460,17 @@ def _jitted(x, blocks, scales, group_sizes, bias, cfg: _Config):
     return _matmul(x, blocks, scales, group_sizes, bias, cfg)
 
 
-def mxfp4_grouped_matmul(x, blocks, scales, group_sizes, *, bias=None, swiglu=None,
-                         interpret: bool = False, block_sizes: MatmulBlockSizes | None = None):
+def mxfp4_grouped_matmul(
+    x,
+    blocks,
+    scales,
+    group_sizes,
+    *,
+    bias=None,
+    swiglu=None,
+    interpret: bool = False,
+    block_sizes: MatmulBlockSizes | None = None,
+):
     """See the module docstring; shapes are checked by `kernels.mxfp4_matmul`'s dispatcher."""
     cfg = _config(x, blocks, group_sizes, bias, swiglu, interpret, block_sizes)
     return _jitted(x, blocks, scales, group_sizes.astype(jnp.int32), bias, cfg)
@@ -445,13 +485,15 @@ def _decode_kernel(b_ref, s_ref, o_ref, *, Nout: int, Kin: int, bn: int, bk: int
     e, j, kk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     w = _load_weight(b_ref, s_ref, e, j * bn, 0, kk * bk, bn, bk, Nout, Kin, o_ref.dtype)
     rows, cols = j * bn + _iota(bn), kk * bk + _iota(bk)
-    plgpu.store(o_ref.at[e, pl.ds(j * bn, bn), pl.ds(kk * bk, bk)], w,
-                mask=(rows < Nout)[:, None] & (cols < Kin)[None, :])
+    plgpu.store(
+        o_ref.at[e, pl.ds(j * bn, bn), pl.ds(kk * bk, bk)], w, mask=(rows < Nout)[:, None] & (cols < Kin)[None, :]
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("dtype", "interpret", "block_n", "block_k"))
-def dequantize_kernel(blocks, scales, dtype=jnp.float32, *, interpret: bool = False,
-                      block_n: int = 32, block_k: int = 64):
+def dequantize_kernel(
+    blocks, scales, dtype=jnp.float32, *, interpret: bool = False, block_n: int = 32, block_k: int = 64
+):
     """[E, Nout, Kin] decoded by the matmul's own in-kernel tile decode (`_load_weight`), with the
     same edge masking; for testing the decode against `gptoss_jax.mxfp4.dequantize`."""
     E, Nout, G, _ = blocks.shape
@@ -463,5 +505,6 @@ def dequantize_kernel(blocks, scales, dtype=jnp.float32, *, interpret: bool = Fa
         grid=(E, _cdiv(Nout, block_n), _cdiv(Kin, block_k)),
         out_shape=jax.ShapeDtypeStruct((E, Nout, Kin), dtype),
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
-        interpret=interpret, name="mxfp4_decode",
+        interpret=interpret,
+        name="mxfp4_decode",
     )(b4, s4)

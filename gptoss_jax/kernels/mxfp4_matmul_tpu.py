@@ -106,6 +106,7 @@ def _round_up(a, b):
 # In-kernel decode
 # ----------------------------------------------------------------------------------------------
 
+
 def _e2m1_bits_to_f32(code):
     """int32 E2M1 codes 0..15 -> float32 by building the bits (sign bit 3, exponent bits 2..1 with
     bias 1, mantissa bit 0; exponent 0 is 0 or 0.5)."""
@@ -129,8 +130,9 @@ def _decode_tile(packed, scales, kt, *, block_k: int, num_groups: int):
     j = lax.broadcasted_iota(jnp.int32, (gp, half), 1)
     sel = (g == kt * (block_k // BLOCK) + (j >> 4)) & (g < num_groups)
     r = jnp.where(sel, 1.0, 0.0).astype(jnp.bfloat16)
-    t = lax.dot_general(t, r, _NN, precision=lax.Precision.DEFAULT,
-                        preferred_element_type=jnp.float32)  # [bn, bk/2], exact integers
+    t = lax.dot_general(
+        t, r, _NN, precision=lax.Precision.DEFAULT, preferred_element_type=jnp.float32
+    )  # [bn, bk/2], exact integers
     mult = lax.bitcast_convert_type(jnp.maximum(t.astype(jnp.int32) - 1, 0) << 23, jnp.float32)
     lo = _e2m1_bits_to_f32(b & 15) * mult
     hi = _e2m1_bits_to_f32((b >> 4) & 15) * mult
@@ -146,6 +148,7 @@ def _pad_scales(scales, n_pad: int):
 # ----------------------------------------------------------------------------------------------
 # Group metadata (traced, XLA)
 # ----------------------------------------------------------------------------------------------
+
 
 def group_metadata(group_sizes, M: int, block_m: int):
     """Visit list for the M tiles. Returns (tile, expert, lo, hi, first, decode), each int32 [V]
@@ -193,6 +196,7 @@ def _merge_x(x2, M: int, K: int):
 # Forward kernel
 # ----------------------------------------------------------------------------------------------
 
+
 def _store_decoded(dec_ref, idx, lo, hi, tmp_ref, *, deinterleave: bool):
     """Write the decoded planes into dec_ref[idx, 0/1] ([bn, bk/2] each). With `deinterleave` the
     rows (output channels) are reordered [even rows; odd rows], i.e. [gate | up] for the
@@ -206,15 +210,33 @@ def _store_decoded(dec_ref, idx, lo, hi, tmp_ref, *, deinterleave: bool):
     for p, plane in enumerate((lo, hi)):
         for c0 in range(0, half, NUM_LANES):
             w = min(NUM_LANES, half - c0)
-            tmp_ref[:, :w] = plane[:, c0:c0 + w]
+            tmp_ref[:, :w] = plane[:, c0 : c0 + w]
             for r in range(2):
                 rows = tmp_ref[pl.ds(r, bn // 2, stride=2), :]
-                dec_ref[idx, p, r * (bn // 2):(r + 1) * (bn // 2), c0:c0 + w] = rows[:, :w].astype(dec_ref.dtype)
+                dec_ref[idx, p, r * (bn // 2) : (r + 1) * (bn // 2), c0 : c0 + w] = rows[:, :w].astype(dec_ref.dtype)
 
 
-def _fwd_kernel(tile_ref, exp_ref, lo_ref, hi_ref, first_ref, dec_flag_ref,  # scalar prefetch
-                x_ref, w_ref, s_ref, *rest, bm: int, bn: int, bk: int, nk: int, G: int,
-                has_bias: bool, swiglu, deinterleave: bool, precision):
+def _fwd_kernel(
+    tile_ref,
+    exp_ref,
+    lo_ref,
+    hi_ref,
+    first_ref,
+    dec_flag_ref,  # scalar prefetch
+    x_ref,
+    w_ref,
+    s_ref,
+    *rest,
+    bm: int,
+    bn: int,
+    bk: int,
+    nk: int,
+    G: int,
+    has_bias: bool,
+    swiglu,
+    deinterleave: bool,
+    precision,
+):
     if has_bias:
         b_ref, o_ref, acc_ref, dec_ref, *tmp = rest
     else:
@@ -248,7 +270,7 @@ def _fwd_kernel(tile_ref, exp_ref, lo_ref, hi_ref, first_ref, dec_flag_ref,  # s
         if swiglu is not None:
             alpha, limit = swiglu
             gate = jnp.minimum(y[:, : bn // 2], limit)
-            up = jnp.clip(y[:, bn // 2:], -limit, limit)
+            up = jnp.clip(y[:, bn // 2 :], -limit, limit)
             y = gate * jax.nn.sigmoid(alpha * gate) * (up + 1.0)
         rows = tile_ref[v] * bm + lax.broadcasted_iota(jnp.int32, y.shape, 0)
         mask = (rows >= row_lo) & (rows < row_hi)
@@ -265,8 +287,11 @@ def _fwd_kernel(tile_ref, exp_ref, lo_ref, hi_ref, first_ref, dec_flag_ref,  # s
 def _cost(M: int, N: int, K: int, *arrays) -> pl.CostEstimate:
     """Every row multiplied once by its expert's [N, K] weight; each operand and result moved
     once (the packed weight at its packed size)."""
-    return pl.CostEstimate(flops=2 * M * N * K, transcendentals=0,
-                           bytes_accessed=sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(arrays)))
+    return pl.CostEstimate(
+        flops=2 * M * N * K,
+        transcendentals=0,
+        bytes_accessed=sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(arrays)),
+    )
 
 
 def _precision(dtype):
@@ -275,8 +300,19 @@ def _precision(dtype):
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
 
 
-def _forward(x, blocks, scales, group_sizes, bias, *, swiglu, bs: MatmulBlockSizes, interpret,
-             out_dtype, deinterleave: bool = False):
+def _forward(
+    x,
+    blocks,
+    scales,
+    group_sizes,
+    bias,
+    *,
+    swiglu,
+    bs: MatmulBlockSizes,
+    interpret,
+    out_dtype,
+    deinterleave: bool = False,
+):
     """[M, Nout] (or [M, Nout/2] with `swiglu`). `deinterleave` (implied by swiglu): each N tile's
     columns come out as [even columns | odd columns] ([gate | up]), over the padded width
     [M, tiles_n * bn] — the backward's pre-activation, split without lane shuffles."""
@@ -313,14 +349,27 @@ def _forward(x, blocks, scales, group_sizes, bias, *, swiglu, bs: MatmulBlockSiz
     scratch = [pltpu.VMEM((bm, bn), jnp.float32), pltpu.VMEM((nk, 2, bn, bk // 2), x.dtype)]
     if deinterleave:
         scratch.append(pltpu.VMEM((bn, NUM_LANES), jnp.float32))  # 128 lanes of lo / hi before the row split
-    kernel = functools.partial(_fwd_kernel, bm=bm, bn=bn, bk=bk, nk=nk, G=G, has_bias=bias is not None,
-                               swiglu=swiglu, deinterleave=deinterleave, precision=_precision(x.dtype))
+    kernel = functools.partial(
+        _fwd_kernel,
+        bm=bm,
+        bn=bn,
+        bk=bk,
+        nk=nk,
+        G=G,
+        has_bias=bias is not None,
+        swiglu=swiglu,
+        deinterleave=deinterleave,
+        precision=_precision(x.dtype),
+    )
     return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=len(meta), grid=(nn, V, nk), in_specs=in_specs,
+            num_scalar_prefetch=len(meta),
+            grid=(nn, V, nk),
+            in_specs=in_specs,
             out_specs=pl.BlockSpec((bm, out_bn), lambda n, v, k, tile, *_: (tile[v], n)),
-            scratch_shapes=scratch),
+            scratch_shapes=scratch,
+        ),
         out_shape=vma.out_struct((M, out_n), out_dtype, *meta, *args),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
         interpret=interpret,
@@ -333,9 +382,28 @@ def _forward(x, blocks, scales, group_sizes, bias, *, swiglu, bs: MatmulBlockSiz
 # Backward kernel: dx = dh @ W_e (contract Nout)
 # ----------------------------------------------------------------------------------------------
 
-def _dx_kernel(tile_ref, exp_ref, lo_ref, hi_ref, first_ref, dec_flag_ref,
-               dh_ref, w_ref, s_ref, o_ref, acc_ref, dec_ref, *tmp, bm: int, bk: int, nn: int, G: int,
-               deinterleave: bool, precision):
+
+def _dx_kernel(
+    tile_ref,
+    exp_ref,
+    lo_ref,
+    hi_ref,
+    first_ref,
+    dec_flag_ref,
+    dh_ref,
+    w_ref,
+    s_ref,
+    o_ref,
+    acc_ref,
+    dec_ref,
+    *tmp,
+    bm: int,
+    bk: int,
+    nn: int,
+    G: int,
+    deinterleave: bool,
+    precision,
+):
     kt, v, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
 
     @pl.when(dec_flag_ref[v] == 1)
@@ -360,6 +428,7 @@ def _dx_kernel(tile_ref, exp_ref, lo_ref, hi_ref, first_ref, dec_flag_ref,
         rows = tile_ref[v] * bm + lax.broadcasted_iota(jnp.int32, (bm, bk // 2), 0)
         mask = (rows >= row_lo) & (rows < row_hi)
         for p in range(2):
+
             @pl.when(first_ref[v] == 1)
             def _first():
                 o_ref[p] = jnp.where(mask, acc_ref[p], 0.0).astype(o_ref.dtype)
@@ -369,8 +438,7 @@ def _dx_kernel(tile_ref, exp_ref, lo_ref, hi_ref, first_ref, dec_flag_ref,
                 o_ref[p] = jnp.where(mask, acc_ref[p].astype(o_ref.dtype), o_ref[p])
 
 
-def _input_grad(dh, blocks, scales, group_sizes, *, bs: MatmulBlockSizes, interpret,
-                deinterleave: bool = False):
+def _input_grad(dh, blocks, scales, group_sizes, *, bs: MatmulBlockSizes, interpret, deinterleave: bool = False):
     """dh [M, Nout] (compute dtype) -> dx [M, Kin] in dh's dtype. With `deinterleave`, dh is
     [M, tiles_n * bn] with each N tile's columns in `_forward(deinterleave=True)`'s order, and the
     weight rows are decoded in that same order."""
@@ -393,20 +461,25 @@ def _input_grad(dh, blocks, scales, group_sizes, *, bs: MatmulBlockSizes, interp
     def smap(kt, v, n, tile, exp, lo, hi, first, dec):
         return exp[v], jnp.where(dec[v] == 1, n, nn - 1), 0
 
-    kernel = functools.partial(_dx_kernel, bm=bm, bk=bk, nn=nn, G=G, deinterleave=deinterleave,
-                               precision=_precision(dh.dtype))
+    kernel = functools.partial(
+        _dx_kernel, bm=bm, bk=bk, nn=nn, G=G, deinterleave=deinterleave, precision=_precision(dh.dtype)
+    )
     scratch = [pltpu.VMEM((2, bm, bk // 2), jnp.float32), pltpu.VMEM((nn, 2, bn, bk // 2), dh.dtype)]
     if deinterleave:
         scratch.append(pltpu.VMEM((bn, NUM_LANES), jnp.float32))
     dx2 = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=len(meta), grid=(nk, V, nn),
-            in_specs=[pl.BlockSpec((bm, bn), lambda kt, v, n, tile, *_: (tile[v], n)),
-                      pl.BlockSpec((None, bn, bk // 2), wmap),
-                      pl.BlockSpec((None, bn, gp), smap)],
+            num_scalar_prefetch=len(meta),
+            grid=(nk, V, nn),
+            in_specs=[
+                pl.BlockSpec((bm, bn), lambda kt, v, n, tile, *_: (tile[v], n)),
+                pl.BlockSpec((None, bn, bk // 2), wmap),
+                pl.BlockSpec((None, bn, gp), smap),
+            ],
             out_specs=pl.BlockSpec((2, bm, bk // 2), lambda kt, v, n, tile, *_: (0, tile[v], kt)),
-            scratch_shapes=scratch),
+            scratch_shapes=scratch,
+        ),
         out_shape=vma.out_struct((2, m_pad, nk * bk // 2), dh.dtype, *meta, dh, w, s),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
         interpret=interpret,
@@ -420,10 +493,10 @@ def _input_grad(dh, blocks, scales, group_sizes, *, bs: MatmulBlockSizes, interp
 # custom_vjp and the public entry point
 # ----------------------------------------------------------------------------------------------
 
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
 def _mm(x, blocks, scales, group_sizes, bias, swiglu, bs, bs_bwd, interpret):
-    return _forward(x, blocks, scales, group_sizes, bias, swiglu=swiglu, bs=bs, interpret=interpret,
-                    out_dtype=x.dtype)
+    return _forward(x, blocks, scales, group_sizes, bias, swiglu=swiglu, bs=bs, interpret=interpret, out_dtype=x.dtype)
 
 
 def _mm_fwd(x, blocks, scales, group_sizes, bias, swiglu, bs, bs_bwd, interpret):
@@ -463,11 +536,20 @@ def _mm_bwd(swiglu, bs, bs_bwd, interpret, res, dy):
         # XLA:TPU's compile of this backward grow past 24 GB of host memory at gpt-oss shapes.
         bn = bs.block_n
         nn = -(-N // bn)
-        h = _forward(x, blocks, scales, group_sizes, bias, swiglu=None, bs=bs, interpret=interpret,
-                     out_dtype=jnp.float32, deinterleave=True).reshape(M, nn, 2, bn // 2)
+        h = _forward(
+            x,
+            blocks,
+            scales,
+            group_sizes,
+            bias,
+            swiglu=None,
+            bs=bs,
+            interpret=interpret,
+            out_dtype=jnp.float32,
+            deinterleave=True,
+        ).reshape(M, nn, 2, bn // 2)
         dy = jnp.pad(dy.astype(jnp.float32), ((0, 0), (0, nn * bn // 2 - N // 2))).reshape(M, nn, bn // 2)
-        _, vjp = jax.vjp(functools.partial(swiglu_halves, alpha=swiglu[0], limit=swiglu[1]),
-                         h[:, :, 0], h[:, :, 1])
+        _, vjp = jax.vjp(functools.partial(swiglu_halves, alpha=swiglu[0], limit=swiglu[1]), h[:, :, 0], h[:, :, 1])
         dh = jnp.stack(vjp(dy), axis=2).reshape(M, nn * bn)  # [gate | up] per tile, as h
         deinterleave = True
     return _grads(res, dh, deinterleave, bs, bs_bwd, interpret)
@@ -478,8 +560,9 @@ def _grads(res, dh, deinterleave: bool, bs, bs_bwd, interpret):
     dh (per-tile [gate | up] columns when `deinterleave`)."""
     x, blocks, scales, group_sizes, bias = res
     M, N = x.shape[0], blocks.shape[1]
-    dx = _input_grad(dh.astype(x.dtype), blocks, scales, group_sizes, bs=bs_bwd, interpret=interpret,
-                     deinterleave=deinterleave)
+    dx = _input_grad(
+        dh.astype(x.dtype), blocks, scales, group_sizes, bs=bs_bwd, interpret=interpret, deinterleave=deinterleave
+    )
     dx = vma.sum_to(dx, x)
     dbias = None
     if bias is not None:
@@ -500,8 +583,18 @@ _mm.defvjp(_mm_fwd, _mm_bwd)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _mm_tiles(x, blocks, scales, group_sizes, bias, bs, bs_bwd, interpret):
     """x @ W_e^T + bias[e] in x's dtype, [M, tiles_n * bn], each N tile's columns [gate | up]."""
-    return _forward(x, blocks, scales, group_sizes, bias, swiglu=None, bs=bs, interpret=interpret,
-                    out_dtype=x.dtype, deinterleave=True)
+    return _forward(
+        x,
+        blocks,
+        scales,
+        group_sizes,
+        bias,
+        swiglu=None,
+        bs=bs,
+        interpret=interpret,
+        out_dtype=x.dtype,
+        deinterleave=True,
+    )
 
 
 def _mm_tiles_fwd(x, blocks, scales, group_sizes, bias, bs, bs_bwd, interpret):
@@ -539,11 +632,12 @@ def _swiglu_low_rank(x, blocks, scales, group_sizes, bias, a, b, *, swiglu, bs, 
     h = _mm_tiles(x, blocks, scales, group_sizes, bias, bs, bs_bwd, interpret).astype(jnp.float32)
     h = (h + jnp.dot(a, to_tiles(b, bn), preferred_element_type=jnp.float32)).reshape(M, nn, 2, bn // 2)
     y = swiglu_halves(h[:, :, 0], h[:, :, 1], alpha=swiglu[0], limit=swiglu[1])
-    return y.reshape(M, nn * bn // 2)[:, :N // 2].astype(x.dtype)
+    return y.reshape(M, nn * bn // 2)[:, : N // 2].astype(x.dtype)
 
 
-def resolve_block_sizes(block_sizes, M: int, N: int, K: int, *, swiglu: bool, interpret,
-                        dtype=jnp.bfloat16) -> MatmulBlockSizes:
+def resolve_block_sizes(
+    block_sizes, M: int, N: int, K: int, *, swiglu: bool, interpret, dtype=jnp.bfloat16
+) -> MatmulBlockSizes:
     """Clamp the requested tiles to the problem (a tile covering a whole dim becomes that dim) and
     check the Mosaic tiling rules (skipped in interpret mode)."""
     bs = block_sizes or DEFAULT_BLOCK_SIZES
@@ -571,25 +665,45 @@ def resolve_block_sizes(block_sizes, M: int, N: int, K: int, *, swiglu: bool, in
     return MatmulBlockSizes(bm, bn, bk)
 
 
-def mxfp4_grouped_matmul(x, blocks, scales, group_sizes, *, bias=None, swiglu=None, low_rank=None,
-                         interpret=False, block_sizes: MatmulBlockSizes | None = None):
+def mxfp4_grouped_matmul(
+    x,
+    blocks,
+    scales,
+    group_sizes,
+    *,
+    bias=None,
+    swiglu=None,
+    low_rank=None,
+    interpret=False,
+    block_sizes: MatmulBlockSizes | None = None,
+):
     """See the module docstring. `interpret` is False, True (fast interpret mode on CPU) or a
     `pltpu.InterpretParams` (TPU-faithful interpreter). `low_rank` needs `swiglu` here (without it
     the dispatcher adds the update to the plain output)."""
     M, K = x.shape
     N = blocks.shape[1]
     swiglu = None if swiglu is None else (float(swiglu[0]), float(swiglu[1]))
-    bs = resolve_block_sizes(block_sizes, M, N, K, swiglu=swiglu is not None, interpret=interpret,
-                             dtype=x.dtype)
+    bs = resolve_block_sizes(block_sizes, M, N, K, swiglu=swiglu is not None, interpret=interpret, dtype=x.dtype)
     bs_bwd = MatmulBlockSizes(bs.block_m, bs.block_n, min(bs.block_k, BWD_BLOCK_K))
     bs_bwd = resolve_block_sizes(bs_bwd, M, N, K, swiglu=False, interpret=interpret, dtype=x.dtype)
     if low_rank is not None:
         if swiglu is None:
             raise ValueError("low_rank needs swiglu in the TPU kernel's entry; use kernels.mxfp4_grouped_matmul")
-        return _jitted_low_rank(x, blocks, scales, group_sizes.astype(jnp.int32), bias, *low_rank, swiglu=swiglu,
-                                bs=bs, bs_bwd=bs_bwd, interpret=interpret)
-    return _jitted(x, blocks, scales, group_sizes.astype(jnp.int32), bias, swiglu=swiglu, bs=bs,
-                   bs_bwd=bs_bwd, interpret=interpret)
+        return _jitted_low_rank(
+            x,
+            blocks,
+            scales,
+            group_sizes.astype(jnp.int32),
+            bias,
+            *low_rank,
+            swiglu=swiglu,
+            bs=bs,
+            bs_bwd=bs_bwd,
+            interpret=interpret,
+        )
+    return _jitted(
+        x, blocks, scales, group_sizes.astype(jnp.int32), bias, swiglu=swiglu, bs=bs, bs_bwd=bs_bwd, interpret=interpret
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("swiglu", "bs", "bs_bwd", "interpret"))
@@ -603,6 +717,7 @@ _jitted_low_rank = jax.jit(_swiglu_low_rank, static_argnames=("swiglu", "bs", "b
 # ----------------------------------------------------------------------------------------------
 # Decode only (tests / debugging): the kernels' tile decode, written out as [E, Nout, Kin]
 # ----------------------------------------------------------------------------------------------
+
 
 def _dequant_kernel(w_ref, s_ref, o_ref, *, bk: int, G: int):
     lo, hi = _decode_tile(w_ref[...], s_ref[...], pl.program_id(2), block_k=bk, num_groups=G)
@@ -624,8 +739,10 @@ def dequantize_tiles(blocks, scales, *, block_n: int, block_k: int, interpret=Fa
     out = pl.pallas_call(
         functools.partial(_dequant_kernel, bk=bk, G=G),
         grid=(E, nn, nk),
-        in_specs=[pl.BlockSpec((None, bn, bk // 2), lambda e, n, k: (e, n, k)),
-                  pl.BlockSpec((None, bn, s.shape[2]), lambda e, n, k: (e, n, 0))],
+        in_specs=[
+            pl.BlockSpec((None, bn, bk // 2), lambda e, n, k: (e, n, k)),
+            pl.BlockSpec((None, bn, s.shape[2]), lambda e, n, k: (e, n, 0)),
+        ],
         out_specs=pl.BlockSpec((None, 2, bn, bk // 2), lambda e, n, k: (e, 0, n, k)),
         out_shape=jax.ShapeDtypeStruct((E, 2, N, nk * bk // 2), jnp.float32),
         interpret=interpret,

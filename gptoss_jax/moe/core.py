@@ -47,8 +47,7 @@ class Routing(NamedTuple):
 
 def route(x, w, b, k: int) -> Routing:
     """x [T, D], router w [D, E], b [E]."""
-    logits = (jnp.einsum("TD,DE->TE", x, w, preferred_element_type=jnp.float32)
-              + b.astype(jnp.float32))
+    logits = jnp.einsum("TD,DE->TE", x, w, preferred_element_type=jnp.float32) + b.astype(jnp.float32)
     top, ids = jax.lax.top_k(logits, k)
     return Routing(logits, ids.astype(jnp.int32), jax.nn.softmax(top, axis=-1))
 
@@ -96,8 +95,9 @@ def moe_dense_reference(x, ew: ExpertWeights, routing: Routing, *, alpha, limit)
     w1, w2 = in_out(ew.w1, dt), in_out(ew.w2, dt)
     mm = lambda a, w: jnp.einsum("ETI,EIO->ETO", a, w, preferred_element_type=jnp.float32)
     xe = jnp.broadcast_to(x[None], (w1.shape[0],) + x.shape)
-    y = expert_mlp(xe, w1, ew.b1[:, None], w2, ew.b2[:, None], alpha=alpha, limit=limit, matmul=mm,
-                    lora1=ew.lora1, lora2=ew.lora2)
+    y = expert_mlp(
+        xe, w1, ew.b1[:, None], w2, ew.b2[:, None], alpha=alpha, limit=limit, matmul=mm, lora1=ew.lora1, lora2=ew.lora2
+    )
     y = jnp.take_along_axis(y.transpose(1, 0, 2), routing.ids[..., None], axis=1)  # [T, k, D]
     return jnp.einsum("TkD,Tk->TD", y, routing.weights).astype(dt)
 
@@ -149,15 +149,15 @@ def grouped_lora_factors(x, adapter: Adapter, experts):
     x a_e in its own expert's r columns, zeros elsewhere."""
     E, D, r = adapter.a.shape
     M = x.shape[0]
-    low = jnp.einsum("MD,DR->MR", x, jnp.swapaxes(adapter.a, 0, 1).reshape(D, E * r),
-                     preferred_element_type=jnp.float32).reshape(M, E, r)
+    low = jnp.einsum(
+        "MD,DR->MR", x, jnp.swapaxes(adapter.a, 0, 1).reshape(D, E * r), preferred_element_type=jnp.float32
+    ).reshape(M, E, r)
     own = (experts[:, None] == jnp.arange(E))[..., None]
     low = jnp.where(own, low, 0.0).astype(x.dtype).reshape(M, E * r)
     return low, adapter.b.reshape(E * r, -1)
 
 
-def grouped_mlp(xs, group_sizes, ew: ExpertWeights, *, alpha, limit, mxfp4_impl=None,
-                interpret=False):
+def grouped_mlp(xs, group_sizes, ew: ExpertWeights, *, alpha, limit, mxfp4_impl=None, interpret=False):
     """The expert MLPs of rows `xs` [R, D] sorted into contiguous expert groups (`group_sizes`
     [E], sum <= R; rows past the sum are padding) -> fp32 [R, D]. `ragged_dot` for dense weights;
     for packed ones the MXFP4 grouped matmul (`kernels.mxfp4_grouped_matmul`), which never decodes
@@ -166,22 +166,34 @@ def grouped_mlp(xs, group_sizes, ew: ExpertWeights, *, alpha, limit, mxfp4_impl=
     ragged = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes, preferred_element_type=jnp.float32)
     rows_expert = row_experts(group_sizes, xs.shape[0])  # E for rows past the groups
     if isinstance(ew.w1, MXFP4) and isinstance(ew.w2, MXFP4):
-        mm = functools.partial(mxfp4_grouped_matmul, group_sizes=group_sizes,
-                               implementation=mxfp4_impl or "xla", interpret=interpret)
+        mm = functools.partial(
+            mxfp4_grouped_matmul, group_sizes=group_sizes, implementation=mxfp4_impl or "xla", interpret=interpret
+        )
         # the adapter's update enters before the SwiGLU (`low_rank`)
         low_rank = None if ew.lora1 is None else grouped_lora_factors(xs, ew.lora1, rows_expert)
         a = mm(xs, ew.w1.blocks, ew.w1.scales, bias=ew.b1, swiglu=(alpha, limit), low_rank=low_rank)
         y = mm(a, ew.w2.blocks, ew.w2.scales, bias=ew.b2).astype(jnp.float32)
         return y + grouped_lora_delta(a, ew.lora2, rows_expert)
     experts = jnp.minimum(rows_expert, group_sizes.shape[0] - 1)
-    return expert_mlp(xs, in_out(ew.w1, dt), ew.b1[experts], in_out(ew.w2, dt), ew.b2[experts],
-                       alpha=alpha, limit=limit, matmul=ragged, lora1=ew.lora1, lora2=ew.lora2,
-                       delta=lambda x, adapter: grouped_lora_delta(x, adapter, rows_expert))
+    return expert_mlp(
+        xs,
+        in_out(ew.w1, dt),
+        ew.b1[experts],
+        in_out(ew.w2, dt),
+        ew.b2[experts],
+        alpha=alpha,
+        limit=limit,
+        matmul=ragged,
+        lora1=ew.lora1,
+        lora2=ew.lora2,
+        delta=lambda x, adapter: grouped_lora_delta(x, adapter, rows_expert),
+    )
 
 
 def moe_ragged(x, ew: ExpertWeights, routing: Routing, *, alpha, limit, mxfp4_impl=None, interpret=False):
     """Sort by expert and run a grouped matmul over the contiguous groups (`grouped_mlp`)."""
     srt = sort_by_expert(routing.ids, ew.b1.shape[0])
-    y = grouped_mlp(x[srt.tokens], srt.group_sizes, ew, alpha=alpha, limit=limit,
-                    mxfp4_impl=mxfp4_impl, interpret=interpret)
+    y = grouped_mlp(
+        x[srt.tokens], srt.group_sizes, ew, alpha=alpha, limit=limit, mxfp4_impl=mxfp4_impl, interpret=interpret
+    )
     return combine(y, srt, routing, x.dtype)

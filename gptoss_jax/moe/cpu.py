@@ -32,8 +32,16 @@ import numpy as np
 from gptoss_jax.adapters import Adapter
 from gptoss_jax.kernels import vma
 from gptoss_jax.layers import swiglu
-from gptoss_jax.moe.core import (ExpertWeights, Routing, bucket_ranks, combine, expert_mlp, in_out,
-                                 lora_delta, sort_by_expert)
+from gptoss_jax.moe.core import (
+    ExpertWeights,
+    Routing,
+    bucket_ranks,
+    combine,
+    expert_mlp,
+    in_out,
+    lora_delta,
+    sort_by_expert,
+)
 from gptoss_jax.mxfp4 import MXFP4, gathered_matvec
 
 
@@ -47,6 +55,7 @@ def float_leaves(tree):
     def rebuild(float_leaves):
         it = iter(float_leaves)
         return jax.tree.unflatten(treedef, [next(it) if f else a for a, f in zip(leaves, floating)])
+
     return [a for a, f in zip(leaves, floating) if f], floating, rebuild
 
 
@@ -55,9 +64,10 @@ def cotangent(tree, float_grads):
     for the others (packed blocks, ids)."""
     _, floating, _ = float_leaves(tree)
     it = iter(float_grads)
-    return jax.tree.unflatten(jax.tree.structure(tree), [
-        next(it) if f else np.zeros(a.shape, jax.dtypes.float0)
-        for a, f in zip(jax.tree.leaves(tree), floating)])
+    return jax.tree.unflatten(
+        jax.tree.structure(tree),
+        [next(it) if f else np.zeros(a.shape, jax.dtypes.float0) for a, f in zip(jax.tree.leaves(tree), floating)],
+    )
 
 
 def capacity_switch(fn, caps: tuple[int, ...], choice, *operands):
@@ -86,6 +96,7 @@ def _switch_bwd(fn, caps, res, dy):
     def branch(cap):
         def vjp(floats, dy):
             return jax.vjp(lambda fl: fn(cap, *rebuild(fl)), floats)[1](dy)[0]
+
         return vjp
 
     d_floats = jax.lax.switch(choice, [branch(c) for c in caps], floats, dy)
@@ -106,8 +117,9 @@ def expert_fns(ew_e: ExpertWeights, dt, alpha, limit):
     leaves (so gradients flow to dense weights, biases and adapters, never to packed blocks).
     Packed matrices are decoded here, once, in their [out, in] layout (no transpose)."""
     fl, _, rebuild = float_leaves(ew_e)
-    decoded = {n: getattr(ew_e, n).dequantize(jnp.float32) for n in ("w1", "w2")
-               if isinstance(getattr(ew_e, n), MXFP4)}  # [out, in]
+    decoded = {
+        n: getattr(ew_e, n).dequantize(jnp.float32) for n in ("w1", "w2") if isinstance(getattr(ew_e, n), MXFP4)
+    }  # [out, in]
 
     def mm(a, w, name=None):
         if name in decoded:
@@ -122,6 +134,7 @@ def expert_fns(ew_e: ExpertWeights, dt, alpha, limit):
         p = rebuild(fl)
         a = swiglu(h, alpha=alpha, limit=limit).astype(dt)
         return mm(a, p.w2, "w2") + p.b2.astype(jnp.float32) + lora_delta(a, p.lora2, mm)
+
     return fl, first, second
 
 
@@ -163,12 +176,21 @@ def bucket_mlp(buf, ew: ExpertWeights, *, alpha, limit, one_at_a_time: bool = Fa
     a `lax.map` over the experts, one expert decoded in memory instead of all E."""
     if one_at_a_time and isinstance(ew.w1, MXFP4):
         E = ew.b1.shape[0]
-        return jax.lax.map(lambda a: one_expert(a[1], a[0], ew, alpha=alpha, limit=limit),
-                           (buf, jnp.arange(E)))
+        return jax.lax.map(lambda a: one_expert(a[1], a[0], ew, alpha=alpha, limit=limit), (buf, jnp.arange(E)))
     dt = buf.dtype
     mm = lambda a, w: jnp.einsum("ECI,EIO->ECO", a, w, preferred_element_type=jnp.float32)
-    return expert_mlp(buf, in_out(ew.w1, dt), ew.b1[:, None], in_out(ew.w2, dt), ew.b2[:, None],
-                      alpha=alpha, limit=limit, matmul=mm, lora1=ew.lora1, lora2=ew.lora2)
+    return expert_mlp(
+        buf,
+        in_out(ew.w1, dt),
+        ew.b1[:, None],
+        in_out(ew.w2, dt),
+        ew.b2[:, None],
+        alpha=alpha,
+        limit=limit,
+        matmul=mm,
+        lora1=ew.lora1,
+        lora2=ew.lora2,
+    )
 
 
 def moe_buckets(x, ew: ExpertWeights, routing: Routing, *, alpha, limit, one_at_a_time: bool = False):
@@ -179,8 +201,7 @@ def moe_buckets(x, ew: ExpertWeights, routing: Routing, *, alpha, limit, one_at_
     caps = bucket_capacities(T, k, E)
     largest = jnp.max(jnp.bincount(routing.ids.reshape(-1), length=E))
     fn = functools.partial(_buckets_at, alpha=float(alpha), limit=float(limit), one_at_a_time=bool(one_at_a_time))
-    return capacity_switch(fn, caps, jnp.searchsorted(jnp.asarray(caps), largest), x, ew, routing.ids,
-                           routing.weights)
+    return capacity_switch(fn, caps, jnp.searchsorted(jnp.asarray(caps), largest), x, ew, routing.ids, routing.weights)
 
 
 def _buckets_at(cap: int, x, ew: ExpertWeights, ids, weights, *, alpha, limit, one_at_a_time):
@@ -189,8 +210,9 @@ def _buckets_at(cap: int, x, ew: ExpertWeights, ids, weights, *, alpha, limit, o
     srt = sort_by_expert(ids, E)
     slot = srt.experts * cap + bucket_ranks(srt)
     buf = jnp.zeros((E * cap, x.shape[1]), x.dtype).at[slot].set(x[srt.tokens])
-    y = bucket_mlp(buf.reshape(E, cap, -1), ew, alpha=alpha, limit=limit,
-                   one_at_a_time=one_at_a_time).reshape(E * cap, -1)[slot]
+    y = bucket_mlp(buf.reshape(E, cap, -1), ew, alpha=alpha, limit=limit, one_at_a_time=one_at_a_time).reshape(
+        E * cap, -1
+    )[slot]
     return combine(y, srt, Routing(None, ids, weights), x.dtype)
 
 
@@ -240,6 +262,7 @@ def _chunk_loop(chunks, m, ew, dt, alpha, limit, body, carry, acc=None, done=Non
         state = (carry, acc(fns) if acc else ())
         state = jax.lax.fori_loop(0, chunks[e], lambda c, st: body(fns, (starts[e] + c) * m, *st), state)
         return done(e, *state) if done else state[0]
+
     return jax.lax.fori_loop(0, chunks.shape[0], expert, carry)
 
 
@@ -260,6 +283,7 @@ def _chunked_run(buf, ew, chunks, alpha, limit, m, keep_h):
         if keep_h:
             h_all = jax.lax.dynamic_update_slice_in_dim(h_all, h, r0, 0)
         return (y, h_all), acc
+
     y0 = _zeros((buf.shape[0], buf.shape[1]), jnp.float32, buf, ew, chunks)
     h0 = _zeros((buf.shape[0], F2) if keep_h else (0, F2), jnp.float32, buf, ew, chunks)
     return _chunk_loop(chunks, m, ew, buf.dtype, alpha, limit, body, (y0, h0))
@@ -297,8 +321,18 @@ def _chunked_bwd(alpha, limit, m, res, dy):
 
     fl_all = float_leaves(ew)[0]
     carry = (_zeros(buf.shape, buf.dtype, *refs), [_zeros(a.shape, a.dtype, *refs) for a in fl_all])
-    d_buf, grads = _chunk_loop(chunks, m, ew, buf.dtype, alpha, limit, body, carry,
-                               acc=lambda fns: [_zeros(a.shape, jnp.float32, *refs) for a in fns[0]], done=done)
+    d_buf, grads = _chunk_loop(
+        chunks,
+        m,
+        ew,
+        buf.dtype,
+        alpha,
+        limit,
+        body,
+        carry,
+        acc=lambda fns: [_zeros(a.shape, jnp.float32, *refs) for a in fns[0]],
+        done=done,
+    )
     return d_buf, cotangent(ew, grads), np.zeros(chunks.shape, jax.dtypes.float0)
 
 
@@ -331,6 +365,16 @@ def moe_gather(x, ew: ExpertWeights, routing: Routing, *, alpha, limit, gathered
         mm = rows
     xs = jnp.repeat(x, k, axis=0)  # row r = token r // k, slot r % k
     take = lambda ad: None if ad is None else Adapter(ad.a[ids], ad.b[ids])
-    y = expert_mlp(xs, w1, ew.b1[ids], w2, ew.b2[ids], alpha=alpha, limit=limit, matmul=mm,
-                    lora1=take(ew.lora1), lora2=take(ew.lora2))
+    y = expert_mlp(
+        xs,
+        w1,
+        ew.b1[ids],
+        w2,
+        ew.b2[ids],
+        alpha=alpha,
+        limit=limit,
+        matmul=mm,
+        lora1=take(ew.lora1),
+        lora2=take(ew.lora2),
+    )
     return jnp.einsum("TkD,Tk->TD", y.reshape(T, k, -1), routing.weights).astype(dt)

@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Iterator
+from collections.abc import Iterator
 
 
 def problem(rng: random.Random, min_digits: int, max_digits: int) -> tuple[int, int]:
     """Two operands whose digit counts are drawn independently from [min_digits, max_digits]."""
+
     def operand():
         n = rng.randint(min_digits, max_digits)
-        return rng.randint(10 ** (n - 1) if n > 1 else 0, 10 ** n - 1)
+        return rng.randint(10 ** (n - 1) if n > 1 else 0, 10**n - 1)
+
     return operand(), operand()
 
 
@@ -48,12 +50,17 @@ def analysis(a: int, b: int) -> str:
 
 def conversation(a: int, b: int) -> dict:
     """One training example in the chat shape (`train.data` turns it into harmony messages)."""
-    return {"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
-                         {"role": "assistant", "thinking": analysis(a, b), "content": str(a + b)}]}
+    return {
+        "messages": [
+            {"role": "user", "content": f"What is {a} + {b}?"},
+            {"role": "assistant", "thinking": analysis(a, b), "content": str(a + b)},
+        ]
+    }
 
 
-def problems(n: int, *, seed: int, min_digits: int = 1, max_digits: int = 3,
-             exclude: set | None = None) -> Iterator[tuple[int, int]]:
+def problems(
+    n: int, *, seed: int, min_digits: int = 1, max_digits: int = 3, exclude: set | None = None
+) -> Iterator[tuple[int, int]]:
     rng = random.Random(seed)
     made = 0
     while made < n:
@@ -64,18 +71,32 @@ def problems(n: int, *, seed: int, min_digits: int = 1, max_digits: int = 3,
         yield a, b
 
 
-def write_splits(train_path: str, eval_path: str, *, train_size: int, eval_size: int, seed: int = 0,
-                 min_digits: int = 1, max_digits: int = 3) -> dict:
+def write_splits(
+    train_path: str,
+    eval_path: str,
+    *,
+    train_size: int,
+    eval_size: int,
+    seed: int = 0,
+    min_digits: int = 1,
+    max_digits: int = 3,
+) -> dict:
     """Train and held-out jsonl files; held-out problems never occur in the training set."""
     train = list(problems(train_size, seed=seed, min_digits=min_digits, max_digits=max_digits))
-    held = list(problems(eval_size, seed=seed + 1_000_003, min_digits=min_digits, max_digits=max_digits,
-                         exclude=set(train)))
+    held = list(
+        problems(eval_size, seed=seed + 1_000_003, min_digits=min_digits, max_digits=max_digits, exclude=set(train))
+    )
     for path, items in ((train_path, train), (eval_path, held)):
         with open(path, "w") as f:
             for a, b in items:
                 f.write(json.dumps(conversation(a, b)) + "\n")
-    return {"train": len(train), "eval": len(held), "min_digits": min_digits, "max_digits": max_digits,
-            "heldout_first": [list(p) for p in held[:8]]}
+    return {
+        "train": len(train),
+        "eval": len(held),
+        "min_digits": min_digits,
+        "max_digits": max_digits,
+        "heldout_first": [list(p) for p in held[:8]],
+    }
 
 
 def corpus(n: int = 2000, *, seed: int = 0, max_digits: int = 6) -> Iterator[str]:

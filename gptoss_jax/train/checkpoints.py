@@ -107,8 +107,9 @@ def _fmt(n: float) -> str:
 class Checkpoints:
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                               create=True, cleanup_tmp_directories=True)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True
+        )
         self._filter = _OrbaxNoise()
         self._filter.install()
         self._failures = 0
@@ -123,8 +124,9 @@ class Checkpoints:
         self.wait()  # orbax would wait for the save in flight anyway; its size is known after
         self._check_space(step)
         try:
-            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                            meta=ocp.args.JsonSave(meta)))
+            self.manager.save(
+                step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+            )
         except Exception as e:
             self._failed((self._pending, step), e)
         self._pending = step
@@ -132,8 +134,9 @@ class Checkpoints:
     def restore(self, step: int, like):
         """`like`: a state of the same structure (its arrays give shapes, dtypes and shardings)."""
         target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), like)
-        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                                 meta=ocp.args.JsonRestore()))
+        out = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+        )
         return out["state"], out["meta"]
 
     def wait(self) -> None:
@@ -142,8 +145,12 @@ class Checkpoints:
         except Exception as e:
             self._failed((self._pending,), e)
         step, self._pending = self._pending, None
-        if (step is not None and self._filter.messages and jax.process_count() == 1
-                and not os.path.isdir(os.path.join(self.directory, str(step)))):
+        if (
+            step is not None
+            and self._filter.messages
+            and jax.process_count() == 1
+            and not os.path.isdir(os.path.join(self.directory, str(step)))
+        ):
             # orbax logged a failure without raising it and the step never appeared
             self._failed((step,), RuntimeError(self._filter.messages[-1]), always=True)
 
@@ -186,7 +193,8 @@ class Checkpoints:
             raise CheckpointSaveError(
                 f"not enough free space for the checkpoint of step {step} in {self.directory}: {_fmt(free)} free, "
                 f"a checkpoint takes {_fmt(need)}; nothing was written; the last complete checkpoint is step "
-                f"{complete[-1]} (a resumed run starts from it)")
+                f"{complete[-1]} (a resumed run starts from it)"
+            )
 
     def _remove_partial(self, *, settle: float = 0.0, timeout: float = 30.0) -> None:
         """Remove temporary (partial) checkpoint folders; with `settle`, again until none has
@@ -230,7 +238,12 @@ class Checkpoints:
         complete = self._complete()
         failed = [t for t in steps if t is not None and t not in complete]
         where = f"step {failed[0]}" if failed else "a step"
-        kept = (f"the last complete checkpoint is step {complete[-1]} (a resumed run starts from it)" if complete
-                else "there is no complete checkpoint yet")
-        raise CheckpointSaveError(f"could not write the checkpoint of {where} in {self.directory}: {reason}; "
-                                  f"removed the partial checkpoint; {kept}") from None
+        kept = (
+            f"the last complete checkpoint is step {complete[-1]} (a resumed run starts from it)"
+            if complete
+            else "there is no complete checkpoint yet"
+        )
+        raise CheckpointSaveError(
+            f"could not write the checkpoint of {where} in {self.directory}: {reason}; "
+            f"removed the partial checkpoint; {kept}"
+        ) from None

@@ -16,7 +16,8 @@ import dataclasses
 import math
 import types
 import typing
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import yaml
 
@@ -26,8 +27,8 @@ from gptoss_jax.expert_parallel import DISPATCH
 from gptoss_jax.lora import TARGETS as LORA_TARGETS
 from gptoss_jax.model import EXPERT_FORMATS, REMAT_POLICIES
 from gptoss_jax.sharding import MESH_AXES
-from gptoss_jax.train.step import OptimConfig
 from gptoss_jax.train import rewards as rewards_lib
+from gptoss_jax.train.step import OptimConfig
 
 
 class ConfigKeyError(ValueError):
@@ -36,8 +37,11 @@ class ConfigKeyError(ValueError):
 
 # Float dtypes a model can be built or loaded in (what `model.dtype` and the CLI's --dtype take).
 DTYPES = ("bfloat16", "float16", "float32")
-PRESETS = {"tiny": model_config_lib.tiny, "gpt_oss_20b": model_config_lib.gpt_oss_20b,
-           "gpt_oss_120b": model_config_lib.gpt_oss_120b}
+PRESETS = {
+    "tiny": model_config_lib.tiny,
+    "gpt_oss_20b": model_config_lib.gpt_oss_20b,
+    "gpt_oss_120b": model_config_lib.gpt_oss_120b,
+}
 REASONING_EFFORTS = ("low", "medium", "high")
 RL_AGGREGATES = ("token", "sequence")
 
@@ -80,8 +84,10 @@ def _model_overrides(preset: str, overrides) -> dict:
     fields = [f.name for f in dataclasses.fields(ModelConfig)]
     unknown = sorted(map(str, set(overrides) - set(fields)))
     if unknown:
-        raise ConfigKeyError(f"unknown key(s) {', '.join('model.overrides.' + k for k in unknown)}; "
-                             f"known ModelConfig fields: {', '.join(fields)}")
+        raise ConfigKeyError(
+            f"unknown key(s) {', '.join('model.overrides.' + k for k in unknown)}; "
+            f"known ModelConfig fields: {', '.join(fields)}"
+        )
     hints = typing.get_type_hints(ModelConfig)
     out = {k: _coerce(v, hints[k], f"model.overrides.{k}") for k, v in overrides.items()}
     try:
@@ -117,12 +123,15 @@ class ModelSection:
         _need_choice(self.experts, "model.experts", EXPERT_FORMATS)
         _need_choice(self.remat, "model.remat", tuple(REMAT_POLICIES))
         if not isinstance(self.tokenizer, str) or not self.tokenizer:
-            raise ConfigKeyError(f"model.tokenizer must be 'o200k_harmony', a tokenizer.json or a checkpoint "
-                                 f"folder, got {self.tokenizer!r}")
+            raise ConfigKeyError(
+                f"model.tokenizer must be 'o200k_harmony', a tokenizer.json or a checkpoint "
+                f"folder, got {self.tokenizer!r}"
+            )
         _need_int(self.loss_chunk, "model.loss_chunk", 0, "an integer >= 0 (0 = the whole sequence at once)")
         if self.capacity_factor is not None:
-            _need_number(self.capacity_factor, "model.capacity_factor", lambda v: v > 0,
-                         "a number > 0 (or null: dropless)")
+            _need_number(
+                self.capacity_factor, "model.capacity_factor", lambda v: v > 0, "a number > 0 (or null: dropless)"
+            )
         if self.expert_dispatch is not None:
             _need_choice(self.expert_dispatch, "model.expert_dispatch", DISPATCH)
 
@@ -140,8 +149,9 @@ class LoRASection:
         _need_number(self.alpha, "lora.alpha", lambda v: v > 0, "a finite number > 0")
         targets = self.targets if isinstance(self.targets, (list, tuple)) else None
         if not targets or not all(isinstance(t, str) and t in LORA_TARGETS for t in targets):
-            raise ConfigKeyError(f"lora.targets must be a non-empty list of {', '.join(LORA_TARGETS)}, "
-                                 f"got {self.targets!r}")
+            raise ConfigKeyError(
+                f"lora.targets must be a non-empty list of {', '.join(LORA_TARGETS)}, got {self.targets!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +211,7 @@ class EvalSection:
 @dataclasses.dataclass(frozen=True)
 class RLSection:
     """GRPO / GSPO (`algorithm: grpo | gspo`); prompts and reference answers come from data.train."""
+
     group_size: int = 8  # samples per prompt (G)
     prompts_per_step: int = 8
     temperature: float = 1.0
@@ -276,15 +287,20 @@ def _check_mesh(mesh) -> None:
         raise ConfigKeyError(f"mesh must map axes ({', '.join(MESH_AXES)}) to sizes, got {mesh!r}")
     unknown = sorted(map(str, set(mesh) - set(MESH_AXES)))
     if unknown:
-        raise ConfigKeyError(f"unknown mesh axes {', '.join('mesh.' + k for k in unknown)}; "
-                             f"known: {', '.join(MESH_AXES)}")
+        raise ConfigKeyError(
+            f"unknown mesh axes {', '.join('mesh.' + k for k in unknown)}; known: {', '.join(MESH_AXES)}"
+        )
     for axis, size in mesh.items():
         if not _is_int(size) or not (size >= 1 or size == -1):
             raise ConfigKeyError(f"mesh.{axis} must be a positive integer or -1 (the remaining devices), got {size!r}")
 
 
-_SCALARS = {bool: ((bool,), "true or false"), int: ((int,), "an integer"),
-            float: ((int, float), "a number"), str: ((str,), "a string")}
+_SCALARS = {
+    bool: ((bool,), "true or false"),
+    int: ((int,), "an integer"),
+    float: ((int, float), "a number"),
+    str: ((str,), "a string"),
+}
 
 
 def _coerce(value, tp, where: str):
@@ -325,8 +341,9 @@ def _build(cls, values: Mapping, where: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ConfigKeyError(f"unknown key(s) {', '.join(where + k for k in unknown)}; "
-                             f"known: {', '.join(sorted(fields))}")
+        raise ConfigKeyError(
+            f"unknown key(s) {', '.join(where + k for k in unknown)}; known: {', '.join(sorted(fields))}"
+        )
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in values.items():
@@ -342,6 +359,7 @@ def _build(cls, values: Mapping, where: str):
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
     """One line for a YAML syntax error: where (1-based line and column) and what."""
+
     def at(mark):
         return f"line {mark.line + 1}, column {mark.column + 1}"
 
@@ -383,8 +401,10 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Exper
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise ConfigKeyError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)}); "
-                                 "quote a plain string, e.g. key='a: b'") from None
+            raise ConfigKeyError(
+                f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)}); "
+                "quote a plain string, e.g. key='a: b'"
+            ) from None
         _set(raw, key.strip(), value)
     return _build(ExperimentConfig, raw, "")
 

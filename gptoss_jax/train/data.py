@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -43,14 +43,15 @@ class DataReport:
     line_numbers: list[int] = dataclasses.field(default_factory=list)  # of the conversations read, in order
 
     def summary(self) -> str:
-        return (f"{self.conversations} conversations from {self.lines} lines; {len(self.malformed)} "
-                f"malformed, {self.too_long} longer than a row, {self.no_target} without an assistant "
-                "turn (all left out)")
+        return (
+            f"{self.conversations} conversations from {self.lines} lines; {len(self.malformed)} "
+            f"malformed, {self.too_long} longer than a row, {self.no_target} without an assistant "
+            "turn (all left out)"
+        )
 
 
 def _is_chat_shape(messages) -> bool:
-    return all(isinstance(m, dict) and isinstance(m.get("content"), str) and "channel" not in m
-               for m in messages)
+    return all(isinstance(m, dict) and isinstance(m.get("content"), str) and "channel" not in m for m in messages)
 
 
 def from_chat_shape(messages, *, reasoning_effort: str = "low") -> list[dict]:
@@ -100,8 +101,9 @@ def parse_conversation(record, *, reasoning_effort: str = "low") -> list[dict]:
     return conv
 
 
-def read_jsonl(path: str, *, strict: bool = False, reasoning_effort: str = "low",
-               report: DataReport | None = None) -> tuple[list[list[dict]], DataReport]:
+def read_jsonl(
+    path: str, *, strict: bool = False, reasoning_effort: str = "low", report: DataReport | None = None
+) -> tuple[list[list[dict]], DataReport]:
     report = report or DataReport()
     out = []
     with open(path, "rb") as f:
@@ -150,8 +152,7 @@ class Packed:
         return self.tokens.shape[0]
 
 
-def tokenize(conversations: Iterable, tokenizer, *, keep_analysis: bool = True,
-             report: DataReport | None = None):
+def tokenize(conversations: Iterable, tokenizer, *, keep_analysis: bool = True, report: DataReport | None = None):
     """Conversations -> [(tokens, loss_mask)] through `harmony.render_for_training`; with
     `keep_analysis` the analysis before a final answer stays in (and is trained), otherwise it is
     dropped as openai-harmony does by default."""
@@ -169,8 +170,9 @@ def tokenize(conversations: Iterable, tokenizer, *, keep_analysis: bool = True,
 FITS = ("first", "next")
 
 
-def pack_rows(examples: Iterable[tuple[Sequence[int], Sequence[int] | None]], seq_len: int, *,
-              fit: str = "first") -> Iterator[list[tuple]]:
+def pack_rows(
+    examples: Iterable[tuple[Sequence[int], Sequence[int] | None]], seq_len: int, *, fit: str = "first"
+) -> Iterator[list[tuple]]:
     """The packing itself: whole (tokens, mask) examples of at most `seq_len` tokens placed, in
     order, into rows of `seq_len` tokens; yields each row as the list of its examples.
 
@@ -211,17 +213,23 @@ def layout(rows: Sequence[Sequence[tuple]], seq_len: int, num_rows: int | None =
         at = 0
         for seg, (tokens, mask) in enumerate(row, 1):
             n = len(tokens)
-            packed.tokens[r, at:at + n] = tokens
+            packed.tokens[r, at : at + n] = tokens
             if mask is not None:
-                packed.loss_mask[r, at:at + n] = mask
-            packed.segment_ids[r, at:at + n] = seg
-            packed.positions[r, at:at + n] = np.arange(n)
+                packed.loss_mask[r, at : at + n] = mask
+            packed.segment_ids[r, at : at + n] = seg
+            packed.positions[r, at : at + n] = np.arange(n)
             at += n
     return packed
 
 
-def pack(examples: Sequence[tuple[Sequence[int], Sequence[int]]], seq_len: int, *, strict: bool = False,
-         report: DataReport | None = None, fit: str = "first") -> Packed:
+def pack(
+    examples: Sequence[tuple[Sequence[int], Sequence[int]]],
+    seq_len: int,
+    *,
+    strict: bool = False,
+    report: DataReport | None = None,
+    fit: str = "first",
+) -> Packed:
     """Pack training examples (tokens, loss mask) into rows (`pack_rows`; first fit by default).
     An example longer than a row is counted in `report.too_long` and left out, or an error with
     `strict`."""
@@ -241,8 +249,9 @@ def pack(examples: Sequence[tuple[Sequence[int], Sequence[int]]], seq_len: int, 
     return layout(list(pack_rows(checked(), seq_len, fit=fit)), seq_len)
 
 
-def pack_batches(examples: Iterable[tuple[Sequence[int], Sequence[int] | None]], seq_len: int,
-                 batch_size: int, *, fit: str = "next") -> Iterator[Packed]:
+def pack_batches(
+    examples: Iterable[tuple[Sequence[int], Sequence[int] | None]], seq_len: int, batch_size: int, *, fit: str = "next"
+) -> Iterator[Packed]:
     """Streamed packing: `Packed` batches of `batch_size` rows (`pack_rows`, next fit by default),
     each as soon as its rows are complete; the last one is filled up with padding rows."""
     rows = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -72,15 +72,23 @@ def exact_match(answer: str | None, reference: str) -> bool:
     return answer is not None and answer.strip() == reference.strip()
 
 
-def task_accuracy(model, tokenizer, conversations: Sequence[Sequence[dict]], *, max_new_tokens: int = 64,
-                  batch_size: int = 16, match: Callable[[str | None, str], bool] = exact_match,
-                  generate=None, examples: int = 5) -> dict:
+def task_accuracy(
+    model,
+    tokenizer,
+    conversations: Sequence[Sequence[dict]],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    match: Callable[[str | None, str], bool] = exact_match,
+    generate=None,
+    examples: int = 5,
+) -> dict:
     """Greedy answers to the prompts of `conversations`, scored against their reference finals."""
     generate = generate or sampling.generate
     prompts, refs = zip(*(split_reference(c) for c in conversations))
     correct, shown, right = 0, [], []
     for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
+        chunk = prompts[i : i + batch_size]
         rendered = [harmony.render_for_completion(p, tokenizer) for p in chunk]
         gen = generate(model, tokenizer, rendered, max_new_tokens=max_new_tokens, temperature=0.0)
         for j, toks in enumerate(gen.tokens):
@@ -91,8 +99,13 @@ def task_accuracy(model, tokenizer, conversations: Sequence[Sequence[dict]], *, 
             if len(shown) < examples:
                 shown.append({"reference": refs[i + j], "answer": answer, "correct": bool(ok)})
     n = len(prompts)
-    return {"accuracy": correct / n if n else float("nan"), "correct": correct, "total": n, "examples": shown,
-            "right": right}  # per conversation, in order: for paired comparisons of two models
+    return {
+        "accuracy": correct / n if n else float("nan"),
+        "correct": correct,
+        "total": n,
+        "examples": shown,
+        "right": right,
+    }  # per conversation, in order: for paired comparisons of two models
 
 
 def write_results(path: str, results: dict) -> None:

@@ -77,15 +77,18 @@ class RunLock:
         return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}) + "\n"
 
     def _refuse(self, info: dict | None, extra: str = ""):
-        raise RunLocked(f"{self.folder} is in use by another training run ({_holder_text(info)}){extra}: "
-                        "wait for it to finish or choose another run.out_dir")
+        raise RunLocked(
+            f"{self.folder} is in use by another training run ({_holder_text(info)}){extra}: "
+            "wait for it to finish or choose another run.out_dir"
+        )
 
     def _stale_note(self, info: dict | None) -> None:
         if info:
-            self.log(f"note: {self.path} was left by a run that is no longer running ({_holder_text(info)}); "
-                     "taking it over")
+            self.log(
+                f"note: {self.path} was left by a run that is no longer running ({_holder_text(info)}); taking it over"
+            )
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         if not self.enabled or self._fd is not None or self._owned_file:
             return self
         os.makedirs(self.folder, exist_ok=True)
@@ -126,7 +129,7 @@ class RunLock:
             time.sleep(0.01)
         return None
 
-    def _acquire_exclusive_file(self) -> "RunLock":
+    def _acquire_exclusive_file(self) -> RunLock:
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -166,7 +169,7 @@ class RunLock:
                 pass
             self._owned_file = False
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

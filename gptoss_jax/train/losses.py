@@ -25,8 +25,9 @@ def chunked_token_cross_entropy(hidden, table, targets, weights=None, *, chunk: 
     n = -(-T // chunk)
     pad = n * chunk - T
     w = jnp.ones((B, T), jnp.float32) if weights is None else weights.astype(jnp.float32)
-    split = lambda a: jnp.moveaxis(jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)).reshape(
-        (B, n, chunk) + a.shape[2:]), 1, 0)  # padding positions get weight 0
+    split = lambda a: jnp.moveaxis(
+        jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)).reshape((B, n, chunk) + a.shape[2:]), 1, 0
+    )  # padding positions get weight 0
 
     @jax.checkpoint
     def one(h, t, wc):
@@ -101,8 +102,17 @@ def _aggregate(per_token, mask, how: str):
     raise ValueError(f"aggregation must be 'token' or 'sequence', got {how!r}")
 
 
-def grpo_loss(logp, old_logp, advantages, mask, *, clip_eps: float = 0.2, kl_coef: float = 0.0,
-              ref_logp=None, aggregate: str = "token"):
+def grpo_loss(
+    logp,
+    old_logp,
+    advantages,
+    mask,
+    *,
+    clip_eps: float = 0.2,
+    kl_coef: float = 0.0,
+    ref_logp=None,
+    aggregate: str = "token",
+):
     """GRPO: the PPO clipped surrogate per token with the sequence's advantage, minus
     kl_coef * k3 KL to the reference, negated and averaged (`aggregate`: "token" | "sequence").
     Returns (loss, metrics: ratio mean, clip fraction, kl)."""
@@ -112,14 +122,15 @@ def grpo_loss(logp, old_logp, advantages, mask, *, clip_eps: float = 0.2, kl_coe
     objective = jnp.minimum(unclipped, clipped)
     kl = kl_k3(logp, ref_logp) if ref_logp is not None else jnp.zeros_like(ratio)
     loss = -_aggregate(objective - kl_coef * kl, mask, aggregate)
-    metrics = {"ratio": _aggregate(ratio, mask, "token"),
-               "clip_fraction": _aggregate((clipped < unclipped).astype(jnp.float32), mask, "token"),
-               "kl": _aggregate(kl, mask, "token")}
+    metrics = {
+        "ratio": _aggregate(ratio, mask, "token"),
+        "clip_fraction": _aggregate((clipped < unclipped).astype(jnp.float32), mask, "token"),
+        "kl": _aggregate(kl, mask, "token"),
+    }
     return loss, metrics
 
 
-def gspo_loss(logp, old_logp, advantages, mask, *, clip_eps: float = 3e-4, kl_coef: float = 0.0,
-              ref_logp=None):
+def gspo_loss(logp, old_logp, advantages, mask, *, clip_eps: float = 3e-4, kl_coef: float = 0.0, ref_logp=None):
     """GSPO: one importance ratio per sequence, s = exp(mean over its tokens of logp - old_logp)
     (length-normalized), clipped as in PPO around 1 with the sequence's advantage; the loss is
     minus the mean over sequences (plus kl_coef * token-mean k3 KL). Returns (loss, metrics)."""
@@ -132,8 +143,11 @@ def gspo_loss(logp, old_logp, advantages, mask, *, clip_eps: float = 3e-4, kl_co
     kl = kl_k3(logp, ref_logp) if ref_logp is not None else jnp.zeros_like(m)
     kl_mean = _aggregate(kl, mask, "token")
     loss = -jnp.mean(jnp.minimum(unclipped, clipped)) + kl_coef * kl_mean
-    metrics = {"ratio": jnp.mean(s), "clip_fraction": jnp.mean((clipped < unclipped).astype(jnp.float32)),
-               "kl": kl_mean}
+    metrics = {
+        "ratio": jnp.mean(s),
+        "clip_fraction": jnp.mean((clipped < unclipped).astype(jnp.float32)),
+        "kl": kl_mean,
+    }
     return loss, metrics
 
 

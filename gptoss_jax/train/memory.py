@@ -38,15 +38,15 @@ import jax
 import numpy as np
 from flax import nnx
 
-from gptoss_jax import sharding as sharding_lib
-from gptoss_jax.expert_parallel import capacity, receive_capacity
 from gptoss_jax import lora as lora_lib
+from gptoss_jax import sharding as sharding_lib
+from gptoss_jax.cache import cache_bytes
+from gptoss_jax.checkpoint import find_checkpoint
 from gptoss_jax.config import ModelConfig
+from gptoss_jax.expert_parallel import capacity, receive_capacity
 from gptoss_jax.model import GptOss
 from gptoss_jax.train.sft import kernel_options, lora_config, model_config
 from gptoss_jax.train.step import trainable_filter
-from gptoss_jax.checkpoint import find_checkpoint
-from gptoss_jax.cache import cache_bytes
 
 
 @dataclasses.dataclass
@@ -67,14 +67,30 @@ class MemoryEstimate:
 
     @property
     def total(self) -> float:
-        return (self.weights + self.master + self.optimizer + self.gradients + self.activations + self.logits
-                + self.reference + self.kv_cache + self.layer_backward + self.gathered + self.exchange)
+        return (
+            self.weights
+            + self.master
+            + self.optimizer
+            + self.gradients
+            + self.activations
+            + self.logits
+            + self.reference
+            + self.kv_cache
+            + self.layer_backward
+            + self.gathered
+            + self.exchange
+        )
 
     def table(self, device_bytes: float | None = None) -> str:
         gib = lambda b: f"{b / 2**30:8.2f} GiB"
-        rows = [("weights (as stored)", self.weights), ("fp32 master copies", self.master),
-                ("AdamW moments", self.optimizer), ("fp32 gradients", self.gradients),
-                ("activations kept for backward", self.activations), ("logits (fp32, x3)", self.logits)]
+        rows = [
+            ("weights (as stored)", self.weights),
+            ("fp32 master copies", self.master),
+            ("AdamW moments", self.optimizer),
+            ("fp32 gradients", self.gradients),
+            ("activations kept for backward", self.activations),
+            ("logits (fp32, x3)", self.logits),
+        ]
         if self.reference or self.kv_cache:
             rows += [("RL reference (fp32)", self.reference), ("RL sampler KV cache", self.kv_cache)]
         rows.append(("one layer's backward (experts)", self.layer_backward))
@@ -82,8 +98,10 @@ class MemoryEstimate:
             rows.append(("vocabulary tables gathered", self.gathered))
         if self.exchange:
             rows.append(("expert exchange, kept per layer", self.exchange))
-        lines = [f"per device ({self.devices} device{'s' if self.devices > 1 else ''}); "
-                 f"{self.trainable_parameters:,} trainable parameters"]
+        lines = [
+            f"per device ({self.devices} device{'s' if self.devices > 1 else ''}); "
+            f"{self.trainable_parameters:,} trainable parameters"
+        ]
         lines += [f"  {name:32s}{gib(v)}" for name, v in rows]
         lines.append(f"  {'total':32s}{gib(self.total)}")
         if device_bytes:
@@ -153,8 +171,7 @@ def estimate(cfg) -> MemoryEstimate:
         model_cfg = model_config(cfg)
 
     def build():
-        model = GptOss(model_cfg, rngs=nnx.Rngs(0), dtype=m.dtype, experts=m.experts,
-                       kernel=kernel_options(cfg))
+        model = GptOss(model_cfg, rngs=nnx.Rngs(0), dtype=m.dtype, experts=m.experts, kernel=kernel_options(cfg))
         if cfg.lora.enabled:
             lora_lib.add_lora(model, lora_config(cfg))
         return model
@@ -163,7 +180,9 @@ def estimate(cfg) -> MemoryEstimate:
     mesh = _abstract_mesh(cfg.mesh)
     devices = math.prod(mesh.shape.values())
     weights = sum(_per_device(v, mesh) for _, v in nnx.to_flat_state(nnx.state(model)))
-    trainable = nnx.state(model, trainable_filter(lora=cfg.lora.enabled, norms_and_sinks=cfg.lora.train_norms_and_sinks))
+    trainable = nnx.state(
+        model, trainable_filter(lora=cfg.lora.enabled, norms_and_sinks=cfg.lora.train_norms_and_sinks)
+    )
     flat = list(nnx.to_flat_state(trainable))
     count = sum(math.prod(v.get_value().shape) for _, v in flat)
     fp32_share = sum(_per_device(v, mesh) * 4 / np.dtype(v.get_value().dtype).itemsize for _, v in flat)
@@ -172,7 +191,6 @@ def estimate(cfg) -> MemoryEstimate:
     if cfg.algorithm == "sft":
         rows = cfg.data.batch_size
     else:  # rollout rows of up to data.seq_len tokens (prompt + response)
-
         rows = cfg.rl.prompts_per_step * cfg.rl.group_size
         reference = 0.0 if cfg.lora.enabled else fp32_share
         kv_cache = cache_bytes(model_cfg, max(1, rows // batch_split), cfg.data.seq_len, m.dtype)
@@ -195,5 +213,18 @@ def estimate(cfg) -> MemoryEstimate:
         tables_train = not cfg.lora.enabled
         gathered = model_cfg.vocab_size / vocab_split * D * (dtype_bytes + (4 if tables_train else 0))
     exchange = rows * D * dtype_bytes * model_cfg.num_layers if mesh.shape["expert"] > 1 else 0.0
-    return MemoryEstimate(weights, fp32_share, 2 * fp32_share, fp32_share, acts, logits, count, devices,
-                          reference, kv_cache, layer_backward, gathered, exchange)
+    return MemoryEstimate(
+        weights,
+        fp32_share,
+        2 * fp32_share,
+        fp32_share,
+        acts,
+        logits,
+        count,
+        devices,
+        reference,
+        kv_cache,
+        layer_backward,
+        gathered,
+        exchange,
+    )

@@ -96,8 +96,9 @@ def truncate_metrics(path: str, step: int, *, log=print) -> None:
         f.writelines(line for record, line in records if record["step"] <= step)
 
 
-def plot_curves(path: str, out_png: str, *, keys=("loss", "grad_norm", "learning_rate", "router_loss"),
-                title: str | None = None) -> str | None:
+def plot_curves(
+    path: str, out_png: str, *, keys=("loss", "grad_norm", "learning_rate", "router_loss"), title: str | None = None
+) -> str | None:
     """One panel per metric present in `path` (a metrics.jsonl) against the step; returns the png
     path, or None when there is nothing to plot."""
     records = read_metrics(path)

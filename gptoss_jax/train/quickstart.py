@@ -19,15 +19,14 @@ import json
 import os
 import time
 
-from gptoss_jax.tasks import arithmetic
-from gptoss_jax import harmony
-from gptoss_jax.train.data import parse_conversation
-from gptoss_jax.tokenizer import train_bpe
 import gptoss_jax as gj
+from gptoss_jax import harmony
+from gptoss_jax.tasks import arithmetic
+from gptoss_jax.tokenizer import train_bpe
 from gptoss_jax.train.config import load_config
+from gptoss_jax.train.data import parse_conversation
 from gptoss_jax.train.metrics import read_metrics
-from gptoss_jax.train.sft import train
-from gptoss_jax.train.sft import load_trained
+from gptoss_jax.train.sft import load_trained, train
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstart.yaml")
 
@@ -60,22 +59,34 @@ def build_tokenizer(path: str, *, vocab_size: int = 384):
 def sample_chat(model, tokenizer, problems, *, temperature: float = 0.7, seed: int = 0) -> list[dict]:
     """Answer `problems` [(a, b)] in the chat format; the analysis and final message of each."""
 
-    convs = [[harmony.system_message(reasoning_effort="low"), harmony.user(f"What is {a} + {b}?")]
-             for a, b in problems]
-    gen = gj.generate(model, tokenizer, [harmony.render_for_completion(c, tokenizer) for c in convs],
-                      max_new_tokens=96, temperature=temperature, seed=seed)
+    convs = [[harmony.system_message(reasoning_effort="low"), harmony.user(f"What is {a} + {b}?")] for a, b in problems]
+    gen = gj.generate(
+        model,
+        tokenizer,
+        [harmony.render_for_completion(c, tokenizer) for c in convs],
+        max_new_tokens=96,
+        temperature=temperature,
+        seed=seed,
+    )
     out = []
     for (a, b), toks in zip(problems, gen.tokens):
         msgs = harmony.parse_completion(toks, tokenizer)
         text = {m.get("channel"): "".join(p.get("text", "") for p in m["content"]) for m in msgs}
-        out.append({"question": f"What is {a} + {b}?", "analysis": text.get("analysis"),
-                    "final": text.get("final"), "expected": str(a + b),
-                    "correct": (text.get("final") or "").strip() == str(a + b)})
+        out.append(
+            {
+                "question": f"What is {a} + {b}?",
+                "analysis": text.get("analysis"),
+                "final": text.get("final"),
+                "expected": str(a + b),
+                "correct": (text.get("final") or "").strip() == str(a + b),
+            }
+        )
     return out
 
 
-def run(out: str = "runs/quickstart", overrides=(), *, train_size: int = 20000, eval_size: int = 500,
-        log=print) -> dict:
+def run(
+    out: str = "runs/quickstart", overrides=(), *, train_size: int = 20000, eval_size: int = 500, log=print
+) -> dict:
     import dataclasses
 
     t0 = time.time()
@@ -83,17 +94,27 @@ def run(out: str = "runs/quickstart", overrides=(), *, train_size: int = 20000, 
     os.makedirs(data_dir, exist_ok=True)
     train_path, eval_path = os.path.join(data_dir, "train.jsonl"), os.path.join(data_dir, "eval.jsonl")
     sizes = arithmetic.write_splits(train_path, eval_path, train_size=train_size, eval_size=eval_size, seed=0)
-    log(f"== data: {sizes['train']} training and {sizes['eval']} held-out addition problems "
-        f"({sizes['min_digits']}-{sizes['max_digits']} digit operands) in {data_dir}")
+    log(
+        f"== data: {sizes['train']} training and {sizes['eval']} held-out addition problems "
+        f"({sizes['min_digits']}-{sizes['max_digits']} digit operands) in {data_dir}"
+    )
     tok_path = os.path.join(out, "tokenizer.json")
     tokenizer = build_tokenizer(tok_path)
     log(f"== tokenizer: byte-level BPE of {tokenizer.vocab_size} ids with the harmony specials -> {tok_path}")
 
-    cfg = load_config(CONFIG, list(overrides) + [
-        f"data.train={train_path}", f"data.eval={eval_path}", f"model.tokenizer={tok_path}",
-        f"run.out_dir={os.path.join(out, 'sft')}"])
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
-        cfg.model, overrides={**cfg.model.overrides, "vocab_size": tokenizer.vocab_size}))
+    cfg = load_config(
+        CONFIG,
+        list(overrides)
+        + [
+            f"data.train={train_path}",
+            f"data.eval={eval_path}",
+            f"model.tokenizer={tok_path}",
+            f"run.out_dir={os.path.join(out, 'sft')}",
+        ],
+    )
+    cfg = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, overrides={**cfg.model.overrides, "vocab_size": tokenizer.vocab_size})
+    )
     log(f"== SFT from scratch: {cfg.run.steps} steps of {cfg.data.batch_size} x {cfg.data.seq_len} tokens")
     t_train = time.time()
     summary = train(cfg, log=lambda s: log("   " + s))
@@ -104,27 +125,38 @@ def run(out: str = "runs/quickstart", overrides=(), *, train_size: int = 20000, 
     samples = sample_chat(model, tokenizer, held, seed=cfg.run.seed)
     log("== sampled in the chat format (temperature 0.7):")
     for s in samples:
-        log(f"   user: {s['question']}\n   analysis: {s['analysis']}\n   final: {s['final']} "
-            f"({'right' if s['correct'] else 'wrong, expected ' + s['expected']})")
+        log(
+            f"   user: {s['question']}\n   analysis: {s['analysis']}\n   final: {s['final']} "
+            f"({'right' if s['correct'] else 'wrong, expected ' + s['expected']})"
+        )
 
     metrics = read_metrics(os.path.join(cfg.run.out_dir, "metrics.jsonl"))
     tokens_seen = cfg.run.steps * cfg.data.batch_size * cfg.data.seq_len
     ev = summary["eval"]
     result = {
-        "seconds_total": round(time.time() - t0, 1), "seconds_training": metrics[-1]["seconds"],
+        "seconds_total": round(time.time() - t0, 1),
+        "seconds_training": metrics[-1]["seconds"],
         "seconds_sft_and_eval": round(train_seconds, 1),
-        "parameters": gj.parameter_count(model), "vocab_size": tokenizer.vocab_size,
-        "steps": cfg.run.steps, "tokens_per_second": round(tokens_seen / max(metrics[-1]["seconds"], 1e-9)),
-        "train_loss_first": metrics[0]["loss"], "train_loss_last": metrics[-1]["loss"],
-        "eval_loss": ev["loss"], "eval_perplexity": ev["perplexity"],
-        "heldout_accuracy": ev["task"]["accuracy"], "heldout_scored": ev["task"]["total"],
-        "samples": samples, "data": sizes,
+        "parameters": gj.parameter_count(model),
+        "vocab_size": tokenizer.vocab_size,
+        "steps": cfg.run.steps,
+        "tokens_per_second": round(tokens_seen / max(metrics[-1]["seconds"], 1e-9)),
+        "train_loss_first": metrics[0]["loss"],
+        "train_loss_last": metrics[-1]["loss"],
+        "eval_loss": ev["loss"],
+        "eval_perplexity": ev["perplexity"],
+        "heldout_accuracy": ev["task"]["accuracy"],
+        "heldout_scored": ev["task"]["total"],
+        "samples": samples,
+        "data": sizes,
     }
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(result, f, indent=2)
     write_report(os.path.join(out, "report.md"), result, cfg)
-    log(f"== held-out accuracy {result['heldout_accuracy']:.1%} on {result['heldout_scored']} unseen problems; "
-        f"eval loss {result['eval_loss']:.4f}; {result['seconds_total']:.0f} s in all")
+    log(
+        f"== held-out accuracy {result['heldout_accuracy']:.1%} on {result['heldout_scored']} unseen problems; "
+        f"eval loss {result['eval_loss']:.4f}; {result['seconds_total']:.0f} s in all"
+    )
     log(f"   report: {os.path.join(out, 'report.md')}, curves: {os.path.join(cfg.run.out_dir, 'curves.png')}")
     return result
 
@@ -132,7 +164,8 @@ def run(out: str = "runs/quickstart", overrides=(), *, train_size: int = 20000, 
 def write_report(path: str, r: dict, cfg) -> None:
     m = cfg.model.overrides
     lines = [
-        "# Quickstart: a tiny gpt-oss learns addition", "",
+        "# Quickstart: a tiny gpt-oss learns addition",
+        "",
         f"- model: {r['parameters']:,} parameters; {m.get('num_layers')} layers (sliding window "
         f"{m.get('sliding_window')} / full), d_model {m.get('d_model')}, {m.get('num_experts')} experts "
         f"top-{m.get('experts_per_token')}, vocabulary {r['vocab_size']} (byte-level BPE + harmony specials)",
@@ -141,14 +174,23 @@ def write_report(path: str, r: dict, cfg) -> None:
         f"- training: {r['steps']} steps x {cfg.data.batch_size} rows x {cfg.data.seq_len} tokens, "
         f"AdamW lr {cfg.optim.learning_rate:g}, {r['seconds_training']:.0f} s "
         f"({r['tokens_per_second']:,} tokens/s)",
-        "", "| figure | value |", "|---|---|",
+        "",
+        "| figure | value |",
+        "|---|---|",
         f"| train loss, first -> last logged step | {r['train_loss_first']:.3f} -> {r['train_loss_last']:.4f} |",
         f"| held-out loss (perplexity) | {r['eval_loss']:.4f} ({r['eval_perplexity']:.3f}) |",
         f"| held-out accuracy (greedy, exact final answer) | {r['heldout_accuracy']:.1%} of {r['heldout_scored']} |",
         f"| wall time (data, tokenizer, training, evaluation, samples) | {r['seconds_total']:.0f} s |",
-        "", "![training curves](sft/curves.png)", "", "## Sampled answers (temperature 0.7)", ""]
+        "",
+        "![training curves](sft/curves.png)",
+        "",
+        "## Sampled answers (temperature 0.7)",
+        "",
+    ]
     for s in r["samples"]:
-        lines += [f"- **{s['question']}** analysis: `{s['analysis']}` final: `{s['final']}` "
-                  f"({'right' if s['correct'] else 'wrong; expected ' + s['expected']})"]
+        lines += [
+            f"- **{s['question']}** analysis: `{s['analysis']}` final: `{s['final']}` "
+            f"({'right' if s['correct'] else 'wrong; expected ' + s['expected']})"
+        ]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")

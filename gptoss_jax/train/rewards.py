@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 
 @dataclasses.dataclass
@@ -47,6 +47,7 @@ def register(name: str):
     def wrap(fn: RewardFn) -> RewardFn:
         REGISTRY[name] = fn
         return fn
+
     return wrap
 
 
@@ -96,8 +97,11 @@ class RewardSpec:
     def __post_init__(self):
         unknown = sorted(set(self.weights) - set(REGISTRY))
         if unknown or not self.weights:
-            raise ValueError(f"unknown reward(s) {unknown}; known: {sorted(REGISTRY)}" if unknown
-                             else "at least one reward must be given")
+            raise ValueError(
+                f"unknown reward(s) {unknown}; known: {sorted(REGISTRY)}"
+                if unknown
+                else "at least one reward must be given"
+            )
 
 
 def score(completions: Sequence[Completion], references: Sequence[str], spec: RewardSpec):

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import gptoss_jax as gj
 from gptoss_jax import distributed, harmony
 from gptoss_jax import lora as lora_lib
 from gptoss_jax.train import data as data_lib
@@ -43,10 +44,16 @@ from gptoss_jax.train.config import ExperimentConfig
 from gptoss_jax.train.lock import RunLock
 from gptoss_jax.train.losses import group_advantages, grpo_loss, gspo_loss, token_logprobs
 from gptoss_jax.train.metrics import METRICS_FILE, MetricsLog, plot_curves
+from gptoss_jax.train.sft import (
+    _progress,
+    _write_json,
+    build_model,
+    check_token_ids,
+    end_of_step,
+    model_vocab_size,
+    resume_or_start,
+)
 from gptoss_jax.train.step import make_optimizer, make_schedule, make_trainer, trainable_filter
-import gptoss_jax as gj
-from gptoss_jax.train.sft import check_token_ids, model_vocab_size
-from gptoss_jax.train.sft import _progress, _write_json, build_model, end_of_step, resume_or_start
 
 DEFAULT_CLIP = {"grpo": 0.2, "gspo": 3e-4}
 PLOTTED = ("reward", "eval_accuracy", "kl", "clip_fraction", "response_length", "entropy")
@@ -63,12 +70,21 @@ def rl_objective(algorithm: str, rl):
         mask = micro["mask"]
         ref = micro.get("ref_logp")
         if algorithm == "grpo":
-            loss, m = grpo_loss(logp, micro["old_logp"], micro["advantages"], mask, clip_eps=clip,
-                                kl_coef=rl.kl_coef, ref_logp=ref, aggregate=rl.aggregate)
+            loss, m = grpo_loss(
+                logp,
+                micro["old_logp"],
+                micro["advantages"],
+                mask,
+                clip_eps=clip,
+                kl_coef=rl.kl_coef,
+                ref_logp=ref,
+                aggregate=rl.aggregate,
+            )
             weight = jnp.sum(mask) if rl.aggregate == "token" else jnp.float32(mask.shape[0])
         else:
-            loss, m = gspo_loss(logp, micro["old_logp"], micro["advantages"], mask, clip_eps=clip,
-                                kl_coef=rl.kl_coef, ref_logp=ref)
+            loss, m = gspo_loss(
+                logp, micro["old_logp"], micro["advantages"], mask, clip_eps=clip, kl_coef=rl.kl_coef, ref_logp=ref
+            )
             weight = jnp.float32(mask.shape[0])
         tokens = jnp.maximum(jnp.sum(mask), 1.0)
         m["entropy"] = jnp.sum(entropy * mask) / tokens
@@ -93,8 +109,9 @@ class Prompts:
     `path` and `report` (of `data.read_jsonl`) name the file and line of a conversation that has
     no reference answer, and say why none is left when the file yields nothing."""
 
-    def __init__(self, conversations, tokenizer, *, path: str = "data.train",
-                 report: data_lib.DataReport | None = None):
+    def __init__(
+        self, conversations, tokenizer, *, path: str = "data.train", report: data_lib.DataReport | None = None
+    ):
         self.tokens, self.references = [], []
         lines = report.line_numbers if report is not None else []
         for i, conv in enumerate(conversations):
@@ -127,10 +144,10 @@ def build_batch(prompts, completions, sampler_logp, length: int):
     sampled = np.zeros((n, length - 1), np.float32)
     for i, (p, c, lp) in enumerate(zip(prompts, completions, sampler_logp)):
         row = list(p) + list(c)
-        tokens[i, :len(row)] = row
-        seg[i, :len(row)] = 1
-        mask[i, len(p) - 1:len(row) - 1] = 1
-        sampled[i, len(p) - 1:len(row) - 1] = lp
+        tokens[i, : len(row)] = row
+        seg[i, : len(row)] = 1
+        mask[i, len(p) - 1 : len(row) - 1] = 1
+        sampled[i, len(p) - 1 : len(row) - 1] = lp
     return {"tokens": tokens, "segment_ids": seg, "mask": mask}, sampled
 
 
@@ -150,8 +167,9 @@ def train(cfg: ExperimentConfig, *, log=print) -> dict:
     out = cfg.run.out_dir
     # everything that can be checked without the model first: the data, its token ids
     tokenizer = gj.load_tokenizer(cfg.model.tokenizer)
-    convs, report = data_lib.read_jsonl(cfg.data.train, strict=cfg.data.strict,
-                                        reasoning_effort=cfg.data.reasoning_effort)
+    convs, report = data_lib.read_jsonl(
+        cfg.data.train, strict=cfg.data.strict, reasoning_effort=cfg.data.reasoning_effort
+    )
     prompts = Prompts(convs, tokenizer, path=cfg.data.train, report=report)
     log(f"data: {report.summary()}; {len(prompts.tokens)} prompts of up to {prompts.max_len} tokens")
     for line in report.malformed[:5]:
@@ -161,7 +179,7 @@ def train(cfg: ExperimentConfig, *, log=print) -> dict:
     eval_convs = None
     if cfg.data.eval:
         eval_convs, eval_report = data_lib.read_jsonl(cfg.data.eval, reasoning_effort=cfg.data.reasoning_effort)
-        eval_convs = eval_convs[:cfg.eval.limit] if cfg.eval.limit else eval_convs
+        eval_convs = eval_convs[: cfg.eval.limit] if cfg.eval.limit else eval_convs
         eval_prompts = Prompts(eval_convs, tokenizer, path=cfg.data.eval, report=eval_report)
         check_token_ids(max(max(t) for t in eval_prompts.tokens), cfg, tokenizer, vocab_size, cfg.data.eval)
     with RunLock(out, log=log, enabled=jax.process_index() == 0):
@@ -174,8 +192,13 @@ def _train(cfg: ExperimentConfig, mesh, tokenizer, prompts, eval_convs, spec, lo
     length += -length % 16  # one static shape for every step
     model = build_model(cfg, mesh)
     trainable = trainable_filter(lora=cfg.lora.enabled, norms_and_sinks=cfg.lora.train_norms_and_sinks)
-    trainer = make_trainer(model, make_optimizer(cfg.optim), accum_steps=cfg.data.accum_steps,
-                           trainable=trainable, objective=rl_objective(algorithm, rl))
+    trainer = make_trainer(
+        model,
+        make_optimizer(cfg.optim),
+        accum_steps=cfg.data.accum_steps,
+        trainable=trainable,
+        objective=rl_objective(algorithm, rl),
+    )
     state = trainer.init(model)
     reference = _zero_lora_b(state.params) if cfg.lora.enabled else jax.tree.map(jnp.copy, state.params)
     schedule = make_schedule(cfg.optim)
@@ -194,12 +217,19 @@ def _train(cfg: ExperimentConfig, mesh, tokenizer, prompts, eval_convs, spec, lo
                 right = {int(k): v for k, v in json.load(f).items() if int(k) <= start}
         except (ValueError, AttributeError) as e:
             ckpts.close(quiet=True)
-            raise ValueError(f"{answers_path} is not the per-step answers a run writes ({e}); delete it to "
-                             "resume without the earlier held-out answers") from None
+            raise ValueError(
+                f"{answers_path} is not the per-step answers a run writes ({e}); delete it to "
+                "resume without the earlier held-out answers"
+            ) from None
 
     def held_out_accuracy(at: int):
-        res = eval_lib.task_accuracy(trainer.model(state), tokenizer, eval_convs,
-                                     max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+        res = eval_lib.task_accuracy(
+            trainer.model(state),
+            tokenizer,
+            eval_convs,
+            max_new_tokens=cfg.eval.max_new_tokens,
+            batch_size=cfg.eval.batch_size,
+        )
         right[at] = [int(r) for r in res["right"]]
         if first_process:
             _write_json(answers_path, {str(k): v for k, v in sorted(right.items())})
@@ -218,11 +248,20 @@ def _train(cfg: ExperimentConfig, mesh, tokenizer, prompts, eval_convs, spec, lo
                 idx = prompts.at_step(step, rl.prompts_per_step, cfg.run.seed)
                 group = [prompts.tokens[i] for i in idx for _ in range(rl.group_size)]
                 refs = [prompts.references[i] for i in idx for _ in range(rl.group_size)]
-                gen = gj.generate(trainer.model(state), tokenizer, group, max_new_tokens=rl.max_new_tokens,
-                                  temperature=rl.temperature, top_p=rl.top_p, logprobs=True,
-                                  seed=int(np.random.default_rng([cfg.run.seed, 2, step]).integers(2**31)))
-                completions = [rewards_lib.Completion(harmony.parse_completion(t, tokenizer), len(t), r == "stop")
-                               for t, r in zip(gen.tokens, gen.stop_reason)]
+                gen = gj.generate(
+                    trainer.model(state),
+                    tokenizer,
+                    group,
+                    max_new_tokens=rl.max_new_tokens,
+                    temperature=rl.temperature,
+                    top_p=rl.top_p,
+                    logprobs=True,
+                    seed=int(np.random.default_rng([cfg.run.seed, 2, step]).integers(2**31)),
+                )
+                completions = [
+                    rewards_lib.Completion(harmony.parse_completion(t, tokenizer), len(t), r == "stop")
+                    for t, r in zip(gen.tokens, gen.stop_reason)
+                ]
                 total, parts, errors = rewards_lib.score(completions, refs, spec)
                 advantages = group_advantages(jnp.asarray(total), rl.group_size, normalize_std=rl.normalize_std)
                 batch, sampled = build_batch(group, gen.tokens, gen.logprobs, length)
@@ -235,21 +274,30 @@ def _train(cfg: ExperimentConfig, mesh, tokenizer, prompts, eval_convs, spec, lo
                 for _ in range(rl.updates_per_rollout):
                     state, metrics = trainer.step(state, batch)
                 done = step + 1
-                evaluated = bool(eval_convs) and (done == cfg.run.steps
-                                                  or (rl.eval_every > 0 and done % rl.eval_every == 0))
+                evaluated = bool(eval_convs) and (
+                    done == cfg.run.steps or (rl.eval_every > 0 and done % rl.eval_every == 0)
+                )
                 if evaluated:
                     accuracy[done] = held_out_accuracy(done)
                 if done % cfg.run.log_every == 0 or evaluated or done == cfg.run.steps:
                     rewards_arr = np.asarray(total)
-                    last = {"step": done, "reward": float(rewards_arr.mean()), "reward_std": float(rewards_arr.std()),
-                            **{f"reward_{k}": float(np.mean(v)) for k, v in parts.items()},
-                            **{f"reward_errors_{k}": v for k, v in errors.items() if v},
-                            "response_length": float(np.mean([c.num_tokens for c in completions])),
-                            "stopped": float(np.mean([c.stopped for c in completions])),
-                            "logprob_diff": diff, "learning_rate": float(schedule(step)),
-                            **{k: float(metrics[k]) for k in ("loss", "kl", "clip_fraction", "ratio", "entropy",
-                                                              "grad_norm")},
-                            "skipped": int(state.skipped), "seconds": round(time.time() - t0, 3)}
+                    last = {
+                        "step": done,
+                        "reward": float(rewards_arr.mean()),
+                        "reward_std": float(rewards_arr.std()),
+                        **{f"reward_{k}": float(np.mean(v)) for k, v in parts.items()},
+                        **{f"reward_errors_{k}": v for k, v in errors.items() if v},
+                        "response_length": float(np.mean([c.num_tokens for c in completions])),
+                        "stopped": float(np.mean([c.stopped for c in completions])),
+                        "logprob_diff": diff,
+                        "learning_rate": float(schedule(step)),
+                        **{
+                            k: float(metrics[k])
+                            for k in ("loss", "kl", "clip_fraction", "ratio", "entropy", "grad_norm")
+                        },
+                        "skipped": int(state.skipped),
+                        "seconds": round(time.time() - t0, 3),
+                    }
                     if evaluated:
                         last["eval_accuracy"] = accuracy[done]
                     metrics_log.write(last)
@@ -266,17 +314,25 @@ def _train(cfg: ExperimentConfig, mesh, tokenizer, prompts, eval_convs, spec, lo
     ckpts.close()
     trained = trainer.model(state)
     if cfg.lora.enabled:
-        lora_lib.save_adapters(trained, os.path.join(out, "adapters"),
-                               extra={"base": cfg.model.checkpoint or f"preset:{cfg.model.preset}"})
+        lora_lib.save_adapters(
+            trained, os.path.join(out, "adapters"), extra={"base": cfg.model.checkpoint or f"preset:{cfg.model.preset}"}
+        )
         saved = os.path.join(out, "adapters")
     else:
         gj.save_native(trained, os.path.join(out, "model"), overwrite=True)  # a resumed run replaces its own
         saved = os.path.join(out, "model")
     if cfg.run.plots and first_process:
-        plot_curves(os.path.join(out, METRICS_FILE), os.path.join(out, "curves.png"), keys=PLOTTED,
-                    title=f"{algorithm}: {out}")
-    summary = {"algorithm": algorithm, "steps": cfg.run.steps, "resumed_from": start, "saved": saved,
-               "eval_accuracy": {str(k): v for k, v in sorted(accuracy.items())},
-               "skipped_steps": int(state.skipped), **{f"final_{k}": v for k, v in last.items()}}
+        plot_curves(
+            os.path.join(out, METRICS_FILE), os.path.join(out, "curves.png"), keys=PLOTTED, title=f"{algorithm}: {out}"
+        )
+    summary = {
+        "algorithm": algorithm,
+        "steps": cfg.run.steps,
+        "resumed_from": start,
+        "saved": saved,
+        "eval_accuracy": {str(k): v for k, v in sorted(accuracy.items())},
+        "skipped_steps": int(state.skipped),
+        **{f"final_{k}": v for k, v in last.items()},
+    }
     _write_json(os.path.join(out, "summary.json"), summary)
     return summary

@@ -22,24 +22,21 @@ import time
 
 import jax
 
-from gptoss_jax import atomic
+import gptoss_jax as gj
+from gptoss_jax import atomic, distributed
 from gptoss_jax import config as config_lib
-from gptoss_jax import distributed
 from gptoss_jax import lora as lora_lib
+from gptoss_jax.config import ModelConfig
 from gptoss_jax.model import KernelOptions
 from gptoss_jax.train import data as data_lib
+from gptoss_jax.train import eval as eval_lib
 from gptoss_jax.train.checkpoints import Checkpoints
-from gptoss_jax.train.config import ExperimentConfig, to_dict
+from gptoss_jax.train.config import ExperimentConfig, from_dict, to_dict
 from gptoss_jax.train.lock import RunLock
 from gptoss_jax.train.metrics import METRICS_FILE, MetricsLog, plot_curves, truncate_metrics
 from gptoss_jax.train.step import make_optimizer, make_schedule, make_trainer, trainable_filter
-import gptoss_jax as gj
-from gptoss_jax.train.config import from_dict
-from gptoss_jax.config import ModelConfig
-from gptoss_jax.train import eval as eval_lib
 
-PRESETS = {"tiny": config_lib.tiny, "gpt_oss_20b": config_lib.gpt_oss_20b,
-           "gpt_oss_120b": config_lib.gpt_oss_120b}
+PRESETS = {"tiny": config_lib.tiny, "gpt_oss_20b": config_lib.gpt_oss_20b, "gpt_oss_120b": config_lib.gpt_oss_120b}
 
 
 def model_config(cfg: ExperimentConfig):
@@ -59,7 +56,9 @@ def build_model(cfg: ExperimentConfig, mesh=None, *, adapters: bool = True):
     if m.checkpoint:
         model = gj.load(m.checkpoint, dtype=m.dtype, experts=m.experts, mesh=mesh, kernel=kernel)
     else:
-        model = gj.init(model_config(cfg), seed=cfg.run.seed, dtype=m.dtype, experts=m.experts, mesh=mesh, kernel=kernel)
+        model = gj.init(
+            model_config(cfg), seed=cfg.run.seed, dtype=m.dtype, experts=m.experts, mesh=mesh, kernel=kernel
+        )
     if cfg.lora.enabled and adapters:
         lora_lib.add_lora(model, lora_config(cfg), seed=cfg.run.seed)
     return model
@@ -104,22 +103,29 @@ def _not_a_run(folder: str, *, model_config: bool = False) -> str:
     """Why `folder` is not a training run folder, and what to do instead."""
     names = set(os.listdir(folder))
     if model_config or "original" in names or any(n.endswith(".safetensors") for n in names):
-        return (f"{folder} is a model checkpoint, not a training run folder (no training config.json: its "
-                "config.json is a model config); `gptoss export` takes the run.out_dir of `gptoss train`; "
-                f"to write a checkpoint in another layout use `gptoss convert {folder} DST --to hf`")
+        return (
+            f"{folder} is a model checkpoint, not a training run folder (no training config.json: its "
+            "config.json is a model config); `gptoss export` takes the run.out_dir of `gptoss train`; "
+            f"to write a checkpoint in another layout use `gptoss convert {folder} DST --to hf`"
+        )
     for up in (1, 2):  # an orbax step folder (checkpoints/N) or the checkpoints/ folder of a run
         run = os.path.abspath(os.path.join(folder, *[".."] * up))
         if os.path.isfile(os.path.join(run, "config.json")) and os.path.isdir(os.path.join(run, "checkpoints")):
-            return (f"{folder} is a training checkpoint inside the run folder {run}, not a run folder "
-                    f"(no config.json); give {run} (its model/ or adapters/ are what is exported)")
+            return (
+                f"{folder} is a training checkpoint inside the run folder {run}, not a run folder "
+                f"(no config.json); give {run} (its model/ or adapters/ are what is exported)"
+            )
     if "_CHECKPOINT_METADATA" in names or any(n.isdigit() for n in names):
-        return (f"{folder} is a training checkpoint (orbax), not a training run folder (no config.json); "
-                "give the run folder that holds config.json and checkpoints/")
+        return (
+            f"{folder} is a training checkpoint (orbax), not a training run folder (no config.json); "
+            "give the run folder that holds config.json and checkpoints/"
+        )
     return f"{folder} is not a training run folder (no config.json)"
 
 
-def export_hf(cfg: ExperimentConfig, dst: str, *, experts: str | None = None, dtype: str = "bfloat16",
-              overwrite: bool = False) -> str:
+def export_hf(
+    cfg: ExperimentConfig, dst: str, *, experts: str | None = None, dtype: str = "bfloat16", overwrite: bool = False
+) -> str:
     """Write a finished run's model in the HF hub layout, LoRA adapters merged into the base;
     experts "mxfp4" (re-encoded) | "dense" | None (as the base stores them). The run's
     tokenizer.json goes beside it when it has one.
@@ -129,8 +135,11 @@ def export_hf(cfg: ExperimentConfig, dst: str, *, experts: str | None = None, dt
     (or is inside, or holds) a folder the export reads from is refused (ValueError)."""
 
     out, tok = cfg.run.out_dir, cfg.model.tokenizer
-    sources = ([os.path.join(out, "adapters")] + ([cfg.model.checkpoint] if cfg.model.checkpoint else [])
-               if cfg.lora.enabled else [os.path.join(out, "model")])
+    sources = (
+        [os.path.join(out, "adapters")] + ([cfg.model.checkpoint] if cfg.model.checkpoint else [])
+        if cfg.lora.enabled
+        else [os.path.join(out, "model")]
+    )
     with atomic.folder(dst, overwrite=overwrite, sources=sources) as tmp:
         model = load_trained(cfg)
         if lora_lib.has_lora(model) or (experts or model.experts) != model.experts:
@@ -146,8 +155,9 @@ def load_data(cfg: ExperimentConfig, tokenizer, path: str):
     """`path`'s conversations tokenized and packed into rows of data.seq_len, and the report of
     what was left out; a DataError naming the file when nothing is left."""
     report = data_lib.DataReport()
-    convs, _ = data_lib.read_jsonl(path, strict=cfg.data.strict, reasoning_effort=cfg.data.reasoning_effort,
-                                   report=report)
+    convs, _ = data_lib.read_jsonl(
+        path, strict=cfg.data.strict, reasoning_effort=cfg.data.reasoning_effort, report=report
+    )
     examples = data_lib.tokenize(convs, tokenizer, keep_analysis=cfg.data.keep_analysis, report=report)
     packed = data_lib.pack(examples, cfg.data.seq_len, strict=cfg.data.strict, report=report)
     if len(packed) == 0:
@@ -169,12 +179,17 @@ def check_token_ids(max_id: int, cfg: ExperimentConfig, tokenizer, vocab_size: i
     be NaN, whatever the learning rate)."""
     if max_id < vocab_size:
         return
-    fix = (f"use the tokenizer {cfg.model.checkpoint} was trained with (model.tokenizer)" if cfg.model.checkpoint
-           else f"set model.overrides.vocab_size to at least {tokenizer.vocab_size}, or use a tokenizer that fits "
-                "the model (model.tokenizer)")
-    raise ValueError(f"{path} tokenizes to id {max_id}, outside the model's vocabulary: the tokenizer "
-                     f"{tokenizer.name or cfg.model.tokenizer} has {tokenizer.vocab_size} ids, the model's vocab_size "
-                     f"is {vocab_size}; {fix}")
+    fix = (
+        f"use the tokenizer {cfg.model.checkpoint} was trained with (model.tokenizer)"
+        if cfg.model.checkpoint
+        else f"set model.overrides.vocab_size to at least {tokenizer.vocab_size}, or use a tokenizer that fits "
+        "the model (model.tokenizer)"
+    )
+    raise ValueError(
+        f"{path} tokenizes to id {max_id}, outside the model's vocabulary: the tokenizer "
+        f"{tokenizer.name or cfg.model.tokenizer} has {tokenizer.vocab_size} ids, the model's vocab_size "
+        f"is {vocab_size}; {fix}"
+    )
 
 
 def _progress(total: int, start: int, enabled: bool):
@@ -191,8 +206,9 @@ def train(cfg: ExperimentConfig, *, log=print) -> dict:
     if not cfg.data.train:
         raise ValueError("data.train must name a jsonl file of conversations")
     if cfg.data.batch_size % cfg.data.accum_steps:
-        raise ValueError(f"data.batch_size {cfg.data.batch_size} must be a multiple of data.accum_steps "
-                         f"{cfg.data.accum_steps}")
+        raise ValueError(
+            f"data.batch_size {cfg.data.batch_size} must be a multiple of data.accum_steps {cfg.data.accum_steps}"
+        )
     out = cfg.run.out_dir
     # everything that can be checked without the model first: the data, its token ids
     tokenizer = gj.load_tokenizer(cfg.model.tokenizer)
@@ -213,9 +229,14 @@ def _train(cfg: ExperimentConfig, mesh, tokenizer, packed, report, log) -> dict:
     out = cfg.run.out_dir
     model = build_model(cfg, mesh)
     trainable = trainable_filter(lora=cfg.lora.enabled, norms_and_sinks=cfg.lora.train_norms_and_sinks)
-    trainer = make_trainer(model, make_optimizer(cfg.optim), accum_steps=cfg.data.accum_steps,
-                           trainable=trainable, router_aux_loss=cfg.optim.router_aux_loss,
-                           loss_chunk=cfg.model.loss_chunk)
+    trainer = make_trainer(
+        model,
+        make_optimizer(cfg.optim),
+        accum_steps=cfg.data.accum_steps,
+        trainable=trainable,
+        router_aux_loss=cfg.optim.router_aux_loss,
+        loss_chunk=cfg.model.loss_chunk,
+    )
     state = trainer.init(model)
     schedule = make_schedule(cfg.optim)
     ckpts, state, meta, start = resume_or_start(out, cfg, state, log)
@@ -229,14 +250,19 @@ def _train(cfg: ExperimentConfig, mesh, tokenizer, packed, report, log) -> dict:
             for step in range(start, cfg.run.steps):
                 batch = data_lib.batch_at(packed, step, cfg.data.batch_size, seed=cfg.run.seed)
                 if mesh is not None:
-                    batch = {k: distributed.global_batch(v[rows], mesh, cfg.data.batch_size)
-                             for k, v in batch.items()}
+                    batch = {k: distributed.global_batch(v[rows], mesh, cfg.data.batch_size) for k, v in batch.items()}
                 state, metrics = trainer.step(state, batch)
                 done = step + 1
                 if done % cfg.run.log_every == 0 or done == cfg.run.steps:
-                    last = {"step": done, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
-                            "learning_rate": float(schedule(step)), "targets": int(metrics["targets"]),
-                            "skipped": int(state.skipped), "seconds": round(time.time() - t0, 3)}
+                    last = {
+                        "step": done,
+                        "loss": float(metrics["loss"]),
+                        "grad_norm": float(metrics["grad_norm"]),
+                        "learning_rate": float(schedule(step)),
+                        "targets": int(metrics["targets"]),
+                        "skipped": int(state.skipped),
+                        "seconds": round(time.time() - t0, 3),
+                    }
                     if "router_loss" in metrics:
                         last["router_loss"] = float(metrics["router_loss"])
                     metrics_log.write(last)
@@ -244,8 +270,9 @@ def _train(cfg: ExperimentConfig, mesh, tokenizer, packed, report, log) -> dict:
                         bar.set_postfix(loss=f"{last['loss']:.4f}")
                 if bar is not None:
                     bar.update(1)
-                end_of_step(cfg, state, ckpts, done, {"data_position": done},
-                            "lower optim.learning_rate or check the data")
+                end_of_step(
+                    cfg, state, ckpts, done, {"data_position": done}, "lower optim.learning_rate or check the data"
+                )
     except BaseException:
         ckpts.close(quiet=True)  # finish or clean up the save in flight
         raise
@@ -254,8 +281,9 @@ def _train(cfg: ExperimentConfig, mesh, tokenizer, packed, report, log) -> dict:
     ckpts.close()
     trained = trainer.model(state)
     if cfg.lora.enabled:  # the adapters alone; the base is run.out_dir's model.checkpoint / preset
-        lora_lib.save_adapters(trained, os.path.join(out, "adapters"),
-                               extra={"base": cfg.model.checkpoint or f"preset:{cfg.model.preset}"})
+        lora_lib.save_adapters(
+            trained, os.path.join(out, "adapters"), extra={"base": cfg.model.checkpoint or f"preset:{cfg.model.preset}"}
+        )
         saved = os.path.join(out, "adapters")
     else:
         gj.save_native(trained, os.path.join(out, "model"), overwrite=True)  # a resumed run replaces its own
@@ -263,17 +291,35 @@ def _train(cfg: ExperimentConfig, mesh, tokenizer, packed, report, log) -> dict:
     if cfg.run.plots and first_process:
         plot_curves(os.path.join(out, METRICS_FILE), os.path.join(out, "curves.png"), title=out)
     evaluation = evaluate(cfg, trained, tokenizer, log=log) if cfg.data.eval else None
-    summary = {"steps": cfg.run.steps, "resumed_from": start, "rows": len(packed), "data": report.summary(),
-               "skipped_steps": int(state.skipped), "trainable_parameters": _size(state.params),
-               "saved": saved, **{f"final_{k}": v for k, v in last.items()}, "eval": evaluation}
+    summary = {
+        "steps": cfg.run.steps,
+        "resumed_from": start,
+        "rows": len(packed),
+        "data": report.summary(),
+        "skipped_steps": int(state.skipped),
+        "trainable_parameters": _size(state.params),
+        "saved": saved,
+        **{f"final_{k}": v for k, v in last.items()},
+        "eval": evaluation,
+    }
     _write_json(os.path.join(out, "summary.json"), summary)
     return summary
 
 
 # Keys that may change when a run is resumed (how long it runs, how it reports); any other change
 # would make the resumed run differ from one that was never interrupted.
-_RESUMABLE_CHANGES = {"run.steps", "run.progress", "run.log_every", "run.save_every", "run.keep_checkpoints",
-                      "run.tensorboard", "run.plots", "run.max_bad_steps", "data.eval", "eval"}
+_RESUMABLE_CHANGES = {
+    "run.steps",
+    "run.progress",
+    "run.log_every",
+    "run.save_every",
+    "run.keep_checkpoints",
+    "run.tensorboard",
+    "run.plots",
+    "run.max_bad_steps",
+    "data.eval",
+    "eval",
+}
 
 
 def end_of_step(cfg: ExperimentConfig, state, ckpts, done: int, meta: dict, hint: str) -> None:
@@ -281,8 +327,9 @@ def end_of_step(cfg: ExperimentConfig, state, ckpts, done: int, meta: dict, hint
     non-finite, and checkpoint every `run.save_every` steps and at the end."""
     if int(state.bad_in_a_row) >= cfg.run.max_bad_steps:
         ckpts.close(quiet=True)
-        raise FloatingPointError(f"{cfg.run.max_bad_steps} consecutive steps had a non-finite loss or "
-                                 f"gradient (step {done}); {hint}")
+        raise FloatingPointError(
+            f"{cfg.run.max_bad_steps} consecutive steps had a non-finite loss or gradient (step {done}); {hint}"
+        )
     if done % cfg.run.save_every == 0 or done == cfg.run.steps:
         ckpts.save(done, state, {"seed": cfg.run.seed, "step": done, **meta})
 
@@ -354,11 +401,16 @@ def _check_resumable(out: str, cfg: ExperimentConfig) -> None:
         return
     before = _normalised(_flat(_read_json(path)))
     now = _normalised(_flat(json.loads(json.dumps(to_dict(cfg)))))  # lists and tuples compared alike
-    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k)
-                     and k not in _RESUMABLE_CHANGES and k.split(".")[0] not in _RESUMABLE_CHANGES)
+    changed = sorted(
+        k
+        for k in set(before) | set(now)
+        if before.get(k) != now.get(k) and k not in _RESUMABLE_CHANGES and k.split(".")[0] not in _RESUMABLE_CHANGES
+    )
     if changed:
-        raise ValueError(f"{out} holds a run with a different config ({', '.join(changed)}); resuming it would "
-                         "not continue that run: choose another run.out_dir or delete this one")
+        raise ValueError(
+            f"{out} holds a run with a different config ({', '.join(changed)}); resuming it would "
+            "not continue that run: choose another run.out_dir or delete this one"
+        )
 
 
 def _size(tree) -> int:
@@ -381,9 +433,10 @@ def evaluate(cfg: ExperimentConfig, model, tokenizer, *, log=print) -> dict:
     if cfg.eval.accuracy:
         convs, _ = data_lib.read_jsonl(cfg.data.eval, reasoning_effort=cfg.data.reasoning_effort)
         if cfg.eval.limit:
-            convs = convs[:cfg.eval.limit]
-        acc = eval_lib.task_accuracy(model, tokenizer, convs, max_new_tokens=cfg.eval.max_new_tokens,
-                                     batch_size=cfg.eval.batch_size)
+            convs = convs[: cfg.eval.limit]
+        acc = eval_lib.task_accuracy(
+            model, tokenizer, convs, max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size
+        )
         results["task"] = acc
         log(f"eval: accuracy {acc['accuracy']:.3f} ({acc['correct']}/{acc['total']})")
     os.makedirs(cfg.run.out_dir, exist_ok=True)

@@ -25,9 +25,9 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from gptoss_jax.lora import LoRAParam
 from gptoss_jax.model import traced_token_check
 from gptoss_jax.train.losses import chunked_next_token_loss, next_token_loss
-from gptoss_jax.lora import LoRAParam
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +48,12 @@ def make_schedule(cfg: OptimConfig) -> optax.Schedule:
     if cfg.total_steps <= cfg.warmup_steps:
         raise ValueError(f"total_steps ({cfg.total_steps}) must exceed warmup_steps ({cfg.warmup_steps})")
     return optax.warmup_cosine_decay_schedule(
-        0.0, cfg.learning_rate, cfg.warmup_steps, cfg.total_steps,
-        end_value=cfg.learning_rate * cfg.end_learning_rate_fraction)
+        0.0,
+        cfg.learning_rate,
+        cfg.warmup_steps,
+        cfg.total_steps,
+        end_value=cfg.learning_rate * cfg.end_learning_rate_fraction,
+    )
 
 
 def _decay_mask(params):
@@ -58,8 +62,9 @@ def _decay_mask(params):
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-    adamw = optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                        mask=_decay_mask)
+    adamw = optax.adamw(
+        make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=_decay_mask
+    )
     return adamw if cfg.clip_norm is None else optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
 
 
@@ -89,13 +94,17 @@ def next_token_objective(router_aux_loss: float = 0.0, loss_chunk: int = 0):
 
     def objective(model, micro):
         tokens = micro["tokens"]
-        out = model(tokens, positions=micro.get("positions"), segment_ids=micro.get("segment_ids"),
-                    router_loss=router_aux_loss > 0, head=not loss_chunk)
+        out = model(
+            tokens,
+            positions=micro.get("positions"),
+            segment_ids=micro.get("segment_ids"),
+            router_loss=router_aux_loss > 0,
+            head=not loss_chunk,
+        )
         # targets inside their own document (`losses.next_token_targets`)
         mask, seg = micro["loss_mask"], micro.get("segment_ids")
         if loss_chunk:
-            mean, count = chunked_next_token_loss(out.hidden, model.unembed[...], tokens, mask, seg,
-                                                  chunk=loss_chunk)
+            mean, count = chunked_next_token_loss(out.hidden, model.unembed[...], tokens, mask, seg, chunk=loss_chunk)
         else:
             mean, count = next_token_loss(out.logits, tokens, mask, seg)
         sums = {"loss": mean * count}
@@ -108,9 +117,16 @@ def next_token_objective(router_aux_loss: float = 0.0, loss_chunk: int = 0):
     return objective
 
 
-def make_trainer(model, optimizer: optax.GradientTransformation, *, accum_steps: int = 1,
-                 trainable=nnx.Param, router_aux_loss: float = 0.0, objective=None,
-                 loss_chunk: int = 0) -> Trainer:
+def make_trainer(
+    model,
+    optimizer: optax.GradientTransformation,
+    *,
+    accum_steps: int = 1,
+    trainable=nnx.Param,
+    router_aux_loss: float = 0.0,
+    objective=None,
+    loss_chunk: int = 0,
+) -> Trainer:
     """Build the step for `model`'s structure. Batches are dicts of [accum_steps * B, ...] arrays,
     cut into `accum_steps` micro-batches along the first axis.
 
@@ -129,8 +145,9 @@ def make_trainer(model, optimizer: optax.GradientTransformation, *, accum_steps:
     # laid out as the variable itself. Nothing else says so: zeros (the moments, the accumulators)
     # depend on no input, and under jit the compiler replicated them on every device (a 20b SFT on
     # a v5e-8 held 8.6 GiB of replicated moments of the two embedding tables per chip).
-    layouts = jax.tree.map(lambda v: v.sharding if isinstance(getattr(v, "sharding", None), NamedSharding)
-                           else False, frozen_params)
+    layouts = jax.tree.map(
+        lambda v: v.sharding if isinstance(getattr(v, "sharding", None), NamedSharding) else False, frozen_params
+    )
     place = lambda x, s: x if s is False else jax.lax.with_sharding_constraint(x, s)
     lay_out = lambda tree: jax.tree.map(place, tree, layouts)
     lay_out_opt = lambda opt_state: optax.tree_map_params(optimizer, place, opt_state, layouts)
@@ -168,27 +185,32 @@ def make_trainer(model, optimizer: optax.GradientTransformation, *, accum_steps:
         finite = jnp.isfinite(grad_norm)
         for v in metrics.values():
             finite &= jnp.all(jnp.isfinite(v))
+
         def apply(params, opt_state, grads):
             updates, opt_state = optimizer.update(grads, opt_state, params)
             return lay_out(optax.apply_updates(params, updates)), lay_out_opt(opt_state)
 
         # a branch, not `where(finite, new, old)` over the trees: that keeps old and new copies of the
         # parameters and moments alive at once (on CPU the update took 1.4-1.7x as long)
-        params, opt_state = jax.lax.cond(finite, apply, lambda p, s, g: (p, s), state.params, state.opt_state,
-                                         grads)
+        params, opt_state = jax.lax.cond(finite, apply, lambda p, s, g: (p, s), state.params, state.opt_state, grads)
         # as the input state, so that the new state can take its buffers (donated)
         params, opt_state = lay_out(params), lay_out_opt(opt_state)
-        new_state = TrainState(params, opt_state,
-                               state.step + 1, state.skipped + (~finite).astype(jnp.int32),
-                               jnp.where(finite, 0, state.bad_in_a_row + 1).astype(jnp.int32))
+        new_state = TrainState(
+            params,
+            opt_state,
+            state.step + 1,
+            state.skipped + (~finite).astype(jnp.int32),
+            jnp.where(finite, 0, state.bad_in_a_row + 1).astype(jnp.int32),
+        )
         metrics.update(grad_norm=grad_norm, targets=weight, finite=finite)
         return new_state, metrics
 
     # the frozen variables are an argument, not constants closed over: the same program then
     # compiles from abstract arrays (`gptoss_jax.aot`)
     step_fn = jax.jit(step, donate_argnums=(0,))
-    return Trainer(init, lambda state, batch: step_fn(state, batch, rest), lambda state: merge(state.params), merge,
-                   step_fn, rest)
+    return Trainer(
+        init, lambda state, batch: step_fn(state, batch, rest), lambda state: merge(state.params), merge, step_fn, rest
+    )
 
 
 def trainable_filter(*, lora: bool, norms_and_sinks: bool = False):

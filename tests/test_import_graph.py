@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import re
 
 _spec = importlib.util.spec_from_file_location(
     "import_graph", os.path.join(os.path.dirname(__file__), "..", "scripts", "import_graph.py")
@@ -38,3 +39,37 @@ def test_a_cycle_and_a_function_level_import_fail_the_check(tmp_path, capsys):
         tmp_path / "inner", {"__init__.py": "", "a.py": "def f():\n    from gptoss_jax import b\n", "b.py": "x = 1\n"}
     )
     assert import_graph.main(["--check", "--root", inner]) == 1  # no cycle, but an import inside a function
+
+
+def _layout_order():
+    """The top-level modules and subpackages in the order the README's Layout section lists them."""
+    readme = open(os.path.join(import_graph.ROOT, "README.md")).read()
+    block = readme[readme.index("## Layout") :]
+    block = block[block.index("gptoss_jax/") : block.index("\nnotebooks/")]
+    return [m.group(1) for m in re.finditer(r"^  (\w+?)(?:\.py|/)\s", block, re.M)]
+
+
+def test_the_readme_layout_lists_the_package_in_import_order():
+    """A reader going down the Layout section meets every module after the modules it imports."""
+    order = _layout_order()
+    graph = import_graph.imports()
+    top = {m.split(".")[1] for m in graph if m.count(".") >= 1}
+    assert top <= set(order) | {"inspect_report"}, sorted(top - set(order))  # every module is listed
+    rank = lambda mod: order.index({"inspect_report": "inspect"}.get(mod.split(".")[1], mod.split(".")[1]))
+    upward = [
+        (mod, dep)
+        for mod, edges in graph.items()
+        if mod != import_graph.PACKAGE
+        for dep in edges["top"]
+        if dep != import_graph.PACKAGE and rank(dep) > rank(mod)
+    ]
+    assert upward == [], upward
+    swapped = order[:]
+    i, j = swapped.index("atomic"), swapped.index("safetensors_io")
+    swapped[i], swapped[j] = swapped[j], swapped[i]  # control: safetensors_io imports atomic
+    assert any(
+        swapped.index(d.split(".")[1]) > swapped.index(m.split(".")[1])
+        for m, e in graph.items()
+        if m == "gptoss_jax.safetensors_io"
+        for d in e["top"]
+    )

@@ -52,6 +52,7 @@ from gptoss_jax.train.sft import (
     end_of_step,
     model_vocab_size,
     resume_or_start,
+    save_trained,
 )
 from gptoss_jax.train.step import make_optimizer, make_schedule, make_trainer, trainable_filter
 
@@ -313,14 +314,7 @@ def _train(cfg: ExperimentConfig, mesh, tokenizer, prompts, eval_convs, spec, lo
         bar.close()
     ckpts.close()
     trained = trainer.model(state)
-    if cfg.lora.enabled:
-        lora_lib.save_adapters(
-            trained, os.path.join(out, "adapters"), extra={"base": cfg.model.checkpoint or f"preset:{cfg.model.preset}"}
-        )
-        saved = os.path.join(out, "adapters")
-    else:
-        gj.save_native(trained, os.path.join(out, "model"), overwrite=True)  # a resumed run replaces its own
-        saved = os.path.join(out, "model")
+    saved = save_trained(cfg, trained, out)
     if cfg.run.plots and first_process:
         plot_curves(
             os.path.join(out, METRICS_FILE), os.path.join(out, "curves.png"), keys=PLOTTED, title=f"{algorithm}: {out}"

@@ -200,6 +200,19 @@ def _progress(total: int, start: int, enabled: bool):
     return tqdm(total=total, initial=start, desc="train", unit="step")
 
 
+def save_trained(cfg: ExperimentConfig, trained, out: str) -> str:
+    """What a finished run keeps, under `out`: the adapters alone with LoRA (the base is the
+    config's model.checkpoint / preset), else the whole model (a resumed run replaces its own).
+    Returns the folder written."""
+    if cfg.lora.enabled:
+        path = os.path.join(out, "adapters")
+        lora_lib.save_adapters(trained, path, extra={"base": cfg.model.checkpoint or f"preset:{cfg.model.preset}"})
+    else:
+        path = os.path.join(out, "model")
+        gj.save_native(trained, path, overwrite=True)
+    return path
+
+
 def train(cfg: ExperimentConfig, *, log=print) -> dict:
     distributed.initialize()
     mesh = gj.sharding.mesh_from_config(cfg.mesh) if cfg.mesh else None
@@ -280,14 +293,7 @@ def _train(cfg: ExperimentConfig, mesh, tokenizer, packed, report, log) -> dict:
         bar.close()
     ckpts.close()
     trained = trainer.model(state)
-    if cfg.lora.enabled:  # the adapters alone; the base is run.out_dir's model.checkpoint / preset
-        lora_lib.save_adapters(
-            trained, os.path.join(out, "adapters"), extra={"base": cfg.model.checkpoint or f"preset:{cfg.model.preset}"}
-        )
-        saved = os.path.join(out, "adapters")
-    else:
-        gj.save_native(trained, os.path.join(out, "model"), overwrite=True)  # a resumed run replaces its own
-        saved = os.path.join(out, "model")
+    saved = save_trained(cfg, trained, out)
     if cfg.run.plots and first_process:
         plot_curves(os.path.join(out, METRICS_FILE), os.path.join(out, "curves.png"), title=out)
     evaluation = evaluate(cfg, trained, tokenizer, log=log) if cfg.data.eval else None

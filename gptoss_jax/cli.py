@@ -24,48 +24,25 @@ import json
 import os
 import re
 import sys
-import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import gptoss_jax as gj
-from gptoss_jax import aot, atomic, distributed, harmony, inspect, inspect_report, targets
-from gptoss_jax.cache import cache_bytes
-from gptoss_jax.checkpoint import CheckpointError, find_checkpoint
-from gptoss_jax.config import ConfigError, ModelConfig
+from gptoss_jax import aot, atomic, chat, demo, distributed, harmony, inspect_report, preflight, targets
+from gptoss_jax.checkpoint import CheckpointError
+from gptoss_jax.config import ConfigError
 from gptoss_jax.host import reexec_with_huge_pages
 from gptoss_jax.safetensors_io import SafetensorsError
-from gptoss_jax.sampling import check_sampling_options, generate
 from gptoss_jax.tokenizer import TokenizerError
 from gptoss_jax.train import memory as train_memory
 from gptoss_jax.train import quickstart, rl, sft
-from gptoss_jax.train.config import PRESETS, check_dtype, load_config, to_dict
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.2f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return ""
+from gptoss_jax.train.config import check_dtype, load_config, to_dict
 
 
 def cmd_info(args) -> int:
-    presets = {"20b": gj.gpt_oss_20b, "120b": gj.gpt_oss_120b}
-    names = [args.preset] if args.preset else list(presets)
-    for name in names:
-        cfg = presets[name]()
-        packed = gj.abstract(cfg, experts="mxfp4")
-        dense_bytes = gj.parameter_bytes(gj.abstract(cfg, experts="dense"))
-        print(
-            f"gpt-oss-{name}: {cfg.num_layers} layers, {cfg.num_experts} experts (top-{cfg.experts_per_token}), "
-            f"d_model {cfg.d_model}, window {cfg.sliding_window}"
-        )
-        print(f"  parameters       {gj.parameter_count(packed):,}")
-        print(f"  stored, packed   {_fmt_bytes(gj.parameter_bytes(packed))}  (MXFP4 experts, bf16 rest)")
-        print(f"  stored, dense    {_fmt_bytes(dense_bytes)}  (bf16 everywhere)")
+    for name in [args.preset] if args.preset else list(demo.PRESETS):
+        print("\n".join(demo.preset_info(name)))
     return 0
 
 
@@ -80,17 +57,9 @@ def cmd_convert(args) -> int:
             gj.save_native(model, tmp)
         else:
             gj.save_hf(model, tmp, dtype=args.dtype)
-        _copy_tokenizer(args.src, tmp)
+        preflight.copy_tokenizer(args.src, tmp)
     print(f"wrote {args.dst} ({args.to} layout, {model.experts} experts)")
     return 0
-
-
-def _copy_tokenizer(src: str, dst: str) -> None:
-    for folder in (src, os.path.dirname(os.path.abspath(src))):
-        path = os.path.join(folder, "tokenizer.json")
-        if os.path.isfile(path):
-            atomic.copy_file(path, os.path.join(dst, "tokenizer.json"))
-            return
 
 
 # ------------------------------------------------------------------------- checking options
@@ -115,142 +84,27 @@ def _check_dtype_arg(dtype) -> None:
     check_dtype(dtype, "--dtype")
 
 
-def _checkpoint_config(path):
-    """A checkpoint's ModelConfig from its config.json alone (no weights read)."""
-
-    return ModelConfig.from_pretrained(find_checkpoint(path).root)
-
-
-def _check_tokenizer_fits(tokenizer, vocab_size: int, fix: str) -> None:
-    """A tokenizer with more ids than the model's embedding rows would feed it invalid ids."""
-    _need(
-        tokenizer.vocab_size <= vocab_size,
-        f"the tokenizer{' ' + tokenizer.name if tokenizer.name else ''} has {tokenizer.vocab_size} ids but "
-        f"the model's vocabulary only {vocab_size}: {fix}",
-    )
-
-
-def _check_prompt(ids, cfg, max_new_tokens: int) -> None:
-    """What `generate` checks, before the model is loaded."""
-    bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
-    _need(
-        not bad,
-        f"the prompt has token ids outside the vocabulary [0, {cfg.vocab_size}) of the checkpoint: "
-        f"{bad[:5]} (is --tokenizer the checkpoint's tokenizer?)",
-    )
-    _need(
-        len(ids) + max_new_tokens <= cfg.max_position,
-        f"prompt of {len(ids)} tokens + {max_new_tokens} new tokens exceeds the context of "
-        f"{cfg.max_position} tokens (lower --max-new-tokens or shorten the prompt)",
-    )
-
-
-def _check_run_tokenizer(cfg, checkpoint=None) -> None:
-    """A run's data are ids of `model.tokenizer`, checked against the vocabulary of the model it
-    trains or evaluates (`checkpoint`, model.checkpoint, or the preset with its overrides)."""
-
-    source = checkpoint or cfg.model.checkpoint
-    if source:
-        vocab = _checkpoint_config(source).vocab_size
-        fix = f"set model.tokenizer to the tokenizer of {source}"
-    else:
-        vocab = PRESETS[cfg.model.preset]().replace(**cfg.model.overrides).vocab_size
-        fix = "set model.tokenizer to the model's tokenizer or model.overrides.vocab_size to the tokenizer's size"
-    _check_tokenizer_fits(gj.load_tokenizer(cfg.model.tokenizer), vocab, fix)
-
-
 _SAMPLING_FLAGS = {
-    "temperature": "--temperature",
-    "top_p": "--top-p",
-    "top_k": "--top-k",
-    "max_new_tokens": "--max-new-tokens",
-    "seed": "--seed",
+    key: "--" + key.replace("_", "-") for key in ("temperature", "top_p", "top_k", "max_new_tokens", "seed")
 }
 
 
 # ------------------------------------------------------------------------------ talking to it
-def _load_for_chat(args, check_prompt=None):
-    """Options, the checkpoint's config, the tokenizer and `check_prompt(tokenizer, cfg)` are all
-    checked before the weights are loaded."""
-
+def _load_for_chat(args, prompt):
+    """(model, tokenizer, sampling): every option, the tokenizer and `prompt` are checked before the
+    weights are loaded."""
     _check_dtype_arg(args.dtype)
-    mesh_spec = gj.sharding.parse_mesh(args.mesh) if args.mesh else None
-    cfg = _checkpoint_config(args.checkpoint)
-    check_sampling_options(
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
-        vocab_size=cfg.vocab_size,
+    sampling = chat.Sampling(**{key: getattr(args, key) for key in _SAMPLING_FLAGS})
+    model, tokenizer = chat.load(
+        args.checkpoint,
+        sampling=sampling,
+        prompt=prompt,
+        dtype=args.dtype,
+        tokenizer=args.tokenizer,
+        mesh=args.mesh,
         names=_SAMPLING_FLAGS,
     )
-    tokenizer = gj.load_tokenizer(args.tokenizer or args.checkpoint)
-    if check_prompt is not None:
-        check_prompt(tokenizer, cfg)
-    mesh = gj.sharding.mesh_from_config(mesh_spec) if mesh_spec is not None else None
-    model = gj.load(args.checkpoint, dtype=args.dtype, mesh=mesh)
-    return model, tokenizer
-
-
-def _sampling_kwargs(args) -> dict:
-    return dict(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-    )
-
-
-def _reply(model, tokenizer, conversation, args, out=None):
-    """Generate one assistant turn, streaming the final channel (and analysis if asked) to `out`;
-    returns the parsed messages."""
-
-    out = out or sys.stdout
-    prompt = harmony.render_for_completion(conversation, tokenizer)
-    parser = harmony.StreamParser(tokenizer, role="assistant")
-    shown = {"printed": 0, "channel": None}
-
-    def visible(channel):
-        return channel in ("final", None) or (args.show_analysis and channel in ("analysis", "commentary"))
-
-    def completed(msg):
-        text = msg["content"][0]["text"] if msg.get("content") else ""
-        if msg.get("malformed"):  # never hide what the model wrote, even when it broke the format
-            out.write(f"{text[shown['printed'] :]}\n[not valid harmony: {msg['malformed']}]\n")
-        elif visible(msg.get("channel")) or msg.get("warnings"):
-            out.write(text[shown["printed"] :] + "\n")
-            if msg.get("warnings"):  # accepted by openai-harmony, but not what a caller expects
-                out.write(f"[harmony: {msg['warnings']}]\n")
-        shown["printed"] = 0
-
-    def on_tokens(_row, toks):
-        for t in toks:
-            for msg in parser.feed(t):
-                completed(msg)
-            cur = parser.current
-            if cur and cur["state"] == "content" and visible(cur["channel"]):
-                if shown["printed"] == 0 and cur["channel"] != "final":
-                    out.write(f"[{cur['channel']}] ")
-                out.write(cur["content"][shown["printed"] :])
-                shown["printed"] = len(cur["content"])
-        out.flush()
-
-    gen = generate(model, tokenizer, [prompt], stream=on_tokens, **_sampling_kwargs(args))
-    for msg in parser.finish():
-        completed(msg)
-    messages = parser.messages
-    if gen.stop_reason[0] == "length":
-        out.write("\n[stopped at --max-new-tokens]\n")
-    return messages
-
-
-def _conversation_start(args) -> list[dict]:
-    msgs = [harmony.system_message(reasoning_effort=args.reasoning_effort)]
-    if args.developer:
-        msgs.append(harmony.developer_message(args.developer))
-    return msgs
+    return model, tokenizer, sampling
 
 
 def cmd_generate(args) -> int:
@@ -258,50 +112,26 @@ def cmd_generate(args) -> int:
         raise ValueError("give exactly one of --prompt or --conversation")
     if args.raw and args.prompt is None:
         raise ValueError("--raw needs --prompt (plain text, no chat format)")
-    conversation = None
     if args.conversation:
-        with open(args.conversation) as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"--conversation {args.conversation} is not valid JSON: {e}") from None
         try:
-            conversation = harmony.normalize_conversation(data)
+            prompt = chat.read_conversation(args.conversation)
         except ValueError as e:
-            raise ValueError(f"--conversation {args.conversation}: {e}") from None
-    elif not args.raw:
-        conversation = _conversation_start(args) + [harmony.user(args.prompt)]
-
-    def check_prompt(tokenizer, cfg):
-        ids = (
-            tokenizer.encode(args.prompt, disallowed_special=())
-            if args.raw
-            else harmony.render_for_completion(conversation, tokenizer)
-        )
-        _check_prompt(ids, cfg, args.max_new_tokens)
-
-    model, tokenizer = _load_for_chat(args, check_prompt)
+            raise ValueError(f"--conversation {e}") from None
+    elif args.raw:
+        prompt = args.prompt
+    else:
+        prompt = chat.conversation_start(args.reasoning_effort, args.developer) + [harmony.user(args.prompt)]
+    model, tokenizer, sampling = _load_for_chat(args, prompt)
     if args.raw:
-        generate(
-            model,
-            tokenizer,
-            [args.prompt],
-            stop_tokens=(tokenizer.token_id("<|endoftext|>"),),
-            stream=lambda _r, t: print(tokenizer.decode(t), end="", flush=True),
-            **_sampling_kwargs(args),
-        )
-        print()
-        return 0
-    _reply(model, tokenizer, conversation, args)
+        chat.complete(model, tokenizer, prompt, sampling)
+    else:
+        chat.reply(model, tokenizer, prompt, sampling, show_analysis=args.show_analysis)
     return 0
 
 
 def cmd_chat(args) -> int:
-    def check_prompt(tokenizer, cfg):  # the system (and developer) messages every turn starts with
-        _check_prompt(harmony.render_for_completion(_conversation_start(args), tokenizer), cfg, args.max_new_tokens)
-
-    model, tokenizer = _load_for_chat(args, check_prompt)
-    history = _conversation_start(args)
+    start = chat.conversation_start(args.reasoning_effort, args.developer)  # every turn starts with it: must fit
+    session = chat.Chat(*_load_for_chat(args, start), start, show_analysis=args.show_analysis)
     print("chat: an empty line or /exit quits, /reset clears the history", file=sys.stderr)
     while True:
         try:
@@ -311,84 +141,18 @@ def cmd_chat(args) -> int:
         if line.strip() in ("", "/exit"):
             break
         if line.strip() == "/reset":
-            history = _conversation_start(args)
+            session.reset()
             continue
-        history.append(harmony.user(line))
-        # earlier analysis is dropped on the next render, as the format says (auto_drop_analysis)
-        history.extend(m for m in _reply(model, tokenizer, history, args) if not m.get("malformed"))
+        session.send(line)
     return 0
 
 
 def cmd_demo(args) -> int:
     _need_count(args.new_tokens, "--new-tokens")
     _check_seed(args.seed)
-    t0 = time.time()
-    cfg = gj.tiny(
-        vocab_size=1024,
-        d_model=128,
-        num_layers=4,
-        num_heads=8,
-        num_kv_heads=2,
-        head_dim=32,
-        num_experts=16,
-        experts_per_token=4,
-        expert_dim=128,
-        sliding_window=16,
-    )
-    print("== 1. a small gpt-oss with the real structure")
-    print(
-        f"   {cfg.num_layers} layers alternating sliding(window {cfg.sliding_window} keys, itself included)"
-        f"/full attention, {cfg.num_heads} query heads sharing {cfg.num_kv_heads} KV heads, "
-        f"{cfg.num_experts} experts top-{cfg.experts_per_token}, YaRN RoPE x{cfg.rope_factor:g}"
-    )
-    model = gj.init(cfg, seed=args.seed)
-    print(
-        f"   {gj.parameter_count(model):,} parameters, {_fmt_bytes(gj.parameter_bytes(model))} as stored "
-        f"(experts packed as MXFP4: uint8 blocks + e8m0 scales)"
-    )
-
-    ck = os.path.join(args.out, "checkpoint")
-    print(f"\n== 2. write it in the HF hub layout -> {ck}")
-    gj.save_hf(model, ck, max_shard_bytes=1 << 20, overwrite=True)  # the demo's own folder, rerun
-    for name in sorted(os.listdir(ck)):
-        print(f"   {name:40s} {_fmt_bytes(os.path.getsize(os.path.join(ck, name)))}")
-
-    print("\n== 3. load it back (layout detected from the files; packed experts stay packed)")
-    loaded = gj.load(ck)
-    rng = np.random.default_rng(args.seed)
-    # two documents packed into one row: segment ids keep them apart in attention
-    lens = (40, 24)
-    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, sum(lens)))[None]
-    positions = jnp.asarray(np.concatenate([np.arange(n) for n in lens]))[None]
-    segments = jnp.asarray(np.repeat([1, 2], lens))[None]
-    fwd = jax.jit(lambda m, t, p, s: m(t, positions=p, segment_ids=s, capture=True))
-    out = fwd(loaded, tokens, positions, segments)
-    same = bool(jnp.array_equal(out.logits, fwd(model, tokens, positions, segments).logits))
-    print(f"   logits {tuple(out.logits.shape)} {out.logits.dtype}; identical to the in-memory model: {same}")
-    if not same:
+    if not demo.run(args.out, seed=args.seed, new_tokens=args.new_tokens):
         print("   ERROR: the checkpoint round trip changed the model", file=sys.stderr)
         return 1
-
-    print("\n== 4. inside the forward pass (captured intermediates, no hooks)")
-    print("   layer  kind     mean sink mass  router entropy  tokens per expert")
-    sink = inspect.sink_mass(out.intermediates).mean(-1)  # [L]: over tokens, then heads
-    entropy = inspect.routing_entropy(out.intermediates)  # [L] nats
-    load = inspect.expert_counts(out.intermediates, cfg.num_experts)  # [L, E]
-    for i in range(cfg.num_layers):
-        kind = "sliding" if cfg.is_sliding(i) else "full"
-        print(f"   {i:5d}  {kind:8s} {sink[i]:14.3f}  {entropy[i]:14.3f}  {load[i].tolist()}")
-
-    print("\n== 5. generate: both documents as a batch of prompts of different lengths, KV-cached")
-    prompts = [[int(t) for t in np.asarray(tokens[0, : lens[0]])], [int(t) for t in np.asarray(tokens[0, lens[0] :])]]
-    gen = gj.generate(loaded, None, prompts, max_new_tokens=args.new_tokens, temperature=0, stop_tokens=())
-    for i, (p, new) in enumerate(zip(prompts, gen.tokens)):
-        print(f"   prompt {i}: {len(p)} tokens -> greedy {new}")
-    print(
-        f"   the cache keeps {cfg.sliding_window} slots on sliding layers and the full length on full "
-        f"layers: {cache_bytes(cfg, 2, max(lens) + args.new_tokens):,} bytes here; for gpt-oss-20b at "
-        f"131,072 tokens {cache_bytes(gj.gpt_oss_20b(), 1, 131072) / 2**30:.2f} GiB per sequence (bf16)"
-    )
-    print(f"\ndone in {time.time() - t0:.1f}s; the checkpoint is in {ck}")
     return 0
 
 
@@ -405,7 +169,7 @@ def cmd_train(args) -> int:
     if args.estimate_memory is not None:
         print(train_memory.estimate(cfg).table(args.estimate_memory * 2**30 if args.estimate_memory else None))
         return 0
-    _check_run_tokenizer(cfg)
+    preflight.check_run_tokenizer(cfg)
     if cfg.algorithm == "sft":
         summary = sft.train(cfg)
         print(
@@ -452,7 +216,7 @@ def cmd_eval(args) -> int:
         raise ValueError("data.eval must name a jsonl file of held-out conversations")
     if not os.path.isfile(cfg.data.eval):
         raise FileNotFoundError(f"data.eval {cfg.data.eval!r} is not a file")
-    _check_run_tokenizer(cfg, args.checkpoint)
+    preflight.check_run_tokenizer(cfg, args.checkpoint)
     model = gj.load(args.checkpoint, dtype=cfg.model.dtype) if args.checkpoint else sft.load_trained(cfg)
     sft.evaluate(cfg, model, gj.load_tokenizer(cfg.model.tokenizer))
     print(f"results in {os.path.join(cfg.run.out_dir, 'eval.json')}")
@@ -477,55 +241,19 @@ def cmd_inspect(args) -> int:
     _check_dtype_arg(args.dtype)
     _need_count(args.batch_size, "--batch-size")
     _need_count(args.max_tokens, "--max-tokens", optional=True)
-    cfg = _checkpoint_config(args.checkpoint)
-    _need(
-        1 <= args.seq_len <= cfg.max_position,
-        f"--seq-len must be an integer from 1 to the model's context of {cfg.max_position}, got {args.seq_len}",
-    )
-    tokenizer = gj.load_tokenizer(args.tokenizer or args.checkpoint)
-    _check_tokenizer_fits(tokenizer, cfg.vocab_size, "give --tokenizer the checkpoint's own tokenizer")
-    model = gj.load(args.checkpoint, dtype=args.dtype, progress=True)
-    stats = None
-    if args.file:
-        stats = inspect.run_corpus(
-            model,
-            tokenizer,
-            args.file,
-            seq_len=args.seq_len,
-            batch_size=args.batch_size,
-            max_tokens=args.max_tokens,
-            lens=not args.no_lens,
-        )
-    table = None
-    if args.text:
-        stats = inspect.run_corpus(
-            model,
-            tokenizer,
-            [args.text],
-            seq_len=args.seq_len,
-            batch_size=args.batch_size,
-            progress=False,
-            stats=stats,
-            lens=not args.no_lens,
-        )
-        table = inspect_report.text_table(model, tokenizer, args.text)
-    paths = inspect_report.write(
+    model, stats, paths = inspect_report.run(
+        args.checkpoint,
         args.out,
-        model,
-        stats,
-        tokenizer,
-        text=table,
-        source=" + ".join(filter(None, [args.file, args.text and "--text"])),
+        text=args.text,
+        file=args.file,
+        tokenizer=args.tokenizer,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        max_tokens=args.max_tokens,
+        lens=not args.no_lens,
+        dtype=args.dtype,
     )
-    print(f"{stats.tokens:,} tokens in {stats.documents} documents; per layer:")
-    for i in range(model.cfg.num_layers):
-        load = stats.expert_load[i]
-        print(
-            f"  layer {i:2d} {'sliding' if model.cfg.is_sliding(i) else 'full':7s}  router entropy "
-            f"{stats.routing_entropy[i]:.3f}  busiest expert {int(load.argmax())} ({load.max():.1%})  "
-            f"sink mass {stats.sink_mass[i].mean():.3f}"
-            + (f"  lens accuracy {stats.lens_accuracy[i]:.3f}" if stats.lens_targets else "")
-        )
+    print("\n".join(inspect_report.summary(model, stats)))
     print("wrote " + ", ".join(paths.values()))
     return 0
 
@@ -536,6 +264,10 @@ def cmd_quickstart(args) -> int:
     load_config(quickstart.CONFIG, args.overrides)  # bad overrides fail before any data is written
     quickstart.run(args.out, args.overrides, train_size=args.train_size, eval_size=args.eval_size)
     return 0
+
+
+_TOKENIZER_HELP = "tokenizer.json or 'o200k_harmony' (default: the checkpoint's, else o200k_harmony)"
+_OVERWRITE_HELP = "replace a dst that is not empty (once {} is complete); without it such a dst is refused"
 
 
 def main(argv=None) -> int:
@@ -570,16 +302,9 @@ def main(argv=None) -> int:
     )
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument(
-        "--experts",
-        choices=["mxfp4", "dense"],
-        default=None,
-        help="default: as stored; 'dense' dequantizes packed experts",
+        "--experts", choices=["mxfp4", "dense"], help="default: as stored; 'dense' dequantizes packed experts"
     )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace a dst that is not empty (once the new checkpoint is complete); without it such a dst is refused",
-    )
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP.format("the new checkpoint"))
     p.set_defaults(fn=cmd_convert)
     p = sub.add_parser("train", help="fine-tuning from an experiment config: SFT, or GRPO / GSPO (algorithm:)")
     p.add_argument("config", help="YAML experiment config (see configs/)")
@@ -623,20 +348,14 @@ def main(argv=None) -> int:
         help="mxfp4: re-encode the merged experts; dense: keep them exact (default: as the base)",
     )
     p.add_argument("--dtype", default="bfloat16", help="float dtype of the written tensors")
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace a dst that is not empty (once the export is complete); without it such a dst is refused",
-    )
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP.format("the export"))
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("inspect", help="expert routing, sink mass and logit lens over a text or corpus")
     p.add_argument("checkpoint", help="checkpoint folder (HF, original/ or native)")
     p.add_argument("--text", help="one text: also reported token by token")
     p.add_argument("--file", help="corpus: .txt (a document per line) or .jsonl ('text' or 'messages')")
     p.add_argument("--out", default="runs/inspect", help="folder for report.json and the plots")
-    p.add_argument(
-        "--tokenizer", help="tokenizer.json or 'o200k_harmony' (default: the checkpoint's, else o200k_harmony)"
-    )
+    p.add_argument("--tokenizer", help=_TOKENIZER_HELP)
     p.add_argument("--seq-len", type=int, default=512, help="tokens per row (documents are packed)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-tokens", type=int, help="stop after this many corpus tokens")
@@ -666,9 +385,7 @@ def main(argv=None) -> int:
         p.add_argument("--top-k", type=int, default=0)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--dtype", default="bfloat16")
-        p.add_argument(
-            "--tokenizer", help="tokenizer.json or 'o200k_harmony' (default: the checkpoint's, else o200k_harmony)"
-        )
+        p.add_argument("--tokenizer", help=_TOKENIZER_HELP)
         p.add_argument(
             "--mesh",
             help="shard over a device mesh, e.g. 'fsdp=2,expert=4' (axes data, fsdp, "

@@ -1,19 +1,22 @@
-"""The report of `gptoss inspect`: corpus statistics as json plus three plots (headless)."""
+"""`gptoss inspect` as a library: a checkpoint run over a text and/or a corpus (options checked
+against its config.json before the weights are read), the report of corpus statistics as json plus
+three plots (headless), and the per-layer summary the command prints."""
 
 from __future__ import annotations
 
 import json
 import os
 
+import jax.numpy as jnp
 import numpy as np
 
-from gptoss_jax import inspect
+import gptoss_jax as gj
+from gptoss_jax import inspect, preflight
 
 
 def text_table(model, tokenizer, text: str) -> dict:
     """One text through the model: per token, the experts of every layer, the sink mass per
     layer (mean over heads) and the logit lens's top-1 guess per layer."""
-    import jax.numpy as jnp
 
     ids = tokenizer.encode(text, disallowed_special=())
     if not ids:
@@ -100,3 +103,60 @@ def write(
     fig.savefig(paths["layers"], dpi=110)
     plt.close(fig)
     return paths
+
+
+def run(
+    checkpoint: str,
+    out_dir: str,
+    *,
+    text: str | None = None,
+    file: str | None = None,
+    tokenizer: str | None = None,
+    seq_len: int = 512,
+    batch_size: int = 4,
+    max_tokens: int | None = None,
+    lens: bool = True,
+    dtype="bfloat16",
+):
+    """Run `checkpoint` over the corpus `file` and/or the one `text` (also reported token by token)
+    and write the report to `out_dir`; returns (model, stats, paths). `seq_len` and the tokenizer
+    (default: the checkpoint's) are checked against the checkpoint's config before its weights are
+    read."""
+
+    cfg = preflight.checkpoint_config(checkpoint)
+    if not 1 <= seq_len <= cfg.max_position:
+        raise ValueError(
+            f"--seq-len must be an integer from 1 to the model's context of {cfg.max_position}, got {seq_len}"
+        )
+    tok = gj.load_tokenizer(tokenizer or checkpoint)
+    preflight.check_tokenizer_fits(tok, cfg.vocab_size, "give --tokenizer the checkpoint's own tokenizer")
+    model = gj.load(checkpoint, dtype=dtype, progress=True)
+    stats = None
+    if file:
+        stats = inspect.run_corpus(
+            model, tok, file, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens, lens=lens
+        )
+    table = None
+    if text:
+        stats = inspect.run_corpus(
+            model, tok, [text], seq_len=seq_len, batch_size=batch_size, progress=False, stats=stats, lens=lens
+        )
+        table = text_table(model, tok, text)
+    source = " + ".join(filter(None, [file, text and "--text"]))
+    paths = write(out_dir, model, stats, tok, text=table, source=source)
+    return model, stats, paths
+
+
+def summary(model, stats: inspect.CorpusStats) -> list[str]:
+    """The lines `gptoss inspect` prints: token and document counts, then one line per layer."""
+
+    lines = [f"{stats.tokens:,} tokens in {stats.documents} documents; per layer:"]
+    for i in range(model.cfg.num_layers):
+        load = stats.expert_load[i]
+        lines.append(
+            f"  layer {i:2d} {'sliding' if model.cfg.is_sliding(i) else 'full':7s}  router entropy "
+            f"{stats.routing_entropy[i]:.3f}  busiest expert {int(load.argmax())} ({load.max():.1%})  "
+            f"sink mass {stats.sink_mass[i].mean():.3f}"
+            + (f"  lens accuracy {stats.lens_accuracy[i]:.3f}" if stats.lens_targets else "")
+        )
+    return lines

@@ -9,6 +9,11 @@ MXFP4 experts are two `PackedWeight` variables (blocks, scales) per matrix, not 
 optimizer filtering on `nnx.Param` never sees the frozen packed base. `__call__` reassembles them
 into an `MXFP4` pytree for `moe.moe`.
 
+How the math runs is the model's `KernelOptions` (`gptoss_jax.plan`): `__call__` resolves them once
+into a `Plan` for its devices and shapes and hands that to every layer. LoRA adapters, when
+attached (`gptoss_jax.lora`), sit beside the frozen weights: `layers.linear` adds the attention
+projections' updates, the MoE paths the experts'.
+
     model(tokens, *, positions=None, segment_ids=None, cache=None, capture=False) -> ModelOutput
 """
 

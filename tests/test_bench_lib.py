@@ -1,16 +1,21 @@
-"""gptoss_jax.bench: the timer, the FLOP model, the random checkpoint writer, the JSON records; and
-`sampling.prefill`, the public prefill that the 20b benchmark times."""
+"""gptoss_jax.bench: the timer, the FLOP model, the random checkpoint writer, the JSON records, the
+phases of the 20b benchmark (`full_size`) and the pieces of the profile scripts (`pieces`,
+`prefill_pieces`, `decode_pieces`); and `sampling.prefill`, the public prefill that the 20b
+benchmark times."""
 
+import dataclasses
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import gptoss_jax as gj
+from gptoss_jax import moe as moe_lib
 from gptoss_jax import safetensors_io, sampling
-from gptoss_jax.bench import flops, records, timing, weights
+from gptoss_jax.bench import decode_pieces, flops, full_size, pieces, prefill_pieces, records, timing, weights
 from gptoss_jax.cache import init_cache
 from gptoss_jax.config import FULL, SLIDING
 
@@ -159,3 +164,175 @@ def test_public_prefill_logits_are_each_prompts_last():
     np.testing.assert_allclose(np.asarray(logits[1]), np.asarray(full[1, 1]), rtol=1e-4, atol=1e-4)
     # control: not the logits of the padded row's last position
     assert not np.allclose(np.asarray(logits[1]), np.asarray(full[1, 4]), rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------ bench_20b's phases (full_size)
+def test_decode_timing_and_roofline_by_hand():
+    timed = {"wall_s": 1.0, "tokens": [1, 2, 3, 4]}
+    t = full_size.decode_timing(timed, [0.3, 0.2], 4)
+    assert t["prefill_s"] == 0.2 and t["prefill_runs_s"] == [0.3, 0.2]  # the faster prefill
+    assert t["decode_s"] == pytest.approx(0.8) and t["decode_tokens_per_s"] == pytest.approx(5.0)
+    assert t["ms_per_token"] == pytest.approx(200.0)
+    assert "prefill_s" not in timed  # the run's own record is left as it was
+    r = full_size.roofline(100.0, 10.0, 5.0)
+    assert r == {
+        "bandwidth_bytes_per_s": 100.0,
+        "bound_tokens_per_s": 10.0,
+        "achieved_tokens_per_s": 5.0,
+        "achieved_fraction": 0.5,
+        "achieved_bytes_per_s": 50.0,
+    }
+    gib16 = 16 * 2**30
+    assert full_size.peak_rss({"memory": {"after prefill alone": {"VmHWM": gib16}}})["peak_rss_goal_met"]
+    assert not full_size.peak_rss({"memory": {"after prefill alone": {"VmHWM": gib16 + 1}}})["peak_rss_goal_met"]
+
+
+def test_run_records_an_error_only_where_asked(tmp_path):
+    path = str(tmp_path / "out" / "rec.json")
+    run = full_size.Run(full_size.header("tiny", "ckpt", path, {}), path, 2**40, 0, watch=False)
+    with pytest.raises(ValueError), run.phase("load", record_error=True):
+        raise ValueError("boom")
+    assert run.watch.phase == "load"
+    rec = json.loads(open(path).read())
+    assert rec["error"]["phase"] == "load" and "boom" in rec["error"]["error"]
+    assert os.path.basename(rec["error"]["where"]).startswith("test_bench_lib.py:")  # where it was raised
+    del run.report["error"]
+    with pytest.raises(ValueError), run.phase("write"):  # control: not recorded
+        raise ValueError("boom")
+    assert "error" not in run.report and run.watch.phase == "write"
+    s = run.snapshot("x")
+    assert run.report["memory"]["x"] is s and s["VmRSS"] > 0 and "MemAvailable" in s
+
+
+def test_checkpoint_phase_writes_then_reuses(tmp_path, capsys):
+    cfg, out, rec = gj.tiny(), str(tmp_path / "ckpt"), weights.recipe(seed=5)
+    path = str(tmp_path / "rec.json")
+    run = full_size.Run(full_size.header("tiny", out, path, rec), path, 2**40, 0, watch=False)
+    first = full_size.checkpoint(run, cfg, out, rec, shard_gb=2e-4, align=64, rewrite=False)
+    assert first["write_s"] is not None and len(first["shards"]) > 1
+    assert first["checkpoint_bytes"] == sum(s["bytes"] for s in first["shards"])
+    assert all(s["data_offset_mod_64"] == 0 for s in first["shards"])
+    assert sorted(s["file"] for s in first["shards"]) == sorted(
+        n for n in os.listdir(out) if n.endswith(".safetensors")
+    )
+    again = full_size.checkpoint(run, cfg, out, rec, shard_gb=2e-4, align=64, rewrite=False)
+    assert again["write_s"] is None and "reusing the complete checkpoint" in capsys.readouterr().out
+    # controls: --rewrite, and another recipe, write again
+    assert full_size.checkpoint(run, cfg, out, rec, shard_gb=2e-4, align=64, rewrite=True)["write_s"] is not None
+    other = weights.recipe(seed=6)
+    assert full_size.checkpoint(run, cfg, out, other, shard_gb=2e-4, align=64, rewrite=False)["write_s"] is not None
+    # at alignment 8 the offsets are those of the safetensors library's header
+    rows = full_size.shard_rows(weights.split_shards(weights.plan_tensors(cfg), 2e-4 * 1e9), 8)
+    assert any(r["data_offset_mod_64"] != 0 for r in rows)
+
+
+def test_summary_of_a_record():
+    mem = {"VmRSS": 2**30, "RssAnon": 2**29, "RssFile": 2**29, "VmHWM": 3 * 2**30}
+    watch = {"peak_rss_anon_bytes": 2**30, "peak_rss_file_bytes": 2**30, "min_mem_available_bytes": 2**33}
+    run = {"wall_s": 2.0, "tokens": [5, 6], "logprob_min": -3.0, "logprob_max": -1.0, "logprobs_finite": True}
+    report = {
+        "checkpoint_bytes": 1000,
+        "shards": [{}, {}],
+        "write_s": None,
+        "parameter_bytes": 2000,
+        "parameter_count": 3e9,
+        "load_s": 1.5,
+        "aliased_bytes": 0,
+        "prompt": [1, 2, 3, 4],
+        "bandwidth": {"bandwidth_bytes_per_s": 1e10},
+        "memory": {k: mem for k in ("before load", "after load", "after generate timed", "after prefill alone")}
+        | {"watch": watch},
+        "generate": {"warmup": dict(run, wall_s=9.0), "timed": full_size.decode_timing(run, [0.5, 1.0], 2)},
+        "decode_bytes_per_token": {
+            "total": 1e9,
+            "kv_cache": 1e6,
+            "parts": {"unembed": 1e8, "experts_k": 5e8, "attention": 1e8, "router": 1e6},
+        },
+        "json_path": "/x.json",
+    }
+    report["roofline"] = full_size.roofline(1e10, 1e9, report["generate"]["timed"]["decode_tokens_per_s"])
+    report |= full_size.peak_rss(report)
+    text = full_size.summary(report, gj.tiny(), 2)
+    assert "1,000 B in 2 shards (reused)" in text
+    assert "prefill           0.50 s for 4 tokens (8.0 tok/s; runs 0.50, 1.00 s)" in text
+    assert "decode            1.333 tok/s = 2 tokens in 1.50 s (750 ms/token" in text
+    assert "roofline          10.00 tok/s; achieved 1.333 tok/s = 13.3% of the bound" in text
+    assert "3.00 GiB (<= 16 GiB goal" in text and "malloc_trim" not in text
+    report["write_s"] = 12.0
+    report["memory"]["after malloc_trim"] = mem
+    text = full_size.summary(report, gj.tiny(), 2)
+    assert "written in 12 s" in text and "anonymous after malloc_trim(0) 0.50 GiB" in text
+
+
+# ------------------------------------------------------------ the profile scripts' pieces
+def test_piece_rows_and_lines():
+    said = []
+    fwd = pieces.FlopPieces(100.0, 1, say=lambda s, **kw: said.append(s))
+    row, line = fwd.row("attn", 10.0, 5e8)  # 0.5 GFLOP in 10 ms = 50 GFLOP/s of 100
+    assert row == dict(piece="attn", ms=10.0, gflop=0.5, of_peak=pytest.approx(0.5))
+    assert line.split()[-4:] == ["GFLOP", "50.0%", "of", "peak"]
+    train = pieces.FlopPieces(100.0, 1, train=True)
+    assert train.row("attn", 10.0, 5e8)[0]["gflop"] == pytest.approx(1.5)  # forward + backward
+    assert fwd.add(row, line) == 10.0 and fwd.rows == [row] and said == [line]
+    dec = pieces.BytePieces(10.0, 4, 1)
+    row, line = dec.row("head", 2.0, 1e7)  # 10 MB in 2 ms = 5 GB/s of 10
+    assert row == dict(piece="head", ms=2.0, bytes=1e7, gbs=pytest.approx(5.0), of_bandwidth=pytest.approx(0.5))
+    assert "50.0% of stream" in line
+    assert pieces.nbytes({"a": jnp.zeros((3, 4), jnp.bfloat16), "b": [np.zeros(5, np.float32)]}) == 24 + 20
+
+
+def test_vjp_step_is_the_gradient():
+    f = lambda w, x, s: jnp.tanh(x @ w) * s
+    w, x, ct = jnp.arange(6.0).reshape(3, 2) / 6, jnp.ones((4, 3)), jnp.arange(8.0).reshape(4, 2)
+    gw, gx = pieces.vjp_step(f)(w, x, ct, 2.0)
+    rw, rx = jax.grad(lambda w, x: jnp.sum(f(w, x, 2.0) * ct), argnums=(0, 1))(w, x)
+    np.testing.assert_allclose(gw, rw, rtol=1e-6)
+    np.testing.assert_allclose(gx, rx, rtol=1e-6)
+    assert not np.allclose(gw, jax.grad(lambda w: jnp.sum(f(w, x, 1.0) * ct))(w))  # control: extra is used
+
+
+def test_bucket_capacity_holds_the_largest_group():
+    ids = np.array([[0, 1], [0, 2], [0, 1], [3, 0]])  # expert 0 chosen 4 times
+    largest, cap = prefill_pieces.bucket_capacity(ids, 4, 2, 4)
+    caps = moe_lib.bucket_capacities(4, 2, 4)
+    assert largest == 4 and cap >= 4 and all(c < 4 for c in caps if c < cap)
+    assert prefill_pieces.bucket_capacity(np.array([[0, 1], [2, 3]]), 2, 2, 4)[0] == 1
+
+
+def test_decode_bytes_and_prediction():
+    assert decode_pieces.moe_read_bytes(100, 3300, B=1, k=4, E=32) == 100 + 3200 * 4 // 32
+    assert decode_pieces.moe_read_bytes(100, 3300, B=16, k=4, E=32) == 3300  # at most every expert
+    ms = {"embed": 1.0, "attention": [2.0, 3.0], "moe": 5.0, "head": 7.0}
+    cfg = gj.gpt_oss_20b()  # 24 layers, 12 sliding
+    assert decode_pieces.predicted_ms(cfg, ms) == 1.0 + 12 * 2.0 + 12 * 3.0 + 24 * 5.0 + 7.0
+    two = dataclasses.replace(cfg, num_layers=2, layer_types=None)
+    assert decode_pieces.predicted_ms(two, ms) == 1.0 + 2.0 + 3.0 + 2 * 5.0 + 7.0
+
+
+class Untimed:
+    """A piece that runs each function once (eagerly) and keeps its name, amount and output shape."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, name, f, weights, x, amount, *extra):
+        out = f(weights, x, *extra)
+        self.seen.append((name, amount, jax.tree.leaves(out)[0].shape))
+        return 1.0
+
+
+def test_prefill_and_decode_pieces_run_on_the_model():
+    model = gj.init(gj.tiny(num_layers=2, layer_types=None), seed=0, dtype="float32", experts="dense")
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 512, (1, 8)), jnp.int32)
+    piece = Untimed()
+    ms = prefill_pieces.layer_pieces(model, tokens, piece, train=True)
+    assert set(ms) == {"attention 0", "moe 0", "attention 1", "moe 1", "head"}
+    names = [n for n, _, _ in piece.seen]
+    assert names.count("  projections only") == 2 and names.count("  routing only") == 1  # per kind / layer 0
+    assert ("final norm + unembedding + loss", 8 * flops.unembed_flops(model.cfg), ()) in piece.seen
+    assert piece.seen[0][2] == (1, 8, 64)
+    piece = Untimed()
+    ms = decode_pieces.step_pieces(model, 2, 5, piece)
+    assert ms == {"embed": 1.0, "attention": [1.0, 1.0], "moe": 1.0, "head": 1.0}
+    assert [n for n, _, _ in piece.seen][1:3] == ["attention (sliding, 6 keys)", "attention (full, 6 keys)"]
+    assert all(shape == (2, 1, 64) for _, _, shape in piece.seen)

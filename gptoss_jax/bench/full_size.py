@@ -46,7 +46,7 @@ def header(config: str, out: str, json_path: str, recipe: dict) -> dict:
             "jax": jax.__version__,
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "huge_pages": host.huge_pages_requested(),
-            "backend": jax.default_backend(),
+            "backend": gj.KernelOptions().platform_for(None),  # where the plan runs this host's programs
             "mem_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
         },
     }

@@ -80,18 +80,33 @@ def write_splits(
     seed: int = 0,
     min_digits: int = 1,
     max_digits: int = 3,
+    final_noise: float = 0.0,
 ) -> dict:
-    """Train and held-out jsonl files; held-out problems never occur in the training set."""
+    """Train and held-out jsonl files; held-out problems never occur in the training set.
+
+    final_noise: the fraction of training examples whose final answer is made wrong (its last
+    digit plus one, mod 10) while the analysis stays right: a start for RL whose own working is
+    right more often than its answers (held-out examples are always right)."""
+    if not 0.0 <= final_noise <= 1.0:
+        raise ValueError(f"final_noise must be in [0, 1], got {final_noise}")
     train = list(problems(train_size, seed=seed, min_digits=min_digits, max_digits=max_digits))
     held = list(
         problems(eval_size, seed=seed + 1_000_003, min_digits=min_digits, max_digits=max_digits, exclude=set(train))
     )
-    for path, items in ((train_path, train), (eval_path, held)):
+    noise = random.Random(seed + 2_000_003)
+    perturbed = 0
+    for path, items, rate in ((train_path, train, final_noise), (eval_path, held, 0.0)):
         with open(path, "w") as f:
             for a, b in items:
-                f.write(json.dumps(conversation(a, b)) + "\n")
+                ex = conversation(a, b)
+                if rate and noise.random() < rate:
+                    answer = ex["messages"][-1]["content"]
+                    ex["messages"][-1]["content"] = answer[:-1] + str((int(answer[-1]) + 1) % 10)
+                    perturbed += 1
+                f.write(json.dumps(ex) + "\n")
     return {
         "train": len(train),
+        "train_finals_perturbed": perturbed,
         "eval": len(held),
         "min_digits": min_digits,
         "max_digits": max_digits,

@@ -16,7 +16,9 @@ import pytest
 import gptoss_jax as gj
 from gptoss_jax import harmony, lora
 from gptoss_jax.train import rewards as R
+from gptoss_jax.train.config import RLSection
 from gptoss_jax.train.losses import group_advantages, grpo_loss, gspo_loss, kl_k3, token_logprobs
+from gptoss_jax.train.rl import shuffled
 
 LN = math.log
 
@@ -295,3 +297,15 @@ def test_grpo_sigkill_resumes_at_its_checkpoint(rl_setup, tmp_path):
         assert_resumed_at(at, straight_out, killed_lines, straight_lines, range(0, 7))
     with pytest.raises(AssertionError, match="written again"):
         assert_resumed_at(at, f"resumed from step {at}\n", killed_lines, straight_lines, range(0, 7))
+
+
+def test_shuffled_rewards_are_a_seeded_permutation():
+    r = np.arange(64, dtype=np.float64)
+    a, b = shuffled(r, seed=0, step=3), shuffled(r, seed=0, step=3)
+    np.testing.assert_array_equal(a, b)  # a resumed run repeats the step's permutation
+    assert sorted(a.tolist()) == r.tolist()  # the same rewards
+    assert (a != r).mean() > 0.9  # detached from their samples
+    assert not np.array_equal(shuffled(r, seed=0, step=4), a)  # control: another step, another order
+    assert RLSection().shuffle_rewards is False
+    with pytest.raises(Exception, match="shuffle_rewards"):
+        RLSection(shuffle_rewards="yes")

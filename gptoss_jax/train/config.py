@@ -224,6 +224,7 @@ class RLSection:
     aggregate: str = "token"  # GRPO: "token" (every response token weighs the same) | "sequence"
     rewards: dict = dataclasses.field(default_factory=lambda: {"exact_match": 1.0, "format": 0.1})
     eval_every: int = 0  # held-out task accuracy every N steps (0: at the start and the end only)
+    shuffle_rewards: bool = False  # a control: each step's rewards permuted across its samples
 
     def __post_init__(self):
         _need_int(self.group_size, "rl.group_size", 2, "an integer >= 2 (advantages are relative to the group)")
@@ -243,6 +244,8 @@ class RLSection:
         except ValueError as e:
             raise ConfigKeyError(f"rl.rewards: {e}") from None
         _need_int(self.eval_every, "rl.eval_every", 0, "an integer >= 0 (0 = at the start and the end only)")
+        if not isinstance(self.shuffle_rewards, bool):
+            raise ConfigKeyError(f"rl.shuffle_rewards must be true or false, got {self.shuffle_rewards!r}")
 
 
 @dataclasses.dataclass(frozen=True)

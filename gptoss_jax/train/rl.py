@@ -60,6 +60,14 @@ DEFAULT_CLIP = {"grpo": 0.2, "gspo": 3e-4}
 PLOTTED = ("reward", "eval_accuracy", "kl", "clip_fraction", "response_length", "entropy")
 
 
+def shuffled(rewards, *, seed: int, step: int) -> np.ndarray:
+    """The step's rewards permuted across all its samples (`rl.shuffle_rewards`, a control): the
+    same values, no longer attached to the completions that earned them, so an update learns from
+    noise with the real rewards' scale. Seeded by (run.seed, step): a resumed run repeats it."""
+    rewards = np.asarray(rewards)
+    return rewards[np.random.default_rng([seed, 3, step]).permutation(len(rewards))]
+
+
 def rl_objective(algorithm: str, rl):
     """The `make_trainer` objective of GRPO / GSPO on a rollout batch: tokens, segment_ids
     [n, L]; mask, old_logp, ref_logp [n, L-1] (position t scores token t+1); advantages [n]."""
@@ -264,7 +272,8 @@ def _train(cfg: ExperimentConfig, mesh, tokenizer, prompts, eval_convs, spec, lo
                     for t, r in zip(gen.tokens, gen.stop_reason)
                 ]
                 total, parts, errors = rewards_lib.score(completions, refs, spec)
-                advantages = group_advantages(jnp.asarray(total), rl.group_size, normalize_std=rl.normalize_std)
+                learned = shuffled(total, seed=cfg.run.seed, step=step) if rl.shuffle_rewards else total
+                advantages = group_advantages(jnp.asarray(learned), rl.group_size, normalize_std=rl.normalize_std)
                 batch, sampled = build_batch(group, gen.tokens, gen.logprobs, length)
                 batch = {k: jnp.asarray(v) for k, v in batch.items()}
                 batch["advantages"] = advantages

@@ -15,7 +15,7 @@ import torch
 
 import gptoss_jax as gj
 from gptoss_jax import host
-from gptoss_jax.bench import timing
+from gptoss_jax.bench import peers, timing
 
 
 def main():
@@ -69,22 +69,7 @@ def main():
                 block=16,
             )
 
-        def hf_run(n):
-            ids = torch.tensor(prompts)
-
-            def run():
-                with torch.no_grad():
-                    hf.generate(
-                        ids,
-                        attention_mask=torch.ones_like(ids),
-                        max_new_tokens=n,
-                        min_new_tokens=n,
-                        do_sample=False,
-                        pad_token_id=0,
-                    )
-
-            return run
-
+        hf_run = lambda n: peers.hf_greedy_generate(hf, prompts, n)
         runners = {name: (ours_run(m, 1), ours_run(m, args.new)) for name, m in ours.items()}
         runners["HF transformers (eager)"] = (hf_run(1), hf_run(args.new))
         for name, (one, many) in runners.items():

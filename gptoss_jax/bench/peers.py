@@ -50,6 +50,26 @@ def require_torch():
     return torch
 
 
+def hf_greedy_generate(hf, prompts, new_tokens: int):
+    """A runner for HF's `generate`: exactly `new_tokens` greedy tokens for each row of `prompts`
+    (equal-length token lists), no gradients."""
+    torch = require_torch()
+    ids = torch.tensor(prompts)
+
+    def run():
+        with torch.no_grad():
+            hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
+
+    return run
+
+
 class Models:
     """`gj.init(cfg, seed=0, experts="mxfp4")` written once in the hub layout (bf16 floats, MXFP4
     experts) and read by every implementation, each built lazily: ours via `gj.load`; HF from a

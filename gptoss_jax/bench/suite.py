@@ -247,22 +247,7 @@ class Suite:
                 rec.update(bytes_per_step=byt, seconds_new_minus_one=timing.stats(pairs), seconds_one=timing.stats(t1s))
                 return rec
 
-            ids = torch.tensor(prompts)
-
-            def make_hf(k):
-                def run():
-                    with torch.no_grad():
-                        hf.generate(
-                            ids,
-                            attention_mask=torch.ones_like(ids),
-                            max_new_tokens=k,
-                            min_new_tokens=k,
-                            do_sample=False,
-                            pad_token_id=0,
-                        )
-
-                return run
-
+            make_hf = lambda k: peers.hf_greedy_generate(hf, prompts, k)
             hf_rate[0] = "self"
             rec = measure("HF transformers generate (fp32)", make_hf, 4, "dense", 4)
             hf_rate[0] = rec["tokens_per_s"]["median"]

@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup setup-test run test clean
+.PHONY: setup setup-test setup-rl-peer run test clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,13 @@ $(VENV)/.test: $(VENV)/.base pyproject.toml
 	$(PIP) install -q --no-deps --ignore-requires-python gpt-oss==0.0.9
 	touch $@
 
+$(VENV)/.rl-peer: $(VENV)/.base pyproject.toml
+	$(PIP) install -q -e ".[rl-peer]"
+	touch $@
+
 setup: $(VENV)/.base
 setup-test: $(VENV)/.test
+setup-rl-peer: $(VENV)/.rl-peer  # TRL, for scripts/rl_experiment.py
 
 # glibc's malloc backs XLA's large host buffers with huge pages (see gptoss_jax/host.py)
 HUGE_PAGES := GLIBC_TUNABLES=$(if $(GLIBC_TUNABLES),$(GLIBC_TUNABLES):)glibc.malloc.hugetlb=1

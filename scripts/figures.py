@@ -20,6 +20,7 @@ Records (RECORDS) and what writes them:
   experiments/2026-12-05-bench/*.json     scripts/bench.py --json PATH
   experiments/2026-12-05-parity/parity.json   scripts/parity_report.py --json PATH
   experiments/2026-12-05-compile/records.json scripts/compile_targets.py
+  experiments/2026-12-06-rl/results.json      scripts/rl_experiment.py --record DIR
 Each bench and parity record carries "provenance": the command, the UTC date and the CPU
 (scripts/provenance.py). To move the documents to a new run, write its records into a new dated
 folder, point RECORDS at them and run this script.
@@ -46,6 +47,7 @@ RECORDS = {
     "decode_scaling": ("experiments/2026-12-05-bench/decode_scaling.json", True),
     "parity": ("experiments/2026-12-05-parity/parity.json", True),
     "compile": ("experiments/2026-12-05-compile/records.json", False),
+    "rl": ("experiments/2026-12-06-rl/results.json", True),
 }
 
 # The goals of the benchmark issue (targets, not measurements).
@@ -460,6 +462,65 @@ def render_bench_status(rec: dict) -> str:
     return "\n".join(lines)
 
 
+ARM_LABELS = {
+    "grpo": "GRPO",
+    "gspo": "GSPO",
+    "trl-grpo": "TRL GRPOTrainer, GRPO",
+    "trl-gspo": "TRL GRPOTrainer, GSPO",
+    "grpo-shuffled": "GRPO, rewards shuffled (control)",
+    "grpo-lora": "GRPO, LoRA on the MXFP4 base",
+    "grpo-kl": "GRPO, kl_coef 0.05",
+    "trl-grpo-kl": "TRL, GRPO, beta 0.05",
+}
+
+
+def render_rl(rec: dict) -> str:
+    """README, RL: the experiment's arms, from scripts/rl_experiment.py's record."""
+    rec = rec["rl"]
+    st, arms = rec["settings"], rec["arms"]
+    lines = [
+        para(
+            f"Measured {date(rec)} on {cpu(rec)} (`{rec['provenance']['command']}`, "
+            f"{rec['seconds_total'] / 60:.0f} minutes; the start's SFT, "
+            f"{rec['start']['seconds'] / 60:.0f} minutes, "
+            f"{'included' if rec['start']['built_by_this_run'] else 'built beforehand by the same quickstart call'}): "
+            f"{st['steps']} steps of 8 prompts x 8 samples "
+            f"from a start that solves {100 * rec['start']['heldout_accuracy']:.1f}% of {st['held_out']} "
+            f"held-out problems; accuracy greedy, exact final answer; p: exact McNemar test per seed on "
+            f"the same {st['held_out']} problems."
+        ),
+        "",
+        "| arm | seeds | held-out accuracy before -> after (mean) | change: mean (smallest) | largest p | "
+        "s/step: sampling + rest |",
+        "|---|---|---|---|---|---|",
+    ]
+    for arm, a in arms.items():
+        lines.append(
+            f"| {ARM_LABELS.get(arm, arm)} | {len(a['seeds'])} | {a['before']:.3f} -> {a['after']:.3f} | "
+            f"{100 * a['mean_change']:+.1f} ({100 * a['min_change']:+.1f}) pts | {a['max_p']:.1e} | "
+            f"{a['seconds_sampling']:.2f} + {a['seconds_update']:.2f} |"
+        )
+    kl = [f"{ARM_LABELS.get(a, a)} {arms[a]['kl_max']:.3f}" for a in arms if arms[a]["kl_max"] > 0]
+    if kl:
+        lines += ["", para("Largest KL to the start logged (k3, per step): " + "; ".join(kl) + ".")]
+    pairs = [(o, t) for o, t in (("grpo", "trl-grpo"), ("gspo", "trl-gspo")) if o in arms and t in arms]
+    if pairs:
+        lines += [
+            "",
+            para(
+                "Time per step, ours / TRL's in the same run: "
+                + "; ".join(
+                    f"{o.upper()} {ratio(arms[o]['seconds_per_step'] / arms[t]['seconds_per_step'])} "
+                    f"(sampling {ratio(arms[o]['seconds_sampling'] / arms[t]['seconds_sampling'])}, the rest "
+                    f"{ratio(arms[o]['seconds_update'] / arms[t]['seconds_update'])})"
+                    for o, t in pairs
+                )
+                + "."
+            ),
+        ]
+    return "\n".join(lines)
+
+
 # name -> (document, records it reads, renderer)
 BLOCKS = {
     "checked-measured": ("README.md", ("parity", "prefill_train", "compile"), render_checked_measured),
@@ -468,6 +529,7 @@ BLOCKS = {
     "bench-table": ("experiments/BENCHMARKS.md", ("prefill_train", "decode_scaling"), render_bench_table),
     "bench-scaling": ("experiments/BENCHMARKS.md", ("decode_scaling",), render_bench_scaling),
     "bench-status": ("experiments/BENCHMARKS.md", ("prefill_train", "decode_scaling"), render_bench_status),
+    "rl": ("README.md", ("rl",), render_rl),
 }
 
 

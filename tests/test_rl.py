@@ -243,6 +243,11 @@ def test_grpo_run_metrics_and_exact_resume(rl_setup, tmp_path):
         assert key in last, key
     assert all(r["logprob_diff"] < 1e-4 for r in records[1:])  # sampler == training forward
     assert last["kl"] > 0  # two updates per rollout: the policy has left the reference
+    # the learning rate of the step's last optimizer update (the optimizer counts updates, two
+    # per rollout): step 1 ends on update 1, past the one-update warmup, at the peak 1e-3 (by
+    # hand; logging the rollout index instead would give update 0's rate, 0)
+    assert records[1]["learning_rate"] == pytest.approx(1e-3)
+    assert all(r["seconds_sampling"] > 0 and r["seconds_update"] > 0 for r in records[1:])
     assert (tmp_path / "a" / "curves.png").is_file()
     assert [json.loads(l)["step"] for l in open(tmp_path / "b" / "metrics.jsonl")] == [0, 1, 2, 3, 4]
 

@@ -423,3 +423,27 @@ def test_train_step_with_a_chunked_loss_equals_the_whole_one(tiny_cfg, batch):
     assert abs(l1 - l2) <= 1e-6 * l1 and abs(n1 - n2) <= 1e-5 * n1
     worst = max(float(jnp.abs(a - b).max() / (jnp.abs(a).max() + 1e-30)) for a, b in zip(p1, p2))
     assert worst <= 1e-5
+
+
+def test_mcnemar_equals_scipys_exact_binomial_test():
+    """The exact McNemar p-value against scipy's two-sided binomial test on the changed problems
+    (an independent implementation); control: the one-sided tail is not what it returns."""
+    from scipy.stats import binomtest
+
+    from gptoss_jax.train.eval import mcnemar
+
+    rng = np.random.default_rng(0)
+    for n, p_before, p_after in ((200, 0.4, 0.7), (200, 0.4, 0.42), (50, 0.5, 0.5), (500, 0.3, 0.31)):
+        before = rng.random(n) < p_before
+        after = np.where(rng.random(n) < 0.3, rng.random(n) < p_after, before)
+        r = mcnemar(before.tolist(), after.tolist())
+        assert r["fixed"] == int(np.sum(after & ~before)) and r["broken"] == int(np.sum(before & ~after))
+        changed = r["fixed"] + r["broken"]
+        oracle = binomtest(r["fixed"], changed, 0.5, alternative="two-sided").pvalue
+        assert r["p_value"] == pytest.approx(oracle, rel=1e-9)
+        one_sided = binomtest(min(r["fixed"], r["broken"]), changed, 0.5, alternative="less").pvalue
+        if one_sided < 0.5:
+            assert r["p_value"] != pytest.approx(one_sided, rel=1e-3)
+    assert mcnemar([True, False], [True, False]) == {"fixed": 0, "broken": 0, "p_value": 1.0}
+    with pytest.raises(ValueError, match="different problem sets"):
+        mcnemar([True], [True, False])

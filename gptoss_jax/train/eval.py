@@ -108,6 +108,20 @@ def task_accuracy(
     }  # per conversation, in order: for paired comparisons of two models
 
 
+def mcnemar(before: Sequence[bool], after: Sequence[bool]) -> dict:
+    """Exact McNemar test of two scorings of the same problems (right/wrong before and after):
+    only the problems that changed count. Under "no change in accuracy" a changed problem is
+    fixed or broken with probability 1/2, so the two-sided p-value is twice the binomial tail of
+    the smaller count (at most 1). -> {fixed, broken, p_value}."""
+    if len(before) != len(after):
+        raise ValueError(f"scorings of different problem sets: {len(before)} vs {len(after)} answers")
+    fixed = sum(1 for b, a in zip(before, after) if a and not b)
+    broken = sum(1 for b, a in zip(before, after) if b and not a)
+    n, k = fixed + broken, min(fixed, broken)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n if n else 1.0
+    return {"fixed": fixed, "broken": broken, "p_value": min(1.0, 2.0 * tail)}
+
+
 def write_results(path: str, results: dict) -> None:
     with open(path, "w") as f:
         json.dump(results, f, indent=2)

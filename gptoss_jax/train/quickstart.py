@@ -85,18 +85,30 @@ def sample_chat(model, tokenizer, problems, *, temperature: float = 0.7, seed: i
 
 
 def run(
-    out: str = "runs/quickstart", overrides=(), *, train_size: int = 20000, eval_size: int = 500, log=print
+    out: str = "runs/quickstart",
+    overrides=(),
+    *,
+    train_size: int = 20000,
+    eval_size: int = 500,
+    final_noise: float = 0.0,
+    log=print,
 ) -> dict:
+    """The quickstart in `out`. final_noise (`tasks.arithmetic.write_splits`): the fraction of
+    training answers made wrong in their final message alone (0 for the quickstart; the RL
+    experiment's start uses it)."""
     import dataclasses
 
     t0 = time.time()
     data_dir = os.path.join(out, "data")
     os.makedirs(data_dir, exist_ok=True)
     train_path, eval_path = os.path.join(data_dir, "train.jsonl"), os.path.join(data_dir, "eval.jsonl")
-    sizes = arithmetic.write_splits(train_path, eval_path, train_size=train_size, eval_size=eval_size, seed=0)
+    sizes = arithmetic.write_splits(
+        train_path, eval_path, train_size=train_size, eval_size=eval_size, seed=0, final_noise=final_noise
+    )
     log(
         f"== data: {sizes['train']} training and {sizes['eval']} held-out addition problems "
         f"({sizes['min_digits']}-{sizes['max_digits']} digit operands) in {data_dir}"
+        + (f"; {sizes['train_finals_perturbed']} training final answers made wrong" if final_noise else "")
     )
     tok_path = os.path.join(out, "tokenizer.json")
     tokenizer = build_tokenizer(tok_path)

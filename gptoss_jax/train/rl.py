@@ -257,6 +257,7 @@ def _train(cfg: ExperimentConfig, mesh, tokenizer, prompts, eval_convs, spec, lo
                 idx = prompts.at_step(step, rl.prompts_per_step, cfg.run.seed)
                 group = [prompts.tokens[i] for i in idx for _ in range(rl.group_size)]
                 refs = [prompts.references[i] for i in idx for _ in range(rl.group_size)]
+                t_step = time.time()
                 gen = gj.generate(
                     trainer.model(state),
                     tokenizer,
@@ -267,6 +268,7 @@ def _train(cfg: ExperimentConfig, mesh, tokenizer, prompts, eval_convs, spec, lo
                     logprobs=True,
                     seed=int(np.random.default_rng([cfg.run.seed, 2, step]).integers(2**31)),
                 )
+                t_sampled = time.time()  # the tokens are host arrays: sampling is done
                 completions = [
                     rewards_lib.Completion(harmony.parse_completion(t, tokenizer), len(t), r == "stop")
                     for t, r in zip(gen.tokens, gen.stop_reason)
@@ -283,6 +285,8 @@ def _train(cfg: ExperimentConfig, mesh, tokenizer, prompts, eval_convs, spec, lo
                 diff = float(jnp.sum(jnp.abs(batch["old_logp"] - sampled) * batch["mask"]) / jnp.sum(batch["mask"]))
                 for _ in range(rl.updates_per_rollout):
                     state, metrics = trainer.step(state, batch)
+                jax.block_until_ready(metrics)
+                t_updated = time.time()
                 done = step + 1
                 evaluated = bool(eval_convs) and (
                     done == cfg.run.steps or (rl.eval_every > 0 and done % rl.eval_every == 0)
@@ -300,13 +304,18 @@ def _train(cfg: ExperimentConfig, mesh, tokenizer, prompts, eval_convs, spec, lo
                         "response_length": float(np.mean([c.num_tokens for c in completions])),
                         "stopped": float(np.mean([c.stopped for c in completions])),
                         "logprob_diff": diff,
-                        "learning_rate": float(schedule(step)),
+                        # the optimizer counts updates: this step's last one
+                        "learning_rate": float(schedule((step + 1) * rl.updates_per_rollout - 1)),
                         **{
                             k: float(metrics[k])
                             for k in ("loss", "kl", "clip_fraction", "ratio", "entropy", "grad_norm")
                         },
                         "skipped": int(state.skipped),
                         "seconds": round(time.time() - t0, 3),
+                        # this step: sampling (generate), then rewards, the recomputed log-probs
+                        # and the optimizer updates (held-out evaluation excluded)
+                        "seconds_sampling": round(t_sampled - t_step, 3),
+                        "seconds_update": round(t_updated - t_sampled, 3),
                     }
                     if evaluated:
                         last["eval_accuracy"] = accuracy[done]

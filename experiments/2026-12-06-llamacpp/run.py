@@ -85,6 +85,11 @@ def table(record: dict, ours: dict) -> str:
         f"{gen['decode_tok_s'] / ll['decode_tokens_per_second']:.2f}x. llama-cpp-python built from source by pip "
         f"in {record['build_seconds']:.0f} s, convert_hf_to_gguf.py {record['convert_seconds']:.0f} s (both while "
         f"the other and the checkpoint writer ran); GGUF {record['gguf_bytes'] / 1e9:.2f} GB.",
+        "",
+        "Bytes a decode step must read (ours): "
+        + ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in ours["decode_bytes_per_token"]["parts"].items())
+        + f", KV cache {ours['decode_bytes_per_token']['kv_cache'] / 1e9:.3f} GB; ours achieved "
+        f"{ours['roofline']['achieved_bytes_per_s'] / 1e9:.2f} GB/s of them.",
     ]
     return "\n".join(lines) + "\n"
 

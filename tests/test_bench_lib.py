@@ -336,3 +336,13 @@ def test_prefill_and_decode_pieces_run_on_the_model():
     assert ms == {"embed": 1.0, "attention": [1.0, 1.0], "moe": 1.0, "head": 1.0}
     assert [n for n, _, _ in piece.seen][1:3] == ["attention (sliding, 6 keys)", "attention (full, 6 keys)"]
     assert all(shape == (2, 1, 64) for _, _, shape in piece.seen)
+
+
+def test_record_paths_are_relative_inside_the_working_directory(tmp_path, monkeypatch):
+    """A record written from the repository shows its paths relative to it; a path outside the
+    working directory is kept as given (control)."""
+    monkeypatch.chdir(tmp_path)
+    head = full_size.header("tiny", str(tmp_path / "runs" / "ckpt"), str(tmp_path / "runs" / "r.json"), {})
+    assert (head["checkpoint"], head["json_path"]) == (os.path.join("runs", "ckpt"), os.path.join("runs", "r.json"))
+    outside = str(tmp_path.parent / "elsewhere")
+    assert full_size.header("tiny", outside, outside + ".json", {})["checkpoint"] == outside

@@ -33,12 +33,19 @@ def save(report: dict, path: str):
     records.write(report, path, indent=2, default=str)
 
 
+def shown_path(path: str) -> str:
+    """`path` as a record shows it: relative to the working directory when it lies inside it (a
+    committed record carries no path of the machine that wrote it), else as given."""
+    rel = os.path.relpath(os.path.abspath(path))
+    return path if rel.startswith("..") else rel
+
+
 def header(config: str, out: str, json_path: str, recipe: dict) -> dict:
     """The record's first entries: what runs, where, and on which machine."""
     return {
-        "json_path": json_path,
+        "json_path": shown_path(json_path),
         "config": config,
-        "checkpoint": out,
+        "checkpoint": shown_path(out),
         "recipe": recipe,
         "memory": {},
         "machine": {

@@ -153,7 +153,10 @@ def run_arm(arm: str, seed: int, args, paths: dict, prompts: str, log) -> dict:
     overrides = arm_overrides(arm, seed, args, paths, prompts, run_dir)
     done = os.path.join(run_dir, "summary.json")
     finished = os.path.isfile(done) and os.path.isfile(os.path.join(run_dir, "wall.json"))
-    if args.fresh or not finished or json.load(open(done)).get("steps") != args.steps:
+    if finished:
+        with open(done) as f:
+            finished = json.load(f).get("steps") == args.steps
+    if args.fresh or not finished:
         shutil.rmtree(run_dir, ignore_errors=True)
         cfg = load_config(CONFIG, overrides)
         log(f"== {arm}, seed {seed}: {args.steps} steps -> {run_dir}")

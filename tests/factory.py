@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 from gptoss_jax.config import ModelConfig
+from gptoss_jax.tasks import arithmetic
+from gptoss_jax.tokenizer import train_bpe
 
 
 def original_tensors(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
@@ -234,3 +236,15 @@ def bf16_figures(ours, oracles: dict, noise: dict) -> dict:
         same = ours.argmax(-1) == want.argmax(-1)
         out[name] = (rms_rel_err(ours, want), float(same[decisive].mean()), float(same.mean()))
     return out
+
+
+def arithmetic_task(d, *, train_size: int = 24, eval_size: int = 4):
+    """A small task folder for run-level tests: `d`/tokenizer.json (a 300-id BPE trained on the
+    addition task's text and the harmony role and channel names) and `d`/train.jsonl, eval.jsonl
+    (`tasks.arithmetic.write_splits`). Returns the tokenizer."""
+    tok = train_bpe(list(arithmetic.corpus(300)) + ["system", "user", "assistant", "analysis", "final"], 300)
+    d = str(d)
+    tok.hf.save(os.path.join(d, "tokenizer.json"))
+    train, held = os.path.join(d, "train.jsonl"), os.path.join(d, "eval.jsonl")
+    arithmetic.write_splits(train, held, train_size=train_size, eval_size=eval_size)
+    return tok

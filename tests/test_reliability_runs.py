@@ -18,6 +18,7 @@ import pytest
 from gptoss_jax import cli
 from gptoss_jax.train import lock as lock_lib
 from gptoss_jax.train import metrics as metrics_lib
+from tests import factory
 
 # a 2-layer gpt-oss small enough that a run compiles in seconds on a CPU
 SMALL = (
@@ -29,13 +30,8 @@ LOCK_PY = lock_lib.__file__
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from gptoss_jax.tasks import arithmetic
-    from gptoss_jax.tokenizer import train_bpe
-
     d = tmp_path_factory.mktemp("runs")
-    tok = train_bpe(list(arithmetic.corpus(300)) + ["system", "user", "assistant", "analysis", "final"], 300)
-    tok.hf.save(str(d / "tokenizer.json"))
-    arithmetic.write_splits(str(d / "train.jsonl"), str(d / "eval.jsonl"), train_size=24, eval_size=4)
+    tok = factory.arithmetic_task(d, train_size=24, eval_size=4)
     return {"dir": d, "vocab": tok.vocab_size}
 
 

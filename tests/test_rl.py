@@ -19,6 +19,7 @@ from gptoss_jax.train import rewards as R
 from gptoss_jax.train.config import RLSection
 from gptoss_jax.train.losses import group_advantages, grpo_loss, gspo_loss, kl_k3, token_logprobs
 from gptoss_jax.train.rl import shuffled
+from tests import factory
 
 LN = math.log
 
@@ -170,14 +171,9 @@ def test_lora_reference_is_the_base(tiny_cfg):
 # ------------------------------------------------------------------------------------------ the loop
 @pytest.fixture(scope="module")
 def rl_setup(tmp_path_factory):
-    from gptoss_jax.tasks import arithmetic
-    from gptoss_jax.tokenizer import train_bpe
-
     d = tmp_path_factory.mktemp("rl")
-    tok = train_bpe(list(arithmetic.corpus(300)) + ["system", "user", "assistant", "analysis", "final"], 300)
-    tok.hf.save(str(d / "tokenizer.json"))
+    tok = factory.arithmetic_task(d, train_size=32, eval_size=4)
     gj.save_native(gj.init(gj.tiny(vocab_size=tok.vocab_size), seed=1, dtype="float32", experts="dense"), str(d / "m"))
-    arithmetic.write_splits(str(d / "train.jsonl"), str(d / "eval.jsonl"), train_size=32, eval_size=4)
     return d
 
 

@@ -5,21 +5,19 @@ transformers' tokenizer turns back into our ids, the reward adapter, and the per
 import pytest
 
 from gptoss_jax import harmony
-from gptoss_jax.tasks import arithmetic
-from gptoss_jax.tokenizer import load_tokenizer, train_bpe
+from gptoss_jax.tokenizer import load_tokenizer
 from gptoss_jax.train import data as data_lib
 from gptoss_jax.train import rewards as rewards_lib
 from gptoss_jax.train import trl_peer
 from gptoss_jax.train.config import load_config
 from gptoss_jax.train.rl import Prompts
+from tests import factory
 
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     d = tmp_path_factory.mktemp("trl_peer")
-    tok = train_bpe(list(arithmetic.corpus(300)) + ["system", "user", "assistant", "analysis", "final"], 300)
-    tok.hf.save(str(d / "tokenizer.json"))
-    arithmetic.write_splits(str(d / "train.jsonl"), str(d / "eval.jsonl"), train_size=24, eval_size=4)
+    factory.arithmetic_task(d, train_size=24, eval_size=4)
     return d
 
 

@@ -249,7 +249,7 @@ def train(cfg: ExperimentConfig, hf_checkpoint: str, *, log=print) -> dict:
 
         def on_log(self, args_, state, control, logs=None, **kw):
             if logs and "loss" in logs:
-                logs_list.append(dict(logs))
+                logs.append(dict(logs))
 
         def on_step_end(self, args_, state, control, model=None, **kw):
             now = time.time()
@@ -261,7 +261,6 @@ def train(cfg: ExperimentConfig, hf_checkpoint: str, *, log=print) -> dict:
                     held_out(done, model)
             timing["last"] = time.time()
 
-    logs_list = logs
     trainer = Timed(
         model=model,
         reward_funcs=reward_functions(spec, tokenizer),

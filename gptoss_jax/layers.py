@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptoss_jax import cpu_matvec
 from gptoss_jax.config import ModelConfig
 
 
@@ -51,18 +52,29 @@ class LowRank(NamedTuple):
     scale: float
 
 
-def linear(x, w, spec: str, *, adapter: LowRank | None = None) -> jax.Array:
+def linear(x, w, spec: str, *, adapter: LowRank | None = None, native_rows: int = 0) -> jax.Array:
     """einsum(spec, x, w) with fp32 accumulation, plus an adapter's scale * (x a) b (fp32; x a is
     rounded to x's dtype, as a separate matmul would). The adapter's two einsums follow from
-    `spec`: "BTD,DNH->BTNH" gives "BTD,Dr->BTr" and "BTr,rNH->BTNH"."""
-    y = jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
-    if adapter is None:
-        return y
+    `spec`: "BTD,DNH->BTNH" gives "BTD,Dr->BTr" and "BTr,rNH->BTNH".
+
+    With at most `native_rows` rows of x (the CPU plan, decoding) the product runs through the
+    native matrix-vector kernel (`gptoss_jax.cpu_matvec`), which reads w once in its stored dtype;
+    the spec must then contract x's trailing axes with w's leading ones."""
     ins, out = spec.split("->")
     xs, ws = ins.split(",")
     contracted = "".join(c for c in ws if c in xs and c not in out)
     kept_x = "".join(c for c in xs if c not in contracted)
     kept_w = "".join(c for c in ws if c not in contracted)
+    lead = x.shape[: len(kept_x)]
+    rows = math.prod(lead)
+    if 0 < rows <= native_rows and xs == kept_x + contracted and ws == contracted + kept_w and out == kept_x + kept_w:
+        size = math.prod(x.shape[len(kept_x) :])
+        y2 = cpu_matvec.matvec(x.reshape(rows, size), w.reshape(size, -1))
+        y = y2.reshape(*lead, *w.shape[len(contracted) :])
+    else:
+        y = jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
+    if adapter is None:
+        return y
     r = next(c for c in "rRzZ" if c not in spec)  # a subscript the spec does not use
     xa = jnp.einsum(f"{xs},{contracted}{r}->{kept_x}{r}", x, adapter.a, preferred_element_type=jnp.float32)
     return y + adapter.scale * jnp.einsum(
@@ -70,15 +82,18 @@ def linear(x, w, spec: str, *, adapter: LowRank | None = None) -> jax.Array:
     )
 
 
-def unembed(h: jax.Array, w: jax.Array, *, reduction_rows: int = 0) -> jax.Array:
+def unembed(h: jax.Array, w: jax.Array, *, reduction_rows: int = 0, native_rows: int = 0) -> jax.Array:
     """Logits h [..., D] @ w[V, D]^T in fp32 (fp32 products and accumulation).
 
     With at most `reduction_rows` rows (the CPU plan: decoding, or prefill's last token) the
     product is written as a fused multiply-reduce over D, which streams the bf16 table once;
     XLA:CPU's matmul would first convert the whole table to an fp32 copy (2.2 GiB for gpt-oss)
-    and read that instead (`plan.UNEMBED_ROWS_AS_REDUCTION`)."""
+    and read that instead (`plan.UNEMBED_ROWS_AS_REDUCTION`). With at most `native_rows` rows it
+    runs through the native kernel (`gptoss_jax.cpu_matvec`, each table row one output)."""
     lead, D = h.shape[:-1], h.shape[-1]
     n = math.prod(lead)
+    if 0 < n <= native_rows:
+        return cpu_matvec.matvec(h.reshape(n, D), w, out_in=True).reshape(*lead, w.shape[0])
     if n > reduction_rows:
         return jnp.einsum("...D,VD->...V", h, w, preferred_element_type=jnp.float32)
     rows = h.reshape(n, D).astype(jnp.float32)

@@ -108,13 +108,13 @@ class Attention(nnx.Module):
     def adapter(self, name: str):
         return None if self.lora is None else self.lora.adapter(name)
 
-    def qkv(self, x, rope, *, eps, mesh=None):
+    def qkv(self, x, rope, *, eps, mesh=None, native_rows: int = 0):
         """Residual input x [B, T, D] -> rotated q [B, T, N, H], rotated k and v [B, T, K, H]."""
         cos, sin = rope
         h = layers.rms_norm(x, self.norm[...], eps)
 
         def proj(name, spec):
-            y = layers.linear(h, getattr(self, name)[...], spec, adapter=self.adapter(name))
+            y = layers.linear(h, getattr(self, name)[...], spec, adapter=self.adapter(name), native_rows=native_rows)
             y = (y + getattr(self, name + "_bias")[...].astype(jnp.float32)).astype(x.dtype)
             # batch over the batch axes and heads over tensor, both at once
             return sharding_lib.constrain(y, ("batch", "length", "act_heads", None), mesh)
@@ -126,7 +126,7 @@ class Attention(nnx.Module):
     def __call__(
         self, x, rope, *, positions, segment_ids, eps, cache=None, valid=None, plan: Plan, capture=False, mesh=None
     ):
-        q, k, v = self.qkv(x, rope, eps=eps, mesh=mesh)
+        q, k, v = self.qkv(x, rope, eps=eps, mesh=mesh, native_rows=plan.native_rows)
         impl = plan.attention if cache is None and not capture else "xla"
         if impl != "xla":
             # The kernels mask by index within segments: equal to the position mask for packed or
@@ -151,7 +151,7 @@ class Attention(nnx.Module):
             out, sink_mass, cache = cache_lib.update_and_attend(
                 cache, q, k, v, self.sinks[...], positions=positions, valid=valid
             )
-        o = layers.linear(out, self.o[...], "BTNH,NHD->BTD", adapter=self.adapter("o"))
+        o = layers.linear(out, self.o[...], "BTNH,NHD->BTD", adapter=self.adapter("o"), native_rows=plan.native_rows)
         return (o + self.o_bias[...].astype(jnp.float32)).astype(x.dtype), sink_mass, cache
 
 
@@ -480,7 +480,7 @@ class GptOss(nnx.Module):
                     jnp.mean(jnp.stack(balance)) if router_loss else None,
                     hidden=h,
                 )
-            logits = layers.unembed(h, self.unembed[...], reduction_rows=plan.unembed_reduction_rows)
+            logits = layers.unembed(h, self.unembed[...], **plan.unembed_options())
             logits = logits.astype(logits_dtype)
             logits = sharding_lib.constrain(logits, ("batch", "length", "act_vocab"), self.mesh)
         return ModelOutput(

@@ -17,7 +17,7 @@ import dataclasses
 
 import jax
 
-from gptoss_jax import targets
+from gptoss_jax import cpu_matvec, targets
 
 PLATFORMS = ("cpu", "gpu", "tpu")
 ATTENTION_IMPLS = ("xla", "pallas_gpu", "pallas_tpu")
@@ -42,6 +42,13 @@ CHUNKS_MIN_ROWS_PER_EXPERT = 16
 # Up to this many rows of logits, the CPU output head is a multiply-reduce over the bf16 table
 # instead of a matmul that first converts the table to fp32 (`layers.unembed`).
 UNEMBED_ROWS_AS_REDUCTION = 8
+# Up to this many rows, the projections, the gathered experts and the output head run through the
+# native CPU matrix-vector kernels (`gptoss_jax.cpu_matvec`), which read each weight once in its
+# stored format (experiments/2026-12-06-cpu-matvec).
+NATIVE_MATVEC_ROWS = 8
+# ... and the output head up to this many (its [V, D] kernel falls behind XLA's multiply-reduce at
+# 8 rows, where each table row meets every input row).
+UNEMBED_NATIVE_ROWS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +63,9 @@ class KernelOptions:
     mxfp4_impl: the packed grouped matmul of the "ragged" MoE path: "xla" | "pallas_gpu" |
         "pallas_tpu"; None = the platform's Pallas kernel on GPU/TPU, "xla" on CPU.
     interpret: run Pallas kernels in interpret mode (CPU testing).
+    cpu_matvec: the native CPU matrix-vector kernels (`gptoss_jax.cpu_matvec`) for few-row products
+        (decoding): None = on where they build and the model is not sharded, True = required
+        (an error says why they cannot be used), False = XLA's code.
     platform: "cpu" | "gpu" | "tpu", the devices the program is built for; every default above
         follows it. None = the platform of the model's mesh (`targets.platform_of`), else this
         host's default backend.
@@ -82,6 +92,7 @@ class KernelOptions:
     capacity_factor: float | None = None
     emulate_ragged: bool = False
     remat: str = "none"
+    cpu_matvec: bool | None = None
     platform: str | None = None
 
     def __post_init__(self):
@@ -127,6 +138,13 @@ class KernelOptions:
                     platform=platform,
                     per_device=not sharded,
                 )
+        native = cpu and not sharded and self.cpu_matvec is not False
+        if native and self.cpu_matvec is None:
+            native = cpu_matvec.available()
+        elif native:
+            cpu_matvec.require()
+        elif self.cpu_matvec and not (cpu and not sharded):
+            raise ValueError("cpu_matvec=True needs an unsharded model on the CPU")
         return Plan(
             platform=platform,
             attention=self.attention_impl or default_attention_impl(platform),
@@ -135,6 +153,7 @@ class KernelOptions:
             decode_one_expert_at_a_time=large_packed_on_cpu,
             gathered_decode=cpu,
             unembed_reduction_rows=UNEMBED_ROWS_AS_REDUCTION if cpu else 0,
+            native_rows=NATIVE_MATVEC_ROWS if native else 0,
             interpret=self.interpret,
             expert_dispatch=self.expert_dispatch or default_dispatch(platform),
             capacity_factor=self.capacity_factor,
@@ -154,11 +173,16 @@ class Plan:
     decode_one_expert_at_a_time: bool  # buckets: large packed experts decoded one at a time
     gathered_decode: bool  # gather: packed experts decoded inside the reduction (CPU)
     unembed_reduction_rows: int  # up to this many rows, the output head is a multiply-reduce
+    native_rows: int  # up to this many rows, products run through `gptoss_jax.cpu_matvec` (0: never)
     interpret: bool
     expert_dispatch: str
     capacity_factor: float | None
     emulate_ragged: bool
     remat: str
+
+    def unembed_options(self) -> dict:
+        """The keyword arguments of `layers.unembed` beyond (h, w)."""
+        return dict(reduction_rows=self.unembed_reduction_rows, native_rows=min(self.native_rows, UNEMBED_NATIVE_ROWS))
 
     def moe_options(self, impl: str | None = None) -> dict:
         """The keyword arguments `moe.MOE_IMPLS[impl]` takes beyond (x, ew, routing, alpha, limit)."""
@@ -168,17 +192,20 @@ class Plan:
             interpret=self.interpret,
             one_at_a_time=self.decode_one_expert_at_a_time,
             gathered_decode=self.gathered_decode,
+            native=self.native_rows > 0,
         )
 
 
-def moe_options(impl: str, *, mxfp4_impl: str, interpret: bool, one_at_a_time: bool, gathered_decode: bool) -> dict:
+def moe_options(
+    impl: str, *, mxfp4_impl: str, interpret: bool, one_at_a_time: bool, gathered_decode: bool, native: bool = False
+) -> dict:
     """Each MoE path's own keyword arguments, from the choices that concern it."""
     if impl == "ragged":
         return dict(mxfp4_impl=mxfp4_impl, interpret=interpret)
     if impl == "buckets":
         return dict(one_at_a_time=one_at_a_time)
     if impl == "gather":
-        return dict(gathered_decode=gathered_decode)
+        return dict(gathered_decode=gathered_decode, native=native)
     return {}
 
 

@@ -43,10 +43,11 @@ memory, timing and a memory-bandwidth roofline for decoding.
    logprobs=True)` on a random prompt (`--prompt-len`, 16), twice with identical shapes: the
    first compiles prefill and decode, the second is timed (wall). Then generate's prefill alone
    (`sampling.prefill`: the same cached jitted function, same shapes: no compilation), timed twice.
-   prefill = the faster of those; decode time = timed generate wall - prefill (so it holds the N
-   decode steps, sampling, and the per-call work of the decode function); decode tokens/s =
-   N / decode time. Decoding runs as generate does by default: blocks of 16 steps in one jitted
-   while-loop (`--block`). logprobs=True returns each chosen token's log-probability under the
+   prefill = the faster of those. Decoding runs one step per jitted call (`--block`, default 1)
+   so each token reaches the host as it is made: decode tokens/s = (N - 1) / (arrival of the
+   last token - arrival of the first), the prefill that makes the first token excluded. (With
+   `--block` > 1, tokens arrive a block at a time and decode time = timed generate wall - prefill,
+   decode tokens/s = N / that.) logprobs=True returns each chosen token's log-probability under the
    full softmax: finite logprobs mean finite logits.
 5. Bytes touched per decoded token, from the loaded model's own arrays: one embedding row; per
    layer all attention weights (q/k/v/o and biases, sinks, norms), the router, and k/E of the
@@ -84,7 +85,7 @@ def main():
     add("--rewrite", action="store_true", help="write the weights even if a complete set exists")
     add("--write-only", action="store_true", help="stop after writing the checkpoint")
     add("--new-tokens", type=int, default=16, help="greedy tokens to decode")
-    add("--block", type=int, help="decode steps per jitted call (generate's `block`; default: generate's own, 16)")
+    add("--block", type=int, default=1, help="decode steps per jitted call (generate's `block`)")
     add("--prompt-len", type=int, default=16, help="random prompt length")
     add("--prefill-repeats", type=int, default=2, help="timings of the prefill alone (best taken)")
     add("--json", default=None, help="result file (default OUT/bench_20b.json)")

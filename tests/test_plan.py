@@ -7,7 +7,7 @@ import jax
 import pytest
 
 import gptoss_jax as gj
-from gptoss_jax import plan, targets
+from gptoss_jax import cpu_matvec, plan, targets
 
 PACKAGE = os.path.join(os.path.dirname(__file__), "..", "gptoss_jax")
 E, K = 32, 4
@@ -29,7 +29,12 @@ def test_cpu_choices_follow_the_shapes():
         "all_to_all",
         plan.UNEMBED_ROWS_AS_REDUCTION,
     )
-    assert p.moe_options("gather") == {"gathered_decode": True}
+    native = cpu_matvec.available()  # the native kernels where they build (tests/test_cpu_matvec.py)
+    assert p.moe_options("gather") == {"gathered_decode": True, "native": native}
+    assert p.native_rows == (plan.NATIVE_MATVEC_ROWS if native else 0)
+    off = gj.KernelOptions(platform="cpu", cpu_matvec=False).resolve(None, tokens=1, num_experts=E, k=K)
+    assert off.native_rows == 0 and off.moe_options("gather") == {"gathered_decode": True, "native": False}
+    assert off.unembed_options() == {"reduction_rows": plan.UNEMBED_ROWS_AS_REDUCTION, "native_rows": 0}
 
 
 @pytest.mark.parametrize("platform,kernel", [("gpu", "pallas_gpu"), ("tpu", "pallas_tpu")])

@@ -78,7 +78,7 @@ def step_pieces(model, B: int, L: int, piece: BytePieces, cache=None) -> dict:
     def head_step(w, x):
         norm, table = w
         h = layers.rms_norm(x, norm, cfg.rms_eps)
-        logits = layers.unembed(h, table, reduction_rows=plan.unembed_reduction_rows)
+        logits = layers.unembed(h, table, **plan.unembed_options())
         # consumed by a slice: a reduction of the logits in the same step (max, softmax) would be
         # fused into the head's own reduction by XLA:CPU and run ~9x slower; in decoding the
         # logits leave the step through the loop carry, so nothing is fused with them

@@ -1,7 +1,9 @@
-"""Timing `gj.generate` as the package runs it: one call's wall time and the chosen tokens'
-log-probabilities (finite logprobs mean finite logits), and the prefill alone (`sampling.prefill`:
-the same jitted function and chunking generate uses, so nothing compiles again). Decode time is
-then wall - prefill, and decode tokens/s = new tokens / decode time.
+"""Timing `gj.generate` as the package runs it: one call's wall time, when each token reached the
+host, and the chosen tokens' log-probabilities (finite logprobs mean finite logits); and the
+prefill alone (`sampling.prefill`: the same jitted function and chunking generate uses, so nothing
+compiles again). With one decode step per block (`block=1`) every token reaches the host as it is
+made, and the decode rate is (new - 1) / (arrival of the last token - arrival of the first): the
+prefill, which makes the first token, is excluded without subtracting a separately timed one.
 """
 
 from __future__ import annotations
@@ -20,14 +22,24 @@ from gptoss_jax.cache import init_cache
 def run_generate(model, prompt, n_new: int, block: int | None) -> dict:
     """One greedy `gj.generate` call (decode in blocks of `block` steps inside one jitted
     while-loop; None = generate's default, 16), with logprobs."""
+    arrivals = []
     t0 = time.perf_counter()
     gen = gj.generate(
-        model, None, [prompt], max_new_tokens=n_new, temperature=0, stop_tokens=(), block=block, logprobs=True
+        model,
+        None,
+        [prompt],
+        max_new_tokens=n_new,
+        temperature=0,
+        stop_tokens=(),
+        block=block,
+        logprobs=True,
+        stream=lambda row, ids: arrivals.extend([time.perf_counter() - t0] * len(ids)),
     )
     wall = time.perf_counter() - t0
     lp = np.asarray(gen.logprobs[0], np.float64)
     return {
         "wall_s": wall,
+        "arrival_s": arrivals,
         "tokens": gen.tokens[0],
         "stop_reason": gen.stop_reason[0],
         "logprobs_finite": bool(np.all(np.isfinite(lp))),

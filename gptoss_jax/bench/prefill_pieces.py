@@ -104,9 +104,9 @@ def layer_pieces(model, tokens, piece: FlopPieces, *, train: bool = False) -> di
 
     def head_fn(w, x):
         norm, table = w
-        logits = layers.unembed(
-            layers.rms_norm(x, norm, cfg.rms_eps), table, reduction_rows=plan.unembed_reduction_rows
-        ).astype(jnp.float32)
+        logits = layers.unembed(layers.rms_norm(x, norm, cfg.rms_eps), table, **plan.unembed_options()).astype(
+            jnp.float32
+        )
         return next_token_loss(logits, tokens)[0] if train else logits
 
     ms["head"] = piece(

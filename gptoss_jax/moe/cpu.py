@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptoss_jax import cpu_matvec
 from gptoss_jax.adapters import Adapter
 from gptoss_jax.kernels import vma
 from gptoss_jax.layers import swiglu
@@ -348,16 +349,22 @@ def _take_experts(w, ids):
     return w[ids]
 
 
-def moe_gather(x, ew: ExpertWeights, routing: Routing, *, alpha, limit, gathered_decode: bool = False):
+def moe_gather(
+    x, ew: ExpertWeights, routing: Routing, *, alpha, limit, gathered_decode: bool = False, native: bool = False
+):
     """Gather each (token, slot)'s expert weights and run them as a batch. For decoding, where
     T*k is far below E, this reads k experts per token instead of all E. `gathered_decode` (the
     CPU plan): packed experts are never decoded to memory, `mxfp4.gathered_matvec` decodes them
-    inside the reduction."""
+    inside the reduction. `native` (the CPU plan where it builds): the native kernels
+    (`gptoss_jax.cpu_matvec`) read each chosen expert once, packed or dense, in place."""
     dt = x.dtype
     T, k = routing.ids.shape
     ids = routing.ids.reshape(-1)
     rows = lambda a, w: jnp.einsum("RI,RIO->RO", a, w, preferred_element_type=jnp.float32)
-    if isinstance(ew.w1, MXFP4) and gathered_decode:
+    if native:
+        w1, w2 = ew.w1, ew.w2
+        mm = lambda a, w: cpu_matvec.mxfp4_matvec(a, w, ids) if isinstance(w, MXFP4) else cpu_matvec.matvec(a, w, ids)
+    elif isinstance(ew.w1, MXFP4) and gathered_decode:
         w1, w2 = ew.w1, ew.w2
         mm = lambda a, w: gathered_matvec(a, w, ids) if isinstance(w, MXFP4) else rows(a, w)
     else:
@@ -376,5 +383,6 @@ def moe_gather(x, ew: ExpertWeights, routing: Routing, *, alpha, limit, gathered
         matmul=mm,
         lora1=take(ew.lora1),
         lora2=take(ew.lora2),
+        delta=lambda a, ad: lora_delta(a, ad, rows),  # the adapters are gathered per row
     )
     return jnp.einsum("TkD,Tk->TD", y.reshape(T, k, -1), routing.weights).astype(dt)

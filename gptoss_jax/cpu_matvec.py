@@ -1,0 +1,214 @@
+"""Matrix-vector products for decoding on a CPU: native kernels (`native/matvec.cc`, XLA FFI
+custom calls) that read each weight once in its stored format.
+
+A decode step multiplies a few rows by large matrices, so its cost is the bytes of the weights.
+XLA:CPU's own code for that shape converts a bf16 matrix to an fp32 copy before multiplying, and
+decodes packed MXFP4 experts with scalar-ish integer arithmetic; measured on gpt-oss-20b's shapes
+these kernels are several times faster (`experiments/2026-12-06-cpu-matvec/`).
+
+- `matvec(x, w, ids, out_in=...)`: y[r] = x[r] @ W[ids[r]] for a stack W [E, I, O] (or [E, O, I]
+  with `out_in=True`, each row of W one output), bf16 or fp32; `ids=None` means one matrix.
+- `mxfp4_matvec(x, t, ids)`: the same for packed MXFP4 matrices (`mxfp4.MXFP4`, logical
+  [E, O, I]).
+
+Both return fp32 [R, O], with fp32 products and sums (only the summation order differs from
+`jnp.einsum(..., preferred_element_type=float32)` over the fp32 values); rows that chose the
+same matrix share one pass over it. Gradients (a custom VJP written with jnp) reach x and dense
+W, never packed blocks.
+
+The library is compiled on first use with the system's C++ compiler (`$CXX`, else `g++` / `c++`)
+for this machine (`-march=native`) and cached under `$GPTOSS_JAX_CACHE` (default
+`~/.cache/gptoss_jax`), keyed by the source, the flags, the compiler and jaxlib. `available()`
+says whether it can be used here (x86-64 or aarch64 Linux/macOS, a compiler that builds it);
+when it cannot, the model's plan keeps XLA's code and `unavailable_reason()` says why. The
+targets are registered for the CPU platform only; the plan uses them only in programs built for
+the CPU. `GPTOSS_NATIVE=0` turns the kernels off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptoss_jax.mxfp4 import MXFP4
+
+SOURCE = Path(__file__).parent / "native" / "matvec.cc"
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+_TARGETS = {"gptoss_matvec": "GptossMatvec", "gptoss_mxfp4_matvec": "GptossMxfp4Matvec"}
+
+
+class NativeUnavailable(RuntimeError):
+    """The native kernels cannot be built or used here; the message says why."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GPTOSS_JAX_CACHE") or Path.home() / ".cache" / "gptoss_jax") / "native"
+
+
+def _compiler() -> str:
+    for c in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if c and shutil.which(c):
+            return c
+    raise NativeUnavailable("no C++ compiler found ($CXX, g++, c++, clang++)")
+
+
+def _version(cxx: str) -> str:
+    out = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
+    return out.splitlines()[0] if out else cxx
+
+
+def build(*, force: bool = False) -> Path:
+    """Compile the library (once per source/compiler/jaxlib; atomic, safe across processes) and
+    return its path."""
+    import jaxlib
+
+    cxx = _compiler()
+    key = hashlib.sha256(
+        b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), _version(cxx).encode(), jaxlib.__version__.encode()])
+    ).hexdigest()[:16]
+    out = cache_dir() / f"matvec-{key}.so"
+    if out.exists() and not force:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp_out = Path(tmp) / out.name
+        cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(tmp_out)]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            raise NativeUnavailable(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{res.stderr[-2000:]}")
+        os.replace(tmp_out, out)
+    return out
+
+
+@functools.cache
+def _load() -> str | None:
+    """Build, load and register the kernels; None when that worked, else the reason."""
+    if os.environ.get("GPTOSS_NATIVE", "1") == "0":
+        return "turned off by GPTOSS_NATIVE=0"
+    if os.uname().sysname not in ("Linux", "Darwin") or os.uname().machine not in ("x86_64", "aarch64", "arm64"):
+        return f"not built for {os.uname().sysname} {os.uname().machine}"
+    try:
+        lib = ctypes.CDLL(str(build()))
+        for name, symbol in _TARGETS.items():
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    except (NativeUnavailable, OSError, AttributeError) as e:
+        return str(e)
+    return None
+
+
+def available() -> bool:
+    """True when the kernels are built and registered (for the CPU platform: the plan uses them
+    only for programs built for the CPU)."""
+    return _load() is None
+
+
+def unavailable_reason() -> str | None:
+    return _load()
+
+
+def require():
+    reason = unavailable_reason()
+    if reason is not None:
+        raise NativeUnavailable(f"native CPU kernels unavailable: {reason}")
+
+
+def _ids(ids, R: int):
+    return jnp.zeros((R,), jnp.int32) if ids is None else jnp.asarray(ids).astype(jnp.int32).reshape(R)
+
+
+# ----------------------------------------------------------------------------- dense matrices
+def matvec(x, w, ids=None, *, out_in: bool = False) -> jax.Array:
+    """x [R, I] @ W[ids[r]]: w [E, I, O] ([E, O, I] with `out_in`), or one matrix [I, O] / [O, I]
+    with `ids=None`; bf16 or fp32 weights. -> fp32 [R, O]."""
+    require()
+    if w.ndim == 2:
+        if ids is not None:
+            raise ValueError("matvec: ids given for a single matrix")
+        w = w[None]
+    R, I = x.shape
+    E, a, b = w.shape
+    if (b if out_in else a) != I:
+        raise ValueError(f"matvec: x {tuple(x.shape)} does not fit w {tuple(w.shape)} (out_in={out_in})")
+    if w.dtype not in (jnp.bfloat16, jnp.float32):
+        raise ValueError(f"matvec: weights must be bf16 or fp32, got {w.dtype}")
+    return _matvec(x, w, _ids(ids, R), out_in)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _matvec(x, w, ids, out_in):
+    O = w.shape[1] if out_in else w.shape[2]
+    call = jax.ffi.ffi_call(
+        "gptoss_matvec", jax.ShapeDtypeStruct((x.shape[0], O), jnp.float32), vmap_method="sequential"
+    )
+    return call(x.astype(jnp.float32), w, ids, out_in=out_in)
+
+
+def _matvec_fwd(x, w, ids, out_in):
+    return _matvec(x, w, ids, out_in), (x, w, ids)
+
+
+def _matvec_bwd(out_in, res, dy):
+    x, w, ids = res
+    wr = w[ids].astype(jnp.float32)  # [R, ., .]
+    if out_in:  # y[r, o] = sum_i x[r, i] w[o, i]
+        dx = jnp.einsum("RO,ROI->RI", dy, wr)
+        dw_rows = jnp.einsum("RO,RI->ROI", dy, x.astype(jnp.float32))
+    else:
+        dx = jnp.einsum("RO,RIO->RI", dy, wr)
+        dw_rows = jnp.einsum("RO,RI->RIO", dy, x.astype(jnp.float32))
+    dw = jnp.zeros(w.shape, jnp.float32).at[ids].add(dw_rows).astype(w.dtype)
+    return dx.astype(x.dtype), dw, np.zeros(ids.shape, jax.dtypes.float0)
+
+
+_matvec.defvjp(_matvec_fwd, _matvec_bwd)
+
+
+# ------------------------------------------------------------------------------ packed MXFP4
+def mxfp4_matvec(x, t: MXFP4, ids=None) -> jax.Array:
+    """x [R, I] @ W[ids[r]]^T for packed matrices t (logical [E, O, I], or [O, I] with
+    `ids=None`), decoded in registers. -> fp32 [R, O]."""
+    require()
+    blocks, scales = jnp.asarray(t.blocks), jnp.asarray(t.scales)
+    if blocks.ndim == 3:
+        if ids is not None:
+            raise ValueError("mxfp4_matvec: ids given for a single matrix")
+        blocks, scales = blocks[None], scales[None]
+    R, I = x.shape
+    if blocks.ndim != 4 or blocks.shape[-1] != 16 or blocks.shape[2] * 32 != I:
+        raise ValueError(f"mxfp4_matvec: x {tuple(x.shape)} does not fit packed blocks {tuple(blocks.shape)}")
+    return _mxfp4_matvec(x, blocks, scales, _ids(ids, R))
+
+
+@jax.custom_vjp
+def _mxfp4_matvec(x, blocks, scales, ids):
+    call = jax.ffi.ffi_call(
+        "gptoss_mxfp4_matvec",
+        jax.ShapeDtypeStruct((x.shape[0], blocks.shape[1]), jnp.float32),
+        vmap_method="sequential",
+    )
+    return call(x.astype(jnp.float32), blocks, scales, ids)
+
+
+def _mxfp4_fwd(x, blocks, scales, ids):
+    return _mxfp4_matvec(x, blocks, scales, ids), (x, blocks, scales, ids)
+
+
+def _mxfp4_bwd(res, dy):
+    x, blocks, scales, ids = res
+    w = MXFP4(blocks[ids], scales[ids]).dequantize(jnp.float32)  # [R, O, I]
+    dx = jnp.einsum("RO,ROI->RI", dy, w).astype(x.dtype)
+    zero = lambda a: np.zeros(a.shape, jax.dtypes.float0)
+    return dx, zero(blocks), zero(scales), zero(ids)
+
+
+_mxfp4_matvec.defvjp(_mxfp4_fwd, _mxfp4_bwd)

@@ -1,0 +1,402 @@
+// Matrix-vector products for decoding on a CPU, as XLA FFI custom calls.
+//
+// A decode step multiplies a handful of rows by large weight matrices: the bytes of the weights
+// are the cost. XLA:CPU converts a bf16 matrix to an fp32 copy before its matmul, and decodes
+// packed MXFP4 experts element by element with integer arithmetic; both leave it far below the
+// memory's rate. These kernels read each weight once, in its stored format, convert it in
+// registers, and multiply in fp32 (fp32 products and sums, as `preferred_element_type=float32`):
+//
+//   gptoss_matvec         y[r, o] = sum_i x[r, i] * W[ids[r], ., .]   W [E, I, O] or [E, O, I],
+//                         bf16 or fp32 (attribute `out_in` picks the layout)
+//   gptoss_mxfp4_matvec   the same for packed MXFP4 matrices [E, O, I]: blocks [E, O, I/32, 16]
+//                         uint8 (two E2M1 codes per byte, low nibble first) and scales
+//                         [E, O, I/32] uint8 (e8m0, bias 127)
+//
+// Rows that chose the same matrix share its stream (a batch of decoded tokens reads each chosen
+// expert once). Work is split over the output columns and run on XLA's intra-op thread pool.
+// Only the sum order differs from `x @ W` in fp32.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// ------------------------------------------------------------------------------ thread pool
+// fn(item) for item in [0, n), on the caller and up to num_threads - 1 pool tasks that claim
+// items from a shared counter. The caller returns when every item is done; a task that starts
+// late finds nothing left and never touches `fn`, so the shared state (not the caller's frame)
+// is all it reads.
+template <class F>
+void parallel_for(ffi::ThreadPool* pool, int64_t n, const F& fn) {
+  int64_t nt = pool ? std::min<int64_t>(pool->num_threads(), n) : 1;
+  if (nt <= 1) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    int64_t n = 0;
+    const F* fn = nullptr;
+  };
+  auto st = std::make_shared<State>();
+  st->n = n;
+  st->fn = &fn;
+  auto work = [st]() {
+    for (int64_t i; (i = st->next.fetch_add(1, std::memory_order_relaxed)) < st->n;) {
+      (*st->fn)(i);
+      st->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t t = 1; t < nt; ++t) pool->Schedule(decltype(work)(work));
+  work();
+  while (st->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+}
+
+inline float bf16_to_f32(uint16_t v) {
+  uint32_t bits = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+inline float load_f32(const float* p, int64_t i) { return p[i]; }
+inline float load_f32(const uint16_t* p, int64_t i) { return bf16_to_f32(p[i]); }
+
+#if defined(__AVX2__)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline float hsum(__m256 v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+#endif
+
+// Rows grouped by the matrix they chose: order[starts[g] .. starts[g+1]) are the rows of
+// matrix mats[g].
+struct Groups {
+  std::vector<int32_t> mats, order;
+  std::vector<int64_t> starts;
+};
+
+Groups group_rows(const int32_t* ids, int64_t R) {
+  Groups g;
+  std::vector<int32_t> idx(R);
+  for (int64_t r = 0; r < R; ++r) idx[r] = int32_t(r);
+  std::stable_sort(idx.begin(), idx.end(), [&](int32_t a, int32_t b) { return ids[a] < ids[b]; });
+  for (int64_t k = 0; k < R; ++k) {
+    if (k == 0 || ids[idx[k]] != ids[idx[k - 1]]) {
+      g.mats.push_back(ids[idx[k]]);
+      g.starts.push_back(k);
+    }
+  }
+  g.starts.push_back(R);
+  g.order = std::move(idx);
+  return g;
+}
+
+constexpr int64_t kRowBlock = 8;     // rows that share one pass over a matrix
+constexpr int64_t kColTile = 256;    // output columns per work item (adding partial sums)
+constexpr int64_t kInChunk = 64;     // input rows per work item ([I, O] layout)
+constexpr int64_t kRowsPerItem = 16; // output rows per work item ([O, I] layout)
+
+// ------------------------------------------------------------------------- dense, [I, O]
+// Per work item: a tile of <= kColTile output columns of one matrix, accumulated for up to
+// kRowBlock rows while streaming the tile's slice of every input row of W.
+// Work items are chunks of kInChunk input rows of one matrix, each read front to back (whole
+// rows: the hardware prefetcher sees one sequential stream per row), accumulated four rows at a
+// time into the item's own partial sums [rows, O]; a second pass adds the partials.
+template <class T>
+void matvec_in_out(const float* x, const T* w, const Groups& g, int64_t I, int64_t O, float* y,
+                   ffi::ThreadPool* pool) {
+  int64_t chunks = (I + kInChunk - 1) / kInChunk;
+  int64_t ng = int64_t(g.mats.size());
+  int64_t R = int64_t(g.order.size());
+  // partial sums: for group gi, chunk c, the group's k-th row: part[((start(gi) + k) * chunks + c) * O]
+  std::vector<float> part(size_t(R * chunks * O));
+  parallel_for(pool, ng * chunks, [&](int64_t item) {
+    int64_t gi = item / chunks, c = item % chunks;
+    int64_t i0 = c * kInChunk, i1 = std::min(I, i0 + kInChunk);
+    const T* we = w + int64_t(g.mats[gi]) * I * O;
+    for (int64_t s = g.starts[gi]; s < g.starts[gi + 1]; ++s) {
+      const float* xr = x + int64_t(g.order[s]) * I;
+      float* p = part.data() + (s * chunks + c) * O;
+      std::fill(p, p + O, 0.f);
+      int64_t i = i0;
+      for (; i + 4 <= i1; i += 4) {
+        const T *w0 = we + i * O, *w1 = w0 + O, *w2 = w1 + O, *w3 = w2 + O;
+        float x0 = xr[i], x1 = xr[i + 1], x2 = xr[i + 2], x3 = xr[i + 3];
+        for (int64_t o = 0; o < O; ++o)
+          p[o] += x0 * load_f32(w0, o) + x1 * load_f32(w1, o) + x2 * load_f32(w2, o) + x3 * load_f32(w3, o);
+      }
+      for (; i < i1; ++i) {
+        const T* w0 = we + i * O;
+        float x0 = xr[i];
+        for (int64_t o = 0; o < O; ++o) p[o] += x0 * load_f32(w0, o);
+      }
+    }
+  });
+  int64_t tiles = (O + kColTile - 1) / kColTile;
+  parallel_for(pool, R * tiles, [&](int64_t item) {
+    int64_t s = item / tiles, o0 = (item % tiles) * kColTile, o1 = std::min(O, o0 + kColTile);
+    float* yr = y + int64_t(g.order[s]) * O;
+    const float* p = part.data() + s * chunks * O;
+    for (int64_t o = o0; o < o1; ++o) yr[o] = p[o];
+    for (int64_t c = 1; c < chunks; ++c)
+      for (int64_t o = o0; o < o1; ++o) yr[o] += p[c * O + o];
+  });
+}
+
+// ------------------------------------------------------------------------- dense, [O, I]
+// 16 partial sums per dot product (vectorizable without reassociating a single sum).
+
+// Dot products of one stored row wr [I] with NR rows xs[r] [I], U independent accumulators
+// per row (8 lanes each).
+template <class T, int NR, int U>
+void dots(const T* wr, const float* const* xs, int64_t I, float* out) {
+  int64_t i = 0;
+  float head[NR] = {0.f};
+#if defined(__AVX2__)
+  __m256 a[NR][U];
+  for (int r = 0; r < NR; ++r)
+    for (int u = 0; u < U; ++u) a[r][u] = _mm256_setzero_ps();
+  for (; i + 8 * U <= I; i += 8 * U)
+    for (int u = 0; u < U; ++u) {
+      __m256 wv = load8(wr + i + 8 * u);
+      for (int r = 0; r < NR; ++r) a[r][u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xs[r] + i + 8 * u), a[r][u]);
+    }
+  for (int r = 0; r < NR; ++r) {
+    __m256 t = a[r][0];
+    for (int u = 1; u < U; ++u) t = _mm256_add_ps(t, a[r][u]);
+    head[r] = hsum(t);
+  }
+#else
+  for (int r = 0; r < NR; ++r) {
+    float part[16] = {0};
+    for (int64_t j = 0; j + 16 <= I; j += 16)
+      for (int k = 0; k < 16; ++k) part[k] += xs[r][j + k] * load_f32(wr, j + k);
+    for (int k = 0; k < 16; ++k) head[r] += part[k];
+  }
+  i = I - I % 16;
+#endif
+  for (int r = 0; r < NR; ++r) {
+    float sum = head[r];
+    for (int64_t j = i; j < I; ++j) sum += xs[r][j] * load_f32(wr, j);
+    out[r] = sum;
+  }
+}
+
+template <class T>
+void matvec_out_in(const float* x, const T* w, const Groups& g, int64_t I, int64_t O, float* y,
+                   ffi::ThreadPool* pool) {
+  int64_t chunks = (O + kRowsPerItem - 1) / kRowsPerItem;
+  int64_t n = int64_t(g.mats.size()) * chunks;
+  parallel_for(pool, n, [&](int64_t item) {
+    int64_t gi = item / chunks, o0 = (item % chunks) * kRowsPerItem;
+    int64_t o1 = std::min(O, o0 + kRowsPerItem);
+    const T* we = w + int64_t(g.mats[gi]) * O * I;
+    for (int64_t s0 = g.starts[gi]; s0 < g.starts[gi + 1]; s0 += kRowBlock) {
+      int64_t nr = std::min<int64_t>(kRowBlock, g.starts[gi + 1] - s0);
+      const float* xs[kRowBlock];
+      for (int64_t r = 0; r < kRowBlock; ++r) xs[r] = x + int64_t(g.order[s0 + std::min(r, nr - 1)]) * I;
+      for (int64_t o = o0; o < o1; ++o) {
+        float out[kRowBlock];
+        const T* wr = we + o * I;
+        if (nr == 1) dots<T, 1, 4>(wr, xs, I, out);
+        else if (nr == 2) dots<T, 2, 4>(wr, xs, I, out);
+        else if (nr <= 4) dots<T, 4, 2>(wr, xs, I, out);
+        else dots<T, 8, 1>(wr, xs, I, out);
+        for (int64_t r = 0; r < nr; ++r) y[int64_t(g.order[s0 + r]) * O + o] = out[r];
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------- MXFP4
+// E2M1 code -> value * 2 (integers in [-12, 12]); scale byte s -> 2**(s - 127) / 2.
+constexpr int8_t kE2M1x2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
+float half_pow2(uint8_t s) { return std::ldexp(1.0f, int(s) - 128); }
+
+// x deinterleaved per block of 32 inputs: [16 even inputs, 16 odd inputs], so that the low
+// nibbles of a block's 16 bytes meet the even inputs and the high nibbles the odd ones.
+void deinterleave(const float* x, int64_t I, float* out) {
+  for (int64_t b = 0; b < I / 32; ++b)
+    for (int j = 0; j < 16; ++j) {
+      out[b * 32 + j] = x[b * 32 + 2 * j];
+      out[b * 32 + 16 + j] = x[b * 32 + 2 * j + 1];
+    }
+}
+
+// One packed row (G blocks of 32 values) against NR rows of deinterleaved inputs; U independent
+// accumulators per row (U * NR <= 4 keeps the FMA chains short enough to overlap).
+template <int NR, int U>
+void mxfp4_dots(const uint8_t* bo, const uint8_t* so, const float* pow2, int64_t G, const float* const* xs,
+                float* out) {
+#if defined(__AVX2__)
+  const __m128i lut = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kE2M1x2));
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  __m256 acc[NR][U];
+  for (int r = 0; r < NR; ++r)
+    for (int u = 0; u < U; ++u) acc[r][u] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < G; ++b) {
+    __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bo + b * 16));
+    __m128i lo = _mm_shuffle_epi8(lut, _mm_and_si128(q, low4));
+    __m128i hi = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(q, 4), low4));
+    __m256 sc = _mm256_set1_ps(pow2[so[b]]);
+    __m256 v[4] = {
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)),
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))),
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)),
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))),
+    };
+    for (int j = 0; j < 4; ++j) v[j] = _mm256_mul_ps(v[j], sc);
+    for (int r = 0; r < NR; ++r) {
+      const float* xb = xs[r] + b * 32;
+      for (int j = 0; j < 4; ++j) acc[r][j % U] = _mm256_fmadd_ps(v[j], _mm256_loadu_ps(xb + 8 * j), acc[r][j % U]);
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    __m256 t = acc[r][0];
+    for (int u = 1; u < U; ++u) t = _mm256_add_ps(t, acc[r][u]);
+    out[r] = hsum(t);
+  }
+#else
+  float part[NR][16] = {{0}};
+  for (int64_t b = 0; b < G; ++b) {
+    float sc = pow2[so[b]];
+    float v[32];
+    for (int j = 0; j < 16; ++j) {
+      uint8_t q = bo[b * 16 + j];
+      v[j] = float(kE2M1x2[q & 15]) * sc;
+      v[16 + j] = float(kE2M1x2[q >> 4]) * sc;
+    }
+    for (int r = 0; r < NR; ++r)
+      for (int j = 0; j < 16; ++j) part[r][j] += v[j] * xs[r][b * 32 + j] + v[16 + j] * xs[r][b * 32 + 16 + j];
+  }
+  for (int r = 0; r < NR; ++r) {
+    out[r] = 0.f;
+    for (int j = 0; j < 16; ++j) out[r] += part[r][j];
+  }
+#endif
+}
+
+void mxfp4_matvec(const float* x, const uint8_t* blocks, const uint8_t* scales, const Groups& g,
+                  int64_t I, int64_t O, float* y, ffi::ThreadPool* pool) {
+  const int64_t G = I / 32;
+  int64_t R = int64_t(g.order.size());
+  std::vector<float> xd(R * I);
+  for (int64_t r = 0; r < R; ++r) deinterleave(x + r * I, I, xd.data() + r * I);
+  float pow2[256];
+  for (int s = 0; s < 256; ++s) pow2[s] = half_pow2(uint8_t(s));
+  int64_t chunks = (O + kRowsPerItem - 1) / kRowsPerItem;
+  int64_t n = int64_t(g.mats.size()) * chunks;
+  parallel_for(pool, n, [&](int64_t item) {
+    int64_t gi = item / chunks, o0 = (item % chunks) * kRowsPerItem;
+    int64_t o1 = std::min(O, o0 + kRowsPerItem);
+    const uint8_t* be = blocks + int64_t(g.mats[gi]) * O * G * 16;
+    const uint8_t* se = scales + int64_t(g.mats[gi]) * O * G;
+    for (int64_t s0 = g.starts[gi]; s0 < g.starts[gi + 1]; s0 += 4) {
+      int64_t nr = std::min<int64_t>(4, g.starts[gi + 1] - s0);
+      const float* xs[4];
+      for (int64_t r = 0; r < 4; ++r) xs[r] = xd.data() + int64_t(g.order[s0 + std::min(r, nr - 1)]) * I;
+      for (int64_t o = o0; o < o1; ++o) {
+        const uint8_t* bo = be + o * G * 16;
+        const uint8_t* so = se + o * G;
+        float out[4];
+        if (nr == 1) mxfp4_dots<1, 4>(bo, so, pow2, G, xs, out);
+        else if (nr == 2) mxfp4_dots<2, 2>(bo, so, pow2, G, xs, out);
+        else mxfp4_dots<4, 1>(bo, so, pow2, G, xs, out);
+        for (int64_t r = 0; r < nr; ++r) y[int64_t(g.order[s0 + r]) * O + o] = out[r];
+      }
+    }
+  });
+}
+
+ffi::Error check_ids(const int32_t* ids, int64_t R, int64_t E) {
+  for (int64_t r = 0; r < R; ++r)
+    if (ids[r] < 0 || ids[r] >= E) return ffi::Error::InvalidArgument("matrix id out of range");
+  return ffi::Error::Success();
+}
+
+// x [R, I] f32, w [E, I, O] or [E, O, I] (bf16 / f32), ids [R] s32 -> y [R, O] f32.
+ffi::Error MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> ids,
+                      ffi::ResultBuffer<ffi::F32> y, bool out_in) {
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 3) return ffi::Error::InvalidArgument("matvec: x must be [R, I], w [E, ., .]");
+  int64_t R = xd[0], I = xd[1], E = wd[0];
+  int64_t O = out_in ? wd[1] : wd[2];
+  if ((out_in ? wd[2] : wd[1]) != I) return ffi::Error::InvalidArgument("matvec: x and w disagree on I");
+  if (auto err = check_ids(ids.typed_data(), R, E); err.failure()) return err;
+  Groups g = group_rows(ids.typed_data(), R);
+  float* yd = y->typed_data();
+  const float* xp = x.typed_data();
+  switch (w.element_type()) {
+    case ffi::DataType::BF16: {
+      auto* wp = reinterpret_cast<const uint16_t*>(w.untyped_data());
+      out_in ? matvec_out_in(xp, wp, g, I, O, yd, &pool) : matvec_in_out(xp, wp, g, I, O, yd, &pool);
+      break;
+    }
+    case ffi::DataType::F32: {
+      auto* wp = reinterpret_cast<const float*>(w.untyped_data());
+      out_in ? matvec_out_in(xp, wp, g, I, O, yd, &pool) : matvec_in_out(xp, wp, g, I, O, yd, &pool);
+      break;
+    }
+    default:
+      return ffi::Error::InvalidArgument("matvec: w must be bf16 or f32");
+  }
+  return ffi::Error::Success();
+}
+
+// x [R, I] f32, blocks [E, O, I/32, 16] u8, scales [E, O, I/32] u8, ids [R] s32 -> y [R, O] f32.
+ffi::Error Mxfp4MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> blocks,
+                           ffi::Buffer<ffi::U8> scales, ffi::Buffer<ffi::S32> ids, ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions();
+  auto bd = blocks.dimensions();
+  if (xd.size() != 2 || bd.size() != 4 || bd[3] != 16) return ffi::Error::InvalidArgument("mxfp4_matvec: bad ranks");
+  int64_t R = xd[0], I = xd[1], E = bd[0], O = bd[1];
+  if (bd[2] * 32 != I) return ffi::Error::InvalidArgument("mxfp4_matvec: x and blocks disagree on I");
+  if (auto err = check_ids(ids.typed_data(), R, E); err.failure()) return err;
+  Groups g = group_rows(ids.typed_data(), R);
+  mxfp4_matvec(x.typed_data(), blocks.typed_data(), scales.typed_data(), g, I, O, y->typed_data(), &pool);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossMatvec, MatvecImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("out_in"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossMxfp4Matvec, Mxfp4MatvecImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,146 @@
+"""The native CPU matrix-vector kernels (`gptoss_jax.cpu_matvec`) against NumPy in float64 on the
+weights' exact values: bf16 decoded by ml_dtypes, MXFP4 by ml_dtypes' float4_e2m1fn and
+float8_e8m0fnu (the OCP formats; the spec's byte order: low nibble first). Shapes cross every
+edge of the kernels' tiling (row blocks of 8 and 4, column tiles of 256 and strips of 64/32, 16
+output rows per work item, inputs not a multiple of 16), rows share and skip matrices.
+Tolerance: fp32 sums of the exact products, |error| <= 1e-5 * sum |x w| per output."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import gptoss_jax as gj
+from gptoss_jax import cpu_matvec, mxfp4
+from gptoss_jax.plan import KernelOptions
+
+pytestmark = pytest.mark.skipif(not cpu_matvec.available(), reason=f"{cpu_matvec.unavailable_reason()}")
+
+RTOL = 1e-5
+
+
+def close(y, x64, w64, ids, out_in):
+    """|y - exact| <= RTOL * sum |x w| per output; w64 [E, O, I] if out_in else [E, I, O]."""
+    ws = w64[ids] if out_in else np.swapaxes(w64[ids], 1, 2)  # [R, O, I]
+    exact = np.einsum("ROI,RI->RO", ws, x64)
+    scale = np.einsum("ROI,RI->RO", np.abs(ws), np.abs(x64)) + 1e-30
+    err = np.abs(np.asarray(y, np.float64) - exact) / scale
+    return float(err.max())
+
+
+@pytest.mark.parametrize("out_in", [False, True])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("R", [1, 2, 3, 9])
+def test_dense_matvec_against_numpy(out_in, dtype, R):
+    rng = np.random.default_rng(R)
+    E, I, O = 3, 203, 333  # I: 12 x 16 + 11; O: one 256-column tile, 64-strips and a tail
+    w = rng.standard_normal((E, O, I) if out_in else (E, I, O)).astype(np.float32)
+    wq = w.astype(ml_dtypes.bfloat16) if dtype == "bfloat16" else w
+    w64 = wq.astype(np.float64)
+    x = rng.standard_normal((R, I)).astype(np.float32)
+    ids = rng.integers(0, E - 1, R).astype(np.int32)  # the last matrix is never chosen
+    y = jax.jit(lambda x, w, i: cpu_matvec.matvec(x, w, i, out_in=out_in))(x, jnp.asarray(wq), ids)
+    assert y.dtype == jnp.float32 and y.shape == (R, O)
+    assert close(y, x.astype(np.float64), w64, ids, out_in) < RTOL
+    # control: the same check sees a matrix read at the wrong id
+    assert close(y, x.astype(np.float64), w64, (ids + 1) % E, out_in) > 1e-2
+
+
+def test_single_matrix_and_einsum_layouts():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    w = rng.standard_normal((64, 40)).astype(np.float32)
+    np.testing.assert_allclose(cpu_matvec.matvec(x, w), x @ w, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(cpu_matvec.matvec(x, w.T.copy(), out_in=True), x @ w, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="does not fit"):
+        cpu_matvec.matvec(x, w.T.copy())
+    with pytest.raises(ValueError, match="bf16 or fp32"):
+        cpu_matvec.matvec(x, w.astype(np.float16))
+
+
+def oracle_mxfp4(blocks, scales):
+    """[E, O, G, 16] bytes + [E, O, G] e8m0 -> float64 [E, O, G*32] by ml_dtypes' formats."""
+    codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], 32)  # low nibble first
+    vals = np.asarray(codes, np.uint8).view(ml_dtypes.float4_e2m1fn).astype(np.float64)
+    scale = scales.view(ml_dtypes.float8_e8m0fnu).astype(np.float64)
+    return (vals * scale[..., None]).reshape(*blocks.shape[:-2], -1)
+
+
+@pytest.mark.parametrize("R", [1, 2, 3, 4, 5, 12])
+def test_mxfp4_matvec_against_ml_dtypes(R):
+    rng = np.random.default_rng(10 + R)
+    E, O, G = 5, 37, 7  # O: two 16-row work items and a tail
+    blocks = rng.integers(0, 256, (E, O, G, 16), dtype=np.uint8)
+    scales = rng.integers(118, 136, (E, O, G), dtype=np.uint8)
+    t = mxfp4.MXFP4(jnp.asarray(blocks), jnp.asarray(scales))
+    x = rng.standard_normal((R, G * 32)).astype(np.float32)
+    ids = rng.integers(0, 3, R).astype(np.int32)  # repeated ids: rows share a matrix
+    y = jax.jit(lambda x, t, i: cpu_matvec.mxfp4_matvec(x, t, i))(x, t, ids)
+    w64 = oracle_mxfp4(blocks, scales)  # [E, O, I]
+    assert close(y, x.astype(np.float64), w64, ids, True) < RTOL
+    # control: nibbles read high first would be caught
+    swapped = oracle_mxfp4(((blocks & 0x0F) << 4) | (blocks >> 4), scales)
+    assert close(y, x.astype(np.float64), swapped, ids, True) > 1e-2
+
+
+def test_ids_out_of_range_fail_the_call():
+    x = np.ones((2, 32), np.float32)
+    w = np.ones((3, 32, 8), np.float32)
+    with pytest.raises(Exception, match="out of range"):
+        jax.block_until_ready(cpu_matvec.matvec(x, w, np.array([0, 3], np.int32)))
+
+
+def test_gradients_match_einsum():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 48)).astype(np.float32)
+    w = rng.standard_normal((4, 48, 20)).astype(np.float32)
+    ids = np.array([1, 3, 1], np.int32)
+    c = rng.standard_normal((3, 20)).astype(np.float32)
+    f_native = lambda x, w: jnp.sum(cpu_matvec.matvec(x, w, ids) * c)
+    f_ref = lambda x, w: jnp.sum(jnp.einsum("RI,RIO->RO", x, w[ids]) * c)
+    for a, b in zip(jax.grad(f_native, (0, 1))(x, w), jax.grad(f_ref, (0, 1))(x, w)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    blocks = rng.integers(0, 256, (2, 6, 2, 16), dtype=np.uint8)
+    scales = np.full((2, 6, 2), 127, np.uint8)
+    t = mxfp4.MXFP4(jnp.asarray(blocks), jnp.asarray(scales))
+    xq = rng.standard_normal((2, 64)).astype(np.float32)
+    qids = np.array([1, 0], np.int32)
+    wd = t.dequantize(jnp.float32)
+    g_native = jax.grad(lambda x: jnp.sum(cpu_matvec.mxfp4_matvec(x, t, qids) ** 2))(xq)
+    g_ref = jax.grad(lambda x: jnp.sum(jnp.einsum("RI,ROI->RO", x, wd[qids]) ** 2))(xq)
+    np.testing.assert_allclose(g_native, g_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("experts", ["dense", "mxfp4"])
+def test_model_decode_with_and_without_native_kernels(experts):
+    """The plan turns the kernels on for few-row CPU calls; fp32 logits of a one-token step agree
+    with XLA's code, and greedy decoding emits the same tokens."""
+    model = gj.init(gj.tiny(), seed=0, experts=experts, dtype="float32")
+    xla = gj.init(gj.tiny(), seed=0, experts=experts, dtype="float32")
+    xla.kernel = dataclasses.replace(xla.kernel, cpu_matvec=False)
+    assert model.plan(1).native_rows > 0 and xla.plan(1).native_rows == 0
+    tok = jnp.array([[5, 17, 3]])
+    a, b = model(tok[:, :1]).logits, xla(tok[:, :1]).logits
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+    prompts = [[1, 2, 3, 4], [9, 8]]
+    ga = gj.generate(model, None, prompts, max_new_tokens=12, temperature=0, stop_tokens=())
+    gb = gj.generate(xla, None, prompts, max_new_tokens=12, temperature=0, stop_tokens=())
+    assert ga.tokens == gb.tokens
+
+
+def test_required_kernels_refuse_a_sharded_or_other_platform_plan():
+    with pytest.raises(ValueError, match="unsharded model on the CPU"):
+        KernelOptions(cpu_matvec=True, platform="gpu").resolve(None, tokens=1, num_experts=4, k=2)
+    assert KernelOptions(platform="gpu").resolve(None, tokens=1, num_experts=4, k=2).native_rows == 0
+
+
+def test_build_failure_is_reported(monkeypatch, tmp_path):
+    monkeypatch.setenv("GPTOSS_JAX_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    with pytest.raises(cpu_matvec.NativeUnavailable, match="compiling matvec.cc failed"):
+        cpu_matvec.build(force=True)

@@ -9,7 +9,9 @@ these kernels are several times faster (`experiments/2026-12-06-cpu-matvec/`).
 - `matvec(x, w, ids, out_in=...)`: y[r] = x[r] @ W[ids[r]] for a stack W [E, I, O] (or [E, O, I]
   with `out_in=True`, each row of W one output), bf16 or fp32; `ids=None` means one matrix.
 - `mxfp4_matvec(x, t, ids)`: the same for packed MXFP4 matrices (`mxfp4.MXFP4`, logical
-  [E, O, I]).
+  [E, O, I]). Where the CPU has AVX512-BF16 and every input is a bf16 value (a bf16 model's
+  activations), the codes become bf16 numbers by byte lookups and VDPBF16PS multiplies them
+  (exact products, fp32 sums); otherwise fp32 FMAs (AVX2) or plain C++.
 
 Both return fp32 [R, O], with fp32 products and sums (only the summation order differs from
 `jnp.einsum(..., preferred_element_type=float32)` over the fp32 values); rows that chose the
@@ -90,6 +92,9 @@ def build(*, force: bool = False) -> Path:
     return out
 
 
+_LIB: list = []
+
+
 @functools.cache
 def _load() -> str | None:
     """Build, load and register the kernels; None when that worked, else the reason."""
@@ -103,7 +108,13 @@ def _load() -> str | None:
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except (NativeUnavailable, OSError, AttributeError) as e:
         return str(e)
+    _LIB.append(lib)
     return None
+
+
+def has_bf16_dot() -> bool:
+    """Whether the MXFP4 kernel has its AVX512-BF16 path (used when the inputs are bf16 values)."""
+    return available() and bool(_LIB[0].GptossHasBf16Dot())
 
 
 def available() -> bool:

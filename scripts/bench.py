@@ -1,6 +1,6 @@
 """
-    .venv/bin/python scripts/bench.py                                  # full run, ~20-25 min
-    .venv/bin/python scripts/bench.py --quick                          # smoke run, ~2-3 min
+    .venv/bin/python scripts/bench.py                                  # full run, ~30 min
+    .venv/bin/python scripts/bench.py --quick                          # bounds + the versus table, ~5 min
     .venv/bin/python scripts/bench.py --only prefill,decode --json runs/bench.json
     .venv/bin/python scripts/bench.py [--repeats 3] [--cap 90] [--budget 40] [--torch-threads N]
                                       [--scaling-dtypes float32,bfloat16]
@@ -11,12 +11,21 @@ figure beside a bound measured on this machine (needs the test extras: `make set
 on a quiet machine: other processes on the 2 cores distort every figure, torch's most (with a
 busy core, HF decode with 2 OpenMP threads ran ~10x slower than with `--torch-threads 1`).
 
-Sections (`--only`, comma-separated; default all, in this order):
+Every run writes its JSON record (the command, UTC date, CPU model, ISA flags and cores, and
+every figure) under experiments/: `experiments/<UTC date>-bench/bench.json` (`bench-quick.json`
+with --quick), or the path given with --json; the tables of experiments/BENCHMARKS.md are
+generated from committed records by scripts/figures.py. The first line printed names the CPU.
+
+Sections (`--only`, comma-separated; default all, in this order; --quick: bounds,versus):
 
   bounds   peak matmul FLOP/s (fp32, bf16): a jitted `jnp.dot` of square matrices (and, for
            comparison, `torch.mm`), median of repeats; the bound used below is the larger of the
            two medians. Stream bandwidth: a large array copy / add (numpy, torch, jax), bytes
            read + written per second, median of repeats; the bound is the best of them.
+  versus   the head-to-head table: ours against HF transformers, fp32 with fp32 and bf16 with bf16,
+           interleaved in one process, warm-up excluded, median of --repeats: prefill T = 512,
+           2048, 8192; greedy decode at batch 1 and 8 (64 new tokens after 32); the 4 x 512 fp32
+           training step (`gptoss_jax/bench/versus.py`).
   prefill  tokens/s of one forward over T tokens, batch 1, full logits (every position, as HF
            and the reference compute them; compile excluded), T = 512, 2048, 8192. Ours: fp32 and
            bf16, dense experts (and MXFP4 up to T = 2048); HF eager fp32; OpenAI reference fp32.
@@ -32,8 +41,9 @@ Sections (`--only`, comma-separated; default all, in this order):
            logits of the last token only so the unembedding is negligible) at T = 2048, 4096 ..
            32768 (and 131072 for the sliding layer), the time ratio per doubling of T and the
            least-squares exponent of time ~ T^p.
-  --quick  bounds on smaller arrays; T <= 2048; fewer variants (ours fp32 dense + bf16 MXFP4 in
-           prefill, fp32 dense in decode), 32 new tokens, a 1 x 256 training batch; cap 10 s.
+  --quick  bounds on smaller arrays and the versus table (every row, 2 repeats); asked for with
+           --only, the other sections run T <= 2048, fewer variants (ours fp32 dense + bf16 MXFP4
+           in prefill, fp32 dense in decode), 32 new tokens, a 1 x 256 training batch; cap 10 s.
 
 Ours runs its default kernel choices on CPU: XLA attention (chunked O(T*W) for sliding layers,
 causal query chunks for full ones) and the chunked MoE (the gather MoE for decode-sized steps).
@@ -95,9 +105,11 @@ def main():
     host.reexec_with_huge_pages()  # first: huge pages for XLA's host buffers (gptoss_jax/host.py)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small repeats, T up to 2048, no 131k (~2-3 min)")
-    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    ap.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(SECTIONS)}")
     ap.add_argument(
-        "--json", default=None, help="write every figure to this JSON record (with its command, UTC date and CPU)"
+        "--json",
+        default=None,
+        help="the JSON record (command, UTC date, CPU, every figure); default experiments/<date>-bench/bench.json",
     )
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per figure (default 3, quick 2)")
     ap.add_argument(
@@ -120,7 +132,11 @@ def main():
     )
     ap.add_argument("--scaling-dtypes", default="float32", help="dtypes of the scaling section, e.g. float32,bfloat16")
     args = ap.parse_args()
+    args.only = args.only or ("bounds,versus" if args.quick else ",".join(SECTIONS))
     only = [s.strip() for s in args.only.split(",") if s.strip()]
+    if args.json is None:
+        day = time.strftime("%Y-%m-%d", time.gmtime())
+        args.json = os.path.join("experiments", f"{day}-bench", "bench-quick.json" if args.quick else "bench.json")
     bad = sorted(set(only) - set(SECTIONS))
     if bad:
         ap.error(f"unknown sections {bad}; choose from {','.join(SECTIONS)}")
@@ -154,6 +170,9 @@ def main():
             "huge_pages": host.huge_pages_requested(),
         },
     )
+    cpu = records.provenance()["cpu"]
+    log(f"CPU: {cpu['model']}, {cpu['cores']} cores usable; ISA: {', '.join(cpu['isa']) or 'none of those listed'}")
+    log(f"record: {args.json}")
     log(f"config: {peers.BENCH_CONFIG}")
     log(
         f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "

@@ -21,6 +21,8 @@ Records (RECORDS) and what writes them:
   experiments/2026-12-05-parity/parity.json   scripts/parity_report.py --json PATH
   experiments/2026-12-05-compile/records.json scripts/compile_targets.py
   experiments/2026-12-06-rl/results.json      scripts/rl_experiment.py --record DIR
+  experiments/2026-12-06-bench/bench.json     scripts/bench.py --only bounds,versus (section versus)
+  experiments/2026-12-06-cpu-matvec/llamacpp/ experiments/2026-12-06-llamacpp/run.py --out DIR
 Each bench and parity record carries "provenance": the command, the UTC date and the CPU
 (scripts/provenance.py). To move the documents to a new run, write its records into a new dated
 folder, point RECORDS at them and run this script.
@@ -48,6 +50,9 @@ RECORDS = {
     "parity": ("experiments/2026-12-05-parity/parity.json", True),
     "compile": ("experiments/2026-12-05-compile/records.json", False),
     "rl": ("experiments/2026-12-06-rl/results.json", True),
+    "versus": ("experiments/2026-12-06-bench/bench.json", True),
+    "llamacpp": ("experiments/2026-12-06-cpu-matvec/llamacpp/llamacpp.json", True),
+    "ours_20b": ("experiments/2026-12-06-cpu-matvec/llamacpp/ours_20b.json", False),
 }
 
 # The goals of the benchmark issue (targets, not measurements).
@@ -521,6 +526,93 @@ def render_rl(rec: dict) -> str:
     return "\n".join(lines)
 
 
+def render_versus(rec: dict) -> str:
+    """BENCHMARKS and README: the head-to-head table (bench.py's section versus), fp32 and bf16."""
+    v = rec["versus"]
+    rows_ = v["versus"]
+    bounds = v["bounds"]
+    mm, bw = bounds["matmul"], bounds["bandwidth"]
+
+    def find(kind, dtype, **key):
+        got = [r for r in rows_ if r["row"] == kind and r["dtype"] == dtype and all(r[k] == x for k, x in key.items())]
+        return got[0] if got else None
+
+    def cells(r):
+        if r is None:
+            return "| | |"
+        o, h = r["ours"]["tokens_per_s"]["median"], r["hf"]["tokens_per_s"]["median"]
+        return f"{rate(o)} | {rate(h)} | **{ratio(r['ratio'])}**"
+
+    def bound_cells(r):
+        if r is None:
+            return ""
+        return f"{pct(r['ours']['pct_of_bound'])} / {pct(r['hf']['pct_of_bound'])}"
+
+    keys = [("prefill", {"T": T}, f"prefill T={T}") for T in sorted({r["T"] for r in rows_ if r["row"] == "prefill"})]
+    keys += [
+        ("decode", {"batch": B}, f"decode B={B} (64 new after 32)")
+        for B in sorted({r["batch"] for r in rows_ if r["row"] == "decode"})
+    ]
+    keys += [("train", {}, "train step 4 x 512 (AdamW, clip)")]
+    lines = [
+        para(
+            f"`{v['provenance']['command']}`, {v['provenance']['date_utc']}, {v['wall_seconds']:.0f} s; "
+            f"{cpu(v)}. Bounds of the run: fp32 {mm['float32']['bound'] / 1e9:.0f} GFLOP/s, bf16 "
+            f"{mm['bfloat16']['bound'] / 1e9:.0f} GFLOP/s, stream {bw['bound'] / 1e9:.1f} GB/s. Tokens/s, medians "
+            f"of {v['args']['repeats']} interleaved runs; ours / HF in bold; last columns: ours / HF as a share of "
+            f"the row's bound (FLOPs for prefill and training, bytes for decoding)."
+        ),
+        "",
+        "| | ours fp32 | HF fp32 | ours/HF | ours bf16 | HF bf16 | ours/HF | % of bound fp32 | % of bound bf16 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for kind, key, label in keys:
+        f32, b16 = find(kind, "float32", **key), find(kind, "bfloat16", **key)
+        lines.append(f"| {label} | {cells(f32)} | {cells(b16)} | {bound_cells(f32)} | {bound_cells(b16)} |")
+    behind = [r for r in rows_ if r["ratio"] < 1]
+    lines += [
+        "",
+        para(
+            f"Ours ahead of HF on {len(rows_) - len(behind)} of {len(rows_)} rows"
+            + (
+                "; behind on " + ", ".join(f"{r['row']} {r['dtype']} ({ratio(r['ratio'])})" for r in behind) + "."
+                if behind
+                else "."
+            )
+        ),
+    ]
+    return "\n".join(lines)
+
+
+def render_llamacpp(rec: dict) -> str:
+    """BENCHMARKS and README: gpt-oss-20b (random weights) against llama.cpp on the same CPU."""
+    ll, ours20 = rec["llamacpp"], rec["ours_20b"]
+    lc, gen = ll["llama_cpp"], ours20["generate"]["timed"]
+    bound = ours20["roofline"]["bound_tokens_per_s"]
+    prompt = len(ours20["prompt"])
+    ours_pre = prompt / gen["prefill_s"]
+    ours_dec = gen["decode_tokens_per_s"]
+    return "\n".join(
+        [
+            para(
+                f"`{ll['provenance']['command']}`, {ll['provenance']['date_utc']}; {cpu(ll)}. Prompt of {prompt} "
+                f"random tokens, then {lc['decode_tokens']} greedy tokens, one at a time. Decode bound: "
+                f"{ours20['decode_bytes_per_token']['total'] / 1e9:.2f} GB a step must read / "
+                f"{ours20['roofline']['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s stream = {bound:.2f} tok/s."
+            ),
+            "",
+            "| gpt-oss-20b, batch 1 | prefill tok/s | decode tok/s | decode / bound |",
+            "|---|---|---|---|",
+            f"| ours (bf16 + packed MXFP4 experts) | {ours_pre:.2f} | {ours_dec:.2f} | {pct(100 * ours_dec / bound)} |",
+            f"| llama.cpp (llama-cpp-python {lc['version']}, GGUF bf16 + MXFP4) | "
+            f"{lc['prefill_tokens_per_second']:.2f} | {lc['decode_tokens_per_second']:.2f} | "
+            f"{pct(100 * lc['decode_tokens_per_second'] / bound)} |",
+            f"| ours / llama.cpp | {ratio(ours_pre / lc['prefill_tokens_per_second'])} | "
+            f"{ratio(ours_dec / lc['decode_tokens_per_second'])} | |",
+        ]
+    )
+
+
 # name -> (document, records it reads, renderer)
 BLOCKS = {
     "checked-measured": ("README.md", ("parity", "prefill_train", "compile"), render_checked_measured),
@@ -530,6 +622,8 @@ BLOCKS = {
     "bench-scaling": ("experiments/BENCHMARKS.md", ("decode_scaling",), render_bench_scaling),
     "bench-status": ("experiments/BENCHMARKS.md", ("prefill_train", "decode_scaling"), render_bench_status),
     "rl": ("README.md", ("rl",), render_rl),
+    "bench-versus": ("experiments/BENCHMARKS.md", ("versus",), render_versus),
+    "bench-llamacpp": ("experiments/BENCHMARKS.md", ("llamacpp", "ours_20b"), render_llamacpp),
 }
 
 

@@ -346,3 +346,18 @@ def test_record_paths_are_relative_inside_the_working_directory(tmp_path, monkey
     assert (head["checkpoint"], head["json_path"]) == (os.path.join("runs", "ckpt"), os.path.join("runs", "r.json"))
     outside = str(tmp_path.parent / "elsewhere")
     assert full_size.header("tiny", outside, outside + ".json", {})["checkpoint"] == outside
+
+
+def test_versus_interleaves_and_records_rows_by_hand():
+    from gptoss_jax.bench import versus
+
+    calls = []
+    fns = {"ours": lambda: calls.append("ours"), "hf": lambda: calls.append("hf")}
+    secs = versus.interleaved(fns, 3)
+    # one warm-up each, then rounds alternating which side goes first
+    assert calls == ["ours", "hf", "ours", "hf", "hf", "ours", "ours", "hf"]
+    assert {k: len(v) for k, v in secs.items()} == {"ours": 3, "hf": 3}
+    rec = versus.row_record("prefill", {"dtype": "float32", "T": 8}, {"ours": [30, 10, 20], "hf": [8, 10, 12]}, 40.0, 1)
+    assert rec["ours"]["tokens_per_s"]["median"] == 20 and rec["hf"]["tokens_per_s"]["median"] == 10
+    assert rec["ratio"] == 2.0 and rec["ours"]["pct_of_bound"] == 50.0 and rec["hf"]["pct_of_bound"] == 25.0
+    assert versus.describe(rec) == "prefill T=8 float32 (2.00x)"

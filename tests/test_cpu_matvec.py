@@ -71,14 +71,17 @@ def oracle_mxfp4(blocks, scales):
     return (vals * scale[..., None]).reshape(*blocks.shape[:-2], -1)
 
 
+@pytest.mark.parametrize("inputs", ["fp32", "bf16"])  # bf16 values take the AVX512-BF16 path where built
 @pytest.mark.parametrize("R", [1, 2, 3, 4, 5, 12])
-def test_mxfp4_matvec_against_ml_dtypes(R):
+def test_mxfp4_matvec_against_ml_dtypes(R, inputs):
     rng = np.random.default_rng(10 + R)
-    E, O, G = 5, 37, 7  # O: two 16-row work items and a tail
+    E, O, G = 5, 37, 7  # O: two 16-row work items and a tail; G odd: the bf16 path's tail block
     blocks = rng.integers(0, 256, (E, O, G, 16), dtype=np.uint8)
     scales = rng.integers(118, 136, (E, O, G), dtype=np.uint8)
     t = mxfp4.MXFP4(jnp.asarray(blocks), jnp.asarray(scales))
     x = rng.standard_normal((R, G * 32)).astype(np.float32)
+    if inputs == "bf16":
+        x = x.astype(ml_dtypes.bfloat16).astype(np.float32)
     ids = rng.integers(0, 3, R).astype(np.int32)  # repeated ids: rows share a matrix
     y = jax.jit(lambda x, t, i: cpu_matvec.mxfp4_matvec(x, t, i))(x, t, ids)
     w64 = oracle_mxfp4(blocks, scales)  # [E, O, I]
@@ -86,6 +89,13 @@ def test_mxfp4_matvec_against_ml_dtypes(R):
     # control: nibbles read high first would be caught
     swapped = oracle_mxfp4(((blocks & 0x0F) << 4) | (blocks >> 4), scales)
     assert close(y, x.astype(np.float64), swapped, ids, True) > 1e-2
+
+
+def test_bf16_path_is_built_where_the_cpu_has_it():
+    from gptoss_jax.bench.peaks import cpu_info
+
+    if "avx512_bf16" in cpu_info()["isa"]:  # -march=native then defines __AVX512BF16__
+        assert cpu_matvec.has_bf16_dot()
 
 
 def test_ids_out_of_range_fail_the_call():
@@ -116,21 +126,27 @@ def test_gradients_match_einsum():
     np.testing.assert_allclose(g_native, g_ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("experts", ["dense", "mxfp4"])
-def test_model_decode_with_and_without_native_kernels(experts):
-    """The plan turns the kernels on for few-row CPU calls; fp32 logits of a one-token step agree
-    with XLA's code, and greedy decoding emits the same tokens."""
-    model = gj.init(gj.tiny(), seed=0, experts=experts, dtype="float32")
-    xla = gj.init(gj.tiny(), seed=0, experts=experts, dtype="float32")
+def test_model_decode_with_and_without_native_kernels(experts, dtype):
+    """The plan turns the kernels on for few-row CPU calls; a one-token step's logits agree with
+    XLA's code (fp32: to fp32 summation order; bf16: the activations round to bf16 between the
+    layers, so the two orders may round a value differently: 2 bf16 ulps of the largest logit),
+    and fp32 greedy decoding emits the same tokens."""
+    model = gj.init(gj.tiny(), seed=0, experts=experts, dtype=dtype)
+    xla = gj.init(gj.tiny(), seed=0, experts=experts, dtype=dtype)
     xla.kernel = dataclasses.replace(xla.kernel, cpu_matvec=False)
     assert model.plan(1).native_rows > 0 and xla.plan(1).native_rows == 0
     tok = jnp.array([[5, 17, 3]])
-    a, b = model(tok[:, :1]).logits, xla(tok[:, :1]).logits
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
-    prompts = [[1, 2, 3, 4], [9, 8]]
-    ga = gj.generate(model, None, prompts, max_new_tokens=12, temperature=0, stop_tokens=())
-    gb = gj.generate(xla, None, prompts, max_new_tokens=12, temperature=0, stop_tokens=())
-    assert ga.tokens == gb.tokens
+    a = np.asarray(model(tok[:, :1]).logits, np.float32)
+    b = np.asarray(xla(tok[:, :1]).logits, np.float32)
+    tol = 1e-5 if dtype == "float32" else 2 * 2.0**-8
+    assert np.abs(a - b).max() <= tol * np.abs(b).max()
+    if dtype == "float32":
+        prompts = [[1, 2, 3, 4], [9, 8]]
+        ga = gj.generate(model, None, prompts, max_new_tokens=12, temperature=0, stop_tokens=())
+        gb = gj.generate(xla, None, prompts, max_new_tokens=12, temperature=0, stop_tokens=())
+        assert ga.tokens == gb.tokens
 
 
 def test_required_kernels_refuse_a_sharded_or_other_platform_plan():

@@ -1,7 +1,7 @@
 """gpt-oss-20b (random weights, HF MXFP4 layout) on this CPU: ours against llama.cpp (issue 25).
 
     python experiments/2026-12-06-llamacpp/run.py --gguf runs/gpt-oss-20b-random.gguf \
-        [--checkpoint runs/gpt-oss-20b-random] [--prompt-len 512] [--new-tokens 16]
+        [--checkpoint runs/gpt-oss-20b-random] [--prompt-len 512] [--new-tokens 16] [--out DIR]
 
 Steps, each recorded in `llamacpp.json` beside this file:
 1. ours: `scripts/bench_20b.py --prompt-len P --new-tokens N` on the checkpoint (its own record,
@@ -104,16 +104,19 @@ def main():
     ap.add_argument("--convert-seconds", type=float, help="convert_hf_to_gguf.py's time, as measured")
     ap.add_argument("--skip-ours", action="store_true", help="reuse ours_20b.json")
     ap.add_argument("--table", action="store_true", help="only render table.md from the two records")
+    ap.add_argument("--out", default=HERE, help="folder of the records and table.md (default: beside this script)")
     args = ap.parse_args()
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
     if args.table:
-        with open(os.path.join(HERE, "llamacpp.json")) as f, open(os.path.join(HERE, "ours_20b.json")) as g:
+        with open(os.path.join(out, "llamacpp.json")) as f, open(os.path.join(out, "ours_20b.json")) as g:
             text = table(json.load(f), json.load(g))
-        with open(os.path.join(HERE, "table.md"), "w") as f:
+        with open(os.path.join(out, "table.md"), "w") as f:
             f.write(text)
         return
     from gptoss_jax.bench import records
 
-    ours_json = os.path.join(HERE, "ours_20b.json")
+    ours_json = os.path.join(out, "ours_20b.json")
     if not args.skip_ours:
         cmd = [
             sys.executable,
@@ -145,8 +148,8 @@ def main():
         "llama_cpp": ll,
         "ours_record": os.path.relpath(ours_json, ROOT),
     }
-    records.write(record, os.path.join(HERE, "llamacpp.json"))
-    with open(os.path.join(HERE, "table.md"), "w") as f:
+    records.write(record, os.path.join(out, "llamacpp.json"))
+    with open(os.path.join(out, "table.md"), "w") as f:
         f.write(table(record, ours))
     print(json.dumps(ll, indent=1))
 

@@ -100,11 +100,13 @@ class Models:
             gj.save_hf(self.ours("float32", "dense"), self._dense, dtype="float32")
         return self._dense
 
-    def hf(self, train=False):
+    def hf(self, train=False, dtype: str = "float32"):
+        """HF's model in `dtype` (its bf16 weights are the same values as ours: every stored weight
+        is a bf16 value or an MXFP4 value, both exact in bf16)."""
         torch = require_torch()
         from transformers import GptOssForCausalLM
 
-        m = GptOssForCausalLM.from_pretrained(self.hf_dir(), dtype=torch.float32, attn_implementation="eager")
+        m = GptOssForCausalLM.from_pretrained(self.hf_dir(), dtype=getattr(torch, dtype), attn_implementation="eager")
         return m.train() if train else m.eval()
 
     def original_dir(self):

@@ -18,14 +18,14 @@ import numpy as np
 
 import gptoss_jax as gj
 from gptoss_jax import attention
-from gptoss_jax.bench import peers, records, timing
+from gptoss_jax.bench import peers, records, timing, versus
 from gptoss_jax.bench.flops import decode_bytes_per_step, forward_flops_per_token
 from gptoss_jax.bench.memory import mem_available
 from gptoss_jax.bench.peaks import peaks_of
 from gptoss_jax.config import FULL, SLIDING
 
 GiB = 2**30
-SECTIONS = ("bounds", "prefill", "decode", "train", "scaling")
+SECTIONS = ("bounds", "versus", "prefill", "decode", "train", "scaling")
 
 
 class Skip(Exception):
@@ -83,6 +83,16 @@ class Suite:
             self.log(line + extra)
         self.results.setdefault(section, []).append(rec)
         return rec
+
+    # -------------------------------------------------------------------------------------- versus
+    def versus(self):
+        reps = self.args.repeats
+        self.log(
+            f"\n== versus: ours against HF transformers, fp32/fp32 and bf16/bf16, interleaved, warm-up "
+            f"excluded, median [min-max] of {reps} {self.elapsed()}"
+        )
+        self.results["versus"] = []
+        versus.run(self.models, self.peaks, reps, self.log, self.save, into=self.results["versus"])
 
     # ------------------------------------------------------------------------------------- prefill
     def prefill(self):

@@ -299,16 +299,101 @@ void mxfp4_dots(const uint8_t* bo, const uint8_t* so, const float* pow2, int64_t
 #endif
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512VL__)
+// With AVX512-BF16 and inputs that are bf16 values (a bf16 model's activations), a block's 32
+// codes become bf16 integers (value * 2) by two byte lookups, and VDPBF16PS multiplies them with
+// the inputs: products of two bf16 numbers are exact in fp32 and summed in fp32 (denormals
+// flushed), then scaled by the block's power of two. The inputs are laid out to match the
+// decoded order: [x even 0-7, x odd 0-7, x even 8-15, x odd 8-15] per block of 32.
+#define GPTOSS_BF16_DOT 1
+constexpr uint8_t kBf16LowByte[16] = {0x00, 0x80, 0x00, 0x40, 0x80, 0xC0, 0x00, 0x40,
+                                      0x00, 0x80, 0x00, 0x40, 0x80, 0xC0, 0x00, 0x40};
+constexpr uint8_t kBf16HighByte[16] = {0x00, 0x3F, 0x40, 0x40, 0x40, 0x40, 0x41, 0x41,
+                                       0x80, 0xBF, 0xC0, 0xC0, 0xC0, 0xC0, 0xC1, 0xC1};
+
+inline __m512i decode_bf16(const uint8_t* q16, __m256i lut_lo, __m256i lut_hi, __m256i low4) {
+  __m256i q = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q16)));
+  __m256i codes = _mm256_and_si256(_mm256_blend_epi32(q, _mm256_srli_epi16(q, 4), 0xF0), low4);
+  __m256i lb = _mm256_shuffle_epi8(lut_lo, codes), hb = _mm256_shuffle_epi8(lut_hi, codes);
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_unpacklo_epi8(lb, hb)), _mm256_unpackhi_epi8(lb, hb), 1);
+}
+
+template <int NR>
+void mxfp4_dots_bf16(const uint8_t* bo, const uint8_t* so, const float* pow2, int64_t G,
+                     const uint16_t* const* xs, float* out) {
+  const __m256i lut_lo = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kBf16LowByte)));
+  const __m256i lut_hi = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kBf16HighByte)));
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  __m512 acc0[NR], acc1[NR];
+  for (int r = 0; r < NR; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+  auto step = [&](int64_t b, __m512* acc) {
+    __m512bh w = (__m512bh)decode_bf16(bo + b * 16, lut_lo, lut_hi, low4);
+    __m512 sc = _mm512_set1_ps(pow2[so[b]]);
+    for (int r = 0; r < NR; ++r) {
+      __m512bh xv = (__m512bh)_mm512_loadu_si512(xs[r] + b * 32);
+      acc[r] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), w, xv), sc, acc[r]);
+    }
+  };
+  int64_t b = 0;
+  for (; b + 2 <= G; b += 2) {
+    step(b, acc0);
+    step(b + 1, acc1);
+  }
+  if (b < G) step(b, acc0);
+  for (int r = 0; r < NR; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r]));
+}
+
+// x as bf16 bits in the decoded order, if every value is a bf16 number; else false.
+bool bf16_inputs(const float* x, int64_t R, int64_t I, std::vector<uint16_t>& out) {
+  out.resize(R * I);
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t b = 0; b < I / 32; ++b)
+      for (int h = 0; h < 2; ++h)
+        for (int k = 0; k < 8; ++k)
+          for (int odd = 0; odd < 2; ++odd) {
+            uint32_t bits;
+            std::memcpy(&bits, x + r * I + b * 32 + 2 * (8 * h + k) + odd, 4);
+            if (bits & 0xFFFF) return false;
+            out[r * I + b * 32 + 16 * h + 8 * odd + k] = uint16_t(bits >> 16);
+          }
+  return true;
+}
+#endif
+
 void mxfp4_matvec(const float* x, const uint8_t* blocks, const uint8_t* scales, const Groups& g,
                   int64_t I, int64_t O, float* y, ffi::ThreadPool* pool) {
   const int64_t G = I / 32;
   int64_t R = int64_t(g.order.size());
-  std::vector<float> xd(R * I);
-  for (int64_t r = 0; r < R; ++r) deinterleave(x + r * I, I, xd.data() + r * I);
   float pow2[256];
   for (int s = 0; s < 256; ++s) pow2[s] = half_pow2(uint8_t(s));
   int64_t chunks = (O + kRowsPerItem - 1) / kRowsPerItem;
   int64_t n = int64_t(g.mats.size()) * chunks;
+#if defined(GPTOSS_BF16_DOT)
+  std::vector<uint16_t> xb;
+  if (bf16_inputs(x, R, I, xb)) {
+    parallel_for(pool, n, [&](int64_t item) {
+      int64_t gi = item / chunks, o0 = (item % chunks) * kRowsPerItem;
+      int64_t o1 = std::min(O, o0 + kRowsPerItem);
+      const uint8_t* be = blocks + int64_t(g.mats[gi]) * O * G * 16;
+      const uint8_t* se = scales + int64_t(g.mats[gi]) * O * G;
+      for (int64_t s0 = g.starts[gi]; s0 < g.starts[gi + 1]; s0 += 4) {
+        int64_t nr = std::min<int64_t>(4, g.starts[gi + 1] - s0);
+        const uint16_t* xs[4];
+        for (int64_t r = 0; r < 4; ++r) xs[r] = xb.data() + int64_t(g.order[s0 + std::min(r, nr - 1)]) * I;
+        for (int64_t o = o0; o < o1; ++o) {
+          float out[4];
+          if (nr == 1) mxfp4_dots_bf16<1>(be + o * G * 16, se + o * G, pow2, G, xs, out);
+          else if (nr == 2) mxfp4_dots_bf16<2>(be + o * G * 16, se + o * G, pow2, G, xs, out);
+          else mxfp4_dots_bf16<4>(be + o * G * 16, se + o * G, pow2, G, xs, out);
+          for (int64_t r = 0; r < nr; ++r) y[int64_t(g.order[s0 + r]) * O + o] = out[r];
+        }
+      }
+    });
+    return;
+  }
+#endif
+  std::vector<float> xd(R * I);
+  for (int64_t r = 0; r < R; ++r) deinterleave(x + r * I, I, xd.data() + r * I);
   parallel_for(pool, n, [&](int64_t item) {
     int64_t gi = item / chunks, o0 = (item % chunks) * kRowsPerItem;
     int64_t o1 = std::min(O, o0 + kRowsPerItem);
@@ -382,6 +467,15 @@ ffi::Error Mxfp4MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
 }
 
 }  // namespace
+
+// 1 when the MXFP4 kernel was built with the bf16 dot product path (AVX512-BF16).
+extern "C" int GptossHasBf16Dot() {
+#if defined(GPTOSS_BF16_DOT)
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossMatvec, MatvecImpl,
                               ffi::Ffi::Bind()

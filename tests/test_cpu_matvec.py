@@ -72,7 +72,7 @@ def oracle_mxfp4(blocks, scales):
 
 
 @pytest.mark.parametrize("inputs", ["fp32", "bf16"])  # bf16 values take the AVX512-BF16 path where built
-@pytest.mark.parametrize("R", [1, 2, 3, 4, 5, 12])
+@pytest.mark.parametrize("R", [1, 2, 3, 4, 5, 12, 17])
 def test_mxfp4_matvec_against_ml_dtypes(R, inputs):
     rng = np.random.default_rng(10 + R)
     E, O, G = 5, 37, 7  # O: two 16-row work items and a tail; G odd: the bf16 path's tail block

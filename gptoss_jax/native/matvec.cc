@@ -376,15 +376,17 @@ void mxfp4_matvec(const float* x, const uint8_t* blocks, const uint8_t* scales, 
       int64_t o1 = std::min(O, o0 + kRowsPerItem);
       const uint8_t* be = blocks + int64_t(g.mats[gi]) * O * G * 16;
       const uint8_t* se = scales + int64_t(g.mats[gi]) * O * G;
-      for (int64_t s0 = g.starts[gi]; s0 < g.starts[gi + 1]; s0 += 4) {
-        int64_t nr = std::min<int64_t>(4, g.starts[gi + 1] - s0);
-        const uint16_t* xs[4];
-        for (int64_t r = 0; r < 4; ++r) xs[r] = xb.data() + int64_t(g.order[s0 + std::min(r, nr - 1)]) * I;
+      for (int64_t s0 = g.starts[gi]; s0 < g.starts[gi + 1]; s0 += 8) {
+        int64_t nr = std::min<int64_t>(8, g.starts[gi + 1] - s0);
+        const uint16_t* xs[8];
+        for (int64_t r = 0; r < 8; ++r) xs[r] = xb.data() + int64_t(g.order[s0 + std::min(r, nr - 1)]) * I;
         for (int64_t o = o0; o < o1; ++o) {
-          float out[4];
-          if (nr == 1) mxfp4_dots_bf16<1>(be + o * G * 16, se + o * G, pow2, G, xs, out);
-          else if (nr == 2) mxfp4_dots_bf16<2>(be + o * G * 16, se + o * G, pow2, G, xs, out);
-          else mxfp4_dots_bf16<4>(be + o * G * 16, se + o * G, pow2, G, xs, out);
+          float out[8];
+          const uint8_t *bo = be + o * G * 16, *so = se + o * G;
+          if (nr == 1) mxfp4_dots_bf16<1>(bo, so, pow2, G, xs, out);
+          else if (nr == 2) mxfp4_dots_bf16<2>(bo, so, pow2, G, xs, out);
+          else if (nr <= 4) mxfp4_dots_bf16<4>(bo, so, pow2, G, xs, out);
+          else mxfp4_dots_bf16<8>(bo, so, pow2, G, xs, out);
           for (int64_t r = 0; r < nr; ++r) y[int64_t(g.order[s0 + r]) * O + o] = out[r];
         }
       }

@@ -46,6 +46,10 @@ UNEMBED_ROWS_AS_REDUCTION = 8
 # native CPU matrix-vector kernels (`gptoss_jax.cpu_matvec`), which read each weight once in its
 # stored format (experiments/2026-12-06-cpu-matvec).
 NATIVE_MATVEC_ROWS = 8
+# Large packed experts on CPU take the gather path, decoded by the native kernel, up to this many
+# (token, slot) rows per expert: a 128-token gpt-oss-20b prefill (16 rows per expert) ran 14x
+# faster than the chunk loop (4.9 s against 67.8 s; experiments/2026-12-06-cpu-matvec/README.md).
+NATIVE_PACKED_GATHER_ROWS_PER_EXPERT = 64
 # ... and the output head up to this many (its [V, D] kernel falls behind XLA's multiply-reduce at
 # 8 rows, where each table row meets every input row).
 UNEMBED_NATIVE_ROWS = 4
@@ -125,6 +129,13 @@ class KernelOptions:
         large_packed_on_cpu = cpu and packed_bytes > DECODE_AT_ONCE_BYTES
         expert_axis = mesh.shape.get("expert", 1) if mesh is not None else 1
         sharded = mesh is not None and mesh.size > 1
+        native = cpu and not sharded and self.cpu_matvec is not False
+        if native and self.cpu_matvec is None:
+            native = cpu_matvec.available()
+        elif native:
+            cpu_matvec.require()
+        elif self.cpu_matvec and not (cpu and not sharded):
+            raise ValueError("cpu_matvec=True needs an unsharded model on the CPU")
         moe = self.moe_impl
         if moe is None:
             if sharded and expert_axis > 1:  # devices exchange fixed-capacity buffers: buckets on CPU
@@ -137,14 +148,8 @@ class KernelOptions:
                     large_packed_on_cpu=large_packed_on_cpu,
                     platform=platform,
                     per_device=not sharded,
+                    native_packed=large_packed_on_cpu and native,
                 )
-        native = cpu and not sharded and self.cpu_matvec is not False
-        if native and self.cpu_matvec is None:
-            native = cpu_matvec.available()
-        elif native:
-            cpu_matvec.require()
-        elif self.cpu_matvec and not (cpu and not sharded):
-            raise ValueError("cpu_matvec=True needs an unsharded model on the CPU")
         return Plan(
             platform=platform,
             attention=self.attention_impl or default_attention_impl(platform),
@@ -223,14 +228,21 @@ def default_dispatch(platform: str) -> str:
 
 
 def default_moe_impl(
-    tokens: int, k: int, num_experts: int, *, large_packed_on_cpu: bool, platform: str, per_device: bool = True
+    tokens: int,
+    k: int,
+    num_experts: int,
+    *,
+    large_packed_on_cpu: bool,
+    platform: str,
+    per_device: bool = True,
+    native_packed: bool = False,
 ) -> str:
     """per_device=False: the tokens are split over a mesh (no expert axis), the rows per device
-    are not known here: the platform's bulk path."""
+    are not known here: the platform's bulk path. native_packed: large packed experts that the
+    native CPU kernel decodes (`NATIVE_PACKED_GATHER_ROWS_PER_EXPERT`)."""
     rows = tokens * k
-    if per_device and (
-        2 * rows <= num_experts or (large_packed_on_cpu and rows <= PACKED_GATHER_ROWS_PER_EXPERT * num_experts)
-    ):
+    gather_rows = NATIVE_PACKED_GATHER_ROWS_PER_EXPERT if native_packed else PACKED_GATHER_ROWS_PER_EXPERT
+    if per_device and (2 * rows <= num_experts or (large_packed_on_cpu and rows <= gather_rows * num_experts)):
         return "gather"  # decode-sized batches: touch only the chosen experts
     if platform != "cpu":
         return "ragged"

@@ -32,7 +32,16 @@ def test_cpu_choices_follow_the_shapes():
     native = cpu_matvec.available()  # the native kernels where they build (tests/test_cpu_matvec.py)
     assert p.moe_options("gather") == {"gathered_decode": True, "native": native}
     assert p.native_rows == (plan.NATIVE_MATVEC_ROWS if native else 0)
+    # large packed experts: the native kernel's gather up to 64 rows per expert (a 512-token prompt here)
+    assert resolve(512, BIG_PACKED).moe == ("gather" if native else "chunks")
+    assert resolve(513, BIG_PACKED).moe == "chunks"
     off = gj.KernelOptions(platform="cpu", cpu_matvec=False).resolve(None, tokens=1, num_experts=E, k=K)
+    assert (
+        gj.KernelOptions(platform="cpu", cpu_matvec=False)
+        .resolve(None, tokens=512, num_experts=E, k=K, packed_bytes=BIG_PACKED)
+        .moe
+        == "chunks"
+    )
     assert off.native_rows == 0 and off.moe_options("gather") == {"gathered_decode": True, "native": False}
     assert off.unembed_options() == {"reduction_rows": plan.UNEMBED_ROWS_AS_REDUCTION, "native_rows": 0}
 

@@ -42,17 +42,16 @@ CHUNKS_MIN_ROWS_PER_EXPERT = 16
 # Up to this many rows of logits, the CPU output head is a multiply-reduce over the bf16 table
 # instead of a matmul that first converts the table to fp32 (`layers.unembed`).
 UNEMBED_ROWS_AS_REDUCTION = 8
-# Up to this many rows, the projections, the gathered experts and the output head run through the
-# native CPU matrix-vector kernels (`gptoss_jax.cpu_matvec`), which read each weight once in its
-# stored format (experiments/2026-12-06-cpu-matvec).
-NATIVE_MATVEC_ROWS = 8
+# Up to this many rows, the projections and the output head run through the native CPU
+# matrix-vector kernels (`gptoss_jax.cpu_matvec`), which read each weight once in its stored
+# format; the gathered experts always do (their rows are grouped by expert). At 8 rows the
+# kernels fell behind XLA's matmuls (each row its own pass over the weights): the rows of
+# experiments/2026-12-06-cpu-matvec/table.md.
+NATIVE_MATVEC_ROWS = 2
 # Large packed experts on CPU take the gather path, decoded by the native kernel, up to this many
 # (token, slot) rows per expert: a 128-token gpt-oss-20b prefill (16 rows per expert) ran 14x
 # faster than the chunk loop (4.9 s against 67.8 s; experiments/2026-12-06-cpu-matvec/README.md).
 NATIVE_PACKED_GATHER_ROWS_PER_EXPERT = 64
-# ... and the output head up to this many (its [V, D] kernel falls behind XLA's multiply-reduce at
-# 8 rows, where each table row meets every input row).
-UNEMBED_NATIVE_ROWS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +177,7 @@ class Plan:
     decode_one_expert_at_a_time: bool  # buckets: large packed experts decoded one at a time
     gathered_decode: bool  # gather: packed experts decoded inside the reduction (CPU)
     unembed_reduction_rows: int  # up to this many rows, the output head is a multiply-reduce
-    native_rows: int  # up to this many rows, products run through `gptoss_jax.cpu_matvec` (0: never)
+    native_rows: int  # up to this many rows, projections and head run through `gptoss_jax.cpu_matvec` (0: never)
     interpret: bool
     expert_dispatch: str
     capacity_factor: float | None
@@ -187,7 +186,7 @@ class Plan:
 
     def unembed_options(self) -> dict:
         """The keyword arguments of `layers.unembed` beyond (h, w)."""
-        return dict(reduction_rows=self.unembed_reduction_rows, native_rows=min(self.native_rows, UNEMBED_NATIVE_ROWS))
+        return dict(reduction_rows=self.unembed_reduction_rows, native_rows=self.native_rows)
 
     def moe_options(self, impl: str | None = None) -> dict:
         """The keyword arguments `moe.MOE_IMPLS[impl]` takes beyond (x, ew, routing, alpha, limit)."""

@@ -6,7 +6,7 @@ before) against the native kernels (`gptoss_jax.cpu_matvec`), in one process, in
 Each case is jitted both ways over the same random arrays and timed as `--calls` calls per timing,
 median of `--repeats` timings, the two sides alternating. The dense cases use 12 distinct matrices
 per call (more bytes than the L3 holds), so each matrix comes from memory as in a 24-layer step.
-Rows (R = rows of x):
+Rows (R = rows of x, 1, 2 and 8; the projections' inputs are bf16 values, as a bf16 model's):
   attention q  x [R, 2880] @ W [2880, 4096] bf16 ([in, out]: the model's layout)
   attention o  x [R, 4096] @ W [4096, 2880] bf16
   attention k  x [R, 2880] @ W [2880, 512] bf16
@@ -88,11 +88,11 @@ def main():
     rng = np.random.default_rng(0)
     rows = []
     bf = lambda *shape: jnp.asarray((rng.standard_normal(shape) * 0.02).astype(np.float32)).astype(jnp.bfloat16)
-    for R in (1, 8):
+    for R in (1, 2, 8):
         shapes = (("attention q", (2880, 4096)), ("attention o", (4096, 2880)), ("attention k", (2880, 512)))
         for name, (I, O) in shapes:
             ws = [bf(I, O) for _ in range(12)]
-            x = jnp.asarray(rng.standard_normal((R, I)), jnp.float32)
+            x = jnp.asarray(rng.standard_normal((R, I)), jnp.bfloat16).astype(jnp.float32)  # bf16 activations
             xla = lambda x, ws: jnp.stack(
                 [jnp.einsum("RI,IO->RO", x.astype(jnp.bfloat16), w, preferred_element_type=jnp.float32) for w in ws]
             )

@@ -49,8 +49,9 @@ UNEMBED_ROWS_AS_REDUCTION = 8
 # experiments/2026-12-06-cpu-matvec/table.md.
 NATIVE_MATVEC_ROWS = 2
 # Large packed experts on CPU take the gather path, decoded by the native kernel, up to this many
-# (token, slot) rows per expert: a 128-token gpt-oss-20b prefill (16 rows per expert) ran 14x
-# faster than the chunk loop (4.9 s against 67.8 s; experiments/2026-12-06-cpu-matvec/README.md).
+# (token, slot) rows per expert: a 128-token gpt-oss-20b prefill (16 rows per expert) ran ~15x
+# faster than through the chunk loop (experiments/2026-12-06-cpu-matvec/prefill_T128.json), and
+# the 512-token prompts of the llama.cpp comparison (64 rows per expert) take it too.
 NATIVE_PACKED_GATHER_ROWS_PER_EXPERT = 64
 
 

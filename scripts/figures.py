@@ -23,6 +23,7 @@ Records (RECORDS) and what writes them:
   experiments/2026-12-06-rl/results.json      scripts/rl_experiment.py --record DIR
   experiments/2026-12-06-bench/bench.json     scripts/bench.py --only bounds,versus (section versus)
   experiments/2026-12-06-cpu-matvec/llamacpp/ experiments/2026-12-06-llamacpp/run.py --out DIR
+  experiments/2026-12-06-cpu-matvec/profile_*.json  scripts/profile_decode.py --json PATH
 Each bench and parity record carries "provenance": the command, the UTC date and the CPU
 (scripts/provenance.py). To move the documents to a new run, write its records into a new dated
 folder, point RECORDS at them and run this script.
@@ -52,6 +53,8 @@ RECORDS = {
     "rl": ("experiments/2026-12-06-rl/results.json", True),
     "versus": ("experiments/2026-12-06-bench/bench.json", True),
     "llamacpp": ("experiments/2026-12-06-cpu-matvec/llamacpp/llamacpp.json", True),
+    "profile_before": ("experiments/2026-12-06-cpu-matvec/profile_before.json", True),
+    "profile_after": ("experiments/2026-12-06-cpu-matvec/profile_after.json", True),
     "ours_20b": ("experiments/2026-12-06-cpu-matvec/llamacpp/ours_20b.json", False),
 }
 
@@ -613,6 +616,32 @@ def render_llamacpp(rec: dict) -> str:
     )
 
 
+def render_decode_profile(rec: dict) -> str:
+    """BENCHMARKS: the gpt-oss-20b decode step piece by piece, XLA's products against the native
+    kernels (scripts/profile_decode.py, once with GPTOSS_NATIVE=0)."""
+    before, after = rec["profile_before"], rec["profile_after"]
+    lines = [
+        para(
+            f"`{before['provenance']['command']}` with `GPTOSS_NATIVE=0` (before: XLA's products) and "
+            f"`{after['provenance']['command']}` (after), {date(after)}, {cpu(after)}; batch "
+            f"{after['batch']}, {after['context']:,} tokens of context; stream (jitted add) "
+            f"{before['stream_gbs']:.1f} / {after['stream_gbs']:.1f} GB/s."
+        ),
+        "",
+        "| piece (one layer unless said) | bytes read | before: ms (GB/s) | after: ms (GB/s) |",
+        "|---|---|---|---|",
+    ]
+    for b, a in zip(before["pieces"], after["pieces"]):
+        cell = lambda r: f"{r['ms']:.2f} ({r['gbs']:.1f})"  # noqa: E731
+        lines.append(f"| {a['piece']} | {a['bytes'] / 1e6:,.1f} MB | {cell(b)} | {cell(a)} |")
+    bt, at = before["predicted_all_layers_ms"], after["predicted_all_layers_ms"]
+    lines.append(
+        f"| **24 layers + head, summed** | | **{bt:,.0f} ms = {1e3 / bt:.2f} tok/s** | "
+        f"**{at:,.0f} ms = {1e3 / at:.2f} tok/s** |"
+    )
+    return "\n".join(lines)
+
+
 # name -> (document, records it reads, renderer)
 BLOCKS = {
     "checked-measured": ("README.md", ("parity", "prefill_train", "compile"), render_checked_measured),
@@ -624,6 +653,7 @@ BLOCKS = {
     "rl": ("README.md", ("rl",), render_rl),
     "bench-versus": ("experiments/BENCHMARKS.md", ("versus",), render_versus),
     "bench-llamacpp": ("experiments/BENCHMARKS.md", ("llamacpp", "ours_20b"), render_llamacpp),
+    "bench-decode-profile": ("experiments/BENCHMARKS.md", ("profile_before", "profile_after"), render_decode_profile),
 }
 
 

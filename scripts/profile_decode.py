@@ -73,6 +73,8 @@ def main():
     model = random_model(cfg, dtype=jnp.dtype(args.dtype), experts=args.experts)
     print(f"random 2-layer model at full width in {time.perf_counter() - t:.0f} s", flush=True)
 
+    plan_native = model.plan(B).native_rows > 0
+    print(f"native CPU kernels (gptoss_jax.cpu_matvec): {'on' if plan_native else 'off'}", flush=True)
     cache = cache_lib.init_cache(cfg, B, L + 1, model.dtype)
     piece = BytePieces(bw, args.steps, args.repeats)
     ms = decode_pieces.step_pieces(model, B, L, piece, cache)
@@ -92,6 +94,8 @@ def main():
     if args.json:
         records.write(
             dict(
+                provenance=records.provenance(),
+                native_kernels=plan_native,
                 config=args.config,
                 dtype=args.dtype,
                 experts=args.experts,

@@ -353,7 +353,7 @@ def test_versus_interleaves_and_records_rows_by_hand():
 
     calls = []
     fns = {"ours": lambda: calls.append("ours"), "hf": lambda: calls.append("hf")}
-    secs = versus.interleaved(fns, 3)
+    secs = versus.interleaved(fns, 3, settle=0)
     # one warm-up each, then rounds alternating which side goes first
     assert calls == ["ours", "hf", "ours", "hf", "hf", "ours", "ours", "hf"]
     assert {k: len(v) for k, v in secs.items()} == {"ours": 3, "hf": 3}

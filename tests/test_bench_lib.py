@@ -353,9 +353,9 @@ def test_versus_interleaves_and_records_rows_by_hand():
 
     calls = []
     fns = {"ours": lambda: calls.append("ours"), "hf": lambda: calls.append("hf")}
-    secs = versus.interleaved(fns, 3, settle=0)
-    # one warm-up each, then rounds alternating which side goes first
-    assert calls == ["ours", "hf", "ours", "hf", "hf", "ours", "ours", "hf"]
+    secs = versus.interleaved(fns, 3)
+    # rounds alternating which side goes first, each side twice in a row (untimed, then timed)
+    assert calls == ["ours"] * 2 + ["hf"] * 4 + ["ours"] * 4 + ["hf"] * 2
     assert {k: len(v) for k, v in secs.items()} == {"ours": 3, "hf": 3}
     rec = versus.row_record("prefill", {"dtype": "float32", "T": 8}, {"ours": [30, 10, 20], "hf": [8, 10, 12]}, 40.0, 1)
     assert rec["ours"]["tokens_per_s"]["median"] == 20 and rec["hf"]["tokens_per_s"]["median"] == 10

@@ -5,19 +5,18 @@ Rows: prefill of T = 512, 2048, 8192 tokens (batch 1, full logits); greedy decod
 and 8 (64 new tokens after a 32-token prompt); one fine-tuning step on 4 x 512 tokens (fp32: HF
 trains in fp32). Ours runs dense experts with its default plan; HF eager attention.
 
-Each row warms both sides up (compiles ours), then takes `repeats` timings of each, alternating
-which goes first, so that a slow stretch of the machine falls on both, each after a short sleep
-(`SETTLE_S`) so that neither starts against the other's still-spinning threads; the figure is the
-median (min and max kept). Decode rate = B * (new - 1) / (t(new) - t(1)), the t(1) being the best of the
-run's one-token calls (prefill and first token excluded). Each row also gives ours and HF as a
-share of the bound of its kind (`bench.flops`): the FLOP bound for prefill and training, the
-bytes bound for decoding.
+Each row takes `repeats` rounds; in each, every side runs twice back to back, the second run
+timed (the first compiles ours in round one and absorbs the other stack's leftovers), and the
+order of the sides alternates between rounds, so that a slow stretch of the machine falls on
+both; the figure is the median (min and max kept). Decode rate = B * (new - 1) / (t(new) - t(1)),
+the t(1) being the best of the run's one-token calls (prefill and first token excluded). Each
+row also gives ours and HF as a share of the bound of its kind (`bench.flops`): the FLOP bound
+for prefill and training, the bytes bound for decoding.
 """
 
 from __future__ import annotations
 
 import statistics
-import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -33,22 +32,17 @@ TRAIN_B, TRAIN_T = 4, 512
 DTYPES = ("float32", "bfloat16")
 
 
-SETTLE_S = 0.5
-
-
-def interleaved(fns: dict, repeats: int, settle: float = SETTLE_S) -> dict:
-    """{name: [seconds, ...]}: one untimed call of each, then `repeats` rounds timing each once,
-    the order reversed every other round, with `settle` seconds of sleep before each timed call:
-    both stacks' worker threads spin for a while after their parallel work (torch's OpenMP,
-    XLA's pool), and a call started right after the other stack's ran against those spinning
-    threads (ours' training step at 0.63x HF's rate back to back, 1.12x measured alone)."""
-    for fn in fns.values():
-        timing.once(fn)
+def interleaved(fns: dict, repeats: int) -> dict:
+    """{name: [seconds, ...]}: `repeats` rounds, each calling every side twice in a row (the first
+    untimed, the second timed), the order of the sides reversed every other round. The untimed
+    call absorbs what the other stack left behind: ours' training step right after an HF step ran
+    at about half its rate even after 2 s of sleep, its next step at the full rate (the heap and
+    page state the other stack left, not its threads)."""
     out = {name: [] for name in fns}
     names = list(fns)
     for r in range(repeats):
         for name in names if r % 2 == 0 else names[::-1]:
-            time.sleep(settle)
+            timing.once(fns[name])
             out[name].append(timing.once(fns[name]))
     return out
 

@@ -542,14 +542,16 @@ def render_versus(rec: dict) -> str:
 
     def cells(r):
         if r is None:
-            return "| | |"
+            return ["", "", ""]
         o, h = r["ours"]["tokens_per_s"]["median"], r["hf"]["tokens_per_s"]["median"]
-        return f"{rate(o)} | {rate(h)} | **{ratio(r['ratio'])}**"
+        return [rate(o), rate(h), f"**{ratio(r['ratio'])}**"]
 
-    def bound_cells(r):
-        if r is None:
-            return ""
-        return f"{pct(r['ours']['pct_of_bound'])} / {pct(r['hf']['pct_of_bound'])}"
+    def bound_cell(r):
+        return "" if r is None else f"{pct(r['ours']['pct_of_bound'])} / {pct(r['hf']['pct_of_bound'])}"
+
+    def label(r):
+        key = f" T={r['T']}" if r["row"] == "prefill" else (f" B={r['batch']}" if r["row"] == "decode" else "")
+        return f"{r['row']}{key} {'fp32' if r['dtype'] == 'float32' else 'bf16'}"
 
     keys = [("prefill", {"T": T}, f"prefill T={T}") for T in sorted({r["T"] for r in rows_ if r["row"] == "prefill"})]
     keys += [
@@ -569,19 +571,16 @@ def render_versus(rec: dict) -> str:
         "| | ours fp32 | HF fp32 | ours/HF | ours bf16 | HF bf16 | ours/HF | % of bound fp32 | % of bound bf16 |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for kind, key, label in keys:
+    for kind, key, name in keys:
         f32, b16 = find(kind, "float32", **key), find(kind, "bfloat16", **key)
-        lines.append(f"| {label} | {cells(f32)} | {cells(b16)} | {bound_cells(f32)} | {bound_cells(b16)} |")
+        row = [name, *cells(f32), *cells(b16), bound_cell(f32), bound_cell(b16)]
+        lines.append("| " + " | ".join(row) + " |")
     behind = [r for r in rows_ if r["ratio"] < 1]
     lines += [
         "",
         para(
             f"Ours ahead of HF on {len(rows_) - len(behind)} of {len(rows_)} rows"
-            + (
-                "; behind on " + ", ".join(f"{r['row']} {r['dtype']} ({ratio(r['ratio'])})" for r in behind) + "."
-                if behind
-                else "."
-            )
+            + ("; behind on " + ", ".join(f"{label(r)} ({ratio(r['ratio'])})" for r in behind) + "." if behind else ".")
         ),
     ]
     return "\n".join(lines)

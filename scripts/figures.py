@@ -55,7 +55,7 @@ RECORDS = {
     "llamacpp": ("experiments/2026-12-06-cpu-matvec/llamacpp/llamacpp.json", True),
     "profile_before": ("experiments/2026-12-06-cpu-matvec/profile_before.json", True),
     "profile_after": ("experiments/2026-12-06-cpu-matvec/profile_after.json", True),
-    "ours_20b": ("experiments/2026-12-06-cpu-matvec/llamacpp/ours_20b.json", False),
+    "ours_20b": ("experiments/2026-12-06-cpu-matvec/llamacpp/ours_20b.json", True),
 }
 
 # The goals of the benchmark issue (targets, not measurements).

@@ -110,7 +110,8 @@ def test_each_record_exists_and_carries_command_date_cpu(name):
         return
     assert has_provenance
     p = record["provenance"]
-    assert re.fullmatch(r"python scripts/\w+\.py( .*)?", p["command"]), p["command"]
+    # a script of the package, or a dated experiment's own script
+    assert re.fullmatch(r"python (scripts|experiments/[\w-]+)/\w+\.py( .*)?", p["command"]), p["command"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", p["date_utc"]), p["date_utc"]
     assert p["date_utc"][:10] in path  # the dated folder holds the run of that day
     assert p["cpu"]["model"] and p["cpu"]["cores"] >= 1 and isinstance(p["cpu"]["isa"], list)

@@ -130,7 +130,7 @@ def main():
             "--prefill-repeats",
             "1",
             "--json",
-            ours_json,
+            os.path.relpath(ours_json),
         ]
         print("== ours: " + " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)

@@ -41,8 +41,10 @@ def shown_path(path: str) -> str:
 
 
 def header(config: str, out: str, json_path: str, recipe: dict) -> dict:
-    """The record's first entries: what runs, where, and on which machine."""
+    """The record's first entries: the command, UTC date and CPU (`records.provenance`), what
+    runs, where, and on which machine."""
     return {
+        "provenance": records.provenance(),
         "json_path": shown_path(json_path),
         "config": config,
         "checkpoint": shown_path(out),

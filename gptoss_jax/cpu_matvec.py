@@ -20,7 +20,8 @@ W, never packed blocks.
 
 The library is compiled on first use with the system's C++ compiler (`$CXX`, else `g++` / `c++`)
 for this machine (`-march=native`) and cached under `$GPTOSS_JAX_CACHE` (default
-`~/.cache/gptoss_jax`), keyed by the source, the flags, the compiler and jaxlib. `available()`
+`~/.cache/gptoss_jax`), keyed by the source, the flags, the compiler, jaxlib and the CPU's model
+and feature flags. `available()`
 says whether it can be used here (x86-64 or aarch64 Linux/macOS, a compiler that builds it);
 when it cannot, the model's plan keeps XLA's code and `unavailable_reason()` says why. The
 targets are registered for the CPU platform only; the plan uses them only in programs built for
@@ -69,15 +70,27 @@ def _version(cxx: str) -> str:
     return out.splitlines()[0] if out else cxx
 
 
+def _cpu_signature() -> str:
+    """The CPU's model and feature flags: `-march=native` code built for one CPU may not run on
+    another (a home directory shared by a cluster's nodes), so they are part of the cache key."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        import platform
+
+        return f"{platform.machine()} {platform.processor()}"
+
+
 def build(*, force: bool = False) -> Path:
-    """Compile the library (once per source/compiler/jaxlib; atomic, safe across processes) and
-    return its path."""
+    """Compile the library (once per source, flags, compiler, jaxlib and CPU; atomic, safe across
+    processes) and return its path."""
     import jaxlib
 
     cxx = _compiler()
-    key = hashlib.sha256(
-        b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), _version(cxx).encode(), jaxlib.__version__.encode()])
-    ).hexdigest()[:16]
+    parts = [SOURCE.read_bytes(), " ".join(FLAGS).encode(), _version(cxx).encode(), jaxlib.__version__.encode()]
+    key = hashlib.sha256(b"\0".join([*parts, _cpu_signature().encode()])).hexdigest()[:16]
     out = cache_dir() / f"matvec-{key}.so"
     if out.exists() and not force:
         return out

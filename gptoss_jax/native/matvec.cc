@@ -360,62 +360,59 @@ bool bf16_inputs(const float* x, int64_t R, int64_t I, std::vector<uint16_t>& ou
 }
 #endif
 
+// dots(bo, so, xs, nr, out) for every chosen matrix, output row o (a packed row: blocks bo, scales
+// so) and block of up to RB rows xs (inputs of type X, laid out for `dots`) that chose the matrix;
+// out[r] goes to y[row r, o].
+template <int RB, class X, class Dots>
+void packed_rows(const X* xin, const uint8_t* blocks, const uint8_t* scales, const Groups& g, int64_t I,
+                 int64_t O, float* y, ffi::ThreadPool* pool, const Dots& dots) {
+  const int64_t G = I / 32;
+  int64_t chunks = (O + kRowsPerItem - 1) / kRowsPerItem;
+  parallel_for(pool, int64_t(g.mats.size()) * chunks, [&](int64_t item) {
+    int64_t gi = item / chunks, o0 = (item % chunks) * kRowsPerItem;
+    int64_t o1 = std::min(O, o0 + kRowsPerItem);
+    const uint8_t* be = blocks + int64_t(g.mats[gi]) * O * G * 16;
+    const uint8_t* se = scales + int64_t(g.mats[gi]) * O * G;
+    for (int64_t s0 = g.starts[gi]; s0 < g.starts[gi + 1]; s0 += RB) {
+      int64_t nr = std::min<int64_t>(RB, g.starts[gi + 1] - s0);
+      const X* xs[RB];  // a short block repeats its last row (computed, not stored)
+      for (int64_t r = 0; r < RB; ++r) xs[r] = xin + int64_t(g.order[s0 + std::min(r, nr - 1)]) * I;
+      for (int64_t o = o0; o < o1; ++o) {
+        float out[RB];
+        dots(be + o * G * 16, se + o * G, xs, nr, out);
+        for (int64_t r = 0; r < nr; ++r) y[int64_t(g.order[s0 + r]) * O + o] = out[r];
+      }
+    }
+  });
+}
+
 void mxfp4_matvec(const float* x, const uint8_t* blocks, const uint8_t* scales, const Groups& g,
                   int64_t I, int64_t O, float* y, ffi::ThreadPool* pool) {
   const int64_t G = I / 32;
   int64_t R = int64_t(g.order.size());
   float pow2[256];
   for (int s = 0; s < 256; ++s) pow2[s] = half_pow2(uint8_t(s));
-  int64_t chunks = (O + kRowsPerItem - 1) / kRowsPerItem;
-  int64_t n = int64_t(g.mats.size()) * chunks;
 #if defined(GPTOSS_BF16_DOT)
   std::vector<uint16_t> xb;
   if (bf16_inputs(x, R, I, xb)) {
-    parallel_for(pool, n, [&](int64_t item) {
-      int64_t gi = item / chunks, o0 = (item % chunks) * kRowsPerItem;
-      int64_t o1 = std::min(O, o0 + kRowsPerItem);
-      const uint8_t* be = blocks + int64_t(g.mats[gi]) * O * G * 16;
-      const uint8_t* se = scales + int64_t(g.mats[gi]) * O * G;
-      for (int64_t s0 = g.starts[gi]; s0 < g.starts[gi + 1]; s0 += 8) {
-        int64_t nr = std::min<int64_t>(8, g.starts[gi + 1] - s0);
-        const uint16_t* xs[8];
-        for (int64_t r = 0; r < 8; ++r) xs[r] = xb.data() + int64_t(g.order[s0 + std::min(r, nr - 1)]) * I;
-        for (int64_t o = o0; o < o1; ++o) {
-          float out[8];
-          const uint8_t *bo = be + o * G * 16, *so = se + o * G;
-          if (nr == 1) mxfp4_dots_bf16<1>(bo, so, pow2, G, xs, out);
-          else if (nr == 2) mxfp4_dots_bf16<2>(bo, so, pow2, G, xs, out);
-          else if (nr <= 4) mxfp4_dots_bf16<4>(bo, so, pow2, G, xs, out);
-          else mxfp4_dots_bf16<8>(bo, so, pow2, G, xs, out);
-          for (int64_t r = 0; r < nr; ++r) y[int64_t(g.order[s0 + r]) * O + o] = out[r];
-        }
-      }
-    });
+    packed_rows<8>(xb.data(), blocks, scales, g, I, O, y, pool,
+                   [&](const uint8_t* bo, const uint8_t* so, const uint16_t* const* xs, int64_t nr, float* out) {
+                     if (nr == 1) mxfp4_dots_bf16<1>(bo, so, pow2, G, xs, out);
+                     else if (nr == 2) mxfp4_dots_bf16<2>(bo, so, pow2, G, xs, out);
+                     else if (nr <= 4) mxfp4_dots_bf16<4>(bo, so, pow2, G, xs, out);
+                     else mxfp4_dots_bf16<8>(bo, so, pow2, G, xs, out);
+                   });
     return;
   }
 #endif
   std::vector<float> xd(R * I);
   for (int64_t r = 0; r < R; ++r) deinterleave(x + r * I, I, xd.data() + r * I);
-  parallel_for(pool, n, [&](int64_t item) {
-    int64_t gi = item / chunks, o0 = (item % chunks) * kRowsPerItem;
-    int64_t o1 = std::min(O, o0 + kRowsPerItem);
-    const uint8_t* be = blocks + int64_t(g.mats[gi]) * O * G * 16;
-    const uint8_t* se = scales + int64_t(g.mats[gi]) * O * G;
-    for (int64_t s0 = g.starts[gi]; s0 < g.starts[gi + 1]; s0 += 4) {
-      int64_t nr = std::min<int64_t>(4, g.starts[gi + 1] - s0);
-      const float* xs[4];
-      for (int64_t r = 0; r < 4; ++r) xs[r] = xd.data() + int64_t(g.order[s0 + std::min(r, nr - 1)]) * I;
-      for (int64_t o = o0; o < o1; ++o) {
-        const uint8_t* bo = be + o * G * 16;
-        const uint8_t* so = se + o * G;
-        float out[4];
-        if (nr == 1) mxfp4_dots<1, 4>(bo, so, pow2, G, xs, out);
-        else if (nr == 2) mxfp4_dots<2, 2>(bo, so, pow2, G, xs, out);
-        else mxfp4_dots<4, 1>(bo, so, pow2, G, xs, out);
-        for (int64_t r = 0; r < nr; ++r) y[int64_t(g.order[s0 + r]) * O + o] = out[r];
-      }
-    }
-  });
+  packed_rows<4>(xd.data(), blocks, scales, g, I, O, y, pool,
+                 [&](const uint8_t* bo, const uint8_t* so, const float* const* xs, int64_t nr, float* out) {
+                   if (nr == 1) mxfp4_dots<1, 4>(bo, so, pow2, G, xs, out);
+                   else if (nr == 2) mxfp4_dots<2, 2>(bo, so, pow2, G, xs, out);
+                   else mxfp4_dots<4, 1>(bo, so, pow2, G, xs, out);
+                 });
 }
 
 ffi::Error check_ids(const int32_t* ids, int64_t R, int64_t E) {

@@ -42,13 +42,18 @@ def close(y, x64, w64, ids, out_in):
 @pytest.mark.parametrize("out_in", [False, True])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("R", [1, 2, 3, 9])
-def test_dense_matvec_against_numpy(out_in, dtype, R):
+@pytest.mark.parametrize("inputs", ["fp32", "bf16"])  # bf16 values x bf16 weights: the AVX512-BF16 path
+def test_dense_matvec_against_numpy(out_in, dtype, R, inputs):
     rng = np.random.default_rng(R)
-    E, I, O = 3, 203, 333  # I: 12 x 16 + 11; O: one 256-column tile, 64-strips and a tail
+    # I: 3 chunks of 64 input rows + 11 (pairs of rows and a lone last one; a 32-word tail of the
+    # [O, I] dot); O: 10 groups of 32 columns + 13, one 256-column tile
+    E, I, O = 3, 203, 333
     w = rng.standard_normal((E, O, I) if out_in else (E, I, O)).astype(np.float32)
     wq = w.astype(ml_dtypes.bfloat16) if dtype == "bfloat16" else w
     w64 = wq.astype(np.float64)
     x = rng.standard_normal((R, I)).astype(np.float32)
+    if inputs == "bf16":
+        x = x.astype(ml_dtypes.bfloat16).astype(np.float32)
     ids = rng.integers(0, E - 1, R).astype(np.int32)  # the last matrix is never chosen
     y = jax.jit(lambda x, w, i: cpu_matvec.matvec(x, w, i, out_in=out_in))(x, jnp.asarray(wq), ids)
     assert y.dtype == jnp.float32 and y.shape == (R, O)

@@ -29,6 +29,15 @@
 #include <immintrin.h>
 #endif
 
+// With AVX512-BF16 (and the AVX-512 subsets it comes with) and inputs that are all bf16 values (a
+// bf16 model's activations), VDPBF16PS multiplies 32 bf16 weights by 32 inputs per instruction:
+// products of two bf16 numbers are exact in fp32 and are summed in fp32 (denormals flushed), so
+// only the order of the sums differs from the fp32 path.
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__AVX512DQ__)
+#define GPTOSS_BF16_DOT 1
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -204,31 +213,179 @@ void dots(const T* wr, const float* const* xs, int64_t I, float* out) {
   }
 }
 
-template <class T>
-void matvec_out_in(const float* x, const T* w, const Groups& g, int64_t I, int64_t O, float* y,
-                   ffi::ThreadPool* pool) {
+// dots(w row, xs, nr, out) for every chosen matrix, output row o (stored row o of W) and block
+// of up to RB rows xs (inputs of type X) that chose the matrix; out[r] goes to y[row r, o].
+template <int RB, class T, class X, class Dots>
+void out_in_rows(const X* x, const T* w, const Groups& g, int64_t I, int64_t O, float* y, ffi::ThreadPool* pool,
+                 const Dots& dots) {
   int64_t chunks = (O + kRowsPerItem - 1) / kRowsPerItem;
   int64_t n = int64_t(g.mats.size()) * chunks;
   parallel_for(pool, n, [&](int64_t item) {
     int64_t gi = item / chunks, o0 = (item % chunks) * kRowsPerItem;
     int64_t o1 = std::min(O, o0 + kRowsPerItem);
     const T* we = w + int64_t(g.mats[gi]) * O * I;
-    for (int64_t s0 = g.starts[gi]; s0 < g.starts[gi + 1]; s0 += kRowBlock) {
-      int64_t nr = std::min<int64_t>(kRowBlock, g.starts[gi + 1] - s0);
-      const float* xs[kRowBlock];
-      for (int64_t r = 0; r < kRowBlock; ++r) xs[r] = x + int64_t(g.order[s0 + std::min(r, nr - 1)]) * I;
+    for (int64_t s0 = g.starts[gi]; s0 < g.starts[gi + 1]; s0 += RB) {
+      int64_t nr = std::min<int64_t>(RB, g.starts[gi + 1] - s0);
+      const X* xs[RB];  // a short block repeats its last row (computed, not stored)
+      for (int64_t r = 0; r < RB; ++r) xs[r] = x + int64_t(g.order[s0 + std::min(r, nr - 1)]) * I;
       for (int64_t o = o0; o < o1; ++o) {
-        float out[kRowBlock];
-        const T* wr = we + o * I;
-        if (nr == 1) dots<T, 1, 4>(wr, xs, I, out);
-        else if (nr == 2) dots<T, 2, 4>(wr, xs, I, out);
-        else if (nr <= 4) dots<T, 4, 2>(wr, xs, I, out);
-        else dots<T, 8, 1>(wr, xs, I, out);
+        float out[RB];
+        dots(we + o * I, xs, nr, out);
         for (int64_t r = 0; r < nr; ++r) y[int64_t(g.order[s0 + r]) * O + o] = out[r];
       }
     }
   });
 }
+
+template <class T>
+void matvec_out_in(const float* x, const T* w, const Groups& g, int64_t I, int64_t O, float* y,
+                   ffi::ThreadPool* pool) {
+  out_in_rows<kRowBlock>(x, w, g, I, O, y, pool, [&](const T* wr, const float* const* xs, int64_t nr, float* out) {
+    if (nr == 1) dots<T, 1, 4>(wr, xs, I, out);
+    else if (nr == 2) dots<T, 2, 4>(wr, xs, I, out);
+    else if (nr <= 4) dots<T, 4, 2>(wr, xs, I, out);
+    else dots<T, 8, 1>(wr, xs, I, out);
+  });
+}
+
+#if defined(GPTOSS_BF16_DOT)
+// ------------------------------------------------------------- dense bf16 weights, bf16 inputs
+
+// x as bf16 bits, if every value is a bf16 number; else false.
+bool bf16_values(const float* x, int64_t n, std::vector<uint16_t>& out) {
+  out.resize(size_t(n));
+  for (int64_t k = 0; k < n; ++k) {
+    uint32_t bits;
+    std::memcpy(&bits, x + k, 4);
+    if (bits & 0xFFFF) return false;
+    out[k] = uint16_t(bits >> 16);
+  }
+  return true;
+}
+
+inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
+
+// [O, I]: one stored row against NR input rows, 32 products per instruction, two accumulators
+// per row; the tail by masked loads (zeros beyond I).
+template <int NR>
+void dots_bf16(const uint16_t* wr, const uint16_t* const* xs, int64_t I, float* out) {
+  __m512 a0[NR], a1[NR];
+  for (int r = 0; r < NR; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 64 <= I; i += 64) {
+    __m512i w0 = _mm512_loadu_si512(wr + i), w1 = _mm512_loadu_si512(wr + i + 32);
+    for (int r = 0; r < NR; ++r) {
+      a0[r] = _mm512_dpbf16_ps(a0[r], as_bh(w0), as_bh(_mm512_loadu_si512(xs[r] + i)));
+      a1[r] = _mm512_dpbf16_ps(a1[r], as_bh(w1), as_bh(_mm512_loadu_si512(xs[r] + i + 32)));
+    }
+  }
+  for (; i < I; i += 32) {
+    __mmask32 m = I - i >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << (I - i)) - 1);
+    __m512i w0 = _mm512_maskz_loadu_epi16(m, wr + i);
+    for (int r = 0; r < NR; ++r)
+      a0[r] = _mm512_dpbf16_ps(a0[r], as_bh(w0), as_bh(_mm512_maskz_loadu_epi16(m, xs[r] + i)));
+  }
+  for (int r = 0; r < NR; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
+}
+
+void matvec_out_in_bf16(const uint16_t* x, const uint16_t* w, const Groups& g, int64_t I, int64_t O, float* y,
+                        ffi::ThreadPool* pool) {
+  out_in_rows<4>(x, w, g, I, O, y, pool, [&](const uint16_t* wr, const uint16_t* const* xs, int64_t nr, float* out) {
+    if (nr == 1) dots_bf16<1>(wr, xs, I, out);
+    else if (nr == 2) dots_bf16<2>(wr, xs, I, out);
+    else dots_bf16<4>(wr, xs, I, out);
+  });
+}
+
+// [I, O]: VDPBF16PS pairs neighbouring products, so two stored rows (inputs i, i + 1) are
+// interleaved word by word (unpacklo/hi within each 128-bit lane) and multiplied by the pair
+// (x[i], x[i + 1]) broadcast. The partial sums of a 32-column group therefore sit permuted:
+// position k < 16 holds column 8 (k / 4) + k % 4, position 16 + k column 8 (k / 4) + 4 + k % 4
+// (`kPairedColumn`); they are put back in order when the partials are added.
+constexpr int kPairedColumn[32] = {0,  1,  2,  3,  8,  9,  10, 11, 16, 17, 18, 19, 24, 25, 26, 27,
+                                   4,  5,  6,  7,  12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
+
+// p[O32] += sum over NP pairs of rows: rows[2j] * x[2j] + rows[2j + 1] * x[2j + 1] (p permuted).
+template <int NP>
+void accumulate_pairs(const uint16_t* const* rows, const uint32_t* xpair, int64_t O, float* p) {
+  __m512i xv[NP];
+  for (int j = 0; j < NP; ++j) xv[j] = _mm512_set1_epi32(int(xpair[j]));
+  for (int64_t o = 0; o < O; o += 32) {
+    __mmask32 m = O - o >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << (O - o)) - 1);
+    __m512 lo = _mm512_loadu_ps(p + o), hi = _mm512_loadu_ps(p + o + 16);
+    for (int j = 0; j < NP; ++j) {
+      __m512i a = _mm512_maskz_loadu_epi16(m, rows[2 * j] + o), b = _mm512_maskz_loadu_epi16(m, rows[2 * j + 1] + o);
+      lo = _mm512_dpbf16_ps(lo, as_bh(_mm512_unpacklo_epi16(a, b)), as_bh(xv[j]));
+      hi = _mm512_dpbf16_ps(hi, as_bh(_mm512_unpackhi_epi16(a, b)), as_bh(xv[j]));
+    }
+    _mm512_storeu_ps(p + o, lo);
+    _mm512_storeu_ps(p + o + 16, hi);
+  }
+}
+
+void matvec_in_out_bf16(const uint16_t* x, const uint16_t* w, const Groups& g, int64_t I, int64_t O, float* y,
+                        ffi::ThreadPool* pool) {
+  const int64_t O32 = (O + 31) / 32 * 32;
+  const int64_t chunks = (I + kInChunk - 1) / kInChunk;
+  const int64_t ng = int64_t(g.mats.size()), R = int64_t(g.order.size());
+  std::vector<float> part(size_t(R * chunks * O32));
+  static const uint16_t kZeroRow[32] = {0};  // the partner of an odd last row (read up to 32 words)
+  parallel_for(pool, ng * chunks, [&](int64_t item) {
+    int64_t gi = item / chunks, c = item % chunks;
+    int64_t i0 = c * kInChunk, i1 = std::min(I, i0 + kInChunk);
+    const uint16_t* we = w + int64_t(g.mats[gi]) * I * O;
+    for (int64_t s = g.starts[gi]; s < g.starts[gi + 1]; ++s) {
+      const uint16_t* xr = x + int64_t(g.order[s]) * I;
+      float* p = part.data() + (s * chunks + c) * O32;
+      std::fill(p, p + O32, 0.f);
+      auto pair = [&](int64_t i) { return uint32_t(xr[i]) | uint32_t(i + 1 < i1 ? xr[i + 1] : 0) << 16; };
+      int64_t i = i0;
+      for (; i + 8 <= i1; i += 8) {
+        const uint16_t* rows[8];
+        uint32_t xp[4];
+        for (int k = 0; k < 8; ++k) rows[k] = we + (i + k) * O;
+        for (int j = 0; j < 4; ++j) xp[j] = pair(i + 2 * j);
+        accumulate_pairs<4>(rows, xp, O, p);
+      }
+      for (; i < i1; i += 2) {
+        // a lone last row pairs with zeros (its partner's x is 0 too); the zero row is read only
+        // where the mask allows, up to 32 words per step, so it is indexed at 0
+        const uint16_t* rows[2] = {we + i * O, i + 1 < i1 ? we + (i + 1) * O : nullptr};
+        uint32_t xp[1] = {pair(i)};
+        if (rows[1]) {
+          accumulate_pairs<1>(rows, xp, O, p);
+        } else {
+          for (int64_t o = 0; o < O; o += 32) {
+            const uint16_t* r2[2] = {rows[0] + o, kZeroRow};
+            accumulate_pairs<1>(r2, xp, std::min<int64_t>(32, O - o), p + o);
+          }
+        }
+      }
+    }
+  });
+  // add the partials group by group of 32 columns, then undo the pairing's permutation
+  const int64_t tiles = O32 / 32;
+  parallel_for(pool, R * ((tiles + 7) / 8), [&](int64_t item) {
+    int64_t s = item / ((tiles + 7) / 8), t0 = (item % ((tiles + 7) / 8)) * 8, t1 = std::min(tiles, t0 + 8);
+    float* yr = y + int64_t(g.order[s]) * O;
+    const float* p = part.data() + s * chunks * O32;
+    for (int64_t t = t0; t < t1; ++t) {
+      __m512 lo = _mm512_loadu_ps(p + 32 * t), hi = _mm512_loadu_ps(p + 32 * t + 16);
+      for (int64_t c = 1; c < chunks; ++c) {
+        lo = _mm512_add_ps(lo, _mm512_loadu_ps(p + c * O32 + 32 * t));
+        hi = _mm512_add_ps(hi, _mm512_loadu_ps(p + c * O32 + 32 * t + 16));
+      }
+      float sums[32];
+      _mm512_storeu_ps(sums, lo);
+      _mm512_storeu_ps(sums + 16, hi);
+      for (int k = 0; k < 32; ++k) {
+        int64_t o = 32 * t + kPairedColumn[k];
+        if (o < O) yr[o] = sums[k];
+      }
+    }
+  });
+}
+#endif  // GPTOSS_BF16_DOT
 
 // ------------------------------------------------------------------------------- MXFP4
 // E2M1 code -> value * 2 (integers in [-12, 12]); scale byte s -> 2**(s - 127) / 2.
@@ -299,63 +456,63 @@ void mxfp4_dots(const uint8_t* bo, const uint8_t* so, const float* pow2, int64_t
 #endif
 }
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512VL__)
-// With AVX512-BF16 and inputs that are bf16 values (a bf16 model's activations), a block's 32
-// codes become bf16 integers (value * 2) by two byte lookups, and VDPBF16PS multiplies them with
-// the inputs: products of two bf16 numbers are exact in fp32 and summed in fp32 (denormals
-// flushed), then scaled by the block's power of two. The inputs are laid out to match the
-// decoded order: [x even 0-7, x odd 0-7, x even 8-15, x odd 8-15] per block of 32.
-#define GPTOSS_BF16_DOT 1
-constexpr uint8_t kBf16LowByte[16] = {0x00, 0x80, 0x00, 0x40, 0x80, 0xC0, 0x00, 0x40,
-                                      0x00, 0x80, 0x00, 0x40, 0x80, 0xC0, 0x00, 0x40};
-constexpr uint8_t kBf16HighByte[16] = {0x00, 0x3F, 0x40, 0x40, 0x40, 0x40, 0x41, 0x41,
-                                       0x80, 0xBF, 0xC0, 0xC0, 0xC0, 0xC0, 0xC1, 0xC1};
-
-inline __m512i decode_bf16(const uint8_t* q16, __m256i lut_lo, __m256i lut_hi, __m256i low4) {
-  __m256i q = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q16)));
-  __m256i codes = _mm256_and_si256(_mm256_blend_epi32(q, _mm256_srli_epi16(q, 4), 0xF0), low4);
-  __m256i lb = _mm256_shuffle_epi8(lut_lo, codes), hb = _mm256_shuffle_epi8(lut_hi, codes);
-  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_unpacklo_epi8(lb, hb)), _mm256_unpackhi_epi8(lb, hb), 1);
-}
+#if defined(GPTOSS_BF16_DOT)
+// The bf16 path: two blocks (32 bytes) at a time, widened to 32 words; VPERMW looks up each
+// word's low nibble (its low 5 bits index a table holding the 16 codes twice) and, after a shift,
+// its high nibble, giving the codes' doubled values as bf16 numbers (integers -12..12, exact).
+// VDPBF16PS multiplies them with the inputs, laid out per pair of blocks as [even inputs of block
+// b, of block b + 1, odd inputs of b, of b + 1] (16 each), so fp32 lanes 0-7 hold block b's sums
+// and lanes 8-15 block b + 1's; one FMA applies the two blocks' powers of two.
+constexpr uint16_t kE2M1x2Bf16[32] = {0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40C0, 0x4100, 0x4140,
+                                      0x8000, 0xBF80, 0xC000, 0xC040, 0xC080, 0xC0C0, 0xC100, 0xC140,
+                                      0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40C0, 0x4100, 0x4140,
+                                      0x8000, 0xBF80, 0xC000, 0xC040, 0xC080, 0xC0C0, 0xC100, 0xC140};
 
 template <int NR>
 void mxfp4_dots_bf16(const uint8_t* bo, const uint8_t* so, const float* pow2, int64_t G,
                      const uint16_t* const* xs, float* out) {
-  const __m256i lut_lo = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kBf16LowByte)));
-  const __m256i lut_hi = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kBf16HighByte)));
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m512i tbl = _mm512_loadu_si512(kE2M1x2Bf16);
   __m512 acc0[NR], acc1[NR];
   for (int r = 0; r < NR; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
-  auto step = [&](int64_t b, __m512* acc) {
-    __m512bh w = (__m512bh)decode_bf16(bo + b * 16, lut_lo, lut_hi, low4);
-    __m512 sc = _mm512_set1_ps(pow2[so[b]]);
+  // blocks b and b + 1 (only b when `one`), into acc
+  auto step = [&](int64_t b, bool one, __m512* acc) {
+    __m256i q8 = one ? _mm256_maskz_loadu_epi8(0xFFFF, bo + b * 16)
+                     : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bo + b * 16));
+    __m512i q = _mm512_cvtepu8_epi16(q8);
+    __m512i lo = _mm512_permutexvar_epi16(q, tbl), hi = _mm512_permutexvar_epi16(_mm512_srli_epi16(q, 4), tbl);
+    __m512 sc = _mm512_insertf32x8(_mm512_set1_ps(pow2[so[b]]), _mm256_set1_ps(one ? 0.f : pow2[so[b + 1]]), 1);
     for (int r = 0; r < NR; ++r) {
-      __m512bh xv = (__m512bh)_mm512_loadu_si512(xs[r] + b * 32);
-      acc[r] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), w, xv), sc, acc[r]);
+      const uint16_t* xb = xs[r] + b * 32;
+      __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(lo), as_bh(_mm512_loadu_si512(xb)));
+      t = _mm512_dpbf16_ps(t, as_bh(hi), as_bh(_mm512_loadu_si512(xb + 32)));
+      acc[r] = _mm512_fmadd_ps(t, sc, acc[r]);
     }
   };
   int64_t b = 0;
-  for (; b + 2 <= G; b += 2) {
-    step(b, acc0);
-    step(b + 1, acc1);
+  for (; b + 4 <= G; b += 4) {
+    step(b, false, acc0);
+    step(b + 2, false, acc1);
   }
-  if (b < G) step(b, acc0);
+  if (b + 2 <= G) step(b, false, acc0), b += 2;
+  if (b < G) step(b, true, acc1);
   for (int r = 0; r < NR; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r]));
 }
 
-// x as bf16 bits in the decoded order, if every value is a bf16 number; else false.
-bool bf16_inputs(const float* x, int64_t R, int64_t I, std::vector<uint16_t>& out) {
-  out.resize(R * I);
+// x as bf16 bits laid out for `mxfp4_dots_bf16` (per pair of blocks; an odd last block's
+// partner zero), if every value is a bf16 number; else false. Row stride: ceil(G / 2) * 64.
+bool mxfp4_bf16_inputs(const float* x, int64_t R, int64_t I, std::vector<uint16_t>& out) {
+  const int64_t G = I / 32, stride = (G + 1) / 2 * 64;
+  out.assign(size_t(R * stride), 0);
   for (int64_t r = 0; r < R; ++r)
-    for (int64_t b = 0; b < I / 32; ++b)
-      for (int h = 0; h < 2; ++h)
-        for (int k = 0; k < 8; ++k)
-          for (int odd = 0; odd < 2; ++odd) {
-            uint32_t bits;
-            std::memcpy(&bits, x + r * I + b * 32 + 2 * (8 * h + k) + odd, 4);
-            if (bits & 0xFFFF) return false;
-            out[r * I + b * 32 + 16 * h + 8 * odd + k] = uint16_t(bits >> 16);
-          }
+    for (int64_t b = 0; b < G; ++b)
+      for (int64_t k = 0; k < 32; ++k) {
+        uint32_t bits;
+        std::memcpy(&bits, x + r * I + b * 32 + k, 4);
+        if (bits & 0xFFFF) return false;
+        // pair b / 2 at b / 2 * 64; within it: evens of the first block, evens of the second,
+        // odds of the first, odds of the second
+        out[r * stride + b / 2 * 64 + (k & 1) * 32 + (b & 1) * 16 + k / 2] = uint16_t(bits >> 16);
+      }
   return true;
 }
 #endif
@@ -364,7 +521,7 @@ bool bf16_inputs(const float* x, int64_t R, int64_t I, std::vector<uint16_t>& ou
 // so) and block of up to RB rows xs (inputs of type X, laid out for `dots`) that chose the matrix;
 // out[r] goes to y[row r, o].
 template <int RB, class X, class Dots>
-void packed_rows(const X* xin, const uint8_t* blocks, const uint8_t* scales, const Groups& g, int64_t I,
+void packed_rows(const X* xin, int64_t x_stride, const uint8_t* blocks, const uint8_t* scales, const Groups& g, int64_t I,
                  int64_t O, float* y, ffi::ThreadPool* pool, const Dots& dots) {
   const int64_t G = I / 32;
   int64_t chunks = (O + kRowsPerItem - 1) / kRowsPerItem;
@@ -376,7 +533,7 @@ void packed_rows(const X* xin, const uint8_t* blocks, const uint8_t* scales, con
     for (int64_t s0 = g.starts[gi]; s0 < g.starts[gi + 1]; s0 += RB) {
       int64_t nr = std::min<int64_t>(RB, g.starts[gi + 1] - s0);
       const X* xs[RB];  // a short block repeats its last row (computed, not stored)
-      for (int64_t r = 0; r < RB; ++r) xs[r] = xin + int64_t(g.order[s0 + std::min(r, nr - 1)]) * I;
+      for (int64_t r = 0; r < RB; ++r) xs[r] = xin + int64_t(g.order[s0 + std::min(r, nr - 1)]) * x_stride;
       for (int64_t o = o0; o < o1; ++o) {
         float out[RB];
         dots(be + o * G * 16, se + o * G, xs, nr, out);
@@ -394,8 +551,8 @@ void mxfp4_matvec(const float* x, const uint8_t* blocks, const uint8_t* scales, 
   for (int s = 0; s < 256; ++s) pow2[s] = half_pow2(uint8_t(s));
 #if defined(GPTOSS_BF16_DOT)
   std::vector<uint16_t> xb;
-  if (bf16_inputs(x, R, I, xb)) {
-    packed_rows<8>(xb.data(), blocks, scales, g, I, O, y, pool,
+  if (mxfp4_bf16_inputs(x, R, I, xb)) {
+    packed_rows<8>(xb.data(), (G + 1) / 2 * 64, blocks, scales, g, I, O, y, pool,
                    [&](const uint8_t* bo, const uint8_t* so, const uint16_t* const* xs, int64_t nr, float* out) {
                      if (nr == 1) mxfp4_dots_bf16<1>(bo, so, pow2, G, xs, out);
                      else if (nr == 2) mxfp4_dots_bf16<2>(bo, so, pow2, G, xs, out);
@@ -407,7 +564,7 @@ void mxfp4_matvec(const float* x, const uint8_t* blocks, const uint8_t* scales, 
 #endif
   std::vector<float> xd(R * I);
   for (int64_t r = 0; r < R; ++r) deinterleave(x + r * I, I, xd.data() + r * I);
-  packed_rows<4>(xd.data(), blocks, scales, g, I, O, y, pool,
+  packed_rows<4>(xd.data(), I, blocks, scales, g, I, O, y, pool,
                  [&](const uint8_t* bo, const uint8_t* so, const float* const* xs, int64_t nr, float* out) {
                    if (nr == 1) mxfp4_dots<1, 4>(bo, so, pow2, G, xs, out);
                    else if (nr == 2) mxfp4_dots<2, 2>(bo, so, pow2, G, xs, out);
@@ -437,6 +594,13 @@ ffi::Error MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
   switch (w.element_type()) {
     case ffi::DataType::BF16: {
       auto* wp = reinterpret_cast<const uint16_t*>(w.untyped_data());
+#if defined(GPTOSS_BF16_DOT)
+      std::vector<uint16_t> xb;
+      if (bf16_values(xp, R * I, xb)) {
+        out_in ? matvec_out_in_bf16(xb.data(), wp, g, I, O, yd, &pool) : matvec_in_out_bf16(xb.data(), wp, g, I, O, yd, &pool);
+        break;
+      }
+#endif
       out_in ? matvec_out_in(xp, wp, g, I, O, yd, &pool) : matvec_in_out(xp, wp, g, I, O, yd, &pool);
       break;
     }

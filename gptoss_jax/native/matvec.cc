@@ -122,6 +122,20 @@ Groups group_rows(const int32_t* ids, int64_t R) {
   return g;
 }
 
+// Per-thread scratch that outlives a call (not cleared; `Slot` tells a call's buffers apart): a
+// fresh vector of megabytes on every decode step costs page faults and zeroing. It grows as
+// needed; beyond kScratchKeep bytes it is given back at the next call that needs less. The pool's
+// workers write into the caller's buffers only while the caller waits for them.
+constexpr int64_t kScratchKeep = int64_t(1) << 25;
+template <class T, int Slot>
+T* scratch(int64_t n) {
+  thread_local std::vector<T> buf;
+  if (int64_t(buf.size()) < n) buf.resize(size_t(n));
+  else if (int64_t(buf.size() * sizeof(T)) > kScratchKeep && int64_t(n * sizeof(T)) <= kScratchKeep)
+    std::vector<T>(size_t(n)).swap(buf);
+  return buf.data();
+}
+
 constexpr int64_t kRowBlock = 8;     // rows that share one pass over a matrix
 constexpr int64_t kColTile = 256;    // output columns per work item (adding partial sums)
 constexpr int64_t kInChunk = 64;     // input rows per work item ([I, O] layout)
@@ -140,14 +154,14 @@ void matvec_in_out(const float* x, const T* w, const Groups& g, int64_t I, int64
   int64_t ng = int64_t(g.mats.size());
   int64_t R = int64_t(g.order.size());
   // partial sums: for group gi, chunk c, the group's k-th row: part[((start(gi) + k) * chunks + c) * O]
-  std::vector<float> part(size_t(R * chunks * O));
+  float* part = scratch<float, 0>(R * chunks * O);
   parallel_for(pool, ng * chunks, [&](int64_t item) {
     int64_t gi = item / chunks, c = item % chunks;
     int64_t i0 = c * kInChunk, i1 = std::min(I, i0 + kInChunk);
     const T* we = w + int64_t(g.mats[gi]) * I * O;
     for (int64_t s = g.starts[gi]; s < g.starts[gi + 1]; ++s) {
       const float* xr = x + int64_t(g.order[s]) * I;
-      float* p = part.data() + (s * chunks + c) * O;
+      float* p = part + (s * chunks + c) * O;
       std::fill(p, p + O, 0.f);
       int64_t i = i0;
       for (; i + 4 <= i1; i += 4) {
@@ -167,7 +181,7 @@ void matvec_in_out(const float* x, const T* w, const Groups& g, int64_t I, int64
   parallel_for(pool, R * tiles, [&](int64_t item) {
     int64_t s = item / tiles, o0 = (item % tiles) * kColTile, o1 = std::min(O, o0 + kColTile);
     float* yr = y + int64_t(g.order[s]) * O;
-    const float* p = part.data() + s * chunks * O;
+    const float* p = part + s * chunks * O;
     for (int64_t o = o0; o < o1; ++o) yr[o] = p[o];
     for (int64_t c = 1; c < chunks; ++c)
       for (int64_t o = o0; o < o1; ++o) yr[o] += p[c * O + o];
@@ -252,8 +266,7 @@ void matvec_out_in(const float* x, const T* w, const Groups& g, int64_t I, int64
 // ------------------------------------------------------------- dense bf16 weights, bf16 inputs
 
 // x as bf16 bits, if every value is a bf16 number; else false.
-bool bf16_values(const float* x, int64_t n, std::vector<uint16_t>& out) {
-  out.resize(size_t(n));
+bool bf16_values(const float* x, int64_t n, uint16_t* out) {
   for (int64_t k = 0; k < n; ++k) {
     uint32_t bits;
     std::memcpy(&bits, x + k, 4);
@@ -328,7 +341,7 @@ void matvec_in_out_bf16(const uint16_t* x, const uint16_t* w, const Groups& g, i
   const int64_t O32 = (O + 31) / 32 * 32;
   const int64_t chunks = (I + kInChunk - 1) / kInChunk;
   const int64_t ng = int64_t(g.mats.size()), R = int64_t(g.order.size());
-  std::vector<float> part(size_t(R * chunks * O32));
+  float* part = scratch<float, 0>(R * chunks * O32);
   static const uint16_t kZeroRow[32] = {0};  // the partner of an odd last row (read up to 32 words)
   parallel_for(pool, ng * chunks, [&](int64_t item) {
     int64_t gi = item / chunks, c = item % chunks;
@@ -336,7 +349,7 @@ void matvec_in_out_bf16(const uint16_t* x, const uint16_t* w, const Groups& g, i
     const uint16_t* we = w + int64_t(g.mats[gi]) * I * O;
     for (int64_t s = g.starts[gi]; s < g.starts[gi + 1]; ++s) {
       const uint16_t* xr = x + int64_t(g.order[s]) * I;
-      float* p = part.data() + (s * chunks + c) * O32;
+      float* p = part + (s * chunks + c) * O32;
       std::fill(p, p + O32, 0.f);
       auto pair = [&](int64_t i) { return uint32_t(xr[i]) | uint32_t(i + 1 < i1 ? xr[i + 1] : 0) << 16; };
       int64_t i = i0;
@@ -368,7 +381,7 @@ void matvec_in_out_bf16(const uint16_t* x, const uint16_t* w, const Groups& g, i
   parallel_for(pool, R * ((tiles + 7) / 8), [&](int64_t item) {
     int64_t s = item / ((tiles + 7) / 8), t0 = (item % ((tiles + 7) / 8)) * 8, t1 = std::min(tiles, t0 + 8);
     float* yr = y + int64_t(g.order[s]) * O;
-    const float* p = part.data() + s * chunks * O32;
+    const float* p = part + s * chunks * O32;
     for (int64_t t = t0; t < t1; ++t) {
       __m512 lo = _mm512_loadu_ps(p + 32 * t), hi = _mm512_loadu_ps(p + 32 * t + 16);
       for (int64_t c = 1; c < chunks; ++c) {
@@ -500,10 +513,11 @@ void mxfp4_dots_bf16(const uint8_t* bo, const uint8_t* so, const float* pow2, in
 
 // x as bf16 bits laid out for `mxfp4_dots_bf16` (per pair of blocks; an odd last block's
 // partner zero), if every value is a bf16 number; else false. Row stride: ceil(G / 2) * 64.
-bool mxfp4_bf16_inputs(const float* x, int64_t R, int64_t I, std::vector<uint16_t>& out) {
+bool mxfp4_bf16_inputs(const float* x, int64_t R, int64_t I, uint16_t* out) {
   const int64_t G = I / 32, stride = (G + 1) / 2 * 64;
-  out.assign(size_t(R * stride), 0);
-  for (int64_t r = 0; r < R; ++r)
+  for (int64_t r = 0; r < R; ++r) {
+    if (G % 2)  // an odd last block: its partner's inputs are zeros
+      for (int64_t k = 0; k < 32; ++k) out[r * stride + G / 2 * 64 + (k & 1) * 32 + 16 + k / 2] = 0;
     for (int64_t b = 0; b < G; ++b)
       for (int64_t k = 0; k < 32; ++k) {
         uint32_t bits;
@@ -513,6 +527,7 @@ bool mxfp4_bf16_inputs(const float* x, int64_t R, int64_t I, std::vector<uint16_
         // odds of the first, odds of the second
         out[r * stride + b / 2 * 64 + (k & 1) * 32 + (b & 1) * 16 + k / 2] = uint16_t(bits >> 16);
       }
+  }
   return true;
 }
 #endif
@@ -550,9 +565,9 @@ void mxfp4_matvec(const float* x, const uint8_t* blocks, const uint8_t* scales, 
   float pow2[256];
   for (int s = 0; s < 256; ++s) pow2[s] = half_pow2(uint8_t(s));
 #if defined(GPTOSS_BF16_DOT)
-  std::vector<uint16_t> xb;
+  uint16_t* xb = scratch<uint16_t, 1>(R * ((G + 1) / 2 * 64));
   if (mxfp4_bf16_inputs(x, R, I, xb)) {
-    packed_rows<8>(xb.data(), (G + 1) / 2 * 64, blocks, scales, g, I, O, y, pool,
+    packed_rows<8>(xb, (G + 1) / 2 * 64, blocks, scales, g, I, O, y, pool,
                    [&](const uint8_t* bo, const uint8_t* so, const uint16_t* const* xs, int64_t nr, float* out) {
                      if (nr == 1) mxfp4_dots_bf16<1>(bo, so, pow2, G, xs, out);
                      else if (nr == 2) mxfp4_dots_bf16<2>(bo, so, pow2, G, xs, out);
@@ -562,9 +577,9 @@ void mxfp4_matvec(const float* x, const uint8_t* blocks, const uint8_t* scales, 
     return;
   }
 #endif
-  std::vector<float> xd(R * I);
-  for (int64_t r = 0; r < R; ++r) deinterleave(x + r * I, I, xd.data() + r * I);
-  packed_rows<4>(xd.data(), I, blocks, scales, g, I, O, y, pool,
+  float* xd = scratch<float, 1>(R * I);
+  for (int64_t r = 0; r < R; ++r) deinterleave(x + r * I, I, xd + r * I);
+  packed_rows<4>(xd, I, blocks, scales, g, I, O, y, pool,
                  [&](const uint8_t* bo, const uint8_t* so, const float* const* xs, int64_t nr, float* out) {
                    if (nr == 1) mxfp4_dots<1, 4>(bo, so, pow2, G, xs, out);
                    else if (nr == 2) mxfp4_dots<2, 2>(bo, so, pow2, G, xs, out);
@@ -595,9 +610,9 @@ ffi::Error MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
     case ffi::DataType::BF16: {
       auto* wp = reinterpret_cast<const uint16_t*>(w.untyped_data());
 #if defined(GPTOSS_BF16_DOT)
-      std::vector<uint16_t> xb;
+      uint16_t* xb = scratch<uint16_t, 1>(R * I);
       if (bf16_values(xp, R * I, xb)) {
-        out_in ? matvec_out_in_bf16(xb.data(), wp, g, I, O, yd, &pool) : matvec_in_out_bf16(xb.data(), wp, g, I, O, yd, &pool);
+        out_in ? matvec_out_in_bf16(xb, wp, g, I, O, yd, &pool) : matvec_in_out_bf16(xb, wp, g, I, O, yd, &pool);
         break;
       }
 #endif

@@ -47,7 +47,11 @@ from gptoss_jax.mxfp4 import MXFP4
 
 SOURCE = Path(__file__).parent / "native" / "matvec.cc"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
-_TARGETS = {"gptoss_matvec": "GptossMatvec", "gptoss_mxfp4_matvec": "GptossMxfp4Matvec"}
+_TARGETS = {
+    "gptoss_matvec": "GptossMatvec",
+    "gptoss_mxfp4_matvec": "GptossMxfp4Matvec",
+    "gptoss_grouped_matmul": "GptossGroupedMatmul",
+}
 
 
 class NativeUnavailable(RuntimeError):
@@ -236,3 +240,27 @@ def _mxfp4_bwd(res, dy):
 
 
 _mxfp4_matvec.defvjp(_mxfp4_fwd, _mxfp4_bwd)
+
+
+# ------------------------------------------------------------------- grouped matmul (bf16)
+def grouped_matmul(x, w, starts, sizes) -> jax.Array:
+    """y[r] = x[r] @ w[e] for the rows r in [starts[e], starts[e] + sizes[e]) of each matrix e
+    (a sorted MoE's rows, each expert's product on exactly its rows); other rows of y are zeros.
+    x [R, I] bf16, w [E, I, O] bf16, starts/sizes [E] int32 -> fp32 [R, O]. Needs the
+    AVX512-BF16 path (`has_bf16_dot()`): bf16 products are exact in fp32 and summed in fp32.
+    A forward computation only (no derivative rule: the MoE uses it where nothing is
+    differentiated)."""
+    require()
+    if not has_bf16_dot():
+        raise NativeUnavailable("grouped_matmul needs a CPU with AVX512-BF16")
+    if x.dtype != jnp.bfloat16 or w.dtype != jnp.bfloat16:
+        raise ValueError(f"grouped_matmul: x and w must be bf16, got {x.dtype} and {w.dtype}")
+    if x.ndim != 2 or w.ndim != 3 or w.shape[1] != x.shape[1]:
+        raise ValueError(f"grouped_matmul: x {tuple(x.shape)} does not fit w {tuple(w.shape)} ([R, I] and [E, I, O])")
+    E = w.shape[0]
+    starts = jnp.asarray(starts).astype(jnp.int32).reshape(E)
+    sizes = jnp.asarray(sizes).astype(jnp.int32).reshape(E)
+    call = jax.ffi.ffi_call(
+        "gptoss_grouped_matmul", jax.ShapeDtypeStruct((x.shape[0], w.shape[2]), jnp.float32), vmap_method="sequential"
+    )
+    return call(x, w, starts, sizes)

@@ -211,6 +211,8 @@ def moe_options(
         return dict(one_at_a_time=one_at_a_time)
     if impl == "gather":
         return dict(gathered_decode=gathered_decode, native=native)
+    if impl == "chunks":
+        return dict(native=native)
     return {}
 
 

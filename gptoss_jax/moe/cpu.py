@@ -229,14 +229,34 @@ def chunk_count(num_rows: int, num_experts: int, chunk: int) -> int:
     return -(-(num_rows + num_experts * (chunk - 1)) // chunk)
 
 
-def moe_chunks(x, ew: ExpertWeights, routing: Routing, *, alpha, limit, chunk: int | None = None):
+def native_grouped_ok(ew: ExpertWeights, dtype) -> bool:
+    """Whether `cpu_matvec.grouped_matmul` can run these experts' forward pass: dense bf16
+    weights and activations, no adapters, and a CPU with AVX512-BF16."""
+    dense = not isinstance(ew.w1, MXFP4) and not isinstance(ew.w2, MXFP4)
+    return (
+        dense
+        and jnp.dtype(dtype) == jnp.bfloat16
+        and ew.w1.dtype == jnp.bfloat16
+        and ew.w2.dtype == jnp.bfloat16
+        and ew.lora1 is None
+        and ew.lora2 is None
+        and cpu_matvec.has_bf16_dot()
+    )
+
+
+def moe_chunks(x, ew: ExpertWeights, routing: Routing, *, alpha, limit, chunk: int | None = None, native: bool = False):
     """Sort by expert, pad each group to a multiple of `chunk` rows, and loop over the experts and,
     within each, over its chunks only (a loop with a run-time trip count): plain 2-D matmuls, one
     expert's weights at a time (packed ones decoded once per expert), work that follows the
     groups (at most `chunk` - 1 padding rows per expert) whatever the routing, dropless. The
     bucket path instead pads every group to a capacity holding the largest one: 4x the work on
     the benchmark model, whose random router sends most tokens to one expert. The backward pass
-    is its own loop (`jax.custom_vjp`), reusing the saved pre-activations."""
+    is its own loop (`jax.custom_vjp`), reusing the saved pre-activations.
+
+    `native` (the CPU plan where the kernels build): where `native_grouped_ok`, the forward pass
+    that nothing differentiates runs each expert's two products on exactly its rows through
+    `cpu_matvec.grouped_matmul` (XLA:CPU's bf16 matmuls at chunk sizes reach a fraction of their
+    large-size rate); under differentiation the loop above runs, as without it."""
     T, k = routing.ids.shape
     E, R = ew.b1.shape[0], T * k
     m = chunk or chunk_rows(R, E)
@@ -248,7 +268,8 @@ def moe_chunks(x, ew: ExpertWeights, routing: Routing, *, alpha, limit, chunk: i
     # inside shard_map: the float weights take the rows' mesh-varying type before the custom VJP,
     # so JAX's own transpose of that cast sums their gradients over the token shards
     ew = jax.tree.map(lambda a: vma.varying_like(a, buf) if jnp.issubdtype(a.dtype, jnp.floating) else a, ew)
-    y = _chunked(buf, ew, chunks, float(alpha), float(limit), m)
+    use_native = bool(native) and native_grouped_ok(ew, buf.dtype)
+    y = _chunked(buf, ew, chunks, srt.group_sizes, float(alpha), float(limit), m, use_native)
     return combine(y[row], srt, routing, x.dtype)
 
 
@@ -290,19 +311,33 @@ def _chunked_run(buf, ew, chunks, alpha, limit, m, keep_h):
     return _chunk_loop(chunks, m, ew, buf.dtype, alpha, limit, body, (y0, h0))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _chunked(buf, ew, chunks, alpha, limit, m):
+def _grouped_native(buf, ew, chunks, sizes, alpha, limit, m):
+    """`_chunked`'s forward through `cpu_matvec.grouped_matmul`: expert e's rows are the first
+    sizes[e] of its chunks; the other rows hold bias-only outputs (never read)."""
+    E, n = chunks.shape[0], buf.shape[0]
+    starts = (jnp.cumsum(chunks) - chunks) * m
+    expert = jnp.repeat(jnp.arange(E), chunks * m, total_repeat_length=n)  # padding rows: any expert
+    h = cpu_matvec.grouped_matmul(buf, ew.w1, starts, sizes) + ew.b1.astype(jnp.float32)[expert]
+    a = swiglu(h, alpha=alpha, limit=limit).astype(buf.dtype)
+    return cpu_matvec.grouped_matmul(a, ew.w2, starts, sizes) + ew.b2.astype(jnp.float32)[expert]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _chunked(buf, ew, chunks, sizes, alpha, limit, m, native):
     """The expert MLPs of the padded, expert-sorted rows `buf` [n m, D] -> fp32 [n m, D]; rows of
-    unused chunks stay 0, padding rows of used chunks hold the bias-only output (never read)."""
+    unused chunks stay 0, padding rows of used chunks hold the bias-only output (never read).
+    `sizes` [E]: each expert's rows (the first of its chunks' rows)."""
+    if native:
+        return _grouped_native(buf, ew, chunks, sizes, alpha, limit, m)
     return _chunked_run(buf, ew, chunks, alpha, limit, m, keep_h=False)[0]
 
 
-def _chunked_fwd(buf, ew, chunks, alpha, limit, m):
+def _chunked_fwd(buf, ew, chunks, sizes, alpha, limit, m, native):
     y, h = _chunked_run(buf, ew, chunks, alpha, limit, m, keep_h=True)
     return y, (buf, ew, chunks, h)
 
 
-def _chunked_bwd(alpha, limit, m, res, dy):
+def _chunked_bwd(alpha, limit, m, native, res, dy):
     buf, ew, chunks, h_all = res
     refs = (buf, ew, chunks, h_all, dy)
 
@@ -334,7 +369,8 @@ def _chunked_bwd(alpha, limit, m, res, dy):
         acc=lambda fns: [_zeros(a.shape, jnp.float32, *refs) for a in fns[0]],
         done=done,
     )
-    return d_buf, cotangent(ew, grads), np.zeros(chunks.shape, jax.dtypes.float0)
+    float0 = np.zeros(chunks.shape, jax.dtypes.float0)
+    return d_buf, cotangent(ew, grads), float0, float0
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)

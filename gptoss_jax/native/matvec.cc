@@ -398,6 +398,77 @@ void matvec_in_out_bf16(const uint16_t* x, const uint16_t* w, const Groups& g, i
     }
   });
 }
+
+// ------------------------------------------------------- grouped matmul, bf16 (prefill MoE)
+// y[r] = x[r] @ W[e] for the rows r in [starts[e], starts[e] + sizes[e]) of each expert e: one
+// matrix product per expert on exactly its rows, as a prefill's sorted MoE rows need. Register
+// tiles of 8 rows x 32 columns: per pair of inputs, two stored rows of W interleaved (as in
+// `accumulate_pairs`) meet each row's input pair broadcast, 16 VDPBF16PS per 2 loads; the
+// accumulators' pairing permutation is undone once per tile (`kTileOrder`).
+constexpr int kMR = 8;
+constexpr int64_t kColBlock = 64;  // columns per work item (a strip of W reused by every row tile)
+
+// output column c of a tile <- accumulator lane: c in group L = c / 8 at j = c % 8 comes from the
+// "lo" accumulator (lanes 0-15) at 4 L + j for j < 4, else from "hi" (16 + 4 L + j - 4)
+constexpr int kTileOrder[32] = {0,  1,  2,  3,  16, 17, 18, 19, 4,  5,  6,  7,  20, 21, 22, 23,
+                                8,  9,  10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31};
+
+template <int MR>
+void gemm_tile(const uint16_t* const* xr, const uint16_t* w, int64_t I, int64_t O, int64_t ncols, float* const* yr,
+               int64_t nrows) {
+  __m512 lo[MR], hi[MR];
+  for (int r = 0; r < MR; ++r) lo[r] = hi[r] = _mm512_setzero_ps();
+  const __mmask32 m = ncols >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << ncols) - 1);
+  int64_t i = 0;
+  for (; i + 2 <= I; i += 2) {
+    __m512i a = _mm512_maskz_loadu_epi16(m, w + i * O), b = _mm512_maskz_loadu_epi16(m, w + (i + 1) * O);
+    __m512bh l = as_bh(_mm512_unpacklo_epi16(a, b)), h = as_bh(_mm512_unpackhi_epi16(a, b));
+    for (int r = 0; r < MR; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, xr[r] + i, 4);
+      __m512bh xp = as_bh(_mm512_set1_epi32(pair));
+      lo[r] = _mm512_dpbf16_ps(lo[r], l, xp);
+      hi[r] = _mm512_dpbf16_ps(hi[r], h, xp);
+    }
+  }
+  if (i < I) {  // an odd last input pairs with zeros
+    __m512i a = _mm512_maskz_loadu_epi16(m, w + i * O), z = _mm512_setzero_si512();
+    __m512bh l = as_bh(_mm512_unpacklo_epi16(a, z)), h = as_bh(_mm512_unpackhi_epi16(a, z));
+    for (int r = 0; r < MR; ++r) {
+      __m512bh xp = as_bh(_mm512_set1_epi32(int32_t(xr[r][i])));
+      lo[r] = _mm512_dpbf16_ps(lo[r], l, xp);
+      hi[r] = _mm512_dpbf16_ps(hi[r], h, xp);
+    }
+  }
+  const __m512i idx0 = _mm512_loadu_si512(kTileOrder), idx1 = _mm512_loadu_si512(kTileOrder + 16);
+  const __mmask16 m0 = __mmask16(m & 0xFFFF), m1 = __mmask16(m >> 16);
+  for (int r = 0; r < MR; ++r) {  // constant bounds: the accumulators stay in registers
+    if (r >= nrows) break;
+    _mm512_mask_storeu_ps(yr[r], m0, _mm512_permutex2var_ps(lo[r], idx0, hi[r]));
+    _mm512_mask_storeu_ps(yr[r] + 16, m1, _mm512_permutex2var_ps(lo[r], idx1, hi[r]));
+  }
+}
+
+void grouped_matmul_bf16(const uint16_t* x, const uint16_t* w, const int32_t* starts, const int32_t* sizes, int64_t E,
+                         int64_t I, int64_t O, float* y, ffi::ThreadPool* pool) {
+  const int64_t blocks = (O + kColBlock - 1) / kColBlock;
+  std::vector<int64_t> item_start(E + 1, 0);  // items of expert e: blocks, if it has rows
+  for (int64_t e = 0; e < E; ++e) item_start[e + 1] = item_start[e] + (sizes[e] > 0 ? blocks : 0);
+  parallel_for(pool, item_start[E], [&](int64_t item) {
+    int64_t e = std::upper_bound(item_start.begin(), item_start.end(), item) - item_start.begin() - 1;
+    int64_t c0 = (item - item_start[e]) * kColBlock, c1 = std::min(O, c0 + kColBlock);
+    const uint16_t* we = w + e * I * O;
+    const int64_t r0 = starts[e], r1 = r0 + sizes[e];
+    for (int64_t c = c0; c < c1; c += 32)
+      for (int64_t t = r0; t < r1; t += kMR) {
+        int64_t nr = std::min<int64_t>(kMR, r1 - t);
+        const uint16_t* xr[kMR];
+        float* yr[kMR];
+        for (int r = 0; r < kMR; ++r) xr[r] = x + (t + std::min<int64_t>(r, nr - 1)) * I, yr[r] = y + (t + r) * O + c;
+        gemm_tile<kMR>(xr, we + c, I, O, std::min<int64_t>(32, c1 - c), yr, nr);
+      }
+  });
+}
 #endif  // GPTOSS_BF16_DOT
 
 // ------------------------------------------------------------------------------- MXFP4
@@ -644,6 +715,39 @@ ffi::Error Mxfp4MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
   return ffi::Error::Success();
 }
 
+// x [R, I] bf16, w [E, I, O] bf16, starts/sizes [E] s32 -> y [R, O] f32; rows outside every
+// expert's range are zeros.
+ffi::Error GroupedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
+                             ffi::Buffer<ffi::S32> starts, ffi::Buffer<ffi::S32> sizes, ffi::ResultBuffer<ffi::F32> y) {
+#if defined(GPTOSS_BF16_DOT)
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || wd[1] != xd[1])
+    return ffi::Error::InvalidArgument("grouped_matmul: x must be [R, I], w [E, I, O]");
+  int64_t R = xd[0], I = xd[1], E = wd[0], O = wd[2];
+  if (starts.element_count() != size_t(E) || sizes.element_count() != size_t(E))
+    return ffi::Error::InvalidArgument("grouped_matmul: starts and sizes must have one entry per matrix");
+  const int32_t *st = starts.typed_data(), *sz = sizes.typed_data();
+  std::vector<char> covered(size_t(R), 0);
+  for (int64_t e = 0; e < E; ++e) {
+    if (sz[e] < 0 || st[e] < 0 || int64_t(st[e]) + sz[e] > R)
+      return ffi::Error::InvalidArgument("grouped_matmul: a group's rows fall outside x");
+    for (int64_t r = st[e]; r < st[e] + sz[e]; ++r) {
+      if (covered[r]) return ffi::Error::InvalidArgument("grouped_matmul: groups overlap");
+      covered[r] = 1;
+    }
+  }
+  float* yd = y->typed_data();
+  for (int64_t r = 0; r < R; ++r)
+    if (!covered[r]) std::fill(yd + r * O, yd + (r + 1) * O, 0.f);
+  grouped_matmul_bf16(reinterpret_cast<const uint16_t*>(x.typed_data()), reinterpret_cast<const uint16_t*>(w.typed_data()),
+                      st, sz, E, I, O, yd, &pool);
+  return ffi::Error::Success();
+#else
+  return ffi::Error(ffi::ErrorCode::kUnimplemented, "grouped_matmul: built without AVX512-BF16");
+#endif
+}
+
 }  // namespace
 
 // 1 when the MXFP4 kernel was built with the bf16 dot product path (AVX512-BF16).
@@ -670,5 +774,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossMxfp4Matvec, Mxfp4MatvecImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossGroupedMatmul, GroupedMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -82,9 +82,14 @@ def table(record: dict, ours: dict) -> str:
     lines += [
         "",
         f"ours / llama.cpp: prefill {ours_prefill / ll['prefill_tokens_per_second']:.2f}x, decode "
-        f"{gen['decode_tok_s'] / ll['decode_tokens_per_second']:.2f}x. llama-cpp-python built from source by pip "
-        f"in {record['build_seconds']:.0f} s, convert_hf_to_gguf.py {record['convert_seconds']:.0f} s (both while "
-        f"the other and the checkpoint writer ran); GGUF {record['gguf_bytes'] / 1e9:.2f} GB.",
+        f"{gen['decode_tok_s'] / ll['decode_tokens_per_second']:.2f}x. "
+        + (
+            f"llama-cpp-python built from source by pip in {record['build_seconds']:.0f} s, convert_hf_to_gguf.py "
+            f"{record['convert_seconds']:.0f} s (both while the other and the checkpoint writer ran); "
+            if record.get("build_seconds") is not None and record.get("convert_seconds") is not None
+            else "Build and conversion times: not given to this run (measured once, in the first record). "
+        )
+        + f"GGUF {record['gguf_bytes'] / 1e9:.2f} GB.",
         "",
         "Bytes a decode step must read (ours): "
         + ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in ours["decode_bytes_per_token"]["parts"].items())

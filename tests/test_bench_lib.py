@@ -15,7 +15,7 @@ import pytest
 import gptoss_jax as gj
 from gptoss_jax import moe as moe_lib
 from gptoss_jax import safetensors_io, sampling
-from gptoss_jax.bench import decode_pieces, flops, full_size, pieces, prefill_pieces, records, timing, weights
+from gptoss_jax.bench import decode_pieces, flops, full_size, peaks, pieces, prefill_pieces, records, timing, weights
 from gptoss_jax.cache import init_cache
 from gptoss_jax.config import FULL, SLIDING
 
@@ -167,6 +167,12 @@ def test_public_prefill_logits_are_each_prompts_last():
 
 
 # ------------------------------------------------------------ bench_20b's phases (full_size)
+def test_read_rate_counts_the_bytes_read():
+    # 64 MiB read in well under a second on any machine this runs on, well over 100 MB/s
+    rate = peaks.read_rate(64 * 2**20, 3)
+    assert 1e8 < rate < 1e13
+
+
 def test_decode_timing_and_roofline_by_hand():
     timed = {"wall_s": 1.0, "tokens": [1, 2, 3, 4]}
     t = full_size.decode_timing(timed, [0.3, 0.2], 4)
@@ -182,6 +188,8 @@ def test_decode_timing_and_roofline_by_hand():
         "achieved_fraction": 0.5,
         "achieved_bytes_per_s": 50.0,
     }
+    r = full_size.roofline(100.0, 10.0, 5.0, read_bytes_per_s=80.0)  # 5 tok/s x 10 B of 80 B/s read
+    assert r["read_bound_tokens_per_s"] == 8.0 and r["achieved_fraction_of_read_bound"] == pytest.approx(0.625)
     gib16 = 16 * 2**30
     assert full_size.peak_rss({"memory": {"after prefill alone": {"VmHWM": gib16}}})["peak_rss_goal_met"]
     assert not full_size.peak_rss({"memory": {"after prefill alone": {"VmHWM": gib16 + 1}}})["peak_rss_goal_met"]

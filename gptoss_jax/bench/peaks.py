@@ -111,6 +111,16 @@ def host_streams(nbytes: int, repeats: int, torch=None) -> dict:
     return bw
 
 
+def read_rate(nbytes: int, repeats: int) -> float:
+    """Bytes per second read by a jitted max over an fp32 array of `nbytes` (XLA's reduction on
+    every core; nothing written), best of `repeats`: the rate a decode step, which only reads its
+    weights, can reach. On the machines measured a copy's bytes read + written per second exceeded
+    it by about a third, so the copy's rate overstates what reading alone reaches."""
+    a = jnp.ones((nbytes // 4,), jnp.float32)
+    f = jax.jit(jnp.max)
+    return stream_rate(lambda: f(a), a.size * 4, repeats, reduce=timing.best)
+
+
 def threaded_copy(nbytes: int, repeats: int, threads: int) -> dict:
     """numpy copies of a uint8 array of `nbytes`, with one thread and with `threads` threads over
     page-aligned slices, best of `repeats` (no warm-up: both arrays are touched beforehand)."""

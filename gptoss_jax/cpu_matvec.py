@@ -129,6 +129,11 @@ def _load() -> str | None:
     return None
 
 
+def has_grouped_f32() -> bool:
+    """Whether `grouped_matmul` takes fp32 (built with AVX-512F)."""
+    return available() and bool(_LIB[0].GptossHasGroupedF32())
+
+
 def has_bf16_dot() -> bool:
     """Whether the MXFP4 kernel has its AVX512-BF16 path (used when the inputs are bf16 values)."""
     return available() and bool(_LIB[0].GptossHasBf16Dot())
@@ -246,15 +251,17 @@ _mxfp4_matvec.defvjp(_mxfp4_fwd, _mxfp4_bwd)
 def grouped_matmul(x, w, starts, sizes) -> jax.Array:
     """y[r] = x[r] @ w[e] for the rows r in [starts[e], starts[e] + sizes[e]) of each matrix e
     (a sorted MoE's rows, each expert's product on exactly its rows); other rows of y are zeros.
-    x [R, I] bf16, w [E, I, O] bf16, starts/sizes [E] int32 -> fp32 [R, O]. Needs the
-    AVX512-BF16 path (`has_bf16_dot()`): bf16 products are exact in fp32 and summed in fp32.
-    A forward computation only (no derivative rule: the MoE uses it where nothing is
-    differentiated)."""
+    x [R, I], w [E, I, O], both bf16 (needs AVX512-BF16, `has_bf16_dot()`: bf16 products are
+    exact in fp32 and summed in fp32) or both fp32 (needs AVX-512F, `has_grouped_f32()`: fp32
+    FMAs); starts/sizes [E] int32 -> fp32 [R, O]. A forward computation only (no derivative
+    rule: the MoE uses it where nothing is differentiated)."""
     require()
-    if not has_bf16_dot():
-        raise NativeUnavailable("grouped_matmul needs a CPU with AVX512-BF16")
-    if x.dtype != jnp.bfloat16 or w.dtype != jnp.bfloat16:
-        raise ValueError(f"grouped_matmul: x and w must be bf16, got {x.dtype} and {w.dtype}")
+    if x.dtype != w.dtype or x.dtype not in (jnp.bfloat16, jnp.float32):
+        raise ValueError(f"grouped_matmul: x and w must be both bf16 or both fp32, got {x.dtype} and {w.dtype}")
+    if x.dtype == jnp.bfloat16 and not has_bf16_dot():
+        raise NativeUnavailable("grouped_matmul in bf16 needs a CPU with AVX512-BF16")
+    if x.dtype == jnp.float32 and not has_grouped_f32():
+        raise NativeUnavailable("grouped_matmul in fp32 needs a CPU with AVX-512F")
     if x.ndim != 2 or w.ndim != 3 or w.shape[1] != x.shape[1]:
         raise ValueError(f"grouped_matmul: x {tuple(x.shape)} does not fit w {tuple(w.shape)} ([R, I] and [E, I, O])")
     E = w.shape[0]

@@ -160,20 +160,42 @@ def test_model_decode_with_and_without_native_kernels(experts, dtype):
         assert ga.tokens == gb.tokens
 
 
+def grouped_built(dtype: str) -> bool:
+    """Where the kernels exist, whether grouped_matmul takes `dtype` on this CPU."""
+    return _REASON is None and (cpu_matvec.has_bf16_dot() if dtype == "bfloat16" else cpu_matvec.has_grouped_f32())
+
+
+def skip_unless_grouped(dtype: str):
+    if _REASON is None and not grouped_built(dtype):
+        pytest.skip(f"this CPU lacks grouped_matmul's {dtype} path (bf16: AVX512-BF16, fp32: AVX-512F)")
+
+
 needs_bf16_dot = pytest.mark.skipif(
     _REASON is None and not cpu_matvec.has_bf16_dot(), reason="this CPU has no AVX512-BF16 (grouped_matmul's path)"
 )
 
 
-@needs_bf16_dot
-@pytest.mark.parametrize("I", [203, 64])  # odd: the last input pairs with zeros
-def test_grouped_matmul_against_numpy(I):
+def test_grouped_paths_are_built_where_the_cpu_has_them():
+    from gptoss_jax.bench.peaks import cpu_info
+
+    isa = cpu_info()["isa"]
+    if "avx512_bf16" in isa:
+        assert grouped_built("bfloat16")
+    if "avx512f" in isa:
+        assert grouped_built("float32")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("I", [203, 64])  # odd: the last input pairs with zeros (bf16)
+def test_grouped_matmul_against_numpy(I, dtype):
     """Each expert's rows through its matrix; empty groups, a gap of rows no group owns (zeros),
     groups in any order, row tiles of 8 with tails, 32-column tiles with a tail (O = 333)."""
+    skip_unless_grouped(dtype)
     rng = np.random.default_rng(I)
     E, O, R = 5, 333, 80
-    w = rng.standard_normal((E, I, O)).astype(ml_dtypes.bfloat16)
-    x = rng.standard_normal((R, I)).astype(ml_dtypes.bfloat16)
+    cast = (lambda a: a.astype(ml_dtypes.bfloat16)) if dtype == "bfloat16" else (lambda a: a.astype(np.float32))
+    w = cast(rng.standard_normal((E, I, O)))
+    x = cast(rng.standard_normal((R, I)))
     starts = np.array([0, 3, 45, 25, 5], np.int32)  # rows 3-4 in no group (expert 1 is empty)
     sizes = np.array([3, 0, 35, 8, 17], np.int32)
     y = np.asarray(jax.jit(cpu_matvec.grouped_matmul)(jnp.asarray(x), jnp.asarray(w), starts, sizes), np.float64)
@@ -195,19 +217,20 @@ def test_grouped_matmul_refuses_bad_groups():
         jax.block_until_ready(cpu_matvec.grouped_matmul(x, w, np.array([0, 6]), np.array([2, 3])))
     with pytest.raises(Exception, match="overlap"):
         jax.block_until_ready(cpu_matvec.grouped_matmul(x, w, np.array([0, 1]), np.array([2, 3])))
-    with pytest.raises(ValueError, match="must be bf16"):
+    with pytest.raises(ValueError, match="both bf16 or both fp32"):
         cpu_matvec.grouped_matmul(x.astype(jnp.float32), w, np.array([0, 2]), np.array([2, 3]))
 
 
-@needs_bf16_dot
-def test_model_prefill_moe_through_grouped_matmul():
-    """A bf16 prefill long enough for the chunked MoE runs its experts through grouped_matmul
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_model_prefill_moe_through_grouped_matmul(dtype):
+    """A prefill long enough for the chunked MoE runs its experts through grouped_matmul
     (checked by counting the custom calls in the compiled program) and agrees with XLA's chunk
-    loop to 2 bf16 ulps of the largest logit; under differentiation the loop runs (gradients
-    equal with and without the kernels)."""
+    loop (bf16: to 2 bf16 ulps of the largest logit; fp32: 1e-5 of it, the sums' order); under
+    differentiation the loop runs (gradients equal with and without the kernels)."""
+    skip_unless_grouped(dtype)
     cfg = gj.tiny()
-    model = gj.init(cfg, seed=0, experts="dense", dtype="bfloat16")
-    xla = gj.init(cfg, seed=0, experts="dense", dtype="bfloat16")
+    model = gj.init(cfg, seed=0, experts="dense", dtype=dtype)
+    xla = gj.init(cfg, seed=0, experts="dense", dtype=dtype)
     xla.kernel = dataclasses.replace(xla.kernel, cpu_matvec=False)
     for i in range(cfg.num_layers):  # biases start at zero; random ones show they reach their rows
         for m in (model, xla):
@@ -222,11 +245,11 @@ def test_model_prefill_moe_through_grouped_matmul():
     assert "gptoss_grouped_matmul" not in jax.jit(lambda t: xla(t).logits).lower(tok).as_text()
     a = np.asarray(model(tok).logits, np.float32)
     b = np.asarray(xla(tok).logits, np.float32)
-    assert np.abs(a - b).max() <= 2 * 2.0**-8 * np.abs(b).max()
+    assert np.abs(a - b).max() <= (2 * 2.0**-8 if dtype == "bfloat16" else 1e-5) * np.abs(b).max()
     # differentiated, the chunk loop's own VJP runs: the same gradients with the kernels on
     mlp = model.layers[0].mlp
     ew = mlp.expert_weights()
-    x = jnp.asarray(np.random.default_rng(1).standard_normal((T, cfg.d_model)), jnp.bfloat16)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((T, cfg.d_model)), dtype)
     routing = moe.route(x, mlp.router[...], mlp.router_bias[...], mlp.k)
 
     def loss(x, native):

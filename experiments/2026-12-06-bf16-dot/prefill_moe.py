@@ -1,4 +1,4 @@
-"""One MoE layer of a bf16 prefill on the benchmark model's shapes (`scripts/bench.py`'s config:
+"""One MoE layer of a prefill (bf16 and fp32) on the benchmark model's shapes (`scripts/bench.py`'s config:
 d_model 512, 16 experts of width 512, top-4): XLA's chunk loop (`moe.moe_chunks`, what the plan
 ran before) against the same layer through `cpu_matvec.grouped_matmul` (`native=True`), in one
 process, interleaved.
@@ -35,21 +35,23 @@ def main():
     host.reexec_with_huge_pages()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--T", default="512,2048,8192")
+    ap.add_argument("--dtypes", default="bfloat16,float32")
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=HERE)
     args = ap.parse_args()
     cpu_matvec.require()
-    if not cpu_matvec.has_bf16_dot():
-        sys.exit("this CPU has no AVX512-BF16: grouped_matmul is not built here")
     cfg = gj.tiny(**BENCH_CONFIG)
-    model = gj.init(cfg, seed=0, experts="dense", dtype="bfloat16")
-    mlp = model.layers[0].mlp
-    ew = mlp.expert_weights()
     D, F, k = cfg.d_model, cfg.expert_dim, cfg.experts_per_token
     rows = []
-    for T in [int(t) for t in args.T.split(",")]:
-        x = jnp.asarray(np.random.default_rng(T).standard_normal((T, D)), jnp.bfloat16)
+    for dtype, T in [(d, int(t)) for d in args.dtypes.split(",") for t in args.T.split(",")]:
+        if not (cpu_matvec.has_bf16_dot() if dtype == "bfloat16" else cpu_matvec.has_grouped_f32()):
+            print(f"{dtype}: grouped_matmul is not built for it on this CPU; skipped")
+            continue
+        model = gj.init(cfg, seed=0, experts="dense", dtype=dtype)
+        mlp = model.layers[0].mlp
+        ew = mlp.expert_weights()
+        x = jnp.asarray(np.random.default_rng(T).standard_normal((T, D)), dtype)
         routing = moe.route(x, mlp.router[...], mlp.router_bias[...], k)
         sizes = np.bincount(np.asarray(routing.ids).reshape(-1), minlength=cfg.num_experts)
         fns = {
@@ -70,6 +72,7 @@ def main():
         med = {n: statistics.median(v) for n, v in ts.items()}
         flops = 2 * T * k * D * 3 * F
         row = {
+            "dtype": dtype,
             "T": T,
             "group_sizes": sizes.tolist(),
             "seconds": ts,
@@ -80,7 +83,7 @@ def main():
         }
         rows.append(row)
         print(
-            f"T={T:5d} largest group {sizes.max():5d} of {T * k}: chunk loop {row['ms']['chunk_loop']:7.2f} ms "
+            f"{dtype:8s} T={T:5d} largest group {sizes.max():5d} of {T * k}: chunk loop {row['ms']['chunk_loop']:7.2f} ms "
             f"({row['gflops']['chunk_loop']:5.0f} GFLOP/s)  grouped {row['ms']['grouped']:7.2f} ms "
             f"({row['gflops']['grouped']:5.0f} GFLOP/s)  {row['speedup']:.2f}x  max rel diff {rel:.1e}",
             flush=True,

@@ -230,18 +230,17 @@ def chunk_count(num_rows: int, num_experts: int, chunk: int) -> int:
 
 
 def native_grouped_ok(ew: ExpertWeights, dtype) -> bool:
-    """Whether `cpu_matvec.grouped_matmul` can run these experts' forward pass: dense bf16
-    weights and activations, no adapters, and a CPU with AVX512-BF16."""
-    dense = not isinstance(ew.w1, MXFP4) and not isinstance(ew.w2, MXFP4)
-    return (
-        dense
-        and jnp.dtype(dtype) == jnp.bfloat16
-        and ew.w1.dtype == jnp.bfloat16
-        and ew.w2.dtype == jnp.bfloat16
-        and ew.lora1 is None
-        and ew.lora2 is None
-        and cpu_matvec.has_bf16_dot()
-    )
+    """Whether `cpu_matvec.grouped_matmul` can run these experts' forward pass: dense weights
+    in the activations' dtype, no adapters, and the CPU's support for that dtype (bf16:
+    AVX512-BF16; fp32: AVX-512F)."""
+    dt = jnp.dtype(dtype)
+    if isinstance(ew.w1, MXFP4) or isinstance(ew.w2, MXFP4) or ew.lora1 is not None or ew.lora2 is not None:
+        return False
+    if ew.w1.dtype != dt or ew.w2.dtype != dt:
+        return False
+    if dt == jnp.bfloat16:
+        return cpu_matvec.has_bf16_dot()
+    return dt == jnp.float32 and cpu_matvec.has_grouped_f32()
 
 
 def moe_chunks(x, ew: ExpertWeights, routing: Routing, *, alpha, limit, chunk: int | None = None, native: bool = False):
@@ -255,7 +254,7 @@ def moe_chunks(x, ew: ExpertWeights, routing: Routing, *, alpha, limit, chunk: i
 
     `native` (the CPU plan where the kernels build): where `native_grouped_ok`, the forward pass
     that nothing differentiates runs each expert's two products on exactly its rows through
-    `cpu_matvec.grouped_matmul` (XLA:CPU's bf16 matmuls at chunk sizes reach a fraction of their
+    `cpu_matvec.grouped_matmul` (XLA:CPU's matmuls at chunk sizes reach a fraction of their
     large-size rate); under differentiation the loop above runs, as without it."""
     T, k = routing.ids.shape
     E, R = ew.b1.shape[0], T * k

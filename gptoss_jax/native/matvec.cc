@@ -262,6 +262,73 @@ void matvec_out_in(const float* x, const T* w, const Groups& g, int64_t I, int64
   });
 }
 
+// --------------------------------------------------------------- grouped matmul (prefill MoE)
+// y[r] = x[r] @ W[e] for the rows r in [starts[e], starts[e] + sizes[e]) of each expert e: one
+// matrix product per expert on exactly its rows, as a prefill's sorted MoE rows need (XLA's
+// matmuls on fixed chunks of rows reach a fraction of their large-size rate). Work items: an
+// expert's rows x a block of kColBlock columns; within one, register tiles of kMR rows x 32
+// columns run over every input, the block's strip of W reused by each row tile from cache.
+#if defined(__AVX512F__)
+#define GPTOSS_F32_GEMM 1
+constexpr int kMR = 8;
+constexpr int64_t kColBlock = 64;
+
+// tile(xr, w at column c, ncols, yr, nrows) for every tile; a short tile repeats its last row
+// (computed, not stored).
+template <class T, class Tile>
+void grouped_rows(const T* x, const T* w, const int32_t* starts, const int32_t* sizes, int64_t E, int64_t I,
+                  int64_t O, float* y, ffi::ThreadPool* pool, const Tile& tile) {
+  const int64_t blocks = (O + kColBlock - 1) / kColBlock;
+  std::vector<int64_t> item_start(E + 1, 0);  // items of expert e: blocks, if it has rows
+  for (int64_t e = 0; e < E; ++e) item_start[e + 1] = item_start[e] + (sizes[e] > 0 ? blocks : 0);
+  parallel_for(pool, item_start[E], [&](int64_t item) {
+    int64_t e = std::upper_bound(item_start.begin(), item_start.end(), item) - item_start.begin() - 1;
+    int64_t c0 = (item - item_start[e]) * kColBlock, c1 = std::min(O, c0 + kColBlock);
+    const T* we = w + e * I * O;
+    const int64_t r0 = starts[e], r1 = r0 + sizes[e];
+    for (int64_t c = c0; c < c1; c += 32)
+      for (int64_t t = r0; t < r1; t += kMR) {
+        int64_t nr = std::min<int64_t>(kMR, r1 - t);
+        const T* xr[kMR];
+        float* yr[kMR];
+        for (int r = 0; r < kMR; ++r) xr[r] = x + (t + std::min<int64_t>(r, nr - 1)) * I, yr[r] = y + (t + r) * O + c;
+        tile(xr, we + c, std::min<int64_t>(32, c1 - c), yr, nr);
+      }
+  });
+}
+
+// fp32: per input, the W row's 32 columns (two vectors) meet each row's input broadcast.
+template <int MR>
+void gemm_tile_f32(const float* const* xr, const float* w, int64_t I, int64_t O, int64_t ncols, float* const* yr,
+                   int64_t nrows) {
+  __m512 a0[MR], a1[MR];
+  for (int r = 0; r < MR; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+  const __mmask16 m0 = ncols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << ncols) - 1);
+  const __mmask16 m1 = ncols >= 32 ? __mmask16(0xFFFF) : ncols > 16 ? __mmask16((1u << (ncols - 16)) - 1) : __mmask16(0);
+  for (int64_t i = 0; i < I; ++i) {
+    __m512 w0 = _mm512_maskz_loadu_ps(m0, w + i * O), w1 = _mm512_maskz_loadu_ps(m1, w + i * O + 16);
+    for (int r = 0; r < MR; ++r) {
+      __m512 xv = _mm512_set1_ps(xr[r][i]);
+      a0[r] = _mm512_fmadd_ps(w0, xv, a0[r]);
+      a1[r] = _mm512_fmadd_ps(w1, xv, a1[r]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {  // constant bounds: the accumulators stay in registers
+    if (r >= nrows) break;
+    _mm512_mask_storeu_ps(yr[r], m0, a0[r]);
+    _mm512_mask_storeu_ps(yr[r] + 16, m1, a1[r]);
+  }
+}
+
+void grouped_matmul_f32(const float* x, const float* w, const int32_t* starts, const int32_t* sizes, int64_t E,
+                        int64_t I, int64_t O, float* y, ffi::ThreadPool* pool) {
+  grouped_rows(x, w, starts, sizes, E, I, O, y, pool,
+               [&](const float* const* xr, const float* wc, int64_t ncols, float* const* yr, int64_t nr) {
+                 gemm_tile_f32<kMR>(xr, wc, I, O, ncols, yr, nr);
+               });
+}
+#endif  // __AVX512F__
+
 #if defined(GPTOSS_BF16_DOT)
 // ------------------------------------------------------------- dense bf16 weights, bf16 inputs
 
@@ -400,14 +467,9 @@ void matvec_in_out_bf16(const uint16_t* x, const uint16_t* w, const Groups& g, i
 }
 
 // ------------------------------------------------------- grouped matmul, bf16 (prefill MoE)
-// y[r] = x[r] @ W[e] for the rows r in [starts[e], starts[e] + sizes[e]) of each expert e: one
-// matrix product per expert on exactly its rows, as a prefill's sorted MoE rows need. Register
-// tiles of 8 rows x 32 columns: per pair of inputs, two stored rows of W interleaved (as in
-// `accumulate_pairs`) meet each row's input pair broadcast, 16 VDPBF16PS per 2 loads; the
+// Register tiles of kMR rows x 32 columns: per pair of inputs, two stored rows of W interleaved
+// (as in `accumulate_pairs`) meet each row's input pair broadcast, 16 VDPBF16PS per 2 loads; the
 // accumulators' pairing permutation is undone once per tile (`kTileOrder`).
-constexpr int kMR = 8;
-constexpr int64_t kColBlock = 64;  // columns per work item (a strip of W reused by every row tile)
-
 // output column c of a tile <- accumulator lane: c in group L = c / 8 at j = c % 8 comes from the
 // "lo" accumulator (lanes 0-15) at 4 L + j for j < 4, else from "hi" (16 + 4 L + j - 4)
 constexpr int kTileOrder[32] = {0,  1,  2,  3,  16, 17, 18, 19, 4,  5,  6,  7,  20, 21, 22, 23,
@@ -451,23 +513,10 @@ void gemm_tile(const uint16_t* const* xr, const uint16_t* w, int64_t I, int64_t 
 
 void grouped_matmul_bf16(const uint16_t* x, const uint16_t* w, const int32_t* starts, const int32_t* sizes, int64_t E,
                          int64_t I, int64_t O, float* y, ffi::ThreadPool* pool) {
-  const int64_t blocks = (O + kColBlock - 1) / kColBlock;
-  std::vector<int64_t> item_start(E + 1, 0);  // items of expert e: blocks, if it has rows
-  for (int64_t e = 0; e < E; ++e) item_start[e + 1] = item_start[e] + (sizes[e] > 0 ? blocks : 0);
-  parallel_for(pool, item_start[E], [&](int64_t item) {
-    int64_t e = std::upper_bound(item_start.begin(), item_start.end(), item) - item_start.begin() - 1;
-    int64_t c0 = (item - item_start[e]) * kColBlock, c1 = std::min(O, c0 + kColBlock);
-    const uint16_t* we = w + e * I * O;
-    const int64_t r0 = starts[e], r1 = r0 + sizes[e];
-    for (int64_t c = c0; c < c1; c += 32)
-      for (int64_t t = r0; t < r1; t += kMR) {
-        int64_t nr = std::min<int64_t>(kMR, r1 - t);
-        const uint16_t* xr[kMR];
-        float* yr[kMR];
-        for (int r = 0; r < kMR; ++r) xr[r] = x + (t + std::min<int64_t>(r, nr - 1)) * I, yr[r] = y + (t + r) * O + c;
-        gemm_tile<kMR>(xr, we + c, I, O, std::min<int64_t>(32, c1 - c), yr, nr);
-      }
-  });
+  grouped_rows(x, w, starts, sizes, E, I, O, y, pool,
+               [&](const uint16_t* const* xr, const uint16_t* wc, int64_t ncols, float* const* yr, int64_t nr) {
+                 gemm_tile<kMR>(xr, wc, I, O, ncols, yr, nr);
+               });
 }
 #endif  // GPTOSS_BF16_DOT
 
@@ -715,15 +764,16 @@ ffi::Error Mxfp4MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
   return ffi::Error::Success();
 }
 
-// x [R, I] bf16, w [E, I, O] bf16, starts/sizes [E] s32 -> y [R, O] f32; rows outside every
-// expert's range are zeros.
-ffi::Error GroupedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
-                             ffi::Buffer<ffi::S32> starts, ffi::Buffer<ffi::S32> sizes, ffi::ResultBuffer<ffi::F32> y) {
-#if defined(GPTOSS_BF16_DOT)
+// x [R, I], w [E, I, O] (both bf16 or both f32), starts/sizes [E] s32 -> y [R, O] f32; rows
+// outside every expert's range are zeros.
+ffi::Error GroupedMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> starts,
+                             ffi::Buffer<ffi::S32> sizes, ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions();
   auto wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 3 || wd[1] != xd[1])
     return ffi::Error::InvalidArgument("grouped_matmul: x must be [R, I], w [E, I, O]");
+  if (x.element_type() != w.element_type())
+    return ffi::Error::InvalidArgument("grouped_matmul: x and w must have the same type");
   int64_t R = xd[0], I = xd[1], E = wd[0], O = wd[2];
   if (starts.element_count() != size_t(E) || sizes.element_count() != size_t(E))
     return ffi::Error::InvalidArgument("grouped_matmul: starts and sizes must have one entry per matrix");
@@ -740,15 +790,34 @@ ffi::Error GroupedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi
   float* yd = y->typed_data();
   for (int64_t r = 0; r < R; ++r)
     if (!covered[r]) std::fill(yd + r * O, yd + (r + 1) * O, 0.f);
-  grouped_matmul_bf16(reinterpret_cast<const uint16_t*>(x.typed_data()), reinterpret_cast<const uint16_t*>(w.typed_data()),
-                      st, sz, E, I, O, yd, &pool);
-  return ffi::Error::Success();
-#else
-  return ffi::Error(ffi::ErrorCode::kUnimplemented, "grouped_matmul: built without AVX512-BF16");
+  switch (x.element_type()) {
+#if defined(GPTOSS_BF16_DOT)
+    case ffi::DataType::BF16:
+      grouped_matmul_bf16(reinterpret_cast<const uint16_t*>(x.untyped_data()),
+                          reinterpret_cast<const uint16_t*>(w.untyped_data()), st, sz, E, I, O, yd, &pool);
+      return ffi::Error::Success();
 #endif
+#if defined(GPTOSS_F32_GEMM)
+    case ffi::DataType::F32:
+      grouped_matmul_f32(reinterpret_cast<const float*>(x.untyped_data()), reinterpret_cast<const float*>(w.untyped_data()),
+                         st, sz, E, I, O, yd, &pool);
+      return ffi::Error::Success();
+#endif
+    default:
+      return ffi::Error(ffi::ErrorCode::kUnimplemented, "grouped_matmul: not built for this type on this CPU");
+  }
 }
 
 }  // namespace
+
+// 1 when grouped_matmul takes fp32 (AVX-512F).
+extern "C" int GptossHasGroupedF32() {
+#if defined(GPTOSS_F32_GEMM)
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 // 1 when the MXFP4 kernel was built with the bf16 dot product path (AVX512-BF16).
 extern "C" int GptossHasBf16Dot() {
@@ -780,8 +849,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossMxfp4Matvec, Mxfp4MatvecImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossGroupedMatmul, GroupedMatmulImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -385,21 +385,65 @@ void matvec_out_in_bf16(const uint16_t* x, const uint16_t* w, const Groups& g, i
 constexpr int kPairedColumn[32] = {0,  1,  2,  3,  8,  9,  10, 11, 16, 17, 18, 19, 24, 25, 26, 27,
                                    4,  5,  6,  7,  12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
 
-// p[O32] += sum over NP pairs of rows: rows[2j] * x[2j] + rows[2j + 1] * x[2j + 1] (p permuted).
-template <int NP>
-void accumulate_pairs(const uint16_t* const* rows, const uint32_t* xpair, int64_t O, float* p) {
-  __m512i xv[NP];
-  for (int j = 0; j < NP; ++j) xv[j] = _mm512_set1_epi32(int(xpair[j]));
+// For each of NR input rows r: p[r][O32] += sum over NP pairs of stored rows: rows[2j] * x[r][2j]
+// + rows[2j + 1] * x[r][2j + 1] (p permuted). The stored rows are loaded and interleaved once
+// for all NR input rows.
+template <int NP, int NR>
+void accumulate_pairs(const uint16_t* const* rows, const uint32_t (*xpair)[4], int64_t O, float* const* p) {
+  __m512i xv[NR][NP];
+  for (int r = 0; r < NR; ++r)
+    for (int j = 0; j < NP; ++j) xv[r][j] = _mm512_set1_epi32(int(xpair[r][j]));
   for (int64_t o = 0; o < O; o += 32) {
     __mmask32 m = O - o >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << (O - o)) - 1);
-    __m512 lo = _mm512_loadu_ps(p + o), hi = _mm512_loadu_ps(p + o + 16);
+    __m512bh lo[NP], hi[NP];
     for (int j = 0; j < NP; ++j) {
       __m512i a = _mm512_maskz_loadu_epi16(m, rows[2 * j] + o), b = _mm512_maskz_loadu_epi16(m, rows[2 * j + 1] + o);
-      lo = _mm512_dpbf16_ps(lo, as_bh(_mm512_unpacklo_epi16(a, b)), as_bh(xv[j]));
-      hi = _mm512_dpbf16_ps(hi, as_bh(_mm512_unpackhi_epi16(a, b)), as_bh(xv[j]));
+      lo[j] = as_bh(_mm512_unpacklo_epi16(a, b));
+      hi[j] = as_bh(_mm512_unpackhi_epi16(a, b));
     }
-    _mm512_storeu_ps(p + o, lo);
-    _mm512_storeu_ps(p + o + 16, hi);
+    for (int r = 0; r < NR; ++r) {
+      __m512 l = _mm512_loadu_ps(p[r] + o), h = _mm512_loadu_ps(p[r] + o + 16);
+      for (int j = 0; j < NP; ++j) {
+        l = _mm512_dpbf16_ps(l, lo[j], as_bh(xv[r][j]));
+        h = _mm512_dpbf16_ps(h, hi[j], as_bh(xv[r][j]));
+      }
+      _mm512_storeu_ps(p[r] + o, l);
+      _mm512_storeu_ps(p[r] + o + 16, h);
+    }
+  }
+}
+
+// One chunk [i0, i1) of stored rows of matrix `we` for NR input rows xr (bf16), into their
+// partial sums p (zeroed here).
+template <int NR>
+void chunk_rows_bf16(const uint16_t* we, const uint16_t* const* xr, int64_t i0, int64_t i1, int64_t O, int64_t O32,
+                     float* const* p) {
+  static const uint16_t kZeroRow[32] = {0};  // the partner of an odd last row (read up to 32 words)
+  for (int r = 0; r < NR; ++r) std::fill(p[r], p[r] + O32, 0.f);
+  auto pair = [&](int r, int64_t i) { return uint32_t(xr[r][i]) | uint32_t(i + 1 < i1 ? xr[r][i + 1] : 0) << 16; };
+  int64_t i = i0;
+  for (; i + 8 <= i1; i += 8) {
+    const uint16_t* rows[8];
+    uint32_t xp[NR][4];
+    for (int k = 0; k < 8; ++k) rows[k] = we + (i + k) * O;
+    for (int r = 0; r < NR; ++r)
+      for (int j = 0; j < 4; ++j) xp[r][j] = pair(r, i + 2 * j);
+    accumulate_pairs<4, NR>(rows, xp, O, p);
+  }
+  for (; i < i1; i += 2) {
+    uint32_t xp[NR][4];
+    for (int r = 0; r < NR; ++r) xp[r][0] = pair(r, i);
+    if (i + 1 < i1) {
+      const uint16_t* rows[2] = {we + i * O, we + (i + 1) * O};
+      accumulate_pairs<1, NR>(rows, xp, O, p);
+    } else {  // a lone last row pairs with zeros (its partner's x is 0 too), 32 columns at a time
+      for (int64_t o = 0; o < O; o += 32) {
+        const uint16_t* rows[2] = {we + i * O + o, kZeroRow};
+        float* po[NR];
+        for (int r = 0; r < NR; ++r) po[r] = p[r] + o;
+        accumulate_pairs<1, NR>(rows, xp, std::min<int64_t>(32, O - o), po);
+      }
+    }
   }
 }
 
@@ -409,38 +453,20 @@ void matvec_in_out_bf16(const uint16_t* x, const uint16_t* w, const Groups& g, i
   const int64_t chunks = (I + kInChunk - 1) / kInChunk;
   const int64_t ng = int64_t(g.mats.size()), R = int64_t(g.order.size());
   float* part = scratch<float, 0>(R * chunks * O32);
-  static const uint16_t kZeroRow[32] = {0};  // the partner of an odd last row (read up to 32 words)
   parallel_for(pool, ng * chunks, [&](int64_t item) {
     int64_t gi = item / chunks, c = item % chunks;
     int64_t i0 = c * kInChunk, i1 = std::min(I, i0 + kInChunk);
     const uint16_t* we = w + int64_t(g.mats[gi]) * I * O;
-    for (int64_t s = g.starts[gi]; s < g.starts[gi + 1]; ++s) {
-      const uint16_t* xr = x + int64_t(g.order[s]) * I;
-      float* p = part + (s * chunks + c) * O32;
-      std::fill(p, p + O32, 0.f);
-      auto pair = [&](int64_t i) { return uint32_t(xr[i]) | uint32_t(i + 1 < i1 ? xr[i + 1] : 0) << 16; };
-      int64_t i = i0;
-      for (; i + 8 <= i1; i += 8) {
-        const uint16_t* rows[8];
-        uint32_t xp[4];
-        for (int k = 0; k < 8; ++k) rows[k] = we + (i + k) * O;
-        for (int j = 0; j < 4; ++j) xp[j] = pair(i + 2 * j);
-        accumulate_pairs<4>(rows, xp, O, p);
-      }
-      for (; i < i1; i += 2) {
-        // a lone last row pairs with zeros (its partner's x is 0 too); the zero row is read only
-        // where the mask allows, up to 32 words per step, so it is indexed at 0
-        const uint16_t* rows[2] = {we + i * O, i + 1 < i1 ? we + (i + 1) * O : nullptr};
-        uint32_t xp[1] = {pair(i)};
-        if (rows[1]) {
-          accumulate_pairs<1>(rows, xp, O, p);
-        } else {
-          for (int64_t o = 0; o < O; o += 32) {
-            const uint16_t* r2[2] = {rows[0] + o, kZeroRow};
-            accumulate_pairs<1>(r2, xp, std::min<int64_t>(32, O - o), p + o);
-          }
-        }
-      }
+    // the group's rows, up to 4 at a time sharing each load of the stored rows
+    for (int64_t s0 = g.starts[gi]; s0 < g.starts[gi + 1]; s0 += 4) {
+      int64_t nr = std::min<int64_t>(4, g.starts[gi + 1] - s0);
+      const uint16_t* xr[4];
+      float* p[4];
+      for (int64_t r = 0; r < nr; ++r) xr[r] = x + int64_t(g.order[s0 + r]) * I, p[r] = part + ((s0 + r) * chunks + c) * O32;
+      if (nr == 1) chunk_rows_bf16<1>(we, xr, i0, i1, O, O32, p);
+      else if (nr == 2) chunk_rows_bf16<2>(we, xr, i0, i1, O, O32, p);
+      else if (nr == 3) chunk_rows_bf16<3>(we, xr, i0, i1, O, O32, p);
+      else chunk_rows_bf16<4>(we, xr, i0, i1, O, O32, p);
     }
   });
   // add the partials group by group of 32 columns, then undo the pairing's permutation

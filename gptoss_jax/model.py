@@ -387,7 +387,12 @@ class GptOss(nnx.Module):
         cfg = self.cfg
         packed = 4 * cfg.num_experts * 3 * cfg.expert_dim * cfg.d_model if self.experts == "mxfp4" else 0
         return self.kernel.resolve(
-            self.mesh, tokens=tokens, num_experts=cfg.num_experts, k=cfg.experts_per_token, packed_bytes=packed
+            self.mesh,
+            tokens=tokens,
+            num_experts=cfg.num_experts,
+            k=cfg.experts_per_token,
+            packed_bytes=packed,
+            bf16=jnp.dtype(self.dtype) == jnp.bfloat16,
         )
 
     def __call__(

@@ -44,10 +44,13 @@ CHUNKS_MIN_ROWS_PER_EXPERT = 16
 UNEMBED_ROWS_AS_REDUCTION = 8
 # Up to this many rows, the projections and the output head run through the native CPU
 # matrix-vector kernels (`gptoss_jax.cpu_matvec`), which read each weight once in its stored
-# format; the gathered experts always do (their rows are grouped by expert). At 8 rows the
+# format; the gathered experts always do (their rows are grouped by expert). At 8 rows the fp32
 # kernels fell behind XLA's matmuls (each row its own pass over the weights): the rows of
-# experiments/2026-12-06-cpu-matvec/table.md.
+# experiments/2026-12-06-cpu-matvec/table.md. A bf16 model on a CPU with AVX512-BF16 takes the
+# kernels' bf16 dot products (rows of a matrix sharing its loads), ahead of XLA's code at 8 rows
+# too (experiments/2026-12-06-bf16-dot/table.md): NATIVE_MATVEC_ROWS_BF16.
 NATIVE_MATVEC_ROWS = 2
+NATIVE_MATVEC_ROWS_BF16 = 8
 # Large packed experts on CPU take the gather path, decoded by the native kernel, up to this many
 # (token, slot) rows per expert: a 128-token gpt-oss-20b prefill (16 rows per expert) ran ~15x
 # faster than through the chunk loop (experiments/2026-12-06-cpu-matvec/prefill_T128.json), and
@@ -121,9 +124,13 @@ class KernelOptions:
             return targets.platform_of(mesh.devices.flat)
         return jax.default_backend()
 
-    def resolve(self, mesh, *, tokens: int, num_experts: int, k: int, packed_bytes: int = 0) -> Plan:
+    def resolve(
+        self, mesh, *, tokens: int, num_experts: int, k: int, packed_bytes: int = 0, bf16: bool = False
+    ) -> Plan:
         """Every choice made for a call of `tokens` rows on `mesh` (None: one device).
-        packed_bytes: one layer's packed expert weights decoded to fp32 (0 for dense experts)."""
+        packed_bytes: one layer's packed expert weights decoded to fp32 (0 for dense experts).
+        bf16: the activations are bf16 (the model's dtype), which the native kernels multiply with
+        bf16 dot products where the CPU has them."""
         platform = self.platform_for(mesh)
         cpu = platform == "cpu"
         large_packed_on_cpu = cpu and packed_bytes > DECODE_AT_ONCE_BYTES
@@ -158,7 +165,9 @@ class KernelOptions:
             decode_one_expert_at_a_time=large_packed_on_cpu,
             gathered_decode=cpu,
             unembed_reduction_rows=UNEMBED_ROWS_AS_REDUCTION if cpu else 0,
-            native_rows=NATIVE_MATVEC_ROWS if native else 0,
+            native_rows=(NATIVE_MATVEC_ROWS_BF16 if bf16 and cpu_matvec.has_bf16_dot() else NATIVE_MATVEC_ROWS)
+            if native
+            else 0,
             interpret=self.interpret,
             expert_dispatch=self.expert_dispatch or default_dispatch(platform),
             capacity_factor=self.capacity_factor,

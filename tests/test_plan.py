@@ -32,6 +32,10 @@ def test_cpu_choices_follow_the_shapes():
     native = cpu_matvec.available()  # the native kernels where they build (tests/test_cpu_matvec.py)
     assert p.moe_options("gather") == {"gathered_decode": True, "native": native}
     assert p.native_rows == (plan.NATIVE_MATVEC_ROWS if native else 0)
+    # bf16 activations: more rows where the kernels have bf16 dot products
+    b = opts.resolve(None, tokens=4096, num_experts=E, k=K, bf16=True)
+    bf16_rows = plan.NATIVE_MATVEC_ROWS_BF16 if cpu_matvec.has_bf16_dot() else plan.NATIVE_MATVEC_ROWS
+    assert b.native_rows == (bf16_rows if native else 0)
     # large packed experts: the native kernel's gather up to 64 rows per expert (a 512-token prompt here)
     assert resolve(512, BIG_PACKED).moe == ("gather" if native else "chunks")
     assert resolve(513, BIG_PACKED).moe == "chunks"

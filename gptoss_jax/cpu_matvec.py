@@ -1,5 +1,5 @@
-"""Matrix-vector products for decoding on a CPU: native kernels (`native/matvec.cc`, XLA FFI
-custom calls) that read each weight once in its stored format.
+"""Matrix-vector products for decoding on a CPU, and the prefill MoE's grouped matmul: native
+kernels (`native/matvec.cc`, XLA FFI custom calls) that read each weight once in its stored format.
 
 A decode step multiplies a few rows by large matrices, so its cost is the bytes of the weights.
 XLA:CPU's own code for that shape converts a bf16 matrix to an fp32 copy before multiplying, and
@@ -9,14 +9,17 @@ these kernels are several times faster (`experiments/2026-12-06-cpu-matvec/`).
 - `matvec(x, w, ids, out_in=...)`: y[r] = x[r] @ W[ids[r]] for a stack W [E, I, O] (or [E, O, I]
   with `out_in=True`, each row of W one output), bf16 or fp32; `ids=None` means one matrix.
 - `mxfp4_matvec(x, t, ids)`: the same for packed MXFP4 matrices (`mxfp4.MXFP4`, logical
-  [E, O, I]). Where the CPU has AVX512-BF16 and every input is a bf16 value (a bf16 model's
-  activations), the codes become bf16 numbers by byte lookups and VDPBF16PS multiplies them
-  (exact products, fp32 sums); otherwise fp32 FMAs (AVX2) or plain C++.
+  [E, O, I]), the codes decoded by byte lookups.
+- `grouped_matmul(x, w, starts, sizes)`: each expert's rows through its matrix (a prefill's
+  sorted MoE rows), bf16 or fp32, forward only.
 
-Both return fp32 [R, O], with fp32 products and sums (only the summation order differs from
-`jnp.einsum(..., preferred_element_type=float32)` over the fp32 values); rows that chose the
-same matrix share one pass over it. Gradients (a custom VJP written with jnp) reach x and dense
-W, never packed blocks.
+Where the CPU has AVX512-BF16 and every input is a bf16 value (a bf16 model's activations), bf16
+weights and decoded MXFP4 codes meet the inputs in VDPBF16PS (exact products, fp32 sums);
+otherwise fp32 FMAs (AVX2 / AVX-512) or plain C++. All return fp32 [R, O], with fp32 products
+and sums (only the summation order differs from `jnp.einsum(..., preferred_element_type=float32)`
+over the fp32 values); rows that chose the same matrix share one pass over it. Gradients of
+`matvec` / `mxfp4_matvec` (a custom VJP written with jnp) reach x and dense W, never packed
+blocks.
 
 The library is compiled on first use with the system's C++ compiler (`$CXX`, else `g++` / `c++`)
 for this machine (`-march=native`) and cached under `$GPTOSS_JAX_CACHE` (default

@@ -22,7 +22,7 @@ Records (RECORDS) and what writes them:
   experiments/2026-12-05-compile/records.json scripts/compile_targets.py
   experiments/2026-12-06-rl/results.json      scripts/rl_experiment.py --record DIR
   experiments/2026-12-06-bf16-dot/bench.json  scripts/bench.py --only bounds,versus (section versus)
-  experiments/2026-12-06-bf16-dot/llamacpp/   experiments/2026-12-06-llamacpp/run.py --out DIR
+  experiments/2026-12-06-bf16-dot/llamacpp-final/  experiments/2026-12-06-llamacpp/run.py --out DIR
   experiments/2026-12-06-*/profile_*.json     scripts/profile_decode.py --json PATH (before: GPTOSS_NATIVE=0)
 Each bench and parity record carries "provenance": the command, the UTC date and the CPU
 (scripts/provenance.py). To move the documents to a new run, write its records into a new dated
@@ -52,10 +52,10 @@ RECORDS = {
     "compile": ("experiments/2026-12-05-compile/records.json", False),
     "rl": ("experiments/2026-12-06-rl/results.json", True),
     "versus": ("experiments/2026-12-06-bf16-dot/bench.json", True),
-    "llamacpp": ("experiments/2026-12-06-bf16-dot/llamacpp/llamacpp.json", True),
+    "llamacpp": ("experiments/2026-12-06-bf16-dot/llamacpp-final/llamacpp.json", True),
     "profile_before": ("experiments/2026-12-06-cpu-matvec/profile_before.json", True),
     "profile_after": ("experiments/2026-12-06-bf16-dot/profile_after.json", True),
-    "ours_20b": ("experiments/2026-12-06-bf16-dot/llamacpp/ours_20b.json", True),
+    "ours_20b": ("experiments/2026-12-06-bf16-dot/llamacpp-final/ours_20b.json", True),
 }
 
 # The goals of the benchmark issue (targets, not measurements).

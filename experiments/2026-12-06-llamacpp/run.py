@@ -90,7 +90,7 @@ def table(record: dict, ours: dict) -> str:
             "",
             f"Read-only bound: {ours['decode_bytes_per_token']['total'] / 1e9:.3f} GB per step / "
             f"{ours['roofline']['read_bytes_per_s'] / 1e9:.2f} GB/s read by a jitted max = {read_bound:.2f} tok/s "
-            "(a decode step only reads; a copy's bytes read + written overstate what reading alone reaches).",
+            "(a decode step only reads its weights).",
         ]
     lines += [
         "",

@@ -114,8 +114,8 @@ def host_streams(nbytes: int, repeats: int, torch=None) -> dict:
 def read_rate(nbytes: int, repeats: int) -> float:
     """Bytes per second read by a jitted max over an fp32 array of `nbytes` (XLA's reduction on
     every core; nothing written), best of `repeats`: the rate a decode step, which only reads its
-    weights, can reach. On the machines measured a copy's bytes read + written per second exceeded
-    it by about a third, so the copy's rate overstates what reading alone reaches."""
+    weights, can reach. On the shared machines measured it differed from a copy's rate (bytes read
+    + written) by up to a third, either way from run to run, so both are worth recording."""
     a = jnp.ones((nbytes // 4,), jnp.float32)
     f = jax.jit(jnp.max)
     return stream_rate(lambda: f(a), a.size * 4, repeats, reduce=timing.best)

@@ -301,8 +301,8 @@ void grouped_rows(const T* x, const T* w, const int32_t* starts, const int32_t* 
 
 // fp32: per input, the W row's 32 columns (two vectors) meet each row's input broadcast.
 template <int MR>
-void gemm_tile_f32(const float* const* xr, const float* w, int64_t I, int64_t O, int64_t ncols, float* const* yr,
-                   int64_t nrows) {
+void gemm_tile(const float* const* xr, const float* w, int64_t I, int64_t O, int64_t ncols, float* const* yr,
+               int64_t nrows) {
   __m512 a0[MR], a1[MR];
   for (int r = 0; r < MR; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
   const __mmask16 m0 = ncols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << ncols) - 1);
@@ -320,14 +320,6 @@ void gemm_tile_f32(const float* const* xr, const float* w, int64_t I, int64_t O,
     _mm512_mask_storeu_ps(yr[r], m0, a0[r]);
     _mm512_mask_storeu_ps(yr[r] + 16, m1, a1[r]);
   }
-}
-
-void grouped_matmul_f32(const float* x, const float* w, const int32_t* starts, const int32_t* sizes, int64_t E,
-                        int64_t I, int64_t O, float* y, ffi::ThreadPool* pool) {
-  grouped_rows(x, w, starts, sizes, E, I, O, y, pool,
-               [&](const float* const* xr, const float* wc, int64_t ncols, float* const* yr, int64_t nr) {
-                 gemm_tile_f32<kMR>(xr, wc, I, O, ncols, yr, nr);
-               });
 }
 #endif  // __AVX512F__
 
@@ -538,15 +530,19 @@ void gemm_tile(const uint16_t* const* xr, const uint16_t* w, int64_t I, int64_t 
     _mm512_mask_storeu_ps(yr[r] + 16, m1, _mm512_permutex2var_ps(lo[r], idx1, hi[r]));
   }
 }
-
-void grouped_matmul_bf16(const uint16_t* x, const uint16_t* w, const int32_t* starts, const int32_t* sizes, int64_t E,
-                         int64_t I, int64_t O, float* y, ffi::ThreadPool* pool) {
-  grouped_rows(x, w, starts, sizes, E, I, O, y, pool,
-               [&](const uint16_t* const* xr, const uint16_t* wc, int64_t ncols, float* const* yr, int64_t nr) {
-                 gemm_tile<kMR>(xr, wc, I, O, ncols, yr, nr);
-               });
-}
 #endif  // GPTOSS_BF16_DOT
+
+#if defined(GPTOSS_F32_GEMM)
+// The grouped matmul in T (fp32, or bf16 where GPTOSS_BF16_DOT built its tile): `gemm_tile`'s
+// overload for T on every tile.
+template <class T>
+void grouped_matmul(const T* x, const T* w, const int32_t* starts, const int32_t* sizes, int64_t E, int64_t I,
+                    int64_t O, float* y, ffi::ThreadPool* pool) {
+  grouped_rows(x, w, starts, sizes, E, I, O, y, pool, [&](auto xr, auto wc, int64_t ncols, auto yr, int64_t nr) {
+    gemm_tile<kMR>(xr, wc, I, O, ncols, yr, nr);
+  });
+}
+#endif
 
 // ------------------------------------------------------------------------------- MXFP4
 // E2M1 code -> value * 2 (integers in [-12, 12]); scale byte s -> 2**(s - 127) / 2.
@@ -821,14 +817,14 @@ ffi::Error GroupedMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuf
   switch (x.element_type()) {
 #if defined(GPTOSS_BF16_DOT)
     case ffi::DataType::BF16:
-      grouped_matmul_bf16(reinterpret_cast<const uint16_t*>(x.untyped_data()),
-                          reinterpret_cast<const uint16_t*>(w.untyped_data()), st, sz, E, I, O, yd, &pool);
+      grouped_matmul(reinterpret_cast<const uint16_t*>(x.untyped_data()),
+                     reinterpret_cast<const uint16_t*>(w.untyped_data()), st, sz, E, I, O, yd, &pool);
       return ffi::Error::Success();
 #endif
 #if defined(GPTOSS_F32_GEMM)
     case ffi::DataType::F32:
-      grouped_matmul_f32(reinterpret_cast<const float*>(x.untyped_data()), reinterpret_cast<const float*>(w.untyped_data()),
-                         st, sz, E, I, O, yd, &pool);
+      grouped_matmul(reinterpret_cast<const float*>(x.untyped_data()), reinterpret_cast<const float*>(w.untyped_data()),
+                     st, sz, E, I, O, yd, &pool);
       return ffi::Error::Success();
 #endif
     default:

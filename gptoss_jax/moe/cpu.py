@@ -323,9 +323,10 @@ def _grouped_native(buf, ew, chunks, sizes, alpha, limit, m):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _chunked(buf, ew, chunks, sizes, alpha, limit, m, native):
-    """The expert MLPs of the padded, expert-sorted rows `buf` [n m, D] -> fp32 [n m, D]; rows of
-    unused chunks stay 0, padding rows of used chunks hold the bias-only output (never read).
-    `sizes` [E]: each expert's rows (the first of its chunks' rows)."""
+    """The expert MLPs of the padded, expert-sorted rows `buf` [n m, D] -> fp32 [n m, D]. Only
+    each expert's own rows are read afterwards: the loop leaves unused chunks 0 and padding rows
+    of used chunks with the bias-only output, the native path (`native`) gives every row that is
+    no expert's a bias-only output. `sizes` [E]: each expert's rows (the first of its chunks')."""
     if native:
         return _grouped_native(buf, ew, chunks, sizes, alpha, limit, m)
     return _chunked_run(buf, ew, chunks, alpha, limit, m, keep_h=False)[0]

@@ -102,11 +102,16 @@ def test_mxfp4_matvec_against_ml_dtypes(R, inputs):
     assert close(y, x.astype(np.float64), swapped, ids, True) > 1e-2
 
 
-def test_bf16_path_is_built_where_the_cpu_has_it():
+def test_cpu_specific_paths_are_built_where_the_cpu_has_them():
+    """-march=native defines __AVX512BF16__ / __AVX512F__ where the CPU has them, so a skip below
+    (no bf16 dot, no fp32 grouped matmul) can only mean the CPU lacks the instructions."""
     from gptoss_jax.bench.peaks import cpu_info
 
-    if "avx512_bf16" in cpu_info()["isa"]:  # -march=native then defines __AVX512BF16__
+    isa = cpu_info()["isa"]
+    if "avx512_bf16" in isa:
         assert cpu_matvec.has_bf16_dot()
+    if "avx512f" in isa:
+        assert cpu_matvec.has_grouped_f32()
 
 
 def test_ids_out_of_range_fail_the_call():
@@ -170,21 +175,6 @@ def skip_unless_grouped(dtype: str):
         pytest.skip(f"this CPU lacks grouped_matmul's {dtype} path (bf16: AVX512-BF16, fp32: AVX-512F)")
 
 
-needs_bf16_dot = pytest.mark.skipif(
-    _REASON is None and not cpu_matvec.has_bf16_dot(), reason="this CPU has no AVX512-BF16 (grouped_matmul's path)"
-)
-
-
-def test_grouped_paths_are_built_where_the_cpu_has_them():
-    from gptoss_jax.bench.peaks import cpu_info
-
-    isa = cpu_info()["isa"]
-    if "avx512_bf16" in isa:
-        assert grouped_built("bfloat16")
-    if "avx512f" in isa:
-        assert grouped_built("float32")
-
-
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("I", [203, 64])  # odd: the last input pairs with zeros (bf16)
 def test_grouped_matmul_against_numpy(I, dtype):
@@ -210,8 +200,8 @@ def test_grouped_matmul_against_numpy(I, dtype):
     assert close(y[mine], x64[mine], np.swapaxes(w64, 1, 2), (ids[mine] + 1) % E, True) > 1e-2
 
 
-@needs_bf16_dot
 def test_grouped_matmul_refuses_bad_groups():
+    skip_unless_grouped("bfloat16")
     x, w = jnp.zeros((8, 4), jnp.bfloat16), jnp.zeros((2, 4, 3), jnp.bfloat16)
     with pytest.raises(Exception, match="outside x"):
         jax.block_until_ready(cpu_matvec.grouped_matmul(x, w, np.array([0, 6]), np.array([2, 3])))

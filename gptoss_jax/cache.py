@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptoss_jax import cpu_matvec
 from gptoss_jax.attention import attention_reference
 from gptoss_jax.config import ModelConfig
 
@@ -75,13 +76,26 @@ def _scatter_rows(buf, slots, values):
     return buf.at[b, slots].set(values, mode="drop")
 
 
-def update_and_attend(layer: LayerCache, q, k, v, sinks, *, positions, valid):
+def _attend(q, k, v, sinks, *, positions, k_pos, window, native):
+    """The new queries q [B, T, N, H] over keys k/v [B, S, K, H] holding positions k_pos [B, S]
+    (-1: empty). With `native` and one query per row (a decode step) through the CPU kernel
+    (`cpu_matvec.decode_attention`), else XLA."""
+    if native and q.shape[1] == 1:
+        out, mass = cpu_matvec.decode_attention(q[:, 0], k, v, sinks, k_pos, positions[:, 0], window=window)
+        return out[:, None].astype(q.dtype), mass[:, None]
+    ones = jnp.ones((positions.shape[0], 1), jnp.int32)
+    return attention_reference(
+        q, k, v, sinks, q_pos=positions, k_pos=k_pos, q_seg=ones, k_seg=ones, window=window, k_valid=k_pos >= 0
+    )
+
+
+def update_and_attend(layer: LayerCache, q, k, v, sinks, *, positions, valid, native: bool = False):
     """Attention of new tokens through the cache. q [B, T, N, H], k/v [B, T, K, H],
-    positions/valid [B, T]. Returns (out, sink_mass, new LayerCache)."""
+    positions/valid [B, T]. Returns (out, sink_mass, new LayerCache). `native`: a decode step
+    (T = 1) attends through the CPU kernel (the model's plan sets it where the kernels run)."""
     B, T = positions.shape
     S = layer.k.shape[1]
     k, v = k.astype(layer.k.dtype), v.astype(layer.v.dtype)
-    ones = jnp.ones((B, 1), jnp.int32)
     if layer.window is None:
         slots = jnp.where(valid, positions, S)
         layer = LayerCache(
@@ -90,34 +104,12 @@ def update_and_attend(layer: LayerCache, q, k, v, sinks, *, positions, valid):
             _scatter_rows(layer.pos, slots, positions),
             None,
         )
-        out, mass = attention_reference(
-            q,
-            layer.k,
-            layer.v,
-            sinks,
-            q_pos=positions,
-            k_pos=layer.pos,
-            q_seg=ones,
-            k_seg=ones,
-            window=None,
-            k_valid=layer.pos >= 0,
-        )
+        out, mass = _attend(q, layer.k, layer.v, sinks, positions=positions, k_pos=layer.pos, window=None, native=native)
         return out, mass, layer
     k_all = jnp.concatenate([layer.k, k], axis=1)
     v_all = jnp.concatenate([layer.v, v], axis=1)
     pos_all = jnp.concatenate([layer.pos, jnp.where(valid, positions, -1)], axis=1)
-    out, mass = attention_reference(
-        q,
-        k_all,
-        v_all,
-        sinks,
-        q_pos=positions,
-        k_pos=pos_all,
-        q_seg=ones,
-        k_seg=ones,
-        window=layer.window,
-        k_valid=pos_all >= 0,
-    )
+    out, mass = _attend(q, k_all, v_all, sinks, positions=positions, k_pos=pos_all, window=layer.window, native=native)
     # Keep only the last S valid new tokens: their slots are distinct, so the scatter is exact.
     n_valid = jnp.sum(valid, axis=1, keepdims=True)
     keep = valid & (n_valid - 1 - jnp.arange(T)[None, :] < S)

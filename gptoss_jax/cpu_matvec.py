@@ -12,6 +12,9 @@ these kernels are several times faster (`experiments/2026-12-06-cpu-matvec/`).
   [E, O, I]), the codes decoded by byte lookups.
 - `grouped_matmul(x, w, starts, sizes)`: each expert's rows through its matrix (a prefill's
   sorted MoE rows), bf16 or fp32, forward only.
+- `decode_attention(q, k, v, sinks, k_pos, q_pos, window=...)`: one new query per row against
+  the KV cache (a decode step's attention with sinks), reading the cache once for the query
+  heads that share a KV head; fp32 products, sums and softmax.
 
 Where the CPU has AVX512-BF16 and every input is a bf16 value (a bf16 model's activations), bf16
 weights and decoded MXFP4 codes meet the inputs in VDPBF16PS (exact products, fp32 sums);
@@ -54,6 +57,7 @@ _TARGETS = {
     "gptoss_matvec": "GptossMatvec",
     "gptoss_mxfp4_matvec": "GptossMxfp4Matvec",
     "gptoss_grouped_matmul": "GptossGroupedMatmul",
+    "gptoss_decode_attention": "GptossDecodeAttention",
 }
 
 
@@ -274,3 +278,79 @@ def grouped_matmul(x, w, starts, sizes) -> jax.Array:
         "gptoss_grouped_matmul", jax.ShapeDtypeStruct((x.shape[0], w.shape[2]), jnp.float32), vmap_method="sequential"
     )
     return call(x, w, starts, sizes)
+
+
+# ----------------------------------------------------------------- decode attention (T = 1)
+def decode_attention(q, k, v, sinks, k_pos, q_pos, *, window: int | None = None, scale: float | None = None):
+    """Attention of one new query per row over the cache, with sinks: q [B, N, H], k/v
+    [B, S, K, H] (bf16 or fp32, the same), sinks [N], k_pos [B, S] int (the position each slot
+    holds, -1 = empty), q_pos [B] int. Key s is visible to row b when 0 <= k_pos[b, s] <= q_pos[b]
+    and, with a `window`, q_pos[b] - k_pos[b, s] < window (`attention.attention_mask`). Scores
+    q.k * scale (default 1/sqrt(H)), softmax over the visible keys and the head's sink logit.
+    Returns (out fp32 [B, N, H], sink mass fp32 [B, N]), as `attention.attend` with T = 1 but
+    with the probabilities kept in fp32 (`attend` rounds them to the cache's dtype before
+    multiplying by v). Gradients (rarely wanted through a cache) are those of `attend`."""
+    require()
+    B, N, H = q.shape
+    if k.ndim != 4 or k.shape != v.shape or k.shape[0] != B or k.shape[3] != H or k.dtype != v.dtype:
+        raise ValueError(
+            f"decode_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit "
+            "([B, N, H], and k, v both [B, S, K, H] of one dtype)"
+        )
+    if k.dtype not in (jnp.bfloat16, jnp.float32):
+        raise ValueError(f"decode_attention: the cache must be bf16 or fp32, got {k.dtype}")
+    S, K = k.shape[1], k.shape[2]
+    if N % K:
+        raise ValueError(f"decode_attention: {N} query heads are not a multiple of {K} KV heads")
+    if window is not None and window < 1:
+        raise ValueError(f"decode_attention: window must be >= 1 or None, got {window}")
+    scale = H**-0.5 if scale is None else float(scale)
+    k_pos = jnp.asarray(k_pos).astype(jnp.int32).reshape(B, S)
+    q_pos = jnp.asarray(q_pos).astype(jnp.int32).reshape(B)
+    return _decode_attention(q, k, v, jnp.asarray(sinks), k_pos, q_pos, window or 0, scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _decode_attention(q, k, v, sinks, k_pos, q_pos, window, scale):
+    B, N, H = q.shape
+    call = jax.ffi.ffi_call(
+        "gptoss_decode_attention",
+        (jax.ShapeDtypeStruct((B, N, H), jnp.float32), jax.ShapeDtypeStruct((B, N), jnp.float32)),
+        vmap_method="sequential",
+    )
+    return call(
+        q.astype(jnp.float32),
+        k,
+        v,
+        sinks.astype(jnp.float32),
+        k_pos,
+        q_pos,
+        window=np.int64(window),
+        scale=np.float32(scale),
+    )
+
+
+def _attend_reference(q, k, v, sinks, k_pos, q_pos, window, scale):
+    from gptoss_jax.attention import attend, attention_mask
+
+    ones = jnp.ones(k_pos.shape, jnp.int32)
+    mask = attention_mask(
+        q_pos[:, None], k_pos, ones[:, :1], ones, window=window or None, k_valid=k_pos >= 0
+    )
+    out, mass = attend(q[:, None].astype(jnp.float32), k, v, sinks, mask, scale=scale)
+    return out[:, 0], mass[:, 0]
+
+
+def _decode_attention_fwd(q, k, v, sinks, k_pos, q_pos, window, scale):
+    return _decode_attention(q, k, v, sinks, k_pos, q_pos, window, scale), (q, k, v, sinks, k_pos, q_pos)
+
+
+def _decode_attention_bwd(window, scale, res, cot):
+    q, k, v, sinks, k_pos, q_pos = res
+    ref = lambda q, k, v, sinks: _attend_reference(q, k, v, sinks, k_pos, q_pos, window, scale)
+    _, vjp = jax.vjp(ref, q, k, v, sinks)
+    zero = lambda a: np.zeros(a.shape, jax.dtypes.float0)
+    return (*vjp(cot), zero(k_pos), zero(q_pos))
+
+
+_decode_attention.defvjp(_decode_attention_fwd, _decode_attention_bwd)

@@ -149,7 +149,7 @@ class Attention(nnx.Module):
             )
         else:
             out, sink_mass, cache = cache_lib.update_and_attend(
-                cache, q, k, v, self.sinks[...], positions=positions, valid=valid
+                cache, q, k, v, self.sinks[...], positions=positions, valid=valid, native=plan.native_rows > 0
             )
         o = layers.linear(out, self.o[...], "BTNH,NHD->BTD", adapter=self.adapter("o"), native_rows=plan.native_rows)
         return (o + self.o_bias[...].astype(jnp.float32)).astype(x.dtype), sink_mass, cache

@@ -104,7 +104,9 @@ def update_and_attend(layer: LayerCache, q, k, v, sinks, *, positions, valid, na
             _scatter_rows(layer.pos, slots, positions),
             None,
         )
-        out, mass = _attend(q, layer.k, layer.v, sinks, positions=positions, k_pos=layer.pos, window=None, native=native)
+        out, mass = _attend(
+            q, layer.k, layer.v, sinks, positions=positions, k_pos=layer.pos, window=None, native=native
+        )
         return out, mass, layer
     k_all = jnp.concatenate([layer.k, k], axis=1)
     v_all = jnp.concatenate([layer.v, v], axis=1)

@@ -334,9 +334,7 @@ def _attend_reference(q, k, v, sinks, k_pos, q_pos, window, scale):
     from gptoss_jax.attention import attend, attention_mask
 
     ones = jnp.ones(k_pos.shape, jnp.int32)
-    mask = attention_mask(
-        q_pos[:, None], k_pos, ones[:, :1], ones, window=window or None, k_valid=k_pos >= 0
-    )
+    mask = attention_mask(q_pos[:, None], k_pos, ones[:, :1], ones, window=window or None, k_valid=k_pos >= 0)
     out, mass = attend(q[:, None].astype(jnp.float32), k, v, sinks, mask, scale=scale)
     return out[:, 0], mass[:, 0]
 

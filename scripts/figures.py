@@ -21,9 +21,10 @@ Records (RECORDS) and what writes them:
   experiments/2026-12-05-parity/parity.json   scripts/parity_report.py --json PATH
   experiments/2026-12-05-compile/records.json scripts/compile_targets.py
   experiments/2026-12-06-rl/results.json      scripts/rl_experiment.py --record DIR
-  experiments/2026-12-06-bf16-dot/bench.json  scripts/bench.py --only bounds,versus (section versus)
+  experiments/2026-12-06-decode-attention/bench.json  scripts/bench.py --only bounds,versus (section versus)
   experiments/2026-12-06-bf16-dot/llamacpp-final/  experiments/2026-12-06-llamacpp/run.py --out DIR
   experiments/2026-12-06-*/profile_*.json     scripts/profile_decode.py --json PATH (before: GPTOSS_NATIVE=0)
+  experiments/2026-12-06-decode-attention/attention.json  experiments/2026-12-06-decode-attention/run.py
 Each bench and parity record carries "provenance": the command, the UTC date and the CPU
 (scripts/provenance.py). To move the documents to a new run, write its records into a new dated
 folder, point RECORDS at them and run this script.
@@ -51,11 +52,12 @@ RECORDS = {
     "parity": ("experiments/2026-12-05-parity/parity.json", True),
     "compile": ("experiments/2026-12-05-compile/records.json", False),
     "rl": ("experiments/2026-12-06-rl/results.json", True),
-    "versus": ("experiments/2026-12-06-bf16-dot/bench.json", True),
+    "versus": ("experiments/2026-12-06-decode-attention/bench.json", True),
     "llamacpp": ("experiments/2026-12-06-bf16-dot/llamacpp-final/llamacpp.json", True),
     "profile_before": ("experiments/2026-12-06-cpu-matvec/profile_before.json", True),
     "profile_after": ("experiments/2026-12-06-bf16-dot/profile_after.json", True),
     "ours_20b": ("experiments/2026-12-06-bf16-dot/llamacpp-final/ours_20b.json", True),
+    "decode_attention": ("experiments/2026-12-06-decode-attention/attention.json", True),
 }
 
 # The goals of the benchmark issue (targets, not measurements).
@@ -652,6 +654,43 @@ def render_decode_profile(rec: dict) -> str:
     return "\n".join(lines)
 
 
+def render_decode_attention(rec: dict) -> str:
+    """BENCHMARKS: a decode step's attention through the cache, XLA's code against the native
+    kernel, and the benchmark model's decoding with each (experiments/2026-12-06-decode-attention)."""
+    r = rec["decode_attention"]
+    lines = [
+        para(
+            f"`{r['provenance']['command']}`, {date(r)}, {cpu(r)}; medians of {r['repeats']} interleaved timings, "
+            "12 layers chained (each its own cache). Cache rate: K and V bytes read per layer / time."
+        ),
+        "",
+        "| attention of one new query per row | XLA us/layer | native us/layer | native / XLA | cache GB/s (native) |",
+        "|---|---|---|---|---|",
+    ]
+    for a in r["attention"]:
+        us = a["us_per_layer"]
+        lines.append(
+            f"| {a['case']} | {us['xla']:,.1f} | {us['native']:,.1f} | **{a['native_over_xla']:.1f}x** | "
+            f"{a['cache_gb_per_s']['native']:.1f} |"
+        )
+    lines += [
+        "",
+        "| benchmark model, greedy decoding | XLA attention tok/s | native attention tok/s | ratio | tokens |",
+        "|---|---|---|---|---|",
+    ]
+    for d in r["decode"]:
+        m = d["median_tokens_per_s"]
+        parted = [x for x in d["rows"] if x["first_different_token"] is not None]
+        agree = (
+            "all equal"
+            if not parted
+            else f"{len(parted)} of {len(d['rows'])} rows part, from token "
+            + ", ".join(str(x["first_different_token"]) for x in parted)
+        )
+        lines.append(f"| {d['case']} | {m['xla']:.1f} | {m['native']:.1f} | {d['native_over_xla']:.2f}x | {agree} |")
+    return "\n".join(lines)
+
+
 # name -> (document, records it reads, renderer)
 BLOCKS = {
     "checked-measured": ("README.md", ("parity", "prefill_train", "compile"), render_checked_measured),
@@ -663,6 +702,7 @@ BLOCKS = {
     "rl": ("README.md", ("rl",), render_rl),
     "bench-versus": ("experiments/BENCHMARKS.md", ("versus",), render_versus),
     "bench-llamacpp": ("experiments/BENCHMARKS.md", ("llamacpp", "ours_20b"), render_llamacpp),
+    "bench-decode-attention": ("experiments/BENCHMARKS.md", ("decode_attention",), render_decode_attention),
     "bench-decode-profile": ("experiments/BENCHMARKS.md", ("profile_before", "profile_after"), render_decode_profile),
 }
 

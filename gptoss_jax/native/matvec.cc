@@ -13,6 +13,7 @@
 //                         [E, O, I/32] uint8 (e8m0, bias 127)
 //   gptoss_grouped_matmul y[r] = x[r] @ W[e] for each expert's range of rows (a prefill's sorted
 //                         MoE rows), W [E, I, O], x and W both bf16 or both fp32
+//   gptoss_decode_attention  one new query per row against the KV cache, with sinks (below)
 //
 // Rows that chose the same matrix share its stream (a batch of decoded tokens reads each chosen
 // expert once). Work is split over the output columns and run on XLA's intra-op thread pool.

@@ -55,7 +55,7 @@ RECORDS = {
     "versus": ("experiments/2026-12-06-decode-attention/bench.json", True),
     "llamacpp": ("experiments/2026-12-06-bf16-dot/llamacpp-final/llamacpp.json", True),
     "profile_before": ("experiments/2026-12-06-cpu-matvec/profile_before.json", True),
-    "profile_after": ("experiments/2026-12-06-bf16-dot/profile_after.json", True),
+    "profile_after": ("experiments/2026-12-06-decode-attention/profile_after-repeat.json", True),
     "ours_20b": ("experiments/2026-12-06-bf16-dot/llamacpp-final/ours_20b.json", True),
     "decode_attention": ("experiments/2026-12-06-decode-attention/attention.json", True),
 }

@@ -1,8 +1,9 @@
 """The native CPU matrix-vector kernels (`gptoss_jax.cpu_matvec`) against NumPy in float64 on the
 weights' exact values: bf16 decoded by ml_dtypes, MXFP4 by ml_dtypes' float4_e2m1fn and
 float8_e8m0fnu (the OCP formats; the spec's byte order: low nibble first). Shapes cross every
-edge of the kernels' tiling (row blocks of 8 and 4, column tiles of 256 and strips of 64/32, 16
-output rows per work item, inputs not a multiple of 16), rows share and skip matrices.
+edge of the kernels' tiling (row blocks of 8 and 4, column tiles of 256 and strips of 64/32, 64
+(dense) and 16 (packed) output rows per work item, inputs not a multiple of 16), rows share and
+skip matrices.
 Tolerance: fp32 sums of the exact products, |error| <= 1e-5 * sum |x w| per output."""
 
 from __future__ import annotations

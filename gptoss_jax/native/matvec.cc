@@ -142,7 +142,8 @@ T* scratch(int64_t n) {
 constexpr int64_t kRowBlock = 8;     // rows that share one pass over a matrix
 constexpr int64_t kColTile = 256;    // output columns per work item (adding partial sums)
 constexpr int64_t kInChunk = 64;     // input rows per work item ([I, O] layout)
-constexpr int64_t kRowsPerItem = 16; // output rows per work item ([O, I] layout)
+constexpr int64_t kRowsPerItem = 64;     // output rows per work item (dense [O, I]; 16 read ~20% slower)
+constexpr int64_t kPackedRowsPerItem = 16;  // output rows per work item (packed MXFP4 [O, I])
 
 // ------------------------------------------------------------------------- dense, [I, O]
 // Per work item: a tile of <= kColTile output columns of one matrix, accumulated for up to
@@ -688,10 +689,10 @@ template <int RB, class X, class Dots>
 void packed_rows(const X* xin, int64_t x_stride, const uint8_t* blocks, const uint8_t* scales, const Groups& g, int64_t I,
                  int64_t O, float* y, ffi::ThreadPool* pool, const Dots& dots) {
   const int64_t G = I / 32;
-  int64_t chunks = (O + kRowsPerItem - 1) / kRowsPerItem;
+  int64_t chunks = (O + kPackedRowsPerItem - 1) / kPackedRowsPerItem;
   parallel_for(pool, int64_t(g.mats.size()) * chunks, [&](int64_t item) {
-    int64_t gi = item / chunks, o0 = (item % chunks) * kRowsPerItem;
-    int64_t o1 = std::min(O, o0 + kRowsPerItem);
+    int64_t gi = item / chunks, o0 = (item % chunks) * kPackedRowsPerItem;
+    int64_t o1 = std::min(O, o0 + kPackedRowsPerItem);
     const uint8_t* be = blocks + int64_t(g.mats[gi]) * O * G * 16;
     const uint8_t* se = scales + int64_t(g.mats[gi]) * O * G;
     for (int64_t s0 = g.starts[gi]; s0 < g.starts[gi + 1]; s0 += RB) {

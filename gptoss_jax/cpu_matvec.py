@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptoss_jax.attention import attend, attention_mask
+from gptoss_jax.attention import attention_reference
 from gptoss_jax.mxfp4 import MXFP4
 
 SOURCE = Path(__file__).parent / "native" / "matvec.cc"
@@ -333,8 +333,19 @@ def _decode_attention(q, k, v, sinks, k_pos, q_pos, window, scale):
 
 def _attend_reference(q, k, v, sinks, k_pos, q_pos, window, scale):
     ones = jnp.ones(k_pos.shape, jnp.int32)
-    mask = attention_mask(q_pos[:, None], k_pos, ones[:, :1], ones, window=window or None, k_valid=k_pos >= 0)
-    out, mass = attend(q[:, None].astype(jnp.float32), k, v, sinks, mask, scale=scale)
+    out, mass = attention_reference(
+        q[:, None].astype(jnp.float32),
+        k,
+        v,
+        sinks,
+        q_pos=q_pos[:, None],
+        k_pos=k_pos,
+        q_seg=ones[:, :1],
+        k_seg=ones,
+        window=window or None,
+        k_valid=k_pos >= 0,
+        scale=scale,
+    )
     return out[:, 0], mass[:, 0]
 
 

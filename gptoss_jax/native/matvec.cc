@@ -879,7 +879,7 @@ inline __m256 exp_nonpositive(__m256 x) {
 #endif
 
 // The scores and weighted values of up to kLanes query heads of one KV head side by side (one
-// fp32 lane each), over nk keys / values already in fp32 (kf, vf [nk, H]): every key and value
+// fp32 lane each), over nk keys / values in fp32 (rows kf[j], vf[j] of H): every key and value
 // element is broadcast once against the lanes. qt [H, kLanes] holds the queries times the scale
 // (zero lanes beyond the heads); sc [nk, kLanes] receives the probabilities before normalizing,
 // mx / sm [kLanes] the maximum score and the sum of exp, acc [kLanes, H] the weighted values.

@@ -5,7 +5,6 @@ forward, the LoRA reference being the base, and a GRPO run that resumes to the s
 
 import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -210,15 +209,12 @@ def _rl_overrides(d, out, steps, algorithm="grpo"):
     ]
 
 
-def test_grpo_run_metrics_and_exact_resume(rl_setup, tmp_path):
+def test_grpo_run_metrics(rl_setup, tmp_path):
+    """The metrics a GRPO run logs. Exact resume is `test_grpo_sigkill_resumes_at_its_checkpoint`'s."""
     from gptoss_jax.train import rl
 
     straight = rl.train(_rl_config(rl_setup, tmp_path / "a", 4), log=lambda s: None)
-    rl.train(_rl_config(rl_setup, tmp_path / "b", 2), log=lambda s: None)
-    resumed = rl.train(_rl_config(rl_setup, tmp_path / "b", 4), log=lambda s: None)  # from checkpoint 2
-    assert resumed["resumed_from"] == 2 and straight["resumed_from"] == 0
-    weights = lambda run: open(os.path.join(run, "model", "model.safetensors"), "rb").read()
-    assert weights(tmp_path / "a") == weights(tmp_path / "b")
+    assert straight["resumed_from"] == 0
     records = [json.loads(l) for l in open(tmp_path / "a" / "metrics.jsonl")]
     assert records[0] == {"step": 0, "eval_accuracy": straight["eval_accuracy"]["0"]}
     last = records[-1]
@@ -245,7 +241,7 @@ def test_grpo_run_metrics_and_exact_resume(rl_setup, tmp_path):
     assert records[1]["learning_rate"] == pytest.approx(1e-3)
     assert all(r["seconds_sampling"] > 0 and r["seconds_update"] > 0 for r in records[1:])
     assert (tmp_path / "a" / "curves.png").is_file()
-    assert [json.loads(l)["step"] for l in open(tmp_path / "b" / "metrics.jsonl")] == [0, 1, 2, 3, 4]
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
 
 
 def test_gspo_run(rl_setup, tmp_path):

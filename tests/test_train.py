@@ -124,10 +124,14 @@ def test_packed_loss_equals_separate_loss(tiny_cfg):
     tokens, pos, seg = (jnp.asarray(getattr(packed, k)) for k in ("tokens", "positions", "segment_ids"))
     out = fwd(model, tokens, pos, seg)
     loss, n = next_token_loss(out, tokens, jnp.asarray(packed.loss_mask), seg)
+    # Each document alone, right-padded to the longest (one compiled shape): the padding comes after
+    # every real token, so it changes no real token's logits (causal), and its targets are masked.
+    L = max(len(t) for t, _ in ex)
+    alone = lambda xs: jnp.asarray([list(xs) + [0] * (L - len(xs))])
     total = 0.0
     for toks, mask in ex:
-        t = jnp.asarray([toks])
-        l, c = next_token_loss(fwd(model, t, None, None), t, jnp.asarray([mask]))
+        t = alone(toks)
+        l, c = next_token_loss(fwd(model, t, None, None), t, alone(mask))
         total += float(l * c)
     assert float(n) == sum(len(t) - 1 for t, _ in ex)
     assert abs(float(loss * n) - total) / total <= 1e-5
@@ -143,8 +147,7 @@ def test_packed_loss_equals_separate_loss(tiny_cfg):
     grad = nnx.jit(nnx.value_and_grad(summed))
     want_loss, want_grad = 0.0, None
     for toks, _ in ex:
-        t = jnp.asarray([toks])
-        l, g = grad(model, t, None, None, jnp.ones_like(t), None)
+        l, g = grad(model, alone(toks), None, None, alone([1] * len(toks)), None)
         want_loss += float(l)
         want_grad = g if want_grad is None else jax.tree.map(jnp.add, want_grad, g)
     got_loss, got_grad = grad(model, tokens, pos, seg, full, seg)

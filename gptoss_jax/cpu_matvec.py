@@ -1,5 +1,6 @@
-"""Matrix-vector products for decoding on a CPU, and the prefill MoE's grouped matmul: native
-kernels (`native/matvec.cc`, XLA FFI custom calls) that read each weight once in its stored format.
+"""Matrix-vector products for decoding on a CPU, and a prefill's MoE grouped matmul and
+self-attention: native kernels (`native/matvec.cc`, XLA FFI custom calls); the products read each
+weight once in its stored format.
 
 A decode step multiplies a few rows by large matrices, so its cost is the bytes of the weights.
 XLA:CPU's own code for that shape converts a bf16 matrix to an fp32 copy before multiplying, and
@@ -15,6 +16,9 @@ these kernels are several times faster (`experiments/2026-12-06-cpu-matvec/`).
 - `decode_attention(q, k, v, sinks, k_pos, q_pos, window=...)`: one new query per row against
   the KV cache (a decode step's attention with sinks), reading the cache once for the query
   heads that share a KV head; fp32 products, sums and softmax.
+- `prefill_attention(q, k, v, sinks, positions, segment_ids, window=...)`: an uncached forward's
+  self-attention (`attention.self_attention`'s contract) as one flash-attention loop that visits
+  only the key blocks a token may see (AVX-512F, `has_prefill_attention()`).
 
 Where the CPU has AVX512-BF16 and every input is a bf16 value (a bf16 model's activations), bf16
 weights and decoded MXFP4 codes meet the inputs in VDPBF16PS (exact products, fp32 sums);
@@ -49,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptoss_jax.attention import attention_reference
+from gptoss_jax.attention import attention_reference, self_attention
 from gptoss_jax.mxfp4 import MXFP4
 
 SOURCE = Path(__file__).parent / "native" / "matvec.cc"
@@ -60,6 +64,8 @@ _TARGETS = {
     "gptoss_grouped_matmul": "GptossGroupedMatmul",
     "gptoss_decode_attention": "GptossDecodeAttention",
 }
+# Built only where the CPU has their instructions (AVX-512F): registered when present.
+_OPTIONAL_TARGETS = {"gptoss_prefill_attention": "GptossPrefillAttention"}
 
 
 class NativeUnavailable(RuntimeError):
@@ -131,6 +137,9 @@ def _load() -> str | None:
         lib = ctypes.CDLL(str(build()))
         for name, symbol in _TARGETS.items():
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+        for name, symbol in _OPTIONAL_TARGETS.items():
+            if hasattr(lib, symbol):
+                jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except (NativeUnavailable, OSError, AttributeError) as e:
         return str(e)
     _LIB.append(lib)
@@ -140,6 +149,11 @@ def _load() -> str | None:
 def has_grouped_f32() -> bool:
     """Whether `grouped_matmul` takes fp32 (built with AVX-512F)."""
     return available() and bool(_LIB[0].GptossHasGroupedF32())
+
+
+def has_prefill_attention() -> bool:
+    """Whether `prefill_attention` is built (AVX-512F)."""
+    return available() and bool(_LIB[0].GptossHasPrefillAttention())
 
 
 def has_bf16_dot() -> bool:
@@ -362,3 +376,63 @@ def _decode_attention_bwd(window, scale, res, cot):
 
 
 _decode_attention.defvjp(_decode_attention_fwd, _decode_attention_bwd)
+
+
+# ------------------------------------------------------------ prefill attention (self-attention)
+def prefill_attention(q, k, v, sinks, positions, segment_ids, *, window: int | None = None):
+    """`attention.self_attention` as one native flash-attention loop: q [B, T, N, H], k/v
+    [B, T, K, H] (all bf16 or all fp32; H a multiple of 16), sinks [N], positions / segment_ids
+    [B, T], `window` for a sliding layer. Same contract (queries and keys are the same tokens, each
+    segment contiguous with consecutive positions) and the same mask, scale 1/sqrt(H) and sinks;
+    only the key blocks a token may see are visited, and no [T, T] matrix is written. fp32
+    products, sums, exp and probabilities (XLA's bf16 path rounds the probabilities to bf16).
+    Returns (out [B, T, N, H] in q's dtype, sink mass fp32 [B, T, N]). Needs AVX-512F
+    (`has_prefill_attention()`). Under differentiation the forward and its gradients are
+    `self_attention`'s (XLA), so a training step computes exactly what it did without the kernel."""
+    require()
+    if not has_prefill_attention():
+        raise NativeUnavailable("prefill_attention needs a CPU with AVX-512F")
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise ValueError(
+            f"prefill_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit "
+            "([B, T, N, H], and k, v both [B, T, K, H])"
+        )
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (jnp.bfloat16, jnp.float32):
+        raise ValueError(f"prefill_attention: q, k, v must be all bf16 or all fp32, got {q.dtype}/{k.dtype}/{v.dtype}")
+    B, T, N, H = q.shape
+    if N % k.shape[2] or H % 16:
+        raise ValueError(f"prefill_attention: {N} heads over {k.shape[2]} KV heads, head size {H} (a multiple of 16?)")
+    if window is not None and window < 1:
+        raise ValueError(f"prefill_attention: window must be >= 1 or None, got {window}")
+    positions = jnp.asarray(positions).astype(jnp.int32).reshape(B, T)
+    segment_ids = jnp.asarray(segment_ids).astype(jnp.int32).reshape(B, T)
+    return _prefill_attention(q, k, v, jnp.asarray(sinks).astype(jnp.float32), positions, segment_ids, window or 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _prefill_attention(q, k, v, sinks, positions, segment_ids, window):
+    B, T, N, H = q.shape
+    call = jax.ffi.ffi_call(
+        "gptoss_prefill_attention",
+        (jax.ShapeDtypeStruct((B, T, N, H), jnp.float32), jax.ShapeDtypeStruct((B, T, N), jnp.float32)),
+        vmap_method="sequential",
+    )
+    out, mass = call(q, k, v, sinks, positions, segment_ids, window=np.int64(window), scale=np.float32(H**-0.5))
+    return out.astype(q.dtype), mass
+
+
+def _prefill_attention_fwd(q, k, v, sinks, positions, segment_ids, window):
+    xla = lambda q, k, v, sinks: self_attention(
+        q, k, v, sinks, positions=positions, segment_ids=segment_ids, window=window or None
+    )
+    (out, mass), vjp = jax.vjp(xla, q, k, v, sinks)
+    return (out, mass), (vjp, positions, segment_ids)
+
+
+def _prefill_attention_bwd(window, res, cot):
+    vjp, positions, segment_ids = res
+    zero = lambda a: np.zeros(a.shape, jax.dtypes.float0)
+    return (*vjp(cot), zero(positions), zero(segment_ids))
+
+
+_prefill_attention.defvjp(_prefill_attention_fwd, _prefill_attention_bwd)

@@ -33,7 +33,7 @@ from flax import nnx
 
 from gptoss_jax import attention as attn_lib
 from gptoss_jax import cache as cache_lib
-from gptoss_jax import expert_parallel, kernels, layers
+from gptoss_jax import cpu_matvec, expert_parallel, kernels, layers
 from gptoss_jax import moe as moe_lib
 from gptoss_jax import sharding as sharding_lib
 from gptoss_jax.adapters import AttentionLoRA, ExpertLoRA, LoRAConfig
@@ -128,7 +128,11 @@ class Attention(nnx.Module):
     ):
         q, k, v = self.qkv(x, rope, eps=eps, mesh=mesh, native_rows=plan.native_rows)
         impl = plan.attention if cache is None and not capture else "xla"
-        if impl != "xla":
+        if impl == "cpu_native" and q.shape[-1] % 16 == 0:
+            out, sink_mass = cpu_matvec.prefill_attention(
+                q, k, v, self.sinks[...], positions, segment_ids, window=self.window
+            )
+        elif impl not in ("xla", "cpu_native"):
             # The kernels mask by index within segments: equal to the position mask for packed or
             # padded rows. They do not report the sink mass, so capture=True stays on XLA.
             out = _kernel_attention(

@@ -20,7 +20,7 @@ import jax
 from gptoss_jax import cpu_matvec, targets
 
 PLATFORMS = ("cpu", "gpu", "tpu")
-ATTENTION_IMPLS = ("xla", "pallas_gpu", "pallas_tpu")
+ATTENTION_IMPLS = ("xla", "pallas_gpu", "pallas_tpu", "cpu_native")
 MXFP4_IMPLS = ("xla", "pallas_gpu", "pallas_tpu")
 MOE_IMPLS = ("dense", "ragged", "buckets", "chunks", "gather")
 DISPATCH = ("all_to_all", "ragged_all_to_all")
@@ -65,8 +65,11 @@ class KernelOptions:
     moe_impl: "ragged" | "chunks" | "buckets" | "gather" | "dense" (`moe.MOE_IMPLS`); None picks
         by platform and batch size (ragged on GPU/TPU, chunks on CPU, gather for decode-sized
         batches).
-    attention_impl: "xla" | "pallas_gpu" | "pallas_tpu"; None = Pallas on GPU/TPU, XLA on CPU.
-        Cached decoding and capture=True always use the XLA path.
+    attention_impl: "xla" | "pallas_gpu" | "pallas_tpu" | "cpu_native" (the native CPU kernel
+        `cpu_matvec.prefill_attention`: an unsharded model on a CPU with AVX-512F, head size a
+        multiple of 16, else XLA's code); None = Pallas on GPU/TPU, on CPU the native kernel where
+        it is built and the native kernels are on (`cpu_matvec`), else XLA. Cached decoding and
+        capture=True always use the XLA path (a decode step's own native kernel aside).
     mxfp4_impl: the packed grouped matmul of the "ragged" MoE path: "xla" | "pallas_gpu" |
         "pallas_tpu"; None = the platform's Pallas kernel on GPU/TPU, "xla" on CPU.
     interpret: run Pallas kernels in interpret mode (CPU testing).
@@ -143,6 +146,14 @@ class KernelOptions:
             cpu_matvec.require()
         elif self.cpu_matvec and not (cpu and not sharded):
             raise ValueError("cpu_matvec=True needs an unsharded model on the CPU")
+        attention = self.attention_impl or default_attention_impl(platform)
+        if self.attention_impl is None and native and cpu_matvec.has_prefill_attention():
+            attention = "cpu_native"
+        elif attention == "cpu_native" and not (native and cpu_matvec.has_prefill_attention()):
+            raise ValueError(
+                "attention_impl='cpu_native' needs an unsharded model on a CPU with AVX-512F and the native "
+                f"kernels on ({cpu_matvec.unavailable_reason() or 'cpu_matvec off, sharded, or no AVX-512F'})"
+            )
         moe = self.moe_impl
         if moe is None:
             if sharded and expert_axis > 1:  # devices exchange fixed-capacity buffers: buckets on CPU
@@ -159,7 +170,7 @@ class KernelOptions:
                 )
         return Plan(
             platform=platform,
-            attention=self.attention_impl or default_attention_impl(platform),
+            attention=attention,
             mxfp4=self.mxfp4_impl or default_mxfp4_impl(platform),
             moe=moe,
             decode_one_expert_at_a_time=large_packed_on_cpu,

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from flax import nnx
 
 import gptoss_jax as gj
 from gptoss_jax import cpu_matvec, moe, mxfp4
@@ -150,7 +151,9 @@ def test_model_decode_with_and_without_native_kernels(experts, dtype):
     XLA's code (fp32: to fp32 summation order; bf16: the activations round to bf16 between the
     layers, so the two orders may round a value differently: 2 bf16 ulps of the largest logit),
     and fp32 greedy decoding emits the same tokens."""
-    model = gj.init(gj.tiny(), seed=0, experts=experts, dtype=dtype)
+    # the uncached one-token forward's attention on XLA's path on both sides (the native kernel's
+    # own model test: test_model_prefill_through_native_attention)
+    model = gj.init(gj.tiny(), seed=0, experts=experts, dtype=dtype, kernel=KernelOptions(attention_impl="xla"))
     xla = gj.init(gj.tiny(), seed=0, experts=experts, dtype=dtype)
     xla.kernel = dataclasses.replace(xla.kernel, cpu_matvec=False)
     assert model.plan(1).native_rows > 0 and xla.plan(1).native_rows == 0
@@ -220,7 +223,9 @@ def test_model_prefill_moe_through_grouped_matmul(dtype):
     differentiation the loop runs (gradients equal with and without the kernels)."""
     skip_unless_grouped(dtype)
     cfg = gj.tiny()
-    model = gj.init(cfg, seed=0, experts="dense", dtype=dtype)
+    # attention on XLA's path on both sides: in bf16 the native kernel's fp32 probabilities move
+    # the router's inputs by bf16 roundings, enough to flip near-tied expert choices of a random model
+    model = gj.init(cfg, seed=0, experts="dense", dtype=dtype, kernel=KernelOptions(attention_impl="xla"))
     xla = gj.init(cfg, seed=0, experts="dense", dtype=dtype)
     xla.kernel = dataclasses.replace(xla.kernel, cpu_matvec=False)
     for i in range(cfg.num_layers):  # biases start at zero; random ones show they reach their rows
@@ -355,3 +360,115 @@ def test_decode_attention_gradients_match_attend():
 
     for a, b in zip(jax.grad(native, (0, 1, 2, 3))(q, k, v, sinks), jax.grad(ref, (0, 1, 2, 3))(q, k, v, sinks)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------- prefill attention (uncached)
+needs_prefill = pytest.mark.skipif(
+    cpu_matvec.available() and not cpu_matvec.has_prefill_attention(), reason="prefill_attention needs AVX-512F"
+)
+
+
+def self_attention_oracle(q, k, v, sinks, pos, seg, window):
+    """NumPy float64: each token's softmax over the keys of its segment at positions <= its own
+    (and within the window) and its head's sink logit."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    B, T, N, H = q.shape
+    G = N // k.shape[2]
+    out, mass = np.zeros((B, T, N, H)), np.zeros((B, T, N))
+    for b in range(B):
+        for t in range(T):
+            vis = (seg[b] == seg[b, t]) & (pos[b] <= pos[b, t])
+            if window:
+                vis &= pos[b, t] - pos[b] < window
+            for n in range(N):
+                logits = np.append(k[b, vis, n // G] @ q[b, t, n] * H**-0.5, sinks[n])
+                p = np.exp(logits - logits.max())
+                p /= p.sum()
+                out[b, t, n], mass[b, t, n] = p[:-1] @ v[b, vis, n // G], p[-1]
+    return out, mass
+
+
+@needs_prefill
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize(
+    "B, T, N, K, H, window, segments",
+    [
+        (1, 70, 8, 2, 64, None, None),  # 4 query heads per KV head; T across key blocks of 32, rows of 16
+        (2, 45, 8, 1, 16, 8, None),  # 8 per KV head (query tiles of 8 and 6 with tails); a window
+        (1, 100, 12, 4, 48, 33, [40, 27, 33]),  # packed segments; H = 48: three vectors of columns
+        (2, 37, 4, 4, 32, None, [5, 20, 12]),  # one query head per KV head; short segments
+    ],
+)
+def test_prefill_attention_against_numpy(B, T, N, K, H, window, segments, dtype):
+    """The native self-attention against NumPy float64 on the same (bf16-valued) inputs. fp32:
+    |error| <= 1e-5 * max |v| (the outputs are convex combinations of v's rows), 1e-6 for the sink
+    mass. bf16 outputs are rounded to bf16 once: within half a bf16 ulp (2^-8 relative) of the
+    exact value, plus the fp32 tolerance."""
+    rng = np.random.default_rng(T)
+    dt = getattr(ml_dtypes, dtype, np.float32)
+    q = (2 * rng.standard_normal((B, T, N, H))).astype(dt)
+    k, v = (rng.standard_normal((B, T, K, H)).astype(dt) for _ in range(2))
+    sinks = (2 * rng.standard_normal(N)).astype(np.float32)
+    if segments is None:
+        pos, seg = np.tile(np.arange(T, dtype=np.int32), (B, 1)), np.ones((B, T), np.int32)
+    else:
+        seg = np.tile(np.repeat(np.arange(len(segments)), segments).astype(np.int32), (B, 1))
+        pos = np.tile(np.concatenate([np.arange(n) for n in segments]).astype(np.int32), (B, 1))
+    out, mass = cpu_matvec.prefill_attention(q, k, v, sinks, pos, seg, window=window)
+    assert out.dtype == jnp.dtype(dtype) and out.shape == q.shape and mass.shape == (B, T, N)
+    ref_out, ref_mass = self_attention_oracle(q, k, v, sinks, pos, seg, window)
+    tol = 1e-5 * np.abs(np.asarray(v, np.float32)).max()
+    err = np.abs(np.asarray(out, np.float64) - ref_out)
+    assert (err <= tol + (2.0**-8 * np.abs(ref_out) if dtype == "bfloat16" else 0)).all(), err.max()
+    assert np.abs(np.asarray(mass) - ref_mass).max() <= 1e-6
+    # control: a window one key narrower (for full layers: one key shorter than the longest
+    # segment) moves the result far outside the tolerance
+    narrower, _ = self_attention_oracle(q, k, v, sinks, pos, seg, (window or max(segments or [T])) - 1)
+    assert np.abs(np.asarray(out, np.float64) - narrower).max() > 100 * tol
+
+
+@needs_prefill
+def test_prefill_attention_refuses_bad_inputs():
+    q, kv = np.zeros((1, 5, 4, 16), np.float32), np.zeros((1, 5, 2, 16), np.float32)
+    pos, seg = np.zeros((1, 5), np.int32), np.ones((1, 5), np.int32)
+    with pytest.raises(ValueError, match="do not fit"):
+        cpu_matvec.prefill_attention(q, kv[:, :4], kv[:, :4], np.zeros(4), pos, seg)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        cpu_matvec.prefill_attention(q[..., :8], kv[..., :8], kv[..., :8], np.zeros(4), pos, seg)
+    with pytest.raises(ValueError, match="heads"):
+        cpu_matvec.prefill_attention(q[:, :, :3], kv, kv, np.zeros(3), pos, seg)
+    with pytest.raises(ValueError, match="all bf16 or all fp32"):
+        cpu_matvec.prefill_attention(q, kv.astype(ml_dtypes.bfloat16), kv, np.zeros(4), pos, seg)
+    with pytest.raises(ValueError, match="window"):
+        cpu_matvec.prefill_attention(q, kv, kv, np.zeros(4), pos, seg, window=0)
+
+
+@needs_prefill
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_model_prefill_through_native_attention(dtype):
+    """The CPU plan's default attention for an uncached forward is the native kernel (in the HLO),
+    with logits equal to XLA's attention path (fp32: 1e-5 of the logits' scale; bf16: XLA rounds
+    the probabilities to bf16, so 2 bf16 ulps of it; every expert on every token, so no routing
+    choice flips on a rounding), on packed segments; gradients (which are
+    XLA's path under differentiation, by the custom VJP) equal with and without it."""
+    # every token to every expert: no discrete routing choice that a bf16 rounding could flip
+    cfg = gj.tiny(experts_per_token=gj.tiny().num_experts)
+    assert cfg.head_dim % 16 == 0
+    native = gj.init(cfg, seed=3, dtype=dtype, experts="dense")
+    xla = gj.init(cfg, seed=3, dtype=dtype, experts="dense", kernel=KernelOptions(attention_impl="xla"))
+    assert native.plan(40).attention == "cpu_native" and xla.plan(40).attention == "xla"
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 40)), jnp.int32)
+    seg = jnp.asarray(np.repeat([1, 2, 3], [17, 15, 8])[None].repeat(2, 0), jnp.int32)
+    pos = jnp.asarray(np.concatenate([np.arange(17), np.arange(15), np.arange(8)])[None].repeat(2, 0), jnp.int32)
+    fwd = lambda m: nnx.jit(lambda m, t: m(t, positions=pos, segment_ids=seg).logits)
+    hlo = jax.jit(lambda t: native(t, positions=pos, segment_ids=seg).logits).lower(tokens).as_text()
+    assert hlo.count("gptoss_prefill_attention") == cfg.num_layers
+    a, b = np.asarray(fwd(native)(native, tokens), np.float32), np.asarray(fwd(xla)(xla, tokens), np.float32)
+    scale = np.abs(b).max()
+    assert np.abs(a - b).max() <= (1e-5 if dtype == "float32" else 2 * 2.0**-7) * scale
+    if dtype == "float32":
+        loss = lambda m: jnp.mean(m(tokens, positions=pos, segment_ids=seg).logits ** 2)
+        ga, gb = nnx.grad(loss)(native), nnx.grad(loss)(xla)
+        for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

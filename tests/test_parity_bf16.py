@@ -144,7 +144,9 @@ def test_bf16_bound_catches_bf16_only_faults(fault, original_dir, tokens, oracle
         monkeypatch.setattr(layers, "rope_cos_sin", _rope_phase_in_bf16)
     else:
         monkeypatch.setattr(attn_lib, "attend", _sinks_dropped_in_bf16(attn_lib.attend))
-    bad = check_bf16(forward_logits(gj.load(original_dir), tokens), oracles, noise, f"control[{fault}]")
+    # the sinks fault is planted in XLA's attention path (`attention.attend`), so that path runs
+    kernel = gj.KernelOptions(attention_impl="xla")
+    bad = check_bf16(forward_logits(gj.load(original_dir, kernel=kernel), tokens), oracles, noise, f"control[{fault}]")
     for name, (e, decisive, _) in bad.items():
         assert e > noise["limit"] and decisive < ARGMAX_MIN, name
     # The sinks fault is bf16-only by construction: the fp32 run still matches the fp32 oracle,

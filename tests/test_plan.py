@@ -23,13 +23,14 @@ def test_cpu_choices_follow_the_shapes():
     assert resolve(16, BIG_PACKED).moe == "gather"  # large packed experts: gathered up to 4 rows per expert
     assert resolve(4096, BIG_PACKED).decode_one_expert_at_a_time and not resolve(4096).decode_one_expert_at_a_time
     p = resolve(4096)
+    native = cpu_matvec.available()  # the native kernels where they build (tests/test_cpu_matvec.py)
+    attention = "cpu_native" if native and cpu_matvec.has_prefill_attention() else "xla"
     assert (p.attention, p.mxfp4, p.expert_dispatch, p.unembed_reduction_rows) == (
-        "xla",
+        attention,
         "xla",
         "all_to_all",
         plan.UNEMBED_ROWS_AS_REDUCTION,
     )
-    native = cpu_matvec.available()  # the native kernels where they build (tests/test_cpu_matvec.py)
     assert p.moe_options("gather") == {"gathered_decode": True, "native": native}
     assert p.native_rows == (plan.NATIVE_MATVEC_ROWS if native else 0)
     # bf16 activations: more rows where the kernels have bf16 dot products
@@ -47,6 +48,13 @@ def test_cpu_choices_follow_the_shapes():
         == "chunks"
     )
     assert off.native_rows == 0 and off.moe_options("gather") == {"gathered_decode": True, "native": False}
+    assert off.attention == "xla"  # the native attention goes with the other kernels
+    asked = gj.KernelOptions(platform="cpu", attention_impl="xla")
+    assert asked.resolve(None, tokens=9, num_experts=E, k=K).attention == "xla"
+    with pytest.raises(ValueError, match="cpu_native"):  # asked for where it cannot run
+        gj.KernelOptions(platform="cpu", cpu_matvec=False, attention_impl="cpu_native").resolve(
+            None, tokens=9, num_experts=E, k=K
+        )
     assert off.unembed_options() == {"reduction_rows": plan.UNEMBED_ROWS_AS_REDUCTION, "native_rows": 0}
 
 

@@ -14,6 +14,8 @@
 //   gptoss_grouped_matmul y[r] = x[r] @ W[e] for each expert's range of rows (a prefill's sorted
 //                         MoE rows), W [E, I, O], x and W both bf16 or both fp32
 //   gptoss_decode_attention  one new query per row against the KV cache, with sinks (below)
+//   gptoss_prefill_attention  an uncached forward's self-attention with sinks, flash-attention
+//                         style over the key blocks each token may see (AVX-512F; below)
 //
 // Rows that chose the same matrix share its stream (a batch of decoded tokens reads each chosen
 // expert once). Work is split over the output columns and run on XLA's intra-op thread pool.
@@ -1097,11 +1099,290 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
   }
 }
 
+
+// ------------------------------------------------------ prefill attention (self-attention)
+// A prefill's (or an uncached forward's) self-attention with sinks, as a flash-attention loop:
+// queries and keys are the same T tokens, each segment contiguous with consecutive positions
+// (the contract of `attention.self_attention`), so the keys a token may see lie in the array
+// slots [t - W + 1, t] (sliding layers) or [0, t] (full layers), and blocks of keys outside that
+// range are never visited. Within the visited blocks, key s is visible to token t when
+// seg[s] == seg[t], pos[s] <= pos[t] and pos[t] - pos[s] < W (`attention.attention_mask`).
+//
+// A first pass lays each KV head's keys out transposed in blocks of kKeyBlock ([H, kKeyBlock]) and
+// its values as fp32 rows. Work items are (row b, KV head, kQRows tokens): the G query heads of
+// the KV head for those tokens (M = kQRows * G query vectors, scaled) go through every visited
+// key block: scores by register tiles of 8 query vectors x 32 keys, an online softmax per query
+// vector (running maximum, starting at the head's sink logit, and sum of exp; the weighted
+// values rescaled when the maximum grows), then the weighted values by tiles of 6 query vectors x
+// 64 columns. fp32 products, sums, exp and probabilities; no [T, T] matrix is ever written.
+#if defined(GPTOSS_F32_GEMM)
+#define GPTOSS_PREFILL_ATTENTION 1
+constexpr int64_t kQRows = 16;
+constexpr int64_t kKeyBlock = 32;
+
+// exp(x) for x <= 0, 16 at a time (as exp_nonpositive); below -87 -> 0.
+inline __m512 exp_nonpositive16(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.f);
+  __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
+  x = _mm512_max_ps(x, lo);
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.4286068203094172e-06f), r);
+  __m512 y = _mm512_set1_ps(1.f / 5040.f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f / 720.f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f / 120.f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f / 24.f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f / 6.f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.5f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f));
+  return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(y, n));
+}
+
+// p[r, 0:32] = qs[r] . kt[:, 0:32] for NR query vectors (rows of qs, H apart); kt [H, 32].
+template <int NR>
+inline void qk_tile(const float* qs, const float* kt, int64_t H, float* p) {
+  __m512 a0[NR], a1[NR];
+  for (int r = 0; r < NR; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+  for (int64_t h = 0; h < H; ++h) {
+    __m512 k0 = _mm512_loadu_ps(kt + h * kKeyBlock), k1 = _mm512_loadu_ps(kt + h * kKeyBlock + 16);
+    for (int r = 0; r < NR; ++r) {
+      __m512 qv = _mm512_set1_ps(qs[r * H + h]);
+      a0[r] = _mm512_fmadd_ps(qv, k0, a0[r]);
+      a1[r] = _mm512_fmadd_ps(qv, k1, a1[r]);
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    _mm512_storeu_ps(p + r * kKeyBlock, a0[r]);
+    _mm512_storeu_ps(p + r * kKeyBlock + 16, a1[r]);
+  }
+}
+
+void qk_block(const float* qs, const float* kt, int64_t H, int64_t nm, float* p) {
+  int64_t m = 0;
+  for (; m + 8 <= nm; m += 8) qk_tile<8>(qs + m * H, kt, H, p + m * kKeyBlock);
+  const float* qr = qs + m * H;
+  float* pr = p + m * kKeyBlock;
+  switch (nm - m) {
+    case 7: qk_tile<7>(qr, kt, H, pr); break;
+    case 6: qk_tile<6>(qr, kt, H, pr); break;
+    case 5: qk_tile<5>(qr, kt, H, pr); break;
+    case 4: qk_tile<4>(qr, kt, H, pr); break;
+    case 3: qk_tile<3>(qr, kt, H, pr); break;
+    case 2: qk_tile<2>(qr, kt, H, pr); break;
+    case 1: qk_tile<1>(qr, kt, H, pr); break;
+    default: break;
+  }
+}
+
+// o[r, h0 : h0 + 16 NU] += p[r, 0:32] @ vb[0:32, h0 : h0 + 16 NU] for NR query vectors.
+template <int NR, int NU>
+inline void pv_tile(const float* p, const float* vb, int64_t H, int64_t h0, float* o) {
+  __m512 acc[NR][NU];
+  for (int r = 0; r < NR; ++r)
+    for (int u = 0; u < NU; ++u) acc[r][u] = _mm512_loadu_ps(o + r * H + h0 + 16 * u);
+  for (int64_t j = 0; j < kKeyBlock; ++j) {
+    __m512 vv[NU];
+    for (int u = 0; u < NU; ++u) vv[u] = _mm512_loadu_ps(vb + j * H + h0 + 16 * u);
+    for (int r = 0; r < NR; ++r) {
+      __m512 pr = _mm512_set1_ps(p[r * kKeyBlock + j]);
+      for (int u = 0; u < NU; ++u) acc[r][u] = _mm512_fmadd_ps(pr, vv[u], acc[r][u]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int u = 0; u < NU; ++u) _mm512_storeu_ps(o + r * H + h0 + 16 * u, acc[r][u]);
+}
+
+template <int NU>
+void pv_rows(const float* p, const float* vb, int64_t H, int64_t h0, int64_t nm, float* o) {
+  int64_t m = 0;
+  for (; m + 6 <= nm; m += 6) pv_tile<6, NU>(p + m * kKeyBlock, vb, H, h0, o + m * H);
+  const float* pr = p + m * kKeyBlock;
+  float* orow = o + m * H;
+  switch (nm - m) {
+    case 5: pv_tile<5, NU>(pr, vb, H, h0, orow); break;
+    case 4: pv_tile<4, NU>(pr, vb, H, h0, orow); break;
+    case 3: pv_tile<3, NU>(pr, vb, H, h0, orow); break;
+    case 2: pv_tile<2, NU>(pr, vb, H, h0, orow); break;
+    case 1: pv_tile<1, NU>(pr, vb, H, h0, orow); break;
+    default: break;
+  }
+}
+
+void pv_block(const float* p, const float* vb, int64_t H, int64_t nm, float* o) {
+  for (int64_t h0 = 0; h0 < H; h0 += 64) {
+    switch (std::min<int64_t>(4, (H - h0) / 16)) {
+      case 4: pv_rows<4>(p, vb, H, h0, nm, o); break;
+      case 3: pv_rows<3>(p, vb, H, h0, nm, o); break;
+      case 2: pv_rows<2>(p, vb, H, h0, nm, o); break;
+      default: pv_rows<1>(p, vb, H, h0, nm, o); break;
+    }
+  }
+}
+
+// q [B, T, N, H], k/v [B, T, K, H] (T: fp32 or bf16), pos/seg [B, T] -> out [B, T, N, H], mass [B, T, N].
+// H a multiple of 16.
+template <class T>
+void prefill_attention(const T* q, const T* k, const T* v, const float* sinks, const int32_t* pos, const int32_t* seg,
+                       int64_t B, int64_t Tn, int64_t N, int64_t K, int64_t H, int64_t window, float scale,
+                       float* out, float* mass, ffi::ThreadPool* pool) {
+  const int64_t G = N / K, KB = kKeyBlock, nkb = (Tn + KB - 1) / KB;
+  // keys transposed per block [B, K, nkb, H, KB] and values [B, K, nkb * KB, H], fp32, zero past T
+  float* kt = scratch<float, 4>(B * K * nkb * KB * H);
+  float* vf = scratch<float, 5>(B * K * nkb * KB * H);
+  parallel_for(pool, B * K * nkb, [&](int64_t it) {
+    int64_t c = it % nkb, b = it / nkb / K, kh = it / nkb % K;
+    float *ktb = kt + it * KB * H, *vb = vf + it * KB * H;
+    for (int64_t j = 0; j < KB; ++j) {
+      int64_t s = c * KB + j;
+      if (s >= Tn) {
+        for (int64_t h = 0; h < H; ++h) ktb[h * KB + j] = 0.f;
+        std::fill(vb + j * H, vb + (j + 1) * H, 0.f);
+        continue;
+      }
+      const T* kr = k + ((b * Tn + s) * K + kh) * H;
+      for (int64_t h = 0; h < H; ++h) ktb[h * KB + j] = load_f32(kr, h);
+      to_f32(v + ((b * Tn + s) * K + kh) * H, vb + j * H, H);
+    }
+  });
+  const int64_t R = kQRows, nqb = (Tn + R - 1) / R, M = R * G;
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  // the longest items (the last tokens of a full layer) first
+  parallel_for(pool, B * K * nqb, [&](int64_t it) {
+    int64_t qb = nqb - 1 - it / (B * K), b = it % (B * K) / K, kh = it % K;
+    int64_t t0 = qb * R, t1 = std::min(Tn, t0 + R), nm = (t1 - t0) * G;
+    float* buf = scratch<float, 6>(2 * M * H + M * KB + 2 * M);
+    float *qs = buf, *o = qs + M * H, *p = o + M * H, *mx = p + M * KB, *sm = mx + M;
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t g = 0; g < G; ++g) {
+        int64_t m = (t - t0) * G + g, n = kh * G + g;
+        const T* qr = q + ((b * Tn + t) * N + n) * H;
+        for (int64_t h = 0; h < H; ++h) qs[m * H + h] = load_f32(qr, h) * scale;
+        std::fill(o + m * H, o + (m + 1) * H, 0.f);
+        mx[m] = sinks[n];
+        sm[m] = 0.f;
+      }
+    const int32_t *pb = pos + b * Tn, *sb = seg + b * Tn;
+    const int64_t first = window > 0 ? std::max<int64_t>(0, t0 - window + 1) : 0;
+    for (int64_t c = first / KB; c * KB < t1; ++c) {
+      const int64_t s0 = c * KB, base = (b * K + kh) * nkb + c;
+      qk_block(qs, kt + base * KB * H, H, nm, p);
+      // the block's keys: positions and segments, lanes past T invalid
+      __mmask16 valid[2];
+      __m512i kp[2], ks[2];
+      for (int u = 0; u < 2; ++u) {
+        int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, Tn - s0 - 16 * u));
+        valid[u] = _mm512_cmp_epi32_mask(lane, _mm512_set1_epi32(int32_t(left)), _MM_CMPINT_LT);
+        kp[u] = _mm512_maskz_loadu_epi32(valid[u], pb + s0 + 16 * u);
+        ks[u] = _mm512_maskz_loadu_epi32(valid[u], sb + s0 + 16 * u);
+      }
+      for (int64_t t = t0; t < t1; ++t) {
+        __m512i qp = _mm512_set1_epi32(pb[t]), qg = _mm512_set1_epi32(sb[t]);
+        __mmask16 vis[2];
+        for (int u = 0; u < 2; ++u) {
+          vis[u] = valid[u] & _mm512_cmp_epi32_mask(ks[u], qg, _MM_CMPINT_EQ) &
+                   _mm512_cmp_epi32_mask(kp[u], qp, _MM_CMPINT_LE);
+          if (window > 0)  // pos[t] - pos[s] < W  <=>  pos[s] > pos[t] - W
+            vis[u] &= _mm512_cmp_epi32_mask(kp[u], _mm512_set1_epi32(int32_t(pb[t] - window)), _MM_CMPINT_NLE);
+        }
+        if ((vis[0] | vis[1]) == 0) {
+          for (int64_t g = 0; g < G; ++g) std::fill(p + ((t - t0) * G + g) * KB, p + ((t - t0) * G + g + 1) * KB, 0.f);
+          continue;
+        }
+        const __m512 ninf = _mm512_set1_ps(-INFINITY);
+        for (int64_t g = 0; g < G; ++g) {
+          int64_t m = (t - t0) * G + g;
+          float* pr = p + m * KB;
+          __m512 s[2] = {_mm512_loadu_ps(pr), _mm512_loadu_ps(pr + 16)};
+          float top = _mm512_reduce_max_ps(
+              _mm512_max_ps(_mm512_mask_mov_ps(ninf, vis[0], s[0]), _mm512_mask_mov_ps(ninf, vis[1], s[1])));
+          if (top > mx[m]) {  // a new maximum: rescale what was summed so far
+            float f = std::exp(mx[m] - top);
+            sm[m] *= f;
+            __m512 fv = _mm512_set1_ps(f);
+            for (int64_t h = 0; h < H; h += 16)
+              _mm512_storeu_ps(o + m * H + h, _mm512_mul_ps(fv, _mm512_loadu_ps(o + m * H + h)));
+            mx[m] = top;
+          }
+          __m512 mv = _mm512_set1_ps(mx[m]);
+          __m512 total = _mm512_setzero_ps();
+          for (int u = 0; u < 2; ++u) {
+            __m512 e = _mm512_maskz_mov_ps(vis[u], exp_nonpositive16(_mm512_maskz_sub_ps(vis[u], s[u], mv)));
+            _mm512_storeu_ps(pr + 16 * u, e);
+            total = _mm512_add_ps(total, e);
+          }
+          sm[m] += _mm512_reduce_add_ps(total);
+        }
+      }
+      pv_block(p, vf + base * KB * H, H, nm, o);
+    }
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t g = 0; g < G; ++g) {
+        int64_t m = (t - t0) * G + g, n = kh * G + g;
+        float sink = std::exp(sinks[n] - mx[m]), inv = 1.f / (sm[m] + sink);
+        float* orow = out + ((b * Tn + t) * N + n) * H;
+        for (int64_t h = 0; h < H; ++h) orow[h] = o[m * H + h] * inv;
+        mass[(b * Tn + t) * N + n] = sink * inv;
+      }
+  });
+}
+
+// q [B, T, N, H], k/v [B, T, K, H] (all bf16 or all f32), sinks [N] f32, pos/seg [B, T] s32 ->
+// out [B, T, N, H] f32, sink mass [B, T, N] f32. Attributes: window (0: none), scale.
+ffi::Error PrefillAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                                ffi::Buffer<ffi::F32> sinks, ffi::Buffer<ffi::S32> pos, ffi::Buffer<ffi::S32> seg,
+                                ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> mass, int64_t window,
+                                float scale) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
+    return ffi::Error::InvalidArgument("prefill_attention: q, k, v must be [B, T, heads, H]");
+  int64_t B = qd[0], Tn = qd[1], N = qd[2], H = qd[3], K = kd[2];
+  if (kd[0] != B || kd[1] != Tn || kd[3] != H || vd[0] != B || vd[1] != Tn || vd[2] != K || vd[3] != H)
+    return ffi::Error::InvalidArgument("prefill_attention: k and v must be [B, T, K, H] of q's B, T, H");
+  if (K == 0 || N % K != 0 || H % 16 != 0)
+    return ffi::Error::InvalidArgument("prefill_attention: heads a multiple of KV heads, H a multiple of 16");
+  if (q.element_type() != k.element_type() || v.element_type() != k.element_type())
+    return ffi::Error::InvalidArgument("prefill_attention: q, k, v must have one dtype");
+  if (sinks.element_count() != size_t(N) || pos.element_count() != size_t(B * Tn) ||
+      seg.element_count() != size_t(B * Tn))
+    return ffi::Error::InvalidArgument("prefill_attention: sinks [N], positions and segments [B, T]");
+  const float* sp = sinks.typed_data();
+  const int32_t *pp = pos.typed_data(), *gp = seg.typed_data();
+  float *op = out->typed_data(), *mp = mass->typed_data();
+  switch (k.element_type()) {
+    case ffi::DataType::F32:
+      prefill_attention(reinterpret_cast<const float*>(q.untyped_data()),
+                        reinterpret_cast<const float*>(k.untyped_data()),
+                        reinterpret_cast<const float*>(v.untyped_data()), sp, pp, gp, B, Tn, N, K, H, window, scale,
+                        op, mp, &pool);
+      return ffi::Error::Success();
+    case ffi::DataType::BF16:
+      prefill_attention(reinterpret_cast<const uint16_t*>(q.untyped_data()),
+                        reinterpret_cast<const uint16_t*>(k.untyped_data()),
+                        reinterpret_cast<const uint16_t*>(v.untyped_data()), sp, pp, gp, B, Tn, N, K, H, window,
+                        scale, op, mp, &pool);
+      return ffi::Error::Success();
+    default:
+      return ffi::Error::InvalidArgument("prefill_attention: q, k, v must be bf16 or f32");
+  }
+}
+#endif  // GPTOSS_F32_GEMM
+
 }  // namespace
 
 // 1 when grouped_matmul takes fp32 (AVX-512F).
 extern "C" int GptossHasGroupedF32() {
 #if defined(GPTOSS_F32_GEMM)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// 1 when prefill_attention is built (AVX-512F).
+extern "C" int GptossHasPrefillAttention() {
+#if defined(GPTOSS_PREFILL_ATTENTION)
   return 1;
 #else
   return 0;
@@ -1157,3 +1438,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossDecodeAttention, DecodeAttentionImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("window")
                                   .Attr<float>("scale"));
+
+#if defined(GPTOSS_PREFILL_ATTENTION)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossPrefillAttention, PrefillAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("window")
+                                  .Attr<float>("scale"));
+#endif

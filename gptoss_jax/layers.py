@@ -82,8 +82,16 @@ def linear(x, w, spec: str, *, adapter: LowRank | None = None, native_rows: int 
     )
 
 
-def unembed(h: jax.Array, w: jax.Array, *, reduction_rows: int = 0, native_rows: int = 0) -> jax.Array:
+def unembed(
+    h: jax.Array, w: jax.Array, *, reduction_rows: int = 0, native_rows: int = 0, chunk_rows: int = 0
+) -> jax.Array:
     """Logits h [..., D] @ w[V, D]^T in fp32 (fp32 products and accumulation).
+
+    With more than 2 * `chunk_rows` rows (the CPU plan) the product runs `chunk_rows` rows at a
+    time in a loop (`lax.map`), so XLA:CPU neither fuses the final norm into one large dot nor
+    keeps a [T, D] operand hot across a [T, V] output: at 8,192 rows of the benchmark model the
+    fused dot ran at half the rate of the same dot on 1,024-row chunks (fp32 and bf16;
+    `experiments/2026-12-06-prefill-attention/`). The same products and sums, row by row.
 
     With at most `reduction_rows` rows (the CPU plan: decoding, or prefill's last token) the
     product is written as a fused multiply-reduce over D, which streams the bf16 table once;
@@ -94,6 +102,14 @@ def unembed(h: jax.Array, w: jax.Array, *, reduction_rows: int = 0, native_rows:
     n = math.prod(lead)
     if 0 < n <= native_rows:
         return cpu_matvec.matvec(h.reshape(n, D), w, out_in=True).reshape(*lead, w.shape[0])
+    if chunk_rows and n > 2 * chunk_rows:
+        whole = n - n % chunk_rows
+        rows = h.reshape(n, D)
+        dot = lambda x: jnp.einsum("RD,VD->RV", x, w, preferred_element_type=jnp.float32)
+        out = jax.lax.map(dot, rows[:whole].reshape(whole // chunk_rows, chunk_rows, D)).reshape(whole, -1)
+        if whole < n:
+            out = jnp.concatenate([out, dot(rows[whole:])])
+        return out.reshape(*lead, w.shape[0])
     if n > reduction_rows:
         return jnp.einsum("...D,VD->...V", h, w, preferred_element_type=jnp.float32)
     rows = h.reshape(n, D).astype(jnp.float32)

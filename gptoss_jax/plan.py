@@ -42,6 +42,11 @@ CHUNKS_MIN_ROWS_PER_EXPERT = 16
 # Up to this many rows of logits, the CPU output head is a multiply-reduce over the bf16 table
 # instead of a matmul that first converts the table to fp32 (`layers.unembed`).
 UNEMBED_ROWS_AS_REDUCTION = 8
+# Beyond twice this many rows of logits (a long prompt's every position), the CPU output head runs
+# this many rows at a time (`layers.unembed`): XLA:CPU's one fused [T, D] x [D, V] dot with the
+# final norm ran at half the rate of 1,024-row chunks at 8,192 rows, and at the same rate at
+# 2,048 (experiments/2026-12-06-prefill-attention/README.md).
+UNEMBED_CHUNK_ROWS = 1024
 # Up to this many rows, the projections and the output head run through the native CPU
 # matrix-vector kernels (`gptoss_jax.cpu_matvec`), which read each weight once in its stored
 # format; the gathered experts always do (their rows are grouped by expert). At 8 rows the fp32
@@ -207,7 +212,11 @@ class Plan:
 
     def unembed_options(self) -> dict:
         """The keyword arguments of `layers.unembed` beyond (h, w)."""
-        return dict(reduction_rows=self.unembed_reduction_rows, native_rows=self.native_rows)
+        return dict(
+            reduction_rows=self.unembed_reduction_rows,
+            native_rows=self.native_rows,
+            chunk_rows=UNEMBED_CHUNK_ROWS if self.platform == "cpu" else 0,
+        )
 
     def moe_options(self, impl: str | None = None) -> dict:
         """The keyword arguments `moe.MOE_IMPLS[impl]` takes beyond (x, ew, routing, alpha, limit)."""

@@ -1,5 +1,6 @@
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -119,6 +120,19 @@ def test_unembed_equals_float64_product(rows):
     got = layers.unembed(h, w, reduction_rows=plan.UNEMBED_ROWS_AS_REDUCTION)
     want = np.einsum("...D,VD->...V", np.asarray(h, np.float64), np.asarray(w, np.float64))
     assert got.dtype == jnp.float32 and got.shape == rows + (300,)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("n", [96, 101])  # whole chunks; whole chunks and a tail
+def test_unembed_in_row_chunks_equals_float64_product(n):
+    rng = np.random.default_rng(n)
+    w = jnp.asarray(rng.normal(size=(300, 64)), jnp.bfloat16)
+    h = jnp.asarray(rng.normal(size=(1, n, 64)), jnp.bfloat16)
+    f = jax.jit(lambda h, w: layers.unembed(h, w, chunk_rows=32))
+    assert "while" in f.lower(h, w).as_text()  # 96 > 2 * 32 rows: the chunk loop
+    got = f(h, w)
+    want = np.einsum("...D,VD->...V", np.asarray(h, np.float64), np.asarray(w, np.float64))
+    assert got.dtype == jnp.float32 and got.shape == (1, n, 300)
     np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 

@@ -55,7 +55,11 @@ def test_cpu_choices_follow_the_shapes():
         gj.KernelOptions(platform="cpu", cpu_matvec=False, attention_impl="cpu_native").resolve(
             None, tokens=9, num_experts=E, k=K
         )
-    assert off.unembed_options() == {"reduction_rows": plan.UNEMBED_ROWS_AS_REDUCTION, "native_rows": 0}
+    assert off.unembed_options() == {
+        "reduction_rows": plan.UNEMBED_ROWS_AS_REDUCTION,
+        "native_rows": 0,
+        "chunk_rows": plan.UNEMBED_CHUNK_ROWS,
+    }
 
 
 @pytest.mark.parametrize("platform,kernel", [("gpu", "pallas_gpu"), ("tpu", "pallas_tpu")])

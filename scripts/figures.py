@@ -21,10 +21,11 @@ Records (RECORDS) and what writes them:
   experiments/2026-12-05-parity/parity.json   scripts/parity_report.py --json PATH
   experiments/2026-12-05-compile/records.json scripts/compile_targets.py
   experiments/2026-12-06-rl/results.json      scripts/rl_experiment.py --record DIR
-  experiments/2026-12-06-decode-attention/bench.json  scripts/bench.py --only bounds,versus (section versus)
+  experiments/2026-12-06-prefill-attention/bench.json  scripts/bench.py --only bounds,versus (section versus)
   experiments/2026-12-06-bf16-dot/llamacpp-final/  experiments/2026-12-06-llamacpp/run.py --out DIR
   experiments/2026-12-06-*/profile_*.json     scripts/profile_decode.py --json PATH (before: GPTOSS_NATIVE=0)
   experiments/2026-12-06-decode-attention/attention.json  experiments/2026-12-06-decode-attention/run.py
+  experiments/2026-12-06-prefill-attention/attention.json  experiments/2026-12-06-prefill-attention/run.py
 Each bench and parity record carries "provenance": the command, the UTC date and the CPU
 (scripts/provenance.py). To move the documents to a new run, write its records into a new dated
 folder, point RECORDS at them and run this script.
@@ -52,12 +53,13 @@ RECORDS = {
     "parity": ("experiments/2026-12-05-parity/parity.json", True),
     "compile": ("experiments/2026-12-05-compile/records.json", False),
     "rl": ("experiments/2026-12-06-rl/results.json", True),
-    "versus": ("experiments/2026-12-06-decode-attention/bench.json", True),
+    "versus": ("experiments/2026-12-06-prefill-attention/bench.json", True),
     "llamacpp": ("experiments/2026-12-06-bf16-dot/llamacpp-final/llamacpp.json", True),
     "profile_before": ("experiments/2026-12-06-cpu-matvec/profile_before.json", True),
     "profile_after": ("experiments/2026-12-06-decode-attention/profile_after-repeat.json", True),
     "ours_20b": ("experiments/2026-12-06-bf16-dot/llamacpp-final/ours_20b.json", True),
     "decode_attention": ("experiments/2026-12-06-decode-attention/attention.json", True),
+    "prefill_attention": ("experiments/2026-12-06-prefill-attention/attention.json", True),
 }
 
 # The goals of the benchmark issue (targets, not measurements).
@@ -691,6 +693,48 @@ def render_decode_attention(rec: dict) -> str:
     return "\n".join(lines)
 
 
+def render_prefill_attention(rec: dict) -> str:
+    """BENCHMARKS: an uncached forward's self-attention, XLA's code against the native kernel; the
+    chunked output head; the benchmark model's prefill with each attention
+    (experiments/2026-12-06-prefill-attention)."""
+    r = rec["prefill_attention"]
+    lines = [
+        para(
+            f"`{r['provenance']['command']}`, {date(r)}, {cpu(r)}; medians of {r['repeats']} interleaved timings "
+            "(prefill rows: of fewer). GFLOP/s count the visible (query, key) pairs only."
+        ),
+        "",
+        "| self-attention, one jitted call | XLA ms | native ms | native / XLA | native GFLOP/s |",
+        "|---|---|---|---|---|",
+    ]
+    for a in r["attention"]:
+        lines.append(
+            f"| {a['case']} | {a['ms']['xla']:,.2f} | {a['ms']['native']:,.2f} | **{a['native_over_xla']:.2f}x** | "
+            f"{a['gflop_per_s']['native']:.1f} |"
+        )
+    lines += [
+        "",
+        "| final norm + output head | one fused dot ms | 1,024-row chunks ms | ratio |",
+        "|---|---|---|---|",
+    ]
+    for h in r["head"]:
+        lines.append(
+            f"| {h['case']} | {h['ms']['one dot']:,.1f} | {h['ms']['chunks']:,.1f} | {h['chunks_over_one_dot']:.2f}x |"
+        )
+    lines += [
+        "",
+        "| benchmark model prefill (all logits) | XLA attention tok/s | native attention tok/s | ratio | logits max rel diff |",
+        "|---|---|---|---|---|",
+    ]
+    for m in r["prefill"]:
+        t = m["tokens_per_s"]
+        lines.append(
+            f"| {m['case']} | {t['xla']:,.0f} | {t['native']:,.0f} | {m['native_over_xla']:.2f}x | "
+            f"{m['logits_max_rel_diff']:.1e} |"
+        )
+    return "\n".join(lines)
+
+
 # name -> (document, records it reads, renderer)
 BLOCKS = {
     "checked-measured": ("README.md", ("parity", "prefill_train", "compile"), render_checked_measured),
@@ -703,6 +747,7 @@ BLOCKS = {
     "bench-versus": ("experiments/BENCHMARKS.md", ("versus",), render_versus),
     "bench-llamacpp": ("experiments/BENCHMARKS.md", ("llamacpp", "ours_20b"), render_llamacpp),
     "bench-decode-attention": ("experiments/BENCHMARKS.md", ("decode_attention",), render_decode_attention),
+    "bench-prefill-attention": ("experiments/BENCHMARKS.md", ("prefill_attention",), render_prefill_attention),
     "bench-decode-profile": ("experiments/BENCHMARKS.md", ("profile_before", "profile_after"), render_decode_profile),
 }
 

@@ -723,7 +723,8 @@ def render_prefill_attention(rec: dict) -> str:
         )
     lines += [
         "",
-        "| benchmark model prefill (all logits) | XLA attention tok/s | native attention tok/s | ratio | logits max rel diff |",
+        "| benchmark model prefill (all logits) | XLA attention tok/s | native attention tok/s | ratio "
+        "| logits max rel diff |",
         "|---|---|---|---|---|",
     ]
     for m in r["prefill"]:

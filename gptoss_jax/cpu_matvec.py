@@ -152,8 +152,8 @@ def has_grouped_f32() -> bool:
 
 
 def has_prefill_attention() -> bool:
-    """Whether `prefill_attention` is built (AVX-512F)."""
-    return available() and bool(_LIB[0].GptossHasPrefillAttention())
+    """Whether `prefill_attention` is built (AVX-512F): its handler is in the library."""
+    return available() and hasattr(_LIB[0], _OPTIONAL_TARGETS["gptoss_prefill_attention"])
 
 
 def has_bf16_dot() -> bool:

@@ -856,24 +856,21 @@ constexpr int64_t kKeyChunk = 64;
 
 // exp(x) for x <= 0 (scores minus their maximum), 8 at a time: x = n ln2 + r, |r| <= ln2 / 2,
 // exp(r) by its Taylor series to r^7 (relative error < 2e-8 there), times 2^n; below -87 -> 0.
+// ln 2 in two parts: the high part has few significant bits, so n * kLn2Hi is exact.
+constexpr float kExpMin = -87.f, kLog2e = 1.4426950408889634f;
+constexpr float kLn2Hi = 0.693145751953125f, kLn2Lo = 1.4286068203094172e-06f;
+// exp(r)'s Taylor coefficients to r^7, highest first (Horner's order)
+constexpr float kExpTaylor[8] = {1.f / 5040.f, 1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f};
 #if defined(__AVX2__)
 inline __m256 exp_nonpositive(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.f);
+  const __m256 lo = _mm256_set1_ps(kExpMin);
   __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
   x = _mm256_max_ps(x, lo);
-  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.4426950408889634f)),
-                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  // ln 2 in two parts: the high part has few significant bits, so n * hi is exact
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.4286068203094172e-06f), r);
-  __m256 y = _mm256_set1_ps(1.f / 5040.f);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.f / 720.f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.f / 120.f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.f / 24.f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.f / 6.f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(0.5f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  __m256 y = _mm256_set1_ps(kExpTaylor[0]);
+  for (int i = 1; i < 8; ++i) y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kExpTaylor[i]));
   __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
   return _mm256_andnot_ps(under, y);
@@ -1120,23 +1117,16 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
 constexpr int64_t kQRows = 16;
 constexpr int64_t kKeyBlock = 32;
 
-// exp(x) for x <= 0, 16 at a time (as exp_nonpositive); below -87 -> 0.
+// exp(x) for x <= 0, 16 at a time (exp_nonpositive's steps and constants; 2^n by VSCALEFPS).
 inline __m512 exp_nonpositive16(__m512 x) {
-  const __m512 lo = _mm512_set1_ps(-87.f);
+  const __m512 lo = _mm512_set1_ps(kExpMin);
   __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
   x = _mm512_max_ps(x, lo);
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.4286068203094172e-06f), r);
-  __m512 y = _mm512_set1_ps(1.f / 5040.f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f / 720.f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f / 120.f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f / 24.f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f / 6.f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.5f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+  __m512 y = _mm512_set1_ps(kExpTaylor[0]);
+  for (int i = 1; i < 8; ++i) y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kExpTaylor[i]));
   return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(y, n));
 }
 
@@ -1380,15 +1370,6 @@ extern "C" int GptossHasGroupedF32() {
 #endif
 }
 
-// 1 when prefill_attention is built (AVX-512F).
-extern "C" int GptossHasPrefillAttention() {
-#if defined(GPTOSS_PREFILL_ATTENTION)
-  return 1;
-#else
-  return 0;
-#endif
-}
-
 // 1 when the MXFP4 kernel was built with the bf16 dot product path (AVX512-BF16).
 extern "C" int GptossHasBf16Dot() {
 #if defined(GPTOSS_BF16_DOT)
@@ -1439,6 +1420,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossDecodeAttention, DecodeAttentionImpl,
                                   .Attr<int64_t>("window")
                                   .Attr<float>("scale"));
 
+// Defined only where prefill_attention is built (AVX-512F): the library's loader registers it when present.
 #if defined(GPTOSS_PREFILL_ATTENTION)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossPrefillAttention, PrefillAttentionImpl,
                               ffi::Ffi::Bind()

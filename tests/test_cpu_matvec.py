@@ -1,9 +1,9 @@
 """The native CPU matrix-vector kernels (`gptoss_jax.cpu_matvec`) against NumPy in float64 on the
 weights' exact values: bf16 decoded by ml_dtypes, MXFP4 by ml_dtypes' float4_e2m1fn and
 float8_e8m0fnu (the OCP formats; the spec's byte order: low nibble first). Shapes cross every
-edge of the kernels' tiling (row blocks of 8 and 4, column tiles of 256 and strips of 64/32, 64
-(dense) and 16 (packed) output rows per work item, inputs not a multiple of 16), rows share and
-skip matrices.
+edge of the kernels' tiling (row blocks of 8 and 4, column tiles of 256 and strips of 64/32/16, 64
+(dense) output rows per work item and packed runs of 16 rows or more, inputs not a multiple of
+16), rows share and skip matrices.
 Tolerance: fp32 sums of the exact products, |error| <= 1e-5 * sum |x w| per output."""
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def close(y, x64, w64, ids, out_in):
 
 @pytest.mark.parametrize("out_in", [False, True])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-@pytest.mark.parametrize("R", [1, 2, 3, 9])
+@pytest.mark.parametrize("R", [1, 2, 3, 7, 9])
 @pytest.mark.parametrize("inputs", ["fp32", "bf16"])  # bf16 values x bf16 weights: the AVX512-BF16 path
 def test_dense_matvec_against_numpy(out_in, dtype, R, inputs):
     rng = np.random.default_rng(R)
@@ -57,6 +57,8 @@ def test_dense_matvec_against_numpy(out_in, dtype, R, inputs):
     if inputs == "bf16":
         x = x.astype(ml_dtypes.bfloat16).astype(np.float32)
     ids = rng.integers(0, E - 1, R).astype(np.int32)  # the last matrix is never chosen
+    if R == 7:  # every row through one matrix (a batch through a projection): blocks of 4 + 3 rows
+        ids[:] = 1
     y = jax.jit(lambda x, w, i: cpu_matvec.matvec(x, w, i, out_in=out_in))(x, jnp.asarray(wq), ids)
     assert y.dtype == jnp.float32 and y.shape == (R, O)
     assert close(y, x.astype(np.float64), w64, ids, out_in) < RTOL
@@ -86,9 +88,12 @@ def oracle_mxfp4(blocks, scales):
 
 @pytest.mark.parametrize("inputs", ["fp32", "bf16"])  # bf16 values take the AVX512-BF16 path where built
 @pytest.mark.parametrize("R", [1, 2, 3, 4, 5, 12, 17])
-def test_mxfp4_matvec_against_ml_dtypes(R, inputs):
+@pytest.mark.parametrize("O", [37, 300])
+def test_mxfp4_matvec_against_ml_dtypes(R, inputs, O):
     rng = np.random.default_rng(10 + R)
-    E, O, G = 5, 37, 7  # O: two 16-row work items and a tail; G odd: the bf16 path's tail block
+    # O = 37: two 16-row work items and a tail; O = 300: items of 48 rows or more (runs of rows
+    # sized to the work) and a tail; G odd: the bf16 path's tail block
+    E, G = 5, 7
     blocks = rng.integers(0, 256, (E, O, G, 16), dtype=np.uint8)
     scales = rng.integers(118, 136, (E, O, G), dtype=np.uint8)
     t = mxfp4.MXFP4(jnp.asarray(blocks), jnp.asarray(scales))

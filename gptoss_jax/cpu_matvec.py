@@ -151,6 +151,12 @@ def has_grouped_f32() -> bool:
     return available() and bool(_LIB[0].GptossHasGroupedF32())
 
 
+def has_shared_rows() -> bool:
+    """Whether dense `[in, out]` products with fp32 inputs share each load of the weights among
+    the rows that chose a matrix (built with AVX-512F/BW/VL; without, each row makes its own pass)."""
+    return available() and bool(_LIB[0].GptossHasSharedRows())
+
+
 def has_prefill_attention() -> bool:
     """Whether `prefill_attention` is built (AVX-512F): its handler is in the library."""
     return available() and hasattr(_LIB[0], _OPTIONAL_TARGETS["gptoss_prefill_attention"])

@@ -49,13 +49,23 @@ UNEMBED_ROWS_AS_REDUCTION = 8
 UNEMBED_CHUNK_ROWS = 1024
 # Up to this many rows, the projections and the output head run through the native CPU
 # matrix-vector kernels (`gptoss_jax.cpu_matvec`), which read each weight once in its stored
-# format; the gathered experts always do (their rows are grouped by expert). At 8 rows the fp32
-# kernels fell behind XLA's matmuls (each row its own pass over the weights): the rows of
-# experiments/2026-12-06-cpu-matvec/table.md. A bf16 model on a CPU with AVX512-BF16 takes the
-# kernels' bf16 dot products (rows of a matrix sharing its loads), ahead of XLA's code at 8 rows
-# too (experiments/2026-12-06-bf16-dot/table.md): NATIVE_MATVEC_ROWS_BF16.
+# format; the gathered experts always do (their rows are grouped by expert). Where each row makes
+# its own pass over the weights, the kernels fell behind XLA's matmuls at 8 rows (the rows of
+# experiments/2026-12-06-cpu-matvec/table.md): NATIVE_MATVEC_ROWS. Where the rows of a matrix
+# share its loads they stay ahead at 8 rows: a bf16 model on a CPU with AVX512-BF16 (the kernels'
+# bf16 dot products, experiments/2026-12-06-bf16-dot/table.md) and an fp32 model on a CPU with
+# AVX-512 (`cpu_matvec.has_shared_rows`; the fp32 projections 1.4-2.4x and the benchmark model's
+# fp32 head 1.6x XLA's code at 8 rows, experiments/2026-12-06-matvec-rows/table.md):
+# NATIVE_MATVEC_ROWS_SHARED. A bf16 model without AVX512-BF16 keeps NATIVE_MATVEC_ROWS (its bf16
+# head, widened in registers, stayed behind XLA's at 8 rows in the same table).
 NATIVE_MATVEC_ROWS = 2
-NATIVE_MATVEC_ROWS_BF16 = 8
+NATIVE_MATVEC_ROWS_SHARED = 8
+# Dense experts take the gather path, through the native kernels, up to this many (token, slot)
+# rows per expert on average: each chosen expert read once, its rows sharing the loads. The
+# benchmark model's MoE block at 16 tokens (4 rows per expert) ran 1.4x (fp32) and 1.6x (bf16)
+# faster than through the buckets, at 8 tokens 2.3-2.8x; at 32 tokens in bf16 the chunk loop was
+# faster (experiments/2026-12-06-matvec-rows/moe_decode.json).
+NATIVE_DENSE_GATHER_ROWS_PER_EXPERT = 4
 # Large packed experts on CPU take the gather path, decoded by the native kernel, up to this many
 # (token, slot) rows per expert: a 128-token gpt-oss-20b prefill (16 rows per expert) ran ~15x
 # faster than through the chunk loop (experiments/2026-12-06-cpu-matvec/prefill_T128.json), and
@@ -172,6 +182,7 @@ class KernelOptions:
                     platform=platform,
                     per_device=not sharded,
                     native_packed=large_packed_on_cpu and native,
+                    native_dense=native and not packed_bytes,
                 )
         return Plan(
             platform=platform,
@@ -181,9 +192,7 @@ class KernelOptions:
             decode_one_expert_at_a_time=large_packed_on_cpu,
             gathered_decode=cpu,
             unembed_reduction_rows=UNEMBED_ROWS_AS_REDUCTION if cpu else 0,
-            native_rows=(NATIVE_MATVEC_ROWS_BF16 if bf16 and cpu_matvec.has_bf16_dot() else NATIVE_MATVEC_ROWS)
-            if native
-            else 0,
+            native_rows=native_matvec_rows(bf16) if native else 0,
             interpret=self.interpret,
             expert_dispatch=self.expert_dispatch or default_dispatch(platform),
             capacity_factor=self.capacity_factor,
@@ -258,6 +267,13 @@ def default_dispatch(platform: str) -> str:
     return "all_to_all" if platform == "cpu" else "ragged_all_to_all"
 
 
+def native_matvec_rows(bf16: bool) -> int:
+    """Rows up to which the projections and the head run through the native CPU kernels (where
+    they are on): more where the rows of a matrix share its loads (`NATIVE_MATVEC_ROWS_SHARED`)."""
+    shared = cpu_matvec.has_bf16_dot() if bf16 else cpu_matvec.has_shared_rows()
+    return NATIVE_MATVEC_ROWS_SHARED if shared else NATIVE_MATVEC_ROWS
+
+
 def default_moe_impl(
     tokens: int,
     k: int,
@@ -267,13 +283,18 @@ def default_moe_impl(
     platform: str,
     per_device: bool = True,
     native_packed: bool = False,
+    native_dense: bool = False,
 ) -> str:
     """per_device=False: the tokens are split over a mesh (no expert axis), the rows per device
     are not known here: the platform's bulk path. native_packed: large packed experts that the
-    native CPU kernel decodes (`NATIVE_PACKED_GATHER_ROWS_PER_EXPERT`)."""
+    native CPU kernel decodes (`NATIVE_PACKED_GATHER_ROWS_PER_EXPERT`); native_dense: dense
+    experts that the native CPU kernels multiply (`NATIVE_DENSE_GATHER_ROWS_PER_EXPERT`)."""
     rows = tokens * k
-    gather_rows = NATIVE_PACKED_GATHER_ROWS_PER_EXPERT if native_packed else PACKED_GATHER_ROWS_PER_EXPERT
-    if per_device and (2 * rows <= num_experts or (large_packed_on_cpu and rows <= gather_rows * num_experts)):
+    if large_packed_on_cpu:
+        gather_rows = NATIVE_PACKED_GATHER_ROWS_PER_EXPERT if native_packed else PACKED_GATHER_ROWS_PER_EXPERT
+    else:
+        gather_rows = NATIVE_DENSE_GATHER_ROWS_PER_EXPERT if native_dense else 0
+    if per_device and (2 * rows <= num_experts or rows <= gather_rows * num_experts):
         return "gather"  # decode-sized batches: touch only the chosen experts
     if platform != "cpu":
         return "ragged"

@@ -119,6 +119,8 @@ def test_cpu_specific_paths_are_built_where_the_cpu_has_them():
         assert cpu_matvec.has_bf16_dot()
     if "avx512f" in isa:
         assert cpu_matvec.has_grouped_f32()
+    if {"avx512f", "avx512bw", "avx512vl"} <= set(isa):
+        assert cpu_matvec.has_shared_rows()
 
 
 def test_ids_out_of_range_fail_the_call():
@@ -155,7 +157,7 @@ def test_model_decode_with_and_without_native_kernels(experts, dtype):
     """The plan turns the kernels on for few-row CPU calls; a one-token step's logits agree with
     XLA's code (fp32: to fp32 summation order; bf16: the activations round to bf16 between the
     layers, so the two orders may round a value differently: 2 bf16 ulps of the largest logit),
-    and fp32 greedy decoding emits the same tokens."""
+    and fp32 greedy decoding of 2 and of 8 rows emits the same tokens."""
     # the uncached one-token forward's attention on XLA's path on both sides (the native kernel's
     # own model test: test_model_prefill_through_native_attention)
     model = gj.init(gj.tiny(), seed=0, experts=experts, dtype=dtype, kernel=KernelOptions(attention_impl="xla"))
@@ -168,10 +170,13 @@ def test_model_decode_with_and_without_native_kernels(experts, dtype):
     tol = 1e-5 if dtype == "float32" else 2 * 2.0**-8
     assert np.abs(a - b).max() <= tol * np.abs(b).max()
     if dtype == "float32":
-        prompts = [[1, 2, 3, 4], [9, 8]]
-        ga = gj.generate(model, None, prompts, max_new_tokens=12, temperature=0, stop_tokens=())
-        gb = gj.generate(xla, None, prompts, max_new_tokens=12, temperature=0, stop_tokens=())
-        assert ga.tokens == gb.tokens
+        # batch 8: 16 (token, slot) rows for 8 experts; dense experts take the native gather path
+        # (XLA's side: buckets) and 8 rows share each load of the projections where built
+        assert model.plan(8).moe == ("gather" if experts == "dense" else "buckets") and xla.plan(8).moe == "buckets"
+        for prompts in ([[1, 2, 3, 4], [9, 8]], [[1 + i, 2 * i, 7] for i in range(8)]):
+            ga = gj.generate(model, None, prompts, max_new_tokens=12, temperature=0, stop_tokens=())
+            gb = gj.generate(xla, None, prompts, max_new_tokens=12, temperature=0, stop_tokens=())
+            assert ga.tokens == gb.tokens
 
 
 def grouped_built(dtype: str) -> bool:

@@ -18,12 +18,14 @@ def test_cpu_choices_follow_the_shapes():
     opts = gj.KernelOptions(platform="cpu")
     resolve = lambda tokens, packed=0: opts.resolve(None, tokens=tokens, num_experts=E, k=K, packed_bytes=packed)
     assert resolve(1).moe == "gather"  # decode: 4 rows for 32 experts
-    assert resolve(16).moe == "buckets"  # 64 rows < 16 per expert on average
+    native = cpu_matvec.available()  # the native kernels where they build (tests/test_cpu_matvec.py)
+    # dense experts: through the native kernels up to 4 rows per expert on average, then buckets
+    assert resolve(32).moe == ("gather" if native else "buckets")  # 128 rows: 4 per expert
+    assert resolve(33).moe == "buckets"  # 132 rows < 16 per expert on average
     assert resolve(4096).moe == "chunks"
     assert resolve(16, BIG_PACKED).moe == "gather"  # large packed experts: gathered up to 4 rows per expert
     assert resolve(4096, BIG_PACKED).decode_one_expert_at_a_time and not resolve(4096).decode_one_expert_at_a_time
     p = resolve(4096)
-    native = cpu_matvec.available()  # the native kernels where they build (tests/test_cpu_matvec.py)
     attention = "cpu_native" if native and cpu_matvec.has_prefill_attention() else "xla"
     assert (p.attention, p.mxfp4, p.expert_dispatch, p.unembed_reduction_rows) == (
         attention,
@@ -32,11 +34,11 @@ def test_cpu_choices_follow_the_shapes():
         plan.UNEMBED_ROWS_AS_REDUCTION,
     )
     assert p.moe_options("gather") == {"gathered_decode": True, "native": native}
-    assert p.native_rows == (plan.NATIVE_MATVEC_ROWS if native else 0)
-    # bf16 activations: more rows where the kernels have bf16 dot products
+    # more rows where the rows of a matrix share its loads: fp32 with AVX-512, bf16 with AVX512-BF16
+    rows = lambda shared: plan.NATIVE_MATVEC_ROWS_SHARED if shared else plan.NATIVE_MATVEC_ROWS  # noqa: E731
+    assert p.native_rows == (rows(cpu_matvec.has_shared_rows()) if native else 0)
     b = opts.resolve(None, tokens=4096, num_experts=E, k=K, bf16=True)
-    bf16_rows = plan.NATIVE_MATVEC_ROWS_BF16 if cpu_matvec.has_bf16_dot() else plan.NATIVE_MATVEC_ROWS
-    assert b.native_rows == (bf16_rows if native else 0)
+    assert b.native_rows == (rows(cpu_matvec.has_bf16_dot()) if native else 0)
     # large packed experts: the native kernel's gather up to 64 rows per expert (a 512-token prompt here)
     assert resolve(512, BIG_PACKED).moe == ("gather" if native else "chunks")
     assert resolve(513, BIG_PACKED).moe == "chunks"
@@ -48,6 +50,9 @@ def test_cpu_choices_follow_the_shapes():
         == "chunks"
     )
     assert off.native_rows == 0 and off.moe_options("gather") == {"gathered_decode": True, "native": False}
+    assert (
+        gj.KernelOptions(platform="cpu", cpu_matvec=False).resolve(None, tokens=32, num_experts=E, k=K).moe == "buckets"
+    )
     assert off.attention == "xla"  # the native attention goes with the other kernels
     asked = gj.KernelOptions(platform="cpu", attention_impl="xla")
     assert asked.resolve(None, tokens=9, num_experts=E, k=K).attention == "xla"

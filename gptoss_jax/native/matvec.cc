@@ -1454,6 +1454,15 @@ extern "C" int GptossHasGroupedF32() {
 #endif
 }
 
+// 1 when the dense [in, out] products with fp32 inputs share each load among rows (AVX-512).
+extern "C" int GptossHasSharedRows() {
+#if defined(GPTOSS_ROWS_AVX512)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 // 1 when the MXFP4 kernel was built with the bf16 dot product path (AVX512-BF16).
 extern "C" int GptossHasBf16Dot() {
 #if defined(GPTOSS_BF16_DOT)

@@ -54,17 +54,18 @@ UNEMBED_CHUNK_ROWS = 1024
 # experiments/2026-12-06-cpu-matvec/table.md): NATIVE_MATVEC_ROWS. Where the rows of a matrix
 # share its loads they stay ahead at 8 rows: a bf16 model on a CPU with AVX512-BF16 (the kernels'
 # bf16 dot products, experiments/2026-12-06-bf16-dot/table.md) and an fp32 model on a CPU with
-# AVX-512 (`cpu_matvec.has_shared_rows`; the fp32 projections 1.4-2.4x and the benchmark model's
-# fp32 head 1.6x XLA's code at 8 rows, experiments/2026-12-06-matvec-rows/table.md):
+# AVX-512 (`cpu_matvec.has_shared_rows`; the fp32 projections 1.5-4.0x and the benchmark model's
+# fp32 head 1.9x XLA's code at 8 rows, experiments/2026-12-06-matvec-rows/table.md):
 # NATIVE_MATVEC_ROWS_SHARED. A bf16 model without AVX512-BF16 keeps NATIVE_MATVEC_ROWS (its bf16
 # head, widened in registers, stayed behind XLA's at 8 rows in the same table).
 NATIVE_MATVEC_ROWS = 2
 NATIVE_MATVEC_ROWS_SHARED = 8
 # Dense experts take the gather path, through the native kernels, up to this many (token, slot)
 # rows per expert on average: each chosen expert read once, its rows sharing the loads. The
-# benchmark model's MoE block at 16 tokens (4 rows per expert) ran 1.4x (fp32) and 1.6x (bf16)
-# faster than through the buckets, at 8 tokens 2.3-2.8x; at 32 tokens in bf16 the chunk loop was
-# faster (experiments/2026-12-06-matvec-rows/moe_decode.json).
+# benchmark model's MoE block at 16 tokens (4 rows per expert) ran 1.7x (fp32) and 2.1x (bf16)
+# faster than through the buckets, at 8 tokens 2.3x and 3.0x; at 32 tokens the bf16 chunk loop
+# ran as fast as the gather path (experiments/2026-12-06-matvec-rows/moe_decode.json), so the
+# bulk paths keep larger batches.
 NATIVE_DENSE_GATHER_ROWS_PER_EXPERT = 4
 # Large packed experts on CPU take the gather path, decoded by the native kernel, up to this many
 # (token, slot) rows per expert: a 128-token gpt-oss-20b prefill (16 rows per expert) ran ~15x

@@ -21,11 +21,12 @@ Records (RECORDS) and what writes them:
   experiments/2026-12-05-parity/parity.json   scripts/parity_report.py --json PATH
   experiments/2026-12-05-compile/records.json scripts/compile_targets.py
   experiments/2026-12-06-rl/results.json      scripts/rl_experiment.py --record DIR
-  experiments/2026-12-06-prefill-attention/bench.json  scripts/bench.py --only bounds,versus (section versus)
-  experiments/2026-12-06-bf16-dot/llamacpp-final/  experiments/2026-12-06-llamacpp/run.py --out DIR
+  experiments/2026-12-06-matvec-rows/bench.json  scripts/bench.py --only bounds,versus (section versus)
+  experiments/2026-12-06-matvec-rows/llamacpp/  experiments/2026-12-06-llamacpp/run.py --out DIR
   experiments/2026-12-06-*/profile_*.json     scripts/profile_decode.py --json PATH (before: GPTOSS_NATIVE=0)
   experiments/2026-12-06-decode-attention/attention.json  experiments/2026-12-06-decode-attention/run.py
   experiments/2026-12-06-prefill-attention/attention.json  experiments/2026-12-06-prefill-attention/run.py
+  experiments/2026-12-06-matvec-rows/{kernels,moe_decode,decode_rows}.json  the scripts beside them
 Each bench and parity record carries "provenance": the command, the UTC date and the CPU
 (scripts/provenance.py). To move the documents to a new run, write its records into a new dated
 folder, point RECORDS at them and run this script.
@@ -53,13 +54,16 @@ RECORDS = {
     "parity": ("experiments/2026-12-05-parity/parity.json", True),
     "compile": ("experiments/2026-12-05-compile/records.json", False),
     "rl": ("experiments/2026-12-06-rl/results.json", True),
-    "versus": ("experiments/2026-12-06-prefill-attention/bench.json", True),
-    "llamacpp": ("experiments/2026-12-06-bf16-dot/llamacpp-final/llamacpp.json", True),
+    "versus": ("experiments/2026-12-06-matvec-rows/bench.json", True),
+    "llamacpp": ("experiments/2026-12-06-matvec-rows/llamacpp/llamacpp.json", True),
     "profile_before": ("experiments/2026-12-06-cpu-matvec/profile_before.json", True),
-    "profile_after": ("experiments/2026-12-06-decode-attention/profile_after-repeat.json", True),
-    "ours_20b": ("experiments/2026-12-06-bf16-dot/llamacpp-final/ours_20b.json", True),
+    "profile_after": ("experiments/2026-12-06-matvec-rows/profile_after.json", True),
+    "ours_20b": ("experiments/2026-12-06-matvec-rows/llamacpp/ours_20b.json", True),
     "decode_attention": ("experiments/2026-12-06-decode-attention/attention.json", True),
     "prefill_attention": ("experiments/2026-12-06-prefill-attention/attention.json", True),
+    "matvec_kernels": ("experiments/2026-12-06-matvec-rows/kernels.json", True),
+    "moe_decode": ("experiments/2026-12-06-matvec-rows/moe_decode.json", True),
+    "decode_rows": ("experiments/2026-12-06-matvec-rows/decode_rows.json", True),
 }
 
 # The goals of the benchmark issue (targets, not measurements).
@@ -693,6 +697,68 @@ def render_decode_attention(rec: dict) -> str:
     return "\n".join(lines)
 
 
+def render_matvec_rows(rec: dict) -> str:
+    """BENCHMARKS: the packed experts' longer work items and the fp32 rows' shared loads, kernel by
+    kernel against the kernels before; the benchmark model's MoE block through each CPU path; its
+    decoding with the plan before and after (experiments/2026-12-06-matvec-rows)."""
+    k, m, d = rec["matvec_kernels"], rec["moe_decode"], rec["decode_rows"]
+    lines = [
+        para(
+            f"`{k['provenance']['command']}`, {date(k)}, {cpu(k)}; medians of {k['repeats']} rotated timings "
+            f"of {k['calls']} calls; before: the kernels of {k['before']}. GB/s: bytes of the weights read / time."
+        ),
+        "",
+        "| product | XLA ms | before ms | after ms (GB/s) | after / before | after / XLA |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in k["rows"]:
+        t = r["ms"]
+        lines.append(
+            f"| {r['case']} | {t['xla']:.3f} | {t['before']:.3f} | {t['after']:.3f} ({r['gb_per_s']['after']:.1f}) | "
+            f"**{ratio(r['after_over_before'])}** | {ratio(t['xla'] / t['after'])} |"
+        )
+    paths = list(m["rows"][0]["ms"])
+    lines += [
+        "",
+        para(
+            f"`{m['provenance']['command']}`, {date(m)}: the benchmark model's MoE block in a decode step of B "
+            f"tokens through each CPU path ({m['steps']} steps in one jitted loop, median of the rotated timings); "
+            "the default before this change, and the path the plan picks now."
+        ),
+        "",
+        "| MoE block, B tokens | " + " | ".join(f"{p} ms" for p in paths) + " | default before | default now |",
+        "|---|" + "---|" * (len(paths) + 2),
+    ]
+    for r in m["rows"]:
+        lines.append(
+            f"| {r['dtype']} B={r['tokens']} | "
+            + " | ".join(f"{r['ms'][p]:.3f}" for p in paths)
+            + f" | {r['default_before']} | {r['default_now']} |"
+        )
+    lines += [
+        "",
+        para(
+            f"`{d['provenance']['command']}`, {date(d)}: greedy decoding of the benchmark model, {d['new']} new "
+            f"tokens after {d['prompt']}, the plan before and after (each side in its own processes, alternating; "
+            "median of every timing); MoE path and rows up to which the projections run natively in parentheses. "
+            "Where both sides run the same program, the ratio is the spread between processes on this machine."
+        ),
+        "",
+        "| decoding, B tokens per step | before tok/s | after tok/s | after / before |",
+        "|---|---|---|---|",
+    ]
+    for r in d["rows"]:
+        b, a = r["before"], r["after"]
+        # the same program on both sides: the same MoE path, the projections native on both or neither
+        same = (b["moe"], r["tokens"] <= b["native_rows"]) == (a["moe"], r["tokens"] <= a["native_rows"])
+        lines.append(
+            f"| {r['dtype']} B={r['tokens']} | {rate(b['tokens_per_s'])} ({b['moe']}, {b['native_rows']}) | "
+            f"{rate(a['tokens_per_s'])} ({a['moe']}, {a['native_rows']}) | "
+            + (f"{ratio(r['after_over_before'])} (same plan) |" if same else f"**{ratio(r['after_over_before'])}** |")
+        )
+    return "\n".join(lines)
+
+
 def render_prefill_attention(rec: dict) -> str:
     """BENCHMARKS: an uncached forward's self-attention, XLA's code against the native kernel; the
     chunked output head; the benchmark model's prefill with each attention
@@ -750,6 +816,11 @@ BLOCKS = {
     "bench-decode-attention": ("experiments/BENCHMARKS.md", ("decode_attention",), render_decode_attention),
     "bench-prefill-attention": ("experiments/BENCHMARKS.md", ("prefill_attention",), render_prefill_attention),
     "bench-decode-profile": ("experiments/BENCHMARKS.md", ("profile_before", "profile_after"), render_decode_profile),
+    "bench-matvec-rows": (
+        "experiments/BENCHMARKS.md",
+        ("matvec_kernels", "moe_decode", "decode_rows"),
+        render_matvec_rows,
+    ),
 }
 
 

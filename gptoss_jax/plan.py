@@ -62,10 +62,11 @@ NATIVE_MATVEC_ROWS = 2
 NATIVE_MATVEC_ROWS_SHARED = 8
 # Dense experts take the gather path, through the native kernels, up to this many (token, slot)
 # rows per expert on average: each chosen expert read once, its rows sharing the loads. The
-# benchmark model's MoE block at 16 tokens (4 rows per expert) ran 1.7x (fp32) and 2.1x (bf16)
-# faster than through the buckets, at 8 tokens 2.3x and 3.0x; at 32 tokens the bf16 chunk loop
-# ran as fast as the gather path (experiments/2026-12-06-matvec-rows/moe_decode.json), so the
-# bulk paths keep larger batches.
+# benchmark model's MoE block at 16 tokens (4 rows per expert) ran 1.7x (fp32) and 2.2x (bf16)
+# faster than through the buckets, at 8 tokens 2.2x and 3.0x
+# (experiments/2026-12-06-matvec-rows/moe_decode.json). Beyond, the bf16 chunk loop comes close
+# and trades places with the gather path between runs (32 tokens: 2.2 vs 2.0 ms in the record,
+# 2.7 vs 3.7 ms in an earlier unrecorded run), so the bulk paths keep larger batches.
 NATIVE_DENSE_GATHER_ROWS_PER_EXPERT = 4
 # Large packed experts on CPU take the gather path, decoded by the native kernel, up to this many
 # (token, slot) rows per expert: a 128-token gpt-oss-20b prefill (16 rows per expert) ran ~15x

@@ -42,7 +42,10 @@ def side(name: str, tokens: list[int], inner: int) -> dict:
     from gptoss_jax.bench.weights import random_model
 
     if name == "before":
-        plan.native_matvec_rows = lambda bf16: 8 if bf16 and cpu_matvec.has_bf16_dot() else 2
+        shared = lambda bf16: bf16 and cpu_matvec.has_bf16_dot()  # noqa: E731  (fp32 never shared before)
+        plan.native_matvec_rows = (
+            lambda bf16: plan.NATIVE_MATVEC_ROWS_SHARED if shared(bf16) else plan.NATIVE_MATVEC_ROWS
+        )
         plan.NATIVE_DENSE_GATHER_ROWS_PER_EXPERT = 0
     cfg = gj.tiny(**BENCH_CONFIG)
     out = {}

@@ -8,7 +8,8 @@ the native dense gather) and now.
     python experiments/2026-12-06-matvec-rows/moe_decode.py     # writes moe_decode.json here
 
 Each case: `scripts/profile_decode.py`'s way of timing a piece (`--steps` iterations in one jitted
-loop, the weights tied to the loop's carry), median of `--repeats`, the paths' order rotating.
+loop, the weights tied to the loop's carry; each path compiled and warmed up once), median of
+`--repeats` timings, the paths' order rotating.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import gptoss_jax as gj  # noqa: E402
 from gptoss_jax import host  # noqa: E402
 from gptoss_jax.bench import records  # noqa: E402
 from gptoss_jax.bench.peers import BENCH_CONFIG  # noqa: E402
-from gptoss_jax.bench.pieces import loop_ms  # noqa: E402
+from gptoss_jax.bench import timing  # noqa: E402
+from gptoss_jax.bench.pieces import loop_fn  # noqa: E402
 from gptoss_jax.bench.weights import random_model  # noqa: E402
 from gptoss_jax.plan import default_moe_impl  # noqa: E402
 
@@ -56,17 +58,28 @@ def main():
             default = model.plan(B).moe
             k, E = cfg.experts_per_token, cfg.num_experts
             before = default_moe_impl(B, k, E, large_packed_on_cpu=False, platform="cpu")  # no native_dense
+            fns = {}
+            for p in paths:  # each path compiled once, warmed up, then timed in rotation
+                plan = dataclasses.replace(model.plan(B), moe=p)
+
+                def step(w, x, plan=plan):
+                    return x + nnx.merge(gd, w)(x, eps=cfg.rms_eps, plan=plan)[0]
+
+                fns[p] = loop_fn(step, steps=args.steps)
+                timing.once(lambda f=fns[p]: f(st, x0))
             ms = {p: [] for p in paths}
             for r in range(args.repeats):
                 for p in paths[r % len(paths) :] + paths[: r % len(paths)]:
-                    plan = dataclasses.replace(model.plan(B), moe=p)
-
-                    def step(w, x, plan=plan):
-                        return x + nnx.merge(gd, w)(x, eps=cfg.rms_eps, plan=plan)[0]
-
-                    ms[p].append(loop_ms(step, st, x0, steps=args.steps, repeats=1))
+                    ms[p].append(timing.once(lambda f=fns[p]: f(st, x0)) / args.steps * 1e3)
             med = {p: float(np.median(v)) for p, v in ms.items()}
-            row = {"dtype": dtype, "tokens": B, "default_before": before, "default_now": default, "ms": med, "samples_ms": ms}
+            row = {
+                "dtype": dtype,
+                "tokens": B,
+                "default_before": before,
+                "default_now": default,
+                "ms": med,
+                "samples_ms": ms,
+            }
             rows.append(row)
             print(
                 f"{dtype:9s} B={B:3d} (default before {before:8s} now {default:8s}) "

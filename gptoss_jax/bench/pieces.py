@@ -42,10 +42,10 @@ def vjp_step(f: Callable) -> Callable:
     return run
 
 
-def loop_ms(step: Callable, weights, x, *, steps: int, repeats: int) -> float:
-    """ms per iteration of `x = step(weights, x)` run `steps` times in one jitted fori_loop, the
-    weights passed through `lax.optimization_barrier` with the carry (as `gptoss_jax.sampling`
-    ties them to its step counter) so nothing is hoisted out of the loop; median of `repeats`."""
+def loop_fn(step: Callable, *, steps: int) -> Callable:
+    """jitted (weights, x) -> x after `x = step(weights, x)` run `steps` times in one fori_loop,
+    the weights passed through `lax.optimization_barrier` with the carry (as `gptoss_jax.sampling`
+    ties them to its step counter) so nothing is hoisted out of the loop."""
 
     def run(weights, x):
         def body(i, x):
@@ -54,7 +54,12 @@ def loop_ms(step: Callable, weights, x, *, steps: int, repeats: int) -> float:
 
         return jax.lax.fori_loop(0, steps, body, x)
 
-    f = jax.jit(run)
+    return jax.jit(run)
+
+
+def loop_ms(step: Callable, weights, x, *, steps: int, repeats: int) -> float:
+    """ms per iteration of `loop_fn(step, steps=steps)`, median of `repeats`."""
+    f = loop_fn(step, steps=steps)
     return timing.median(lambda: f(weights, x), repeats) / steps * 1e3
 
 

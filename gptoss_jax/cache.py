@@ -89,37 +89,39 @@ def _attend(q, k, v, sinks, *, positions, k_pos, window, native):
     )
 
 
-def update_and_attend(layer: LayerCache, q, k, v, sinks, *, positions, valid, native: bool = False):
-    """Attention of new tokens through the cache. q [B, T, N, H], k/v [B, T, K, H],
-    positions/valid [B, T]. Returns (out, sink_mass, new LayerCache). `native`: a decode step
-    (T = 1) attends through the CPU kernel (the model's plan sets it where the kernels run)."""
-    B, T = positions.shape
+def write(layer: LayerCache, k, v, *, positions, valid) -> LayerCache:
+    """`layer` with the new keys/values k, v [B, T, K, H] at positions [B, T] written in (padding,
+    valid == False, is not). A sliding layer keeps each row's last S valid new tokens."""
     S = layer.k.shape[1]
     k, v = k.astype(layer.k.dtype), v.astype(layer.v.dtype)
     if layer.window is None:
         slots = jnp.where(valid, positions, S)
-        layer = LayerCache(
-            _scatter_rows(layer.k, slots, k),
-            _scatter_rows(layer.v, slots, v),
-            _scatter_rows(layer.pos, slots, positions),
-            None,
-        )
-        out, mass = _attend(
-            q, layer.k, layer.v, sinks, positions=positions, k_pos=layer.pos, window=None, native=native
-        )
-        return out, mass, layer
-    k_all = jnp.concatenate([layer.k, k], axis=1)
-    v_all = jnp.concatenate([layer.v, v], axis=1)
-    pos_all = jnp.concatenate([layer.pos, jnp.where(valid, positions, -1)], axis=1)
-    out, mass = _attend(q, k_all, v_all, sinks, positions=positions, k_pos=pos_all, window=layer.window, native=native)
-    # Keep only the last S valid new tokens: their slots are distinct, so the scatter is exact.
-    n_valid = jnp.sum(valid, axis=1, keepdims=True)
-    keep = valid & (n_valid - 1 - jnp.arange(T)[None, :] < S)
-    slots = jnp.where(keep, positions % S, S)
-    new = LayerCache(
+    else:
+        # Only the last S valid new tokens: their slots are distinct, so the scatter is exact.
+        T = positions.shape[1]
+        n_valid = jnp.sum(valid, axis=1, keepdims=True)
+        keep = valid & (n_valid - 1 - jnp.arange(T)[None, :] < S)
+        slots = jnp.where(keep, positions % S, S)
+    return LayerCache(
         _scatter_rows(layer.k, slots, k),
         _scatter_rows(layer.v, slots, v),
         _scatter_rows(layer.pos, slots, positions),
         layer.window,
     )
-    return out, mass, new
+
+
+def update_and_attend(layer: LayerCache, q, k, v, sinks, *, positions, valid, native: bool = False):
+    """Attention of new tokens through the cache. q [B, T, N, H], k/v [B, T, K, H],
+    positions/valid [B, T]. Returns (out, sink_mass, new LayerCache). `native`: a decode step
+    (T = 1) attends through the CPU kernel (the model's plan sets it where the kernels run)."""
+    if layer.window is None:
+        layer = write(layer, k, v, positions=positions, valid=valid)
+        out, mass = _attend(
+            q, layer.k, layer.v, sinks, positions=positions, k_pos=layer.pos, window=None, native=native
+        )
+        return out, mass, layer
+    k_all = jnp.concatenate([layer.k, k.astype(layer.k.dtype)], axis=1)
+    v_all = jnp.concatenate([layer.v, v.astype(layer.v.dtype)], axis=1)
+    pos_all = jnp.concatenate([layer.pos, jnp.where(valid, positions, -1)], axis=1)
+    out, mass = _attend(q, k_all, v_all, sinks, positions=positions, k_pos=pos_all, window=layer.window, native=native)
+    return out, mass, write(layer, k, v, positions=positions, valid=valid)

@@ -124,9 +124,29 @@ class Attention(nnx.Module):
         return q, k, proj("v", "BTD,DKH->BTKH")
 
     def __call__(
-        self, x, rope, *, positions, segment_ids, eps, cache=None, valid=None, plan: Plan, capture=False, mesh=None
+        self,
+        x,
+        rope,
+        *,
+        positions,
+        segment_ids,
+        eps,
+        cache=None,
+        valid=None,
+        plan: Plan,
+        capture=False,
+        mesh=None,
+        empty_cache=False,
     ):
         q, k, v = self.qkv(x, rope, eps=eps, mesh=mesh, native_rows=plan.native_rows)
+        written = None
+        if cache is not None and empty_cache:
+            # Nothing to read from the cache: the new tokens attend among themselves on the plan's
+            # path (the kernels), with their keys and values rounded as the cache holds them, the
+            # padding (segment 0) apart; then they are written.
+            written = cache_lib.write(cache, k, v, positions=positions, valid=valid)
+            k, v = (t.astype(cache.k.dtype).astype(t.dtype) for t in (k, v))
+            segment_ids, cache = valid.astype(jnp.int32), None
         impl = plan.attention if cache is None and not capture else "xla"
         if impl == "cpu_native" and q.shape[-1] % 16 == 0:
             out, sink_mass = cpu_matvec.prefill_attention(
@@ -156,7 +176,11 @@ class Attention(nnx.Module):
                 cache, q, k, v, self.sinks[...], positions=positions, valid=valid, native=plan.native_rows > 0
             )
         o = layers.linear(out, self.o[...], "BTNH,NHD->BTD", adapter=self.adapter("o"), native_rows=plan.native_rows)
-        return (o + self.o_bias[...].astype(jnp.float32)).astype(x.dtype), sink_mass, cache
+        return (
+            (o + self.o_bias[...].astype(jnp.float32)).astype(x.dtype),
+            sink_mass,
+            cache if written is None else written,
+        )
 
 
 def _kernel_attention(q, k, v, sinks, segment_ids, *, window, impl, interpret, mesh):
@@ -290,6 +314,7 @@ class Block(nnx.Module):
         valid=None,
         mesh=None,
         router_loss=False,
+        empty_cache=False,
     ):
         """-> (out, cache, intermediates or None, load-balancing loss or None)."""
         with jax.named_scope("attention"):
@@ -304,6 +329,7 @@ class Block(nnx.Module):
                 plan=plan,
                 capture=capture,
                 mesh=mesh,
+                empty_cache=empty_cache,
             )
         x_mid = x + a
         with jax.named_scope("moe"):
@@ -411,6 +437,7 @@ class GptOss(nnx.Module):
         logits_dtype=jnp.float32,
         router_loss=False,
         head: bool = True,
+        empty_cache: bool = False,
     ) -> ModelOutput:
         """tokens [B, T] int, ids in [0, vocab_size): others raise `TokenIdError`, on the host for a
             concrete array and from inside the program under jit (on a mesh or a TPU they are
@@ -420,6 +447,10 @@ class GptOss(nnx.Module):
         segment_ids: [B, T] documents packed in a row attend only within themselves. With a cache,
             a row holds one sequence and segment_ids == 0 marks right padding (not written).
         cache: a `KVCache` (see `gptoss_jax.cache.init_cache`); the updated one is returned.
+        empty_cache: the caller's promise that `cache` holds no tokens yet (a prompt's first
+            chunk): the new tokens then attend among themselves on the plan's attention path (the
+            Pallas or native CPU kernel where one runs; through the cache it is XLA's, over every
+            slot) and are written after. The same function as through the cache; static.
         logits_at: [B] index per row; return logits [B, 1, V] of that token only (prefill).
         capture: False (the default: nothing extra is computed or returned) | True: return
             `ModelOutput.intermediates`, one dict per layer (residual stream before/after each
@@ -471,6 +502,7 @@ class GptOss(nnx.Module):
                     valid=valid,
                     mesh=self.mesh,
                     router_loss=router_loss,
+                    empty_cache=empty_cache,
                 )
             captured.append(inter)
             new_layers.append(layer_cache)

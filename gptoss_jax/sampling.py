@@ -140,22 +140,28 @@ TIE_WEIGHTS = True
 # sampling settings reuses one compilation.
 @functools.lru_cache(maxsize=16)
 def _prefill_fn(graphdef):
-    @jax.jit
-    def prefill(state, cache: KVCache, tokens, n_valid, last_logits):
-        """One chunk [B, C] of right-padded prompts; n_valid [B] real tokens in this chunk."""
+    @functools.partial(jax.jit, static_argnames="empty")
+    def prefill(state, cache: KVCache, tokens, n_valid, last_logits, *, empty: bool):
+        """One chunk [B, C] of right-padded prompts; n_valid [B] real tokens in this chunk.
+        empty: the cache holds nothing yet (the first chunk of a new cache)."""
         model = nnx.merge(graphdef, state)
         C = tokens.shape[1]
         seg = (jnp.arange(C)[None, :] < n_valid[:, None]).astype(jnp.int32)
         idx = jnp.clip(n_valid - 1, 0, C - 1)
         with traced_token_check(False):  # generate() checked the prompt ids on the host
-            out = model(tokens, segment_ids=seg, cache=cache, logits_at=idx)
+            out = model(tokens, segment_ids=seg, cache=cache, logits_at=idx, empty_cache=empty)
         logits = jnp.where((n_valid > 0)[:, None], out.logits[:, 0], last_logits)
         return out.cache, logits
 
     return prefill
 
 
-def _prefill_chunks(graphdef, state, vocab_size: int, ids: Sequence[Sequence[int]], cache: KVCache, prefill_chunk: int):
+def _prefill_chunks(
+    graphdef, state, vocab_size: int, ids: Sequence[Sequence[int]], cache: KVCache, prefill_chunk: int, *, fresh: bool
+):
+    """The prompts `ids` through `cache` in chunks of `prefill_chunk` tokens. fresh: `cache` holds
+    nothing yet, so the first chunk attends on the model's attention path without reading it (the
+    kernels where they run; a prompt of several chunks then compiles the first one apart)."""
     B, longest = len(ids), max(len(p) for p in ids)
     C = min(prefill_chunk, longest)
     n_chunks = -(-longest // C)
@@ -168,17 +174,26 @@ def _prefill_chunks(graphdef, state, vocab_size: int, ids: Sequence[Sequence[int
     for c in range(n_chunks):
         n_valid = np.clip(lengths - c * C, 0, C).astype(np.int32)
         cache, logits = prefill_step(
-            state, cache, jnp.asarray(padded[:, c * C : (c + 1) * C]), jnp.asarray(n_valid), logits
+            state,
+            cache,
+            jnp.asarray(padded[:, c * C : (c + 1) * C]),
+            jnp.asarray(n_valid),
+            logits,
+            empty=fresh and c == 0,
         )
     return cache, logits
 
 
 def prefill(model, prompts: Sequence[Sequence[int]], cache: KVCache, *, prefill_chunk: int = 256):
     """`generate`'s prefill alone, with the same jitted function, chunking and padding: the token-id
-    lists `prompts` (unchecked) written into `cache` (from `init_cache`, one row per prompt).
+    lists `prompts` (unchecked) written into `cache` (from `init_cache`, one row per prompt; one
+    that already holds tokens is continued, its first chunk read through the cache).
     -> (cache, fp32 logits [B, V] at each prompt's last token)."""
     graphdef, state = nnx.split(model)
-    return _prefill_chunks(graphdef, state, model.cfg.vocab_size, [list(p) for p in prompts], cache, prefill_chunk)
+    lengths = cache.lengths
+    fresh = lengths.is_fully_addressable and not np.asarray(lengths).any()
+    ids = [list(p) for p in prompts]
+    return _prefill_chunks(graphdef, state, model.cfg.vocab_size, ids, cache, prefill_chunk, fresh=fresh)
 
 
 @functools.lru_cache(maxsize=16)
@@ -314,7 +329,7 @@ def generate(
     cache = init_cache(cfg, B, total, cache_dtype or model.dtype)
 
     graphdef, state = nnx.split(model)
-    cache, logits = _prefill_chunks(graphdef, state, cfg.vocab_size, ids, cache, prefill_chunk)
+    cache, logits = _prefill_chunks(graphdef, state, cfg.vocab_size, ids, cache, prefill_chunk, fresh=True)
 
     decode = _decode_fn(graphdef, params, stop_ids, block, logprobs)
     key = jax.random.key(seed)

@@ -64,6 +64,7 @@ RECORDS = {
     "matvec_kernels": ("experiments/2026-12-06-matvec-rows/kernels.json", True),
     "moe_decode": ("experiments/2026-12-06-matvec-rows/moe_decode.json", True),
     "decode_rows": ("experiments/2026-12-06-matvec-rows/decode_rows.json", True),
+    "fresh_prefill": ("experiments/2026-12-06-fresh-prefill/prefill.json", True),
 }
 
 # The goals of the benchmark issue (targets, not measurements).
@@ -802,6 +803,34 @@ def render_prefill_attention(rec: dict) -> str:
     return "\n".join(lines)
 
 
+def render_fresh_prefill(rec: dict) -> str:
+    """BENCHMARKS: generate's prefill with the first chunk of a new cache on the model's attention
+    path, against every chunk through the cache (experiments/2026-12-06-fresh-prefill)."""
+    r = rec["fresh_prefill"]
+    lines = [
+        para(
+            f"`{r['provenance']['command']}`, {date(r)}, {cpu(r)}: `generate`'s prefill of one prompt of T tokens "
+            f"in chunks of C (the benchmark model, random weights, dense experts), every chunk through the cache "
+            "(XLA's attention over every slot) against the first chunk of the new cache attending among its own "
+            "tokens (the native kernel); medians of alternating timings, the compile excluded. First call: the "
+            "seconds of each side's first call, through the cache first, so a prompt of several chunks shows "
+            "what compiling its first chunk apart costs."
+        ),
+        "",
+        "| dtype, T, C | through the cache tok/s | first chunk fresh tok/s | ratio | first call s (cache / fresh) "
+        "| logits max rel diff |",
+        "|---|---|---|---|---|---|",
+    ]
+    for x in r["rows"]:
+        c, f = x["cache"], x["fresh"]
+        lines.append(
+            f"| {x['dtype']} T={x['prompt']:,} C={x['chunk']:,} | {rate(c['tokens_per_s'])} | "
+            f"{rate(f['tokens_per_s'])} | **{ratio(x['fresh_over_cache'])}** | "
+            f"{c['first_call_s']:.1f} / {f['first_call_s']:.1f} | {x['max_rel_logit_diff']:.1e} |"
+        )
+    return "\n".join(lines)
+
+
 # name -> (document, records it reads, renderer)
 BLOCKS = {
     "checked-measured": ("README.md", ("parity", "prefill_train", "compile"), render_checked_measured),
@@ -821,6 +850,7 @@ BLOCKS = {
         ("matvec_kernels", "moe_decode", "decode_rows"),
         render_matvec_rows,
     ),
+    "bench-fresh-prefill": ("experiments/BENCHMARKS.md", ("fresh_prefill",), render_fresh_prefill),
 }
 
 

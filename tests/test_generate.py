@@ -58,6 +58,51 @@ def test_chunked_prefill_equals_single_chunk(model, tiny_cfg):
     assert rel_err(np.concatenate(outs, axis=1), full) <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_first_chunk_of_a_new_cache_attends_on_the_plans_path(dtype):
+    """`empty_cache=True` (generate's first prefill chunk): the new tokens attend among themselves
+    on the plan's attention path (the native CPU kernel here, in the HLO once per layer; through the
+    cache it is XLA's) with the same logits as through the cache (fp32: 1e-5 of their scale; bf16:
+    2 ulps; every expert on every token, so no routing choice flips on a rounding) on right-padded
+    prompts longer than the window, and the same cache after: positions
+    equal, keys and values equal in layer 0 (nothing before them differs) and within the logits'
+    tolerance after. Control: the promise broken (a cache that holds tokens) gives other logits."""
+    from gptoss_jax import cpu_matvec
+
+    if not cpu_matvec.has_prefill_attention():
+        pytest.skip("the native prefill attention kernel needs AVX-512F")  # hardware condition
+    tiny_cfg = gj.tiny(experts_per_token=gj.tiny().num_experts)
+    m = gj.init(tiny_cfg, seed=4, dtype=dtype, experts="dense")
+    assert m.plan(3 * 16).attention == "cpu_native" and tiny_cfg.head_dim % 16 == 0
+    W, prompts = tiny_cfg.sliding_window, (13, 4, 16)
+    assert max(prompts) > W  # the sliding layers' rings keep the last W of the chunk
+    toks = np.random.default_rng(5).integers(0, tiny_cfg.vocab_size, (3, 16))
+    seg = (np.arange(16)[None] < np.array(prompts)[:, None]).astype(np.int32)
+    toks = np.where(seg, toks, 0)
+    cache = init_cache(tiny_cfg, 3, 24, m.dtype)
+    fn = jax.jit(lambda m, t, s, c, e: m(t, segment_ids=s, cache=c, empty_cache=e), static_argnums=4)
+    lowered = {e: fn.lower(m, toks, seg, cache, e).as_text() for e in (True, False)}
+    assert lowered[True].count("gptoss_prefill_attention") == tiny_cfg.num_layers
+    assert "gptoss_prefill_attention" not in lowered[False]
+    new, old = fn(m, toks, seg, cache, True), fn(m, toks, seg, cache, False)
+    valid = seg.astype(bool)
+    a, b = np.asarray(new.logits, np.float32)[valid], np.asarray(old.logits, np.float32)[valid]
+    tol = (1e-5 if dtype == "float32" else 2 * 2.0**-7) * np.abs(b).max()
+    assert np.abs(a - b).max() <= tol
+    np.testing.assert_array_equal(np.asarray(new.cache.lengths), prompts)
+    for i, (x, y) in enumerate(zip(new.cache.layers, old.cache.layers)):
+        np.testing.assert_array_equal(np.asarray(x.pos), np.asarray(y.pos))
+        for u, w in ((x.k, y.k), (x.v, y.v)):
+            u, w = np.asarray(u, np.float32), np.asarray(w, np.float32)
+            assert np.array_equal(u, w) if i == 0 else np.abs(u - w).max() <= tol, i
+    # control: the first 5 tokens already in the cache, the next 8 sent as if it were empty
+    first = fn(m, toks[:, :5], np.ones((3, 5), np.int32), cache, False)
+    rest = {
+        e: np.asarray(fn(m, toks[:, 5:13], np.ones((3, 8), np.int32), first.cache, e).logits) for e in (True, False)
+    }
+    assert np.abs(rest[True] - rest[False]).max() > 10 * tol
+
+
 def test_greedy_generate_equals_repeated_full_forwards(model, tiny_cfg):
     rng = np.random.default_rng(2)
     prompts = [list(rng.integers(0, tiny_cfg.vocab_size, n)) for n in (13, 4, 9)]

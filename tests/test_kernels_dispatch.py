@@ -90,3 +90,37 @@ def test_model_with_kernel_attention_matches_xla(original_dir, impl):
         assert float(jnp.abs(a - b).max() / jnp.abs(a).max()) <= 1e-4, name
     a, b = gx.layers[1].attn.sinks[...], gk.layers[1].attn.sinks[...]
     assert float(jnp.abs(a - b).max() / jnp.abs(a).max()) <= 1e-4
+
+
+@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
+def test_first_chunk_of_a_new_cache_runs_the_kernel(original_dir, impl):
+    """generate's first prefill chunk on a new cache (`empty_cache=True`) with the Pallas kernel
+    (interpret mode): the kernel runs once per layer (through the cache, never), and the logits
+    and the cache written equal those of the same chunk through the cache (fp32, 1e-5 of the
+    logits' scale), on right-padded prompts longer than the sliding window."""
+    from gptoss_jax.cache import init_cache
+
+    m = gj.load(original_dir, dtype="float32", kernel=gj.KernelOptions(attention_impl=impl, interpret=True))
+    cfg = m.cfg
+    prompts = (13, 4, 16)
+    assert max(prompts) > cfg.sliding_window
+    seg = (np.arange(16)[None] < np.array(prompts)[:, None]).astype(np.int32)
+    toks = np.where(seg, np.random.default_rng(6).integers(0, cfg.vocab_size, (3, 16)), 0)
+    cache = init_cache(cfg, 3, 24, jnp.float32)
+    graphdef, state = nnx.split(m)
+
+    def chunk(st, empty):
+        return nnx.merge(graphdef, st)(toks, segment_ids=seg, cache=cache, empty_cache=empty)
+
+    calls = {
+        e: sum(n == "pallas_call" for n in _primitives(jax.make_jaxpr(chunk, static_argnums=1)(state, e).jaxpr))
+        for e in (True, False)
+    }
+    assert calls == {True: cfg.num_layers, False: 0}
+    new, old = (jax.jit(chunk, static_argnums=1)(state, e) for e in (True, False))
+    valid = seg.astype(bool)
+    a, b = np.asarray(new.logits)[valid], np.asarray(old.logits)[valid]
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+    for x, y in zip(new.cache.layers, old.cache.layers):
+        np.testing.assert_array_equal(np.asarray(x.pos), np.asarray(y.pos))
+        np.testing.assert_allclose(np.asarray(x.k), np.asarray(y.k), atol=1e-5 * np.abs(np.asarray(y.k)).max())

@@ -156,27 +156,54 @@ def _prefill_fn(graphdef):
     return prefill
 
 
+# generate's default chunking (prefill_chunk=None): a new cache's first chunk attends among its
+# own tokens on the model's attention path (a kernel, or XLA's query-chunked attention), so it
+# takes up to FIRST_CHUNK tokens at once; later chunks read the whole cache through XLA's dense
+# attention (scores [B, heads, chunk, cache]) and take PREFILL_CHUNK. A 1,024-token prompt in one
+# fresh chunk ran 1.27x (fp32) / 1.51x (bf16) the rate of chunks of 256 through the cache (the
+# default before) on the benchmark model (experiments/2026-12-06-fresh-prefill/prefill.json).
+FIRST_CHUNK = 2048
+PREFILL_CHUNK = 256
+
+
+def _chunks(longest: int, prefill_chunk: int | None, fresh: bool) -> list[tuple[int, int]]:
+    """(start, size) of each prefill chunk of a prompt of `longest` tokens: every chunk
+    `prefill_chunk` tokens (the last one padded), or by default a first chunk of up to FIRST_CHUNK
+    tokens on a new cache (else PREFILL_CHUNK), then PREFILL_CHUNK; no chunk longer than the prompt."""
+    rest = prefill_chunk or PREFILL_CHUNK
+    out = [(0, min(prefill_chunk or (FIRST_CHUNK if fresh else PREFILL_CHUNK), longest))]
+    while (end := out[-1][0] + out[-1][1]) < longest:
+        out.append((end, rest))
+    return out
+
+
 def _prefill_chunks(
-    graphdef, state, vocab_size: int, ids: Sequence[Sequence[int]], cache: KVCache, prefill_chunk: int, *, fresh: bool
+    graphdef,
+    state,
+    vocab_size: int,
+    ids: Sequence[Sequence[int]],
+    cache: KVCache,
+    prefill_chunk: int | None,
+    *,
+    fresh: bool,
 ):
-    """The prompts `ids` through `cache` in chunks of `prefill_chunk` tokens. fresh: `cache` holds
-    nothing yet, so the first chunk attends on the model's attention path without reading it (the
-    kernels where they run; a prompt of several chunks then compiles the first one apart)."""
+    """The prompts `ids` through `cache` in chunks (`_chunks`). fresh: `cache` holds nothing yet,
+    so the first chunk attends on the model's attention path without reading it (the kernels
+    where they run; a prompt of several chunks compiles its first chunk apart)."""
     B, longest = len(ids), max(len(p) for p in ids)
-    C = min(prefill_chunk, longest)
-    n_chunks = -(-longest // C)
+    chunks = _chunks(longest, prefill_chunk, fresh)
     prefill_step = _prefill_fn(graphdef)
-    padded = np.zeros((B, n_chunks * C), np.int32)
+    padded = np.zeros((B, chunks[-1][0] + chunks[-1][1]), np.int32)
     for b, p in enumerate(ids):
         padded[b, : len(p)] = p
     lengths = np.array([len(p) for p in ids])
     logits = jnp.zeros((B, vocab_size), jnp.float32)
-    for c in range(n_chunks):
-        n_valid = np.clip(lengths - c * C, 0, C).astype(np.int32)
+    for c, (start, size) in enumerate(chunks):
+        n_valid = np.clip(lengths - start, 0, size).astype(np.int32)
         cache, logits = prefill_step(
             state,
             cache,
-            jnp.asarray(padded[:, c * C : (c + 1) * C]),
+            jnp.asarray(padded[:, start : start + size]),
             jnp.asarray(n_valid),
             logits,
             empty=fresh and c == 0,
@@ -184,7 +211,7 @@ def _prefill_chunks(
     return cache, logits
 
 
-def prefill(model, prompts: Sequence[Sequence[int]], cache: KVCache, *, prefill_chunk: int = 256):
+def prefill(model, prompts: Sequence[Sequence[int]], cache: KVCache, *, prefill_chunk: int | None = None):
     """`generate`'s prefill alone, with the same jitted function, chunking and padding: the token-id
     lists `prompts` (unchecked) written into `cache` (from `init_cache`, one row per prompt; one
     that already holds tokens is continued, its first chunk read through the cache).
@@ -256,7 +283,7 @@ def generate(
     seed: int = 0,
     stop_tokens: Sequence[int] | None = None,
     stream: Callable[[int, list[int]], None] | None = None,
-    prefill_chunk: int = 256,
+    prefill_chunk: int | None = None,
     block: int | None = None,
     cache_dtype=None,
     logprobs: bool = False,
@@ -268,6 +295,9 @@ def generate(
         a tokenizer); pass () to run to max_new_tokens.
     stream(row, new_token_ids): called as tokens arrive (per decode block).
     logprobs: also return each generated token's log-probability under the model (`Generation.logprobs`).
+    prefill_chunk: the prompts go through the cache this many tokens at a time; default: the first
+        FIRST_CHUNK tokens at once (they attend among themselves, on the attention kernels where
+        they run), the rest PREFILL_CHUNK at a time (each such chunk reads the whole cache).
 
     Every argument is checked on the host before anything runs (ValueError): prompt ids must be
     integers in [0, vocab_size), as must explicit stop tokens (one outside the vocabulary could

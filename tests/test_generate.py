@@ -100,11 +100,31 @@ def test_first_chunk_of_a_new_cache_attends_on_the_plans_path(dtype):
     assert np.abs(again[True] - again[False]).max() > 10 * tol
 
 
-def test_greedy_generate_equals_repeated_full_forwards(model, tiny_cfg):
+def test_prefill_chunks():
+    """generate's chunking: by default a first chunk of up to FIRST_CHUNK tokens on a new cache, then
+    PREFILL_CHUNK (padded); an explicit prefill_chunk for every chunk; none longer than the prompt."""
+    from gptoss_jax.sampling import FIRST_CHUNK, PREFILL_CHUNK, _chunks
+
+    F, P = FIRST_CHUNK, PREFILL_CHUNK
+    assert _chunks(100, None, True) == [(0, 100)]
+    assert _chunks(F + 1, None, True) == [(0, F), (F, P)]
+    assert _chunks(F + P + 1, None, True) == [(0, F), (F, P), (F + P, P)]
+    assert _chunks(P + 1, None, False) == [(0, P), (P, P)]  # a cache that holds tokens: no long first chunk
+    assert _chunks(23, 5, True) == [(0, 5), (5, 5), (10, 5), (15, 5), (20, 5)]
+    assert _chunks(23, 50, True) == [(0, 23)]
+
+
+@pytest.mark.parametrize("prefill_chunk", [8, None])
+def test_greedy_generate_equals_repeated_full_forwards(model, tiny_cfg, prefill_chunk, monkeypatch):
+    from gptoss_jax import sampling
+
+    # the default chunking at this scale: a first chunk of 10 tokens on the new cache, then chunks of 4
+    monkeypatch.setattr(sampling, "FIRST_CHUNK", 10)
+    monkeypatch.setattr(sampling, "PREFILL_CHUNK", 4)
     rng = np.random.default_rng(2)
     prompts = [list(rng.integers(0, tiny_cfg.vocab_size, n)) for n in (13, 4, 9)]
     n_new = 20
-    g = generate(model, None, prompts, max_new_tokens=n_new, temperature=0, stop_tokens=(), prefill_chunk=8)
+    g = generate(model, None, prompts, max_new_tokens=n_new, temperature=0, stop_tokens=(), prefill_chunk=prefill_chunk)
     assert g.stop_reason == ["length"] * 3
     # Oracle: the full forward without a cache, re-run on the whole sequence for every new token.
     # Padded to one length (causal: padding after the last token cannot change its logits) so

@@ -48,7 +48,7 @@ def run_generate(model, prompt, n_new: int, block: int | None) -> dict:
     }
 
 
-def time_prefill(model, prompt, n_new: int, repeats: int = 2, prefill_chunk: int = 256) -> list[float]:
+def time_prefill(model, prompt, n_new: int, repeats: int = 2, prefill_chunk: int | None = None) -> list[float]:
     """Seconds of `repeats` prefills of `prompt` into a fresh cache sized for `n_new` more tokens,
     each from the cache's allocation (untimed) to the logits being ready; no warm-up (generate
     compiled the function)."""

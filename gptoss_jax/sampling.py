@@ -159,9 +159,10 @@ def _prefill_fn(graphdef):
 # generate's default chunking (prefill_chunk=None): a new cache's first chunk attends among its
 # own tokens on the model's attention path (a kernel, or XLA's query-chunked attention), so it
 # takes up to FIRST_CHUNK tokens at once; later chunks read the whole cache through XLA's dense
-# attention (scores [B, heads, chunk, cache]) and take PREFILL_CHUNK. A 1,024-token prompt in one
-# fresh chunk ran 1.27x (fp32) / 1.51x (bf16) the rate of chunks of 256 through the cache (the
-# default before) on the benchmark model (experiments/2026-12-06-fresh-prefill/prefill.json).
+# attention (scores [B, heads, chunk, cache]) and take PREFILL_CHUNK. On the benchmark model a
+# 1,024-token prompt in one fresh chunk ran 1.43x (fp32) / 1.42x (bf16) the rate of chunks of 256
+# through the cache (the default before), a 2,048-token one 1.43x / 1.80x
+# (experiments/2026-12-06-fresh-prefill/prefill.json).
 FIRST_CHUNK = 2048
 PREFILL_CHUNK = 256
 

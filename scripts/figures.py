@@ -55,10 +55,10 @@ RECORDS = {
     "compile": ("experiments/2026-12-05-compile/records.json", False),
     "rl": ("experiments/2026-12-06-rl/results.json", True),
     "versus": ("experiments/2026-12-06-matvec-rows/bench.json", True),
-    "llamacpp": ("experiments/2026-12-06-fresh-prefill/llamacpp/llamacpp.json", True),
+    "llamacpp": ("experiments/2026-12-06-fresh-prefill/llamacpp-one-chunk/llamacpp.json", True),
     "profile_before": ("experiments/2026-12-06-cpu-matvec/profile_before.json", True),
     "profile_after": ("experiments/2026-12-06-matvec-rows/profile_after.json", True),
-    "ours_20b": ("experiments/2026-12-06-fresh-prefill/llamacpp/ours_20b.json", True),
+    "ours_20b": ("experiments/2026-12-06-fresh-prefill/llamacpp-one-chunk/ours_20b.json", True),
     "decode_attention": ("experiments/2026-12-06-decode-attention/attention.json", True),
     "prefill_attention": ("experiments/2026-12-06-prefill-attention/attention.json", True),
     "matvec_kernels": ("experiments/2026-12-06-matvec-rows/kernels.json", True),
@@ -828,6 +828,19 @@ def render_fresh_prefill(rec: dict) -> str:
             f"{rate(f['tokens_per_s'])} | **{ratio(x['fresh_over_cache'])}** | "
             f"{c['first_call_s']:.1f} / {f['first_call_s']:.1f} | {x['max_rel_logit_diff']:.1e} |"
         )
+    lines += [
+        "",
+        para(
+            "From the same rows, `generate`'s default before (chunks of 256, every one through the cache) and now "
+            f"(up to `sampling.FIRST_CHUNK` = {r['first_chunk']:,} tokens in one fresh chunk, then chunks of 256):"
+        ),
+        "",
+        "| generate's default prefill, dtype, T | before tok/s | now tok/s | now / before |",
+        "|---|---|---|---|",
+    ]
+    for d in r["defaults"]:
+        b, n = d["before_tokens_per_s"], d["now_tokens_per_s"]
+        lines.append(f"| {d['dtype']} T={d['prompt']:,} | {rate(b)} | {rate(n)} | **{ratio(n / b)}** |")
     return "\n".join(lines)
 
 

@@ -9,6 +9,8 @@ and `fresh=False` (what it ran before: every chunk through the cache). Each case
 warmed up on both sides (the first call's seconds are kept: the compile), then timed `--repeats`
 times, the sides alternating; the record keeps every timing and the median. One prompt of T
 tokens, prefilled in chunks of C; the cache holds T + 64 tokens (generate's prompt + new tokens).
+Last, generate's default before (chunks of 256, all through the cache) against its default now
+(up to `sampling.FIRST_CHUNK` tokens in one fresh chunk), from the same rows.
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
 
 DTYPES = ("float32", "bfloat16")
-CASES = ((256, 256), (1024, 1024), (2048, 2048), (1024, 256))  # (prompt tokens T, chunk C)
+CASES = ((256, 256), (1024, 1024), (2048, 2048), (1024, 256), (2048, 256))  # (prompt tokens T, chunk C)
 NEW = 64
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--out", default=HERE)
     args = ap.parse_args()
     from gptoss_jax import host
@@ -80,7 +82,27 @@ def main():
                 f"  (first calls {first['cache']:.1f} / {first['fresh']:.1f} s; logits rel diff {diff:.1e})",
                 flush=True,
             )
-    rec = {"provenance": records.provenance(), "config": BENCH_CONFIG, "new_tokens": NEW, "rows": rows}
+    # generate's default before (chunks of 256, every one through the cache) and now (up to
+    # sampling.FIRST_CHUNK tokens in one fresh chunk)
+    defaults = []
+    for dtype in DTYPES:
+        for T in sorted({t for t, _ in CASES}):
+            before = [r for r in rows if (r["dtype"], r["prompt"], r["chunk"]) == (dtype, T, min(T, 256))]
+            now = [r for r in rows if (r["dtype"], r["prompt"], r["chunk"]) == (dtype, T, min(T, sampling.FIRST_CHUNK))]
+            if before and now:
+                b, n = before[0]["cache"]["tokens_per_s"], now[0]["fresh"]["tokens_per_s"]
+                defaults.append({"dtype": dtype, "prompt": T, "before_tokens_per_s": b, "now_tokens_per_s": n})
+                print(
+                    f"{dtype:9s} T={T:5d}  generate's default prefill: before {b:8.1f} tok/s, now {n:8.1f} {n / b:.2f}x"
+                )
+    rec = {
+        "provenance": records.provenance(),
+        "config": BENCH_CONFIG,
+        "new_tokens": NEW,
+        "first_chunk": sampling.FIRST_CHUNK,
+        "rows": rows,
+        "defaults": defaults,
+    }
     records.write(rec, os.path.join(args.out, "prefill.json"))
 
 

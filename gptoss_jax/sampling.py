@@ -158,8 +158,10 @@ def _prefill_fn(graphdef):
 
 # generate's default chunking (prefill_chunk=None): a new cache's first chunk attends among its
 # own tokens on the model's attention path (a kernel, or XLA's query-chunked attention), so it
-# takes up to FIRST_CHUNK tokens at once; later chunks read the whole cache through XLA's dense
-# attention (scores [B, heads, chunk, cache]) and take PREFILL_CHUNK. On the benchmark model a
+# takes up to FIRST_CHUNK tokens at once over the batch's rows (but PREFILL_CHUNK a row at least:
+# a chunk never holds more tokens than the larger of FIRST_CHUNK and the chunking before, so its
+# activations stay within that); later chunks read the whole cache through XLA's dense attention
+# (scores [B, heads, chunk, cache]) and take PREFILL_CHUNK. On the benchmark model a
 # 1,024-token prompt in one fresh chunk ran 1.43x (fp32) / 1.42x (bf16) the rate of chunks of 256
 # through the cache (the default before), a 2,048-token one 1.43x / 1.80x
 # (experiments/2026-12-06-fresh-prefill/prefill.json).
@@ -167,12 +169,14 @@ FIRST_CHUNK = 2048
 PREFILL_CHUNK = 256
 
 
-def _chunks(longest: int, prefill_chunk: int | None, fresh: bool) -> list[tuple[int, int]]:
-    """(start, size) of each prefill chunk of a prompt of `longest` tokens: every chunk
-    `prefill_chunk` tokens (the last one padded), or by default a first chunk of up to FIRST_CHUNK
-    tokens on a new cache (else PREFILL_CHUNK), then PREFILL_CHUNK; no chunk longer than the prompt."""
+def _chunks(longest: int, prefill_chunk: int | None, fresh: bool, rows: int = 1) -> list[tuple[int, int]]:
+    """(start, size) of each prefill chunk of `rows` prompts of up to `longest` tokens: every chunk
+    `prefill_chunk` tokens (the last one padded), or by default a first chunk on a new cache of up
+    to max(FIRST_CHUNK // rows, PREFILL_CHUNK) tokens (else PREFILL_CHUNK), then PREFILL_CHUNK;
+    no chunk longer than the longest prompt."""
     rest = prefill_chunk or PREFILL_CHUNK
-    out = [(0, min(prefill_chunk or (FIRST_CHUNK if fresh else PREFILL_CHUNK), longest))]
+    first = prefill_chunk or (max(FIRST_CHUNK // rows, PREFILL_CHUNK) if fresh else PREFILL_CHUNK)
+    out = [(0, min(first, longest))]
     while (end := out[-1][0] + out[-1][1]) < longest:
         out.append((end, rest))
     return out
@@ -192,7 +196,7 @@ def _prefill_chunks(
     so the first chunk attends on the model's attention path without reading it (the kernels
     where they run; a prompt of several chunks compiles its first chunk apart)."""
     B, longest = len(ids), max(len(p) for p in ids)
-    chunks = _chunks(longest, prefill_chunk, fresh)
+    chunks = _chunks(longest, prefill_chunk, fresh, rows=B)
     prefill_step = _prefill_fn(graphdef)
     padded = np.zeros((B, chunks[-1][0] + chunks[-1][1]), np.int32)
     for b, p in enumerate(ids):
@@ -297,8 +301,9 @@ def generate(
     stream(row, new_token_ids): called as tokens arrive (per decode block).
     logprobs: also return each generated token's log-probability under the model (`Generation.logprobs`).
     prefill_chunk: the prompts go through the cache this many tokens at a time; default: the first
-        FIRST_CHUNK tokens at once (they attend among themselves, on the attention kernels where
-        they run), the rest PREFILL_CHUNK at a time (each such chunk reads the whole cache).
+        FIRST_CHUNK tokens of the batch at once (FIRST_CHUNK // rows of each row, PREFILL_CHUNK at
+        least; they attend among themselves, on the attention kernels where they run), the rest
+        PREFILL_CHUNK at a time (each such chunk reads the whole cache).
 
     Every argument is checked on the host before anything runs (ValueError): prompt ids must be
     integers in [0, vocab_size), as must explicit stop tokens (one outside the vocabulary could

@@ -832,7 +832,8 @@ def render_fresh_prefill(rec: dict) -> str:
         "",
         para(
             "From the same rows, `generate`'s default before (chunks of 256, every one through the cache) and now "
-            f"(up to `sampling.FIRST_CHUNK` = {r['first_chunk']:,} tokens in one fresh chunk, then chunks of 256):"
+            f"(one row: up to `sampling.FIRST_CHUNK` = {r['first_chunk']:,} tokens in one fresh chunk, then chunks of "
+            "256):"
         ),
         "",
         "| generate's default prefill, dtype, T | before tok/s | now tok/s | now / before |",

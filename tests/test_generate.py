@@ -101,8 +101,9 @@ def test_first_chunk_of_a_new_cache_attends_on_the_plans_path(dtype):
 
 
 def test_prefill_chunks():
-    """generate's chunking: by default a first chunk of up to FIRST_CHUNK tokens on a new cache, then
-    PREFILL_CHUNK (padded); an explicit prefill_chunk for every chunk; none longer than the prompt."""
+    """generate's chunking: by default a first chunk on a new cache of up to FIRST_CHUNK tokens over
+    the rows (PREFILL_CHUNK a row at least), then PREFILL_CHUNK (padded); an explicit prefill_chunk
+    for every chunk; none longer than the prompt."""
     from gptoss_jax.sampling import FIRST_CHUNK, PREFILL_CHUNK, _chunks
 
     F, P = FIRST_CHUNK, PREFILL_CHUNK
@@ -112,15 +113,19 @@ def test_prefill_chunks():
     assert _chunks(P + 1, None, False) == [(0, P), (P, P)]  # a cache that holds tokens: no long first chunk
     assert _chunks(23, 5, True) == [(0, 5), (5, 5), (10, 5), (15, 5), (20, 5)]
     assert _chunks(23, 50, True) == [(0, 23)]
+    assert _chunks(F, None, True, rows=4) == [(0, F // 4)] + [(s, P) for s in range(F // 4, F, P)]
+    assert _chunks(3 * P, None, True, rows=F) == [(0, P), (P, P), (2 * P, P)]  # PREFILL_CHUNK a row at least
 
 
 @pytest.mark.parametrize("prefill_chunk", [8, None])
 def test_greedy_generate_equals_repeated_full_forwards(model, tiny_cfg, prefill_chunk, monkeypatch):
     from gptoss_jax import sampling
 
-    # the default chunking at this scale: a first chunk of 10 tokens on the new cache, then chunks of 4
-    monkeypatch.setattr(sampling, "FIRST_CHUNK", 10)
+    # the default chunking at this scale: a first chunk of 30 // 3 rows = 10 tokens on the new cache,
+    # then chunks of 4
+    monkeypatch.setattr(sampling, "FIRST_CHUNK", 30)
     monkeypatch.setattr(sampling, "PREFILL_CHUNK", 4)
+    assert sampling._chunks(13, None, True, rows=3) == [(0, 10), (10, 4)]
     rng = np.random.default_rng(2)
     prompts = [list(rng.integers(0, tiny_cfg.vocab_size, n)) for n in (13, 4, 9)]
     n_new = 20

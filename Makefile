@@ -31,8 +31,8 @@ HUGE_PAGES := GLIBC_TUNABLES=$(if $(GLIBC_TUNABLES),$(GLIBC_TUNABLES):)glibc.mal
 run: setup
 	$(HUGE_PAGES) $(PY) -m gptoss_jax.cli quickstart
 
-# Two workers, one test file each at a time (a file's tests share its compiled programs): ~22-25 min for
-# 963 tests on the 2-core development machine.
+# Two workers, one test file each at a time (a file's tests share its compiled programs): ~25-29 min for
+# 970 tests on the 2-core development machine (a third worker made it slower: 30 min).
 TEST_WORKERS ?= 2
 
 test: setup-test

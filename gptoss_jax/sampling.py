@@ -164,19 +164,31 @@ def _prefill_fn(graphdef):
 # (scores [B, heads, chunk, cache]) and take PREFILL_CHUNK. On the benchmark model a
 # 1,024-token prompt in one fresh chunk ran 1.43x (fp32) / 1.42x (bf16) the rate of chunks of 256
 # through the cache (the default before), a 2,048-token one 1.43x / 1.80x
-# (experiments/2026-12-06-fresh-prefill/prefill.json).
+# (experiments/2026-12-06-fresh-prefill/prefill.json). The first chunk is halved while the MoE
+# would take another path than at PREFILL_CHUNK: gpt-oss-20b's packed experts leave the native
+# gathered path beyond 512 tokens on CPU, and a 1,024-token chunk then ran 0.37x the rate of
+# chunks of 256 (experiments/2026-12-06-fresh-prefill/prefill_20b_T1024_unhalved.json).
 FIRST_CHUNK = 2048
 PREFILL_CHUNK = 256
 
 
-def _chunks(longest: int, prefill_chunk: int | None, fresh: bool, rows: int = 1) -> list[tuple[int, int]]:
-    """(start, size) of each prefill chunk of `rows` prompts of up to `longest` tokens: every chunk
-    `prefill_chunk` tokens (the last one padded), or by default a first chunk on a new cache of up
-    to max(FIRST_CHUNK // rows, PREFILL_CHUNK) tokens (else PREFILL_CHUNK), then PREFILL_CHUNK;
-    no chunk longer than the longest prompt."""
+def first_chunk(model, rows: int) -> int:
+    """Tokens a row of a new cache's first prefill chunk takes by default: FIRST_CHUNK // rows
+    (PREFILL_CHUNK at least), halved while the model's MoE would run on another path than at
+    PREFILL_CHUNK tokens a row."""
+    size = max(FIRST_CHUNK // rows, PREFILL_CHUNK)
+    path = model.plan(rows * PREFILL_CHUNK).moe
+    while size > PREFILL_CHUNK and model.plan(rows * size).moe != path:
+        size = max(size // 2, PREFILL_CHUNK)
+    return size
+
+
+def _chunks(longest: int, prefill_chunk: int | None, first: int) -> list[tuple[int, int]]:
+    """(start, size) of each prefill chunk of prompts of up to `longest` tokens: every chunk
+    `prefill_chunk` tokens (the last one padded), or by default a first chunk of up to `first`
+    tokens, then PREFILL_CHUNK; no chunk longer than the longest prompt."""
     rest = prefill_chunk or PREFILL_CHUNK
-    first = prefill_chunk or (max(FIRST_CHUNK // rows, PREFILL_CHUNK) if fresh else PREFILL_CHUNK)
-    out = [(0, min(first, longest))]
+    out = [(0, min(prefill_chunk or first, longest))]
     while (end := out[-1][0] + out[-1][1]) < longest:
         out.append((end, rest))
     return out
@@ -191,12 +203,14 @@ def _prefill_chunks(
     prefill_chunk: int | None,
     *,
     fresh: bool,
+    first: int = PREFILL_CHUNK,
 ):
-    """The prompts `ids` through `cache` in chunks (`_chunks`). fresh: `cache` holds nothing yet,
-    so the first chunk attends on the model's attention path without reading it (the kernels
-    where they run; a prompt of several chunks compiles its first chunk apart)."""
+    """The prompts `ids` through `cache` in chunks (`_chunks`; `first`: the default first chunk's
+    tokens). fresh: `cache` holds nothing yet, so the first chunk attends on the model's attention
+    path without reading it (the kernels where they run; a prompt of several chunks compiles its
+    first chunk apart)."""
     B, longest = len(ids), max(len(p) for p in ids)
-    chunks = _chunks(longest, prefill_chunk, fresh, rows=B)
+    chunks = _chunks(longest, prefill_chunk, first)
     prefill_step = _prefill_fn(graphdef)
     padded = np.zeros((B, chunks[-1][0] + chunks[-1][1]), np.int32)
     for b, p in enumerate(ids):
@@ -225,7 +239,8 @@ def prefill(model, prompts: Sequence[Sequence[int]], cache: KVCache, *, prefill_
     lengths = cache.lengths
     fresh = lengths.is_fully_addressable and not np.asarray(lengths).any()
     ids = [list(p) for p in prompts]
-    return _prefill_chunks(graphdef, state, model.cfg.vocab_size, ids, cache, prefill_chunk, fresh=fresh)
+    first = first_chunk(model, len(ids)) if fresh else PREFILL_CHUNK
+    return _prefill_chunks(graphdef, state, model.cfg.vocab_size, ids, cache, prefill_chunk, fresh=fresh, first=first)
 
 
 @functools.lru_cache(maxsize=16)
@@ -302,8 +317,9 @@ def generate(
     logprobs: also return each generated token's log-probability under the model (`Generation.logprobs`).
     prefill_chunk: the prompts go through the cache this many tokens at a time; default: the first
         FIRST_CHUNK tokens of the batch at once (FIRST_CHUNK // rows of each row, PREFILL_CHUNK at
-        least; they attend among themselves, on the attention kernels where they run), the rest
-        PREFILL_CHUNK at a time (each such chunk reads the whole cache).
+        least, fewer where the MoE would change path: `first_chunk`; they attend among
+        themselves, on the attention kernels where they run), the rest PREFILL_CHUNK at a time
+        (each such chunk reads the whole cache).
 
     Every argument is checked on the host before anything runs (ValueError): prompt ids must be
     integers in [0, vocab_size), as must explicit stop tokens (one outside the vocabulary could
@@ -365,7 +381,9 @@ def generate(
     cache = init_cache(cfg, B, total, cache_dtype or model.dtype)
 
     graphdef, state = nnx.split(model)
-    cache, logits = _prefill_chunks(graphdef, state, cfg.vocab_size, ids, cache, prefill_chunk, fresh=True)
+    cache, logits = _prefill_chunks(
+        graphdef, state, cfg.vocab_size, ids, cache, prefill_chunk, fresh=True, first=first_chunk(model, B)
+    )
 
     decode = _decode_fn(graphdef, params, stop_ids, block, logprobs)
     key = jax.random.key(seed)

@@ -1,3 +1,5 @@
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -101,31 +103,42 @@ def test_first_chunk_of_a_new_cache_attends_on_the_plans_path(dtype):
 
 
 def test_prefill_chunks():
-    """generate's chunking: by default a first chunk on a new cache of up to FIRST_CHUNK tokens over
-    the rows (PREFILL_CHUNK a row at least), then PREFILL_CHUNK (padded); an explicit prefill_chunk
-    for every chunk; none longer than the prompt."""
-    from gptoss_jax.sampling import FIRST_CHUNK, PREFILL_CHUNK, _chunks
+    """generate's chunking: by default a first chunk of `first` tokens on a new cache (FIRST_CHUNK
+    over the rows, PREFILL_CHUNK a row at least, halved while the MoE would change path), then
+    PREFILL_CHUNK (padded); an explicit prefill_chunk for every chunk; none longer than the prompt."""
+    from gptoss_jax.sampling import FIRST_CHUNK, PREFILL_CHUNK, _chunks, first_chunk
 
     F, P = FIRST_CHUNK, PREFILL_CHUNK
-    assert _chunks(100, None, True) == [(0, 100)]
-    assert _chunks(F + 1, None, True) == [(0, F), (F, P)]
-    assert _chunks(F + P + 1, None, True) == [(0, F), (F, P), (F + P, P)]
-    assert _chunks(P + 1, None, False) == [(0, P), (P, P)]  # a cache that holds tokens: no long first chunk
-    assert _chunks(23, 5, True) == [(0, 5), (5, 5), (10, 5), (15, 5), (20, 5)]
-    assert _chunks(23, 50, True) == [(0, 23)]
-    assert _chunks(F, None, True, rows=4) == [(0, F // 4)] + [(s, P) for s in range(F // 4, F, P)]
-    assert _chunks(3 * P, None, True, rows=F) == [(0, P), (P, P), (2 * P, P)]  # PREFILL_CHUNK a row at least
+    assert _chunks(100, None, F) == [(0, 100)]
+    assert _chunks(F + 1, None, F) == [(0, F), (F, P)]
+    assert _chunks(F + P + 1, None, F) == [(0, F), (F, P), (F + P, P)]
+    assert _chunks(23, 5, F) == [(0, 5), (5, 5), (10, 5), (15, 5), (20, 5)]
+    assert _chunks(23, 50, F) == [(0, 23)]
+
+    class Model:  # the plan's MoE path by tokens: gpt-oss-20b's on CPU, gathered up to 512 tokens
+        def __init__(self, gather_up_to):
+            self.gather_up_to = gather_up_to
+
+        def plan(self, tokens):
+            return types.SimpleNamespace(moe="gather" if tokens <= self.gather_up_to else "chunks")
+
+    assert first_chunk(Model(10**9), rows=1) == F
+    assert first_chunk(Model(10**9), rows=4) == F // 4
+    assert first_chunk(Model(10**9), rows=F) == P  # PREFILL_CHUNK a row at least
+    assert first_chunk(Model(512), rows=1) == 512  # halved until the path is the one at P tokens
+    assert first_chunk(Model(300), rows=1) == P
+    assert first_chunk(Model(100), rows=1) == F  # the path at P is already the bulk one: no change
 
 
 @pytest.mark.parametrize("prefill_chunk", [8, None])
 def test_greedy_generate_equals_repeated_full_forwards(model, tiny_cfg, prefill_chunk, monkeypatch):
     from gptoss_jax import sampling
 
-    # the default chunking at this scale: a first chunk of 30 // 3 rows = 10 tokens on the new cache,
-    # then chunks of 4
+    # the default chunking at this scale: a first chunk of 30 // 3 rows = 10 tokens on the new cache
+    # (the same MoE path as at 4 tokens a row, or halved to 5), then chunks of 4
     monkeypatch.setattr(sampling, "FIRST_CHUNK", 30)
     monkeypatch.setattr(sampling, "PREFILL_CHUNK", 4)
-    assert sampling._chunks(13, None, True, rows=3) == [(0, 10), (10, 4)]
+    assert sampling.first_chunk(model, 3) in (10, 5)
     rng = np.random.default_rng(2)
     prompts = [list(rng.integers(0, tiny_cfg.vocab_size, n)) for n in (13, 4, 9)]
     n_new = 20

@@ -114,14 +114,15 @@ def update_and_attend(layer: LayerCache, q, k, v, sinks, *, positions, valid, na
     """Attention of new tokens through the cache. q [B, T, N, H], k/v [B, T, K, H],
     positions/valid [B, T]. Returns (out, sink_mass, new LayerCache). `native`: a decode step
     (T = 1) attends through the CPU kernel (the model's plan sets it where the kernels run)."""
+    k, v = k.astype(layer.k.dtype), v.astype(layer.v.dtype)
     if layer.window is None:
         layer = write(layer, k, v, positions=positions, valid=valid)
         out, mass = _attend(
             q, layer.k, layer.v, sinks, positions=positions, k_pos=layer.pos, window=None, native=native
         )
         return out, mass, layer
-    k_all = jnp.concatenate([layer.k, k.astype(layer.k.dtype)], axis=1)
-    v_all = jnp.concatenate([layer.v, v.astype(layer.v.dtype)], axis=1)
+    k_all = jnp.concatenate([layer.k, k], axis=1)
+    v_all = jnp.concatenate([layer.v, v], axis=1)
     pos_all = jnp.concatenate([layer.pos, jnp.where(valid, positions, -1)], axis=1)
     out, mass = _attend(q, k_all, v_all, sinks, positions=positions, k_pos=pos_all, window=layer.window, native=native)
     return out, mass, write(layer, k, v, positions=positions, valid=valid)

@@ -59,13 +59,14 @@ def main():
         for name in sides if r % 2 == 0 else reversed(list(sides)):
             times[name].append(timing.once(lambda c=sides[name]: run(c)))
             print(f"{name}: {times[name][-1]:.1f} s", flush=True)
-    rows = {}
+    rows, default_first = {}, sampling.first_chunk(model, 1)
     for name, chunk in sides.items():
+        chunks = sampling._chunks(T, chunk, default_first)
         med = statistics.median(times[name])
         rows[name] = {
             "prefill_chunk": chunk,
-            "chunks": sampling._chunks(T, chunk, sampling.first_chunk(model, 1)),
-            "moe_first_chunk": model.plan(sampling._chunks(T, chunk, sampling.first_chunk(model, 1))[0][1]).moe,
+            "chunks": chunks,
+            "moe_first_chunk": model.plan(chunks[0][1]).moe,
             "seconds": med,
             "all": times[name],
             "first_call_s": first[name],

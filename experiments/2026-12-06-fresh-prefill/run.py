@@ -51,9 +51,10 @@ def main():
     from gptoss_jax.cache import init_cache
 
     cfg = gj.tiny(**BENCH_CONFIG)
-    rows = []
+    rows, default_first = [], {}
     for dtype in DTYPES:
         model = random_model(cfg, dtype=jnp.dtype(dtype), experts="dense")
+        default_first[dtype] = sampling.first_chunk(model, 1)
         graphdef, state = nnx.split(model)
         for T, C in CASES:
             ids = [np.random.default_rng(T).integers(0, cfg.vocab_size, T).tolist()]
@@ -82,13 +83,13 @@ def main():
                 f"  (first calls {first['cache']:.1f} / {first['fresh']:.1f} s; logits rel diff {diff:.1e})",
                 flush=True,
             )
-    # generate's default before (chunks of 256, every one through the cache) and now (up to
-    # sampling.FIRST_CHUNK tokens in one fresh chunk)
+    # generate's default before (chunks of 256, every one through the cache) and now (the model's
+    # default first chunk, `sampling.first_chunk`: up to FIRST_CHUNK tokens in one fresh chunk)
     defaults = []
     for dtype in DTYPES:
         for T in sorted({t for t, _ in CASES}):
             before = [r for r in rows if (r["dtype"], r["prompt"], r["chunk"]) == (dtype, T, min(T, 256))]
-            now = [r for r in rows if (r["dtype"], r["prompt"], r["chunk"]) == (dtype, T, min(T, sampling.FIRST_CHUNK))]
+            now = [r for r in rows if (r["dtype"], r["prompt"], r["chunk"]) == (dtype, T, min(T, default_first[dtype]))]
             if before and now:
                 b, n = before[0]["cache"]["tokens_per_s"], now[0]["fresh"]["tokens_per_s"]
                 defaults.append({"dtype": dtype, "prompt": T, "before_tokens_per_s": b, "now_tokens_per_s": n})
@@ -99,7 +100,7 @@ def main():
         "provenance": records.provenance(),
         "config": BENCH_CONFIG,
         "new_tokens": NEW,
-        "first_chunk": sampling.FIRST_CHUNK,
+        "first_chunk": sampling.FIRST_CHUNK,  # = first_chunk(model, 1) for both dtypes here
         "rows": rows,
         "defaults": defaults,
     }

@@ -592,6 +592,19 @@ def render_versus(rec: dict) -> str:
             + ("; behind on " + ", ".join(f"{label(r)} ({ratio(r['ratio'])})" for r in behind) + "." if behind else ".")
         ),
     ]
+    read = [r for r in rows_ if "read_bound_tokens_per_s" in r]
+    if read:  # records since the read-only rate was measured
+        lines += [
+            "",
+            para(
+                f"A decode step only reads its weights: against the rate this machine reads alone in the same "
+                f"run ({bw['read'] / 1e9:.1f} GB/s, a jitted max), ours decodes at "
+                + ", ".join(f"{pct(r['ours']['pct_of_read_bound'])} ({label(r)})" for r in read)
+                + " of the bound, HF at "
+                + ", ".join(pct(r["hf"]["pct_of_read_bound"]) for r in read)
+                + "."
+            ),
+        ]
     return "\n".join(lines)
 
 

@@ -369,3 +369,10 @@ def test_versus_interleaves_and_records_rows_by_hand():
     assert rec["ours"]["tokens_per_s"]["median"] == 20 and rec["hf"]["tokens_per_s"]["median"] == 10
     assert rec["ratio"] == 2.0 and rec["ours"]["pct_of_bound"] == 50.0 and rec["hf"]["pct_of_bound"] == 25.0
     assert versus.describe(rec) == "prefill T=8 float32 (2.00x)"
+    assert "read_bound_tokens_per_s" not in rec and "pct_of_read_bound" not in rec["ours"]
+    assert "read-only" not in versus.line(rec)
+    # a decode row also against the read-only rate's bound, when the run measured it
+    dec = versus.row_record("decode", {"dtype": "float32", "batch": 1}, {"ours": [20], "hf": [10]}, 40.0, 1, 80.0)
+    assert dec["ours"]["pct_of_bound"] == 50.0 and dec["ours"]["pct_of_read_bound"] == 25.0
+    assert dec["hf"]["pct_of_read_bound"] == 12.5 and dec["read_bound_tokens_per_s"] == 80.0
+    assert "read-only bound 80: ours 25.0%" in versus.line(dec)

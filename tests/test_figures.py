@@ -117,3 +117,19 @@ def test_each_record_exists_and_carries_command_date_cpu(name):
     assert p["cpu"]["model"] and p["cpu"]["cores"] >= 1 and isinstance(p["cpu"]["isa"], list)
     if "--json" in p["command"]:
         assert p["command"].split("--json ")[1].split()[0] == path  # the command wrote this file
+
+
+def test_versus_block_sets_decoding_beside_the_read_rate_where_the_record_has_it():
+    with open(os.path.join(ROOT, figures.RECORDS["versus"][0])) as f:
+        record = json.load(f)
+    if "read" not in record["bounds"]["bandwidth"]:  # a record from before the read-only rate
+        assert "reads alone" not in figures.render_versus({"versus": record})
+    record["bounds"]["bandwidth"]["read"] = 40.0e9
+    for r in record["versus"]:
+        if r["row"] == "decode":
+            r["read_bound_tokens_per_s"] = 1.0
+            r["ours"]["pct_of_read_bound"] = 61.4 if r["batch"] == 1 else 50.0
+            r["hf"]["pct_of_read_bound"] = 12.0
+    text = " ".join(figures.render_versus({"versus": record}).split())  # lines joined
+    assert "reads alone in the same run (40.0 GB/s, a jitted max)" in text
+    assert "61% (decode B=1 fp32)" in text and "50% (decode B=8 bf16)" in text

@@ -190,18 +190,22 @@ def bounds(quick: bool, say: Callable = print) -> dict:
     for k, v in bw.items():
         say(f"    {k:28s} {v / 1e9:7.2f} GB/s")
     best_bw = max(bw, key=bw.get)
-    out["bandwidth"] = {"all": bw, "bound": bw[best_bw], "bound_from": best_bw}
+    read = read_rate(nbytes, reps)
+    out["bandwidth"] = {"all": bw, "bound": bw[best_bw], "bound_from": best_bw, "read": read}
     say(f"    -> bound {bw[best_bw] / 1e9:.2f} GB/s [{best_bw}]")
+    say(f"  read-only rate (jitted max over {nbytes // 2**20} MiB, best of {reps}): {read / 1e9:.2f} GB/s")
     return out
 
 
 def peaks_of(bounds_record: dict) -> dict:
-    """{"float32", "bfloat16": FLOP/s, "bandwidth": bytes/s} of a `bounds()` record."""
+    """{"float32", "bfloat16": FLOP/s, "bandwidth": bytes/s, "read": bytes/s or None} of a
+    `bounds()` record (records older than the read-only rate have none)."""
     m = bounds_record["matmul"]
     return {
         "float32": m["float32"]["bound"],
         "bfloat16": m["bfloat16"]["bound"],
         "bandwidth": bounds_record["bandwidth"]["bound"],
+        "read": bounds_record["bandwidth"].get("read"),
     }
 
 

@@ -11,7 +11,9 @@ order of the sides alternates between rounds, so that a slow stretch of the mach
 both; the figure is the median (min and max kept). Decode rate = B * (new - 1) / (t(new) - t(1)),
 the t(1) being the best of the run's one-token calls (prefill and first token excluded). Each
 row also gives ours and HF as a share of the bound of its kind (`bench.flops`): the FLOP bound
-for prefill and training, the bytes bound for decoding.
+for prefill and training, the bytes bound for decoding (bytes a step reads / the stream rate, a
+copy's bytes read + written); decode rows also against the rate this machine reads alone (a
+jitted max), the ceiling of a step that only reads its weights.
 """
 
 from __future__ import annotations
@@ -47,12 +49,17 @@ def interleaved(fns: dict, repeats: int) -> dict:
     return out
 
 
-def row_record(kind: str, key: dict, rates: dict, bound: float, unit_work: float) -> dict:
-    """One table row: each side's tokens/s stats, ours / HF of the medians, % of the bound."""
+def row_record(kind: str, key: dict, rates: dict, bound: float, unit_work: float, read_bound=None) -> dict:
+    """One table row: each side's tokens/s stats, ours / HF of the medians, % of the bound (and of
+    `read_bound`, tokens/s at the read-only rate, where given)."""
     rec = {"row": kind, **key, "bound_tokens_per_s": bound, "work_per_token": unit_work}
+    if read_bound:
+        rec["read_bound_tokens_per_s"] = read_bound
     for side, rs in rates.items():
         st = timing.stats(rs)
         rec[side] = {"tokens_per_s": st, "pct_of_bound": 100 * st["median"] / bound}
+        if read_bound:
+            rec[side]["pct_of_read_bound"] = 100 * st["median"] / read_bound
     rec["ratio"] = rec["ours"]["tokens_per_s"]["median"] / rec["hf"]["tokens_per_s"]["median"]
     return rec
 
@@ -65,6 +72,11 @@ def line(rec: dict) -> str:
         f"[{o['tokens_per_s']['min']:.1f}-{o['tokens_per_s']['max']:.1f}]  HF {h['tokens_per_s']['median']:9.1f} "
         f"[{h['tokens_per_s']['min']:.1f}-{h['tokens_per_s']['max']:.1f}] tok/s  ours/HF {rec['ratio']:5.2f}x  "
         f"bound {rec['bound_tokens_per_s']:8.0f}: ours {o['pct_of_bound']:5.1f}%, HF {h['pct_of_bound']:5.1f}%"
+        + (
+            f"  (read-only bound {rec['read_bound_tokens_per_s']:.0f}: ours {o['pct_of_read_bound']:.1f}%)"
+            if "read_bound_tokens_per_s" in rec
+            else ""
+        )
     )
 
 
@@ -115,7 +127,8 @@ def run(models: peers.Models, peaks: dict, repeats: int, log=print, save=lambda:
                 cfg, batch=B, prompt=PROMPT, new=NEW, weight_bytes=w, experts="dense", cache_bytes=w
             )
             rates = {k: [B * (NEW - 1) / (s - min(secs[k + "_1"])) for s in secs[k]] for k in ("ours", "hf")}
-            add(row_record("decode", {"dtype": dtype, "batch": B}, rates, B * peaks["bandwidth"] / byt, byt))
+            read = B * peaks["read"] / byt if peaks.get("read") else None
+            add(row_record("decode", {"dtype": dtype, "batch": B}, rates, B * peaks["bandwidth"] / byt, byt, read))
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (TRAIN_B, TRAIN_T)).astype(np.int32)
     ours_step, hf_step = peers.training_steps(
         models.ours("float32", "dense"), models.hf(train=True, dtype="float32"), tokens

@@ -21,7 +21,7 @@ Records (RECORDS) and what writes them:
   experiments/2026-12-05-parity/parity.json   scripts/parity_report.py --json PATH
   experiments/2026-12-05-compile/records.json scripts/compile_targets.py
   experiments/2026-12-06-rl/results.json      scripts/rl_experiment.py --record DIR
-  experiments/2026-12-06-matvec-rows/bench.json  scripts/bench.py --only bounds,versus (section versus)
+  experiments/2026-12-06-read-rate/bench.json  scripts/bench.py --only bounds,versus (section versus)
   experiments/2026-12-06-matvec-rows/llamacpp/  experiments/2026-12-06-llamacpp/run.py --out DIR
   experiments/2026-12-06-*/profile_*.json     scripts/profile_decode.py --json PATH (before: GPTOSS_NATIVE=0)
   experiments/2026-12-06-decode-attention/attention.json  experiments/2026-12-06-decode-attention/run.py
@@ -54,7 +54,7 @@ RECORDS = {
     "parity": ("experiments/2026-12-05-parity/parity.json", True),
     "compile": ("experiments/2026-12-05-compile/records.json", False),
     "rl": ("experiments/2026-12-06-rl/results.json", True),
-    "versus": ("experiments/2026-12-06-matvec-rows/bench.json", True),
+    "versus": ("experiments/2026-12-06-read-rate/bench.json", True),
     "llamacpp": ("experiments/2026-12-06-fresh-prefill/llamacpp-one-chunk/llamacpp.json", True),
     "profile_before": ("experiments/2026-12-06-cpu-matvec/profile_before.json", True),
     "profile_after": ("experiments/2026-12-06-matvec-rows/profile_after.json", True),

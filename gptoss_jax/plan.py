@@ -73,6 +73,13 @@ NATIVE_DENSE_GATHER_ROWS_PER_EXPERT = 4
 # faster than through the chunk loop (experiments/2026-12-06-cpu-matvec/prefill_T128.json), and
 # the 512-token prompts of the llama.cpp comparison (64 rows per expert) take it too.
 NATIVE_PACKED_GATHER_ROWS_PER_EXPERT = 64
+# Small packed experts (below DECODE_AT_ONCE_BYTES a layer, which the bulk paths decode whole) take
+# it too, up to this many: the benchmark model's MXFP4 experts decoded 3.0-4.5x (B = 32 tokens) to
+# 15-27x (B = 1) faster than through the buckets, and an uncached forward ran 1.12x (fp32) / 1.75x
+# (bf16) faster than through the chunk loop at 256 rows per expert, 0.99x / 1.50x at 512
+# (experiments/2026-12-07-packed-gather/decode_rows.json). Before, they took the gather path only
+# up to E / 2 rows in all.
+NATIVE_SMALL_PACKED_GATHER_ROWS_PER_EXPERT = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +190,7 @@ class KernelOptions:
                     large_packed_on_cpu=large_packed_on_cpu,
                     platform=platform,
                     per_device=not sharded,
-                    native_packed=large_packed_on_cpu and native,
+                    native_packed=native and packed_bytes > 0,
                     native_dense=native and not packed_bytes,
                 )
         return Plan(
@@ -288,12 +295,15 @@ def default_moe_impl(
     native_dense: bool = False,
 ) -> str:
     """per_device=False: the tokens are split over a mesh (no expert axis), the rows per device
-    are not known here: the platform's bulk path. native_packed: large packed experts that the
-    native CPU kernel decodes (`NATIVE_PACKED_GATHER_ROWS_PER_EXPERT`); native_dense: dense
-    experts that the native CPU kernels multiply (`NATIVE_DENSE_GATHER_ROWS_PER_EXPERT`)."""
+    are not known here: the platform's bulk path. native_packed: packed experts that the native
+    CPU kernel decodes (`NATIVE_PACKED_GATHER_ROWS_PER_EXPERT` when large,
+    `NATIVE_SMALL_PACKED_GATHER_ROWS_PER_EXPERT` otherwise); native_dense: dense experts that the
+    native CPU kernels multiply (`NATIVE_DENSE_GATHER_ROWS_PER_EXPERT`)."""
     rows = tokens * k
     if large_packed_on_cpu:
         gather_rows = NATIVE_PACKED_GATHER_ROWS_PER_EXPERT if native_packed else PACKED_GATHER_ROWS_PER_EXPERT
+    elif native_packed:
+        gather_rows = NATIVE_SMALL_PACKED_GATHER_ROWS_PER_EXPERT
     else:
         gather_rows = NATIVE_DENSE_GATHER_ROWS_PER_EXPERT if native_dense else 0
     if per_device and (2 * rows <= num_experts or rows <= gather_rows * num_experts):

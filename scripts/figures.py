@@ -279,30 +279,69 @@ def render_checked_measured(rec: dict) -> str:
 
 
 def render_bench_summary(rec: dict) -> str:
-    """README: the one-paragraph summary of the benchmarks."""
-    pt, ds = rec["prefill_train"], rec["decode_scaling"]
+    """README: the summary of the benchmarks: the head-to-head table, gpt-oss-20b against
+    llama.cpp, then the broader run (MXFP4 rows, scaling) and its goals."""
+    pt, ds, v = rec["prefill_train"], rec["decode_scaling"], rec["versus"]
+    rows_ = v["versus"]
+    behind = [r for r in rows_ if r["ratio"] < 1]
+
+    def span(kind, dtype):
+        xs = [r["ratio"] for r in rows_ if r["row"] == kind and r["dtype"] == dtype]
+        return ratio(min(xs)) if min(xs) == max(xs) else f"{ratio(min(xs))}-{ratio(max(xs))}"
+
+    def fp32(kind, **key):
+        return next(r for r in rows_ if r["row"] == kind and r["dtype"] == "float32" and r.items() >= key.items())
+
+    def share(kind, **key):
+        return pct(fp32(kind, **key)["ours"]["pct_of_bound"])
+
+    b1 = fp32("decode", batch=1)
+    read = f", {pct(b1['ours']['pct_of_read_bound'])} of the read-only one" if "pct_of_read_bound" in b1["ours"] else ""
+    ll, ours20 = rec["llamacpp"], rec["ours_20b"]
+    lc, gen = ll["llama_cpp"], ours20["generate"]["timed"]
+    ours_pre = len(ours20["prompt"]) / gen["prefill_s"]
+    ours_dec = gen["decode_tokens_per_s"]
+    head = para(
+        f"In short: ours against HF transformers on the same weights, both in one process "
+        f"(`{os.path.dirname(RECORDS['versus'][0])}/`, {date(v)}, {cpu(v)}), ahead on "
+        f"{len(rows_) - len(behind)} of {len(rows_)} rows"
+        + (" (behind on " + ", ".join(describe_row(r) for r in behind) + ")" if behind else "")
+        + f": prefill {span('prefill', 'float32')} in fp32 and {span('prefill', 'bfloat16')} in bf16 at "
+        f"T = {' / '.join(str(T) for T in sorted({r['T'] for r in rows_ if r['row'] == 'prefill'}))}, greedy "
+        f"decoding at batch {' and '.join(str(B) for B in sorted({r['batch'] for r in rows_ if r['row'] == 'decode'}))} "
+        f"{span('decode', 'float32')} in fp32 and {span('decode', 'bfloat16')} in bf16, an fp32 training step "
+        f"{span('train', 'float32')} (fp32 prefill at T = 2048 {share('prefill', T=2048)} of the FLOP bound, "
+        f"training {share('train')}, decoding at batch 1 {share('decode', batch=1)} of the copy-rate bound{read}). "
+        f"gpt-oss-20b "
+        f"(random weights) against llama.cpp on the same CPU (`{os.path.dirname(RECORDS['llamacpp'][0])}/`): "
+        f"prefill of {len(ours20['prompt'])} tokens {ratio(ours_pre / lc['prefill_tokens_per_second'])}, "
+        f"decoding {ratio(ours_dec / lc['decode_tokens_per_second'])} "
+        f"({pct(100 * ours_dec / ours20['roofline']['bound_tokens_per_s'])} of its bandwidth bound)."
+    )
     Ts = prefill_Ts(pt)
     pre = [rows(pt, "prefill", ours("float32", "dense", "prefill"), T=T) for T in Ts]
     hf = [rows(pt, "prefill", "HF", T=T) for T in Ts]
-    dec = {
-        B: (rows(ds, "decode", ours("float32", "dense", "decode"), batch=B), rows(ds, "decode", "HF", batch=B))
-        for B in (1, 8)
-    }
     ours_t, hf_t = rows(pt, "train", "ours"), rows(pt, "train", "HF")
     fit = scaling_exponent(ds, "sliding")
     goals = goal_status(rec)
     met = [g for g, ok, _ in goals if ok]
-    return para(
-        f"In short (`experiments/2026-12-05-bench/`, {date(pt)}, {cpu(pt)}; both stacks in one process, "
-        f"fp32): prefill {' / '.join(ratio(median(o) / median(h)) for o, h in zip(pre, hf))} HF eager at "
+    broad = para(
+        f"The broader run (`{os.path.dirname(RECORDS['prefill_train'][0])}/`, {date(pt)}, {cpu(pt)}; MXFP4 "
+        f"rows and scaling in `experiments/BENCHMARKS.md`), fp32: prefill "
+        f"{' / '.join(ratio(median(o) / median(h)) for o, h in zip(pre, hf))} HF eager at "
         f"T = {' / '.join(str(T) for T in Ts)} ({' / '.join(pct(of_bound(o)) for o in pre)} of the FLOP "
-        f"bound), dense decoding {ratio(median(dec[1][0]) / median(dec[1][1]))} (batch 1) and "
-        f"{ratio(median(dec[8][0]) / median(dec[8][1]))} (batch 8), a training step "
-        f"{ratio(median(ours_t) / median(hf_t))} ({pct(of_bound(ours_t))} of the bound, HF "
-        f"{pct(of_bound(hf_t))}); a sliding layer's time grows as T^{fit['exponent']:.2f} over "
+        f"bound), a training step {ratio(median(ours_t) / median(hf_t))} ({pct(of_bound(ours_t))} of the bound, "
+        f"HF {pct(of_bound(hf_t))}); a sliding layer's time grows as T^{fit['exponent']:.2f} over "
         f"T = {fit['T_range'][0]:,}..{fit['T_range'][1]:,}. Of the {len(goals)} goals in *Status* of "
-        f"`experiments/BENCHMARKS.md`, met: {'; '.join(met) or 'none'}."
+        f"`experiments/BENCHMARKS.md`, met {len(met)}"
+        + (f": {'; '.join(met)}." if met else ".")
     )
+    return head + "\n\n" + broad
+
+
+def describe_row(r: dict) -> str:
+    key = f" T={r['T']}" if r["row"] == "prefill" else (f" B={r['batch']}" if r["row"] == "decode" else "")
+    return f"{r['row']}{key} {'fp32' if r['dtype'] == 'float32' else 'bf16'} ({ratio(r['ratio'])})"
 
 
 def render_bench_records(rec: dict) -> str:
@@ -861,7 +900,11 @@ def render_fresh_prefill(rec: dict) -> str:
 # name -> (document, records it reads, renderer)
 BLOCKS = {
     "checked-measured": ("README.md", ("parity", "prefill_train", "compile"), render_checked_measured),
-    "bench-summary": ("README.md", ("prefill_train", "decode_scaling"), render_bench_summary),
+    "bench-summary": (
+        "README.md",
+        ("prefill_train", "decode_scaling", "versus", "llamacpp", "ours_20b"),
+        render_bench_summary,
+    ),
     "bench-records": ("experiments/BENCHMARKS.md", ("prefill_train", "decode_scaling"), render_bench_records),
     "bench-table": ("experiments/BENCHMARKS.md", ("prefill_train", "decode_scaling"), render_bench_table),
     "bench-scaling": ("experiments/BENCHMARKS.md", ("decode_scaling",), render_bench_scaling),

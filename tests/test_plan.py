@@ -42,6 +42,17 @@ def test_cpu_choices_follow_the_shapes():
     # large packed experts: the native kernel's gather up to 64 rows per expert (a 512-token prompt here)
     assert resolve(512, BIG_PACKED).moe == ("gather" if native else "chunks")
     assert resolve(513, BIG_PACKED).moe == "chunks"
+    # small packed experts (a layer below DECODE_AT_ONCE_BYTES): the native gather up to 256 rows per
+    # expert (a 2,048-token prompt here); without the kernels only up to E / 2 rows in all
+    assert resolve(2048, 1).moe == ("gather" if native else "chunks")
+    assert resolve(32, 1).moe == ("gather" if native else "buckets")
+    assert resolve(2049, 1).moe == "chunks"
+    assert (
+        gj.KernelOptions(platform="cpu", cpu_matvec=False)
+        .resolve(None, tokens=5, num_experts=E, k=K, packed_bytes=1)
+        .moe
+        == "buckets"
+    )
     off = gj.KernelOptions(platform="cpu", cpu_matvec=False).resolve(None, tokens=1, num_experts=E, k=K)
     assert (
         gj.KernelOptions(platform="cpu", cpu_matvec=False)

@@ -296,6 +296,7 @@ def render_bench_summary(rec: dict) -> str:
         return pct(fp32(kind, **key)["ours"]["pct_of_bound"])
 
     b1 = fp32("decode", batch=1)
+    batches = sorted({r["batch"] for r in rows_ if r["row"] == "decode"})
     read = f", {pct(b1['ours']['pct_of_read_bound'])} of the read-only one" if "pct_of_read_bound" in b1["ours"] else ""
     ll, ours20 = rec["llamacpp"], rec["ours_20b"]
     lc, gen = ll["llama_cpp"], ours20["generate"]["timed"]
@@ -308,7 +309,7 @@ def render_bench_summary(rec: dict) -> str:
         + (" (behind on " + ", ".join(describe_row(r) for r in behind) + ")" if behind else "")
         + f": prefill {span('prefill', 'float32')} in fp32 and {span('prefill', 'bfloat16')} in bf16 at "
         f"T = {' / '.join(str(T) for T in sorted({r['T'] for r in rows_ if r['row'] == 'prefill'}))}, greedy "
-        f"decoding at batch {' and '.join(str(B) for B in sorted({r['batch'] for r in rows_ if r['row'] == 'decode'}))} "
+        f"decoding at batch {' and '.join(str(B) for B in batches)} "
         f"{span('decode', 'float32')} in fp32 and {span('decode', 'bfloat16')} in bf16, an fp32 training step "
         f"{span('train', 'float32')} (fp32 prefill at T = 2048 {share('prefill', T=2048)} of the FLOP bound, "
         f"training {share('train')}, decoding at batch 1 {share('decode', batch=1)} of the copy-rate bound{read}). "
@@ -333,8 +334,7 @@ def render_bench_summary(rec: dict) -> str:
         f"bound), a training step {ratio(median(ours_t) / median(hf_t))} ({pct(of_bound(ours_t))} of the bound, "
         f"HF {pct(of_bound(hf_t))}); a sliding layer's time grows as T^{fit['exponent']:.2f} over "
         f"T = {fit['T_range'][0]:,}..{fit['T_range'][1]:,}. Of the {len(goals)} goals in *Status* of "
-        f"`experiments/BENCHMARKS.md`, met {len(met)}"
-        + (f": {'; '.join(met)}." if met else ".")
+        f"`experiments/BENCHMARKS.md`, met {len(met)}" + (f": {'; '.join(met)}." if met else ".")
     )
     return head + "\n\n" + broad
 

@@ -17,7 +17,7 @@ only constants are the benchmark goals in GOALS. `--check` also fails when a blo
 from its document or a document holds a block this script does not know.
 
 Records (RECORDS) and what writes them:
-  experiments/2026-12-05-bench/*.json     scripts/bench.py --json PATH
+  experiments/2026-12-07-packed-gather/{prefill_train,decode_scaling}.json  scripts/bench.py --json PATH
   experiments/2026-12-05-parity/parity.json   scripts/parity_report.py --json PATH
   experiments/2026-12-05-compile/records.json scripts/compile_targets.py
   experiments/2026-12-06-rl/results.json      scripts/rl_experiment.py --record DIR
@@ -49,8 +49,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # provenance, and what is rendered from it (the compiler's memory figures for the targets) does not
 # depend on the host that ran the compiler.
 RECORDS = {
-    "prefill_train": ("experiments/2026-12-05-bench/prefill_train.json", True),
-    "decode_scaling": ("experiments/2026-12-05-bench/decode_scaling.json", True),
+    "prefill_train": ("experiments/2026-12-07-packed-gather/prefill_train.json", True),
+    "decode_scaling": ("experiments/2026-12-07-packed-gather/decode_scaling.json", True),
     "parity": ("experiments/2026-12-05-parity/parity.json", True),
     "compile": ("experiments/2026-12-05-compile/records.json", False),
     "rl": ("experiments/2026-12-06-rl/results.json", True),
@@ -267,7 +267,7 @@ def render_checked_measured(rec: dict) -> str:
     lines.append(bf16_row(par))
     lines += [
         f"| train step vs HF + torch autograd (fp32, same model, batch {ours_t['batch']} x {ours_t['T']}) | "
-        f"`scripts/bench.py --only bounds,prefill,train`, `experiments/2026-12-05-bench/` | "
+        f"`scripts/bench.py --only bounds,prefill,train`, `{os.path.dirname(RECORDS['prefill_train'][0])}/` | "
         f"{ratio(median(ours_t) / median(hf_t))} HF's tokens/s, {pct(of_bound(ours_t))} of the FLOP bound "
         f"(HF {pct(of_bound(hf_t))}) |",
         f"| 20b / 120b prefill, decode and train steps compiled for TPU and H100 targets "

@@ -31,8 +31,9 @@ HUGE_PAGES := GLIBC_TUNABLES=$(if $(GLIBC_TUNABLES),$(GLIBC_TUNABLES):)glibc.mal
 run: setup
 	$(HUGE_PAGES) $(PY) -m gptoss_jax.cli quickstart
 
-# Two workers, one test file each at a time (a file's tests share its compiled programs): ~25-29 min for
-# 970 tests on the 2-core development machine (a third worker made it slower: 30 min).
+# Two workers, one test file each at a time (a file's tests share its compiled programs): ~20-22 min for
+# 971 tests on the 2-core development machine, compiled at -O0 (tests/conftest.py; 25-29 min at the
+# default -O2). A third worker made it slower: 30 min.
 TEST_WORKERS ?= 2
 
 test: setup-test

@@ -74,9 +74,9 @@ NATIVE_DENSE_GATHER_ROWS_PER_EXPERT = 4
 # the 512-token prompts of the llama.cpp comparison (64 rows per expert) take it too.
 NATIVE_PACKED_GATHER_ROWS_PER_EXPERT = 64
 # Small packed experts (below DECODE_AT_ONCE_BYTES a layer, which the bulk paths decode whole) take
-# it too, up to this many: the benchmark model's MXFP4 experts decoded 3.0-4.5x (B = 32 tokens) to
-# 15-27x (B = 1) faster than through the buckets, and an uncached forward ran 1.12x (fp32) / 1.75x
-# (bf16) faster than through the chunk loop at 256 rows per expert, 0.99x / 1.50x at 512
+# it too, up to this many: the benchmark model's MXFP4 experts decoded 3.0x / 4.5x (fp32 / bf16,
+# B = 32 tokens) to 14.9x / 26.9x (B = 1) faster than through the buckets, and an uncached forward
+# ran 1.12x / 1.75x faster than through the chunk loop at 256 rows per expert, 0.99x / 1.50x at 512
 # (experiments/2026-12-07-packed-gather/decode_rows.json). Before, they took the gather path only
 # up to E / 2 rows in all.
 NATIVE_SMALL_PACKED_GATHER_ROWS_PER_EXPERT = 256

@@ -3,9 +3,9 @@ import os
 # Must happen before jax is imported anywhere: fake several CPU devices for the sharding tests, and
 # compile with XLA:CPU's LLVM backend at -O0. The suite compiles far more than it runs (most
 # programs run a few times on tiny shapes), and -O0 cut test_sharding.py from 3 min 2 s to
-# 1 min 45 s on the 2-core development machine. XLA's HLO passes are the same at either level
-# (only LLVM's optimization of the emitted code differs); benchmarks and users keep the default
-# (-O2). Flags already in XLA_FLAGS are kept.
+# 1 min 45 s on the 2-core development machine (the flag sets the optimization level of the
+# backend's LLVM code generation); benchmarks and users keep the default (-O2). Flags already in
+# XLA_FLAGS are kept.
 TEST_XLA_FLAGS = {"--xla_force_host_platform_device_count": "8", "--xla_backend_optimization_level": "0"}
 _flags = os.environ.get("XLA_FLAGS", "").split()
 _flags += [f"{k}={v}" for k, v in TEST_XLA_FLAGS.items() if not any(f.startswith(k + "=") for f in _flags)]

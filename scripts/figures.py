@@ -306,7 +306,11 @@ def render_bench_summary(rec: dict) -> str:
         f"In short: ours against HF transformers on the same weights, both in one process "
         f"(`{os.path.dirname(RECORDS['versus'][0])}/`, {date(v)}, {cpu(v)}), ahead on "
         f"{len(rows_) - len(behind)} of {len(rows_)} rows"
-        + (" (behind on " + ", ".join(describe_row(r) for r in behind) + ")" if behind else "")
+        + (
+            " (behind on " + ", ".join(f"{versus_label(r)} ({ratio(r['ratio'])})" for r in behind) + ")"
+            if behind
+            else ""
+        )
         + f": prefill {span('prefill', 'float32')} in fp32 and {span('prefill', 'bfloat16')} in bf16 at "
         f"T = {' / '.join(str(T) for T in sorted({r['T'] for r in rows_ if r['row'] == 'prefill'}))}, greedy "
         f"decoding at batch {' and '.join(str(B) for B in batches)} "
@@ -339,9 +343,10 @@ def render_bench_summary(rec: dict) -> str:
     return head + "\n\n" + broad
 
 
-def describe_row(r: dict) -> str:
+def versus_label(r: dict) -> str:
+    """A head-to-head row by name: "decode B=1 fp32"."""
     key = f" T={r['T']}" if r["row"] == "prefill" else (f" B={r['batch']}" if r["row"] == "decode" else "")
-    return f"{r['row']}{key} {'fp32' if r['dtype'] == 'float32' else 'bf16'} ({ratio(r['ratio'])})"
+    return f"{r['row']}{key} {'fp32' if r['dtype'] == 'float32' else 'bf16'}"
 
 
 def render_bench_records(rec: dict) -> str:
@@ -597,10 +602,6 @@ def render_versus(rec: dict) -> str:
     def bound_cell(r):
         return "" if r is None else f"{pct(r['ours']['pct_of_bound'])} / {pct(r['hf']['pct_of_bound'])}"
 
-    def label(r):
-        key = f" T={r['T']}" if r["row"] == "prefill" else (f" B={r['batch']}" if r["row"] == "decode" else "")
-        return f"{r['row']}{key} {'fp32' if r['dtype'] == 'float32' else 'bf16'}"
-
     keys = [("prefill", {"T": T}, f"prefill T={T}") for T in sorted({r["T"] for r in rows_ if r["row"] == "prefill"})]
     keys += [
         ("decode", {"batch": B}, f"decode B={B} (64 new after 32)")
@@ -628,7 +629,11 @@ def render_versus(rec: dict) -> str:
         "",
         para(
             f"Ours ahead of HF on {len(rows_) - len(behind)} of {len(rows_)} rows"
-            + ("; behind on " + ", ".join(f"{label(r)} ({ratio(r['ratio'])})" for r in behind) + "." if behind else ".")
+            + (
+                "; behind on " + ", ".join(f"{versus_label(r)} ({ratio(r['ratio'])})" for r in behind) + "."
+                if behind
+                else "."
+            )
         ),
     ]
     read = [r for r in rows_ if "read_bound_tokens_per_s" in r]
@@ -638,7 +643,7 @@ def render_versus(rec: dict) -> str:
             para(
                 f"A decode step only reads its weights: against the rate this machine reads alone in the same "
                 f"run ({bw['read'] / 1e9:.1f} GB/s, a jitted max), ours decodes at "
-                + ", ".join(f"{pct(r['ours']['pct_of_read_bound'])} ({label(r)})" for r in read)
+                + ", ".join(f"{pct(r['ours']['pct_of_read_bound'])} ({versus_label(r)})" for r in read)
                 + " of the bound, HF at "
                 + ", ".join(pct(r["hf"]["pct_of_read_bound"]) for r in read)
                 + "."

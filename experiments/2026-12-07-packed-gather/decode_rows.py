@@ -47,7 +47,8 @@ def main():
     ap.add_argument("--json", default=os.path.join(HERE, "decode_rows.json"))
     args = ap.parse_args()
     cfg = gj.tiny(**BENCH_CONFIG)
-    rec = {"provenance": records.provenance(), "args": vars(args), "config": BENCH_CONFIG, "rows": [], "prefill": []}
+    kept = {**vars(args), "json": os.path.relpath(args.json, ROOT)}  # no path of the machine in the record
+    rec = {"provenance": records.provenance(), "args": kept, "config": BENCH_CONFIG, "rows": [], "prefill": []}
     for dtype in DTYPES:
         models = {}
         for path in PATHS:
@@ -57,7 +58,9 @@ def main():
             prompts = np.random.default_rng(B).integers(0, cfg.vocab_size, (B, PROMPT)).tolist()
 
             def gen(model, k, p=prompts):
-                return gj.generate(model, None, p, max_new_tokens=k, temperature=0, stop_tokens=(), prefill_chunk=PROMPT)
+                return gj.generate(
+                    model, None, p, max_new_tokens=k, temperature=0, stop_tokens=(), prefill_chunk=PROMPT
+                )
 
             outs = {}
             for path in PATHS:  # compile and warm up; both paths decode the same tokens
